@@ -1,0 +1,432 @@
+"""Gateway configuration: YAML validated by pydantic models, with errors a plant engineer can act on.
+
+Every problem is reported as ``FILE:LINE: field.path: what is wrong (what is expected)``, all problems at once.
+Unknown keys are errors. Secrets are never read from YAML: ``password_env`` / ``password_file`` only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter as _Counter
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from connectors import REGISTRY
+from connectors.modbus.config import ModbusConnectorConfig
+from connectors.opcua.config import OpcUaConnectorConfig
+
+_TOPIC_LEVEL = r"^[A-Za-z0-9_.-]+$"
+_TOPIC_HINT = "letters, digits, '_', '.', '-' (it is used as an MQTT topic level)"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GatewayIdentity(_Model):
+    """Who this gateway is and where it sits in the ISA-95 equipment hierarchy."""
+
+    id: str = Field(pattern=_TOPIC_LEVEL, description="Gateway id, unique in the enterprise.")
+    enterprise: str = Field(pattern=_TOPIC_LEVEL, description="ISA-95 enterprise.")
+    site: str = Field(pattern=_TOPIC_LEVEL, description="ISA-95 site (plant).")
+    area: str = Field(pattern=_TOPIC_LEVEL, description="ISA-95 area.")
+    line: str = Field(pattern=_TOPIC_LEVEL, description="ISA-95 production line.")
+
+
+class TlsConfig(_Model):
+    enabled: bool = Field(False, description="Connect with TLS.")
+    ca_file: str | None = Field(None, description="CA bundle to verify the broker; system CAs when omitted.")
+    cert_file: str | None = Field(None, description="Client certificate (mutual TLS).")
+    key_file: str | None = Field(None, description="Client private key (mutual TLS).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both for mutual TLS, or neither")
+        return self
+
+
+class MqttConfig(_Model):
+    """The broker events are published to (QoS 1) and dispatch messages are received from."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    client_id: str | None = Field(None, description="MQTT client id; defaults to the gateway id.")
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    username: str | None = Field(None, description="User name; the password comes from password_env or password_file.")
+    password_env: str | None = Field(None, description="Environment variable that holds the password.")
+    password_file: str | None = Field(None, description="File that holds the password (first line).")
+    keepalive_s: int = Field(5, ge=1, le=600, description="MQTT keepalive: a dead broker is noticed within ~1.5x.")
+    topic_root: str = Field("edge", pattern=_TOPIC_LEVEL, description="First topic level of everything published.")
+    max_inflight: int = Field(100, ge=1, le=1000, description="Sliding window of unacknowledged QoS 1 messages.")
+
+    @model_validator(mode="after")
+    def _password(self) -> "MqttConfig":
+        if self.password_env and self.password_file:
+            raise ValueError("set password_env or password_file, not both")
+        return self
+
+    def password(self) -> str | None:
+        """Resolve the password from the environment or a file (raises ConfigError-friendly ValueError)."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ValueError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().splitlines()[0]
+            except (OSError, IndexError) as exc:
+                raise ValueError(f"mqtt.password_file: cannot read a password from {self.password_file} ({exc})") from None
+        return None
+
+
+class StoreConfig(_Model):
+    path: str = Field("./data/edge-gateway.db", description="SQLite file of the outbox and counter state.")
+    synchronous: Literal["normal", "full"] = Field(
+        "normal",
+        description="'normal': a committed event survives a process crash; 'full': it also survives power loss.",
+    )
+    commit_interval_ms: int = Field(20, ge=1, le=5000, description="Group commit: longest wait before a commit.")
+
+
+class CounterConfig(BaseModel):
+    """A machine counter bound to a connector tag. The address fields depend on the connector type
+    (OPC UA: ``node_id``; Modbus: ``address``, ``table``, ``data_type``, ``word_order``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    connector: str = Field(description="Id of the connector that reads this counter.")
+    mode: Literal["cumulative", "reset_on_read", "delta"] = Field(
+        "cumulative", description="How the counter behaves: cumulative (usual PLC counter), reset on read, or delta."
+    )
+    bits: Literal[16, 32, 64] | None = Field(
+        None, description="Register width; rollover modulus is 2**bits. Defaults from the Modbus data type, else 32."
+    )
+    signed: bool | None = Field(None, description="Signed register (two's complement). Defaults from the data type.")
+    max_value: int | None = Field(None, ge=1, description="Explicit maximum before the counter wraps to 0 (overrides bits).")
+    scale: Decimal = Field(Decimal(1), gt=0, description="Quantity per counter increment.")
+    max_rate: float = Field(
+        50.0, gt=0, description="Highest plausible rate in counts per second; larger jumps are held as anomalies."
+    )
+
+
+class StateConfig(BaseModel):
+    """Machine state tag and how its raw values map to states."""
+
+    model_config = ConfigDict(extra="allow")
+
+    connector: str = Field(description="Id of the connector that reads the state tag.")
+    values: dict[str, str] = Field(
+        default_factory=dict,
+        description="Raw value → state name, e.g. {'0': idle, '1': running, '2': stopped}; raw text when omitted.",
+    )
+
+
+class ReportingConfig(_Model):
+    interval_s: float = Field(5.0, gt=0, le=86400, description="Send a quantity report at least this often.")
+    max_units: int | None = Field(None, ge=1, description="Also send a report once this many units accumulate.")
+
+
+CounterName = Literal["good", "scrap", "rework", "total"]
+
+
+class MachineConfig(_Model):
+    """A machine (ISA-95 work cell / SAP work center) whose counters are posted to production orders."""
+
+    id: str = Field(pattern=_TOPIC_LEVEL, description="Machine id (work cell); used in topics and events.")
+    name: str | None = Field(None, description="Human-readable name.")
+    work_center: str | None = Field(None, description="ERP work center.")
+    unit: str = Field("PCE", min_length=1, description="Unit of measure of the counted quantity (ISO code).")
+    counters: dict[CounterName, CounterConfig] = Field(description="Counter bindings: good, scrap, rework, total.")
+    state: StateConfig | None = Field(None, description="Optional machine state tag.")
+    reporting: ReportingConfig = Field(default_factory=ReportingConfig)
+
+    @field_validator("counters")
+    @classmethod
+    def _has_quantity(cls, v: dict[str, CounterConfig]) -> dict[str, CounterConfig]:
+        if "good" not in v and "total" not in v:
+            raise ValueError("a machine needs a 'good' counter or a 'total' counter (yield = total - scrap - rework)")
+        if "good" in v and "total" in v:
+            raise ValueError("bind either 'good' or 'total', not both (yield would be counted twice)")
+        return v
+
+
+class LoggingConfig(_Model):
+    format: Literal["console", "json"] = Field("console", description="'json' in production.")
+    level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+
+ConnectorConfig = Annotated[Union[OpcUaConnectorConfig, ModbusConnectorConfig], Field(discriminator="type")]
+
+
+class GatewayConfig(_Model):
+    gateway: GatewayIdentity
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    connectors: list[ConnectorConfig] = Field(default_factory=list)
+    machines: list[MachineConfig] = Field(default_factory=list)
+
+    # filled by load_config after cross-checks: (machine, signal) -> validated tag address model
+    _tag_addresses: dict[tuple[str, str], Any] = PrivateAttr(default_factory=dict)
+
+    def connector(self, connector_id: str) -> Any:
+        return next(c for c in self.connectors if c.id == connector_id)
+
+    def tag_address(self, machine_id: str, signal: str) -> Any:
+        return self._tag_addresses[(machine_id, signal)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# errors and loading
+
+
+class ConfigProblem(BaseModel):
+    path: str
+    message: str
+    line: int | None = None
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; carries every problem found."""
+
+    def __init__(self, file: str, problems: list[ConfigProblem]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = []
+        for p in self.problems:
+            where = f"{self.file}:{p.line}" if p.line else self.file
+            lines.append(f"{where}: {p.path or '(top level)'}: {p.message}")
+        return "\n".join(lines)
+
+
+def format_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_HINTS = {
+    "extra_forbidden": "unknown key; check the spelling (see config/examples/ for every key)",
+    "missing": "required field is missing",
+}
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    loc = err["loc"]
+    if kind == "extra_forbidden" and loc and loc[-1] == "password":
+        return "passwords are never written in the config: use password_env (environment variable) or password_file"
+    if kind in _HINTS:
+        return _HINTS[kind]
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        msg = f"{msg}, got {err.get('input')!r}"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        msg = f"'type' must be one of: {', '.join(sorted(REGISTRY))}"
+    if kind == "literal_error":
+        msg = f"{msg}, got {err.get('input')!r}"
+    if kind == "string_pattern_mismatch":
+        msg = f"got {err.get('input')!r}; use {_TOPIC_HINT}"
+    return msg
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # discriminated unions add the tag ("opcua") after the list index: connectors[0].opcua.endpoint
+    if len(loc) >= 3 and loc[0] == "connectors" and isinstance(loc[1], int) and loc[2] in REGISTRY:
+        return loc[:2] + loc[3:]
+    return loc
+
+
+class _LineIndex:
+    """Maps a field path to the line of the YAML file it was written on (best effort)."""
+
+    def __init__(self, text: str) -> None:
+        try:
+            self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            self.root = None
+
+    def line(self, loc: tuple[Any, ...]) -> int | None:
+        node = self.root
+        best = None
+        for part in loc:
+            if node is None:
+                break
+            best = node.start_mark.line + 1
+            nxt = None
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if k.value == str(part):
+                        nxt = v
+                        best = k.start_mark.line + 1
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                nxt = node.value[part]
+            node = nxt
+        if node is not None:
+            best = node.start_mark.line + 1
+        return best
+
+
+_DATA_TYPE_BITS = {"uint16": (16, False), "int16": (16, True), "uint32": (32, False), "int32": (32, True),
+                   "uint64": (64, False), "int64": (64, True)}
+
+
+def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]], dict[tuple[str, str], Any]]:
+    """Checks across sections, on the raw document so they run even when other fields are invalid.
+    Returns the problems and, per (machine, signal), the validated connector-specific tag address."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    addresses: dict[tuple[str, str], Any] = {}
+    connectors = data.get("connectors") if isinstance(data.get("connectors"), list) else []
+    machines = data.get("machines") if isinstance(data.get("machines"), list) else []
+
+    by_id: dict[str, str] = {}  # connector id -> type
+    ids = _Counter(c.get("id") for c in connectors if isinstance(c, dict) and isinstance(c.get("id"), str))
+    for i, c in enumerate(connectors):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), str):
+            continue
+        if ids[c["id"]] > 1:
+            problems.append((("connectors", i, "id"), f"duplicate connector id {c['id']!r}; connector ids must be unique"))
+        if c.get("type") in REGISTRY:
+            by_id.setdefault(c["id"], c["type"])
+    mids = _Counter(m.get("id") for m in machines if isinstance(m, dict) and isinstance(m.get("id"), str))
+    for i, m in enumerate(machines):
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and mids[m["id"]] > 1:
+            problems.append((("machines", i, "id"), f"duplicate machine id {m['id']!r}; machine ids must be unique"))
+
+    own_fields = {
+        "counter": set(CounterConfig.model_fields),
+        "state": set(StateConfig.model_fields),
+    }
+    seen: dict[tuple[str, Any], str] = {}
+    for i, m in enumerate(machines):
+        if not isinstance(m, dict):
+            continue
+        bindings: list[tuple[str, tuple[Any, ...], Any]] = []
+        counters = m.get("counters")
+        if isinstance(counters, dict):
+            bindings += [(str(n), ("machines", i, "counters", n), b) for n, b in counters.items()]
+        if m.get("state") is not None:
+            bindings.append(("state", ("machines", i, "state"), m.get("state")))
+        for signal, base, b in bindings:
+            if not isinstance(b, dict) or not isinstance(b.get("connector"), str):
+                continue  # reported by the model validation
+            cid = b["connector"]
+            ctype = by_id.get(cid)
+            if ctype is None:
+                if cid not in ids:
+                    known = ", ".join(sorted(str(k) for k in ids)) or "none defined"
+                    problems.append((base + ("connector",), f"unknown connector {cid!r}; defined connectors: {known}"))
+                continue
+            kind = REGISTRY[ctype]
+            fields = own_fields["state" if signal == "state" else "counter"]
+            address_part = {k: v for k, v in b.items() if k not in fields}
+            try:
+                addr = kind.tag_model.model_validate(address_part)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    loc = base + tuple(err["loc"])
+                    msg = _message(err)
+                    if err["type"] == "extra_forbidden":
+                        allowed = ", ".join(sorted(fields | set(kind.tag_model.model_fields)))
+                        msg = f"unknown key for a {ctype} {('state' if signal == 'state' else 'counter')} binding (allowed: {allowed})"
+                    elif err["type"] == "missing":
+                        msg = f"required: this {signal} tag is read through {ctype} connector {cid!r}"
+                    problems.append((loc, msg))
+                continue
+            if isinstance(m.get("id"), str):
+                addresses[(m["id"], signal)] = addr
+            key = (cid, addr)
+            if key in seen:
+                problems.append((base, f"same {ctype} address as {seen[key]}; bind each tag once"))
+            else:
+                seen[key] = f"machines[{i}].{'state' if signal == 'state' else 'counters.' + signal}"
+            if signal != "state":
+                problems.extend(_check_counter_type(base, b, addr, ctype))
+    return problems, addresses
+
+
+def _check_counter_type(base: tuple[Any, ...], b: dict[str, Any], addr: Any, ctype: str) -> list[tuple[tuple[Any, ...], str]]:
+    out: list[tuple[tuple[Any, ...], str]] = []
+    bits = b.get("bits") if isinstance(b.get("bits"), int) else None
+    if ctype == "modbus":
+        dt = addr.data_type
+        if dt not in _DATA_TYPE_BITS:
+            out.append((base + ("data_type",), f"a counter must be an integer type (uint16, int16, uint32, int32, uint64, int64), got {dt!r}"))
+        elif bits is not None and bits != _DATA_TYPE_BITS[dt][0]:
+            out.append((base + ("bits",), f"bits={bits} contradicts data_type {dt} ({_DATA_TYPE_BITS[dt][0]} bits); remove 'bits'"))
+    max_value = b.get("max_value")
+    if isinstance(max_value, int) and bits is not None and max_value >= 2**bits:
+        out.append((base + ("max_value",), f"max_value {max_value} does not fit in {bits} bits"))
+    return out
+
+
+def counter_modulus(binding: CounterConfig, addr: Any) -> tuple[int | None, bool]:
+    """(modulus, signed) of a counter: explicit max_value, else bits, else the Modbus data type, else 32-bit unsigned."""
+    dt = getattr(addr, "data_type", None)
+    bits, signed = _DATA_TYPE_BITS.get(dt, (32, False)) if dt else (32, False)
+    if binding.bits is not None:
+        bits = binding.bits
+    if binding.signed is not None:
+        signed = binding.signed
+    if binding.max_value is not None:
+        return binding.max_value + 1, signed
+    return 2**bits, signed
+
+
+def parse_config(data: Any, file: str = "<config>", text: str | None = None) -> GatewayConfig:
+    index = _LineIndex(text) if text is not None else None
+
+    def problem(loc: tuple[Any, ...], message: str) -> ConfigProblem:
+        return ConfigProblem(path=format_path(loc), message=message, line=index.line(loc) if index else None)
+
+    if not isinstance(data, dict):
+        raise ConfigError(file, [problem((), "the file must hold a YAML mapping with at least a 'gateway' section")])
+    problems: list[ConfigProblem] = []
+    cfg: GatewayConfig | None = None
+    try:
+        cfg = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append(problem(_clean_loc(tuple(err["loc"])), _message(err)))
+    cross, addresses = _cross_check(data)
+    reported = {p.path for p in problems}
+    for loc, msg in cross:
+        if format_path(loc) not in reported:
+            problems.append(problem(loc, msg))
+    if problems or cfg is None:
+        problems.sort(key=lambda p: (p.line or 0, p.path))
+        raise ConfigError(file, problems)
+    cfg._tag_addresses = addresses
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(file, [ConfigProblem(path="", message=f"cannot read the file: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        detail = re.sub(r"\s+", " ", str(getattr(exc, "problem", None) or exc))
+        raise ConfigError(file, [ConfigProblem(path="", message=f"not valid YAML: {detail}", line=line)]) from None
+    return parse_config(data, file, text)

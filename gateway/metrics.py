@@ -1,0 +1,13 @@
+"""Prometheus metrics (process-wide). Tests read per-gateway figures from Gateway.stats instead."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+SAMPLES = Counter("edge_gateway_samples_total", "Samples received from connectors", ["machine"])
+EVENTS_COMMITTED = Counter("edge_gateway_events_committed_total", "Events written to the outbox", ["type"])
+EVENTS_ACKED = Counter("edge_gateway_events_acked_total", "Events acknowledged by the broker (PUBACK)")
+DISPATCH_REJECTED = Counter("edge_gateway_dispatch_rejected_total", "Malformed dispatch messages", ["reason"])
+DISPATCH_ACCEPTED = Counter("edge_gateway_dispatch_accepted_total", "Dispatch messages applied")
+ANOMALIES = Counter("edge_gateway_counter_anomalies_total", "Counter anomalies (held quantities)", ["machine"])
+OUTBOX_PENDING = Gauge("edge_gateway_outbox_pending", "Events in the outbox not yet acknowledged")

@@ -1,0 +1,307 @@
+"""The gateway runtime: connectors → machine engines → store (outbox) → MQTT publisher.
+
+One asyncio task group holds named long-lived tasks: one per connector, the MQTT link, the publisher and the core
+loop. The core loop is the only writer of machine state: it drains the input queue (sample batches, dispatches,
+ticks), runs the pure engines, and group-commits snapshots + events in one transaction, then wakes the publisher.
+``stop()`` is bounded: a stuck peer cannot hang shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from connectors import REGISTRY
+from connectors.base import ComponentState, Connector, TagBinding
+from connectors.errors import ConnectorError
+from gateway import metrics
+from gateway.config import GatewayConfig, counter_modulus
+from gateway.dispatch import DispatchRejected, parse_dispatch
+from gateway.events import EventEncoder, Topics
+from gateway.mqtt import MqttLink, Publisher
+from gateway.store import OutboxRow, Store, StoreError
+from mappings.counters import CounterSpec
+from mappings.machine import CounterBinding, EventDraft, MachineEngine, MachineSpec, OrderContext
+from mappings.samples import Sample
+
+log = structlog.get_logger(__name__)
+
+TICK_S = 0.25
+CHECKPOINT_S = 1.0
+CUT_READ_TIMEOUT_S = 3.0
+
+
+def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
+    specs = []
+    for m in cfg.machines:
+        counters = {}
+        for name, b in m.counters.items():
+            modulus, signed = counter_modulus(b, cfg.tag_address(m.id, name))
+            counters[name] = CounterBinding(
+                CounterSpec(name=name, mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate), b.scale
+            )
+        specs.append(MachineSpec(
+            id=m.id, counters=counters, unit=m.unit,
+            state_values=None if m.state is None else dict(m.state.values),
+            interval_s=m.reporting.interval_s, max_units=m.reporting.max_units,
+        ))
+    return specs
+
+
+@dataclass
+class _Dispatch:
+    machine: str
+    context: OrderContext | None
+
+
+@dataclass
+class Stats:
+    samples: int = 0
+    events_committed: int = 0
+    commits: int = 0
+    dispatch_accepted: int = 0
+    dispatch_rejected: int = 0
+    dispatch_rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    cut_read_failures: int = 0
+    commit_failures: int = 0
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, *, password: str | None = None) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.topic_root, cfg.gateway)
+        self.store = Store(cfg.store.path, synchronous=cfg.store.synchronous)
+        self.specs = {s.id: s for s in machine_specs(cfg)}
+        self.engines: dict[str, MachineEngine] = {}
+        self.stats = Stats()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._routes: dict[str, tuple[str, str]] = {}  # tag key -> (machine, signal)
+        self._machine_connectors: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        self.connectors: dict[str, Connector] = {}
+        status_topic = self.topics.status()
+        self.link = MqttLink(
+            cfg.mqtt,
+            client_id=cfg.mqtt.client_id or cfg.gateway.id,
+            password=password,
+            will=(status_topic, self._status_payload("offline")),
+            online=(status_topic, self._status_payload("online")),
+            subscriptions=[self.topics.dispatch_filter()],
+            on_message=self._on_message,
+        )
+        self.publisher = Publisher(self.store, self.link, window=cfg.mqtt.max_inflight)
+        self.encoder: EventEncoder | None = None
+        self._next_seq = 1
+        self._uncommitted: list[OutboxRow] = []
+        self._last_checkpoint = 0.0
+        self.started = asyncio.Event()
+        self._stopping = False
+        self._build_connectors()
+
+    # ------------------------------------------------------------------ wiring
+    def _build_connectors(self) -> None:
+        bindings: dict[str, list[TagBinding]] = defaultdict(list)
+        for m in self.cfg.machines:
+            signals: list[tuple[str, Any]] = list(m.counters.items())
+            if m.state is not None:
+                signals.append(("state", m.state))
+            for signal, b in signals:
+                key = f"{m.id}/{signal}"
+                bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal)))
+                self._routes[key] = (m.id, signal)
+                if signal != "state":
+                    self._machine_connectors[m.id][b.connector].append(key)
+        for c in self.cfg.connectors:
+            cls = REGISTRY[c.type].load()
+            self.connectors[c.id] = cls(c, bindings.get(c.id, []), self._on_samples)
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"gateway": self.cfg.gateway.id, "state": state, "time": time.time()}).encode()
+
+    # ------------------------------------------------------------------ callbacks (event loop, non-blocking)
+    def _on_samples(self, samples: list[Sample]) -> None:
+        self._queue.put_nowait(samples)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        machine = self.topics.machine_of_dispatch(topic)
+        try:
+            if machine is None:
+                raise DispatchRejected("topic", f"not a dispatch topic: {topic}")
+            if machine not in self.specs:
+                raise DispatchRejected("unknown_machine", f"machine {machine!r} is not configured on this gateway")
+            ctx = parse_dispatch(payload)
+        except DispatchRejected as exc:
+            self.stats.dispatch_rejected += 1
+            self.stats.dispatch_rejected_by_reason[exc.reason] += 1
+            metrics.DISPATCH_REJECTED.labels(exc.reason).inc()
+            log.warning("dispatch.rejected", topic=topic, reason=exc.reason, detail=exc.detail[:500],
+                        size=len(payload))
+            return
+        self._queue.put_nowait(_Dispatch(machine, ctx))
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Run until cancelled. Opens the store, restores state, starts every component."""
+        await self.store.open()
+        try:
+            snapshots = await self.store.load_states()
+            self.engines = {mid: MachineEngine(spec, snapshots.get(mid)) for mid, spec in self.specs.items()}
+            self._next_seq = self.store.next_seq
+            self.encoder = EventEncoder(self.cfg.gateway, self.topics, self.store.epoch)
+            log.info("gateway.started", gateway=self.cfg.gateway.id, machines=len(self.engines),
+                     connectors=len(self.connectors), pending=self.store.pending)
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.link.run(), name="mqtt.link"),
+                    tg.create_task(self.publisher.run(), name="publisher"),
+                    tg.create_task(self._core(), name="core"),
+                    tg.create_task(self._ticker(), name="ticker"),
+                ]
+                for cid, conn in self.connectors.items():
+                    tasks.append(tg.create_task(conn.run(), name=f"connector.{cid}"))
+                self._tasks = tasks
+                self.started.set()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        # the task group has cancelled everything; persist what the engines hold
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._commit(force=True), timeout=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.publisher.flush_acks(), timeout=2)
+        await self.store.close()
+        log.info("gateway.stopped", gateway=self.cfg.gateway.id)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._queue.put_nowait("tick")
+
+    # ------------------------------------------------------------------ the core loop
+    async def _core(self) -> None:
+        while True:
+            item = await self._queue.get()
+            events: list[EventDraft] = []
+            items = [item]
+            while not self._queue.empty() and len(items) < 10_000:
+                items.append(self._queue.get_nowait())
+            for it in items:
+                if isinstance(it, list):
+                    events.extend(self._apply_samples(it))
+                elif isinstance(it, _Dispatch):
+                    events.extend(await self._apply_dispatch(it))
+                elif it == "tick":
+                    now = time.time()
+                    for eng in self.engines.values():
+                        events.extend(eng.tick(now))
+            self._stage(events)
+            await self._commit()
+
+    def _apply_samples(self, samples: list[Sample]) -> list[EventDraft]:
+        out: list[EventDraft] = []
+        routes = self._routes
+        engines = self.engines
+        for s in samples:
+            route = routes.get(s.key)
+            if route is None:
+                continue
+            out.extend(engines[route[0]].apply(s, route[1]))
+        self.stats.samples += len(samples)
+        return out
+
+    async def _apply_dispatch(self, d: _Dispatch) -> list[EventDraft]:
+        eng = self.engines[d.machine]
+        cur = eng.context
+        changes = (cur is None) != (d.context is None) or (
+            cur is not None and d.context is not None and (cur.ref != d.context.ref or d.context.status != cur.status)
+        )
+        out: list[EventDraft] = []
+        if changes:
+            out.extend(await self._cut(d.machine))
+        out.extend(eng.dispatch(d.context, time.time()))
+        self.stats.dispatch_accepted += 1
+        metrics.DISPATCH_ACCEPTED.inc()
+        log.info("dispatch.applied", machine=d.machine,
+                 order=d.context.order if d.context else None,
+                 operation=d.context.operation if d.context else None,
+                 status=d.context.status if d.context else "cleared", changeover=changes)
+        return out
+
+    async def _cut(self, machine: str) -> list[EventDraft]:
+        """Read every counter of the machine now, so counts up to the changeover go to the old order."""
+        out: list[EventDraft] = []
+        for cid, keys in self._machine_connectors[machine].items():
+            try:
+                samples = await self.connectors[cid].read(keys, timeout=CUT_READ_TIMEOUT_S)
+            except (ConnectorError, asyncio.TimeoutError) as exc:
+                self.stats.cut_read_failures += 1
+                log.warning("changeover.cut_read_failed", machine=machine, connector=cid, error=str(exc))
+                continue
+            out.extend(self._apply_samples(samples))
+        return out
+
+    def _stage(self, events: list[EventDraft]) -> None:
+        if not events:
+            return
+        assert self.encoder is not None
+        for ev in events:
+            seq = self._next_seq
+            self._next_seq += 1
+            topic, payload = self.encoder.encode(ev, seq)
+            self._uncommitted.append(OutboxRow(seq, ev.subject, ev.type, topic, payload))
+
+    async def _commit(self, *, force: bool = False) -> None:
+        dirty = [e for e in self.engines.values() if e.dirty]
+        now = time.monotonic()
+        if not self._uncommitted and not (dirty and (force or now - self._last_checkpoint >= CHECKPOINT_S)):
+            return
+        states = {e.spec.id: e.snapshot() for e in dirty}
+        rows = self._uncommitted
+        try:
+            await self.store.commit(states, rows, self._next_seq)
+        except StoreError as exc:
+            self.stats.commit_failures += 1
+            log.error("store.commit_failed", error=str(exc), pending_rows=len(rows))
+            await asyncio.sleep(0.5)  # rows stay staged with their sequence numbers; retried next round
+            return
+        for e in dirty:
+            e.dirty = False
+        self._uncommitted = []
+        self._last_checkpoint = now
+        self.stats.commits += 1
+        if rows:
+            self.stats.events_committed += len(rows)
+            for r in rows:
+                metrics.EVENTS_COMMITTED.labels(r.type).inc()
+            self.publisher.notify()
+        metrics.OUTBOX_PENDING.set(self.store.pending)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        comps = {f"connector.{cid}": c.status.as_dict() for cid, c in self.connectors.items()}
+        comps["mqtt"] = self.link.status.as_dict()
+        healthy = all(c.status.state == ComponentState.CONNECTED for c in self.connectors.values()) and \
+            self.link.status.state == ComponentState.CONNECTED
+        return {
+            "gateway": self.cfg.gateway.id,
+            "healthy": healthy,
+            "components": comps,
+            "outbox_pending": self.store.pending,
+            "published": self.publisher.published,
+            "acked": self.publisher.acked,
+            "stats": {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self.stats).items()},
+            "machines": {
+                mid: {"order": e.context.order if e.context else None,
+                      "operation": e.context.operation if e.context else None,
+                      "state": e.machine_state,
+                      "totals": {k: str(v) for k, v in e.totals.items()}}
+                for mid, e in self.engines.items()
+            },
+        }

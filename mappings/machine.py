@@ -1,0 +1,376 @@
+"""Machine engine: samples and dispatches in, production-order event drafts out. Pure code, no I/O, no clock.
+
+One ``MachineEngine`` per machine. It owns the counter states, the active production-order context, the open
+reporting window and the running totals, all serialisable with ``snapshot()`` so the store can persist them in the
+same transaction as the events derived from them (the machine's cumulative counter is the durable log: after a
+crash the engine restarts from the last committed snapshot and derives the same quantities again).
+
+Quantities (SAP semantics): yield, scrap and rework are disjoint. A machine with a ``total`` counter instead of a
+``good`` one reports yield = total - scrap - rework; a negative remainder (the scrap counter moved before the
+total counter was read) is carried to the next window rather than reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from mappings.counters import CounterSpec, CounterState, step
+from mappings.samples import Sample
+
+ZERO = Decimal(0)
+QUANTITY_KINDS = ("good", "scrap", "rework", "total")
+
+
+def iso(t: float | None) -> str | None:
+    """POSIX seconds as an RFC 3339 UTC timestamp (pure: formats the value it is given)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def dec_str(d: Decimal) -> str:
+    """Decimal as a plain string: 12, 0.25, never 1.2E+1."""
+    if d == d.to_integral_value():
+        return str(d.quantize(Decimal(1)))
+    return format(d.normalize(), "f")
+
+
+@dataclass(frozen=True)
+class CounterBinding:
+    spec: CounterSpec
+    scale: Decimal = Decimal(1)
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    id: str
+    counters: dict[str, CounterBinding]
+    unit: str = "PCE"
+    state_values: dict[str, str] | None = None  # None: no state tag bound; {}: raw text is the state
+    interval_s: float = 5.0
+    max_units: int | None = None
+
+    def key(self, signal: str) -> str:
+        return f"{self.id}/{signal}"
+
+    def keys(self) -> list[str]:
+        keys = [self.key(name) for name in self.counters]
+        if self.state_values is not None:
+            keys.append(self.key("state"))
+        return keys
+
+    def counter_keys(self) -> list[str]:
+        return [self.key(name) for name in self.counters]
+
+
+@dataclass(frozen=True)
+class Component:
+    material: str
+    quantity_per_unit: Decimal
+    unit: str
+
+
+@dataclass(frozen=True)
+class OrderContext:
+    order: str
+    operation: str
+    status: str = "active"  # active | completed
+    unit: str | None = None
+    planned_quantity: Decimal | None = None
+    components: tuple[Component, ...] = ()
+
+    @property
+    def ref(self) -> tuple[str, str]:
+        return (self.order, self.operation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "order": self.order,
+            "operation": self.operation,
+            "status": self.status,
+            "unit": self.unit,
+            "planned_quantity": None if self.planned_quantity is None else dec_str(self.planned_quantity),
+            "components": [
+                {"material": c.material, "quantity_per_unit": dec_str(c.quantity_per_unit), "unit": c.unit}
+                for c in self.components
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "OrderContext":
+        return cls(
+            order=d["order"],
+            operation=d["operation"],
+            status=d.get("status", "active"),
+            unit=d.get("unit"),
+            planned_quantity=None if d.get("planned_quantity") is None else Decimal(d["planned_quantity"]),
+            components=tuple(
+                Component(c["material"], Decimal(c["quantity_per_unit"]), c["unit"]) for c in d.get("components", ())
+            ),
+        )
+
+
+@dataclass
+class EventDraft:
+    """An event before the store gives it a sequence number and an id."""
+
+    type: str
+    subject: str
+    time: float
+    data: dict[str, Any]
+    droppable: bool = False  # low-value (state changes): may be dropped, counted, when the store is full
+
+
+@dataclass
+class _Evidence:
+    first: int | None = None
+    last: int | None = None
+    rollovers: int = 0
+    resets: int = 0
+    glitches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": self.first, "to": self.last, "rollovers": self.rollovers, "resets": self.resets, "glitches": self.glitches}
+
+
+@dataclass
+class _Window:
+    opened_at: float | None = None  # gateway clock, drives the periodic flush
+    start: float | None = None  # source time of the first counted change
+    end: float | None = None
+    q: dict[str, Decimal] = field(default_factory=lambda: {k: ZERO for k in QUANTITY_KINDS})
+    evidence: dict[str, _Evidence] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return all(v == 0 for v in self.q.values())
+
+    def units(self) -> Decimal:
+        return self.q["good"] + self.q["total"] + self.q["scrap"] + self.q["rework"]
+
+
+class MachineEngine:
+    def __init__(self, spec: MachineSpec, snapshot: dict[str, Any] | None = None) -> None:
+        self.spec = spec
+        self.counters: dict[str, CounterState] = {name: CounterState() for name in spec.counters}
+        self.context: OrderContext | None = None
+        self.window = _Window()
+        self.totals: dict[str, Decimal] = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
+        self.yield_carry = ZERO
+        self.machine_state: str | None = None
+        self.last_completed: tuple[str, str] | None = None
+        self.anomalies = 0
+        self.dirty = False
+        if snapshot:
+            self._restore(snapshot)
+
+    # ------------------------------------------------------------------ persistence
+    def snapshot(self) -> dict[str, Any]:
+        w = self.window
+        return {
+            "v": 1,
+            "counters": {n: s.to_dict() for n, s in self.counters.items()},
+            "context": self.context.to_dict() if self.context else None,
+            "window": {
+                "opened_at": w.opened_at,
+                "start": w.start,
+                "end": w.end,
+                "q": {k: dec_str(v) for k, v in w.q.items()},
+                "evidence": {n: e.to_dict() for n, e in w.evidence.items()},
+            },
+            "totals": {k: dec_str(v) for k, v in self.totals.items()},
+            "yield_carry": dec_str(self.yield_carry),
+            "machine_state": self.machine_state,
+            "last_completed": list(self.last_completed) if self.last_completed else None,
+        }
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        for name, d in snap.get("counters", {}).items():
+            if name in self.counters:  # a counter removed from the config is forgotten
+                self.counters[name] = CounterState.from_dict(d)
+        if snap.get("context"):
+            self.context = OrderContext.from_dict(snap["context"])
+        w = snap.get("window") or {}
+        self.window = _Window(
+            opened_at=w.get("opened_at"),
+            start=w.get("start"),
+            end=w.get("end"),
+            q={k: Decimal(w.get("q", {}).get(k, "0")) for k in QUANTITY_KINDS},
+            evidence={
+                n: _Evidence(e["from"], e["to"], e["rollovers"], e["resets"], e.get("glitches", 0))
+                for n, e in w.get("evidence", {}).items()
+            },
+        )
+        self.totals = {k: Decimal(v) for k, v in snap.get("totals", {}).items()} or self.totals
+        self.yield_carry = Decimal(snap.get("yield_carry", "0"))
+        self.machine_state = snap.get("machine_state")
+        lc = snap.get("last_completed")
+        self.last_completed = (lc[0], lc[1]) if lc else None
+
+    # ------------------------------------------------------------------ inputs
+    def apply(self, sample: Sample, signal: str) -> list[EventDraft]:
+        """Apply one sample of ``signal`` (counter name or 'state')."""
+        if signal == "state":
+            return self._apply_state(sample)
+        binding = self.spec.counters.get(signal)
+        if binding is None:
+            return []
+        state = self.counters[signal]
+        res = step(binding.spec, state, sample.value, sample.good, sample.time)
+        if res.outcome in ("none", "bad", "stale", "invalid"):
+            if res.outcome == "none":
+                self.dirty = True  # last_time moved
+            return []
+        self.dirty = True
+        out: list[EventDraft] = []
+        w = self.window
+        ev = w.evidence.get(signal)
+        if res.outcome == "jump":
+            self.anomalies += 1
+            out.append(self._anomaly(signal, "implausible_jump", res.previous, res.value, sample.time,
+                                     held=dec_str(res.held * binding.scale),
+                                     detail=f"increase of {res.held} exceeds max_rate {binding.spec.max_rate}/s for the elapsed time; not counted, baseline moved"))
+            return out
+        if res.delta:
+            if ev is None:
+                ev = w.evidence[signal] = _Evidence(first=res.previous)
+            ev.last = res.value
+            if res.outcome == "rollover":
+                ev.rollovers += 1
+            elif res.outcome == "reset":
+                ev.resets += 1
+            elif res.outcome == "glitch":
+                ev.glitches += 1
+            w.q[signal] += res.delta * binding.scale
+            if w.start is None:
+                w.start = sample.time
+                w.opened_at = sample.recv_time
+            w.end = sample.time
+            if self.spec.max_units and w.units() >= self.spec.max_units:
+                out.extend(self.flush("units", sample.recv_time))
+        return out
+
+    def _apply_state(self, sample: Sample) -> list[EventDraft]:
+        if not sample.good or sample.value is None or self.spec.state_values is None:
+            return []
+        raw = str(sample.value)
+        new = self.spec.state_values.get(raw, raw) if self.spec.state_values else raw
+        if new == self.machine_state:
+            return []
+        prev, self.machine_state = self.machine_state, new
+        self.dirty = True
+        return [EventDraft("machine.state_changed", self.spec.id, sample.time,
+                           {"machine": self.spec.id, "state": new, "previous": prev, "raw": sample.value,
+                            "reason": "tag"}, droppable=True)]
+
+    def tick(self, now: float) -> list[EventDraft]:
+        """Periodic flush: call regularly with the gateway clock."""
+        w = self.window
+        if w.opened_at is not None and not w.empty() and now - w.opened_at >= self.spec.interval_s:
+            return self.flush("periodic", now)
+        return []
+
+    def dispatch(self, ctx: OrderContext | None, now: float) -> list[EventDraft]:
+        """A new production-order context for this machine (None = no order). The caller must have applied a
+        fresh read of all counters first (the cut): counts up to here belong to the current context."""
+        cur = self.context
+        if ctx is not None and ctx.status == "completed":
+            if cur is not None and cur.ref == ctx.ref:
+                return self._complete(now)
+            if self.last_completed == ctx.ref:
+                return []  # already completed (retained dispatch seen again after a restart)
+            # completion of an order that is not running here: close what runs, remember nothing else
+            out = self.flush("changeover", now) if cur is not None else []
+            return out
+        if cur is not None and ctx is not None and cur.ref == ctx.ref:
+            if cur != ctx:
+                self.context = ctx  # e.g. components updated: no changeover
+                self.dirty = True
+            return []
+        if cur is None and ctx is None:
+            return []
+        out = self.flush("changeover", now)
+        self.context = ctx
+        self.totals = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
+        self.dirty = True
+        if ctx is not None:
+            out.append(EventDraft("operation.started", self.spec.id, now, {
+                "machine": self.spec.id, "order": ctx.order, "operation": ctx.operation,
+                "planned_quantity": None if ctx.planned_quantity is None else dec_str(ctx.planned_quantity),
+                "unit": ctx.unit or self.spec.unit,
+            }))
+        return out
+
+    def _complete(self, now: float) -> list[EventDraft]:
+        cur = self.context
+        assert cur is not None
+        out = self.flush("completion", now)
+        out.append(EventDraft("operation.completed", self.spec.id, now, {
+            "machine": self.spec.id, "order": cur.order, "operation": cur.operation, "final": True,
+            "totals": {k: dec_str(v) for k, v in self.totals.items()}, "unit": cur.unit or self.spec.unit,
+        }))
+        self.last_completed = cur.ref
+        self.context = None
+        self.totals = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
+        self.dirty = True
+        return out
+
+    # ------------------------------------------------------------------ reporting
+    def flush(self, reason: str, now: float) -> list[EventDraft]:
+        """Close the reporting window: one quantity report (plus backflushed consumption) if anything was counted."""
+        w = self.window
+        if w.empty():
+            self.window = _Window()
+            return []
+        q = w.q
+        if "good" in self.spec.counters:
+            yld = q["good"]
+        else:
+            yld = q["total"] - q["scrap"] - q["rework"] + self.yield_carry
+            if yld < 0:
+                self.yield_carry, yld = yld, ZERO
+            else:
+                self.yield_carry = ZERO
+        scrap, rework = q["scrap"], q["rework"]
+        self.totals["yield"] += yld
+        self.totals["scrap"] += scrap
+        self.totals["rework"] += rework
+        ctx = self.context
+        unit = (ctx.unit if ctx and ctx.unit else None) or self.spec.unit
+        t = w.end if w.end is not None else now
+        data = {
+            "machine": self.spec.id,
+            "order": ctx.order if ctx else None,
+            "operation": ctx.operation if ctx else None,
+            "unassigned": ctx is None,
+            "reason": reason,
+            "window": {"start": iso(w.start), "end": iso(w.end)},
+            "quantities": {"yield": dec_str(yld), "scrap": dec_str(scrap), "rework": dec_str(rework)},
+            "unit": unit,
+            "totals": {k: dec_str(v) for k, v in self.totals.items()},
+            "evidence": [{"counter": n, **e.to_dict()} for n, e in w.evidence.items()],
+        }
+        out = [EventDraft("operation.quantity_reported", self.spec.id, t, data)]
+        if ctx and ctx.components and (yld or scrap):
+            consumed = yld + scrap
+            out.append(EventDraft("material.consumed", self.spec.id, t, {
+                "machine": self.spec.id, "order": ctx.order, "operation": ctx.operation, "method": "backflush",
+                "basis": {"yield": dec_str(yld), "scrap": dec_str(scrap), "unit": unit},
+                "movement_type": "261",
+                "components": [
+                    {"material": c.material, "quantity": dec_str(consumed * c.quantity_per_unit), "unit": c.unit}
+                    for c in ctx.components
+                ],
+            }))
+        self.window = _Window()
+        self.dirty = True
+        return out
+
+    def _anomaly(self, counter: str, kind: str, prev: int | None, value: int | None, t: float, **extra: Any) -> EventDraft:
+        return EventDraft("counter.anomaly", self.spec.id, t, {
+            "machine": self.spec.id, "counter": counter, "kind": kind, "from": prev, "to": value,
+            "order": self.context.order if self.context else None,
+            "operation": self.context.operation if self.context else None, **extra,
+        })
