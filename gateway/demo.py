@@ -1,0 +1,204 @@
+"""``edge-gateway demo``: everything in one process, no external service.
+
+An embedded MQTT broker (mosquitto when it is on PATH, else the pure-Python amqtt), one simulated OPC UA press and
+one simulated Modbus press (16-bit counters, so a rollover happens during the demo), the gateway, and the ERP-side
+consumer. Orders are dispatched over MQTT; halfway through, press-1 changes over to a new order. The terminal shows
+what each machine made (simulator ground truth) next to what the ERP ledger holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from gateway import logs
+from gateway.config import GatewayConfig, parse_config
+from gateway.runtime import Gateway
+
+IDENT = {"id": "demo-gw", "enterprise": "acme", "site": "plant-1", "area": "assembly", "line": "line-1"}
+
+
+def demo_config(*, broker_port: int, opc_endpoint: str, opc_nodes: dict[str, str], modbus_port: int,
+                modbus_tags: dict[str, dict[str, Any]], store_path: str, interval_s: float = 1.0) -> GatewayConfig:
+    doc = {
+        "gateway": IDENT,
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+        "store": {"path": store_path},
+        "connectors": [
+            {"type": "opcua", "id": "press1-opc", "endpoint": opc_endpoint},
+            {"type": "modbus", "id": "press2-mb", "host": "127.0.0.1", "port": modbus_port, "unit_id": 1,
+             "poll_interval_s": 0.1},
+        ],
+        "machines": [
+            {"id": "press-1", "name": "Press 1 (OPC UA)",
+             "counters": {"good": {"connector": "press1-opc", "node_id": opc_nodes["good"], "max_rate": 50},
+                          "scrap": {"connector": "press1-opc", "node_id": opc_nodes["scrap"], "max_rate": 50}},
+             "state": {"connector": "press1-opc", "node_id": opc_nodes["state"]},
+             "reporting": {"interval_s": interval_s}},
+            {"id": "press-2", "name": "Press 2 (Modbus)",
+             "counters": {"good": {"connector": "press2-mb", **modbus_tags["good"], "max_rate": 50},
+                          "scrap": {"connector": "press2-mb", **modbus_tags["scrap"], "max_rate": 50}},
+             "state": {"connector": "press2-mb", **modbus_tags["state"],
+                       "values": {"0": "idle", "1": "running", "2": "stopped"}},
+             "reporting": {"interval_s": interval_s, "max_units": 50}},
+        ],
+    }
+    return parse_config(doc, "<demo>")
+
+
+class Demo:
+    def __init__(self, workdir: Path, seed: int) -> None:
+        self.workdir = workdir
+        self.seed = seed
+        self.orders: dict[str, list[tuple[str, str]]] = {"press-1": [], "press-2": []}
+
+    async def run(self, duration: float | None) -> int:
+        from simulators.broker import EmbeddedBroker
+        from simulators.erp import ErpConsumer
+        from simulators.machine import MachineModel
+        from simulators.modbus_server import ModbusMachineServer
+        from simulators.opcua_server import OpcUaMachineServer
+        from simulators.ports import free_port
+
+        async with contextlib.AsyncExitStack() as stack:
+            broker = EmbeddedBroker(workdir=self.workdir)
+            await broker.start()
+            stack.push_async_callback(broker.stop)
+            print(f"broker      {broker.kind} on 127.0.0.1:{broker.port}")
+
+            self.m1 = MachineModel("Press1", cycle_time=0.2, scrap_rate=0.06, seed=self.seed, counter_bits=32)
+            self.m2 = MachineModel("Press2", cycle_time=0.12, scrap_rate=0.04, seed=self.seed + 1, counter_bits=16,
+                                   start_good=65_500, start_scrap=120)
+            opc = OpcUaMachineServer(self.m1, host="127.0.0.1", port=free_port())
+            mb = ModbusMachineServer(self.m2, host="127.0.0.1", port=free_port(), unit_id=1)
+            await stack.enter_async_context(opc)
+            await stack.enter_async_context(mb)
+            print(f"press-1     OPC UA  {opc.endpoint}  (32-bit counters)")
+            print(f"press-2     Modbus  127.0.0.1:{mb.port}  (16-bit counters starting at 65500: watch the rollover)")
+
+            erp = ErpConsumer("127.0.0.1", broker.port, db_path=str(self.workdir / "erp.db"))
+            await stack.enter_async_context(erp)
+            self.erp = erp
+
+            cfg = demo_config(broker_port=broker.port, opc_endpoint=opc.endpoint, opc_nodes=opc.node_ids,
+                              modbus_port=mb.port, modbus_tags=mb.tag_addresses(),
+                              store_path=str(self.workdir / "gateway.db"))
+            self.gw = Gateway(cfg)
+            gw_task = asyncio.create_task(self.gw.run(), name="gateway")
+            stack.push_async_callback(self._stop_task, gw_task)
+            producers = [asyncio.create_task(self.m1.run()), asyncio.create_task(self.m2.run())]
+            for p in producers:
+                stack.push_async_callback(self._stop_task, p)
+
+            await self._dispatch("press-1", self.m1, "1000001", "0010")
+            await self._dispatch("press-2", self.m2, "1000002", "0010")
+            self.m1.start()
+            self.m2.start()
+
+            stop = asyncio.Event()
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+            t0 = time.monotonic()
+            changed = False
+            next_render = 0.0
+            try:
+                while (duration is None or time.monotonic() - t0 < duration) and not stop.is_set():
+                    if not changed and duration is not None and time.monotonic() - t0 >= duration / 2:
+                        changed = True
+                        print("\n--> changeover: press-1 switches to order 1000003 / 0010\n")
+                        self.m1.pause()
+                        await self._dispatch("press-1", self.m1, "1000003", "0010")
+                        self.m1.start()
+                    if time.monotonic() >= next_render:
+                        self.render(final=False)
+                        next_render = time.monotonic() + 2.0
+                    await asyncio.sleep(0.2)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                pass
+            self.m1.pause()
+            self.m2.pause()
+            print("\nmachines stopped; waiting for the ERP ledger to settle ...")
+            ok = await self._settle(timeout=30)
+            self.render(final=True)
+            st = self.gw.status()
+            print(f"\nevents committed {st['stats']['events_committed']}, acked {st['acked']}, "
+                  f"outbox pending {st['outbox_pending']}, ERP duplicates dropped {erp.stats['duplicates']}")
+            print("RESULT: ledger == truth for both machines" if ok else "RESULT: MISMATCH between ledger and truth")
+            return 0 if ok else 1
+
+    async def _stop_task(self, task: asyncio.Task[Any]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout=10)
+
+    async def _dispatch(self, machine: str, model: Any, order: str, op: str) -> None:
+        self.erp.dispatch(IDENT["enterprise"], IDENT["site"], IDENT["area"], IDENT["line"], machine, order, op)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            eng = self.gw.engines.get(machine)
+            if eng is not None and eng.context is not None and eng.context.ref == (order, op):
+                model.set_order(order, op)
+                self.orders[machine].append((order, op))
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"the gateway did not apply the dispatch of {order}/{op} to {machine}")
+
+    def comparison(self) -> list[tuple[str, str, str, int, int, Decimal, Decimal]]:
+        ledger = self.erp.ledger()
+        rows = []
+        for machine, model in (("press-1", self.m1), ("press-2", self.m2)):
+            for key, truth in sorted(model.truth.items(), key=lambda kv: str(kv[0])):
+                order, op = key if key else (None, None)
+                led = ledger.get((machine, order, op), {})
+                rows.append((machine, order or "-", op or "-", truth["good"], truth["scrap"],
+                             led.get("yield", Decimal(0)), led.get("scrap", Decimal(0))))
+            # ledger entries the machine never produced for are mismatches too
+            for (m, order, op), led in ledger.items():
+                if m == machine and ((order, op) if order else None) not in model.truth:
+                    rows.append((machine, order or "-", op or "-", 0, 0, led["yield"], led["scrap"]))
+        return rows
+
+    def matches(self) -> bool:
+        return all(Decimal(g) == y and Decimal(s) == sc for _, _, _, g, s, y, sc in self.comparison())
+
+    async def _settle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.matches() and self.gw.store.pending == 0:
+                return True
+            await asyncio.sleep(0.25)
+        return self.matches()
+
+    def render(self, *, final: bool) -> None:
+        rows = self.comparison()
+        head = f"{'machine':<9} {'order':<9} {'op':<5} {'made good':>10} {'made scrap':>10} {'ERP yield':>10} {'ERP scrap':>10}  "
+        lines = ["", time.strftime("%H:%M:%S") + ("  FINAL" if final else ""), head, "-" * len(head)]
+        for machine, order, op, g, s, y, sc in rows:
+            same = Decimal(g) == y and Decimal(s) == sc
+            mark = "ok" if same else ("MISMATCH" if final else "in transit")
+            lines.append(f"{machine:<9} {order:<9} {op:<5} {g:>10} {s:>10} {y!s:>10} {sc!s:>10}  {mark}")
+        print("\n".join(lines), flush=True)
+
+
+def run_demo(*, duration: float | None, workdir: str | None, seed: int) -> int:
+    logs.configure("console", os.environ.get("EDGE_GATEWAY_LOG_LEVEL", "warning"))
+    with contextlib.ExitStack() as stack:
+        if workdir:
+            wd = Path(workdir)
+            wd.mkdir(parents=True, exist_ok=True)
+        else:
+            wd = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-gateway-demo-")))
+        print(f"edge-gateway demo (files in {wd}); Ctrl-C to stop" + (f"; runs {duration:g} s" if duration else ""))
+        try:
+            return asyncio.run(Demo(wd, seed).run(duration))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
