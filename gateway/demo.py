@@ -94,7 +94,7 @@ class Demo:
             self.gw = Gateway(cfg)
             gw_task = asyncio.create_task(self.gw.run(), name="gateway")
             stack.push_async_callback(self._stop_task, gw_task)
-            producers = [asyncio.create_task(self.m1.run()), asyncio.create_task(self.m2.run())]
+            producers = [asyncio.create_task(self.m1.run_forever()), asyncio.create_task(self.m2.run_forever())]
             for p in producers:
                 stack.push_async_callback(self._stop_task, p)
 

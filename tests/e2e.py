@@ -1,0 +1,123 @@
+"""Building blocks of end-to-end tests: real simulators, a real mosquitto, the ERP consumer and the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewayConfig, parse_config
+from gateway.runtime import Gateway
+from simulators.machine import MachineModel
+
+IDENT = {"id": "gw-test", "enterprise": "acme", "site": "p1", "area": "a1", "line": "l1"}
+
+
+def gateway_config(*, broker_port: int, store_path: str, opc: Any = None, modbus: Any = None,
+                   interval_s: float = 0.5, max_units: int | None = None, max_rate: float = 200,
+                   keepalive_s: int = 2) -> GatewayConfig:
+    """press-1 on the OPC UA simulator, press-2 on the Modbus simulator (either may be omitted)."""
+    connectors: list[dict[str, Any]] = []
+    machines: list[dict[str, Any]] = []
+    reporting = {"interval_s": interval_s, **({"max_units": max_units} if max_units else {})}
+    if opc is not None:
+        connectors.append({"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5,
+                           "timeout_s": 2})
+        machines.append({"id": "press-1", "counters": {
+            "good": {"connector": "opc", "node_id": opc.node_ids["good"], "bits": opc.model.counter_bits, "max_rate": max_rate},
+            "scrap": {"connector": "opc", "node_id": opc.node_ids["scrap"], "bits": opc.model.counter_bits, "max_rate": max_rate},
+        }, "state": {"connector": "opc", "node_id": opc.node_ids["state"]}, "reporting": reporting})
+    if modbus is not None:
+        tags = modbus.tag_addresses()
+        connectors.append({"type": "modbus", "id": "mb", "host": "127.0.0.1", "port": modbus.port, "unit_id": 1,
+                           "poll_interval_s": 0.05, "timeout_s": 1})
+        machines.append({"id": "press-2", "counters": {
+            "good": {"connector": "mb", **tags["good"], "max_rate": max_rate},
+            "scrap": {"connector": "mb", **tags["scrap"], "max_rate": max_rate},
+        }, "state": {"connector": "mb", **tags["state"], "values": {"0": "idle", "1": "running", "2": "stopped"}},
+            "reporting": reporting})
+    doc = {
+        "gateway": IDENT,
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": keepalive_s},
+        "store": {"path": store_path},
+        "connectors": connectors,
+        "machines": machines,
+    }
+    return parse_config(doc, "<test>")
+
+
+class RunningGateway:
+    """A gateway in a task of the test's event loop: start / stop (clean) / restart."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.gw: Gateway | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.generations = 0
+
+    async def start(self) -> Gateway:
+        self.gw = Gateway(self.cfg)
+        self.task = asyncio.create_task(self.gw.run(), name="gateway")
+        self.generations += 1
+        await wait_until(lambda: self.gw is not None and self.gw.started.is_set() or self.task.done(), 15)
+        if self.task.done():
+            self.task.result()
+        return self.gw
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self.task, timeout=15)
+        self.task = None
+
+    async def wait_dispatch_applied(self, machine: str, order: str, op: str, timeout: float = 15) -> None:
+        await wait_until(lambda: (e := self.gw.engines.get(machine)) is not None and e.context is not None
+                         and e.context.ref == (order, op), timeout)
+
+
+async def wait_until(pred: Any, timeout: float = 20.0, interval: float = 0.05, message: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(message or f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def expected_ledger(machine: str, model: MachineModel) -> dict[tuple[str, str | None, str | None], dict[str, Decimal]]:
+    out = {}
+    for key, t in model.truth.items():
+        order, op = key if key else (None, None)
+        if t["good"] or t["scrap"]:
+            out[(machine, order, op)] = {"yield": Decimal(t["good"]), "scrap": Decimal(t["scrap"])}
+    return out
+
+
+def ledger_view(erp: Any, machines: set[str]) -> dict[tuple[str, str | None, str | None], dict[str, Decimal]]:
+    out = {}
+    for key, v in erp.ledger().items():
+        if key[0] in machines and (v["yield"] or v["scrap"]):
+            out[key] = {"yield": v["yield"], "scrap": v["scrap"]}
+    return out
+
+
+async def assert_ledger_matches(erp: Any, models: dict[str, MachineModel], timeout: float = 30) -> None:
+    expected: dict[Any, Any] = {}
+    for machine, model in models.items():
+        expected.update(expected_ledger(machine, model))
+    try:
+        await wait_until(lambda: ledger_view(erp, set(models)) == expected, timeout)
+    except AssertionError:
+        raise AssertionError(f"ERP ledger != ground truth\n ledger: {ledger_view(erp, set(models))}\n truth:  {expected}") from None
+
+
+def workdir(tmp_path: Path, name: str) -> str:
+    p = tmp_path / name
+    p.mkdir(parents=True, exist_ok=True)
+    return str(p)
