@@ -1,0 +1,495 @@
+"""ERP-side consumer: what a real ERP adapter does with the gateway's events (see docs/event-contract.md).
+
+- subscribes QoS 1 to ``{root}/v1/+/+/+/+/+/events/#`` and reconnects/resubscribes by itself after a broker outage;
+- validates each CloudEvent; a malformed one is counted and logged (``erp.event_rejected``), never fatal;
+- deduplicates on ``source`` + ``id`` in SQLite: the dedup insert, the event record and the ledger update are ONE
+  transaction, and the message is acknowledged (PUBACK) only after that commit;
+- books ``operation.quantity_reported`` deltas (decimal strings → ``Decimal``) into a ledger per
+  machine / order / operation (unassigned counts under order '' / operation '');
+- tracks the ``seq`` extension per (``source``, ``epoch``) and reports gaps;
+- publishes retained dispatch messages (ERP → gateway) and waits for their PUBACK.
+
+The ledger, the dedup table and the events survive a restart of the consumer (SQLite file at ``db_path``).
+All callbacks run in paho's network thread; queries from other threads go through one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections import Counter
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Iterable
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = structlog.get_logger(__name__)
+
+QUANTITY_REPORTED = "operation.quantity_reported"
+QUANTITY_KINDS = ("yield", "scrap", "rework")
+_DECIMAL_RE = re.compile(r"[+-]?\d+(\.\d+)?")
+_ZERO = Decimal(0)
+
+LedgerKey = tuple[str, "str | None", "str | None"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (
+    source      TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (source, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    n           INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order
+    source      TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    epoch       TEXT,
+    seq         INTEGER,
+    type        TEXT NOT NULL,
+    subject     TEXT,
+    time        TEXT,
+    topic       TEXT,
+    payload     TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    machine     TEXT NOT NULL,
+    "order"     TEXT NOT NULL,                       -- '' = unassigned
+    operation   TEXT NOT NULL,                       -- '' = unassigned
+    yield       TEXT NOT NULL,                       -- decimal strings
+    scrap       TEXT NOT NULL,
+    rework      TEXT NOT NULL,
+    unit        TEXT,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (machine, "order", operation)
+);
+"""
+
+
+class Rejected(ValueError):
+    """A message that is not a valid event of the contract."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _plain(d: Decimal) -> str:
+    """Decimal as a plain string (never exponent notation)."""
+    return format(d, "f")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Decimal):
+        return _plain(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def parse_quantity(value: Any, field: str) -> Decimal:
+    """A contract quantity: a decimal string (or an integer), finite and not negative."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise Rejected("bad_quantity", f"{field}: expected a decimal string, got {type(value).__name__}")
+    text = str(value)
+    if not _DECIMAL_RE.fullmatch(text):
+        raise Rejected("bad_quantity", f"{field}: {text!r} is not a decimal string")
+    try:
+        d = Decimal(text)
+    except InvalidOperation:  # pragma: no cover - guarded by the regex
+        raise Rejected("bad_quantity", f"{field}: {text!r}") from None
+    if d < 0:
+        raise Rejected("bad_quantity", f"{field}: negative quantity {text}")
+    return d
+
+
+def parse_event(payload: bytes) -> dict[str, Any]:
+    """Validate a structured-JSON CloudEvent 1.0 against the contract; raises Rejected."""
+    try:
+        ev = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected("invalid_json", str(exc)) from None
+    if not isinstance(ev, dict):
+        raise Rejected("not_an_object", f"top level is {type(ev).__name__}")
+    for attr in ("specversion", "id", "source", "type"):
+        if attr not in ev:
+            raise Rejected("missing_attribute", attr)
+        if not isinstance(ev[attr], str) or not ev[attr]:
+            raise Rejected("bad_attribute", f"{attr} must be a non-empty string")
+    if ev["specversion"] != "1.0":
+        raise Rejected("wrong_specversion", repr(ev["specversion"]))
+    for attr in ("subject", "time", "epoch"):
+        if attr in ev and ev[attr] is not None and not isinstance(ev[attr], str):
+            raise Rejected("bad_attribute", f"{attr} must be a string")
+    if "seq" in ev:
+        seq = ev["seq"]
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise Rejected("bad_seq", f"seq must be a non-negative integer, got {seq!r}")
+    if ev["type"] == QUANTITY_REPORTED:
+        parse_quantity_data(ev.get("data"))
+    return ev
+
+
+def parse_quantity_data(data: Any) -> tuple[tuple[str, str, str], dict[str, Decimal], str | None]:
+    """(machine, order or '', operation or ''), quantities, unit of an ``operation.quantity_reported``."""
+    if not isinstance(data, dict):
+        raise Rejected("bad_data", "data must be an object")
+    machine = data.get("machine")
+    if not isinstance(machine, str) or not machine:
+        raise Rejected("bad_data", "data.machine must be a non-empty string")
+    ref = []
+    for f in ("order", "operation"):
+        v = data.get(f)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise Rejected("bad_data", f"data.{f} must be a non-empty string or null")
+        ref.append(v or "")
+    q = data.get("quantities")
+    if not isinstance(q, dict):
+        raise Rejected("bad_data", "data.quantities must be an object")
+    qty = {k: parse_quantity(q[k], f"data.quantities.{k}") if k in q else _ZERO for k in QUANTITY_KINDS}
+    unit = data.get("unit")
+    return (machine, ref[0], ref[1]), qty, unit if isinstance(unit, str) else None
+
+
+def _takes_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
+class ErpConsumer:
+    """Consumes the gateway's CloudEvents into a deduplicated SQLite ledger; publishes dispatches.
+
+    ``client_id``: with a fixed id the MQTT session is persistent (clean_session False), so QoS 1 events published
+    while the consumer is disconnected are queued by the broker; without one a random id and a clean session are
+    used. ``durable``: fsync every commit (SQLite synchronous=FULL) before the PUBACK; False = synchronous=NORMAL.
+    """
+
+    def __init__(self, host: str, port: int, *, db_path: str, topic_root: str = "edge", client_id: str | None = None,
+                 clean_session: bool | None = None, keepalive: int = 10, durable: bool = True) -> None:
+        self.host = host
+        self.port = port
+        self.db_path = str(db_path)
+        self.topic_root = topic_root
+        self.client_id = client_id or f"erp-{uuid.uuid4().hex[:12]}"
+        self.clean_session = (client_id is None) if clean_session is None else clean_session
+        self.keepalive = keepalive
+        self.durable = durable
+        self.event_filter = f"{topic_root}/v1/+/+/+/+/+/events/#"
+
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
+
+        # in-memory mirrors of the committed state (rebuilt from SQLite on start)
+        self._ledger: dict[tuple[str, str, str], dict[str, Decimal]] = {}
+        self._seqs: dict[tuple[str, str], set[int]] = {}
+        self._events: list[dict[str, Any]] = []
+        self.stats: dict[str, Any] = self._fresh_stats()
+
+    @staticmethod
+    def _fresh_stats() -> dict[str, Any]:
+        return {"accepted": 0, "duplicates": 0, "rejected": 0, "by_type": Counter(), "rejected_by_reason": Counter(),
+                "seq_reused": 0, "errors": 0, "connects": 0, "disconnects": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    async def start(self, timeout: float = 10.0) -> "ErpConsumer":
+        """Open the ledger, connect and subscribe; returns once the subscription is acknowledged (bounded)."""
+        if self._client is not None:
+            return self
+        await asyncio.to_thread(self._open_db)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=self.clean_session,
+                        manual_ack=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        c.on_socket_open = self._on_socket_open
+        c.reconnect_delay_set(min_delay=0.1, max_delay=2)
+        c.connect_async(self.host, self.port, keepalive=self.keepalive)
+        c.loop_start()  # the network thread retries the first connection and reconnects after losses
+        self._client = c
+        try:
+            await self.wait_connected(timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("erp.started", host=self.host, port=self.port, filter=self.event_filter, db=self.db_path)
+        return self
+
+    async def stop(self) -> None:
+        c, self._client = self._client, None
+        if c is not None:
+            def _shutdown() -> None:
+                c.disconnect()
+                c.loop_stop()
+            await asyncio.to_thread(_shutdown)
+        self._connected.clear()
+        self._subscribed.clear()
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        log.info("erp.stopped")
+
+    async def __aenter__(self) -> "ErpConsumer":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def connected(self) -> bool:
+        """Connected and subscribed."""
+        return self._connected.is_set() and self._subscribed.is_set()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Until the broker acknowledged the events subscription (again, after a reconnect)."""
+        deadline = time.monotonic() + timeout
+        while not self.connected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ERP consumer not connected/subscribed to {self.host}:{self.port} within {timeout}s")
+            await asyncio.sleep(0.02)
+
+    # -- storage -------------------------------------------------------------------------------------------------
+    def _open_db(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                return
+            db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            db.executescript(_SCHEMA)
+            self._db = db
+            self._load()
+
+    def _load(self) -> None:
+        assert self._db is not None
+        self._ledger.clear()
+        self._seqs.clear()
+        self._events.clear()
+        for machine, order, op, y, s, r in self._db.execute(
+                'SELECT machine, "order", operation, yield, scrap, rework FROM ledger'):
+            self._ledger[(machine, order, op)] = {"yield": Decimal(y), "scrap": Decimal(s), "rework": Decimal(r)}
+        for source, epoch, seq, payload in self._db.execute("SELECT source, epoch, seq, payload FROM events ORDER BY n"):
+            self._events.append(json.loads(payload))
+            if seq is not None:
+                self._seqs.setdefault((source, epoch or ""), set()).add(seq)
+
+    def _commit_event(self, topic: str, raw: bytes, ev: dict[str, Any]) -> bool:
+        """One transaction: dedup insert + event record + ledger update. False if (source, id) was seen before."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("ledger database is closed")
+        now = time.time()
+        booking = parse_quantity_data(ev.get("data")) if ev["type"] == QUANTITY_REPORTED else None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute("INSERT OR IGNORE INTO seen (source, id, received_at) VALUES (?, ?, ?)",
+                             (ev["source"], ev["id"], now))
+            if cur.rowcount == 0:
+                db.execute("ROLLBACK")
+                return False
+            db.execute("INSERT INTO events (source, id, epoch, seq, type, subject, time, topic, payload, received_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (ev["source"], ev["id"], ev.get("epoch"), ev.get("seq"), ev["type"], ev.get("subject"),
+                        ev.get("time"), topic, raw.decode("utf-8"), now))
+            new_row = None
+            if booking is not None:
+                key, qty, unit = booking
+                row = db.execute('SELECT yield, scrap, rework FROM ledger WHERE machine=? AND "order"=? AND operation=?',
+                                 key).fetchone()
+                old = dict(zip(QUANTITY_KINDS, map(Decimal, row))) if row else dict.fromkeys(QUANTITY_KINDS, _ZERO)
+                new_row = {k: old[k] + qty[k] for k in QUANTITY_KINDS}
+                db.execute('INSERT INTO ledger (machine, "order", operation, yield, scrap, rework, unit, updated_at) '
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (machine, \"order\", operation) DO UPDATE SET "
+                           "yield=excluded.yield, scrap=excluded.scrap, rework=excluded.rework, "
+                           "unit=COALESCE(ledger.unit, excluded.unit), updated_at=excluded.updated_at",
+                           (*key, *(_plain(new_row[k]) for k in QUANTITY_KINDS), unit, now))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        # committed: update the in-memory mirrors
+        if booking is not None and new_row is not None:
+            self._ledger[booking[0]] = new_row
+        if "seq" in ev:
+            seqs = self._seqs.setdefault((ev["source"], ev.get("epoch") or ""), set())
+            if ev["seq"] in seqs:
+                self.stats["seq_reused"] += 1
+                log.warning("erp.seq_reused", source=ev["source"], epoch=ev.get("epoch"), seq=ev["seq"], id=ev["id"])
+            seqs.add(ev["seq"])
+        self._events.append(ev)
+        return True
+
+    # -- MQTT callbacks (paho network thread) --------------------------------------------------------------------
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # PUBACKs are tiny writes: without TCP_NODELAY, Nagle + delayed ACK can hold each one back ~40 ms.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("erp.connect_failed", reason=str(reason_code))
+            return
+        self.stats["connects"] += 1
+        self._connected.set()
+        self._subscribed.clear()
+        rc, mid = client.subscribe(self.event_filter, qos=1)
+        self._sub_mid = mid
+        log.info("erp.connected", host=self.host, port=self.port, session_present=getattr(flags, "session_present", None),
+                 subscribe_rc=int(rc))
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid != self._sub_mid:
+            return
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("erp.subscribe_failed", filter=self.event_filter, reasons=[str(rc) for rc in reason_codes])
+            return
+        self._subscribed.set()
+        log.info("erp.subscribed", filter=self.event_filter)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._connected.clear()
+        self._subscribed.clear()
+        self.stats["disconnects"] += 1
+        log.info("erp.disconnected", reason=str(reason_code))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle(msg.topic, msg.payload)
+        except Exception:  # never let an internal error kill the network thread; the message stays un-acked
+            self.stats["errors"] += 1
+            log.exception("erp.internal_error", topic=msg.topic)
+            return
+        client.ack(msg.mid, msg.qos)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            try:
+                ev = parse_event(payload)
+                accepted = self._commit_event(topic, payload, ev)
+            except Rejected as exc:
+                self.stats["rejected"] += 1
+                self.stats["rejected_by_reason"][exc.reason] += 1
+                log.warning("erp.event_rejected", topic=topic, reason=exc.reason, detail=exc.detail,
+                            payload=payload[:200].decode("utf-8", "replace"))
+                return
+            if not accepted:
+                self.stats["duplicates"] += 1
+                log.debug("erp.duplicate", source=ev["source"], id=ev["id"], type=ev["type"])
+                return
+            self.stats["accepted"] += 1
+            self.stats["by_type"][ev["type"]] += 1
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def ledger(self) -> dict[LedgerKey, dict[str, Decimal]]:
+        """{(machine, order or None, operation or None): {"yield", "scrap", "rework"}} (a copy)."""
+        with self._lock:
+            return {(m, o or None, op or None): dict(v) for (m, o, op), v in self._ledger.items()}
+
+    def totals_by_machine(self) -> dict[str, dict[str, Decimal]]:
+        out: dict[str, dict[str, Decimal]] = {}
+        for (machine, _o, _op), v in self.ledger().items():
+            t = out.setdefault(machine, dict.fromkeys(QUANTITY_KINDS, _ZERO))
+            for k in QUANTITY_KINDS:
+                t[k] += v[k]
+        return out
+
+    def events(self, type: str | None = None) -> list[dict[str, Any]]:
+        """Accepted events (parsed CloudEvent dicts) in arrival order, optionally of one type. Do not mutate."""
+        with self._lock:
+            return [e for e in self._events if type is None or e["type"] == type]
+
+    def gaps(self) -> dict[tuple[str, str], list[int]]:
+        """{(source, epoch): missing seq numbers between the lowest and highest seen}; only streams with gaps."""
+        with self._lock:
+            streams = {k: set(v) for k, v in self._seqs.items()}
+        out = {}
+        for key, seqs in streams.items():
+            lo, hi = min(seqs), max(seqs)
+            if hi - lo + 1 != len(seqs):
+                out[key] = [s for s in range(lo, hi + 1) if s not in seqs]
+        return out
+
+    def seqs(self) -> dict[tuple[str, str], list[int]]:
+        """{(source, epoch): sorted seq numbers seen}."""
+        with self._lock:
+            return {k: sorted(v) for k, v in self._seqs.items()}
+
+    async def wait_for(self, predicate: Callable[..., Any], timeout: float = 10.0,
+                       interval: float = 0.02) -> dict[LedgerKey, dict[str, Decimal]]:
+        """Poll until ``predicate(ledger)`` (or ``predicate()`` if it takes no argument) is true; returns the
+        ledger. Raises TimeoutError showing the ledger and stats."""
+        with_arg = _takes_argument(predicate)
+        deadline = time.monotonic() + timeout
+        while True:
+            led = self.ledger()
+            if predicate(led) if with_arg else predicate():
+                return led
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ERP condition not met within {timeout}s; ledger={led} stats={self.stats}")
+            await asyncio.sleep(interval)
+
+    # -- publishing (ERP → gateway) ------------------------------------------------------------------------------
+    def dispatch_topic(self, enterprise: str, site: str, area: str, line: str, machine: str) -> str:
+        return f"{self.topic_root}/v1/{enterprise}/{site}/{area}/{line}/{machine}/dispatch"
+
+    def dispatch(self, enterprise: str, site: str, area: str, line: str, machine: str, order: str, operation: str, *,
+                 status: str | None = "active", unit: str | None = "PCE",
+                 components: Iterable[dict[str, Any]] | None = None, planned_quantity: Any = None,
+                 timeout: float = 10.0) -> dict[str, Any]:
+        """Publish a retained QoS 1 dispatch and wait for its PUBACK; returns the message as sent (JSON-decoded)."""
+        msg = {"order": order, "operation": operation, "status": status, "unit": unit,
+               "planned_quantity": _plain(Decimal(planned_quantity)) if planned_quantity is not None else None,
+               "components": list(components) if components is not None else None}
+        msg = {k: v for k, v in msg.items() if v is not None}
+        topic = self.dispatch_topic(enterprise, site, area, line, machine)
+        body = json.dumps(msg, default=_json_default)
+        self._publish(topic, body.encode(), retain=True, timeout=timeout)
+        log.info("erp.dispatched", topic=topic, order=order, operation=operation, status=status)
+        return json.loads(body)
+
+    def clear_dispatch(self, enterprise: str, site: str, area: str, line: str, machine: str, *,
+                       timeout: float = 10.0) -> None:
+        """Empty retained payload: the broker drops the retained dispatch, the gateway clears the order."""
+        topic = self.dispatch_topic(enterprise, site, area, line, machine)
+        self._publish(topic, b"", retain=True, timeout=timeout)
+        log.info("erp.dispatch_cleared", topic=topic)
+
+    def publish_raw(self, topic: str, payload: bytes | str, retain: bool = False, *, qos: int = 1,
+                    timeout: float = 10.0) -> None:
+        """Publish anything (for tests of malformed input); waits for the PUBACK when qos > 0."""
+        self._publish(topic, payload.encode() if isinstance(payload, str) else payload, retain=retain, qos=qos,
+                      timeout=timeout)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool, timeout: float, qos: int = 1) -> None:
+        c = self._client
+        if c is None:
+            raise RuntimeError("ERP consumer is not started")
+        deadline = time.monotonic() + timeout
+        if not self._connected.wait(timeout):
+            raise ConnectionError(f"not connected to {self.host}:{self.port} within {timeout}s; cannot publish to {topic}")
+        info = c.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        except (RuntimeError, ValueError) as exc:
+            raise ConnectionError(f"publish to {topic} failed: {exc}") from exc
+        if not info.is_published():
+            raise TimeoutError(f"no PUBACK for {topic} within {timeout}s")
