@@ -1,10 +1,12 @@
-"""An MQTT broker for tests and the demo: a real mosquitto process on a free loopback port, or, for the demo only
-when mosquitto is not installed, the pure-Python amqtt broker in-process."""
+"""An MQTT broker for tests and the demo: a real mosquitto process on a free loopback port with a generated config
+(stoppable, killable and restartable on the same port, for outage tests), or, for the demo only when mosquitto is not
+installed, the pure-Python amqtt broker in-process. Nothing here touches a system broker."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -15,106 +17,181 @@ from pathlib import Path
 
 from simulators.ports import free_port
 
+INSTALL_HINT = "install it with `apt-get install mosquitto` (Debian/Ubuntu)"
 
-def mosquitto_binary() -> str | None:
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary; raises (never skips) when it is missing."""
     found = shutil.which("mosquitto")
     if found:
         return found
-    for cand in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if os.access(cand, os.X_OK):
-            return cand
-    return None
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError(f"mosquitto binary not found on PATH nor in /usr/sbin: {INSTALL_HINT}")
 
 
-def _port_open(host: str, port: int) -> bool:
+def _accepts(host: str, port: int) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.25):
             return True
     except OSError:
         return False
 
 
-class MosquittoProcess:
-    """A mosquitto broker process with a generated config (default settings otherwise: Nagle on, as shipped).
-    ``stop()`` / ``kill()`` / ``start()`` again on the same port, for outage tests."""
+class MosquittoBroker:
+    """One mosquitto process listening on ``host:port`` with a generated config in ``workdir``.
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None, port: int | None = None,
-                 host: str = "127.0.0.1", extra_conf: str = "", persistence: bool = False) -> None:
-        binary = mosquitto_binary()
-        if binary is None:
-            raise RuntimeError("mosquitto is not installed: run `apt-get install -y mosquitto` (Debian/Ubuntu)")
-        self.binary = binary
+    ``extra_config`` is appended verbatim to the generated config (e.g. ``"max_inflight_messages 10\\n"``).
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str] | None = None, *, port: int | None = None,
+                 host: str = "127.0.0.1", extra_config: str = "", binary: str | None = None,
+                 persistence: bool = False) -> None:
+        self.binary = binary or find_mosquitto()
         self.host = host
         self.port = port or free_port(host)
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="mosquitto-")
-        self.dir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self._tmp = tempfile.TemporaryDirectory(prefix="mosquitto-") if workdir is None else None
+        self.dir = Path(self._tmp.name if self._tmp is not None else workdir)  # type: ignore[arg-type]
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf = self.dir / f"mosquitto-{self.port}.conf"
-        self.log_file = self.dir / f"mosquitto-{self.port}.log"
-        self.conf.write_text(
-            f"listener {self.port} {host}\nallow_anonymous true\n"
-            + (f"persistence true\npersistence_location {self.dir}/\npersistence_file mosquitto-{self.port}.db\n"
-               if persistence else "persistence false\n")
-            + f"log_dest file {self.log_file}\nlog_type error\nlog_type warning\nlog_type notice\n"
-            f"max_queued_messages 0\n{extra_conf}"
-        )
+        self.conf_path = self.dir / "mosquitto.conf"
+        self.log_path = self.dir / "mosquitto.log"
+        self.stderr_path = self.dir / "mosquitto.stderr"
+        self.extra_config = extra_config
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
-    def start_sync(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err or self.log_text()}")
-            if _port_open(self.host, self.port):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
+    # -- config ------------------------------------------------------------------------------------------------
+    def config_text(self) -> str:
+        # Run as the current user: as root, mosquitto would otherwise switch to user "mosquitto" and could not write
+        # its log into a private (0700) temp dir.
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        lines = [
+            f"user {user}",
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            *((f"persistence true", f"persistence_location {self.dir}/", "persistence_file mosquitto.db")
+              if self.persistence else ("persistence false",)),
+            # no per-client queue limit: a slow subscriber must not lose QoS 1 messages in tests
+            "max_queued_messages 0",
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp true",
+        ]
+        return "\n".join(lines) + "\n" + self.extra_config + ("\n" if self.extra_config and not self.extra_config.endswith("\n") else "")
 
-    def stop_sync(self, timeout: float = 5.0) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout)
-
-    def kill_sync(self) -> None:
-        p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait(5)
-
+    # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.running else None  # type: ignore[union-attr]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+        """Start (or restart, same port) and wait until the port accepts connections. Idempotent when running."""
+        if self.running:
+            return self
+        self.conf_path.write_text(self.config_text())
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err, start_new_session=True)
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                rc = self.proc.returncode
+                self.proc = None
+                raise RuntimeError(f"mosquitto exited with code {rc} on start (port {self.port})\n{self.diagnostics()}")
+            if _accepts(self.host, self.port):
+                return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mosquitto did not accept connections on {self.host}:{self.port} "
+                                   f"within {timeout}s\n{self.diagnostics()}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. No-op when not running."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: an abrupt broker crash."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    def restart(self, timeout: float = 10.0) -> "MosquittoBroker":
+        self.stop()
+        return self.start(timeout)
+
+    def close(self) -> None:
+        """Stop and remove the temp dir if this object created it."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "MosquittoBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- diagnostics -------------------------------------------------------------------------------------------
     def log_text(self) -> str:
         try:
-            return self.log_file.read_text()
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self.start_sync)
+    def diagnostics(self) -> str:
+        try:
+            err = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            err = ""
+        return f"--- mosquitto log ({self.log_path}) ---\n{self.log_text()}--- stderr ---\n{err}"
 
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.stop_sync)
+    # -- asyncio helpers (the process calls block briefly) -------------------------------------------------------
+    async def astart(self) -> "MosquittoBroker":
+        return await asyncio.to_thread(self.start)
 
-    async def kill(self) -> None:
-        await asyncio.to_thread(self.kill_sync)
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
 
-    def cleanup(self) -> None:
-        self.stop_sync()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+    async def akill(self) -> None:
+        await asyncio.to_thread(self.kill)
+
+    def __repr__(self) -> str:
+        return f"MosquittoBroker({self.host}:{self.port}, running={self.running})"
+
+
+def _has_mosquitto() -> bool:
+    try:
+        find_mosquitto()
+        return True
+    except RuntimeError:
+        return False
 
 
 class EmbeddedBroker:
@@ -123,14 +200,14 @@ class EmbeddedBroker:
     def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.kind = "mosquitto" if mosquitto_binary() else "amqtt"
-        self._mosq: MosquittoProcess | None = None
+        self.kind = "mosquitto" if _has_mosquitto() else "amqtt"
+        self._mosq: MosquittoBroker | None = None
         self._amqtt = None
 
     async def start(self) -> None:
         if self.kind == "mosquitto":
-            self._mosq = MosquittoProcess(self.workdir, port=self.port)
-            await self._mosq.start()
+            self._mosq = MosquittoBroker(self.workdir, port=self.port)
+            await self._mosq.astart()
             return
         try:
             from amqtt.broker import Broker
@@ -144,7 +221,6 @@ class EmbeddedBroker:
 
     async def stop(self) -> None:
         if self._mosq is not None:
-            await self._mosq.stop()
-            self._mosq.cleanup()
+            await asyncio.to_thread(self._mosq.close)
         if self._amqtt is not None:
             await self._amqtt.shutdown()

@@ -10,7 +10,6 @@ import json
 
 import pytest
 
-from simulators.broker import MosquittoProcess
 from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
@@ -22,10 +21,9 @@ HIER = (IDENT["enterprise"], IDENT["site"], IDENT["area"], IDENT["line"])
 
 
 @pytest.fixture
-async def plant(tmp_path):
+async def plant(tmp_path, mqtt_broker):
     """Broker, two simulated machines (OPC UA 32-bit, Modbus 16-bit near rollover), ERP consumer."""
-    broker = MosquittoProcess(tmp_path / "broker", persistence=True)
-    broker.start_sync()
+    broker = mqtt_broker
     m1 = MachineModel("Press1", cycle_time=0.02, scrap_rate=0.07, seed=11, counter_bits=32)
     m2 = MachineModel("Press2", cycle_time=0.02, scrap_rate=0.05, seed=12, counter_bits=16,
                       start_good=65_400, start_scrap=65_530)
@@ -45,7 +43,6 @@ async def plant(tmp_path):
         await erp.stop()
         await mb.stop()
         await opc.stop()
-        broker.cleanup()
 
 
 async def dispatch(p, machine, model, order, op):

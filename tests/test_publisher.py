@@ -11,7 +11,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.config import MqttConfig
 from gateway.mqtt import MqttLink, Publisher
 from gateway.store import OutboxRow, Store
-from simulators.broker import MosquittoProcess
 
 
 class Collector:
@@ -35,11 +34,8 @@ class Collector:
 
 
 @pytest.fixture
-def broker(tmp_path):
-    b = MosquittoProcess(tmp_path / "broker", persistence=True)
-    b.start_sync()
-    yield b
-    b.cleanup()
+def broker(mqtt_broker):
+    return mqtt_broker
 
 
 async def wait_until(pred, timeout=20.0):
@@ -86,12 +82,12 @@ async def test_broker_outage_loses_nothing(tmp_path, broker):
             pub.notify()
             n += 300
             await asyncio.sleep(0.05)
-            await broker.stop()          # mid-flight
+            await broker.astop()          # mid-flight
             await fill(store, n, 200)    # written while the broker is down
             pub.notify()
             n += 200
             await asyncio.sleep(0.5)
-            await broker.start()
+            await broker.astart()
         await wait_until(lambda: store.pending == 0, timeout=30)
         received = sorted(set(col.msgs))
         assert received == list(range(1, n)), "every event arrives at least once"
