@@ -140,7 +140,9 @@ class Demo:
             await asyncio.wait_for(task, timeout=10)
 
     async def _dispatch(self, machine: str, model: Any, order: str, op: str) -> None:
-        self.erp.dispatch(IDENT["enterprise"], IDENT["site"], IDENT["area"], IDENT["line"], machine, order, op)
+        # the consumer blocks until PUBACK: off the loop, so an in-process broker (amqtt) can answer
+        await asyncio.to_thread(self.erp.dispatch, IDENT["enterprise"], IDENT["site"], IDENT["area"], IDENT["line"],
+                                machine, order, op)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             eng = self.gw.engines.get(machine)

@@ -200,7 +200,8 @@ class EmbeddedBroker:
     def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.kind = "mosquitto" if _has_mosquitto() else "amqtt"
+        forced = os.environ.get("EDGE_GATEWAY_DEMO_BROKER")  # "mosquitto" | "amqtt"
+        self.kind = forced or ("mosquitto" if _has_mosquitto() else "amqtt")
         self._mosq: MosquittoBroker | None = None
         self._amqtt = None
 
