@@ -1,0 +1,263 @@
+"""OPC UA server exposing one :class:`~simulators.machine.MachineModel`.
+
+Nodes (string node ids in the simulator namespace, index 2 on a fresh server)::
+
+    ns=2;s={name}                  Object   the machine
+    ns=2;s={name}.GoodCount        UInt32 / UInt16 / Int32 / Int16 (counter_bits, signed)
+    ns=2;s={name}.ScrapCount       same type as GoodCount
+    ns=2;s={name}.State            String   "idle" | "running" | "stopped"
+    ns=2;s={name}.OrderNumber      String   "" when no order is active
+    ns=2;s={name}.OperationNumber  String   "" when no order is active
+
+Values are published from a model listener through one writer task, so the server sees the model's
+changes complete and in order, each with the time of the change as source timestamp.
+:meth:`OpcUaMachineServer.set_bad` publishes a signal with status BadCommunicationError (value null)
+until cleared. Security: one endpoint, policy None, anonymous login only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from asyncua import Server, ua
+
+from .machine import MachineModel
+
+__all__ = ["OpcUaMachineServer", "SIGNALS"]
+
+_log = logging.getLogger(__name__)
+
+#: signal -> node-id suffix; also the order in which one change is written to the server
+SIGNALS: dict[str, str] = {
+    "state": "State",
+    "order": "OrderNumber",
+    "operation": "OperationNumber",
+    "good": "GoodCount",
+    "scrap": "ScrapCount",
+}
+
+_COUNTER_TYPES = {
+    (16, False): ua.VariantType.UInt16,
+    (32, False): ua.VariantType.UInt32,
+    (16, True): ua.VariantType.Int16,
+    (32, True): ua.VariantType.Int32,
+}
+
+_BAD = ua.StatusCodes.BadCommunicationError
+
+_STOP_TIMEOUT = 5.0
+
+
+def quiet_asyncua_logging(level: int = logging.WARNING) -> None:
+    """asyncua logs a lot at INFO; keep it at WARNING unless asked otherwise."""
+    logging.getLogger("asyncua").setLevel(level)
+
+
+class OpcUaMachineServer:
+    """A real asyncua server for one simulated machine.
+
+    Use ``async with OpcUaMachineServer(model, port=...) as srv:`` or ``await srv.start()`` /
+    ``await srv.stop()``. ``stop()`` is bounded and frees the port; ``start()`` may be called again
+    afterwards (a fresh asyncua server is built each time, like a PLC restart; the model is kept).
+    """
+
+    def __init__(
+        self,
+        model: MachineModel,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4840,
+        namespace: str = "urn:edge-gateway:simulator",
+    ) -> None:
+        key = (model.counter_bits, bool(model.signed))
+        if key not in _COUNTER_TYPES:
+            raise ValueError(f"OPC UA simulator supports 16 or 32 bit counters, not {model.counter_bits}")
+        self.model = model
+        self.host = host
+        self.port = port
+        self.namespace = namespace
+        self.counter_type: ua.VariantType = _COUNTER_TYPES[key]
+        self._ns = 2
+        self._server: Server | None = None
+        self._queue: asyncio.Queue[tuple[dict[str, Any], datetime, set[str], asyncio.Future | None]] | None = None
+        self._writer: asyncio.Task | None = None
+        self._bad: dict[str, bool] = {s: False for s in SIGNALS}
+        self._published: dict[str, tuple[Any, bool]] = {}
+        quiet_asyncua_logging()
+
+    # ------------------------------------------------------------------ addressing
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}"
+
+    @property
+    def namespace_index(self) -> int:
+        return self._ns
+
+    def node_id(self, signal: str) -> str:
+        return f"ns={self._ns};s={self.model.name}.{SIGNALS[signal]}"
+
+    @property
+    def node_ids(self) -> dict[str, str]:
+        """{"good","scrap","state","order","operation"} -> node id string."""
+        return {s: self.node_id(s) for s in ("good", "scrap", "state", "order", "operation")}
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def _ua_node_id(self, signal: str) -> ua.NodeId:
+        return ua.NodeId(f"{self.model.name}.{SIGNALS[signal]}", self._ns)
+
+    def _variant(self, signal: str, value: Any) -> ua.Variant:
+        if signal in ("good", "scrap"):
+            return ua.Variant(int(value), self.counter_type)
+        return ua.Variant(str(value), ua.VariantType.String)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> "OpcUaMachineServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        server = Server()
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name(f"edge-gateway simulator {self.model.name}")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        server.set_identity_tokens([ua.AnonymousIdentityToken])
+        await server.set_application_uri(f"{self.namespace}:{self.model.name}")
+        self._ns = await server.register_namespace(self.namespace)
+
+        name = self.model.name
+        obj = await server.nodes.objects.add_object(ua.NodeId(name, self._ns), ua.QualifiedName(name, self._ns))
+        snap = self.model.snapshot()
+        for signal, suffix in SIGNALS.items():
+            # variables are read-only for clients by default: the machine owns these values
+            await obj.add_variable(
+                self._ua_node_id(signal),
+                ua.QualifiedName(suffix, self._ns),
+                self._variant(signal, snap[signal]),
+                varianttype=self.counter_type if signal in ("good", "scrap") else ua.VariantType.String,
+            )
+        self._server = server
+        self._published = {}
+        self._queue = asyncio.Queue()
+        # listener and the forced initial write are registered in the same synchronous step,
+        # so no change can slip between the initial values and the first update
+        self.model.add_listener(self._on_model_change)
+        self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), set(SIGNALS), None))
+        self._writer = asyncio.create_task(self._writer_loop(), name=f"opcua-sim-writer-{name}")
+        try:
+            await server.start()
+        except BaseException:
+            await self._abort_start(server)
+            raise
+        await self.flush()
+        _log.info("OPC UA simulator %s listening on %s", name, self.endpoint)
+
+    async def _abort_start(self, server: Server) -> None:
+        self._server = server
+        with contextlib.suppress(Exception):
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop serving (bounded, ~1 s); the port is free afterwards. Idempotent."""
+        server, self._server = self._server, None
+        self.model.remove_listener(self._on_model_change)
+        writer, self._writer = self._writer, None
+        self._queue = None
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+        if server is not None:
+            try:
+                async with asyncio.timeout(_STOP_TIMEOUT):
+                    await server.stop()
+            except asyncio.TimeoutError:
+                _log.warning("OPC UA simulator %s: stop timed out after %ss", self.model.name, _STOP_TIMEOUT)
+            except Exception:
+                _log.exception("OPC UA simulator %s: error while stopping", self.model.name)
+
+    # ------------------------------------------------------------------ publishing
+
+    def _on_model_change(self) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), set(), None))
+
+    async def flush(self) -> None:
+        """Return once every model change seen so far has been written to the server."""
+        if self._queue is None:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), set(), fut))
+        await fut
+
+    async def set_bad(self, signal: str, bad: bool = True) -> None:
+        """Publish ``signal`` with status BadCommunicationError while ``bad``; Good + current value when cleared.
+
+        Returns after the server has the new status.
+        """
+        if signal not in SIGNALS:
+            raise KeyError(f"unknown signal {signal!r}, expected one of {list(SIGNALS)}")
+        self._bad[signal] = bool(bad)
+        if self._queue is None:
+            return  # applied on start
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), {signal}, fut))
+        await fut
+
+    def is_bad(self, signal: str) -> bool:
+        return self._bad[signal]
+
+    async def _writer_loop(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        while True:
+            snap, ts, force, fut = await queue.get()
+            try:
+                await self._write_snapshot(snap, ts, force)
+            except Exception:
+                _log.exception("OPC UA simulator %s: write failed", self.model.name)
+            finally:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _write_snapshot(self, snap: dict[str, Any], ts: datetime, force: set[str]) -> None:
+        server = self._server
+        if server is None:
+            return
+        for signal in SIGNALS:
+            bad = self._bad[signal]
+            value = None if bad else snap[signal]
+            current = (value, bad)
+            if signal not in force and self._published.get(signal) == current:
+                continue
+            if bad:
+                dv = ua.DataValue(
+                    Value=ua.Variant(None, ua.VariantType.Null),
+                    StatusCode=ua.StatusCode(_BAD),
+                    SourceTimestamp=ts,
+                    ServerTimestamp=datetime.now(timezone.utc),
+                )
+            else:
+                dv = ua.DataValue(
+                    Value=self._variant(signal, value),
+                    StatusCode=ua.StatusCode(ua.StatusCodes.Good),
+                    SourceTimestamp=ts,
+                    ServerTimestamp=datetime.now(timezone.utc),
+                )
+            await server.write_attribute_value(self._ua_node_id(signal), dv)
+            self._published[signal] = current
