@@ -106,8 +106,7 @@ def step(spec: CounterSpec, state: CounterState, value: object, good: bool, t: f
 
     if state.held_zero:
         if u == 0:
-            state.last_time = t
-            return _NONE
+            return _NONE  # still zero: undecided; the time of a suspect zero is not a baseline time
         state.held_zero = False
         if u >= prev:
             return _increase(spec, state, prev, u, t, elapsed, outcome="glitch")
@@ -127,8 +126,7 @@ def step(spec: CounterSpec, state: CounterState, value: object, good: bool, t: f
             state.last, state.last_time = u, t
             return CounterResult("rollover", delta=wrapped, previous=prev, value=u)
     if u == 0:
-        state.held_zero = True
-        state.last_time = t
+        state.held_zero = True  # the baseline (value and time) stays until the next good value decides
         return CounterResult("held_zero", previous=prev, value=0)
     state.last, state.last_time = u, t
     return CounterResult("reset", delta=u, previous=prev, value=u)
