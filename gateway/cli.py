@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -43,6 +45,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if cfg.http.enabled and cfg.http.token_env and not os.environ.get(cfg.http.token_env):
+        print(f"{args.config}: http.token_env: environment variable {cfg.http.token_env} is not set", file=sys.stderr)
+        return EXIT_CONFIG
 
     from gateway.runtime import Gateway
 
@@ -77,6 +82,49 @@ async def run_until_signal(coro_fn: Callable[[], object], *, grace_s: float = 10
         pass
 
 
+def _cmd_order(args: argparse.Namespace) -> int:
+    """Local order command: POST to the running gateway's local HTTP API (see gateway/http.py)."""
+    import urllib.error
+    import urllib.request
+
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    if not cfg.http.enabled:
+        print(f"{args.config}: http.enabled is false: the local order command needs the local HTTP API", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.action == "clear":
+        body: dict[str, object] = {"clear": True}
+    else:
+        if not args.order or not args.operation:
+            print("order set needs ORDER and OPERATION", file=sys.stderr)
+            return EXIT_CONFIG
+        body = {"order": args.order, "operation": args.operation, "status": "completed" if args.complete else "active"}
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    req = urllib.request.Request(f"http://{host}:{cfg.http.port}/machines/{args.machine}/order",
+                                 data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if cfg.http.token_env:
+        token = os.environ.get(cfg.http.token_env)
+        if not token:
+            print(f"environment variable {cfg.http.token_env} (http.token_env) is not set", file=sys.stderr)
+            return EXIT_CONFIG
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            print(resp.read().decode())
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        print(f"refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
+    except OSError as exc:
+        print(f"cannot reach the gateway at {host}:{cfg.http.port}: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -96,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-format", choices=["console", "json"])
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     r.set_defaults(fn=_cmd_run)
+
+    o = sub.add_parser("order", help="set or clear a machine's production order (order_source: local)")
+    o.add_argument("action", choices=["set", "clear"])
+    o.add_argument("machine")
+    o.add_argument("order", nargs="?")
+    o.add_argument("operation", nargs="?")
+    o.add_argument("--complete", action="store_true", help="mark the operation completed (final confirmation)")
+    o.add_argument("--config", "-c", required=True, metavar="FILE")
+    o.set_defaults(fn=_cmd_order)
 
     d = sub.add_parser("demo", help="simulated machines + broker + gateway + ERP consumer in one process")
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS and compare ledger to truth")

@@ -128,6 +128,14 @@ class StateConfig(BaseModel):
     )
 
 
+class TagConfig(BaseModel):
+    """A tag read through a connector; the address fields depend on the connector type."""
+
+    model_config = ConfigDict(extra="allow")
+
+    connector: str = Field(description="Id of the connector that reads the tag.")
+
+
 class ReportingConfig(_Model):
     interval_s: float = Field(5.0, gt=0, le=86400, description="Send a quantity report at least this often.")
     max_units: int | None = Field(None, ge=1, description="Also send a report once this many units accumulate.")
@@ -145,7 +153,22 @@ class MachineConfig(_Model):
     unit: str = Field("PCE", min_length=1, description="Unit of measure of the counted quantity (ISO code).")
     counters: dict[CounterName, CounterConfig] = Field(description="Counter bindings: good, scrap, rework, total.")
     state: StateConfig | None = Field(None, description="Optional machine state tag.")
+    order_source: Literal["mqtt", "tag", "local"] = Field(
+        "mqtt",
+        description="Where the active production order comes from: 'mqtt' (ERP dispatch, retained), 'tag' (PLC tags "
+        "order_tag / operation_tag) or 'local' (`edge-gateway order set` / HTTP).",
+    )
+    order_tag: TagConfig | None = Field(None, description="PLC tag holding the order number (order_source: tag).")
+    operation_tag: TagConfig | None = Field(None, description="PLC tag holding the operation number (order_source: tag).")
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
+
+    @model_validator(mode="after")
+    def _order_tags(self) -> "MachineConfig":
+        if self.order_source == "tag" and (self.order_tag is None or self.operation_tag is None):
+            raise ValueError("order_source 'tag' needs order_tag and operation_tag (the PLC tags with the order and operation numbers)")
+        if self.order_source != "tag" and (self.order_tag is not None or self.operation_tag is not None):
+            raise ValueError(f"order_tag / operation_tag are only read with order_source: tag (it is {self.order_source!r})")
+        return self
 
     @field_validator("counters")
     @classmethod
@@ -155,6 +178,17 @@ class MachineConfig(_Model):
         if "good" in v and "total" in v:
             raise ValueError("bind either 'good' or 'total', not both (yield would be counted twice)")
         return v
+
+
+class HttpConfig(_Model):
+    """Local HTTP API: /health, /status, /metrics and the local order command. Off unless enabled."""
+
+    enabled: bool = Field(False, description="Serve the local HTTP API.")
+    host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose it.")
+    port: int = Field(8780, ge=1, le=65535)
+    token_env: str | None = Field(
+        None, description="Environment variable with a bearer token required for POST requests (order commands)."
+    )
 
 
 class LoggingConfig(_Model):
@@ -170,6 +204,7 @@ class GatewayConfig(_Model):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     connectors: list[ConnectorConfig] = Field(default_factory=list)
     machines: list[MachineConfig] = Field(default_factory=list)
 
@@ -312,7 +347,10 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
     own_fields = {
         "counter": set(CounterConfig.model_fields),
         "state": set(StateConfig.model_fields),
+        "order": set(TagConfig.model_fields),
+        "operation": set(TagConfig.model_fields),
     }
+    non_counters = ("state", "order", "operation")
     seen: dict[tuple[str, Any], str] = {}
     for i, m in enumerate(machines):
         if not isinstance(m, dict):
@@ -321,8 +359,9 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
         counters = m.get("counters")
         if isinstance(counters, dict):
             bindings += [(str(n), ("machines", i, "counters", n), b) for n, b in counters.items()]
-        if m.get("state") is not None:
-            bindings.append(("state", ("machines", i, "state"), m.get("state")))
+        for sig in ("state", "order_tag", "operation_tag"):
+            if m.get(sig) is not None:
+                bindings.append((sig.removesuffix("_tag"), ("machines", i, sig), m.get(sig)))
         for signal, base, b in bindings:
             if not isinstance(b, dict) or not isinstance(b.get("connector"), str):
                 continue  # reported by the model validation
@@ -334,7 +373,7 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
                     problems.append((base + ("connector",), f"unknown connector {cid!r}; defined connectors: {known}"))
                 continue
             kind = REGISTRY[ctype]
-            fields = own_fields["state" if signal == "state" else "counter"]
+            fields = own_fields[signal if signal in non_counters else "counter"]
             address_part = {k: v for k, v in b.items() if k not in fields}
             try:
                 addr = kind.tag_model.model_validate(address_part)
@@ -344,7 +383,7 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
                     msg = _message(err)
                     if err["type"] == "extra_forbidden":
                         allowed = ", ".join(sorted(fields | set(kind.tag_model.model_fields)))
-                        msg = f"unknown key for a {ctype} {('state' if signal == 'state' else 'counter')} binding (allowed: {allowed})"
+                        msg = f"unknown key for a {ctype} {(signal if signal in non_counters else 'counter')} binding (allowed: {allowed})"
                     elif err["type"] == "missing":
                         msg = f"required: this {signal} tag is read through {ctype} connector {cid!r}"
                     problems.append((loc, msg))
@@ -355,8 +394,8 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
             if key in seen:
                 problems.append((base, f"same {ctype} address as {seen[key]}; bind each tag once"))
             else:
-                seen[key] = f"machines[{i}].{'state' if signal == 'state' else 'counters.' + signal}"
-            if signal != "state":
+                seen[key] = f"machines[{i}].{signal if signal in non_counters else 'counters.' + signal}"
+            if signal not in non_counters:
                 problems.extend(_check_counter_type(base, b, addr, ctype))
     return problems, addresses
 

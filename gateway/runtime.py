@@ -59,6 +59,12 @@ def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
 class _Dispatch:
     machine: str
     context: OrderContext | None
+    source: str = "mqtt"
+
+
+@dataclass
+class _OrderTagChanged:
+    machine: str
 
 
 @dataclass
@@ -84,6 +90,9 @@ class Gateway:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._routes: dict[str, tuple[str, str]] = {}  # tag key -> (machine, signal)
         self._machine_connectors: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        self._order_source = {m.id: m.order_source for m in cfg.machines}
+        self._order_tag_values: dict[str, dict[str, Any]] = defaultdict(dict)
+        self._order_tag_pending: set[str] = set()
         self.connectors: dict[str, Connector] = {}
         status_topic = self.topics.status()
         self.link = MqttLink(
@@ -109,13 +118,14 @@ class Gateway:
         bindings: dict[str, list[TagBinding]] = defaultdict(list)
         for m in self.cfg.machines:
             signals: list[tuple[str, Any]] = list(m.counters.items())
-            if m.state is not None:
-                signals.append(("state", m.state))
+            for name, tag in (("state", m.state), ("order", m.order_tag), ("operation", m.operation_tag)):
+                if tag is not None:
+                    signals.append((name, tag))
             for signal, b in signals:
                 key = f"{m.id}/{signal}"
                 bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal)))
                 self._routes[key] = (m.id, signal)
-                if signal != "state":
+                if signal != "state":  # the cut at a changeover reads counters and order tags together
                     self._machine_connectors[m.id][b.connector].append(key)
         for c in self.cfg.connectors:
             cls = REGISTRY[c.type].load()
@@ -135,6 +145,9 @@ class Gateway:
                 raise DispatchRejected("topic", f"not a dispatch topic: {topic}")
             if machine not in self.specs:
                 raise DispatchRejected("unknown_machine", f"machine {machine!r} is not configured on this gateway")
+            if self._order_source[machine] != "mqtt":
+                raise DispatchRejected("order_source", f"machine {machine!r} takes its order from "
+                                                       f"{self._order_source[machine]!r}, not from MQTT dispatch")
             ctx = parse_dispatch(payload)
         except DispatchRejected as exc:
             self.stats.dispatch_rejected += 1
@@ -156,6 +169,11 @@ class Gateway:
             self.encoder = EventEncoder(self.cfg.gateway, self.topics, self.store.epoch)
             log.info("gateway.started", gateway=self.cfg.gateway.id, machines=len(self.engines),
                      connectors=len(self.connectors), pending=self.store.pending)
+            if self.cfg.http.enabled:
+                from gateway.http import HttpApi
+
+                self.http = HttpApi(self.cfg.http, self)
+                await self.http.start()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.link.run(), name="mqtt.link"),
@@ -170,7 +188,12 @@ class Gateway:
         finally:
             await self._shutdown()
 
+    http: Any = None
+
     async def _shutdown(self) -> None:
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.http.stop(), timeout=5)
         # the task group has cancelled everything; persist what the engines hold
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._commit(force=True), timeout=5)
@@ -197,6 +220,8 @@ class Gateway:
                     events.extend(self._apply_samples(it))
                 elif isinstance(it, _Dispatch):
                     events.extend(await self._apply_dispatch(it))
+                elif isinstance(it, _OrderTagChanged):
+                    events.extend(await self._apply_order_tags(it.machine))
                 elif it == "tick":
                     now = time.time()
                     for eng in self.engines.values():
@@ -212,8 +237,54 @@ class Gateway:
             route = routes.get(s.key)
             if route is None:
                 continue
-            out.extend(engines[route[0]].apply(s, route[1]))
+            machine, signal = route
+            if signal == "order" or signal == "operation":
+                self._order_tag_sample(machine, signal, s)
+                continue
+            out.extend(engines[machine].apply(s, signal))
         self.stats.samples += len(samples)
+        return out
+
+    # ------------------------------------------------------------------ order context from PLC tags
+    def _order_tag_sample(self, machine: str, signal: str, s: Sample) -> None:
+        if not s.good:
+            return  # an unreadable order tag changes nothing
+        value = "" if s.value is None else str(s.value).strip()
+        vals = self._order_tag_values[machine]
+        if vals.get(signal) == value:
+            return
+        vals[signal] = value
+        if machine not in self._order_tag_pending:
+            self._order_tag_pending.add(machine)
+            self._queue.put_nowait(_OrderTagChanged(machine))
+
+    async def _apply_order_tags(self, machine: str) -> list[EventDraft]:
+        """The PLC's order or operation tag changed: read tags and counters together (the cut), then apply."""
+        self._order_tag_pending.discard(machine)
+        out = await self._cut(machine)  # also refreshes the tag values from the same read
+        vals = self._order_tag_values[machine]
+        order, op = vals.get("order", ""), vals.get("operation", "")
+        if order and not op:
+            return out  # half-written pair: wait for the operation tag
+        ctx = OrderContext(order, op) if order else None
+        out.extend(self._dispatch_engine(_Dispatch(machine, ctx, source="tag")))
+        return out
+
+    def set_local_order(self, machine: str, ctx: OrderContext | None) -> None:
+        """The local order command (CLI / HTTP). Raises ValueError for an unknown machine or another order source."""
+        if machine not in self.specs:
+            raise ValueError(f"unknown machine {machine!r}")
+        if self._order_source[machine] != "local":
+            raise ValueError(f"machine {machine!r} takes its order from {self._order_source[machine]!r}; "
+                             "set order_source: local to use the local command")
+        self._queue.put_nowait(_Dispatch(machine, ctx, source="local"))
+
+    def _dispatch_engine(self, d: _Dispatch) -> list[EventDraft]:
+        out = self.engines[d.machine].dispatch(d.context, time.time())
+        log.info("order.applied", machine=d.machine, source=d.source,
+                 order=d.context.order if d.context else None,
+                 operation=d.context.operation if d.context else None,
+                 status=d.context.status if d.context else "cleared")
         return out
 
     async def _apply_dispatch(self, d: _Dispatch) -> list[EventDraft]:
@@ -225,13 +296,9 @@ class Gateway:
         out: list[EventDraft] = []
         if changes:
             out.extend(await self._cut(d.machine))
-        out.extend(eng.dispatch(d.context, time.time()))
+        out.extend(self._dispatch_engine(d))
         self.stats.dispatch_accepted += 1
         metrics.DISPATCH_ACCEPTED.inc()
-        log.info("dispatch.applied", machine=d.machine,
-                 order=d.context.order if d.context else None,
-                 operation=d.context.operation if d.context else None,
-                 status=d.context.status if d.context else "cleared", changeover=changes)
         return out
 
     async def _cut(self, machine: str) -> list[EventDraft]:

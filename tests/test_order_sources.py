@@ -1,0 +1,163 @@
+"""Production-order context from PLC tags (OPC UA string nodes, Modbus string registers) and from the local command
+(CLI → local HTTP API), plus the health endpoint. Ledger == truth per order in each case."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import parse_config
+from simulators.erp import ErpConsumer
+from simulators.machine import MachineModel
+from simulators.modbus_server import ModbusMachineServer
+from simulators.opcua_server import OpcUaMachineServer
+from simulators.ports import free_port
+from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+async def erp(tmp_path, mqtt_broker):
+    c = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-orders")
+    await c.start()
+    yield c
+    await c.stop()
+
+
+def base_doc(broker_port, store):
+    return {"gateway": IDENT, "mqtt": {"port": broker_port, "keepalive_s": 2}, "store": {"path": store}}
+
+
+async def changeover(model, order, op, gw, machine):
+    model.pause()
+    model.set_order(order, op)  # the PLC writes its order tags
+    await wait_until(lambda: (e := gw.gw.engines[machine]).context is not None and e.context.ref == (order, op), 15)
+
+
+async def test_order_from_opcua_tags(tmp_path, mqtt_broker, erp):
+    model = MachineModel("Press1", cycle_time=0.01, seed=5, counter_bits=32)
+    async with OpcUaMachineServer(model, host="127.0.0.1", port=free_port()) as opc:
+        n = opc.node_ids
+        doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
+        doc["connectors"] = [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint}]
+        doc["machines"] = [{"id": "press-1", "order_source": "tag",
+                            "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
+                                         "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
+                            "order_tag": {"connector": "opc", "node_id": n["order"]},
+                            "operation_tag": {"connector": "opc", "node_id": n["operation"]},
+                            "reporting": {"interval_s": 0.3}}]
+        gw = RunningGateway(parse_config(doc))
+        await gw.start()
+        try:
+            await changeover(model, "800100", "0010", gw, "press-1")
+            await model.produce(50, timeout=20)
+            await changeover(model, "800200", "0020", gw, "press-1")
+            await model.produce(30, timeout=20)
+            await assert_ledger_matches(erp, {"press-1": model})
+            # an MQTT dispatch is refused for a machine whose order comes from its PLC
+            erp.dispatch(IDENT["enterprise"], IDENT["site"], IDENT["area"], IDENT["line"], "press-1", "X", "1")
+            await wait_until(lambda: gw.gw.stats.dispatch_rejected_by_reason["order_source"] == 1, 10)
+            assert gw.gw.engines["press-1"].context.ref == ("800200", "0020")
+        finally:
+            await gw.stop()
+
+
+async def test_order_from_modbus_string_registers(tmp_path, mqtt_broker, erp):
+    model = MachineModel("Press2", cycle_time=0.01, seed=6, counter_bits=16)
+    async with ModbusMachineServer(model, host="127.0.0.1", port=free_port(), unit_id=1) as mb:
+        tags = mb.tag_addresses()
+        doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
+        doc["connectors"] = [{"type": "modbus", "id": "mb", "host": "127.0.0.1", "port": mb.port, "poll_interval_s": 0.05}]
+        doc["machines"] = [{"id": "press-2", "order_source": "tag",
+                            "counters": {"good": {"connector": "mb", **tags["good"], "max_rate": 500},
+                                         "scrap": {"connector": "mb", **tags["scrap"], "max_rate": 500}},
+                            "order_tag": {"connector": "mb", "address": 10, "data_type": "string", "length": 10},
+                            "operation_tag": {"connector": "mb", "address": 20, "data_type": "string", "length": 4},
+                            "reporting": {"interval_s": 0.3}}]
+        gw = RunningGateway(parse_config(doc))
+        await gw.start()
+        try:
+            await changeover(model, "ORD-77", "0010", gw, "press-2")
+            await model.produce(40, timeout=20)
+            await changeover(model, "ORD-78", "0010", gw, "press-2")
+            await model.produce(40, timeout=20)
+            await assert_ledger_matches(erp, {"press-2": model})
+        finally:
+            await gw.stop()
+
+
+def http_get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def wait_http_status(url, code, timeout=15):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (await asyncio.to_thread(http_get, url))[0] != code:
+        assert asyncio.get_running_loop().time() < deadline, f"{url} never answered {code}"
+        await asyncio.sleep(0.1)
+
+
+async def test_local_order_command_and_health(tmp_path, mqtt_broker, erp, monkeypatch):
+    model = MachineModel("Press3", cycle_time=0.01, seed=7, counter_bits=32)
+    async with ModbusMachineServer(model, host="127.0.0.1", port=free_port(), unit_id=1) as mb:
+        tags = mb.tag_addresses()
+        port = free_port()
+        monkeypatch.setenv("EG_TEST_TOKEN", "s3cret-token")
+        doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
+        doc["http"] = {"enabled": True, "port": port, "token_env": "EG_TEST_TOKEN"}
+        doc["connectors"] = [{"type": "modbus", "id": "mb", "host": "127.0.0.1", "port": mb.port, "poll_interval_s": 0.05}]
+        doc["machines"] = [{"id": "press-3", "order_source": "local",
+                            "counters": {"good": {"connector": "mb", **tags["good"], "max_rate": 500},
+                                         "scrap": {"connector": "mb", **tags["scrap"], "max_rate": 500}},
+                            "reporting": {"interval_s": 0.3}}]
+        cfg_path = tmp_path / "gw.yaml"
+        cfg_path.write_text(yaml.safe_dump(doc))
+        gw = RunningGateway(parse_config(doc))
+        await gw.start()
+        try:
+            await wait_http_status(f"http://127.0.0.1:{port}/health", 200)
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/health")
+            assert json.loads(body)["healthy"] is True
+
+            def order_cmd(*args):
+                return subprocess.run([sys.executable, "-m", "gateway.cli", "order", *args, "--config", str(cfg_path)],
+                                      cwd=ROOT, capture_output=True, text=True, timeout=30,
+                                      env={**__import__("os").environ, "EG_TEST_TOKEN": "s3cret-token"})
+
+            r = await asyncio.to_thread(order_cmd, "set", "press-3", "L-1", "0010")
+            assert r.returncode == 0, r.stderr
+            await wait_until(lambda: (e := gw.gw.engines["press-3"]).context is not None and e.context.order == "L-1", 10)
+            model.set_order("L-1", "0010")
+            await model.produce(30, timeout=20)
+            r = await asyncio.to_thread(order_cmd, "set", "press-3", "L-1", "0010", "--complete")
+            assert r.returncode == 0, r.stderr
+            await wait_until(lambda: erp.events("operation.completed"), 10)
+            await assert_ledger_matches(erp, {"press-3": model})
+            # unknown machine and wrong token are refused
+            r = await asyncio.to_thread(order_cmd, "set", "press-9", "L-2", "0010")
+            assert r.returncode == 1 and "404" in r.stderr
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/machines/press-3/order", method="POST",
+                                         data=b'{"order": "Z", "operation": "1"}', headers={"Authorization": "Bearer nope"})
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
+            assert exc.value.code == 401
+            status, text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
+            assert status == 200 and "edge_gateway_events_committed_total" in text
+            # the broker goes away: health turns 503
+            await mqtt_broker.astop()
+            await wait_http_status(f"http://127.0.0.1:{port}/health", 503)
+        finally:
+            await gw.stop()
