@@ -1,0 +1,453 @@
+"""OPC UA connector: one session, one subscription, every tag a monitored item.
+
+Life of a connection (one loop iteration of :meth:`OpcUaConnector.run`):
+
+1. A fresh asyncua ``Client`` connects (the whole sequence bounded by ``timeout_s``), with user/password
+   when ``username`` is set. The client's own auto-reconnect is off: this connector owns reconnects.
+2. ONE subscription is created and all monitored items are created in ONE CreateMonitoredItems call.
+   Notifications use the raw service path (``uaclient.create_subscription`` with a plain callback): one
+   callback per Publish response, turned into one batch of Samples and one ``sink`` call. No per-item
+   handler tasks, no bounded iterator queue that could drop values.
+3. A watchdog checks every ``watchdog_interval_s``: transport state, a read of Server.CurrentTime
+   (bounded by ``timeout_s``) and that Publish responses (data or keep-alive) still arrive. A socket
+   loss is also seen at once through the library's connection-lost callback.
+4. On any failure: status DISCONNECTED, the client is torn down (bounded; a dead peer is not waited
+   for), back off, and start again at 1 with a NEW session and a NEW subscription (servers seldom keep
+   subscriptions across a restart, and asyncua's live subscriptions go silent when they don't).
+
+Quality: status Good → ``good=True``; Uncertain and Bad → ``good=False, value=None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import os
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import structlog
+from asyncua import Client, ua
+from asyncua.client.ua_client import UaClientState
+
+from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
+from connectors.errors import ConnectorUnavailable, ReadFailed
+from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
+from mappings.samples import Sample, Value
+
+log = structlog.get_logger(__name__)
+
+_SEVERITY_MASK = 0xC000_0000  # top two bits of a StatusCode: 00 Good, 01 Uncertain, 1x Bad
+_CODE_MASK = 0xFFFF_0000  # the low 16 bits are info bits (overflow, limits), not part of the name
+_TEARDOWN_TIMEOUT_S = 3.0
+_CURRENT_TIME = ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime)
+_QUEUE_SIZE = 10  # per monitored item: short glitches between two publishes are delivered, not merged
+
+
+class _ConnectionLost(Exception):
+    """Internal: the watchdog (or the library) found the connection or the subscription dead."""
+
+
+@functools.lru_cache(maxsize=256)
+def status_name(code: int) -> str:
+    """Symbolic name of a StatusCode value, info bits ignored (``0x80310000`` → ``BadNothingToDo``)."""
+    return ua.StatusCode(code & _CODE_MASK).name
+
+
+def _posix(ts: datetime | None) -> float | None:
+    if ts is None:
+        return None
+    if ts.tzinfo is None:  # asyncua decodes UTC; be explicit for values built by hand
+        ts = ts.replace(tzinfo=timezone.utc)
+    t = ts.timestamp()
+    return t if t > 0 else None  # DateTime 0 (1601) means "no timestamp"
+
+
+def _py_value(v: Any) -> Value:
+    t = type(v)
+    if v is None or t is int or t is float or t is str or t is bool:
+        return v
+    if isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, int):  # IntEnum and friends
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, ua.LocalizedText):
+        return v.Text
+    if isinstance(v, datetime):
+        return _posix(v)
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    return str(v)
+
+
+def datavalue_to_sample(key: str, dv: ua.DataValue, recv_time: float) -> Sample:
+    """Turn one DataValue into a Sample. Uncertain/Bad → not good, no value (the value is not used)."""
+    sc = dv.StatusCode
+    code = sc.value if sc is not None else 0
+    source_time = _posix(dv.SourceTimestamp) or _posix(dv.ServerTimestamp)
+    if code & _SEVERITY_MASK:
+        return Sample(key, None, False, recv_time, source_time, status_name(code))
+    variant = dv.Value
+    value = variant.Value if variant is not None else None
+    if value is None:  # Good without a value: nothing a counter could use
+        return Sample(key, None, False, recv_time, source_time, f"{status_name(code)} (null value)")
+    return Sample(key, _py_value(value), True, recv_time, source_time, status_name(code))
+
+
+def _redact(endpoint: str) -> str:
+    """The endpoint without user info (a URL may carry ``user:password@``)."""
+    u = urlparse(endpoint)
+    if "@" not in u.netloc:
+        return endpoint
+    return urlunparse(u._replace(netloc=u.netloc.rpartition("@")[2]))
+
+
+class OpcUaConnector(Connector):
+    """Subscribes to the configured node ids of one OPC UA server; see the module docstring."""
+
+    type = "opcua"
+
+    def __init__(
+        self,
+        config: OpcUaConnectorConfig,
+        tags: Sequence[TagBinding],
+        sink: SampleSink,
+        *,
+        backoff: Backoff | None = None,
+    ) -> None:
+        super().__init__(config, tags, sink)
+        self.config: OpcUaConnectorConfig = config
+        self.endpoint = _redact(config.endpoint)
+        self._backoff = backoff or Backoff()
+        # unique node ids (two keys may watch the same node) → the keys fed by it
+        self._node_keys: dict[str, list[str]] = {}
+        self._key_node: dict[str, ua.NodeId] = {}
+        for b in self.tags:
+            addr = b.address if isinstance(b.address, OpcUaTagConfig) else OpcUaTagConfig.model_validate(b.address)
+            self._node_keys.setdefault(addr.node_id, []).append(b.key)
+            self._key_node[b.key] = ua.NodeId.from_string(addr.node_id)
+        self._client: Client | None = None
+        self._ready = False  # session up and subscription created: read() may use the client
+        self._generation = 0  # bumped per connection; callbacks of an old connection are ignored
+        self._handles: dict[int, tuple[str, ...]] = {}
+        self._lost: asyncio.Event | None = None
+        self._lost_reason: str | None = None
+        self._last_publish = 0.0
+        self._stale_after = math.inf
+        self._outage_since: float | None = None
+        self._ever_connected = False
+        self._failed_items: set[str] = set()  # node ids whose monitored item failed (logged once)
+        self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0)
+
+    # ------------------------------------------------------------------ run loop
+
+    async def run(self) -> None:
+        try:
+            while True:
+                error: BaseException | None = None
+                client: Client | None = None
+                try:
+                    client = await self._connect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # every connect failure is retried
+                    error = exc
+                if error is None:
+                    assert client is not None
+                    self._on_up()
+                    try:
+                        await self._watch(client)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        error = exc
+                await self._teardown(polite=not isinstance(error, (asyncio.TimeoutError, _ConnectionLost)))
+                self._on_down(error)
+                await asyncio.sleep(self._backoff.next())
+        finally:
+            self._ready = False
+            await self._teardown(polite=True)
+            self.status.set(ComponentState.STOPPED)
+
+    async def _connect(self) -> Client:
+        cfg = self.config
+        client = Client(
+            cfg.endpoint,
+            timeout=cfg.timeout_s,
+            # the library's own probe is only a backstop: this connector's watchdog does the checking
+            watchdog_intervall=max(60.0, 10 * cfg.watchdog_interval_s),
+        )
+        client.name = client.description = f"edge-gateway {self.id}"
+        client.application_uri = f"urn:edge-gateway:{self.id}"
+        client.session_timeout = int(max(60.0, 10 * cfg.watchdog_interval_s) * 1000)
+        if cfg.username:
+            client.set_user(cfg.username)
+            client.set_password(self._password())
+        self._generation += 1
+        gen = self._generation
+        self._client = client
+        self._lost = asyncio.Event()
+        self._lost_reason = None
+
+        async def on_connection_lost(exc: Exception) -> None:
+            self._mark_lost(gen, f"connection lost: {exc!r}")
+
+        client.connection_lost_callback = on_connection_lost
+        await asyncio.wait_for(client.connect(auto_reconnect=False), cfg.timeout_s)
+        await asyncio.wait_for(self._subscribe(client, gen), cfg.timeout_s)
+        return client
+
+    def _password(self) -> str:
+        cfg = self.config
+        if cfg.password_env:
+            pw = os.environ.get(cfg.password_env)
+            if pw is None:
+                raise RuntimeError(f"environment variable {cfg.password_env!r} (password_env) is not set")
+            return pw
+        if cfg.password_file:
+            try:
+                with open(cfg.password_file, encoding="utf-8") as f:
+                    return f.read().rstrip("\r\n")
+            except OSError as exc:
+                raise RuntimeError(f"cannot read password_file {cfg.password_file!r}: {exc.strerror}") from None
+        raise RuntimeError("username is set but neither password_env nor password_file")
+
+    async def _subscribe(self, client: Client, gen: int) -> None:
+        cfg = self.config
+        # keep-alives at least once per watchdog interval, so a silent subscription is noticed
+        keepalive = max(1, math.ceil(cfg.watchdog_interval_s * 1000 / cfg.publishing_interval_ms))
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=float(cfg.publishing_interval_ms),
+            RequestedLifetimeCount=keepalive * 10,
+            RequestedMaxKeepAliveCount=keepalive,
+            MaxNotificationsPerPublish=0,  # no limit
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        self._handles = {}
+        self._last_publish = time.monotonic()
+        result = await client.uaclient.create_subscription(params, functools.partial(self._on_publish, gen))
+        interval_s = (result.RevisedPublishingInterval or cfg.publishing_interval_ms) / 1000.0
+        self._stale_after = 2 * interval_s * max(1, result.RevisedMaxKeepAliveCount or keepalive) + cfg.timeout_s
+        self.status.detail["subscription_id"] = result.SubscriptionId
+
+        if not self._node_keys:
+            return
+        items: list[ua.MonitoredItemCreateRequest] = []
+        handles: dict[int, tuple[str, ...]] = {}
+        node_ids = list(self._node_keys)
+        for handle, node_id in enumerate(node_ids, start=1):
+            handles[handle] = tuple(self._node_keys[node_id])
+            items.append(
+                ua.MonitoredItemCreateRequest(
+                    ItemToMonitor=ua.ReadValueId(NodeId=ua.NodeId.from_string(node_id), AttributeId=ua.AttributeIds.Value),
+                    MonitoringMode=ua.MonitoringMode.Reporting,
+                    RequestedParameters=ua.MonitoringParameters(
+                        ClientHandle=handle,
+                        SamplingInterval=float(cfg.sampling_interval_ms),
+                        QueueSize=_QUEUE_SIZE,
+                        DiscardOldest=True,
+                    ),
+                )
+            )
+        # register the handles first: the first notification may overtake the CreateMonitoredItems response
+        self._handles = handles
+        results = await client.uaclient.create_monitored_items(
+            ua.CreateMonitoredItemsParameters(
+                SubscriptionId=result.SubscriptionId,
+                TimestampsToReturn=ua.TimestampsToReturn.Both,
+                ItemsToCreate=items,
+            )
+        )
+        failed: list[Sample] = []
+        now = time.time()
+        for node_id, res in zip(node_ids, results):
+            if res.StatusCode.is_good():
+                self._failed_items.discard(node_id)
+                continue
+            name = status_name(res.StatusCode.value)
+            if node_id not in self._failed_items:
+                self._failed_items.add(node_id)
+                log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, node_id=node_id, status=name)
+            failed.extend(Sample(k, None, False, now, None, name) for k in self._node_keys[node_id])
+        self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
+        if failed:
+            self._deliver(failed)
+
+    # ------------------------------------------------------------------ notifications
+
+    def _on_publish(self, gen: int, result: ua.PublishResult) -> None:
+        """Publish loop callback: one Publish response → one batch of Samples → one sink call."""
+        if gen != self._generation:
+            return
+        self._last_publish = time.monotonic()
+        data = result.NotificationMessage.NotificationData
+        if not data:
+            return  # keep-alive
+        recv = time.time()
+        handles = self._handles
+        samples: list[Sample] = []
+        for notif in data:
+            items = getattr(notif, "MonitoredItems", None)
+            if items is not None:  # DataChangeNotification
+                for item in items:
+                    keys = handles.get(item.ClientHandle)
+                    if keys is None:
+                        continue
+                    first = datavalue_to_sample(keys[0], item.Value, recv)
+                    samples.append(first)
+                    for k in keys[1:]:
+                        samples.append(Sample(k, first.value, first.good, recv, first.source_time, first.status))
+            elif isinstance(notif, ua.StatusChangeNotification):
+                # asyncua sends BadShutdown when it sees the transport go; a server sends BadTimeout when
+                # the subscription expired. Either way this subscription delivers nothing more.
+                self._mark_lost(gen, f"subscription status {status_name(notif.Status.value)}")
+        if samples:
+            self._deliver(samples)
+
+    def _deliver(self, samples: list[Sample]) -> None:
+        try:
+            self.sink(samples)
+        except Exception:
+            log.exception("opcua.sink_failed", connector=self.id, samples=len(samples))
+
+    def _mark_lost(self, gen: int, reason: str) -> None:
+        if gen != self._generation or self._lost is None or self._lost.is_set():
+            return
+        self._lost_reason = reason
+        self._lost.set()
+
+    # ------------------------------------------------------------------ watchdog
+
+    async def _watch(self, client: Client) -> None:
+        """Return never; raise when the connection or the subscription is found dead."""
+        cfg = self.config
+        lost = self._lost
+        assert lost is not None
+        healthy_checks = 0
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(lost.wait(), cfg.watchdog_interval_s)
+            if lost.is_set():
+                raise _ConnectionLost(self._lost_reason or "connection lost")
+            if client.uaclient.state is not UaClientState.CONNECTED:
+                raise _ConnectionLost(f"transport {client.uaclient.state.value}")
+            try:
+                await asyncio.wait_for(client.uaclient.read_attributes([_CURRENT_TIME], ua.AttributeIds.Value), cfg.timeout_s)
+            except asyncio.TimeoutError:
+                raise _ConnectionLost(f"watchdog read timed out after {cfg.timeout_s}s") from None
+            silent = time.monotonic() - self._last_publish
+            if silent > self._stale_after:
+                raise _ConnectionLost(f"subscription silent for {silent:.1f}s (no data, no keep-alive)")
+            healthy_checks += 1
+            if healthy_checks == 1:
+                # reset only once the connection has proven itself: a server that accepts and then drops
+                # every connection must not be hammered at the initial delay
+                self._backoff.reset()
+
+    # ------------------------------------------------------------------ state changes
+
+    def _on_up(self) -> None:
+        self._ready = True
+        state = ComponentState.DEGRADED if self._failed_items else ComponentState.CONNECTED
+        self.status.set(state, f"monitored items failed: {sorted(self._failed_items)}" if self._failed_items else None)
+        if self._outage_since is not None:
+            log.info(
+                "opcua.recovered",
+                connector=self.id,
+                endpoint=self.endpoint,
+                downtime_s=round(time.time() - self._outage_since, 3),
+            )
+            self._outage_since = None
+            self.status.detail["reconnects"] += 1
+        elif not self._ever_connected:
+            log.info("opcua.connected", connector=self.id, endpoint=self.endpoint, tags=len(self._key_node))
+        self._ever_connected = True
+
+    def _on_down(self, error: BaseException | None) -> None:
+        self._ready = False
+        reason = _describe(error)
+        self.status.set(ComponentState.DISCONNECTED, reason)
+        if self._outage_since is None:
+            self._outage_since = time.time()
+            log.error("opcua.disconnected", connector=self.id, endpoint=self.endpoint, error=reason)
+
+    async def _teardown(self, *, polite: bool) -> None:
+        """Close the current client, bounded. ``polite=False``: the peer is presumed dead, drop the socket first."""
+        client, self._client = self._client, None
+        self._generation += 1  # late callbacks from this client are ignored from now on
+        self._handles = {}
+        if client is None:
+            return
+        if not polite:
+            _drop_socket(client)
+        try:
+            await asyncio.wait_for(client.disconnect(), min(self.config.timeout_s, _TEARDOWN_TIMEOUT_S))
+        except asyncio.CancelledError:
+            _drop_socket(client)
+            raise
+        except (Exception, asyncio.TimeoutError):
+            # the polite close hung or failed: drop the socket, then let disconnect() finish its local cleanup
+            # (it cancels the client's background tasks and finds the session's socket already closed)
+            _drop_socket(client)
+            with contextlib.suppress(Exception, asyncio.TimeoutError):
+                await asyncio.wait_for(client.disconnect(), 1.0)
+
+    # ------------------------------------------------------------------ one-shot read
+
+    async def read(self, keys: Sequence[str], timeout: float = 2.0) -> list[Sample]:
+        unknown = [k for k in keys if k not in self._key_node]
+        if unknown:
+            raise ReadFailed(f"unknown tag keys {unknown}", connector=self.id, endpoint=self.endpoint, tag=unknown[0])
+        client = self._client
+        if client is None or not self._ready or client.uaclient.state is not UaClientState.CONNECTED:
+            raise ConnectorUnavailable("not connected", connector=self.id, endpoint=self.endpoint)
+        node_ids: list[ua.NodeId] = []
+        index: dict[ua.NodeId, int] = {}
+        for k in keys:
+            nid = self._key_node[k]
+            if nid not in index:
+                index[nid] = len(node_ids)
+                node_ids.append(nid)
+        params = ua.ReadParameters(
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value) for nid in node_ids],
+        )
+        try:
+            results = await asyncio.wait_for(client.uaclient.read(params), timeout)
+        except asyncio.TimeoutError as exc:
+            raise ConnectorUnavailable(f"read timed out after {timeout}s", connector=self.id, endpoint=self.endpoint) from exc
+        except (ua.UaError, ConnectionError, OSError) as exc:
+            raise ConnectorUnavailable(f"read failed: {_describe(exc)}", connector=self.id, endpoint=self.endpoint) from exc
+        if len(results) != len(node_ids):
+            raise ConnectorUnavailable(
+                f"server answered {len(results)} values for {len(node_ids)} nodes", connector=self.id, endpoint=self.endpoint
+            )
+        now = time.time()
+        return [datavalue_to_sample(k, results[index[self._key_node[k]]], now) for k in keys]
+
+
+def _drop_socket(client: Client) -> None:
+    """Close the transport without talking to the peer, and stop the client's background loops."""
+    with contextlib.suppress(Exception):
+        client.uaclient.request_disconnect()
+    with contextlib.suppress(Exception):
+        client.uaclient.disconnect_socket()
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "connection lost"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,479 @@
+"""ModbusConnector: pure decoding and block planning, then against the real pymodbus simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import structlog
+from pymodbus.constants import ExcCodes
+
+from connectors.base import Backoff, ComponentState, TagBinding
+from connectors.errors import ConnectorUnavailable, ReadFailed
+from connectors.modbus.config import ModbusConnectorConfig, ModbusTagConfig
+from connectors.modbus.connector import MAX_GAP, ModbusConnector, decode_registers, plan_blocks
+from mappings.samples import Sample
+from simulators.machine import MachineModel
+from simulators.modbus_server import ModbusMachineServer
+
+# ---------------------------------------------------------------------- decoding (pure)
+
+# (data_type, registers in big word order, expected value); little word order = the words reversed
+NUMBERS = [
+    ("uint16", [0x0000], 0),
+    ("uint16", [0xFFFF], 65535),
+    ("int16", [0x7FFF], 32767),
+    ("int16", [0x8000], -32768),
+    ("int16", [0xFFFE], -2),
+    ("uint32", [0x1234, 0x5678], 0x12345678),
+    ("uint32", [0xFFFF, 0xFFFF], 2**32 - 1),
+    ("uint32", [0x0001, 0x0000], 65536),
+    ("int32", [0xFFFF, 0xFFFE], -2),
+    ("int32", [0x8000, 0x0000], -(2**31)),
+    ("int32", [0x0000, 0xFFFF], 65535),
+    ("uint64", [0x0102, 0x0304, 0x0506, 0x0708], 0x0102030405060708),
+    ("uint64", [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF], 2**64 - 1),
+    ("int64", [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF], -1),
+    ("int64", [0x8000, 0x0000, 0x0000, 0x0000], -(2**63)),
+    ("float32", [0x3FC0, 0x0000], 1.5),
+    ("float32", [0xC2F6, 0xE979], -123.45600128173828),
+    ("float64", [0xC004, 0x0000, 0x0000, 0x0000], -2.5),
+    ("float64", [0x4093, 0x4A44, 0x9BA5, 0xE354], 1234.567),
+]
+
+
+@pytest.mark.parametrize("data_type,regs,expected", NUMBERS)
+@pytest.mark.parametrize("word_order", ["big", "little"])
+def test_decode_numbers(data_type: str, regs: list[int], expected: float, word_order: str) -> None:
+    words = regs if word_order == "big" else regs[::-1]
+    value = decode_registers(words, data_type, word_order)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "regs,expected",
+    [
+        ([0x3437, 0x3131, 0x0000, 0x0000], "4711"),  # NUL padded
+        ([0x4142, 0x4344], "ABCD"),  # full length, no terminator
+        ([0x2020, 0x5831, 0x2020], "X1"),  # space padded both sides
+        ([0x4100, 0x4242], "A"),  # cut at the first NUL
+        ([0x0000, 0x0000], ""),
+        ([0x4142, 0x4320], "ABC"),  # odd length, high byte first
+    ],
+)
+def test_decode_strings(regs: list[int], expected: str) -> None:
+    assert decode_registers(regs, "string", length=len(regs)) == expected
+    assert decode_registers(regs, "string", "little", length=len(regs)) == expected  # word order does not apply
+
+
+def test_decode_rejects_wrong_register_count() -> None:
+    with pytest.raises(ValueError):
+        decode_registers([1], "uint32")
+
+
+# ---------------------------------------------------------------------- block planning (pure)
+
+
+def tb(key: str, address: int, data_type: str = "uint16", table: str = "holding", length: int | None = None) -> TagBinding:
+    return TagBinding(key, ModbusTagConfig(address=address, data_type=data_type, table=table, length=length))
+
+
+def spans(blocks: list) -> list[tuple[str, int, int, list[str]]]:
+    return [(b.table, b.start, b.count, [s.key for s in b.slots]) for b in blocks]
+
+
+def test_plan_merges_adjacent_and_close_tags_per_table() -> None:
+    tags = [
+        tb("good", 0, "uint32"),
+        tb("scrap", 2, "uint32"),
+        tb("state", 4),
+        tb("order", 10, "string", length=10),  # gap of 5 registers: merged
+        tb("far", 20 + MAX_GAP + 1),  # gap of MAX_GAP + 1: a new block
+        tb("in_a", 0, table="input"),
+        tb("in_b", 1, "float32", table="input"),
+    ]
+    assert spans(plan_blocks(tags, 120)) == [
+        ("holding", 0, 20, ["good", "scrap", "state", "order"]),
+        ("holding", 29, 1, ["far"]),
+        ("input", 0, 3, ["in_a", "in_b"]),
+    ]
+    blocks = plan_blocks(tags, 120)
+    assert [s.offset for s in blocks[0].slots] == [0, 2, 4, 10]
+    assert not blocks[0].gapless and blocks[1].gapless and blocks[2].gapless
+
+
+def test_plan_respects_max_block_size_and_gap_limit() -> None:
+    tags = [tb(f"t{i}", i * 2, "uint32") for i in range(10)]  # registers 0..19, contiguous
+    assert [(b.start, b.count) for b in plan_blocks(tags, 8)] == [(0, 8), (8, 8), (16, 4)]
+    assert [(b.start, b.count) for b in plan_blocks(tags, 120)] == [(0, 20)]
+    exact = [tb("a", 0), tb("b", MAX_GAP + 1)]  # gap of exactly MAX_GAP
+    assert len(plan_blocks(exact, 120)) == 1
+    assert len(plan_blocks(exact, 120, max_gap=0)) == 2
+
+
+def test_plan_overlapping_tags_and_large_tags() -> None:
+    tags = [tb("u32", 0, "uint32"), tb("hi", 0), tb("lo", 1), tb("again", 0, "uint32"), tb("big", 2, "string", length=125)]
+    blocks = plan_blocks(tags, 120)
+    # one read of 0..1 feeds four tags; a 125-register tag gets a block of its own
+    assert spans(blocks) == [("holding", 0, 2, ["hi", "u32", "again", "lo"]), ("holding", 2, 125, ["big"])]
+    assert blocks[0].gapless
+
+
+def test_one_block_feeds_many_tags() -> None:
+    tags = [tb("g", 0, "uint32"), tb("s", 2, "int32"), tb("state", 4), tb("f", 5, "float32")]
+    (block,) = plan_blocks(tags, 120)
+    regs = [0x0001, 0x0002, 0xFFFF, 0xFFFF, 2, 0x3FC0, 0x0000]
+    raw = struct.pack(">7H", *regs)
+    assert [s.decode(raw, regs) for s in block.slots] == [65538, -1, 2, 1.5]
+
+
+# ---------------------------------------------------------------------- against the simulator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+async def start_server(model: MachineModel) -> ModbusMachineServer:
+    """A simulator on a free port. A port picked with bind(0) is from the ephemeral range: another process's
+    outgoing connection may take it before the server binds it, so on EADDRINUSE pick another one."""
+    for attempt in range(5):
+        srv = ModbusMachineServer(model, port=free_port(), unit_id=1)
+        try:
+            await srv.start()
+            return srv
+        except OSError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def restart(server: ModbusMachineServer) -> None:
+    """(Re)start on the same port; wait a little if something holds the port for a moment."""
+    for attempt in range(30):
+        try:
+            await server.start()
+            return
+        except OSError:
+            if attempt == 29:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def eventually(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[list[Sample]] = []
+        self.times: list[float] = []
+        self.last: dict[str, Sample] = {}
+
+    def __call__(self, samples: list[Sample]) -> None:
+        self.batches.append(samples)
+        self.times.append(time.monotonic())
+        for s in samples:
+            self.last[s.key] = s
+
+    def value(self, key: str) -> object:
+        s = self.last.get(key)
+        return s.value if s is not None and s.good else None
+
+
+@pytest.fixture
+def model() -> MachineModel:
+    return MachineModel("Press2", cycle_time=0.002, scrap_rate=0.2, seed=3)
+
+
+@pytest.fixture
+async def server(model: MachineModel) -> AsyncIterator[ModbusMachineServer]:
+    srv = await start_server(model)
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def make_connector(port: int, tags: list[TagBinding], sink: Recorder, **cfg: object) -> ModbusConnector:
+    config = ModbusConnectorConfig.model_validate(
+        {
+            "type": "modbus",
+            "id": "press2-mb",
+            "host": "127.0.0.1",
+            "port": port,
+            "unit_id": 1,
+            "poll_interval_s": 0.05,
+            "timeout_s": 0.5,
+            **cfg,
+        }
+    )
+    return ModbusConnector(config, tags, sink, backoff=Backoff(initial=0.05, maximum=0.2))
+
+
+def press_tags(table: str = "holding", bits: int = 32) -> list[TagBinding]:
+    t = "uint32" if bits == 32 else "uint16"
+    scrap = 2 if bits == 32 else 1
+    return [
+        tb("press-2/good", 0, t, table),
+        tb("press-2/scrap", scrap, t, table),
+        tb("press-2/state", 4, "uint16", table),
+        tb("press-2/order", 10, "string", table, length=10),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running(conn: ModbusConnector) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(conn.run(), name="connector")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 3)
+
+
+async def test_samples_follow_the_model(model: MachineModel, server: ModbusMachineServer) -> None:
+    sink = Recorder()
+    conn = make_connector(server.port, press_tags(), sink)
+    assert len(conn.blocks) == 1  # counters, state and order: one read per poll
+    async with running(conn):
+        await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+        model.set_order("4711", "0010")
+        await model.produce(100)
+        await eventually(
+            lambda: (sink.value("press-2/good"), sink.value("press-2/scrap")) == (model.good_raw, model.scrap_raw),
+            what="counters to match the model",
+        )
+        assert model.scrap_raw > 0 and model.good_raw + model.scrap_raw == 100
+        assert sink.value("press-2/order") == "4711" and sink.value("press-2/state") == 0
+        # every poll: ONE sink call carrying every tag, each good
+        assert all(sorted(s.key for s in b) == sorted(t.key for t in press_tags()) for b in sink.batches)
+        last = sink.last["press-2/good"]
+        assert last.good and last.status == "Good" and last.source_time is None
+        goods = [s.value for b in sink.batches for s in b if s.key == "press-2/good"]
+        assert goods == sorted(goods)
+
+
+@pytest.mark.parametrize("table", ["holding", "input"])
+async def test_16_bit_counters_and_rollover(table: str) -> None:
+    model = MachineModel("Press2", cycle_time=0.002, scrap_rate=0.0, seed=1, counter_bits=16, start_good=65530)
+    server = await start_server(model)
+    try:
+        sink = Recorder()
+        conn = make_connector(server.port, press_tags(table, bits=16), sink)
+        async with running(conn):
+            await eventually(lambda: sink.value("press-2/good") == 65530, what="initial value")
+            await model.produce(10)
+            await eventually(lambda: sink.value("press-2/good") == 4, what="the wrapped value")
+            (s,) = await conn.read(["press-2/good"])
+            assert s.value == model.good_raw == 4
+    finally:
+        await server.stop()
+
+
+async def test_exception_response_fails_the_block_not_the_connection(
+    model: MachineModel, server: ModbusMachineServer
+) -> None:
+    sink = Recorder()
+    conn = make_connector(server.port, press_tags(), sink)
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+            server.set_exception(ExcCodes.DEVICE_BUSY)
+            await eventually(lambda: not sink.last["press-2/good"].good, what="failed samples")
+            n = len(sink.batches)
+            await eventually(lambda: len(sink.batches) >= n + 5, what="more polls")
+            for batch in sink.batches[n:]:
+                assert all(not s.good and s.value is None for s in batch)
+                assert all(s.status == "ReadFailed: exception 6 (DEVICE_BUSY)" for s in batch)
+            assert conn.status.state == ComponentState.DEGRADED  # the device answers: still connected
+            # read() reports the block as not good rather than raising: the device did answer
+            samples = await conn.read(["press-2/good", "press-2/order"])
+            assert [(s.good, s.value) for s in samples] == [(False, None), (False, None)]
+
+            server.set_exception(None)
+            await model.produce(5)
+            await eventually(lambda: sink.value("press-2/good") == model.good_raw, what="good samples again")
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="CONNECTED")
+    events = [(e["event"], e["log_level"]) for e in logs]
+    assert events == [("modbus.connected", "info"), ("modbus.read_failed", "error"), ("modbus.recovered", "info")]
+
+
+async def test_server_restart(model: MachineModel) -> None:
+    server = await start_server(model)
+    sink = Recorder()
+    conn = make_connector(server.port, press_tags(), sink)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await model.produce(10)
+                await eventually(lambda: sink.value("press-2/good") == model.good_raw, what="first values")
+
+                await server.stop()
+                await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 2, "DISCONNECTED")
+                with pytest.raises(ConnectorUnavailable):
+                    await conn.read(["press-2/good"])
+                n = len(sink.batches)
+                await eventually(lambda: len(sink.batches) >= n + 5, what="polls while down")
+                for batch in sink.batches[n:]:  # the poll goes on, every tag reported not good, never a value
+                    assert len(batch) == 4
+                    assert all(not s.good and s.value is None and s.status.startswith("ReadFailed:") for s in batch)
+                await model.produce(7)  # made while the device is unreachable
+
+                await restart(server)  # same port
+                await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 3, "reconnected")
+                await eventually(lambda: sink.value("press-2/good") == model.good_raw, what="values after restart")
+                samples = await conn.read(["press-2/scrap", "press-2/good"])
+                assert [s.value for s in samples] == [model.scrap_raw, model.good_raw]
+                assert conn.status.detail["reconnects"] >= 1
+    finally:
+        await server.stop()
+    events = [e["event"] for e in logs]
+    assert events == ["modbus.connected", "modbus.read_failed", "modbus.recovered"]  # not one per poll
+
+
+async def test_read_current_values(model: MachineModel, server: ModbusMachineServer) -> None:
+    sink = Recorder()
+    tags = press_tags() + [tb("press-2/operation", 20, "string", length=4)]
+    conn = make_connector(server.port, tags, sink, poll_interval_s=60)  # polls stay out of the way
+    with pytest.raises(ConnectorUnavailable):
+        await conn.read(["press-2/good"])  # not started
+    async with running(conn):
+        await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+        model.set_order("900001", "0020")
+        await model.produce(30)
+        samples = await conn.read(["press-2/order", "press-2/good", "press-2/scrap", "press-2/operation"], timeout=1)
+        assert [s.value for s in samples] == ["900001", model.good_raw, model.scrap_raw, "0020"]
+        assert all(s.good for s in samples)
+        with pytest.raises(ReadFailed):
+            await conn.read(["nope"])
+
+
+async def test_block_with_unreadable_gap_is_split(model: MachineModel, server: ModbusMachineServer) -> None:
+    # the simulator has registers 0..23 only: a block 20..27 is refused, 20..23 alone is fine
+    tags = [tb("op", 20, "string", length=4), tb("ghost", 27)]
+    sink = Recorder()
+    conn = make_connector(server.port, tags, sink)
+    assert [(b.start, b.count) for b in conn.blocks] == [(20, 8)]
+    model.set_order("1", "0030")
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn):
+            await eventually(lambda: sink.value("op") == "0030", what="the string after the split")
+            assert [(b.start, b.count) for b in conn.blocks] == [(20, 4), (27, 1)]
+            ghost = sink.last["ghost"]
+            assert (ghost.good, ghost.value, ghost.status) == (False, None, "ReadFailed: exception 2 (ILLEGAL_ADDRESS)")
+            assert conn.status.state == ComponentState.DEGRADED
+    assert sum(e["event"] == "modbus.block_split" for e in logs) == 1
+
+
+async def test_schedule_has_no_drift(model: MachineModel, server: ModbusMachineServer) -> None:
+    sink = Recorder()
+    conn = make_connector(server.port, press_tags(), sink, poll_interval_s=0.02)
+    async with running(conn):
+        await eventually(lambda: len(sink.batches) >= 3, what="first polls")
+        start_n, start_t = len(sink.batches), sink.times[-1]
+        await asyncio.sleep(1.0)
+        polls = len(sink.batches) - start_n
+        elapsed = sink.times[-1] - start_t
+    assert 45 <= polls <= 51  # 1 s / 20 ms
+    assert abs(elapsed - polls * 0.02) < 0.02  # poll k sits at t0 + k * interval, errors do not add up
+    assert conn.skipped_polls == 0
+
+
+class BlackHole:
+    """A TCP proxy that can stop forwarding without closing anything (a dead switch, a pulled cable)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    if not self.frozen:
+                        dst.write(data)
+                        await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.close()
+
+
+async def test_unresponsive_device_times_out_skips_slots_and_recovers(
+    model: MachineModel, server: ModbusMachineServer
+) -> None:
+    hole = BlackHole(server.port)
+    await hole.start()
+    sink = Recorder()
+    conn = make_connector(hole.port, press_tags(), sink, poll_interval_s=0.05, timeout_s=0.3)
+    try:
+        async with running(conn) as task:
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+            hole.frozen = True
+            await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 2, "DISCONNECTED")
+            failed = sink.last["press-2/good"]
+            assert (failed.good, failed.value) == (False, None)
+            assert "no valid response within 0.3s" in failed.status
+            with pytest.raises(ConnectorUnavailable):
+                await conn.read(["press-2/good"], timeout=0.2)
+            await asyncio.sleep(0.8)
+            assert conn.skipped_polls > 0  # 300 ms timeouts overran 50 ms slots: skipped, counted, no burst
+
+            hole.frozen = False
+            await model.produce(5)
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 3, "recovered")
+            await eventually(lambda: sink.value("press-2/good") == model.good_raw, what="values after recovery")
+
+            hole.frozen = True  # cancel while a request hangs: prompt
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - t0 < 0.5
+            assert conn.status.state == ComponentState.STOPPED
+    finally:
+        await hole.close()
+
+
+async def test_unreachable_device_from_the_start() -> None:
+    sink = Recorder()
+    conn = make_connector(free_port(), press_tags(), sink)
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn):
+            await eventually(lambda: len(sink.batches) >= 10, what="polls")
+            assert conn.status.state == ComponentState.DISCONNECTED
+            assert "cannot connect" in (conn.status.last_error or "")
+            assert all(not s.good for b in sink.batches for s in b)
+    assert [e["event"] for e in logs] == ["modbus.read_failed"]

@@ -1,0 +1,391 @@
+"""OpcUaConnector against the real asyncua machine simulator (simulators/opcua_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+
+import pytest
+import structlog
+from asyncua import ua
+
+from connectors.base import Backoff, ComponentState, TagBinding
+from connectors.errors import ConnectorUnavailable, ReadFailed
+from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
+from connectors.opcua.connector import OpcUaConnector, datavalue_to_sample
+from mappings.samples import Sample
+from simulators.machine import MachineModel
+from simulators.opcua_server import OpcUaMachineServer
+
+SIGNALS = ("good", "scrap", "state", "order", "operation")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+async def start_server(model: MachineModel) -> OpcUaMachineServer:
+    """A simulator on a free port. A port picked with bind(0) is from the ephemeral range: another process's
+    outgoing connection may take it before the server binds it, so on EADDRINUSE pick another one."""
+    for attempt in range(5):
+        srv = OpcUaMachineServer(model, port=free_port())
+        try:
+            await srv.start()
+            return srv
+        except OSError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def restart(server: OpcUaMachineServer) -> None:
+    """(Re)start on the same port; wait a little if something holds the port for a moment."""
+    for attempt in range(30):
+        try:
+            await server.start()
+            return
+        except OSError:
+            if attempt == 29:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def eventually(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Recorder:
+    """The sink: keeps every batch and the latest sample per key."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Sample]] = []
+        self.last: dict[str, Sample] = {}
+
+    def __call__(self, samples: list[Sample]) -> None:
+        self.batches.append(samples)
+        for s in samples:
+            self.last[s.key] = s
+
+    def value(self, key: str) -> object:
+        s = self.last.get(key)
+        return s.value if s is not None and s.good else None
+
+
+@pytest.fixture
+def model() -> MachineModel:
+    return MachineModel("Press1", cycle_time=0.005, scrap_rate=0.2, seed=7)
+
+
+@pytest.fixture
+async def server(model: MachineModel) -> AsyncIterator[OpcUaMachineServer]:
+    srv = await start_server(model)
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def make_connector(endpoint: str, node_ids: dict[str, str], sink: Recorder, **cfg: object) -> OpcUaConnector:
+    config = OpcUaConnectorConfig.model_validate(
+        {
+            "type": "opcua",
+            "id": "line1-opc",
+            "endpoint": endpoint,
+            "publishing_interval_ms": 50,
+            "sampling_interval_ms": 0,
+            "watchdog_interval_s": 0.3,
+            "timeout_s": 1.0,
+            **cfg,
+        }
+    )
+    tags = [TagBinding(f"press-1/{sig}", OpcUaTagConfig(node_id=nid)) for sig, nid in node_ids.items()]
+    return OpcUaConnector(config, tags, sink, backoff=Backoff(initial=0.1, maximum=0.5))
+
+
+@contextlib.asynccontextmanager
+async def running(conn: OpcUaConnector) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(conn.run(), name="connector")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+
+
+# ---------------------------------------------------------------------- pure conversion
+
+
+def test_datavalue_quality_and_timestamps() -> None:
+    src = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+    srv = datetime(2024, 5, 1, 12, 0, 1, tzinfo=timezone.utc)
+    good = ua.DataValue(ua.Variant(42, ua.VariantType.UInt32), SourceTimestamp=src, ServerTimestamp=srv)
+    s = datavalue_to_sample("k", good, 1.0)
+    assert (s.value, s.good, s.status, s.source_time, s.recv_time) == (42, True, "Good", src.timestamp(), 1.0)
+
+    no_source = ua.DataValue(ua.Variant("run"), ServerTimestamp=srv)
+    assert datavalue_to_sample("k", no_source, 1.0).source_time == srv.timestamp()
+    assert datavalue_to_sample("k", ua.DataValue(ua.Variant(1)), 1.0).source_time is None
+
+    for code in (ua.StatusCodes.UncertainLastUsableValue, ua.StatusCodes.BadCommunicationError):
+        s = datavalue_to_sample("k", ua.DataValue(ua.Variant(7), StatusCode=ua.StatusCode(code)), 1.0)
+        assert (s.good, s.value) == (False, None)  # a stale/bad value is not handed on
+        assert s.status == ua.StatusCode(code).name
+
+    null = datavalue_to_sample("k", ua.DataValue(ua.Variant(None, ua.VariantType.Null)), 1.0)
+    assert (null.good, null.value) == (False, None)
+
+
+# ---------------------------------------------------------------------- against the simulator
+
+
+async def test_samples_follow_the_model(model: MachineModel, server: OpcUaMachineServer) -> None:
+    sink = Recorder()
+    conn = make_connector(server.endpoint, server.node_ids, sink)
+    async with running(conn):
+        await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+        await eventually(lambda: all(f"press-1/{s}" in sink.last for s in SIGNALS), what="initial values")
+        assert sink.value("press-1/good") == 0 and sink.value("press-1/state") == "idle"
+
+        model.set_order("4711", "0010")
+        await model.produce(60)
+        await server.flush()
+        await eventually(
+            lambda: (sink.value("press-1/good"), sink.value("press-1/scrap")) == (model.good_raw, model.scrap_raw),
+            what="counters to match the model",
+        )
+        assert model.good_raw + model.scrap_raw == 60 and model.scrap_raw > 0
+        assert sink.value("press-1/order") == "4711" and sink.value("press-1/operation") == "0010"
+        last = sink.last["press-1/good"]
+        assert last.status == "Good" and last.source_time is not None
+        assert abs(last.source_time - time.time()) < 5 and last.recv_time >= last.source_time - 1
+        # one sink call per publish response, not one per value change
+        assert max(len(b) for b in sink.batches) > 1
+        # counters never go backwards inside the stream
+        goods = [s.value for b in sink.batches for s in b if s.key == "press-1/good" and s.good]
+        assert goods == sorted(goods)
+
+
+async def test_bad_status_gives_samples_without_value(model: MachineModel, server: OpcUaMachineServer) -> None:
+    sink = Recorder()
+    conn = make_connector(server.endpoint, server.node_ids, sink)
+    async with running(conn):
+        await eventually(lambda: "press-1/good" in sink.last, what="initial values")
+        await server.set_bad("good", True)
+        await eventually(lambda: not sink.last["press-1/good"].good, what="a BAD sample")
+        bad = sink.last["press-1/good"]
+        assert bad.value is None and bad.status == "BadCommunicationError"
+        assert sink.last["press-1/scrap"].good  # only the bad signal is affected
+
+        await model.produce(5)
+        await server.set_bad("good", False)
+        await server.flush()
+        await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="good values again")
+        # read() reports the same quality
+        await server.set_bad("scrap", True)
+        (s,) = await conn.read(["press-1/scrap"])
+        assert (s.good, s.value, s.status) == (False, None, "BadCommunicationError")
+
+
+async def test_read_returns_current_values(model: MachineModel, server: OpcUaMachineServer) -> None:
+    sink = Recorder()
+    conn = make_connector(server.endpoint, server.node_ids, sink)
+    with pytest.raises(ConnectorUnavailable):  # not started
+        await conn.read(["press-1/good"])
+    async with running(conn):
+        await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+        model.set_order("900001", "0020")
+        await model.produce(25)
+        await server.flush()
+        samples = await conn.read(["press-1/good", "press-1/scrap", "press-1/order", "press-1/good"], timeout=2)
+        assert [s.key for s in samples] == ["press-1/good", "press-1/scrap", "press-1/order", "press-1/good"]
+        assert [s.value for s in samples] == [model.good_raw, model.scrap_raw, "900001", model.good_raw]
+        assert all(s.good and s.source_time is not None for s in samples)
+        with pytest.raises(ReadFailed):
+            await conn.read(["press-9/good"])
+
+
+async def test_unknown_node_is_reported_not_fatal(model: MachineModel, server: OpcUaMachineServer) -> None:
+    sink = Recorder()
+    nodes = {"good": server.node_ids["good"], "ghost": "ns=2;s=Press1.DoesNotExist"}
+    conn = make_connector(server.endpoint, nodes, sink)
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn):
+            await eventually(lambda: "press-1/ghost" in sink.last and "press-1/good" in sink.last, what="samples")
+            ghost = sink.last["press-1/ghost"]
+            assert (ghost.good, ghost.value, ghost.status) == (False, None, "BadNodeIdUnknown")
+            assert conn.status.state == ComponentState.DEGRADED
+            await model.produce(3)
+            await server.flush()
+            await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="the good node to work")
+    assert [e["node_id"] for e in logs if e["event"] == "opcua.monitor_failed"] == [nodes["ghost"]]
+
+
+async def test_server_restart_recreates_subscription(model: MachineModel) -> None:
+    server = await start_server(model)
+    sink = Recorder()
+    conn = make_connector(server.endpoint, server.node_ids, sink)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+                await model.produce(10)
+                await server.flush()
+                await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="first values")
+
+                await server.stop()
+                await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 3, "DISCONNECTED")
+                with pytest.raises(ConnectorUnavailable):
+                    await conn.read(["press-1/good"])
+                await model.produce(7)  # made while the server is down
+                await asyncio.sleep(0.8)  # several reconnect attempts fail
+
+                n_batches = len(sink.batches)
+                await restart(server)  # same port, a fresh server: the old subscription is gone
+                await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 5, "reconnected")
+                await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="values after restart")
+                await model.produce(5)
+                await server.flush()
+                await eventually(
+                    lambda: (sink.value("press-1/good"), sink.value("press-1/scrap")) == (model.good_raw, model.scrap_raw),
+                    what="new changes through the re-created subscription",
+                )
+                assert len(sink.batches) > n_batches
+                assert conn.status.detail["reconnects"] == 1
+                assert conn.status.detail["subscription_id"] is not None
+                (s,) = await conn.read(["press-1/good"])
+                assert s.value == model.good_raw
+    finally:
+        await server.stop()
+    events = [e["event"] for e in logs if e["event"].startswith("opcua.")]
+    # one line per state change, not one per failed reconnect attempt
+    assert events == ["opcua.connected", "opcua.disconnected", "opcua.recovered"]
+    assert next(e for e in logs if e["event"] == "opcua.disconnected")["log_level"] == "error"
+
+
+async def test_unreachable_server_then_available(model: MachineModel) -> None:
+    server = OpcUaMachineServer(model, port=free_port())
+    sink = Recorder()
+    conn = make_connector(server.endpoint, server.node_ids, sink)
+    try:
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 3, "DISCONNECTED")
+            assert conn.status.last_error
+            await restart(server)
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 5, "connected")
+            await eventually(lambda: "press-1/good" in sink.last, what="initial values")
+    finally:
+        await server.stop()
+
+
+class BlackHole:
+    """A TCP proxy that can stop forwarding without closing anything (a dead switch, a pulled cable)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    if not self.frozen:
+                        dst.write(data)
+                        await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.close()
+
+
+async def test_blackholed_connection_is_detected_and_bounded(model: MachineModel, server: OpcUaMachineServer) -> None:
+    hole = BlackHole(server.port)
+    await hole.start()
+    sink = Recorder()
+    conn = make_connector(f"opc.tcp://127.0.0.1:{hole.port}", server.node_ids, sink)
+    try:
+        async with running(conn) as task:
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+            hole.frozen = True
+            t0 = time.monotonic()
+            # watchdog interval + read timeout, plus slack
+            await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 4, "DISCONNECTED")
+            assert time.monotonic() - t0 < 3.0
+            with pytest.raises(ConnectorUnavailable):
+                await conn.read(["press-1/good"], timeout=0.5)
+            await asyncio.sleep(1.0)  # reconnect attempts into the black hole: each must give up in time
+
+            hole.frozen = False
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 6, "recovered")
+            await model.produce(4)
+            await server.flush()
+            await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="values after recovery")
+
+            hole.frozen = True  # cancellation while the peer is a black hole must still be prompt
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            assert time.monotonic() - t0 < 3.5
+            assert conn.status.state == ComponentState.STOPPED
+    finally:
+        await hole.close()
+
+
+async def test_cancel_is_prompt_and_password_never_logged(
+    model: MachineModel, server: OpcUaMachineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "s3cr3t-Pa55"
+    monkeypatch.setenv("EDGE_TEST_OPC_PASSWORD", secret)
+    sink = Recorder()
+    # the simulator only accepts anonymous logins: the user login is refused and retried
+    conn = make_connector(server.endpoint, server.node_ids, sink, username="gw", password_env="EDGE_TEST_OPC_PASSWORD")
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn) as task:
+            await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 4, "refused login")
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - t0 < 2.0
+    assert conn.status.state == ComponentState.STOPPED
+    assert logs and all(secret not in repr(e) for e in logs)
+    assert secret not in repr(conn.status.as_dict())
+    assert [e["event"] for e in logs] == ["opcua.disconnected"]  # logged once, not per attempt
+
+    # a missing password variable is a clear error, not a crash
+    monkeypatch.delenv("EDGE_TEST_OPC_PASSWORD")
+    conn2 = make_connector(server.endpoint, server.node_ids, sink, username="gw", password_env="EDGE_TEST_OPC_PASSWORD")
+    async with running(conn2):
+        await eventually(lambda: conn2.status.state == ComponentState.DISCONNECTED, 3, "DISCONNECTED")
+        assert "EDGE_TEST_OPC_PASSWORD" in (conn2.status.last_error or "")
