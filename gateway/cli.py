@@ -131,6 +131,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, workdir=args.workdir, seed=args.seed)
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from gateway import schema
+
+    if args.out is None:
+        print(json.dumps(schema.asyncapi_document(args.topic_root), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for path in schema.write_schemas(args.out, args.topic_root):
+        print(path)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-gateway", description="Machine counters → production-order events → MQTT.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default=None, help="where to keep the demo's files (default: a temp dir)")
     d.add_argument("--seed", type=int, default=7)
     d.set_defaults(fn=_cmd_demo)
+
+    sc = sub.add_parser("schema", help="event contract: AsyncAPI document (stdout) or all JSON Schemas (--out DIR)")
+    sc.add_argument("--out", "-o", default=None, metavar="DIR", help="write the schema files into DIR and list them")
+    sc.add_argument("--topic-root", default="edge", help="first topic level in the AsyncAPI addresses (default: edge)")
+    sc.set_defaults(fn=_cmd_schema)
     return p
 
 

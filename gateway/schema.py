@@ -1,0 +1,471 @@
+"""Machine-readable event contract: pydantic models, JSON Schemas and an AsyncAPI document.
+
+The models describe exactly what ``mappings.machine.MachineEngine`` emits today (the ``data`` of each event type)
+inside the CloudEvents 1.0 envelope written by ``gateway.events.EventEncoder``. They are the single source of
+the generated files in ``docs/schemas/`` (``edge-gateway schema --out docs/schemas``); a test compares the committed
+files with what this module generates, so they cannot drift.
+
+``validate_event(payload)`` checks one received MQTT payload against both the JSON Schema of its type and the
+CloudEvents SDK, and raises ``EventValidationError`` listing every problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.json_schema import models_json_schema
+
+from gateway.events import CONTRACT_VERSION
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+"""Quantities are non-negative decimal strings in plain notation ("12", "0.25"; never 1.2E+1 nor a JSON number)."""
+RFC3339_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+MQTT_BINDING_VERSION = "0.2.0"
+
+Decimal_ = Annotated[str, Field(pattern=DECIMAL_PATTERN, examples=["12", "0.25"])]
+Timestamp = Annotated[str, Field(pattern=RFC3339_PATTERN, examples=["2026-11-22T08:15:02.120000Z"])]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+class Quantities(_Model):
+    """Disjoint quantities (SAP semantics: yield, scrap and rework never overlap)."""
+
+    yield_: Decimal_ = Field(alias="yield", description="Good quantity (SAP ConfirmationYieldQuantity).")
+    scrap: Decimal_ = Field(description="Scrap quantity (SAP ConfirmationScrapQuantity).")
+    rework: Decimal_ = Field(description="Rework quantity (SAP ConfirmationReworkQuantity).")
+
+
+class Totals(Quantities):
+    """Cumulative quantities reported for this machine + order + operation since the operation started here
+    (for unassigned counts: since the last order ended)."""
+
+
+class Window(_Model):
+    """Source-time span of the counted changes in a reporting window."""
+
+    start: Timestamp | None = Field(description="Source time of the first counted change (RFC 3339, UTC).")
+    end: Timestamp | None = Field(description="Source time of the last counted change (RFC 3339, UTC).")
+
+
+class CounterEvidence(_Model):
+    """How a counter moved during the window: raw values and what the counter rules recognised."""
+
+    counter: str = Field(min_length=1, description="Counter name in the machine config (good, scrap, rework, total).")
+    from_: int | None = Field(alias="from", description="Counter value before the first counted change; null for "
+                                                        "reset_on_read / delta counters.")
+    to: int = Field(description="Counter value after the last counted change.")
+    rollovers: int = Field(ge=0, description="Rollovers (wrap at the counter's modulus) recognised in the window.")
+    resets: int = Field(ge=0, description="Counter resets recognised in the window.")
+    glitches: int = Field(ge=0, description="Transient zero reads recognised (and bridged) in the window.")
+
+
+class ConsumptionBasis(_Model):
+    """The produced quantity the backflushed consumption was computed from."""
+
+    yield_: Decimal_ = Field(alias="yield", description="Yield of the window.")
+    scrap: Decimal_ = Field(description="Scrap of the window (scrapped parts consumed material too).")
+    unit: str = Field(min_length=1, description="Unit of measure of yield and scrap.")
+
+
+class ConsumedComponent(_Model):
+    """One component (BOM item) consumed."""
+
+    material: str = Field(min_length=1, description="Material number of the component.")
+    quantity: Decimal_ = Field(description="Quantity consumed: (yield + scrap) x quantity_per_unit.")
+    unit: str = Field(min_length=1, description="Unit of measure of the component.")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+class OperationStartedData(_Model):
+    """A production-order operation became active on the machine (dispatch or changeover)."""
+
+    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
+    order: str = Field(min_length=1, description="Production order number.")
+    operation: str = Field(min_length=1, description="Operation / activity number.")
+    planned_quantity: Decimal_ | None = Field(description="Planned quantity from the dispatch; null when not given.")
+    unit: str = Field(min_length=1, description="Unit of measure: the dispatch's unit, else the machine's.")
+
+
+class QuantityReportedData(_Model):
+    """Yield / scrap / rework deltas counted in one reporting window."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"unassigned": {"const": True}}},
+        "then": {"properties": {"order": {"type": "null"}, "operation": {"type": "null"}}},
+        "else": {"properties": {"order": {"type": "string"}, "operation": {"type": "string"}}},
+    })
+
+    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
+    order: str | None = Field(description="Production order number; null when unassigned.")
+    operation: str | None = Field(description="Operation number; null when unassigned.")
+    unassigned: bool = Field(description="True when no order was active: the counts belong to no order yet.")
+    reason: Literal["periodic", "units", "changeover", "completion"] = Field(
+        description="Why the window closed: periodic (interval_s elapsed), units (max_units reached), changeover "
+                    "(another order was dispatched), completion (the operation was completed).")
+    window: Window = Field(description="Source-time span of the counted changes.")
+    quantities: Quantities = Field(description="Deltas of this window.")
+    unit: str = Field(min_length=1, description="Unit of measure of all quantities.")
+    totals: Totals = Field(description="Cumulative quantities for this machine + order + operation, this event included.")
+    evidence: list[CounterEvidence] = Field(description="Per counter: raw values and recognised rollovers/resets/glitches.")
+
+
+class OperationCompletedData(_Model):
+    """The operation was completed (final confirmation); emitted after the last quantity report of the operation."""
+
+    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
+    order: str = Field(min_length=1, description="Production order number.")
+    operation: str = Field(min_length=1, description="Operation / activity number.")
+    final: Literal[True] = Field(description="Always true: this is the final confirmation of the operation.")
+    totals: Totals = Field(description="Quantities reported for the operation on this machine.")
+    unit: str = Field(min_length=1, description="Unit of measure of the totals.")
+
+
+class MaterialConsumedData(_Model):
+    """Component consumption backflushed from the order's components for the yield + scrap of one window."""
+
+    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
+    order: str = Field(min_length=1, description="Production order number.")
+    operation: str = Field(min_length=1, description="Operation / activity number.")
+    method: Literal["backflush"] = Field(description="How consumption was determined: backflush (from the dispatch's "
+                                                     "components, not metered).")
+    basis: ConsumptionBasis = Field(description="Produced quantity the consumption was computed from.")
+    movement_type: Literal["261"] = Field(description="SAP goods movement type: 261 = goods issue for the order.")
+    components: list[ConsumedComponent] = Field(min_length=1, description="Consumed components.")
+
+
+class MachineStateChangedData(_Model):
+    """The machine's state tag changed."""
+
+    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
+    state: str = Field(description="New state (mapped through state_values, else the raw value as text).")
+    previous: str | None = Field(description="Previous state; null for the first state seen.")
+    raw: bool | int | float | str = Field(description="Raw tag value as read from the device.")
+    reason: Literal["tag"] = Field(description="What reported the change: tag (the machine's state tag).")
+
+
+class CounterAnomalyData(_Model):
+    """A counter change the gateway did not count (implausible jump): a supervisor should look at it."""
+
+    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
+    counter: str = Field(min_length=1, description="Counter name in the machine config.")
+    kind: Literal["implausible_jump"] = Field(
+        description="implausible_jump: an increase larger than max_rate x elapsed time; not counted, baseline moved.")
+    from_: int | None = Field(alias="from", description="Counter value before the jump.")
+    to: int | None = Field(description="Counter value after the jump (the new baseline).")
+    order: str | None = Field(description="Active production order; null when none.")
+    operation: str | None = Field(description="Active operation; null when none.")
+    held: Decimal_ = Field(description="Quantity not counted (scaled like the counter's quantities).")
+    detail: str = Field(description="Human-readable explanation.")
+
+
+DATA_MODELS: dict[str, type[_Model]] = {
+    "operation.started": OperationStartedData,
+    "operation.quantity_reported": QuantityReportedData,
+    "operation.completed": OperationCompletedData,
+    "material.consumed": MaterialConsumedData,
+    "machine.state_changed": MachineStateChangedData,
+    "counter.anomaly": CounterAnomalyData,
+}
+EVENT_TYPES = tuple(DATA_MODELS)
+
+
+# ---------------------------------------------------------------------------------------------------- envelope
+class CloudEventEnvelope(_Model):
+    """CloudEvents 1.0, structured JSON mode, as published by the gateway (one event per MQTT message)."""
+
+    specversion: Literal["1.0"] = Field(description="CloudEvents specification version.")
+    id: str = Field(min_length=1, description="Deterministic event id (UUIDv5 of source, epoch and seq): a retry or "
+                                              "replay carries the same id. Dedup key together with source; use it as "
+                                              "SAP ExternalSystemConfirmation.")
+    source: str = Field(min_length=1, pattern=r"^/[^/]+/[^/]+/[^/]+/[^/]+/[^/]+$",
+                        description="/{enterprise}/{site}/{area}/{line}/{gateway_id}.")
+    type: str = Field(min_length=1, description="Event type.")
+    subject: str = Field(min_length=1, description="Machine id (the topic's {machine} level).")
+    time: Timestamp = Field(description="Source time of the last sample in the event where there is one (RFC 3339).")
+    datacontenttype: Literal["application/json"] = Field(description="Content type of data.")
+    seq: int = Field(ge=1, description="Extension: per-source sequence number, strictly increasing within an epoch, "
+                                       "persisted (survives restarts). A gap means lost events.")
+    epoch: str = Field(min_length=1, description="Extension: identifies the gateway's store; a new store starts a new "
+                                                 "sequence at 1.")
+    data: dict[str, Any] = Field(description="Event payload, by type.")
+
+
+def _class_name(event_type: str) -> str:
+    return "".join(p.capitalize() for p in event_type.replace(".", "_").split("_")) + "Event"
+
+
+EVENT_MODELS: dict[str, type[CloudEventEnvelope]] = {
+    t: create_model(  # type: ignore[call-overload]
+        _class_name(t),
+        __base__=CloudEventEnvelope,
+        __doc__=f"CloudEvent of type {t}. {m.__doc__}",
+        type=(Literal[t], Field(description="Event type.")),  # type: ignore[valid-type]
+        data=(m, Field(description=m.__doc__)),
+    )
+    for t, m in DATA_MODELS.items()
+}
+
+
+class GatewayStatus(_Model):
+    """Retained gateway status; the broker publishes the offline variant as the gateway's last will."""
+
+    gateway: str = Field(min_length=1, description="Gateway id.")
+    state: Literal["online", "offline"] = Field(description="online after connect; offline as last will / on stop.")
+    time: float = Field(description="Gateway clock when the status was built (POSIX seconds).")
+
+
+# ---------------------------------------------------------------------------------------------------- JSON Schema
+def _schema_of(model: type[BaseModel], schema_id: str) -> dict[str, Any]:
+    body = model.model_json_schema(mode="validation")
+    return {"$schema": JSON_SCHEMA_DIALECT, "$id": schema_id, **body}
+
+
+def schema_id(name: str) -> str:
+    return f"urn:edge-gateway:{CONTRACT_VERSION}:{name}"
+
+
+def event_schemas() -> dict[str, dict[str, Any]]:
+    """One JSON Schema (Draft 2020-12) per event type: the envelope with ``type`` const and ``data`` of that type."""
+    return {t: _schema_of(m, schema_id(t)) for t, m in EVENT_MODELS.items()}
+
+
+def dispatch_schema() -> dict[str, Any]:
+    """JSON Schema of the dispatch message (ERP → gateway), from ``gateway.dispatch.DispatchMessage``."""
+    from gateway.dispatch import DispatchMessage
+
+    return _schema_of(DispatchMessage, schema_id("dispatch"))
+
+
+def status_schema() -> dict[str, Any]:
+    return _schema_of(GatewayStatus, schema_id("status"))
+
+
+# ---------------------------------------------------------------------------------------------------- AsyncAPI
+_HIERARCHY = {
+    "enterprise": "ISA-95 enterprise (gateway.enterprise).",
+    "site": "ISA-95 site / plant (gateway.site).",
+    "area": "ISA-95 area (gateway.area).",
+    "line": "ISA-95 production line (gateway.line).",
+}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def asyncapi_document(topic_root: str = "edge") -> dict[str, Any]:
+    """AsyncAPI 3.0 document of the gateway's MQTT interface (the application described is the gateway)."""
+    from gateway.dispatch import DispatchMessage
+
+    models: list[type[BaseModel]] = [*EVENT_MODELS.values(), DispatchMessage, GatewayStatus]
+    _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    schemas = defs["$defs"]
+    base = f"{topic_root}/{CONTRACT_VERSION}/{{enterprise}}/{{site}}/{{area}}/{{line}}"
+    params = {k: {"description": d} for k, d in _HIERARCHY.items()}
+    machine_param = {"description": "Machine id (ISA-95 work cell); the event's subject."}
+    qos1 = {"mqtt": {"qos": 1, "retain": False, "bindingVersion": MQTT_BINDING_VERSION}}
+    qos1_retained = {"mqtt": {"qos": 1, "retain": True, "bindingVersion": MQTT_BINDING_VERSION}}
+
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    for t, model in EVENT_MODELS.items():
+        k = _key(t)
+        messages[k] = {
+            "name": t,
+            "title": t,
+            "summary": DATA_MODELS[t].__doc__,
+            "contentType": "application/cloudevents+json",
+            "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
+            "correlationId": {"description": "CloudEvents source + id: the dedup key.", "location": "$message.payload#/id"},
+            "bindings": {"mqtt": {"payloadFormatIndicator": 1, "contentType": "application/cloudevents+json",
+                                  "bindingVersion": MQTT_BINDING_VERSION}},
+        }
+        channels[f"events_{k}"] = {
+            "address": f"{base}/{{machine}}/events/{t}",
+            "title": f"{t} events",
+            "description": f"Events of type {t}, not retained, QoS 1: duplicates are possible, deduplicate on "
+                           "source + id.",
+            "parameters": {**params, "machine": machine_param},
+            "messages": {k: {"$ref": f"#/components/messages/{k}"}},
+        }
+        operations[f"send_{k}"] = {
+            "action": "send",
+            "title": f"Publish {t}",
+            "channel": {"$ref": f"#/channels/events_{k}"},
+            "messages": [{"$ref": f"#/channels/events_{k}/messages/{k}"}],
+            "bindings": qos1,
+        }
+    messages["dispatch"] = {
+        "name": "dispatch",
+        "title": "Production-order dispatch",
+        "summary": "The production order / operation active on a machine. Retained; an empty payload (zero bytes, "
+                   "not JSON) clears the machine's order. Unknown keys, a missing order/operation or invalid JSON "
+                   "are rejected and logged.",
+        "contentType": "application/json",
+        "payload": {"$ref": "#/components/schemas/DispatchMessage"},
+    }
+    channels["dispatch"] = {
+        "address": f"{base}/{{machine}}/dispatch",
+        "title": "Dispatch (ERP → gateway)",
+        "description": "Retained, QoS 1. The ERP (or MES) publishes; the gateway subscribes to "
+                       f"{base}/+/dispatch.",
+        "parameters": {**params, "machine": machine_param},
+        "messages": {"dispatch": {"$ref": "#/components/messages/dispatch"}},
+    }
+    operations["receive_dispatch"] = {
+        "action": "receive",
+        "title": "Receive dispatch",
+        "channel": {"$ref": "#/channels/dispatch"},
+        "messages": [{"$ref": "#/channels/dispatch/messages/dispatch"}],
+        "bindings": qos1_retained,
+    }
+    messages["status"] = {
+        "name": "status",
+        "title": "Gateway status",
+        "summary": GatewayStatus.__doc__,
+        "contentType": "application/json",
+        "payload": {"$ref": "#/components/schemas/GatewayStatus"},
+    }
+    channels["status"] = {
+        "address": f"{base}/_gateways/{{gateway_id}}/status",
+        "title": "Gateway status",
+        "description": "Retained, QoS 1; the offline status is also the gateway's MQTT last will.",
+        "parameters": {**params, "gateway_id": {"description": "Gateway id (gateway.id)."}},
+        "messages": {"status": {"$ref": "#/components/messages/status"}},
+    }
+    operations["send_status"] = {
+        "action": "send",
+        "title": "Publish status",
+        "channel": {"$ref": "#/channels/status"},
+        "messages": [{"$ref": "#/channels/status/messages/status"}],
+        "bindings": qos1_retained,
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "id": f"urn:edge-gateway:{CONTRACT_VERSION}",
+        "info": {
+            "title": "edge-gateway",
+            "version": CONTRACT_VERSION,
+            "description": "Machine counters → production-order events (CloudEvents 1.0, structured JSON) over MQTT. "
+                           "Topics follow the ISA-95 equipment hierarchy. See docs/event-contract.md and "
+                           "docs/sap-mapping.md.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "broker": {
+                "host": "localhost:1883",
+                "protocol": "mqtt",
+                "description": "The plant's MQTT broker (mqtt.host / mqtt.port in the gateway config).",
+            },
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def generated_files(topic_root: str = "edge") -> dict[str, str]:
+    """File name → content, exactly as ``write_schemas`` writes them."""
+
+    def dump(doc: Any) -> str:
+        return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+    files = {f"{t}.schema.json": dump(s) for t, s in event_schemas().items()}
+    files["dispatch.schema.json"] = dump(dispatch_schema())
+    files["status.schema.json"] = dump(status_schema())
+    files["asyncapi.json"] = dump(asyncapi_document(topic_root))
+    return files
+
+
+def write_schemas(out_dir: str | Path, topic_root: str = "edge") -> list[Path]:
+    """Write ``<type>.schema.json`` per event type, ``dispatch.schema.json``, ``status.schema.json`` and
+    ``asyncapi.json`` into ``out_dir`` (created if needed); return the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in generated_files(topic_root).items():
+        p = out / name
+        p.write_text(text, encoding="utf-8")
+        written.append(p)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+class EventValidationError(ValueError):
+    """A payload is not a valid event of the contract; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str], event: Mapping[str, Any] | None = None) -> None:
+        self.problems = problems
+        self.event = event
+        what = "event"
+        if isinstance(event, Mapping):
+            what = f"{event.get('type', '?')} event {event.get('id', '?')}"
+        super().__init__(f"invalid {what}: " + "; ".join(problems))
+
+
+@lru_cache(maxsize=None)
+def _validator(event_type: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    schema = event_schemas()[event_type]
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _path(parts: Any) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "(root)"
+
+
+def validate_event(payload: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one event as received from MQTT (bytes), or already parsed (dict).
+
+    Checks the JSON Schema of its ``type`` (Draft 2020-12) and that the CloudEvents SDK reads it with the same
+    id / source / type / subject / seq / epoch. Returns the parsed event; raises ``EventValidationError`` (a
+    ``ValueError``) whose message lists every problem (JSON path: reason).
+    """
+    from cloudevents.core.formats.json import JSONFormat
+
+    if isinstance(payload, Mapping):
+        doc: Any = dict(payload)
+        raw = json.dumps(doc).encode()
+    else:
+        raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EventValidationError([f"not JSON: {exc}"]) from None
+    if not isinstance(doc, dict):
+        raise EventValidationError([f"not a JSON object: {type(doc).__name__}"])
+    etype = doc.get("type")
+    if etype not in EVENT_MODELS:
+        raise EventValidationError([f"type: unknown event type {etype!r} (known: {', '.join(EVENT_TYPES)})"], doc)
+
+    problems = [f"{_path(e.absolute_path)}: {e.message}"
+                for e in sorted(_validator(etype).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+    try:
+        ce = JSONFormat().read(None, raw)
+    except Exception as exc:  # the SDK raises several exception types (validation, parse, key errors)
+        problems.append(f"cloudevents SDK: {type(exc).__name__}: {exc}")
+    else:
+        attrs = ce.get_attributes()
+        for name in ("specversion", "id", "source", "type", "subject", "seq", "epoch"):
+            if attrs.get(name) != doc.get(name):
+                problems.append(f"cloudevents SDK: attribute {name} read as {attrs.get(name)!r}, "
+                                f"payload has {doc.get(name)!r}")
+        if ce.get_data() != doc.get("data"):
+            problems.append("cloudevents SDK: data differs from the payload's data")
+    if problems:
+        raise EventValidationError(problems, doc)
+    return doc
