@@ -64,6 +64,16 @@ class MqttConfig(_Model):
     keepalive_s: int = Field(5, ge=1, le=600, description="MQTT keepalive: a dead broker is noticed within ~1.5x.")
     topic_root: str = Field("edge", pattern=_TOPIC_LEVEL, description="First topic level of everything published.")
     max_inflight: int = Field(100, ge=1, le=1000, description="Sliding window of unacknowledged QoS 1 messages.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT protocol version; 5 lets the broker refuse a message in its PUBACK (then quarantined)."
+    )
+    max_message_bytes: int = Field(
+        256 * 1024, ge=1024, le=268_435_455, description="Larger events are quarantined instead of published."
+    )
+    backlog_rate: float = Field(
+        0, ge=0, description="Max events/s when draining a backlog after an outage (0 = as fast as the broker acks); "
+        "live events are not limited."
+    )
 
     @model_validator(mode="after")
     def _password(self) -> "MqttConfig":
@@ -92,7 +102,10 @@ class StoreConfig(_Model):
         "normal",
         description="'normal': a committed event survives a process crash; 'full': it also survives power loss.",
     )
-    commit_interval_ms: int = Field(20, ge=1, le=5000, description="Group commit: longest wait before a commit.")
+    max_size_mb: float = Field(
+        512, gt=0, description="Cap on event bytes held (outbox + quarantine). When reached, quantities accumulate in "
+        "the machine state (nothing is lost), low-value events are dropped with an exact count, an alarm is raised.",
+    )
 
 
 class CounterConfig(BaseModel):

@@ -37,6 +37,13 @@ class Topics:
         machine = topic[len(prefix):-len("/dispatch")]
         return machine if machine and "/" not in machine else None
 
+    def acks_filter(self) -> str:
+        """ERP acknowledgements / rejections of delivered events (ERP → gateway)."""
+        return f"{self.base}/+/acks"
+
+    def acks(self, machine: str) -> str:
+        return f"{self.base}/{machine}/acks"
+
     def status(self) -> str:
         return f"{self.base}/_gateways/{self.gateway_id}/status"
 

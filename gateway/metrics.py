@@ -11,3 +11,5 @@ DISPATCH_REJECTED = Counter("edge_gateway_dispatch_rejected_total", "Malformed d
 DISPATCH_ACCEPTED = Counter("edge_gateway_dispatch_accepted_total", "Dispatch messages applied")
 ANOMALIES = Counter("edge_gateway_counter_anomalies_total", "Counter anomalies (held quantities)", ["machine"])
 OUTBOX_PENDING = Gauge("edge_gateway_outbox_pending", "Events in the outbox not yet acknowledged")
+STORE_FULL = Gauge("edge_gateway_store_full", "1 while the store is at its size cap or the disk is full")
+DROPPED = Counter("edge_gateway_events_dropped_total", "Low-value events dropped while the store was full", ["type"])

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from connectors.base import Backoff, ComponentState, ComponentStatus
 from gateway.config import MqttConfig
-from gateway.store import PendingRow, Store
+from gateway.store import PendingRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,7 @@ class MqttLink:
         self.online = online
         self.subscriptions = subscriptions or []
         self.on_message = on_message
-        self.on_puback: Callable[[int], None] = lambda mid: None
+        self.on_puback: Callable[[int, str | None], None] = lambda mid, refused: None
         self.status = ComponentStatus()
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()
@@ -98,8 +99,11 @@ class MqttLink:
 
     # ----------------------------------------------------------------- internals
     def _make_client(self) -> paho.Client:
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
-                        protocol=paho.MQTTv311)
+        if self.cfg.protocol == "5":
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+        else:
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
+                            protocol=paho.MQTTv311)
         c.max_inflight_messages_set(max(self.cfg.max_inflight, 20))  # the publisher keeps its own, smaller window
         c.max_queued_messages_set(0)
         if self.cfg.username:
@@ -114,22 +118,31 @@ class MqttLink:
         loop = self._loop
         assert loop is not None
 
+        loop_thread = threading.get_ident()
+
+        def on_loop(fn: Callable[..., Any], *args: Any) -> None:
+            # paho calls these from the executor thread during reconnect(); the selector is not thread-safe
+            if threading.get_ident() == loop_thread:
+                fn(*args)
+            else:
+                loop.call_soon_threadsafe(fn, *args)
+
         def sock_open(client: paho.Client, userdata: Any, sock: Any) -> None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, AttributeError):
                 pass
-            loop.call_soon_threadsafe(loop.add_reader, sock, client.loop_read)
+            on_loop(loop.add_reader, sock, client.loop_read)
 
         def sock_close(client: paho.Client, userdata: Any, sock: Any) -> None:
-            loop.remove_reader(sock)
-            loop.remove_writer(sock)
+            on_loop(loop.remove_reader, sock)
+            on_loop(loop.remove_writer, sock)
 
         def reg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
-            loop.add_writer(sock, client.loop_write)
+            on_loop(loop.add_writer, sock, client.loop_write)
 
         def unreg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
-            loop.remove_writer(sock)
+            on_loop(loop.remove_writer, sock)
 
         c.on_socket_open = sock_open
         c.on_socket_close = sock_close
@@ -148,7 +161,10 @@ class MqttLink:
         client = self._make_client()
         self._client = client
         client.connect_timeout = 5.0
-        client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        if self.cfg.protocol == "5":
+            client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=True)
+        else:
+            client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         # the TCP (and TLS) handshake blocks: run it off the loop, bounded by connect_timeout
         await asyncio.wait_for(self._loop.run_in_executor(None, client.reconnect), timeout=15)
         misc = asyncio.create_task(self._misc_loop(client), name="mqtt.misc")
@@ -206,7 +222,9 @@ class MqttLink:
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         if client is self._client:
-            self.on_puback(mid)
+            # MQTT 5: a PUBACK can refuse the message (reason code >= 0x80); 3.1.1 has no such signal
+            refused = str(reason) if reason is not None and getattr(reason, "is_failure", False) else None
+            self.on_puback(mid, refused)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self.on_message is not None:
@@ -236,43 +254,92 @@ class MqttLink:
             pass
 
 
-class Publisher:
-    """Publishes the outbox in id order with a sliding window of unacknowledged QoS 1 messages.
+class _Lane:
+    """A cursor over a range of outbox ids, read ahead in pages."""
 
-    A row is deleted only after its PUBACK. On a lost connection the in-flight set is forgotten and publishing
-    resumes from the oldest row still in the outbox (at-least-once; ids make duplicates recognisable).
+    def __init__(self, name: str, after: int, upto: int | None) -> None:
+        self.name = name
+        self.cursor = after
+        self.upto = upto
+        self.buffer: collections.deque[PendingRow] = collections.deque()
+        self.exhausted = False
+
+    @property
+    def done(self) -> bool:
+        return self.upto is not None and self.exhausted and not self.buffer
+
+
+class _TokenBucket:
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = min(rate, 1000.0)
+        self.last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def wait_time(self) -> float:
+        return max(0.001, (1 - self.tokens) / self.rate)
+
+
+class Publisher:
+    """Publishes the outbox with a sliding window of unacknowledged QoS 1 messages.
+
+    Two lanes per connection: the *backlog* (rows committed before this connection came up, oldest first, at most
+    ``backlog_rate`` events/s when set) and the *live* lane (rows committed since, published first so fresh events
+    keep a low latency during a long drain). Within each lane rows go out in id order, so each machine's events keep
+    their order within a lane; the ``seq`` extension gives the total order across lanes. A row is deleted only after
+    its PUBACK. On a lost connection the in-flight set is forgotten and both lanes restart from the oldest row still
+    in the outbox (at-least-once; event ids make duplicates recognisable). A row larger than ``max_message_bytes``
+    or refused by an MQTT 5 PUBACK is moved to the quarantine and does not block the rows behind it.
     """
 
     def __init__(self, store: Store, link: MqttLink, *, window: int = 100, fetch_size: int = 1000,
-                 ack_interval: float = 0.01) -> None:
+                 ack_interval: float = 0.01, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024) -> None:
         self.store = store
         self.link = link
         self.window = window
         self.fetch_size = fetch_size
         self.ack_interval = ack_interval
+        self.backlog_rate = backlog_rate
+        self.max_message_bytes = max_message_bytes
         self._wake = asyncio.Event()
-        self._inflight: dict[int, int] = {}
-        self._acked: list[int] = []
-        self._buffer: collections.deque[PendingRow] = collections.deque()
-        self._cursor = 0
-        self._exhausted = False
+        self._inflight: dict[int, PendingRow] = {}
+        self._acked: list[tuple[int, int]] = []
+        self._refused: list[tuple[PendingRow, str]] = []
         self._gen = 0
+        self._live: _Lane | None = None
+        self._backlog: _Lane | None = None
         self.published = 0
         self.acked = 0
+        self.quarantined = 0
+        self.backlog_remaining = 0
         self.last_ack_time: float | None = None
+        self._ack_error_logged = False
         link.on_puback = self._on_puback
 
     def notify(self) -> None:
         """New rows were committed."""
         self._gen += 1
-        self._exhausted = False
+        if self._live is not None:
+            self._live.exhausted = False
         self._wake.set()
 
-    def _on_puback(self, mid: int) -> None:
-        row_id = self._inflight.pop(mid, None)
-        if row_id is not None:
-            self._acked.append(row_id)
-            self._wake.set()
+    def _on_puback(self, mid: int, refused: str | None) -> None:
+        row = self._inflight.pop(mid, None)
+        if row is None:
+            return
+        if refused is None:
+            self._acked.append((row.id, len(row.payload)))
+        else:
+            self._refused.append((row, f"broker refused: {refused}"))
+        self._wake.set()
 
     async def run(self) -> None:
         flusher = asyncio.create_task(self._ack_loop(), name="publisher.acks")
@@ -290,62 +357,111 @@ class Publisher:
     async def _session(self) -> None:
         await self.flush_acks()
         self._inflight.clear()
-        self._buffer.clear()
-        self._cursor = 0
-        self._exhausted = False
+        boundary = await self.store.max_id()
+        self._backlog = _Lane("backlog", 0, boundary)
+        self._live = _Lane("live", boundary, None)
+        self._bucket = _TokenBucket(self.backlog_rate) if self.backlog_rate > 0 else None
         lost = asyncio.create_task(self.link.wait_lost())
         try:
             while self.link.is_connected:
                 self._wake.clear()
-                progressed = await self._fill()
+                progressed, throttled = await self._fill()
                 if not self.link.is_connected:
                     break
                 if not progressed:
                     waiter = asyncio.create_task(self._wake.wait())
-                    await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    timeout = self._bucket.wait_time() if throttled and self._bucket else 1.0
+                    await asyncio.wait({waiter, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
+                    if self._live is not None:
+                        self._live.exhausted = False  # poll now and then: rows may come from `buffer retry`
         finally:
             lost.cancel()
         self._inflight.clear()
-        self._buffer.clear()
+        self._live = self._backlog = None
 
-    async def _fill(self) -> bool:
+    async def _next(self, lane: _Lane) -> PendingRow | None:
+        if not lane.buffer:
+            if lane.exhausted:
+                return None
+            gen = self._gen
+            rows = await self.store.fetch(lane.cursor, self.fetch_size, lane.upto)
+            if not rows:
+                lane.exhausted = lane.upto is not None or gen == self._gen  # a commit during the fetch: look again
+                return None
+            lane.buffer.extend(rows)
+            lane.cursor = rows[-1].id
+        return lane.buffer[0]
+
+    async def _fill(self) -> tuple[bool, bool]:
         sent = 0
-        while len(self._inflight) < self.window:
-            if not self._buffer:
-                if self._exhausted:
+        throttled = False
+        lanes = [self._live, self._backlog]
+        for lane in lanes:
+            if lane is None:
+                continue
+            while len(self._inflight) < self.window and self.link.is_connected:
+                if lane is self._backlog and self._bucket is not None and not self._bucket.take():
+                    throttled = True
                     break
-                gen = self._gen
-                rows = await self.store.fetch(self._cursor, self.fetch_size)
-                if not rows:
-                    self._exhausted = gen == self._gen  # a commit during the fetch means: look again
+                row = await self._next(lane)
+                if row is None:
                     break
-                self._buffer.extend(rows)
-                self._cursor = rows[-1].id
-                if not self.link.is_connected:
-                    return False
-            row = self._buffer[0]
-            mid = self.link.publish(row.topic, row.payload)
-            if mid is None:
-                return False
-            self._buffer.popleft()
-            self._inflight[mid] = row.id
-            self.published += 1
-            sent += 1
-        return sent > 0
+                if len(row.payload) > self.max_message_bytes:
+                    lane.buffer.popleft()
+                    await self._quarantine(row, f"too large: {len(row.payload)} bytes > mqtt.max_message_bytes "
+                                                f"{self.max_message_bytes}")
+                    continue
+                mid = self.link.publish(row.topic, row.payload)
+                if mid is None:
+                    return sent > 0, throttled
+                lane.buffer.popleft()
+                self._inflight[mid] = row
+                self.published += 1
+                sent += 1
+        if self._backlog is not None:
+            self.backlog_remaining = len(self._backlog.buffer) + (0 if self._backlog.exhausted else 1)
+            if self._backlog.done:
+                self._backlog = None
+                self.backlog_remaining = 0
+                log.info("publisher.backlog_drained")
+        return sent > 0, throttled
+
+    async def _quarantine(self, row: PendingRow, reason: str) -> None:
+        try:
+            if await self.store.quarantine(row.id, reason):
+                self.quarantined += 1
+                log.error("publisher.quarantined", row=row.id, topic=row.topic, reason=reason)
+        except StoreError as exc:
+            log.error("publisher.quarantine_failed", row=row.id, error=str(exc))
 
     async def _ack_loop(self) -> None:
         while True:
             await asyncio.sleep(self.ack_interval)
+            if self._refused:
+                refused, self._refused = self._refused, []
+                for row, reason in refused:
+                    await self._quarantine(row, reason)
             if self._acked:
                 await self.flush_acks()
 
     async def flush_acks(self) -> None:
         if not self._acked:
             return
-        ids, self._acked = self._acked, []
-        await self.store.ack(ids)
-        self.acked += len(ids)
+        acked, self._acked = self._acked, []
+        try:
+            await self.store.ack(acked)
+        except StoreError as exc:
+            # e.g. a full disk: keep them and retry; worst case they are re-published after a restart (same ids)
+            self._acked = acked + self._acked
+            if not self._ack_error_logged:
+                self._ack_error_logged = True
+                log.error("publisher.ack_failed", error=str(exc), pending_acks=len(self._acked))
+            return
+        if self._ack_error_logged:
+            self._ack_error_logged = False
+            log.info("publisher.ack_recovered")
+        self.acked += len(acked)
         self.last_ack_time = time.time()
 
     @property

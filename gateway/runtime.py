@@ -68,6 +68,12 @@ class _OrderTagChanged:
 
 
 @dataclass
+class _ErpRejection:
+    event: dict[str, Any]
+    reason: str
+
+
+@dataclass
 class Stats:
     samples: int = 0
     events_committed: int = 0
@@ -77,13 +83,17 @@ class Stats:
     dispatch_rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     cut_read_failures: int = 0
     commit_failures: int = 0
+    dropped_while_full: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    erp_rejections: int = 0
+    acks_malformed: int = 0
 
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig, *, password: str | None = None) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_root, cfg.gateway)
-        self.store = Store(cfg.store.path, synchronous=cfg.store.synchronous)
+        self.store = Store(cfg.store.path, synchronous=cfg.store.synchronous,
+                           max_bytes=int(cfg.store.max_size_mb * 1024 * 1024))
         self.specs = {s.id: s for s in machine_specs(cfg)}
         self.engines: dict[str, MachineEngine] = {}
         self.stats = Stats()
@@ -101,10 +111,11 @@ class Gateway:
             password=password,
             will=(status_topic, self._status_payload("offline")),
             online=(status_topic, self._status_payload("online")),
-            subscriptions=[self.topics.dispatch_filter()],
+            subscriptions=[self.topics.dispatch_filter(), self.topics.acks_filter()],
             on_message=self._on_message,
         )
-        self.publisher = Publisher(self.store, self.link, window=cfg.mqtt.max_inflight)
+        self.publisher = Publisher(self.store, self.link, window=cfg.mqtt.max_inflight,
+                                   backlog_rate=cfg.mqtt.backlog_rate, max_message_bytes=cfg.mqtt.max_message_bytes)
         self.encoder: EventEncoder | None = None
         self._next_seq = 1
         self._uncommitted: list[OutboxRow] = []
@@ -139,6 +150,9 @@ class Gateway:
         self._queue.put_nowait(samples)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic.endswith("/acks"):
+            self._on_erp_ack(topic, payload)
+            return
         machine = self.topics.machine_of_dispatch(topic)
         try:
             if machine is None:
@@ -157,6 +171,36 @@ class Gateway:
                         size=len(payload))
             return
         self._queue.put_nowait(_Dispatch(machine, ctx))
+
+    def _on_erp_ack(self, topic: str, payload: bytes) -> None:
+        """The ERP rejected an event it received: keep it in the quarantine, visible and retryable."""
+        try:
+            doc = json.loads(payload)
+            if not isinstance(doc, dict) or doc.get("status") != "rejected":
+                return  # positive acknowledgements carry no action here
+            event = doc["event"]
+            if not isinstance(event, dict) or not isinstance(event.get("id"), str):
+                raise ValueError("'event' must be the rejected CloudEvent")
+            reason = str(doc.get("reason", "rejected by the ERP"))[:500]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            self.stats.acks_malformed += 1
+            log.warning("erp_ack.rejected", topic=topic, error=str(exc)[:200])
+            return
+        self._queue.put_nowait(_ErpRejection(event, reason))
+
+    async def _quarantine_rejection(self, r: "_ErpRejection") -> None:
+        ev = r.event
+        machine = str(ev.get("subject", ""))
+        etype = str(ev.get("type", ""))
+        try:
+            await self.store.quarantine_external(
+                seq=ev.get("seq") if isinstance(ev.get("seq"), int) else None, machine=machine, type=etype,
+                topic=self.topics.event(machine, etype), payload=json.dumps(ev).encode(), reason=f"ERP: {r.reason}")
+        except StoreError as exc:
+            log.error("erp_ack.quarantine_failed", id=ev.get("id"), error=str(exc))
+            return
+        self.stats.erp_rejections += 1
+        log.error("erp_ack.event_rejected", id=ev.get("id"), type=etype, machine=machine, reason=r.reason)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -222,6 +266,8 @@ class Gateway:
                     events.extend(await self._apply_dispatch(it))
                 elif isinstance(it, _OrderTagChanged):
                     events.extend(await self._apply_order_tags(it.machine))
+                elif isinstance(it, _ErpRejection):
+                    await self._quarantine_rejection(it)
                 elif it == "tick":
                     now = time.time()
                     for eng in self.engines.values():
@@ -314,10 +360,37 @@ class Gateway:
             out.extend(self._apply_samples(samples))
         return out
 
+    def _update_full(self) -> None:
+        full = self.store.full
+        if full != self._full:
+            self._full = full
+            for e in self.engines.values():
+                e.hold_reports = full
+            if full:
+                log.error("store.full", pending_bytes=self.store.pending_bytes, max_bytes=self.store.max_bytes,
+                          disk_full=self.store.disk_full,
+                          action="quantities accumulate in machine state; state-change events are dropped")
+            else:
+                log.info("store.space_recovered", pending_bytes=self.store.pending_bytes,
+                         dropped=dict(self.stats.dropped_while_full))
+            metrics.STORE_FULL.set(1 if full else 0)
+
+    _full = False
+
     def _stage(self, events: list[EventDraft]) -> None:
+        self._update_full()
         if not events:
             return
         assert self.encoder is not None
+        if self._full:
+            kept = []
+            for ev in events:
+                if ev.droppable:
+                    self.stats.dropped_while_full[ev.type] += 1
+                    metrics.DROPPED.labels(ev.type).inc()
+                else:
+                    kept.append(ev)
+            events = kept
         for ev in events:
             seq = self._next_seq
             self._next_seq += 1
@@ -335,7 +408,9 @@ class Gateway:
             await self.store.commit(states, rows, self._next_seq)
         except StoreError as exc:
             self.stats.commit_failures += 1
-            log.error("store.commit_failed", error=str(exc), pending_rows=len(rows))
+            if self.stats.commit_failures == 1 or not exc.disk_full:
+                log.error("store.commit_failed", error=str(exc), pending_rows=len(rows), disk_full=exc.disk_full)
+            self._update_full()
             await asyncio.sleep(0.5)  # rows stay staged with their sequence numbers; retried next round
             return
         for e in dirty:
@@ -355,12 +430,16 @@ class Gateway:
         comps = {f"connector.{cid}": c.status.as_dict() for cid, c in self.connectors.items()}
         comps["mqtt"] = self.link.status.as_dict()
         healthy = all(c.status.state == ComponentState.CONNECTED for c in self.connectors.values()) and \
-            self.link.status.state == ComponentState.CONNECTED
+            self.link.status.state == ComponentState.CONNECTED and not self.store.full
         return {
             "gateway": self.cfg.gateway.id,
             "healthy": healthy,
             "components": comps,
             "outbox_pending": self.store.pending,
+            "outbox_bytes": self.store.pending_bytes,
+            "quarantined": self.store.quarantined,
+            "backlog_remaining": self.publisher.backlog_remaining,
+            "alarms": (["store_full"] if self.store.full else []),
             "published": self.publisher.published,
             "acked": self.publisher.acked,
             "stats": {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self.stats).items()},

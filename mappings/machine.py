@@ -163,6 +163,9 @@ class MachineEngine:
         self.last_completed: tuple[str, str] | None = None
         self.anomalies = 0
         self.dirty = False
+        # set while the store is full: periodic / unit windows stay open (quantities keep accumulating in the
+        # persisted window) until space returns; changeover and completion still close them
+        self.hold_reports = False
         if snapshot:
             self._restore(snapshot)
 
@@ -248,7 +251,7 @@ class MachineEngine:
                 w.start = sample.time
                 w.opened_at = sample.recv_time
             w.end = sample.time
-            if self.spec.max_units and w.units() >= self.spec.max_units:
+            if self.spec.max_units and w.units() >= self.spec.max_units and not self.hold_reports:
                 out.extend(self.flush("units", sample.recv_time))
         return out
 
@@ -268,6 +271,8 @@ class MachineEngine:
     def tick(self, now: float) -> list[EventDraft]:
         """Periodic flush: call regularly with the gateway clock."""
         w = self.window
+        if self.hold_reports:
+            return []
         if w.opened_at is not None and not w.empty() and now - w.opened_at >= self.spec.interval_s:
             return self.flush("periodic", now)
         return []
