@@ -125,6 +125,58 @@ def _cmd_order(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def _cmd_buffer(args: argparse.Namespace) -> int:
+    """Operator tools on the store: list / export / retry / purge pending and quarantined events."""
+    from gateway import logs
+    from gateway.config import ConfigError, load_config
+    from gateway.store import Store, StoreError
+
+    logs.configure("console", "warning")  # stdout carries the data
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    if not os.path.exists(cfg.store.path):
+        print(f"no store at {cfg.store.path} (store.path in {args.config})", file=sys.stderr)
+        return EXIT_FAILED
+    table = "quarantine" if args.quarantine else "outbox"
+    ids = [int(x) for x in args.ids.split(",")] if args.ids else None
+
+    async def go() -> int:
+        async with Store(cfg.store.path, synchronous=cfg.store.synchronous) as store:
+            if args.action == "list":
+                rows = await store.list_rows(table, limit=args.limit)
+                print(json.dumps({"table": table, "pending": store.pending, "quarantined": store.quarantined,
+                                  "rows": rows}, indent=2, default=str))
+            elif args.action == "export":
+                rows = await store.export_rows(table)
+                out = open(args.out, "w") if args.out else sys.stdout
+                try:
+                    for r in rows:
+                        out.write(json.dumps(r, default=str) + "\n")
+                finally:
+                    if args.out:
+                        out.close()
+                print(f"exported {len(rows)} {table} rows" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
+            elif args.action == "retry":
+                n = await store.retry_quarantined(ids)
+                print(f"moved {n} quarantined events back to the outbox (the running gateway picks them up)")
+            elif args.action == "purge":
+                if not args.yes:
+                    print(f"purge deletes {table} rows for good: add --yes", file=sys.stderr)
+                    return EXIT_FAILED
+                n = await store.purge(table, ids)
+                print(f"purged {n} {table} rows")
+        return EXIT_OK
+
+    try:
+        return asyncio.run(go())
+    except StoreError as exc:
+        print(f"store error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -164,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--complete", action="store_true", help="mark the operation completed (final confirmation)")
     o.add_argument("--config", "-c", required=True, metavar="FILE")
     o.set_defaults(fn=_cmd_order)
+
+    b = sub.add_parser("buffer", help="list, export, retry or purge pending and quarantined events")
+    b.add_argument("action", choices=["list", "export", "retry", "purge"])
+    b.add_argument("--config", "-c", required=True, metavar="FILE")
+    b.add_argument("--quarantine", action="store_true", help="act on the quarantine (retry always does)")
+    b.add_argument("--ids", help="comma-separated row ids (default: all)")
+    b.add_argument("--limit", type=int, default=100, help="rows shown by list")
+    b.add_argument("--out", help="export to this file (JSON lines) instead of stdout")
+    b.add_argument("--yes", action="store_true", help="confirm purge")
+    b.set_defaults(fn=_cmd_buffer)
 
     d = sub.add_parser("demo", help="simulated machines + broker + gateway + ERP consumer in one process")
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS and compare ledger to truth")

@@ -254,6 +254,9 @@ class MqttLink:
             pass
 
 
+STRIKES = 3
+
+
 class _Lane:
     """A cursor over a range of outbox ids, read ahead in pages."""
 
@@ -322,6 +325,7 @@ class Publisher:
         self.backlog_remaining = 0
         self.last_ack_time: float | None = None
         self._ack_error_logged = False
+        self._strikes: dict[int, int] = {}  # row id -> connections lost while it was in flight
         link.on_puback = self._on_puback
 
     def notify(self) -> None:
@@ -335,6 +339,8 @@ class Publisher:
         row = self._inflight.pop(mid, None)
         if row is None:
             return
+        if self._strikes:
+            self._strikes.pop(row.id, None)
         if refused is None:
             self._acked.append((row.id, len(row.payload)))
         else:
@@ -377,8 +383,25 @@ class Publisher:
                         self._live.exhausted = False  # poll now and then: rows may come from `buffer retry`
         finally:
             lost.cancel()
+        poison = self._strike(list(self._inflight.values()))
         self._inflight.clear()
         self._live = self._backlog = None
+        if poison is not None:
+            await self._quarantine(poison, f"the broker closed the connection {STRIKES} times while this event was "
+                                           "the oldest in flight (refused: too large, or not allowed)")
+
+    def _strike(self, inflight: list[PendingRow]) -> PendingRow | None:
+        """A broker that refuses a message over MQTT 3.1.1 (or mosquitto over 5) just drops the connection. The row
+        that is still the oldest unacknowledged one after STRIKES dropped connections is a poison row."""
+        for row in inflight:
+            self._strikes[row.id] = self._strikes.get(row.id, 0) + 1
+        if not inflight:
+            return None
+        oldest = min(inflight, key=lambda r: r.id)
+        if self._strikes.get(oldest.id, 0) >= STRIKES:
+            self._strikes.pop(oldest.id, None)
+            return oldest
+        return None
 
     async def _next(self, lane: _Lane) -> PendingRow | None:
         if not lane.buffer:

@@ -199,11 +199,14 @@ class ErpConsumer:
         self._seqs: dict[tuple[str, str], set[int]] = {}
         self._events: list[dict[str, Any]] = []
         self.stats: dict[str, Any] = self._fresh_stats()
+        #: business rule of the ERP: returns a reason to refuse an event (it is then not posted and a rejection with
+        #: the event goes back to the gateway on ``.../{machine}/acks``), or None to post it
+        self.reject_rule: Callable[[dict[str, Any]], str | None] | None = None
 
     @staticmethod
     def _fresh_stats() -> dict[str, Any]:
         return {"accepted": 0, "duplicates": 0, "rejected": 0, "by_type": Counter(), "rejected_by_reason": Counter(),
-                "seq_reused": 0, "errors": 0, "connects": 0, "disconnects": 0}
+                "seq_reused": 0, "errors": 0, "connects": 0, "disconnects": 0, "refused": 0}
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self, timeout: float = 10.0) -> "ErpConsumer":
@@ -384,6 +387,9 @@ class ErpConsumer:
         with self._lock:
             try:
                 ev = parse_event(payload)
+                if self.reject_rule is not None and (why := self.reject_rule(ev)):
+                    self._refuse(topic, ev, why)
+                    return
                 accepted = self._commit_event(topic, payload, ev)
             except Rejected as exc:
                 self.stats["rejected"] += 1
@@ -397,6 +403,16 @@ class ErpConsumer:
                 return
             self.stats["accepted"] += 1
             self.stats["by_type"][ev["type"]] += 1
+
+    def _refuse(self, topic: str, ev: dict[str, Any], reason: str) -> None:
+        """Not posted (so a later retry of the same id is not a duplicate); the gateway quarantines it."""
+        self.stats["refused"] += 1
+        base, _, _ = topic.partition("/events/")
+        body = json.dumps({"status": "rejected", "id": ev["id"], "source": ev["source"], "reason": reason,
+                           "event": ev}, default=_json_default)
+        if self._client is not None:
+            self._client.publish(f"{base}/acks", body.encode(), qos=1)
+        log.warning("erp.event_refused", id=ev["id"], type=ev["type"], reason=reason)
 
     # -- queries -------------------------------------------------------------------------------------------------
     def ledger(self) -> dict[LedgerKey, dict[str, Decimal]]:
