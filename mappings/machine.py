@@ -161,6 +161,7 @@ class MachineEngine:
         self.yield_carry = ZERO
         self.machine_state: str | None = None
         self.last_completed: tuple[str, str] | None = None
+        self.order_totals: dict[str, dict[str, str]] = {}  # totals of recently active order/operations
         self.anomalies = 0
         self.dirty = False
         # set while the store is full: periodic / unit windows stay open (quantities keep accumulating in the
@@ -187,6 +188,7 @@ class MachineEngine:
             "yield_carry": dec_str(self.yield_carry),
             "machine_state": self.machine_state,
             "last_completed": list(self.last_completed) if self.last_completed else None,
+            "order_totals": self.order_totals,
         }
 
     def _restore(self, snap: dict[str, Any]) -> None:
@@ -209,6 +211,7 @@ class MachineEngine:
         self.totals = {k: Decimal(v) for k, v in snap.get("totals", {}).items()} or self.totals
         self.yield_carry = Decimal(snap.get("yield_carry", "0"))
         self.machine_state = snap.get("machine_state")
+        self.order_totals = dict(snap.get("order_totals", {}))
         lc = snap.get("last_completed")
         self.last_completed = (lc[0], lc[1]) if lc else None
 
@@ -286,9 +289,7 @@ class MachineEngine:
                 return self._complete(now)
             if self.last_completed == ctx.ref:
                 return []  # already completed (retained dispatch seen again after a restart)
-            # completion of an order that is not running here: close what runs, remember nothing else
-            out = self.flush("changeover", now) if cur is not None else []
-            return out
+            return []  # completion of an order that is not running here: nothing was counted for it
         if cur is not None and ctx is not None and cur.ref == ctx.ref:
             if cur != ctx:
                 self.context = ctx  # e.g. components updated: no changeover
@@ -297,8 +298,8 @@ class MachineEngine:
         if cur is None and ctx is None:
             return []
         out = self.flush("changeover", now)
+        self._switch_totals(ctx)
         self.context = ctx
-        self.totals = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
         self.dirty = True
         if ctx is not None:
             out.append(EventDraft("operation.started", self.spec.id, now, {
@@ -307,6 +308,23 @@ class MachineEngine:
                 "unit": ctx.unit or self.spec.unit,
             }))
         return out
+
+    MAX_REMEMBERED_ORDERS = 32
+
+    def _switch_totals(self, new: OrderContext | None) -> None:
+        """Totals are per order/operation: an operation that comes back (A -> B -> A) continues its own totals."""
+        old_key = self._totals_key(self.context)
+        self.order_totals.pop(old_key, None)
+        self.order_totals[old_key] = {k: dec_str(v) for k, v in self.totals.items()}
+        while len(self.order_totals) > self.MAX_REMEMBERED_ORDERS:
+            self.order_totals.pop(next(iter(self.order_totals)))
+        saved = self.order_totals.get(self._totals_key(new))
+        self.totals = {k: Decimal(saved[k]) for k in ("yield", "scrap", "rework")} if saved else \
+            {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
+
+    @staticmethod
+    def _totals_key(ctx: OrderContext | None) -> str:
+        return "" if ctx is None else f"{ctx.order}\x1f{ctx.operation}"
 
     def _complete(self, now: float) -> list[EventDraft]:
         cur = self.context
@@ -317,8 +335,10 @@ class MachineEngine:
             "totals": {k: dec_str(v) for k, v in self.totals.items()}, "unit": cur.unit or self.spec.unit,
         }))
         self.last_completed = cur.ref
-        self.context = None
+        self.order_totals.pop(self._totals_key(cur), None)  # final: a later restart of the operation starts at 0
         self.totals = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
+        self._switch_totals(None)
+        self.context = None
         self.dirty = True
         return out
 
@@ -339,6 +359,10 @@ class MachineEngine:
             else:
                 self.yield_carry = ZERO
         scrap, rework = q["scrap"], q["rework"]
+        if not (yld or scrap or rework):  # e.g. the total only caught up with scrap reported earlier
+            self.window = _Window()
+            self.dirty = True
+            return []
         self.totals["yield"] += yld
         self.totals["scrap"] += scrap
         self.totals["rework"] += rework

@@ -92,7 +92,7 @@ def test_reported_yield_equals_production_per_order(bits, start, steps):
             order = new_order
     t += 0.5
     read(reg)
-    collect(eng.flush("final", t))
+    collect(eng.flush("periodic", t))
     expected = {k: Decimal(v) for k, v in truth.items() if v}
     got = {k: v for k, v in reported.items() if v}
     assert got == expected

@@ -77,6 +77,31 @@ def test_total_minus_scrap():
     assert reported(eng.tick(200)) == [(None, "0", "1", "periodic")]
     feed(eng, [("total", 14, 201)])
     assert reported(eng.tick(300)) == [(None, "3", "0", "periodic")]
+    feed(eng, [("scrap", 4, 301)])
+    eng.tick(400)
+    feed(eng, [("total", 15, 401)])  # the total catches up with that scrap: nothing to report, no empty document
+    assert reported(eng.tick(500)) == []
+
+
+def test_totals_continue_when_an_operation_comes_back():
+    eng = MachineEngine(spec())
+    eng.dispatch(OrderContext("A", "10"), 0)
+    feed(eng, [("good", 0, 0), ("good", 5, 1)])
+    eng.dispatch(OrderContext("B", "10"), 2)
+    feed(eng, [("good", 7, 3)])
+    ev = eng.dispatch(OrderContext("A", "10"), 4)
+    assert ev[0].data["totals"]["yield"] == "2"  # B
+    feed(eng, [("good", 10, 5)])
+    ev = MachineEngine(spec(), eng.snapshot()).dispatch(OrderContext("A", "10", status="completed"), 6)
+    assert ev[-1].type == "operation.completed" and ev[-1].data["totals"]["yield"] == "8"
+
+
+def test_completion_of_an_order_that_is_not_running_changes_nothing():
+    eng = MachineEngine(spec())
+    eng.dispatch(OrderContext("A", "10"), 0)
+    feed(eng, [("good", 0, 0), ("good", 5, 1)])
+    assert eng.dispatch(OrderContext("Z", "10", status="completed"), 2) == []
+    assert eng.context.ref == ("A", "10") and reported(eng.tick(100)) == [("A", "5", "0", "periodic")]
 
 
 def test_backflush_consumption():
