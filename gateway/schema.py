@@ -224,6 +224,19 @@ class GatewayStatus(_Model):
     time: float = Field(description="Gateway clock when the status was built (POSIX seconds).")
 
 
+class ErpAck(BaseModel):
+    """ERP → gateway on ``.../{machine}/acks``: the ERP refused a delivered event. The gateway keeps the event in its
+    quarantine (``edge-gateway buffer list --quarantine``) until an operator retries or purges it. Positive
+    acknowledgements (``status: accepted``) are allowed and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["accepted", "rejected"] = Field(description="'rejected' quarantines the event.")
+    id: str = Field(description="The event id (CloudEvents id).")
+    source: str | None = Field(None, description="The event source.")
+    reason: str | None = Field(None, description="Why the ERP refused it (shown to the operator).")
+    event: dict[str, Any] | None = Field(None, description="The refused CloudEvent, required with status rejected.")
+
+
 # ---------------------------------------------------------------------------------------------------- JSON Schema
 def _schema_of(model: type[BaseModel], schema_id: str) -> dict[str, Any]:
     body = model.model_json_schema(mode="validation")
@@ -250,6 +263,10 @@ def status_schema() -> dict[str, Any]:
     return _schema_of(GatewayStatus, schema_id("status"))
 
 
+def ack_schema() -> dict[str, Any]:
+    return _schema_of(ErpAck, schema_id("ack"))
+
+
 # ---------------------------------------------------------------------------------------------------- AsyncAPI
 _HIERARCHY = {
     "enterprise": "ISA-95 enterprise (gateway.enterprise).",
@@ -267,7 +284,7 @@ def asyncapi_document(topic_root: str = "edge") -> dict[str, Any]:
     """AsyncAPI 3.0 document of the gateway's MQTT interface (the application described is the gateway)."""
     from gateway.dispatch import DispatchMessage
 
-    models: list[type[BaseModel]] = [*EVENT_MODELS.values(), DispatchMessage, GatewayStatus]
+    models: list[type[BaseModel]] = [*EVENT_MODELS.values(), DispatchMessage, GatewayStatus, ErpAck]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     schemas = defs["$defs"]
     base = f"{topic_root}/{CONTRACT_VERSION}/{{enterprise}}/{{site}}/{{area}}/{{line}}"
@@ -330,6 +347,27 @@ def asyncapi_document(topic_root: str = "edge") -> dict[str, Any]:
         "messages": [{"$ref": "#/channels/dispatch/messages/dispatch"}],
         "bindings": qos1_retained,
     }
+    messages["ack"] = {
+        "name": "ack",
+        "title": "ERP acknowledgement / rejection",
+        "summary": ErpAck.__doc__,
+        "contentType": "application/json",
+        "payload": {"$ref": "#/components/schemas/ErpAck"},
+    }
+    channels["acks"] = {
+        "address": f"{base}/{{machine}}/acks",
+        "title": "ERP acknowledgements (ERP → gateway)",
+        "description": f"QoS 1, not retained. The gateway subscribes to {base}/+/acks.",
+        "parameters": {**params, "machine": machine_param},
+        "messages": {"ack": {"$ref": "#/components/messages/ack"}},
+    }
+    operations["receive_acks"] = {
+        "action": "receive",
+        "title": "Receive ERP rejections",
+        "channel": {"$ref": "#/channels/acks"},
+        "messages": [{"$ref": "#/channels/acks/messages/ack"}],
+        "bindings": qos1,
+    }
     messages["status"] = {
         "name": "status",
         "title": "Gateway status",
@@ -385,6 +423,7 @@ def generated_files(topic_root: str = "edge") -> dict[str, str]:
     files = {f"{t}.schema.json": dump(s) for t, s in event_schemas().items()}
     files["dispatch.schema.json"] = dump(dispatch_schema())
     files["status.schema.json"] = dump(status_schema())
+    files["ack.schema.json"] = dump(ack_schema())
     files["asyncapi.json"] = dump(asyncapi_document(topic_root))
     return files
 

@@ -207,7 +207,7 @@ def test_asyncapi_document_covers_every_topic():
             node = node[part]
     assert "$defs" not in text
     payloads = {m["payload"]["$ref"].rsplit("/", 1)[1] for m in doc["components"]["messages"].values()}
-    assert {m.__name__ for m in schema.EVENT_MODELS.values()} | {"DispatchMessage", "GatewayStatus"} == payloads
+    assert {m.__name__ for m in schema.EVENT_MODELS.values()} | {"DispatchMessage", "GatewayStatus", "ErpAck"} == payloads
 
 
 def _key(channels, ch):
