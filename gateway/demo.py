@@ -27,10 +27,11 @@ IDENT = {"id": "demo-gw", "enterprise": "acme", "site": "plant-1", "area": "asse
 
 
 def demo_config(*, broker_port: int, opc_endpoint: str, opc_nodes: dict[str, str], modbus_port: int,
-                modbus_tags: dict[str, dict[str, Any]], store_path: str, interval_s: float = 1.0) -> GatewayConfig:
+                modbus_tags: dict[str, dict[str, Any]], store_path: str, interval_s: float = 1.0,
+                protocol: str = "5") -> GatewayConfig:
     doc = {
         "gateway": IDENT,
-        "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5, "protocol": protocol},
         "store": {"path": store_path},
         "connectors": [
             {"type": "opcua", "id": "press1-opc", "endpoint": opc_endpoint},
@@ -90,7 +91,8 @@ class Demo:
 
             cfg = demo_config(broker_port=broker.port, opc_endpoint=opc.endpoint, opc_nodes=opc.node_ids,
                               modbus_port=mb.port, modbus_tags=mb.tag_addresses(),
-                              store_path=str(self.workdir / "gateway.db"))
+                              store_path=str(self.workdir / "gateway.db"),
+                              protocol="5" if broker.kind == "mosquitto" else "3.1.1")
             self.gw = Gateway(cfg)
             gw_task = asyncio.create_task(self.gw.run(), name="gateway")
             stack.push_async_callback(self._stop_task, gw_task)
