@@ -121,3 +121,68 @@ def workdir(tmp_path: Path, name: str) -> str:
     p = tmp_path / name
     p.mkdir(parents=True, exist_ok=True)
     return str(p)
+
+
+# --- scenario helpers (tests/test_scenarios.py) ----------------------------------------------------------------------
+
+HIERARCHY = (IDENT["enterprise"], IDENT["site"], IDENT["area"], IDENT["line"])
+
+
+async def dispatch_order(erp: Any, rgw: RunningGateway, machine: str, model: MachineModel | None, order: str, op: str,
+                         *, components: list[dict[str, Any]] | None = None, timeout: float = 15) -> None:
+    """ERP dispatch (published off the event loop, so the machines keep their rate), wait until the gateway applied
+    it (its cut is done), then switch the simulated machine's order (``model=None``: leave the machine alone)."""
+    await asyncio.to_thread(erp.dispatch, *HIERARCHY, machine, order, op, components=components)
+    await rgw.wait_dispatch_applied(machine, order, op, timeout)
+    if model is not None:
+        model.set_order(order, op)
+
+
+class Production:
+    """A background ``run_forever()`` loop per machine: ``start()`` / ``pause()`` the models, the loops keep going."""
+
+    def __init__(self, *models: MachineModel) -> None:
+        self.models = models
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> "Production":
+        self.tasks = [asyncio.create_task(m.run_forever(), name=f"production-{m.name}") for m in self.models]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for m in self.models:
+            m.pause()
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+def stream_report(erp: Any) -> dict[str, Any]:
+    """What the ERP consumer saw of the event stream: seq gaps (must be none), duplicates dropped, rejects."""
+    return {"gaps": erp.gaps(), "duplicates": erp.stats["duplicates"], "rejected": erp.stats["rejected"],
+            "accepted": erp.stats["accepted"], "seq_reused": erp.stats["seq_reused"]}
+
+
+def consumed_by_component(erp: Any, machine: str, order: str, op: str) -> dict[str, Decimal]:
+    """Sum of the backflushed ``material.consumed`` quantities the ERP booked, per component material."""
+    out: dict[str, Decimal] = {}
+    for ev in erp.events("material.consumed"):
+        d = ev["data"]
+        if (d["machine"], d["order"], d["operation"]) != (machine, order, op):
+            continue
+        for c in d["components"]:
+            out[c["material"]] = out.get(c["material"], Decimal(0)) + Decimal(c["quantity"])
+    return out
+
+
+def rollovers_reported(erp: Any, machine: str) -> dict[str, int]:
+    """Rollovers the gateway documented in the evidence of its quantity reports, per counter."""
+    out: dict[str, int] = {}
+    for ev in erp.events("operation.quantity_reported"):
+        if ev["data"]["machine"] != machine:
+            continue
+        for e in ev["data"]["evidence"]:
+            out[e["counter"]] = out.get(e["counter"], 0) + e["rollovers"]
+    return out
