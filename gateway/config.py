@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from connectors import REGISTRY
+from connectors.secrets import read_secret
 from connectors.modbus.config import ModbusConnectorConfig
 from connectors.opcua.config import OpcUaConnectorConfig
 
@@ -82,18 +83,8 @@ class MqttConfig(_Model):
         return self
 
     def password(self) -> str | None:
-        """Resolve the password from the environment or a file (raises ConfigError-friendly ValueError)."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ValueError(f"mqtt.password_env: environment variable {self.password_env} is not set")
-            return value
-        if self.password_file:
-            try:
-                return Path(self.password_file).read_text().splitlines()[0]
-            except (OSError, IndexError) as exc:
-                raise ValueError(f"mqtt.password_file: cannot read a password from {self.password_file} ({exc})") from None
-        return None
+        """Resolve the password from the environment or a file (ValueError naming the field when it cannot)."""
+        return read_secret(self.password_env, self.password_file, field="mqtt.password")
 
 
 class StoreConfig(_Model):

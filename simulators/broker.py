@@ -71,7 +71,7 @@ class MosquittoBroker:
             f"user {user}",
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
-            *((f"persistence true", f"persistence_location {self.dir}/", "persistence_file mosquitto.db")
+            *(("persistence true", f"persistence_location {self.dir}/", "persistence_file mosquitto.db")
               if self.persistence else ("persistence false",)),
             # no per-client queue limit: a slow subscriber must not lose QoS 1 messages in tests
             "max_queued_messages 0",

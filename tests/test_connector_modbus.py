@@ -18,6 +18,7 @@ from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.modbus.config import ModbusConnectorConfig, ModbusTagConfig
 from connectors.modbus.connector import MAX_GAP, ModbusConnector, decode_registers, plan_blocks
 from mappings.samples import Sample
+from tests.faults import BlackHole
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 
@@ -389,45 +390,6 @@ async def test_schedule_has_no_drift(model: MachineModel, server: ModbusMachineS
     assert 45 <= polls <= 51  # 1 s / 20 ms
     assert abs(elapsed - polls * 0.02) < 0.02  # poll k sits at t0 + k * interval, errors do not add up
     assert conn.skipped_polls == 0
-
-
-class BlackHole:
-    """A TCP proxy that can stop forwarding without closing anything (a dead switch, a pulled cable)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.frozen = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers += [writer, up_writer]
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await src.read(65536):
-                    if not self.frozen:
-                        dst.write(data)
-                        await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in self._writers:
-            w.close()
 
 
 async def test_unresponsive_device_times_out_skips_slots_and_recovers(

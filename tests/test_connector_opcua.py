@@ -18,6 +18,7 @@ from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
 from connectors.opcua.connector import OpcUaConnector, datavalue_to_sample
 from mappings.samples import Sample
+from tests.faults import BlackHole
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
 
@@ -285,45 +286,6 @@ async def test_unreachable_server_then_available(model: MachineModel) -> None:
             await eventually(lambda: "press-1/good" in sink.last, what="initial values")
     finally:
         await server.stop()
-
-
-class BlackHole:
-    """A TCP proxy that can stop forwarding without closing anything (a dead switch, a pulled cable)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.frozen = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers += [writer, up_writer]
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await src.read(65536):
-                    if not self.frozen:
-                        dst.write(data)
-                        await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in self._writers:
-            w.close()
 
 
 async def test_blackholed_connection_is_detected_and_bounded(model: MachineModel, server: OpcUaMachineServer) -> None:

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import functools
 import math
-import os
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ import structlog
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
 
+from connectors.secrets import read_secret
 from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
@@ -208,18 +208,13 @@ class OpcUaConnector(Connector):
 
     def _password(self) -> str:
         cfg = self.config
-        if cfg.password_env:
-            pw = os.environ.get(cfg.password_env)
-            if pw is None:
-                raise RuntimeError(f"environment variable {cfg.password_env!r} (password_env) is not set")
-            return pw
-        if cfg.password_file:
-            try:
-                with open(cfg.password_file, encoding="utf-8") as f:
-                    return f.read().rstrip("\r\n")
-            except OSError as exc:
-                raise RuntimeError(f"cannot read password_file {cfg.password_file!r}: {exc.strerror}") from None
-        raise RuntimeError("username is set but neither password_env nor password_file")
+        try:
+            pw = read_secret(cfg.password_env, cfg.password_file, field=f"connectors[{cfg.id}].password")
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
+        if pw is None:
+            raise RuntimeError("username is set but neither password_env nor password_file")
+        return pw
 
     async def _subscribe(self, client: Client, gen: int) -> None:
         cfg = self.config
