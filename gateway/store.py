@@ -187,11 +187,14 @@ class Store:
                 await db.execute("BEGIN IMMEDIATE")
                 await fn(db)
                 await db.execute("COMMIT")
-            except Exception as exc:
+            except BaseException as exc:
+                # also on cancellation (gateway stop): never leave the transaction open for the next writer
                 try:
-                    await db.execute("ROLLBACK")
-                except Exception:  # noqa: BLE001 - the rollback error is secondary (no transaction left)
+                    await asyncio.shield(db.execute("ROLLBACK"))
+                except BaseException:  # noqa: BLE001 - the rollback error is secondary (no transaction left)
                     pass
+                if not isinstance(exc, Exception):
+                    raise
                 full = _is_disk_full(exc)
                 if full:
                     self.disk_full = True

@@ -47,7 +47,7 @@ async def wait_until(pred, timeout=20.0):
 
 
 async def fill(store, start, n):
-    rows = [OutboxRow(i, "m1", "x", f"t/m1", json.dumps({"n": i}).encode()) for i in range(start, start + n)]
+    rows = [OutboxRow(i, "m1", "x", "t/m1", json.dumps({"n": i}).encode()) for i in range(start, start + n)]
     await store.commit({}, rows, start + n)
 
 
