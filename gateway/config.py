@@ -120,6 +120,13 @@ class CounterConfig(BaseModel):
     )
 
 
+class MaterialMeterConfig(CounterConfig):
+    """A meter of consumed material (a flow or weight totaliser): counted like a counter, reported as
+    ``material.consumed`` (method ``metered``) with its unit of measure."""
+
+    unit: str = Field(min_length=1, max_length=8, description="Unit of measure of the metered material (ISO), e.g. KG.")
+
+
 class StateConfig(BaseModel):
     """Machine state tag and how its raw values map to states."""
 
@@ -157,6 +164,9 @@ class MachineConfig(_Model):
     unit: str = Field("PCE", min_length=1, description="Unit of measure of the counted quantity (ISO code).")
     counters: dict[CounterName, CounterConfig] = Field(description="Counter bindings: good, scrap, rework, total.")
     state: StateConfig | None = Field(None, description="Optional machine state tag.")
+    materials: dict[str, MaterialMeterConfig] = Field(
+        default_factory=dict, description="Material meters by material number: metered consumption (goods issue 261)."
+    )
     order_source: Literal["mqtt", "tag", "local"] = Field(
         "mqtt",
         description="Where the active production order comes from: 'mqtt' (ERP dispatch, retained), 'tag' (PLC tags "
@@ -350,6 +360,7 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
 
     own_fields = {
         "counter": set(CounterConfig.model_fields),
+        "material": set(MaterialMeterConfig.model_fields),
         "state": set(StateConfig.model_fields),
         "order": set(TagConfig.model_fields),
         "operation": set(TagConfig.model_fields),
@@ -363,6 +374,9 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
         counters = m.get("counters")
         if isinstance(counters, dict):
             bindings += [(str(n), ("machines", i, "counters", n), b) for n, b in counters.items()]
+        materials = m.get("materials")
+        if isinstance(materials, dict):
+            bindings += [(f"material:{n}", ("machines", i, "materials", n), b) for n, b in materials.items()]
         for sig in ("state", "order_tag", "operation_tag"):
             if m.get(sig) is not None:
                 bindings.append((sig.removesuffix("_tag"), ("machines", i, sig), m.get(sig)))
@@ -377,7 +391,8 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
                     problems.append((base + ("connector",), f"unknown connector {cid!r}; defined connectors: {known}"))
                 continue
             kind = REGISTRY[ctype]
-            fields = own_fields[signal if signal in non_counters else "counter"]
+            fields = own_fields[signal if signal in non_counters else
+                                "material" if signal.startswith("material:") else "counter"]
             address_part = {k: v for k, v in b.items() if k not in fields}
             try:
                 addr = kind.tag_model.model_validate(address_part)

@@ -20,7 +20,7 @@ import structlog
 
 from connectors import REGISTRY
 from connectors.base import ComponentState, Connector, TagBinding
-from connectors.errors import ConnectorError
+from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.config import GatewayConfig, counter_modulus
 from gateway.dispatch import DispatchRejected, parse_dispatch
@@ -28,7 +28,7 @@ from gateway.events import EventEncoder, Topics
 from gateway.mqtt import MqttLink, Publisher
 from gateway.store import OutboxRow, Store, StoreError
 from mappings.counters import CounterSpec
-from mappings.machine import CounterBinding, EventDraft, MachineEngine, MachineSpec, OrderContext
+from mappings.machine import CounterBinding, EventDraft, MachineEngine, MachineSpec, MaterialMeter, OrderContext
 from mappings.samples import Sample
 
 log = structlog.get_logger(__name__)
@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 TICK_S = 0.25
 CHECKPOINT_S = 1.0
 CUT_READ_TIMEOUT_S = 3.0
+CUT_RETRY_S = 0.05  # a cut read of a connector that is not connected yet is retried this often
 
 
 def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
@@ -47,8 +48,14 @@ def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
             counters[name] = CounterBinding(
                 CounterSpec(name=name, mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate), b.scale
             )
+        materials = {}
+        for name, b in m.materials.items():
+            modulus, signed = counter_modulus(b, cfg.tag_address(m.id, f"material:{name}"))
+            materials[name] = MaterialMeter(CounterBinding(
+                CounterSpec(name=f"material:{name}", mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate),
+                b.scale), b.unit)
         specs.append(MachineSpec(
-            id=m.id, counters=counters, unit=m.unit,
+            id=m.id, counters=counters, unit=m.unit, materials=materials,
             state_values=None if m.state is None else dict(m.state.values),
             interval_s=m.reporting.interval_s, max_units=m.reporting.max_units,
         ))
@@ -129,6 +136,7 @@ class Gateway:
         bindings: dict[str, list[TagBinding]] = defaultdict(list)
         for m in self.cfg.machines:
             signals: list[tuple[str, Any]] = list(m.counters.items())
+            signals += [(f"material:{name}", b) for name, b in m.materials.items()]
             for name, tag in (("state", m.state), ("order", m.order_tag), ("operation", m.operation_tag)):
                 if tag is not None:
                     signals.append((name, tag))
@@ -348,16 +356,31 @@ class Gateway:
         return out
 
     async def _cut(self, machine: str) -> list[EventDraft]:
-        """Read every counter of the machine now, so counts up to the changeover go to the old order."""
+        """Read every counter of the machine now, so counts up to the changeover go to the old order.
+
+        A connector that is not available yet is retried until ``CUT_READ_TIMEOUT_S``: typically the retained
+        dispatch arrives right after a restart, a few ms before the OPC UA session is up, and a changeover applied
+        without the cut would book every part made since the last committed read to the new order."""
+        loop = asyncio.get_running_loop()
         out: list[EventDraft] = []
         for cid, keys in self._machine_connectors[machine].items():
-            try:
-                samples = await self.connectors[cid].read(keys, timeout=CUT_READ_TIMEOUT_S)
-            except (ConnectorError, asyncio.TimeoutError) as exc:
+            deadline = loop.time() + CUT_READ_TIMEOUT_S
+            while True:
+                try:
+                    samples = await self.connectors[cid].read(keys, timeout=max(0.1, deadline - loop.time()))
+                except (ConnectorUnavailable, asyncio.TimeoutError) as exc:
+                    if loop.time() + CUT_RETRY_S < deadline:
+                        await asyncio.sleep(CUT_RETRY_S)
+                        continue
+                    failure: Exception = exc
+                except ConnectorError as exc:
+                    failure = exc
+                else:
+                    out.extend(self._apply_samples(samples))
+                    break
                 self.stats.cut_read_failures += 1
-                log.warning("changeover.cut_read_failed", machine=machine, connector=cid, error=str(exc))
-                continue
-            out.extend(self._apply_samples(samples))
+                log.warning("changeover.cut_read_failed", machine=machine, connector=cid, error=str(failure))
+                break
         return out
 
     def _update_full(self) -> None:

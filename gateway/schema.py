@@ -81,7 +81,7 @@ class ConsumedComponent(_Model):
     """One component (BOM item) consumed."""
 
     material: str = Field(min_length=1, description="Material number of the component.")
-    quantity: Decimal_ = Field(description="Quantity consumed: (yield + scrap) x quantity_per_unit.")
+    quantity: Decimal_ = Field(description="Quantity consumed: (yield + scrap) x quantity_per_unit, or the metered quantity.")
     unit: str = Field(min_length=1, description="Unit of measure of the component.")
 
 
@@ -131,14 +131,17 @@ class OperationCompletedData(_Model):
 
 
 class MaterialConsumedData(_Model):
-    """Component consumption backflushed from the order's components for the yield + scrap of one window."""
+    """Material consumed in one window: backflushed from the order's components for the window's yield + scrap,
+    or metered by a material meter on the machine."""
 
     machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
-    order: str = Field(min_length=1, description="Production order number.")
-    operation: str = Field(min_length=1, description="Operation / activity number.")
-    method: Literal["backflush"] = Field(description="How consumption was determined: backflush (from the dispatch's "
-                                                     "components, not metered).")
-    basis: ConsumptionBasis = Field(description="Produced quantity the consumption was computed from.")
+    order: str | None = Field(description="Production order number; null when metered with no active order.")
+    operation: str | None = Field(description="Operation / activity number; null when unassigned.")
+    unassigned: bool = Field(description="True when no order was active (metered consumption only).")
+    method: Literal["backflush", "metered"] = Field(
+        description="backflush: computed from the dispatch's components; metered: read from a material meter.")
+    basis: ConsumptionBasis | None = Field(
+        description="Produced quantity a backflush was computed from; null for metered consumption.")
     movement_type: Literal["261"] = Field(description="SAP goods movement type: 261 = goods issue for the order.")
     components: list[ConsumedComponent] = Field(min_length=1, description="Consumed components.")
 

@@ -45,6 +45,15 @@ class CounterBinding:
 
 
 @dataclass(frozen=True)
+class MaterialMeter:
+    binding: CounterBinding
+    unit: str
+
+
+MATERIAL_PREFIX = "material:"
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     id: str
     counters: dict[str, CounterBinding]
@@ -52,12 +61,13 @@ class MachineSpec:
     state_values: dict[str, str] | None = None  # None: no state tag bound; {}: raw text is the state
     interval_s: float = 5.0
     max_units: int | None = None
+    materials: dict[str, "MaterialMeter"] = field(default_factory=dict)  # metered consumption, by material number
 
     def key(self, signal: str) -> str:
         return f"{self.id}/{signal}"
 
     def keys(self) -> list[str]:
-        keys = [self.key(name) for name in self.counters]
+        keys = [self.key(name) for name in self.counters] + [self.key(MATERIAL_PREFIX + m) for m in self.materials]
         if self.state_values is not None:
             keys.append(self.key("state"))
         return keys
@@ -143,6 +153,7 @@ class _Window:
     end: float | None = None
     q: dict[str, Decimal] = field(default_factory=lambda: {k: ZERO for k in QUANTITY_KINDS})
     evidence: dict[str, _Evidence] = field(default_factory=dict)
+    materials: dict[str, Decimal] = field(default_factory=dict)  # metered consumption in this window
 
     def empty(self) -> bool:
         return all(v == 0 for v in self.q.values())
@@ -155,6 +166,7 @@ class MachineEngine:
     def __init__(self, spec: MachineSpec, snapshot: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.counters: dict[str, CounterState] = {name: CounterState() for name in spec.counters}
+        self.counters.update({MATERIAL_PREFIX + m: CounterState() for m in spec.materials})
         self.context: OrderContext | None = None
         self.window = _Window()
         self.totals: dict[str, Decimal] = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
@@ -183,6 +195,7 @@ class MachineEngine:
                 "end": w.end,
                 "q": {k: dec_str(v) for k, v in w.q.items()},
                 "evidence": {n: e.to_dict() for n, e in w.evidence.items()},
+                "materials": {m: dec_str(v) for m, v in w.materials.items()},
             },
             "totals": {k: dec_str(v) for k, v in self.totals.items()},
             "yield_carry": dec_str(self.yield_carry),
@@ -207,6 +220,7 @@ class MachineEngine:
                 n: _Evidence(e["from"], e["to"], e["rollovers"], e["resets"], e.get("glitches", 0))
                 for n, e in w.get("evidence", {}).items()
             },
+            materials={m: Decimal(v) for m, v in w.get("materials", {}).items()},
         )
         self.totals = {k: Decimal(v) for k, v in snap.get("totals", {}).items()} or self.totals
         self.yield_carry = Decimal(snap.get("yield_carry", "0"))
@@ -220,7 +234,9 @@ class MachineEngine:
         """Apply one sample of ``signal`` (counter name or 'state')."""
         if signal == "state":
             return self._apply_state(sample)
-        binding = self.spec.counters.get(signal)
+        material = signal[len(MATERIAL_PREFIX):] if signal.startswith(MATERIAL_PREFIX) else None
+        binding = self.spec.counters.get(signal) if material is None else (
+            self.spec.materials[material].binding if material in self.spec.materials else None)
         if binding is None:
             return []
         state = self.counters[signal]
@@ -249,7 +265,10 @@ class MachineEngine:
                 ev.resets += 1
             elif res.outcome == "glitch":
                 ev.glitches += 1
-            w.q[signal] += res.delta * binding.scale
+            if material is None:
+                w.q[signal] += res.delta * binding.scale
+            else:
+                w.materials[material] = w.materials.get(material, ZERO) + res.delta * binding.scale
             if w.start is None:
                 w.start = sample.time
                 w.opened_at = sample.recv_time
@@ -276,7 +295,8 @@ class MachineEngine:
         w = self.window
         if self.hold_reports:
             return []
-        if w.opened_at is not None and not w.empty() and now - w.opened_at >= self.spec.interval_s:
+        if w.opened_at is not None and (not w.empty() or any(w.materials.values())) \
+                and now - w.opened_at >= self.spec.interval_s:
             return self.flush("periodic", now)
         return []
 
@@ -344,11 +364,29 @@ class MachineEngine:
 
     # ------------------------------------------------------------------ reporting
     def flush(self, reason: str, now: float) -> list[EventDraft]:
-        """Close the reporting window: one quantity report (plus backflushed consumption) if anything was counted."""
+        """Close the reporting window: one quantity report (plus backflushed consumption) if anything was counted,
+        and one metered consumption report if a material meter moved."""
         w = self.window
-        if w.empty():
-            self.window = _Window()
+        metered = [(m, q) for m, q in w.materials.items() if q]
+        self.window = _Window()
+        if w.empty() and not metered:
             return []
+        self.dirty = True
+        ctx = self.context
+        unit = (ctx.unit if ctx and ctx.unit else None) or self.spec.unit
+        t = w.end if w.end is not None else now
+        out = self._quantity_report(w, reason, ctx, unit, t) if not w.empty() else []
+        if metered:
+            out.append(EventDraft("material.consumed", self.spec.id, t, {
+                "machine": self.spec.id, "order": ctx.order if ctx else None,
+                "operation": ctx.operation if ctx else None, "unassigned": ctx is None, "method": "metered",
+                "basis": None, "movement_type": "261",
+                "components": [{"material": m, "quantity": dec_str(q), "unit": self.spec.materials[m].unit}
+                               for m, q in metered],
+            }))
+        return out
+
+    def _quantity_report(self, w: "_Window", reason: str, ctx: OrderContext | None, unit: str, t: float) -> list[EventDraft]:
         q = w.q
         if "good" in self.spec.counters:
             yld = q["good"]
@@ -360,15 +398,10 @@ class MachineEngine:
                 self.yield_carry = ZERO
         scrap, rework = q["scrap"], q["rework"]
         if not (yld or scrap or rework):  # e.g. the total only caught up with scrap reported earlier
-            self.window = _Window()
-            self.dirty = True
             return []
         self.totals["yield"] += yld
         self.totals["scrap"] += scrap
         self.totals["rework"] += rework
-        ctx = self.context
-        unit = (ctx.unit if ctx and ctx.unit else None) or self.spec.unit
-        t = w.end if w.end is not None else now
         data = {
             "machine": self.spec.id,
             "order": ctx.order if ctx else None,
@@ -379,13 +412,14 @@ class MachineEngine:
             "quantities": {"yield": dec_str(yld), "scrap": dec_str(scrap), "rework": dec_str(rework)},
             "unit": unit,
             "totals": {k: dec_str(v) for k, v in self.totals.items()},
-            "evidence": [{"counter": n, **e.to_dict()} for n, e in w.evidence.items()],
+            "evidence": [{"counter": n, **e.to_dict()} for n, e in w.evidence.items() if not n.startswith("material:")],
         }
         out = [EventDraft("operation.quantity_reported", self.spec.id, t, data)]
         if ctx and ctx.components and (yld or scrap):
             consumed = yld + scrap
             out.append(EventDraft("material.consumed", self.spec.id, t, {
-                "machine": self.spec.id, "order": ctx.order, "operation": ctx.operation, "method": "backflush",
+                "machine": self.spec.id, "order": ctx.order, "operation": ctx.operation, "unassigned": False,
+                "method": "backflush",
                 "basis": {"yield": dec_str(yld), "scrap": dec_str(scrap), "unit": unit},
                 "movement_type": "261",
                 "components": [
@@ -393,8 +427,6 @@ class MachineEngine:
                     for c in ctx.components
                 ],
             }))
-        self.window = _Window()
-        self.dirty = True
         return out
 
     def _anomaly(self, counter: str, kind: str, prev: int | None, value: int | None, t: float, **extra: Any) -> EventDraft:

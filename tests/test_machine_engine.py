@@ -128,3 +128,27 @@ def test_state_changes():
     eng = MachineEngine(spec(state_values={"1": "running", "0": "idle"}))
     ev = eng.apply(s("state", 1, 0), "state") + eng.apply(s("state", 1, 1), "state") + eng.apply(s("state", 0, 2), "state")
     assert [(e.data["previous"], e.data["state"]) for e in ev] == [(None, "running"), ("running", "idle")]
+
+
+def test_metered_material_consumption_validates_against_the_contract():
+    from gateway.config import GatewayIdentity
+    from gateway.events import EventEncoder, Topics
+    from gateway.schema import validate_event
+    from mappings.machine import MaterialMeter
+
+    meter = MaterialMeter(CounterBinding(CounterSpec("material:RM-OIL", modulus=2**32, max_rate=10_000), Decimal("0.001")), "L")
+    eng = MachineEngine(spec(materials={"RM-OIL": meter}))
+    feed(eng, [("material:RM-OIL", 1000, 0), ("material:RM-OIL", 3500, 1)])   # unassigned: no order yet
+    ev = eng.tick(10)
+    assert [e.type for e in ev] == ["material.consumed"]
+    assert ev[0].data["components"] == [{"material": "RM-OIL", "quantity": "2.5", "unit": "L"}]
+    assert ev[0].data["unassigned"] is True and ev[0].data["method"] == "metered"
+    eng.dispatch(OrderContext("A", "10"), 11)
+    feed(eng, [("good", 0, 11), ("good", 4, 12), ("material:RM-OIL", 4000, 12)])
+    ev += eng.tick(30)
+    assert [e.type for e in ev[1:]] == ["operation.quantity_reported", "material.consumed"]
+    assert ev[-1].data["order"] == "A" and ev[-1].data["components"][0]["quantity"] == "0.5"
+    ident = GatewayIdentity(id="gw", enterprise="e", site="s", area="a", line="l")
+    enc = EventEncoder(ident, Topics("edge", ident), "epoch1")
+    for i, e in enumerate(ev, 1):
+        validate_event(enc.encode(e, i)[1])
