@@ -423,7 +423,8 @@ class Gateway:
     async def _commit(self, *, force: bool = False) -> None:
         dirty = [e for e in self.engines.values() if e.dirty]
         now = time.monotonic()
-        if not self._uncommitted and not (dirty and (force or now - self._last_checkpoint >= CHECKPOINT_S)):
+        urgent = any(e.urgent for e in dirty)
+        if not self._uncommitted and not (dirty and (force or urgent or now - self._last_checkpoint >= CHECKPOINT_S)):
             return
         states = {e.spec.id: e.snapshot() for e in dirty}
         rows = self._uncommitted
@@ -437,7 +438,7 @@ class Gateway:
             await asyncio.sleep(0.5)  # rows stay staged with their sequence numbers; retried next round
             return
         for e in dirty:
-            e.dirty = False
+            e.dirty = e.urgent = False
         self._uncommitted = []
         self._last_checkpoint = now
         self.stats.commits += 1

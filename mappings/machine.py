@@ -179,6 +179,7 @@ class MachineEngine:
         # set while the store is full: periodic / unit windows stay open (quantities keep accumulating in the
         # persisted window) until space returns; changeover and completion still close them
         self.hold_reports = False
+        self.urgent = False  # state that only exists here (reset-on-read deltas): commit without waiting
         if snapshot:
             self._restore(snapshot)
 
@@ -246,6 +247,9 @@ class MachineEngine:
                 self.dirty = True  # last_time moved
             return []
         self.dirty = True
+        if binding.spec.mode != "cumulative" and res.delta:
+            # the device forgot this count when it was read: persist it now, not at the next checkpoint
+            self.urgent = True
         out: list[EventDraft] = []
         w = self.window
         ev = w.evidence.get(signal)

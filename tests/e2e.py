@@ -115,6 +115,15 @@ async def assert_ledger_matches(erp: Any, models: dict[str, MachineModel], timeo
         await wait_until(lambda: ledger_view(erp, set(models)) == expected, timeout)
     except AssertionError:
         raise AssertionError(f"ERP ledger != ground truth\n ledger: {ledger_view(erp, set(models))}\n truth:  {expected}") from None
+    assert_events_valid(erp)
+
+
+def assert_events_valid(erp: Any) -> None:
+    """Every event the ERP received validates against its generated JSON Schema and the CloudEvents SDK."""
+    from gateway.schema import validate_event
+
+    for ev in erp.events():
+        validate_event(ev)
 
 
 def workdir(tmp_path: Path, name: str) -> str:

@@ -152,3 +152,11 @@ def test_metered_material_consumption_validates_against_the_contract():
     enc = EventEncoder(ident, Topics("edge", ident), "epoch1")
     for i, e in enumerate(ev, 1):
         validate_event(enc.encode(e, i)[1])
+
+
+def test_reset_on_read_delta_asks_for_an_immediate_commit():
+    eng = MachineEngine(spec(counters={"good": CounterBinding(CounterSpec("good", mode="reset_on_read"))}))
+    feed(eng, [("good", 0, 0)])
+    assert not eng.urgent
+    feed(eng, [("good", 3, 1)])
+    assert eng.urgent and eng.snapshot()["window"]["q"]["good"] == "3"
