@@ -60,6 +60,7 @@ class Demo:
         self.workdir = workdir
         self.seed = seed
         self.orders: dict[str, list[tuple[str, str]]] = {"press-1": [], "press-2": []}
+        self.header: list[str] = []
 
     async def run(self, duration: float | None) -> int:
         from simulators.broker import EmbeddedBroker
@@ -73,7 +74,7 @@ class Demo:
             broker = EmbeddedBroker(workdir=self.workdir)
             await broker.start()
             stack.push_async_callback(broker.stop)
-            print(f"broker      {broker.kind} on 127.0.0.1:{broker.port}")
+            self._say(f"broker      {broker.kind} on 127.0.0.1:{broker.port}")
 
             self.m1 = MachineModel("Press1", cycle_time=0.2, scrap_rate=0.06, seed=self.seed, counter_bits=32)
             self.m2 = MachineModel("Press2", cycle_time=0.12, scrap_rate=0.04, seed=self.seed + 1, counter_bits=16,
@@ -82,8 +83,8 @@ class Demo:
             mb = ModbusMachineServer(self.m2, host="127.0.0.1", port=free_port(), unit_id=1)
             await stack.enter_async_context(opc)
             await stack.enter_async_context(mb)
-            print(f"press-1     OPC UA  {opc.endpoint}  (32-bit counters)")
-            print(f"press-2     Modbus  127.0.0.1:{mb.port}  (16-bit counters starting at 65500: watch the rollover)")
+            self._say(f"press-1     OPC UA  {opc.endpoint}  (32-bit counters)")
+            self._say(f"press-2     Modbus  127.0.0.1:{mb.port}  (16-bit counters starting at 65500: watch the rollover)")
 
             erp = ErpConsumer("127.0.0.1", broker.port, db_path=str(self.workdir / "erp.db"))
             await stack.enter_async_context(erp)
@@ -115,7 +116,7 @@ class Demo:
                 while (duration is None or time.monotonic() - t0 < duration) and not stop.is_set():
                     if not changed and duration is not None and time.monotonic() - t0 >= duration / 2:
                         changed = True
-                        print("\n--> changeover: press-1 switches to order 1000003 / 0010\n")
+                        self._say("--> changeover: press-1 switches to order 1000003 / 0010")
                         self.m1.pause()
                         await self._dispatch("press-1", self.m1, "1000003", "0010")
                         self.m1.start()
@@ -135,6 +136,10 @@ class Demo:
                   f"outbox pending {st['outbox_pending']}, ERP duplicates dropped {erp.stats['duplicates']}")
             print("RESULT: ledger == truth for both machines" if ok else "RESULT: MISMATCH between ledger and truth")
             return 0 if ok else 1
+
+    def _say(self, line: str) -> None:
+        self.header.append(line)
+        print(line, flush=True)
 
     async def _stop_task(self, task: asyncio.Task[Any]) -> None:
         task.cancel()
@@ -189,7 +194,10 @@ class Demo:
             same = Decimal(g) == y and Decimal(s) == sc
             mark = "ok" if same else ("MISMATCH" if final else "in transit")
             lines.append(f"{machine:<9} {order:<9} {op:<5} {g:>10} {s:>10} {y!s:>10} {sc!s:>10}  {mark}")
-        print("\n".join(lines), flush=True)
+        if sys.stdout.isatty() and not final:
+            print("\x1b[H\x1b[J" + "\n".join(self.header + lines), flush=True)  # redraw in place
+        else:
+            print("\n".join(lines), flush=True)
 
 
 def run_demo(*, duration: float | None, workdir: str | None, seed: int) -> int:
