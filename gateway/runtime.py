@@ -128,6 +128,7 @@ class Gateway:
         self._uncommitted: list[OutboxRow] = []
         self._last_checkpoint = 0.0
         self.started = asyncio.Event()
+        self.crashes: dict[str, int] = {}
         self._stopping = False
         self._build_connectors()
 
@@ -228,13 +229,13 @@ class Gateway:
                 await self.http.start()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(self.link.run(), name="mqtt.link"),
-                    tg.create_task(self.publisher.run(), name="publisher"),
+                    tg.create_task(self._supervise("mqtt.link", self.link.run), name="mqtt.link"),
+                    tg.create_task(self._supervise("publisher", self.publisher.run), name="publisher"),
                     tg.create_task(self._core(), name="core"),
                     tg.create_task(self._ticker(), name="ticker"),
                 ]
                 for cid, conn in self.connectors.items():
-                    tasks.append(tg.create_task(conn.run(), name=f"connector.{cid}"))
+                    tasks.append(tg.create_task(self._supervise(f"connector.{cid}", conn.run), name=f"connector.{cid}"))
                 self._tasks = tasks
                 self.started.set()
         finally:
@@ -253,6 +254,26 @@ class Gateway:
             await asyncio.wait_for(self.publisher.flush_acks(), timeout=2)
         await self.store.close()
         log.info("gateway.stopped", gateway=self.cfg.gateway.id)
+
+    async def _supervise(self, name: str, run: Any) -> None:
+        """Restart a component whose loop died of an unexpected error (a bug or a library surprise), with backoff;
+        the rest of the gateway keeps counting. The core loop is not supervised: its state is the engines'."""
+        from connectors.base import Backoff
+
+        backoff = Backoff(0.5, 30.0)
+        while True:
+            started = time.monotonic()
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported and restarted
+                self.crashes[name] = self.crashes.get(name, 0) + 1
+                log.error("component.crashed", component=name, error=repr(exc)[:500], restarts=self.crashes[name])
+                if time.monotonic() - started > 60:
+                    backoff.reset()
+                await asyncio.sleep(backoff.next())
 
     async def _ticker(self) -> None:
         while True:
@@ -464,6 +485,7 @@ class Gateway:
             "quarantined": self.store.quarantined,
             "backlog_remaining": self.publisher.backlog_remaining,
             "alarms": (["store_full"] if self.store.full else []),
+            "component_restarts": dict(self.crashes),
             "published": self.publisher.published,
             "acked": self.publisher.acked,
             "stats": {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self.stats).items()},

@@ -218,3 +218,39 @@ async def test_disk_full_no_crash_alarm_and_exact_after_space_returns(tmp_path, 
             assert rows[0][0] == "ok"
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+async def test_a_crashing_component_is_restarted_and_counting_goes_on(tmp_path, mqtt_broker, rig):
+    model, mb, erp = rig
+    gw = RunningGateway(parse_config(doc_for(mb, mqtt_broker.port, tmp_path / "gw.db")))
+    real_gw_cls_run = None
+
+    async def start_with_faulty_connector():
+        from gateway.runtime import Gateway
+
+        gw.gw = Gateway(gw.cfg)
+        conn = gw.gw.connectors["mb"]
+        real = conn.run
+        calls = {"n": 0}
+
+        async def flaky():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                await asyncio.sleep(0.2)
+                raise RuntimeError("library surprise")
+            await real()
+
+        conn.run = flaky
+        gw.task = asyncio.create_task(gw.gw.run())
+        await wait_until(lambda: gw.gw.started.is_set(), 10)
+
+    await start_with_faulty_connector()
+    try:
+        await wait_until(lambda: gw.gw.crashes.get("connector.mb") == 1, 10)
+        await start_order(gw, erp, model, "S-1")
+        await model.produce(30, timeout=20)
+        await assert_ledger_matches(erp, {"press-2": model})
+        assert gw.gw.status()["component_restarts"] == {"connector.mb": 1}
+    finally:
+        await gw.stop()
+    assert real_gw_cls_run is None
