@@ -71,6 +71,10 @@ class MqttConfig(_Model):
     max_message_bytes: int = Field(
         256 * 1024, ge=1024, le=268_435_455, description="Larger events are quarantined instead of published."
     )
+    batch_max_events: int = Field(
+        0, ge=0, le=10_000, description="CloudEvents batch mode: up to this many events of one machine per MQTT message "
+        "on .../{machine}/events/batch (0 = one event per message). Consumers must accept JSON arrays."
+    )
     backlog_rate: float = Field(
         0, ge=0, description="Max events/s when draining a backlog after an outage (0 = as fast as the broker acks); "
         "live events are not limited."

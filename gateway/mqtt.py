@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import socket
 import ssl
 import threading
@@ -301,10 +302,14 @@ class Publisher:
     its PUBACK. On a lost connection the in-flight set is forgotten and both lanes restart from the oldest row still
     in the outbox (at-least-once; event ids make duplicates recognisable). A row larger than ``max_message_bytes``
     or refused by an MQTT 5 PUBACK is moved to the quarantine and does not block the rows behind it.
+    With ``batch_max`` > 1, consecutive events of one machine go out as one CloudEvents batch message (a JSON array,
+    ``application/cloudevents-batch+json``) on ``.../{machine}/events/batch``: the per-message cost of the MQTT client
+    is paid once per batch.
     """
 
     def __init__(self, store: Store, link: MqttLink, *, window: int = 100, fetch_size: int = 1000,
-                 ack_interval: float = 0.01, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024) -> None:
+                 ack_interval: float = 0.01, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024,
+                 batch_max: int = 0) -> None:
         self.store = store
         self.link = link
         self.window = window
@@ -312,8 +317,9 @@ class Publisher:
         self.ack_interval = ack_interval
         self.backlog_rate = backlog_rate
         self.max_message_bytes = max_message_bytes
+        self.batch_max = batch_max
         self._wake = asyncio.Event()
-        self._inflight: dict[int, PendingRow] = {}
+        self._inflight: dict[int, tuple[PendingRow, ...]] = {}
         self._acked: list[tuple[int, int]] = []
         self._refused: list[tuple[PendingRow, str]] = []
         self._gen = 0
@@ -336,15 +342,16 @@ class Publisher:
         self._wake.set()
 
     def _on_puback(self, mid: int, refused: str | None) -> None:
-        row = self._inflight.pop(mid, None)
-        if row is None:
+        rows = self._inflight.pop(mid, None)
+        if rows is None:
             return
-        if self._strikes:
-            self._strikes.pop(row.id, None)
-        if refused is None:
-            self._acked.append((row.id, len(row.payload)))
-        else:
-            self._refused.append((row, f"broker refused: {refused}"))
+        for row in rows:
+            if self._strikes:
+                self._strikes.pop(row.id, None)
+            if refused is None:
+                self._acked.append((row.id, len(row.payload)))
+            else:
+                self._refused.append((row, f"broker refused: {refused}"))
         self._wake.set()
 
     async def run(self) -> None:
@@ -383,7 +390,7 @@ class Publisher:
                         self._live.exhausted = False  # poll now and then: rows may come from `buffer retry`
         finally:
             lost.cancel()
-        poison = self._strike(list(self._inflight.values()))
+        poison = self._strike([r for rows in self._inflight.values() for r in rows])
         self._inflight.clear()
         self._live = self._backlog = None
         if poison is not None:
@@ -419,8 +426,7 @@ class Publisher:
     async def _fill(self) -> tuple[bool, bool]:
         sent = 0
         throttled = False
-        lanes = [self._live, self._backlog]
-        for lane in lanes:
+        for lane in (self._live, self._backlog):
             if lane is None:
                 continue
             while len(self._inflight) < self.window and self.link.is_connected:
@@ -435,13 +441,20 @@ class Publisher:
                     await self._quarantine(row, f"too large: {len(row.payload)} bytes > mqtt.max_message_bytes "
                                                 f"{self.max_message_bytes}")
                     continue
-                mid = self.link.publish(row.topic, row.payload)
+                if self.batch_max > 1:
+                    rows = self._take_batch(lane, throttle=lane is self._backlog)
+                    topic = row.topic.rpartition("/events/")[0] + "/events/batch"
+                    payload = b"[" + b",".join(r.payload for r in rows) + b"]"
+                else:
+                    rows, topic, payload = (row,), row.topic, row.payload
+                mid = self.link.publish(topic, payload)
                 if mid is None:
                     return sent > 0, throttled
-                lane.buffer.popleft()
-                self._inflight[mid] = row
-                self.published += 1
-                sent += 1
+                for _ in rows:
+                    lane.buffer.popleft()
+                self._inflight[mid] = rows
+                self.published += len(rows)
+                sent += len(rows)
         if self._backlog is not None:
             self.backlog_remaining = len(self._backlog.buffer) + (0 if self._backlog.exhausted else 1)
             if self._backlog.done:
@@ -449,6 +462,22 @@ class Publisher:
                 self.backlog_remaining = 0
                 log.info("publisher.backlog_drained")
         return sent > 0, throttled
+
+    def _take_batch(self, lane: _Lane, *, throttle: bool) -> tuple[PendingRow, ...]:
+        """Consecutive buffered rows of the same machine (same topic prefix), up to batch_max events and
+        max_message_bytes: one CloudEvents batch message (a JSON array) on ``.../{machine}/events/batch``."""
+        first = lane.buffer[0]
+        prefix = first.topic.rpartition("/events/")[0]
+        rows = [first]
+        size = len(first.payload) + 2
+        for r in itertools.islice(lane.buffer, 1, self.batch_max):
+            if r.topic.rpartition("/events/")[0] != prefix or size + len(r.payload) + 1 > self.max_message_bytes:
+                break
+            if throttle and self._bucket is not None and not self._bucket.take():
+                break
+            rows.append(r)
+            size += len(r.payload) + 1
+        return tuple(rows)
 
     async def _quarantine(self, row: PendingRow, reason: str) -> None:
         try:

@@ -122,7 +122,8 @@ class Gateway:
             on_message=self._on_message,
         )
         self.publisher = Publisher(self.store, self.link, window=cfg.mqtt.max_inflight,
-                                   backlog_rate=cfg.mqtt.backlog_rate, max_message_bytes=cfg.mqtt.max_message_bytes)
+                                   backlog_rate=cfg.mqtt.backlog_rate, max_message_bytes=cfg.mqtt.max_message_bytes,
+                                   batch_max=cfg.mqtt.batch_max_events)
         self.encoder: EventEncoder | None = None
         self._next_seq = 1
         self._uncommitted: list[OutboxRow] = []

@@ -384,6 +384,9 @@ class ErpConsumer:
         client.ack(msg.mid, msg.qos)
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        if topic.endswith("/events/batch"):
+            self._handle_batch(topic, payload)
+            return
         with self._lock:
             try:
                 ev = parse_event(payload)
@@ -403,6 +406,23 @@ class ErpConsumer:
                 return
             self.stats["accepted"] += 1
             self.stats["by_type"][ev["type"]] += 1
+
+    def _handle_batch(self, topic: str, payload: bytes) -> None:
+        """CloudEvents batch format: a JSON array of structured events; each is handled as if it came alone."""
+        try:
+            items = json.loads(payload)
+            if not isinstance(items, list):
+                raise ValueError("a batch must be a JSON array")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.stats["rejected"] += 1
+            self.stats["rejected_by_reason"]["bad_batch"] += 1
+            log.warning("erp.event_rejected", topic=topic, reason="bad_batch", detail=str(exc)[:200])
+            return
+        self.stats["batches"] = self.stats.get("batches", 0) + 1
+        base = topic.rpartition("/events/")[0]
+        for item in items:
+            etype = item.get("type") if isinstance(item, dict) else None
+            self._handle(f"{base}/events/{etype}", json.dumps(item).encode())
 
     def _refuse(self, topic: str, ev: dict[str, Any], reason: str) -> None:
         """Not posted (so a later retry of the same id is not a duplicate); the gateway quarantines it."""

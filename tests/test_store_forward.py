@@ -252,3 +252,22 @@ async def test_a_crashing_component_is_restarted_and_counting_goes_on(tmp_path, 
         assert gw.gw.status()["component_restarts"] == {"connector.mb": 1}
     finally:
         await gw.stop()
+
+
+async def test_batch_mode_publishes_cloudevents_batches(tmp_path, mqtt_broker, rig):
+    model, mb, erp = rig
+    doc = doc_for(mb, mqtt_broker.port, tmp_path / "gw.db", batch_max_events=50)
+    gw = RunningGateway(parse_config(doc))
+    await gw.start()
+    try:
+        await wait_until(lambda: gw.gw.engines["press-2"].counters["good"].last is not None, 10)  # baseline read
+        await mqtt_broker.astop()          # build a backlog so that batches form
+        await model.produce(80, timeout=20)
+        await asyncio.sleep(1.0)
+        assert gw.gw.store.pending >= 3
+        await mqtt_broker.astart()
+        await assert_ledger_matches(erp, {"press-2": model}, timeout=30)
+        assert erp.stats.get("batches", 0) >= 1
+        assert erp.stats["rejected"] == 0
+    finally:
+        await gw.stop()
