@@ -326,6 +326,30 @@ def asyncapi_document(topic_root: str = "edge") -> dict[str, Any]:
             "messages": [{"$ref": f"#/channels/events_{k}/messages/{k}"}],
             "bindings": qos1,
         }
+    messages["events_batch"] = {
+        "name": "events_batch",
+        "title": "CloudEvents batch",
+        "summary": "Only with mqtt.batch_max_events > 0: consecutive events of one machine, in order, as a JSON array "
+                   "(CloudEvents JSON batch format). Each element is a structured event as on the per-type topics.",
+        "contentType": "application/cloudevents-batch+json",
+        "payload": {"type": "array", "minItems": 1,
+                    "items": {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in EVENT_MODELS.values()]}},
+    }
+    channels["events_batch"] = {
+        "address": f"{base}/{{machine}}/events/batch",
+        "title": "Event batches (batch mode)",
+        "description": "Not retained, QoS 1. Consumers subscribed to .../events/# receive batches here when the "
+                       "gateway runs in batch mode; deduplicate each element on source + id.",
+        "parameters": {**params, "machine": machine_param},
+        "messages": {"events_batch": {"$ref": "#/components/messages/events_batch"}},
+    }
+    operations["send_events_batch"] = {
+        "action": "send",
+        "title": "Publish event batches",
+        "channel": {"$ref": "#/channels/events_batch"},
+        "messages": [{"$ref": "#/channels/events_batch/messages/events_batch"}],
+        "bindings": qos1,
+    }
     messages["dispatch"] = {
         "name": "dispatch",
         "title": "Production-order dispatch",
