@@ -206,7 +206,11 @@ def test_asyncapi_document_covers_every_topic():
         for part in ref.removeprefix("#/").split("/"):
             node = node[part]
     assert "$defs" not in text
-    payloads = {m["payload"]["$ref"].rsplit("/", 1)[1] for m in doc["components"]["messages"].values()}
+    payloads = {m["payload"]["$ref"].rsplit("/", 1)[1] for m in doc["components"]["messages"].values()
+                if "$ref" in m["payload"]}
+    batch = doc["components"]["messages"]["events_batch"]["payload"]
+    assert {r["$ref"].rsplit("/", 1)[1] for r in batch["items"]["oneOf"]} == \
+        {m.__name__ for m in schema.EVENT_MODELS.values()}
     assert {m.__name__ for m in schema.EVENT_MODELS.values()} | {"DispatchMessage", "GatewayStatus", "ErpAck"} == payloads
 
 
