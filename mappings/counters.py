@@ -19,7 +19,7 @@ The state is a small dict-friendly dataclass so it can be persisted with the eve
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 Mode = Literal["cumulative", "reset_on_read", "delta"]
@@ -53,7 +53,7 @@ class CounterState:
     held_zero: bool = False  # a zero was seen that may be a glitch or a reset
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"last": self.last, "last_time": self.last_time, "held_zero": self.held_zero}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CounterState":
