@@ -178,6 +178,10 @@ class MachineConfig(_Model):
     )
     order_tag: TagConfig | None = Field(None, description="PLC tag holding the order number (order_source: tag).")
     operation_tag: TagConfig | None = Field(None, description="PLC tag holding the operation number (order_source: tag).")
+    complete_tag: TagConfig | None = Field(
+        None, description="PLC flag 'operation complete': its rising edge completes the active operation (final "
+        "confirmation), whatever the order source."
+    )
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
 
     @model_validator(mode="after")
@@ -368,8 +372,9 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
         "state": set(StateConfig.model_fields),
         "order": set(TagConfig.model_fields),
         "operation": set(TagConfig.model_fields),
+        "complete": set(TagConfig.model_fields),
     }
-    non_counters = ("state", "order", "operation")
+    non_counters = ("state", "order", "operation", "complete")
     seen: dict[tuple[str, Any], str] = {}
     for i, m in enumerate(machines):
         if not isinstance(m, dict):
@@ -381,7 +386,7 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
         materials = m.get("materials")
         if isinstance(materials, dict):
             bindings += [(f"material:{n}", ("machines", i, "materials", n), b) for n, b in materials.items()]
-        for sig in ("state", "order_tag", "operation_tag"):
+        for sig in ("state", "order_tag", "operation_tag", "complete_tag"):
             if m.get(sig) is not None:
                 bindings.append((sig.removesuffix("_tag"), ("machines", i, sig), m.get(sig)))
         for signal, base, b in bindings:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -75,6 +76,11 @@ class _OrderTagChanged:
 
 
 @dataclass
+class _CompleteTag:
+    machine: str
+
+
+@dataclass
 class _ErpRejection:
     event: dict[str, Any]
     reason: str
@@ -110,6 +116,7 @@ class Gateway:
         self._order_source = {m.id: m.order_source for m in cfg.machines}
         self._order_tag_values: dict[str, dict[str, Any]] = defaultdict(dict)
         self._order_tag_pending: set[str] = set()
+        self._complete_level: dict[str, bool] = {}
         self.connectors: dict[str, Connector] = {}
         status_topic = self.topics.status()
         self.link = MqttLink(
@@ -139,14 +146,15 @@ class Gateway:
         for m in self.cfg.machines:
             signals: list[tuple[str, Any]] = list(m.counters.items())
             signals += [(f"material:{name}", b) for name, b in m.materials.items()]
-            for name, tag in (("state", m.state), ("order", m.order_tag), ("operation", m.operation_tag)):
+            for name, tag in (("state", m.state), ("order", m.order_tag), ("operation", m.operation_tag),
+                              ("complete", m.complete_tag)):
                 if tag is not None:
                     signals.append((name, tag))
             for signal, b in signals:
                 key = f"{m.id}/{signal}"
                 bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal)))
                 self._routes[key] = (m.id, signal)
-                if signal != "state":  # the cut at a changeover reads counters and order tags together
+                if signal not in ("state", "complete"):  # the cut reads counters and order tags together
                     self._machine_connectors[m.id][b.connector].append(key)
         for c in self.cfg.connectors:
             cls = REGISTRY[c.type].load()
@@ -294,6 +302,8 @@ class Gateway:
                     events.extend(self._apply_samples(it))
                 elif isinstance(it, _Dispatch):
                     events.extend(await self._apply_dispatch(it))
+                elif isinstance(it, _CompleteTag):
+                    events.extend(await self._apply_complete_tag(it.machine))
                 elif isinstance(it, _OrderTagChanged):
                     events.extend(await self._apply_order_tags(it.machine))
                 elif isinstance(it, _ErpRejection):
@@ -317,6 +327,9 @@ class Gateway:
             if signal == "order" or signal == "operation":
                 self._order_tag_sample(machine, signal, s)
                 continue
+            if signal == "complete":
+                self._complete_tag_sample(machine, s)
+                continue
             out.extend(engines[machine].apply(s, signal))
         self.stats.samples += len(samples)
         return out
@@ -333,6 +346,26 @@ class Gateway:
         if machine not in self._order_tag_pending:
             self._order_tag_pending.add(machine)
             self._queue.put_nowait(_OrderTagChanged(machine))
+
+    def _complete_tag_sample(self, machine: str, s: Sample) -> None:
+        """Rising edge of the PLC's 'operation complete' flag: complete the active operation. The first value seen
+        only sets the level (a flag already up when the gateway starts completes nothing)."""
+        if not s.good:
+            return
+        v = s.value
+        up = v.strip().lower() not in ("", "0", "false", "no") if isinstance(v, str) else bool(v)
+        prev = self._complete_level.get(machine)
+        self._complete_level[machine] = up
+        if up and prev is False:
+            self._queue.put_nowait(_CompleteTag(machine))
+
+    async def _apply_complete_tag(self, machine: str) -> list[EventDraft]:
+        cur = self.engines[machine].context
+        if cur is None:
+            log.warning("order.complete_without_order", machine=machine)
+            return []
+        return await self._apply_dispatch(_Dispatch(machine, dataclasses.replace(cur, status="completed"),
+                                                    source="complete_tag"))
 
     async def _apply_order_tags(self, machine: str) -> list[EventDraft]:
         """The PLC's order or operation tag changed: read tags and counters together (the cut), then apply."""

@@ -80,6 +80,7 @@ class MachineModel:
         self.scrap_raw: int = self._wrap(start_scrap)
         self.order: OrderKey = None
         self.state: str = "idle"
+        self.operation_complete: bool = False
         self.truth: dict[OrderKey, dict[str, int]] = {}
         self.parts_made: int = 0
         self.resets: int = 0
@@ -164,6 +165,12 @@ class MachineModel:
     def set_order(self, order: str, operation: str) -> None:
         """Make (order, operation) active: parts made from now on are attributed to it."""
         self.order = (str(order), str(operation))
+        self.operation_complete = False
+        self._changed_now()
+
+    def complete_operation(self) -> None:
+        """The PLC raises its 'operation complete' flag (cleared by the next set_order)."""
+        self.operation_complete = True
         self._changed_now()
 
     def clear_order(self) -> None:
@@ -209,6 +216,7 @@ class MachineModel:
             "state": self.state,
             "order": self.order[0] if self.order else "",
             "operation": self.order[1] if self.order else "",
+            "complete": self.operation_complete,
             "version": self.version,
             "parts_made": self.parts_made,
         }

@@ -8,7 +8,8 @@ Register layout (0-based addresses; holding registers, mirrored 1:1 in input reg
     2-3    scrap  uint32, high word first     1      scrap  uint16
                                               2-3    reserved (0)
     4      state  uint16: 0 idle, 1 running, 2 stopped
-    5-9    reserved (0)
+    5      operation complete flag: 1 after model.complete_operation(), 0 after set_order()
+    6-9    reserved (0)
     10-19  order number, ASCII, 20 chars, 2 per register (high byte first), NUL padded
     20-23  operation number, ASCII, 8 chars, same encoding
 
@@ -40,6 +41,7 @@ STATE_CODES = {"idle": 0, "running": 1, "stopped": 2}
 
 _STRINGS = {
     "state": {"address": 4, "count": 1, "data_type": "uint16"},
+    "complete": {"address": 5, "count": 1, "data_type": "uint16"},
     "order": {"address": 10, "count": 10, "data_type": "string", "length": 10, "chars": 20},
     "operation": {"address": 20, "count": 4, "data_type": "string", "length": 4, "chars": 8},
 }
@@ -114,12 +116,12 @@ class ModbusMachineServer:
         return self._server is not None
 
     def tag_addresses(self, table: str | None = None) -> dict[str, dict[str, Any]]:
-        """``{"good"|"scrap"|"state": {"address": int, "data_type": str}}`` (valid ModbusTagConfig fields).
+        """``{"good"|"scrap"|"state"|"complete": {"address": int, "data_type": str}}`` (valid ModbusTagConfig fields).
 
         With ``table="holding"`` or ``"input"`` the entries also carry ``table``.
         """
         out: dict[str, dict[str, Any]] = {}
-        for sig in ("good", "scrap", "state"):
+        for sig in ("good", "scrap", "state", "complete"):
             entry: dict[str, Any] = {"address": self.layout[sig]["address"], "data_type": self.layout[sig]["data_type"]}
             if table is not None:
                 entry["table"] = table
@@ -144,6 +146,7 @@ class ModbusMachineServer:
             else:
                 img[addr] = raw & 0xFFFF
         img[self.layout["state"]["address"]] = STATE_CODES[m.state]
+        img[self.layout["complete"]["address"]] = 1 if m.operation_complete else 0
         order, operation = m.order if m.order else ("", "")
         for sig, text in (("order", order), ("operation", operation)):
             addr, count = self.layout[sig]["address"], self.layout[sig]["count"]

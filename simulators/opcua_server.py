@@ -33,6 +33,7 @@ _log = logging.getLogger(__name__)
 
 #: signal -> node-id suffix; also the order in which one change is written to the server
 SIGNALS: dict[str, str] = {
+    "complete": "OperationComplete",
     "state": "State",
     "order": "OrderNumber",
     "operation": "OperationNumber",
@@ -104,8 +105,8 @@ class OpcUaMachineServer:
 
     @property
     def node_ids(self) -> dict[str, str]:
-        """{"good","scrap","state","order","operation"} -> node id string."""
-        return {s: self.node_id(s) for s in ("good", "scrap", "state", "order", "operation")}
+        """{"good","scrap","state","order","operation","complete"} -> node id string."""
+        return {s: self.node_id(s) for s in ("good", "scrap", "state", "order", "operation", "complete")}
 
     @property
     def running(self) -> bool:
@@ -117,6 +118,8 @@ class OpcUaMachineServer:
     def _variant(self, signal: str, value: Any) -> ua.Variant:
         if signal in ("good", "scrap"):
             return ua.Variant(int(value), self.counter_type)
+        if signal == "complete":
+            return ua.Variant(bool(value), ua.VariantType.Boolean)
         return ua.Variant(str(value), ua.VariantType.String)
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,7 +152,8 @@ class OpcUaMachineServer:
                 self._ua_node_id(signal),
                 ua.QualifiedName(suffix, self._ns),
                 self._variant(signal, snap[signal]),
-                varianttype=self.counter_type if signal in ("good", "scrap") else ua.VariantType.String,
+                varianttype=self.counter_type if signal in ("good", "scrap") else
+                ua.VariantType.Boolean if signal == "complete" else ua.VariantType.String,
             )
         self._server = server
         self._published = {}

@@ -54,12 +54,20 @@ async def test_order_from_opcua_tags(tmp_path, mqtt_broker, erp):
                                          "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
                             "order_tag": {"connector": "opc", "node_id": n["order"]},
                             "operation_tag": {"connector": "opc", "node_id": n["operation"]},
+                            "complete_tag": {"connector": "opc", "node_id": n["complete"]},
                             "reporting": {"interval_s": 0.3}}]
         gw = RunningGateway(parse_config(doc))
         await gw.start()
         try:
             await changeover(model, "800100", "0010", gw, "press-1")
             await model.produce(50, timeout=20)
+            model.complete_operation()  # the PLC raises 'operation complete': final confirmation
+            await wait_until(lambda: erp.events("operation.completed"), 15)
+            done = erp.events("operation.completed")[0]["data"]
+            truth = model.truth[("800100", "0010")]
+            assert (done["order"], done["totals"]["yield"], done["totals"]["scrap"]) == \
+                ("800100", str(truth["good"]), str(truth["scrap"]))
+            assert gw.gw.engines["press-1"].context is None
             await changeover(model, "800200", "0020", gw, "press-1")
             await model.produce(30, timeout=20)
             await assert_ledger_matches(erp, {"press-1": model})

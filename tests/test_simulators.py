@@ -165,6 +165,7 @@ async def test_opcua_counters_truth_order_state_and_bad_status():
             "state": "ns=2;s=Press1.State",
             "order": "ns=2;s=Press1.OrderNumber",
             "operation": "ns=2;s=Press1.OperationNumber",
+            "complete": "ns=2;s=Press1.OperationComplete",
         }
         async with Client(srv.endpoint, timeout=5) as client:
             assert await client.get_namespace_index("urn:edge-gateway:simulator") == 2
@@ -276,6 +277,7 @@ async def test_modbus_32bit_layout_truth_and_input_mirror():
             "good": {"address": 0, "data_type": "uint32"},
             "scrap": {"address": 2, "data_type": "uint32"},
             "state": {"address": 4, "data_type": "uint16"},
+            "complete": {"address": 5, "data_type": "uint16"},
         }
         client = await _client(port)
         try:
