@@ -1,0 +1,1 @@
+"""Benchmarks (see README "Performance"); run them with bench/run."""

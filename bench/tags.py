@@ -1,0 +1,387 @@
+"""Tag scale: thousands of Modbus registers and OPC UA monitored items, changing at 1-10 Hz, through the gateway.
+
+A bench device (bench/tag_server.py) runs in its own process; the gateway (gateway.runtime.Gateway, config built in
+code, real connectors, engines, store and MQTT publisher to a local mosquitto with default config) runs in this
+process, so this process's CPU time (all threads) is the gateway's. Per protocol, in one run:
+
+- baseline: the bare client library on the same device, same tags, same schedule, nothing else
+  (Modbus: pymodbus reading the same 120-register blocks every poll interval, each register unpacked with struct;
+  OPC UA: asyncua, one subscription, the same monitored items, the raw publish callback counting notifications);
+- ours: the gateway with one connector, machines of 4 tags (good, scrap, rework counters + state), reporting
+  windows of 5 s (the default), a state change per machine every 20 s.
+
+Reported: tags (samples) processed per second and per core of CPU (ratio to the bare library), CPU of the gateway
+process, the device and the broker; cycle jitter (interval between two sample batches handed to the engine, minus
+the poll / publishing interval); sample -> PUBACK latency of ``machine.state_changed`` events (an event made from
+a sample at once): for OPC UA from the server's SourceTimestamp (same host clock), for Modbus from the moment the
+block was decoded (Modbus has no source time).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench/ is a package of the repo
+
+import asyncio
+import contextlib
+import json
+import os
+import struct
+import subprocess
+import tempfile
+import time
+from datetime import datetime
+from typing import Any
+
+from bench.common import BenchBroker, BenchFailed, CpuMeter, IDENT, main, percentile, quiet_logs
+from gateway.config import GatewayConfig, parse_config
+from gateway.runtime import Gateway
+from simulators.ports import free_port
+
+HERE = Path(__file__).resolve().parent
+STATE_VALUES = {"1": "running", "2": "stopped"}
+REPORTING_S = 5.0  # the default reporting window
+STATE_HZ = 0.05  # each machine changes state every 20 s
+
+
+# ------------------------------------------------------------------------------------------------ device process
+class TagServer:
+    def __init__(self, protocol: str, machines: int, state_hz: float = STATE_HZ) -> None:
+        self.protocol, self.machines = protocol, machines
+        self.port = free_port()
+        self.err = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill up and block the server
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "tag_server.py"), protocol, "--machines", str(machines), "--port",
+             str(self.port), "--state-hz", str(state_hz)], stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self.ns = 2
+
+    def wait_ready(self, timeout: float = 90.0) -> "TagServer":
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = self.proc.stdout.readline()
+                if line.startswith("READY"):
+                    for part in line.split():
+                        if part.startswith("ns="):
+                            self.ns = int(part[3:])
+                    return self
+                if not line and self.proc.poll() is not None:
+                    break
+        self.stop()
+        self.err.seek(0)
+        err = self.err.read()
+        raise BenchFailed(f"{self.protocol} tag server did not start: {err[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def modbus_config(machines: int, port: int, broker_port: int, store: str, poll_s: float) -> GatewayConfig:
+    ms = []
+    for i in range(machines):
+        b = 4 * i
+        ms.append({"id": f"m{i:05d}", "counters": {
+            "good": {"connector": "mb", "address": b, "data_type": "uint16"},
+            "scrap": {"connector": "mb", "address": b + 1, "data_type": "uint16"},
+            "rework": {"connector": "mb", "address": b + 2, "data_type": "uint16"},
+        }, "state": {"connector": "mb", "address": b + 3, "data_type": "uint16", "values": STATE_VALUES},
+            "reporting": {"interval_s": REPORTING_S}})
+    return parse_config({
+        "gateway": IDENT, "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 10},
+        "store": {"path": store},
+        "connectors": [{"type": "modbus", "id": "mb", "host": "127.0.0.1", "port": port, "unit_id": 1,
+                        "poll_interval_s": poll_s, "timeout_s": 2}],
+        "machines": ms}, "<bench>")
+
+
+def opcua_config(machines: int, endpoint: str, ns: int, broker_port: int, store: str, publishing_ms: int,
+                 sampling_ms: int) -> GatewayConfig:
+    ms = []
+    for i in range(machines):
+        ms.append({"id": f"m{i:05d}", "counters": {
+            sig: {"connector": "opc", "node_id": f"ns={ns};s=m{i}.{sig}"} for sig in ("good", "scrap", "rework")
+        }, "state": {"connector": "opc", "node_id": f"ns={ns};s=m{i}.state"}, "reporting": {"interval_s": REPORTING_S}})
+    return parse_config({
+        "gateway": IDENT, "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 10},
+        "store": {"path": store},
+        "connectors": [{"type": "opcua", "id": "opc", "endpoint": endpoint, "publishing_interval_ms": publishing_ms,
+                        "sampling_interval_ms": sampling_ms, "timeout_s": 10, "watchdog_interval_s": 2}],
+        "machines": ms}, "<bench>")
+
+
+# ------------------------------------------------------------------------------------------------ our path
+async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, interval_s: float,
+                      others: dict[str, int]) -> dict[str, Any]:
+    t_build = time.perf_counter()
+    gw = Gateway(cfg)
+    build_s = time.perf_counter() - t_build
+    (conn,) = gw.connectors.values()
+    measuring = False
+    calls: list[float] = []
+    lag: list[float] = []
+    inner_sink = conn.sink
+
+    def sink(samples: list[Any]) -> None:
+        if measuring:
+            calls.append(time.monotonic())
+            s = samples[0]
+            if s.source_time is not None:
+                lag.append(s.recv_time - s.source_time)
+        inner_sink(samples)
+
+    conn.sink = sink
+    lat: list[float] = []
+    pub, link = gw.publisher, gw.link
+    inner_ack = link.on_puback
+
+    def on_puback(mid: int, refused: str | None) -> None:
+        if measuring:
+            for row in pub._inflight.get(mid) or ():
+                if row.topic.endswith("/machine.state_changed"):
+                    t = datetime.fromisoformat(json.loads(row.payload)["time"]).timestamp()
+                    lat.append(time.time() - t)
+        inner_ack(mid, refused)
+
+    link.on_puback = on_puback
+    task = asyncio.create_task(gw.run(), name="gateway")
+    try:
+        t0 = time.monotonic()
+        while gw.stats.samples == 0 or not link.is_connected:
+            if task.done():
+                task.result()
+                raise BenchFailed("gateway stopped")
+            if time.monotonic() - t0 > 60:
+                raise BenchFailed(f"gateway got no samples within 60 s: {gw.status()['components']}")
+            await asyncio.sleep(0.05)
+        first_samples_s = time.monotonic() - t0
+        await asyncio.sleep(warm_s)
+        skipped0 = getattr(conn, "skipped_polls", 0)
+        s0, e0, a0 = gw.stats.samples, gw.stats.events_committed, pub.acked
+        measuring = True
+        with CpuMeter(others) as m:
+            await asyncio.sleep(window_s)
+        measuring = False
+        s1, e1, a1 = gw.stats.samples, gw.stats.events_committed, pub.acked
+        if task.done():
+            task.result()
+        if s1 - s0 <= 0 or a1 - a0 <= 0:
+            raise BenchFailed(f"gateway processed {s1 - s0} samples and published {a1 - a0} events in the window")
+        return {
+            "tags_per_s": (s1 - s0) / m.wall, "cpu_cores": m.cores, "other_cores": {k: v / m.wall for k, v in
+                                                                                   m.other_cpu.items()},
+            "events_per_s": (e1 - e0) / m.wall, "acked_per_s": (a1 - a0) / m.wall,
+            "jitter": [abs((b - a) - interval_s) for a, b in zip(calls, calls[1:])],
+            "batches": len(calls), "lag": lag, "latency": lat, "skipped_polls": getattr(conn, "skipped_polls", 0) - skipped0,
+            "config_build_s": build_s, "first_samples_s": first_samples_s, "outbox_pending": gw.store.pending,
+        }
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 20)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+async def raw_modbus(port: int, registers: int, poll_s: float, *, warm_s: float, window_s: float,
+                     others: dict[str, int]) -> dict[str, Any]:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+    if not await client.connect():
+        raise BenchFailed("raw pymodbus client could not connect")
+    blocks = [(s, min(120, registers - s)) for s in range(0, registers, 120)]
+    packers = {c: struct.Struct(f">{c}H").pack for _, c in blocks}
+    unpack_from = struct.Struct(">H").unpack_from
+    tags = 0
+    loop = asyncio.get_running_loop()
+    try:
+        async def poll_for(seconds: float) -> None:
+            nonlocal tags
+            end = loop.time() + seconds
+            next_t = loop.time()
+            while loop.time() < end:
+                for start, count in blocks:
+                    rr = await client.read_holding_registers(start, count=count, device_id=1)
+                    raw = packers[count](*rr.registers[:count])
+                    _ = [unpack_from(raw, 2 * k)[0] for k in range(count)]
+                    tags += count
+                next_t += poll_s
+                await asyncio.sleep(max(0.0, next_t - loop.time()))
+
+        await poll_for(warm_s)
+        tags = 0
+        with CpuMeter(others) as m:
+            await poll_for(window_s)
+        return {"tags_per_s": tags / m.wall, "cpu_cores": m.cores,
+                "other_cores": {k: v / m.wall for k, v in m.other_cpu.items()}}
+    finally:
+        client.close()
+
+
+async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, sampling_ms: int, *, warm_s: float,
+                    window_s: float, others: dict[str, int]) -> dict[str, Any]:
+    from asyncua import Client, ua
+
+    client = Client(endpoint, timeout=30)
+    await client.connect()
+    count = 0
+
+    def on_publish(result: Any) -> None:
+        nonlocal count
+        for notif in result.NotificationMessage.NotificationData or ():
+            items = getattr(notif, "MonitoredItems", None)
+            if items is not None:
+                count += len(items)
+
+    try:
+        sub = await client.uaclient.create_subscription(ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=float(publishing_ms), RequestedLifetimeCount=100,
+            RequestedMaxKeepAliveCount=10, MaxNotificationsPerPublish=0, PublishingEnabled=True, Priority=0),
+            on_publish)
+        items = [ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(NodeId=ua.NodeId.from_string(nid), AttributeId=ua.AttributeIds.Value),
+            MonitoringMode=ua.MonitoringMode.Reporting,
+            RequestedParameters=ua.MonitoringParameters(ClientHandle=h, SamplingInterval=float(sampling_ms),
+                                                        QueueSize=10, DiscardOldest=True))
+            for h, nid in enumerate(node_ids, start=1)]
+        await client.uaclient.create_monitored_items(ua.CreateMonitoredItemsParameters(
+            SubscriptionId=sub.SubscriptionId, TimestampsToReturn=ua.TimestampsToReturn.Both, ItemsToCreate=items))
+        await asyncio.sleep(warm_s)
+        count = 0
+        with CpuMeter(others) as m:
+            await asyncio.sleep(window_s)
+        return {"tags_per_s": count / m.wall, "cpu_cores": m.cores,
+                "other_cores": {k: v / m.wall for k, v in m.other_cpu.items()}}
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), 10)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def per_core(r: dict[str, Any]) -> float:
+    return r["tags_per_s"] / max(r["cpu_cores"], 1e-6)
+
+
+def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], settings: dict[str, Any], *,
+           rate_target: str, rate_met: bool | None, cpu_target: str | None, cpu_met: bool | None,
+           lat_target: str | None, lat_met: bool | None, interval_s: float) -> None:
+    jit = ours["jitter"]
+    lat = ours["latency"]
+    if len(jit) < 5:
+        raise BenchFailed(f"{proto}: only {len(jit)} sample batches in the window")
+    if len(lat) < 20:
+        raise BenchFailed(f"{proto}: only {len(lat)} latency samples (state_changed PUBACKs) in the window")
+    base_name = {"modbus": "bare pymodbus client, same blocks and schedule, struct decode",
+                 "opcua": "bare asyncua client, same subscription, raw callback counting notifications"}[proto]
+    res.add(f"{proto}_tags_per_core", per_core(ours), "tags/s per core", baseline=per_core(base),
+            baseline_name=base_name, target=rate_target, met=rate_met, settings=settings,
+            tags_per_s=round(ours["tags_per_s"]), baseline_tags_per_s=round(base["tags_per_s"]),
+            note="tags processed per second / CPU cores used by the gateway process (all threads)")
+    res.add(f"{proto}_cpu", ours["cpu_cores"] * 100, "% of one core", baseline=base["cpu_cores"] * 100,
+            baseline_name=base_name, target=cpu_target, met=cpu_met, settings=settings,
+            tags_per_s=round(ours["tags_per_s"]), events_per_s=round(ours["events_per_s"], 1),
+            device_cpu_pct=round(ours["other_cores"].get("device", 0) * 100, 1),
+            broker_cpu_pct=round(ours["other_cores"].get("broker", 0) * 100, 1))
+    res.add(f"{proto}_cycle_jitter_p99", percentile(jit, 99) * 1000, "ms", settings=settings,
+            p50_ms=round(percentile(jit, 50) * 1000, 2), max_ms=round(max(jit) * 1000, 2), batches=ours["batches"],
+            skipped_polls=ours["skipped_polls"],
+            note=f"|interval between sample batches - {interval_s * 1000:.0f} ms|")
+    extra: dict[str, Any] = {}
+    if ours["lag"]:
+        extra["source_to_gateway_p50_ms"] = round(percentile(ours["lag"], 50) * 1000, 2)
+        extra["source_to_gateway_p99_ms"] = round(percentile(ours["lag"], 99) * 1000, 2)
+    res.add(f"{proto}_latency_p99", percentile(lat, 99) * 1000, "ms", target=lat_target, met=lat_met,
+            settings=settings, p50_ms=round(percentile(lat, 50) * 1000, 2), samples=len(lat), **extra,
+            note=("server SourceTimestamp -> PUBACK of the machine.state_changed event"
+                  if proto == "opcua" else "block decoded -> PUBACK of the machine.state_changed event"))
+
+
+def body(args: Any, res: Any) -> None:
+    quiet_logs()
+    workdir = tempfile.mkdtemp(prefix="bench-tags-")
+    broker = BenchBroker(os.path.join(workdir, "broker"))
+    broker.start()
+    warm, window = args.warm, args.window or (30.0 if args.long else 12.0)
+    try:
+        # ---------------------------------------------------------------- Modbus
+        mb_machines = args.modbus_tags // 4
+        srv = TagServer("modbus", mb_machines).wait_ready()
+        try:
+            others = {"device": srv.pid, "broker": broker.pid}
+            base = asyncio.run(raw_modbus(srv.port, 4 * mb_machines, args.poll, warm_s=warm, window_s=window,
+                                          others=others))
+            cfg = modbus_config(mb_machines, srv.port, broker.port, os.path.join(workdir, "mb.db"), args.poll)
+            ours = asyncio.run(run_gateway(cfg, warm_s=warm, window_s=window, interval_s=args.poll, others=others))
+        finally:
+            srv.stop()
+        settings = {"protocol": "modbus", "tags": 4 * mb_machines, "machines": mb_machines,
+                    "poll_interval_s": args.poll, "blocks": -(-4 * mb_machines // 120), "block_registers": 120,
+                    "offered_tags_per_s": round(4 * mb_machines / args.poll), "tag_change_hz": "1-10 (counters), "
+                    f"state every {1 / STATE_HZ:.0f} s", "window_s": window, "reporting_interval_s": REPORTING_S, **broker.settings(),
+                    "config_build_s": round(ours["config_build_s"], 2)}
+        print(f"# modbus: ours {ours['tags_per_s']:.0f} tags/s at {ours['cpu_cores']:.2f} cores; bare "
+              f"{base['tags_per_s']:.0f} at {base['cpu_cores']:.2f}", flush=True)
+        report(res, "modbus", ours, base, settings, rate_target=">= 50,000 tags/s per core",
+               rate_met=per_core(ours) >= 50_000, cpu_target=None, cpu_met=None, lat_target=None, lat_met=None,
+               interval_s=args.poll)
+
+        # ---------------------------------------------------------------- OPC UA
+        ua_machines = args.opcua_items // 4
+        srv = TagServer("opcua", ua_machines).wait_ready()
+        try:
+            others = {"device": srv.pid, "broker": broker.pid}
+            endpoint = f"opc.tcp://127.0.0.1:{srv.port}"
+            nodes = [f"ns={srv.ns};s=m{i}.{s}" for i in range(ua_machines) for s in ("good", "scrap", "rework", "state")]
+            base = asyncio.run(raw_opcua(endpoint, nodes, args.publishing_ms, args.sampling_ms, warm_s=warm,
+                                         window_s=window, others=others))
+            cfg = opcua_config(ua_machines, endpoint, srv.ns, broker.port, os.path.join(workdir, "ua.db"),
+                               args.publishing_ms, args.sampling_ms)
+            ours = asyncio.run(run_gateway(cfg, warm_s=warm, window_s=window, interval_s=args.publishing_ms / 1000,
+                                           others=others))
+        finally:
+            srv.stop()
+        settings = {"protocol": "opcua", "monitored_items": 4 * ua_machines, "machines": ua_machines,
+                    "publishing_interval_ms": args.publishing_ms, "sampling_interval_ms": args.sampling_ms,
+                    "tag_change_hz": f"1-10 (counters), state every {1 / STATE_HZ:.0f} s",
+                    "offered_notifications_per_s": round(ua_machines * (3 * 5.5 + STATE_HZ)), "window_s": window,
+                    "reporting_interval_s": REPORTING_S, **broker.settings(), "config_build_s": round(ours["config_build_s"], 2)}
+        print(f"# opcua: ours {ours['tags_per_s']:.0f} notifications/s at {ours['cpu_cores']:.2f} cores; bare "
+              f"{base['tags_per_s']:.0f} at {base['cpu_cores']:.2f}", flush=True)
+        enough = ours["tags_per_s"] >= 10_000
+        report(res, "opcua", ours, base, settings, rate_target=">= 10,000 notifications/s at < 50 % of a core",
+               rate_met=enough and ours["cpu_cores"] < 0.5, cpu_target="< 50 % of a core at >= 10,000/s",
+               cpu_met=(ours["cpu_cores"] < 0.5) if enough else False, lat_target="p99 < 50 ms",
+               lat_met=percentile(ours["latency"], 99) < 0.05, interval_s=args.publishing_ms / 1000)
+    finally:
+        broker.close()
+
+
+def add_args(p: Any) -> None:
+    p.add_argument("--modbus-tags", type=int, default=10_000, help="Modbus registers (4 per machine)")
+    p.add_argument("--poll", type=float, default=0.25, help="Modbus poll interval (s)")
+    p.add_argument("--opcua-items", type=int, default=2_400, help="OPC UA monitored items (4 per machine)")
+    p.add_argument("--publishing-ms", type=int, default=100, help="OPC UA publishing interval (connector default 100)")
+    p.add_argument("--sampling-ms", type=int, default=50, help="OPC UA sampling interval (connector default 50)")
+    p.add_argument("--warm", type=float, default=3.0, help="warm-up before each measuring window (s)")
+    p.add_argument("--window", type=float, default=0.0, help="measuring window (default 12 s; --long 30 s)")
+
+
+if __name__ == "__main__":
+    main("tags", body, add_args, __doc__ or "")
