@@ -29,11 +29,10 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
-from bench.common import BenchBroker, BenchFailed, CpuMeter, ident, main, percentile, quiet_logs
+from bench.common import BenchBroker, BenchFailed, CpuMeter, ident, main, percentile, quiet_logs, scratch_dir
 from bench.throughput import pregenerate, run_raw_paho
 from gateway.config import MqttConfig
 from gateway.events import EventEncoder, Topics, event_id
@@ -176,7 +175,7 @@ async def scenario(args: Any, workdir: str, n: int) -> dict[str, Any]:
         )
         # 4. short outages: broker start -> first PUBACK again
         restarts = []
-        for _ in range(args.restarts):
+        for _ in range(args.restarts or (6 if args.long else 2)):
             await broker.astop()
             await asyncio.sleep(0.2)
             rows = filler.rows(1000)
@@ -225,8 +224,8 @@ async def live_producer(store: Store, pub: Publisher, encoder: EventEncoder, fil
 
 def body(args: Any, res: Any) -> None:
     quiet_logs()
-    n = args.rows or (1_000_000 if args.long else 200_000)
-    workdir = tempfile.mkdtemp(prefix="bench-backlog-")
+    n = args.rows or (2_000_000 if args.long else 1_000_000)
+    workdir = scratch_dir("backlog")
     r = asyncio.run(scenario(args, workdir, n))
     # baseline: raw paho on the same kind of payloads, same broker config, same run
     bb = BenchBroker(os.path.join(workdir, "broker-baseline"))
@@ -244,22 +243,26 @@ def body(args: Any, res: Any) -> None:
         "rows": n, "payload": "operation.quantity_reported, ~740 bytes, 50 machines", "fill_batch": FILL_BATCH,
         "outage_s": round(r["outage_s"], 1), "live_rate_per_s": args.live_rate, "live": "one event per commit",
         "publisher_window": 100, "mqtt_protocol": "5", "db_mb": round(r["db_mb"]), **r["broker_settings"],
-        **({} if full else {"scaled": f"default run uses {n:,} rows; `--long` fills the 1,000,000 of the target"}),
+        **({} if full else {"scaled": f"{n:,} rows: fewer than the 1,000,000 of the targets"}),
     }
     applies = "met" if full else "n/a at this size"
     res.add("fill_rate", r["fill_rate"], "rows/s", settings=settings, note="Store.commit, 10,000 rows per transaction")
     res.add("store_open", r["store_open_s"], "s", settings=settings,
             note="Store.open() of the filled file: COUNT(*) + SUM(LENGTH(payload)) over the outbox")
-    res.add("first_puback_after_broker_start", r["first_puback_after_broker_start_s"], "s", target="< 2 s",
-            met=(r["first_puback_after_broker_start_s"] < 2) if full else None, settings=settings,
+    starts = [r["first_puback_after_broker_start_s"], *r["restart_first_puback_s"]]
+    worst = max(starts)
+    res.add("first_puback_after_broker_start", worst, "s", target="< 2 s", met=(worst < 2) if full else None,
+            settings=settings, all_starts_s=[round(x, 3) for x in starts],
+            median_s=round(sorted(starts)[len(starts) // 2], 3),
+            with_full_backlog_s=round(r["first_puback_after_broker_start_s"], 3),
             connect_after_broker_start_s=round(r["connect_after_broker_start_s"], 3),
             first_puback_after_connect_s=round(r["first_puback_after_connect_s"], 4),
-            restarts_first_puback_s=[round(x, 3) for x in r["restart_first_puback_s"]],
-            note="includes the MQTT link's reconnect backoff (capped at 5 s, +-20 % jitter); see "
-                 "first_puback_after_connect_s for the publisher alone")
+            note="worst of all broker starts (the first with the full backlog, then --restarts short outages); "
+                 "includes the MQTT link's reconnect backoff (capped at 5 s, +-20 % jitter); "
+                 "first_puback_after_connect_s is the publisher alone")
     drain_proj = r["drain_s"] * 1_000_000 / n
     res.add("drain", r["drain_s"], "s", target="<= 60 s for 1,000,000 events",
-            met=(r["drain_s"] <= 60) if full else None, settings=settings,
+            met=(drain_proj <= 60) if full else None, settings=settings,
             projected_1m_s=round(drain_proj, 1), drain_s_from_broker_start=round(r["drain_s_from_broker_start"], 2),
             note=f"connection up -> PUBACK of the last of {n:,} backlog rows ({applies})")
     res.add("drain_rate", r["drain_rate"], "events/s", baseline=raw,
@@ -273,11 +276,12 @@ def body(args: Any, res: Any) -> None:
 
 
 def add_args(p: Any) -> None:
-    p.add_argument("--rows", type=int, default=0, help="backlog rows (default 200,000; --long 1,000,000)")
+    p.add_argument("--rows", type=int, default=0, help="backlog rows (default 1,000,000; --long 2,000,000)")
     p.add_argument("--outage", type=float, default=10.0, help="minimum broker outage before it comes back (s)")
     p.add_argument("--live-rate", type=float, default=50.0, help="live events per second during the drain")
-    p.add_argument("--restarts", type=int, default=2, help="extra broker restarts timed after the drain")
-    p.add_argument("--restart-outage", type=float, default=8.0, help="outage of each extra restart (s)")
+    p.add_argument("--restarts", type=int, default=0, help="extra broker restarts timed after the drain (default 2; "
+                                                           "--long 6)")
+    p.add_argument("--restart-outage", type=float, default=7.0, help="outage of each extra restart (s)")
     p.add_argument("--drain-timeout", type=float, default=600.0)
     p.add_argument("--baseline-events", type=int, default=30_000)
 

@@ -306,6 +306,17 @@ class CpuMeter:
         return self.cpu / self.wall if self.wall > 0 else 0.0
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temp dir for stores and broker files, removed when the process exits (a backlog store is ~1 GB)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix=f"bench-{prefix}-")
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
 def quiet_logs() -> None:
     """The gateway logs state changes at info; keep the benchmark output to the JSON records."""
     import logging

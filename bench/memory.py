@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import BenchBroker, BenchFailed, ident, main, quiet_logs, rss_mb
+from bench.common import BenchBroker, BenchFailed, ident, main, quiet_logs, rss_mb, scratch_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -141,7 +141,7 @@ def body(args: Any, res: Any) -> None:
     quiet_logs()
     n = args.rows
     machines = args.tags // 4
-    workdir = tempfile.mkdtemp(prefix="bench-memory-")
+    workdir = scratch_dir("memory")
     store = os.path.join(workdir, "outbox.db")
     fill_s = asyncio.run(fill(store, n))
     db_mb = sum(os.path.getsize(store + s) for s in ("", "-wal") if os.path.exists(store + s)) / 2**20

@@ -35,7 +35,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bench.common import BenchBroker, BenchFailed, CpuMeter, IDENT, main, percentile, quiet_logs
+from bench.common import BenchBroker, BenchFailed, CpuMeter, IDENT, main, percentile, quiet_logs, scratch_dir
 from gateway.config import GatewayConfig, parse_config
 from gateway.runtime import Gateway
 from simulators.ports import free_port
@@ -149,16 +149,33 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
 
     conn.sink = sink
     lat: list[float] = []
+    to_publish: list[float] = []
+    to_puback: list[float] = []
     pub, link = gw.publisher, gw.link
     inner_ack = link.on_puback
+    inner_publish = link.publish
+    sent_at: dict[int, float] = {}
+
+    def publish(topic: str, payload: bytes, **kw: Any) -> int | None:
+        mid = inner_publish(topic, payload, **kw)
+        if measuring and mid is not None:
+            sent_at[mid] = time.time()
+        return mid
 
     def on_puback(mid: int, refused: str | None) -> None:
+        sent = sent_at.pop(mid, None)
         if measuring:
             for row in pub._inflight.get(mid) or ():
                 if row.topic.endswith("/machine.state_changed"):
+                    now = time.time()
                     t = datetime.fromisoformat(json.loads(row.payload)["time"]).timestamp()
-                    lat.append(time.time() - t)
+                    lat.append(now - t)
+                    if sent is not None:
+                        to_publish.append(sent - t)
+                        to_puback.append(now - sent)
         inner_ack(mid, refused)
+
+    link.publish = publish  # type: ignore[method-assign]
 
     link.on_puback = on_puback
     task = asyncio.create_task(gw.run(), name="gateway")
@@ -189,7 +206,7 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
                                                                                    m.other_cpu.items()},
             "events_per_s": (e1 - e0) / m.wall, "acked_per_s": (a1 - a0) / m.wall,
             "jitter": [abs((b - a) - interval_s) for a, b in zip(calls, calls[1:])],
-            "batches": len(calls), "lag": lag, "latency": lat, "skipped_polls": getattr(conn, "skipped_polls", 0) - skipped0,
+            "batches": len(calls), "lag": lag, "latency": lat, "to_publish": to_publish, "to_puback": to_puback, "skipped_polls": getattr(conn, "skipped_polls", 0) - skipped0,
             "config_build_s": build_s, "first_samples_s": first_samples_s, "outbox_pending": gw.store.pending,
         }
     finally:
@@ -304,6 +321,10 @@ def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], set
             skipped_polls=ours["skipped_polls"],
             note=f"|interval between sample batches - {interval_s * 1000:.0f} ms|")
     extra: dict[str, Any] = {}
+    for key, label in (("to_publish", "sample_to_publish"), ("to_puback", "publish_to_puback")):
+        if ours[key]:
+            extra[f"{label}_p50_ms"] = round(percentile(ours[key], 50) * 1000, 2)
+            extra[f"{label}_p99_ms"] = round(percentile(ours[key], 99) * 1000, 2)
     if ours["lag"]:
         extra["source_to_gateway_p50_ms"] = round(percentile(ours["lag"], 50) * 1000, 2)
         extra["source_to_gateway_p99_ms"] = round(percentile(ours["lag"], 99) * 1000, 2)
@@ -315,12 +336,21 @@ def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], set
 
 def body(args: Any, res: Any) -> None:
     quiet_logs()
-    workdir = tempfile.mkdtemp(prefix="bench-tags-")
-    broker = BenchBroker(os.path.join(workdir, "broker"))
+    workdir = scratch_dir("tags")
+    broker = BenchBroker(os.path.join(workdir, "broker"), extra_config=args.broker_extra.replace(";", "\n"))
     broker.start()
     warm, window = args.warm, args.window or (30.0 if args.long else 12.0)
     try:
-        # ---------------------------------------------------------------- Modbus
+        if "modbus" in args.protocols:
+            modbus_phase(args, res, broker, workdir, warm, window)
+        if "opcua" in args.protocols:
+            opcua_phase(args, res, broker, workdir, warm, window)
+    finally:
+        broker.close()
+
+
+def modbus_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: float, window: float) -> None:
+    if True:
         mb_machines = args.modbus_tags // 4
         srv = TagServer("modbus", mb_machines).wait_ready()
         try:
@@ -342,7 +372,10 @@ def body(args: Any, res: Any) -> None:
                rate_met=per_core(ours) >= 50_000, cpu_target=None, cpu_met=None, lat_target=None, lat_met=None,
                interval_s=args.poll)
 
-        # ---------------------------------------------------------------- OPC UA
+
+
+def opcua_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: float, window: float) -> None:
+    if True:
         ua_machines = args.opcua_items // 4
         srv = TagServer("opcua", ua_machines).wait_ready()
         try:
@@ -369,14 +402,15 @@ def body(args: Any, res: Any) -> None:
                rate_met=enough and ours["cpu_cores"] < 0.5, cpu_target="< 50 % of a core at >= 10,000/s",
                cpu_met=(ours["cpu_cores"] < 0.5) if enough else False, lat_target="p99 < 50 ms",
                lat_met=percentile(ours["latency"], 99) < 0.05, interval_s=args.publishing_ms / 1000)
-    finally:
-        broker.close()
 
 
 def add_args(p: Any) -> None:
     p.add_argument("--modbus-tags", type=int, default=10_000, help="Modbus registers (4 per machine)")
     p.add_argument("--poll", type=float, default=0.25, help="Modbus poll interval (s)")
-    p.add_argument("--opcua-items", type=int, default=2_400, help="OPC UA monitored items (4 per machine)")
+    p.add_argument("--protocols", default="modbus,opcua", help="which phases to run")
+    p.add_argument("--broker-extra", default="", help="experiments only: lines appended to the default broker "
+                                                       "config, ';'-separated (e.g. 'set_tcp_nodelay true')")
+    p.add_argument("--opcua-items", type=int, default=2_600, help="OPC UA monitored items (4 per machine)")
     p.add_argument("--publishing-ms", type=int, default=100, help="OPC UA publishing interval (connector default 100)")
     p.add_argument("--sampling-ms", type=int, default=50, help="OPC UA sampling interval (connector default 50)")
     p.add_argument("--warm", type=float, default=3.0, help="warm-up before each measuring window (s)")

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import tempfile
 import threading
 import time
 from decimal import Decimal
@@ -41,7 +40,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.common import BenchBroker, BenchFailed, CpuMeter, ident, main, median, quiet_logs
+from bench.common import BenchBroker, BenchFailed, CpuMeter, ident, main, median, quiet_logs, scratch_dir
 from gateway.config import MqttConfig
 from gateway.events import EventEncoder, Topics
 from gateway.mqtt import MqttLink, Publisher
@@ -269,7 +268,7 @@ def body(args: Any, res: Any) -> None:
     quiet_logs()
     n = args.events or (200_000 if args.long else 40_000)
     rounds = args.rounds or (5 if args.long else 3)
-    workdir = tempfile.mkdtemp(prefix="bench-throughput-")
+    workdir = scratch_dir("throughput")
     msgs = pregenerate(n)
     payload_bytes = sum(len(p) for _, p in msgs) / n
     broker = BenchBroker(os.path.join(workdir, "broker"))
