@@ -68,16 +68,15 @@ def make_engines(n: int) -> list[MachineEngine]:
 class Producer:
     """Samples -> engines -> encoder -> group commit, like Gateway._core/_stage/_commit, without connectors."""
 
-    def __init__(self, store: Store, encoder: EventEncoder, *, group: int, run: int = 1) -> None:
-        self.store = store
+    def __init__(self, store: Store | None, encoder: EventEncoder, *, run: int = 1) -> None:
+        self.store = store  # None: only drafts and rows (pregenerate)
         self.encoder = encoder
-        self.group = group
         self.run = run  # consecutive events of one machine
         self.engines = make_engines(MACHINES)
         self.keys = [e.spec.key("good") for e in self.engines]
         self.value = [0] * MACHINES
         self.t = T0
-        self.seq = store.next_seq
+        self.seq = store.next_seq if store is not None else 1
         self.made = 0
 
     def drafts(self, n: int) -> list[Any]:
@@ -98,6 +97,7 @@ class Producer:
         return rows
 
     async def commit(self, rows: list[OutboxRow]) -> None:
+        assert self.store is not None
         dirty = [e for e in self.engines if e.dirty]
         await self.store.commit({e.spec.id: e.snapshot() for e in dirty}, rows, self.seq)
         for e in dirty:
@@ -109,10 +109,7 @@ def pregenerate(n: int, run: int = 1) -> list[tuple[str, bytes]]:
     """The (topic, payload) pairs our path produces for n events (same engine, encoder, epoch scheme)."""
     ids = ident()
     enc = EventEncoder(ids, Topics("edge", ids), "0" * 32)
-    p = Producer.__new__(Producer)
-    p.encoder, p.engines, p.run = enc, make_engines(MACHINES), run
-    p.keys = [e.spec.key("good") for e in p.engines]
-    p.value, p.t, p.seq, p.made = [0] * MACHINES, T0, 1, 0
+    p = Producer(None, enc, run=run)
     out: list[tuple[str, bytes]] = []
     while len(out) < n:
         rows = p.stage(p.drafts(min(1000, n - len(out))))
@@ -149,7 +146,7 @@ async def run_ours(port: int, n: int, *, group: int, ahead: int, window: int, wo
     link = MqttLink(cfg, client_id=f"bench-ours-{os.getpid()}")
     pub = Publisher(store, link, window=window, batch_max=batch)
     ids = ident()
-    producer = Producer(store, EventEncoder(ids, Topics("edge", ids), store.epoch), group=group, run=run)
+    producer = Producer(store, EventEncoder(ids, Topics("edge", ids), store.epoch), run=run)
     if precommit:
         while producer.made < n:
             await producer.commit(producer.stage(producer.drafts(min(5000, n - producer.made))))
