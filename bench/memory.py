@@ -141,6 +141,8 @@ def body(args: Any, res: Any) -> None:
     quiet_logs()
     n = args.rows
     machines = args.tags // 4
+    args.hold = args.hold or (120.0 if args.long else 15.0)
+    args.drain = args.drain or (60.0 if args.long else 10.0)
     workdir = scratch_dir("memory")
     store = os.path.join(workdir, "outbox.db")
     fill_s = asyncio.run(fill(store, n))
@@ -178,8 +180,8 @@ def body(args: Any, res: Any) -> None:
 def add_args(p: Any) -> None:
     p.add_argument("--rows", type=int, default=1_000_000, help="backlog rows")
     p.add_argument("--tags", type=int, default=10_000, help="Modbus tags (4 per machine)")
-    p.add_argument("--hold", type=float, default=15.0, help="seconds with the broker down")
-    p.add_argument("--drain", type=float, default=10.0, help="seconds with the broker up")
+    p.add_argument("--hold", type=float, default=0.0, help="seconds with the broker down (15; --long 120)")
+    p.add_argument("--drain", type=float, default=0.0, help="seconds with the broker up (10; --long 60)")
 
 
 if __name__ == "__main__":
