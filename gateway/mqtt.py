@@ -83,7 +83,9 @@ class MqttLink:
     async def run(self) -> None:
         """Connect, stay connected, reconnect with backoff. Runs until cancelled."""
         self._loop = asyncio.get_running_loop()
-        backoff = Backoff(0.1, 5.0)
+        # a broker on the plant network is cheap to retry: cap the wait at 1 s so a restarted broker gets the
+        # backlog within ~1 s (bench/backlog.py measures time to first PUBACK after a broker restart)
+        backoff = Backoff(0.1, 1.0)
         while True:
             try:
                 await self._connect_once()
@@ -464,19 +466,30 @@ class Publisher:
         return sent > 0, throttled
 
     def _take_batch(self, lane: _Lane, *, throttle: bool) -> tuple[PendingRow, ...]:
-        """Consecutive buffered rows of the same machine (same topic prefix), up to batch_max events and
-        max_message_bytes: one CloudEvents batch message (a JSON array) on ``.../{machine}/events/batch``."""
+        """Buffered rows of the machine of the first row, in order, up to batch_max events and max_message_bytes:
+        one CloudEvents batch message (a JSON array) on ``.../{machine}/events/batch``. Rows of other machines are
+        skipped, not passed: each machine's events keep their order; the batch is removed from the buffer."""
         first = lane.buffer[0]
         prefix = first.topic.rpartition("/events/")[0]
         rows = [first]
+        keep: list[PendingRow] = []
         size = len(first.payload) + 2
-        for r in itertools.islice(lane.buffer, 1, self.batch_max):
-            if r.topic.rpartition("/events/")[0] != prefix or size + len(r.payload) + 1 > self.max_message_bytes:
-                break
-            if throttle and self._bucket is not None and not self._bucket.take():
+        it = itertools.islice(lane.buffer, 1, None)
+        for r in it:
+            if r.topic.rpartition("/events/")[0] != prefix:
+                keep.append(r)
+                continue
+            if len(rows) >= self.batch_max or size + len(r.payload) + 1 > self.max_message_bytes or (
+                    throttle and self._bucket is not None and not self._bucket.take()):
+                keep.append(r)
                 break
             rows.append(r)
             size += len(r.payload) + 1
+        keep.extend(it)
+        # leave the batch at the front (the caller pops len(rows) after a successful publish), the rest in order
+        lane.buffer.clear()
+        lane.buffer.extend(rows)
+        lane.buffer.extend(keep)
         return tuple(rows)
 
     async def _quarantine(self, row: PendingRow, reason: str) -> None:
