@@ -63,6 +63,27 @@ def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
     return specs
 
 
+async def run_until_really_cancelled(fn: Any, name: str) -> Any:
+    """Run ``fn()`` in its own task; when cancelled, cancel that task again until it has really ended.
+
+    On Python 3.11 ``asyncio.wait_for`` returns the result instead of raising CancelledError when the awaited
+    operation completes in the same loop iteration as the cancellation (CPython gh-86296, fixed in 3.12). A loop
+    built on it — the Modbus connector polls with ``wait_for`` many times a second, and pymodbus uses it inside —
+    then swallows the one cancel a TaskGroup sends when it shuts down, and runs on: the gateway never stopped.
+    """
+    task = asyncio.create_task(fn(), name=f"{name}.run")
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        if not task.cancelled():
+            task.exception()  # retrieved: an error while stopping is not what ends this task
+        raise
+    return task.result()
+
+
 @dataclass
 class _Dispatch:
     machine: str
@@ -240,7 +261,7 @@ class Gateway:
                 tasks = [
                     tg.create_task(self._supervise("mqtt.link", self.link.run), name="mqtt.link"),
                     tg.create_task(self._supervise("publisher", self.publisher.run), name="publisher"),
-                    tg.create_task(self._core(), name="core"),
+                    tg.create_task(run_until_really_cancelled(self._core, "core"), name="core"),
                     tg.create_task(self._ticker(), name="ticker"),
                 ]
                 for cid, conn in self.connectors.items():
@@ -273,7 +294,7 @@ class Gateway:
         while True:
             started = time.monotonic()
             try:
-                await run()
+                await run_until_really_cancelled(run, name)
                 return
             except asyncio.CancelledError:
                 raise
