@@ -410,7 +410,10 @@ class Gateway:
         self._queue.put_nowait(_Dispatch(machine, ctx, source="local"))
 
     def _dispatch_engine(self, d: _Dispatch) -> list[EventDraft]:
-        out = self.engines[d.machine].dispatch(d.context, time.time())
+        eng = self.engines[d.machine]
+        out = eng.dispatch(d.context, time.time())
+        if eng.dirty:
+            eng.urgent = True  # a local order command is not redelivered like a retained dispatch: persist it now
         log.info("order.applied", machine=d.machine, source=d.source,
                  order=d.context.order if d.context else None,
                  operation=d.context.operation if d.context else None,
@@ -502,8 +505,14 @@ class Gateway:
         urgent = any(e.urgent for e in dirty)
         if not self._uncommitted and not (dirty and (force or urgent or now - self._last_checkpoint >= CHECKPOINT_S)):
             return
-        states = {e.spec.id: e.snapshot() for e in dirty}
         rows = self._uncommitted
+        # The snapshot of a machine goes with the events derived from it (and urgent state: reset-on-read deltas, an
+        # order change). Other machines' counters are their own durable log: their snapshots wait for the checkpoint,
+        # so a commit does not serialise every engine of a large gateway.
+        checkpoint = force or now - self._last_checkpoint >= CHECKPOINT_S
+        with_rows = {r.machine for r in rows}
+        committed = [e for e in dirty if checkpoint or e.urgent or e.spec.id in with_rows]
+        states = {e.spec.id: e.snapshot() for e in committed}
         try:
             await self.store.commit(states, rows, self._next_seq)
         except StoreError as exc:
@@ -513,10 +522,11 @@ class Gateway:
             self._update_full()
             await asyncio.sleep(0.5)  # rows stay staged with their sequence numbers; retried next round
             return
-        for e in dirty:
+        for e in committed:
             e.dirty = e.urgent = False
         self._uncommitted = []
-        self._last_checkpoint = now
+        if checkpoint:
+            self._last_checkpoint = now
         self.stats.commits += 1
         if rows:
             self.stats.events_committed += len(rows)
