@@ -1,9 +1,15 @@
-"""Fault injection for connector tests: a TCP proxy that can black-hole a connection."""
+"""Connector test kit: a TCP proxy that can black-hole a connection, simulators on free ports, a recording sink."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mappings.samples import Sample
+from simulators.ports import free_port
 
 
 class BlackHole:
@@ -43,3 +49,56 @@ class BlackHole:
             self._server.close()
         for w in self._writers:
             w.close()
+
+
+async def start_on_free_port(make: Callable[[int], Any], attempts: int = 5) -> Any:
+    """A simulator on a free port. A port picked with bind(0) is from the ephemeral range: another process's
+    outgoing connection may take it before the server binds it, so on EADDRINUSE pick another one."""
+    for attempt in range(attempts):
+        srv = make(free_port())
+        try:
+            await srv.start()
+            return srv
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def restart(server: Any) -> None:
+    """(Re)start on the same port; wait a little if something holds the port for a moment."""
+    for attempt in range(30):
+        try:
+            await server.start()
+            return
+        except OSError:
+            if attempt == 29:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def eventually(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Recorder:
+    """A connector sink: keeps every batch (with its arrival time) and the latest sample per key."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Sample]] = []
+        self.times: list[float] = []
+        self.last: dict[str, Sample] = {}
+
+    def __call__(self, samples: list[Sample]) -> None:
+        self.batches.append(samples)
+        self.times.append(time.monotonic())
+        for s in samples:
+            self.last[s.key] = s
+
+    def value(self, key: str) -> object:
+        s = self.last.get(key)
+        return s.value if s is not None and s.good else None

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
 import pytest
@@ -17,68 +16,16 @@ from connectors.base import Backoff, ComponentState, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
 from connectors.opcua.connector import OpcUaConnector, datavalue_to_sample
-from mappings.samples import Sample
-from tests.faults import BlackHole
+from simulators.ports import free_port
+from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
 
 SIGNALS = ("good", "scrap", "state", "order", "operation")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 async def start_server(model: MachineModel) -> OpcUaMachineServer:
-    """A simulator on a free port. A port picked with bind(0) is from the ephemeral range: another process's
-    outgoing connection may take it before the server binds it, so on EADDRINUSE pick another one."""
-    for attempt in range(5):
-        srv = OpcUaMachineServer(model, port=free_port())
-        try:
-            await srv.start()
-            return srv
-        except OSError:
-            if attempt == 4:
-                raise
-    raise AssertionError("unreachable")
-
-
-async def restart(server: OpcUaMachineServer) -> None:
-    """(Re)start on the same port; wait a little if something holds the port for a moment."""
-    for attempt in range(30):
-        try:
-            await server.start()
-            return
-        except OSError:
-            if attempt == 29:
-                raise
-            await asyncio.sleep(0.1)
-
-
-async def eventually(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-class Recorder:
-    """The sink: keeps every batch and the latest sample per key."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Sample]] = []
-        self.last: dict[str, Sample] = {}
-
-    def __call__(self, samples: list[Sample]) -> None:
-        self.batches.append(samples)
-        for s in samples:
-            self.last[s.key] = s
-
-    def value(self, key: str) -> object:
-        s = self.last.get(key)
-        return s.value if s is not None and s.good else None
+    return await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port))
 
 
 @pytest.fixture
