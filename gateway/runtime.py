@@ -9,6 +9,8 @@ ticks), runs the pure engines, and group-commits snapshots + events in one trans
 from __future__ import annotations
 
 import asyncio
+import collections
+import heapq
 import contextlib
 import dataclasses
 import json
@@ -25,6 +27,8 @@ from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.config import GatewayConfig, counter_modulus
 from gateway.dispatch import DispatchRejected, parse_dispatch
+from gateway.faults import crash_point
+from gateway.orders import OrderCommand, TagOrderTracker
 from gateway.events import EventEncoder, Topics
 from gateway.mqtt import MqttLink, Publisher
 from gateway.store import OutboxRow, Store, StoreError
@@ -34,10 +38,12 @@ from mappings.samples import Sample
 
 log = structlog.get_logger(__name__)
 
-TICK_S = 0.25
 CHECKPOINT_S = 1.0
-CUT_READ_TIMEOUT_S = 3.0
-CUT_RETRY_S = 0.05  # a cut read of a connector that is not connected yet is retried this often
+CUT_READ_TIMEOUT_S = 3.0  # one attempt of a cut read
+CUT_RETRY_MAX_S = 1.0  # a cut read of a connector that is not connected is retried, with backoff up to this
+ORDER_TAG_SETTLE_S = 0.2  # a pending PLC-tag order switch of a machine that makes nothing is applied after this
+MAX_QUEUED_SAMPLES = 200_000  # above this, queued cumulative samples are coalesced (the latest carries the delta)
+CORE_BATCH = 10_000  # inbox items handled per round before a commit
 
 
 def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
@@ -85,26 +91,26 @@ async def run_until_really_cancelled(fn: Any, name: str) -> Any:
 
 
 @dataclass
-class _Dispatch:
+class _CutDone:
+    """The cut read of one machine came back (tagged sample batch), or failed for good."""
+
     machine: str
-    context: OrderContext | None
-    source: str = "mqtt"
-
-
-@dataclass
-class _OrderTagChanged:
-    machine: str
-
-
-@dataclass
-class _CompleteTag:
-    machine: str
+    samples: list[Sample]
 
 
 @dataclass
 class _ErpRejection:
     event: dict[str, Any]
     reason: str
+
+
+@dataclass
+class _Cut:
+    """A changeover waiting for its cut read; commands that arrive meanwhile queue behind it, in order."""
+
+    machine: str
+    commands: list[OrderCommand]
+    task: "asyncio.Task[None] | None" = None
 
 
 @dataclass
@@ -120,9 +126,26 @@ class Stats:
     dropped_while_full: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     erp_rejections: int = 0
     acks_malformed: int = 0
+    samples_coalesced: int = 0
+    machine_faults: int = 0
+
+
+def _sample_time(s: Sample) -> float:
+    return s.time
 
 
 class Gateway:
+    """Wiring and supervision around one core loop.
+
+    The core loop (``_core``) is the only writer of machine state. It takes commands from one inbox (sample
+    batches from connectors, order commands, cut results), applies each synchronously to the pure engines and
+    stages the resulting event drafts (sequence number, id, payload) in the same step — it never awaits while it
+    holds work that is not staged. The only await of a round is the group commit of staged rows and the snapshots
+    of the machines they came from; a commit that fails keeps both staged and is retried. Changeover cuts are
+    two-phase: the core asks the connectors for a read in a task of its own and goes on; the read comes back
+    through the inbox as a tagged batch, so a slow PLC delays only its own machine.
+    """
+
     def __init__(self, cfg: GatewayConfig, *, password: str | None = None) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_root, cfg.gateway)
@@ -131,13 +154,22 @@ class Gateway:
         self.specs = {s.id: s for s in machine_specs(cfg)}
         self.engines: dict[str, MachineEngine] = {}
         self.stats = Stats()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._inbox_ready = asyncio.Event()
+        self._queued_samples = 0
         self._routes: dict[str, tuple[str, str]] = {}  # tag key -> (machine, signal)
+        self._control_keys: set[str] = set()  # order / operation / complete tags: samples handled in time order
+        self._coalescable: set[str] = set()  # cumulative counter keys: the latest value carries the delta
         self._machine_connectors: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         self._order_source = {m.id: m.order_source for m in cfg.machines}
-        self._order_tag_values: dict[str, dict[str, Any]] = defaultdict(dict)
-        self._order_tag_pending: set[str] = set()
-        self._complete_level: dict[str, bool] = {}
+        self._trackers: dict[str, TagOrderTracker] = {}
+        self._settle_since: dict[str, float] = {}
+        self._cuts: dict[str, _Cut] = {}
+        self._dirty: set[str] = set()  # machines whose engine state is not committed
+        self._timers: list[tuple[float, str]] = []  # heap of (deadline, machine): reporting windows
+        self._scheduled: dict[str, float] = {}
+        self._faulted: dict[str, str] = {}  # machine -> error: its engine raised; its samples are ignored
+        self._rejections: list[_ErpRejection] = []
         self.connectors: dict[str, Connector] = {}
         status_topic = self.topics.status()
         self.link = MqttLink(
@@ -156,6 +188,8 @@ class Gateway:
         self._next_seq = 1
         self._uncommitted: list[OutboxRow] = []
         self._last_checkpoint = 0.0
+        self._commit_backoff_until = 0.0
+        self.core_heartbeat = 0.0  # monotonic time of the core loop's last round
         self.started = asyncio.Event()
         self.crashes: dict[str, int] = {}
         self._stopping = False
@@ -171,11 +205,17 @@ class Gateway:
                               ("complete", m.complete_tag)):
                 if tag is not None:
                     signals.append((name, tag))
+            if m.order_tag is not None or m.complete_tag is not None:
+                self._trackers[m.id] = TagOrderTracker(m.id)
             for signal, b in signals:
                 key = f"{m.id}/{signal}"
                 bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal)))
                 self._routes[key] = (m.id, signal)
-                if signal not in ("state", "complete"):  # the cut reads counters and order tags together
+                if signal in ("order", "operation", "complete"):
+                    self._control_keys.add(key)
+                elif signal != "state" and getattr(b, "mode", "cumulative") == "cumulative":
+                    self._coalescable.add(key)
+                if signal not in ("state", "complete", "order", "operation"):  # the cut reads the counters
                     self._machine_connectors[m.id][b.connector].append(key)
         for c in self.cfg.connectors:
             cls = REGISTRY[c.type].load()
@@ -184,9 +224,52 @@ class Gateway:
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"gateway": self.cfg.gateway.id, "state": state, "time": time.time()}).encode()
 
-    # ------------------------------------------------------------------ callbacks (event loop, non-blocking)
+    # ------------------------------------------------------------------ inbox (event loop callbacks, non-blocking)
+    def _put(self, item: Any) -> None:
+        self._inbox.append(item)
+        self._inbox_ready.set()
+
     def _on_samples(self, samples: list[Sample]) -> None:
-        self._queue.put_nowait(samples)
+        self._inbox.append(samples)
+        self._inbox_ready.set()
+        self._queued_samples += len(samples)
+        if self._queued_samples > MAX_QUEUED_SAMPLES:
+            self._coalesce()
+
+    def _coalesce(self) -> None:
+        """Bound the inbox under overload: merge runs of queued sample batches, keeping only the latest sample of
+        each cumulative counter (its value carries every delta before it). Delta / reset-on-read counters, state
+        and order tags are kept in full and in order; a batch with order tags is a barrier nothing moves across."""
+        out: collections.deque[Any] = collections.deque()
+        run: dict[str, Sample] = {}
+        rest: list[Sample] = []
+        before = self._queued_samples
+        coalescable, control = self._coalescable, self._control_keys
+
+        def close_run() -> None:
+            if run or rest:
+                out.append(rest + list(run.values()))
+
+        for item in self._inbox:
+            if isinstance(item, list) and not any(s.key in control for s in item):
+                for s in item:
+                    if s.key in coalescable and s.good:
+                        run.pop(s.key, None)
+                        run[s.key] = s
+                    else:
+                        rest.append(s)
+                continue
+            close_run()
+            run, rest = {}, []
+            out.append(item)
+        close_run()
+        self._inbox = out
+        self._queued_samples = sum(len(i) for i in out if isinstance(i, list))
+        dropped = before - self._queued_samples
+        if dropped > 0:
+            self.stats.samples_coalesced += dropped
+            log.warning("core.input_coalesced", queued_before=before, queued_after=self._queued_samples,
+                        coalesced=dropped)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.endswith("/acks"):
@@ -203,13 +286,15 @@ class Gateway:
                                                        f"{self._order_source[machine]!r}, not from MQTT dispatch")
             ctx = parse_dispatch(payload)
         except DispatchRejected as exc:
-            self.stats.dispatch_rejected += 1
-            self.stats.dispatch_rejected_by_reason[exc.reason] += 1
-            metrics.DISPATCH_REJECTED.labels(exc.reason).inc()
-            log.warning("dispatch.rejected", topic=topic, reason=exc.reason, detail=exc.detail[:500],
-                        size=len(payload))
+            self._count_rejected_dispatch(exc, topic=topic, size=len(payload))
             return
-        self._queue.put_nowait(_Dispatch(machine, ctx))
+        self._put(OrderCommand(machine, ctx, "mqtt"))
+
+    def _count_rejected_dispatch(self, exc: DispatchRejected, **where: Any) -> None:
+        self.stats.dispatch_rejected += 1
+        self.stats.dispatch_rejected_by_reason[exc.reason] += 1
+        metrics.DISPATCH_REJECTED.labels(exc.reason).inc()
+        log.warning("dispatch.rejected", reason=exc.reason, detail=exc.detail[:500], **where)
 
     def _on_erp_ack(self, topic: str, payload: bytes) -> None:
         """The ERP rejected an event it received: keep it in the quarantine, visible and retryable."""
@@ -225,7 +310,8 @@ class Gateway:
             self.stats.acks_malformed += 1
             log.warning("erp_ack.rejected", topic=topic, error=str(exc)[:200])
             return
-        self._queue.put_nowait(_ErpRejection(event, reason))
+        self._rejections.append(_ErpRejection(event, reason))
+        self._inbox_ready.set()
 
     async def _quarantine_rejection(self, r: "_ErpRejection") -> None:
         ev = r.event
@@ -248,6 +334,8 @@ class Gateway:
         try:
             snapshots = await self.store.load_states()
             self.engines = {mid: MachineEngine(spec, snapshots.get(mid)) for mid, spec in self.specs.items()}
+            for mid in self.engines:
+                self._schedule(mid)
             self._next_seq = self.store.next_seq
             self.encoder = EventEncoder(self.cfg.gateway, self.topics, self.store.epoch)
             log.info("gateway.started", gateway=self.cfg.gateway.id, machines=len(self.engines),
@@ -262,7 +350,6 @@ class Gateway:
                     tg.create_task(self._supervise("mqtt.link", self.link.run), name="mqtt.link"),
                     tg.create_task(self._supervise("publisher", self.publisher.run), name="publisher"),
                     tg.create_task(run_until_really_cancelled(self._core, "core"), name="core"),
-                    tg.create_task(self._ticker(), name="ticker"),
                 ]
                 for cid, conn in self.connectors.items():
                     tasks.append(tg.create_task(self._supervise(f"connector.{cid}", conn.run), name=f"connector.{cid}"))
@@ -274,10 +361,13 @@ class Gateway:
     http: Any = None
 
     async def _shutdown(self) -> None:
+        for cut in self._cuts.values():
+            if cut.task is not None:
+                cut.task.cancel()
         if self.http is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.http.stop(), timeout=5)
-        # the task group has cancelled everything; persist what the engines hold
+        # the task group has cancelled everything; persist what the engines hold (staged rows and their state)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._commit(force=True), timeout=5)
         with contextlib.suppress(Exception):
@@ -305,101 +395,161 @@ class Gateway:
                     backoff.reset()
                 await asyncio.sleep(backoff.next())
 
-    async def _ticker(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            self._queue.put_nowait("tick")
-
     # ------------------------------------------------------------------ the core loop
     async def _core(self) -> None:
         while True:
-            item = await self._queue.get()
-            events: list[EventDraft] = []
-            items = [item]
-            while not self._queue.empty() and len(items) < 10_000:
-                items.append(self._queue.get_nowait())
-            for it in items:
-                if isinstance(it, list):
-                    events.extend(self._apply_samples(it))
-                elif isinstance(it, _Dispatch):
-                    events.extend(await self._apply_dispatch(it))
-                elif isinstance(it, _CompleteTag):
-                    events.extend(await self._apply_complete_tag(it.machine))
-                elif isinstance(it, _OrderTagChanged):
-                    events.extend(await self._apply_order_tags(it.machine))
-                elif isinstance(it, _ErpRejection):
-                    await self._quarantine_rejection(it)
-                elif it == "tick":
-                    now = time.time()
-                    for eng in self.engines.values():
-                        events.extend(eng.tick(now))
-            self._stage(events)
+            if not self._inbox and not self._rejections:
+                timeout = self._next_wakeup()
+                self._inbox_ready.clear()
+                if timeout is None or timeout > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout):
+                            await self._inbox_ready.wait()
+            self.core_heartbeat = time.monotonic()
+            inbox = self._inbox
+            n = 0
+            while inbox and n < CORE_BATCH:
+                item = inbox.popleft()
+                n += 1
+                if isinstance(item, list):
+                    self._queued_samples -= len(item)
+                    self._stage(self._apply_samples(item))
+                elif isinstance(item, OrderCommand):
+                    self._order_command(item)
+                elif isinstance(item, _CutDone):
+                    self._cut_done(item)
+            self._run_timers()
             await self._commit()
+            if self._rejections:
+                rejections, self._rejections = self._rejections, []
+                for r in rejections:
+                    await self._quarantine_rejection(r)
 
+    def _next_wakeup(self) -> float | None:
+        """Seconds until the core has timed work: the next reporting window, a settling order switch, the
+        checkpoint of dirty machines, a commit retry. None: nothing timed (idle costs nothing)."""
+        now = time.monotonic()
+        due: list[float] = []
+        if self._timers:
+            due.append(self._timers[0][0] - self._wall_offset())
+        if self._dirty or self._uncommitted:
+            due.append(max(self._last_checkpoint + CHECKPOINT_S, self._commit_backoff_until))
+        if any(t.pending_since is not None for t in self._trackers.values()):
+            due.append(now + ORDER_TAG_SETTLE_S)
+        if not due:
+            return None
+        return max(0.0, min(due) - now)
+
+    @staticmethod
+    def _wall_offset() -> float:
+        """Window deadlines are kept in the engines' time base; this converts them to ``time.monotonic()``."""
+        return time.time() - time.monotonic()
+
+    def _now(self) -> float:
+        """The time the engines' windows are measured in."""
+        return time.time()
+
+    # ------------------------------------------------------------------ samples
     def _apply_samples(self, samples: list[Sample]) -> list[EventDraft]:
-        out: list[EventDraft] = []
         routes = self._routes
+        control = self._control_keys
+        for s in samples:
+            if s.key in control:
+                return self._apply_samples_ordered(samples)
+        out: list[EventDraft] = []
         engines = self.engines
+        dirty = self._dirty
+        scheduled = self._scheduled
+        unscheduled: list[str] = []
         for s in samples:
             route = routes.get(s.key)
             if route is None:
                 continue
             machine, signal = route
-            if signal == "order" or signal == "operation":
-                self._order_tag_sample(machine, signal, s)
+            eng = engines[machine]
+            try:
+                drafts = eng.apply(s, signal)
+            except Exception as exc:  # noqa: BLE001 - one machine's fault must not stop the others
+                self._fault(machine, exc, s)
                 continue
-            if signal == "complete":
-                self._complete_tag_sample(machine, s)
-                continue
-            out.extend(engines[machine].apply(s, signal))
+            if drafts:
+                out.extend(drafts)
+            if eng.dirty:
+                dirty.add(machine)
+                if machine not in scheduled:
+                    unscheduled.append(machine)
         self.stats.samples += len(samples)
+        for machine in unscheduled:  # only machines whose window may just have opened
+            self._schedule(machine)
         return out
 
-    # ------------------------------------------------------------------ order context from PLC tags
-    def _order_tag_sample(self, machine: str, signal: str, s: Sample) -> None:
-        if not s.good:
-            return  # an unreadable order tag changes nothing
-        value = "" if s.value is None else str(s.value).strip()
-        vals = self._order_tag_values[machine]
-        if vals.get(signal) == value:
-            return
-        vals[signal] = value
-        if machine not in self._order_tag_pending:
-            self._order_tag_pending.add(machine)
-            self._queue.put_nowait(_OrderTagChanged(machine))
+    def _apply_samples_ordered(self, samples: list[Sample]) -> list[EventDraft]:
+        """A batch with order tags or a completion flag: applied in sample-time order, so a PLC-tag changeover
+        switches at the exact sample boundary (see gateway/orders.py for the rule)."""
+        out: list[EventDraft] = []
+        routes, engines, trackers = self._routes, self.engines, self._trackers
+        touched: set[str] = set()
+        for s in sorted(samples, key=_sample_time):
+            route = routes.get(s.key)
+            if route is None:
+                continue
+            machine, signal = route
+            tracker = trackers.get(machine)
+            if tracker is not None and tracker.due(s.time):
+                out.extend(self._switch_from_tags(machine))
+            if signal == "order" or signal == "operation":
+                if tracker is not None and self._order_source[machine] == "tag":
+                    tracker.order_tag(signal, s)
+                touched.add(machine)
+                continue
+            if signal == "complete":
+                if tracker is not None and tracker.complete_flag(s):
+                    out.extend(self._complete_now(machine))
+                continue
+            eng = engines[machine]
+            try:
+                out.extend(eng.apply(s, signal))
+            except Exception as exc:  # noqa: BLE001
+                self._fault(machine, exc, s)
+                continue
+            if eng.dirty:
+                self._dirty.add(machine)
+                touched.add(machine)
+        self.stats.samples += len(samples)
+        for machine in touched:
+            self._schedule(machine)
+        return out
 
-    def _complete_tag_sample(self, machine: str, s: Sample) -> None:
-        """Rising edge of the PLC's 'operation complete' flag: complete the active operation. The first value seen
-        only sets the level (a flag already up when the gateway starts completes nothing)."""
-        if not s.good:
-            return
-        v = s.value
-        up = v.strip().lower() not in ("", "0", "false", "no") if isinstance(v, str) else bool(v)
-        prev = self._complete_level.get(machine)
-        self._complete_level[machine] = up
-        if up and prev is False:
-            self._queue.put_nowait(_CompleteTag(machine))
+    def _switch_from_tags(self, machine: str) -> list[EventDraft]:
+        ctx = self._trackers[machine].take_switch()
+        if ctx is False:
+            return []
+        return self._apply_order(OrderCommand(machine, ctx, "tag", needs_cut=False))  # type: ignore[arg-type]
 
-    async def _apply_complete_tag(self, machine: str) -> list[EventDraft]:
+    def _complete_now(self, machine: str) -> list[EventDraft]:
+        """Rising edge of the PLC's 'operation complete' flag: complete the operation active at that sample."""
         cur = self.engines[machine].context
         if cur is None:
             log.warning("order.complete_without_order", machine=machine)
             return []
-        return await self._apply_dispatch(_Dispatch(machine, dataclasses.replace(cur, status="completed"),
-                                                    source="complete_tag"))
+        return self._apply_order(OrderCommand(machine, dataclasses.replace(cur, status="completed"), "complete_tag",
+                                              needs_cut=False))
 
-    async def _apply_order_tags(self, machine: str) -> list[EventDraft]:
-        """The PLC's order or operation tag changed: read tags and counters together (the cut), then apply."""
-        self._order_tag_pending.discard(machine)
-        out = await self._cut(machine)  # also refreshes the tag values from the same read
-        vals = self._order_tag_values[machine]
-        order, op = vals.get("order", ""), vals.get("operation", "")
-        if order and not op:
-            return out  # half-written pair: wait for the operation tag
-        ctx = OrderContext(order, op) if order else None
-        out.extend(self._dispatch_engine(_Dispatch(machine, ctx, source="tag")))
-        return out
+    def _fault(self, machine: str, exc: BaseException, sample: Sample | None = None) -> None:
+        """An engine raised (a bug, or input nothing validated): this machine stops counting, the others go on.
+        Its last committed state stays; the parts it makes meanwhile are still in its counters."""
+        if machine in self._faulted:
+            return
+        self._faulted[machine] = f"{type(exc).__name__}: {exc}"[:500]
+        self.stats.machine_faults += 1
+        for key in [k for k, (m, _) in self._routes.items() if m == machine]:
+            del self._routes[key]
+        # what it staged before the fault is committed with its state as it is: never rows without their state
+        log.error("machine.faulted", machine=machine, error=self._faulted[machine],
+                  sample=None if sample is None else {"key": sample.key, "value": repr(sample.value)[:100]},
+                  exc_info=exc)
 
+    # ------------------------------------------------------------------ order commands
     def set_local_order(self, machine: str, ctx: OrderContext | None) -> None:
         """The local order command (CLI / HTTP). Raises ValueError for an unknown machine or another order source."""
         if machine not in self.specs:
@@ -407,61 +557,141 @@ class Gateway:
         if self._order_source[machine] != "local":
             raise ValueError(f"machine {machine!r} takes its order from {self._order_source[machine]!r}; "
                              "set order_source: local to use the local command")
-        self._queue.put_nowait(_Dispatch(machine, ctx, source="local"))
+        self._put(OrderCommand(machine, ctx, "local"))
 
-    def _dispatch_engine(self, d: _Dispatch) -> list[EventDraft]:
-        eng = self.engines[d.machine]
-        out = eng.dispatch(d.context, time.time())
-        if eng.dirty:
-            eng.urgent = True  # a local order command is not redelivered like a retained dispatch: persist it now
-        log.info("order.applied", machine=d.machine, source=d.source,
-                 order=d.context.order if d.context else None,
-                 operation=d.context.operation if d.context else None,
-                 status=d.context.status if d.context else "cleared")
-        return out
+    def _order_command(self, cmd: OrderCommand) -> None:
+        """An order command from MQTT or the local command: apply now, or after the machine's cut read."""
+        machine = cmd.machine
+        if machine in self._faulted:
+            log.warning("order.ignored_machine_faulted", machine=machine, source=cmd.source)
+            return
+        cut = self._cuts.get(machine)
+        if cut is not None:
+            cut.commands.append(cmd)
+            return
+        eng = self.engines[machine]
+        cur, new = eng.context, cmd.context
+        changes = (cur is None) != (new is None) or (
+            cur is not None and new is not None and (cur.ref != new.ref or new.status != cur.status))
+        if changes and cmd.needs_cut and self._machine_connectors.get(machine):
+            cut = self._cuts[machine] = _Cut(machine, [cmd])
+            cut.task = asyncio.get_running_loop().create_task(self._cut_read(machine), name=f"cut.{machine}")
+            return
+        self._stage(self._apply_order(cmd))
 
-    async def _apply_dispatch(self, d: _Dispatch) -> list[EventDraft]:
-        eng = self.engines[d.machine]
-        cur = eng.context
-        changes = (cur is None) != (d.context is None) or (
-            cur is not None and d.context is not None and (cur.ref != d.context.ref or d.context.status != cur.status)
-        )
-        out: list[EventDraft] = []
-        if changes:
-            out.extend(await self._cut(d.machine))
-        out.extend(self._dispatch_engine(d))
-        self.stats.dispatch_accepted += 1
-        metrics.DISPATCH_ACCEPTED.inc()
-        return out
+    async def _cut_read(self, machine: str) -> None:
+        """Phase one of a changeover: read every counter of the machine, and hand the result to the core. A
+        connector that cannot answer is retried (with backoff) until it can: the changeover is held until the
+        first good read, so parts made before it are never booked to the new order."""
+        from connectors.base import Backoff
 
-    async def _cut(self, machine: str) -> list[EventDraft]:
-        """Read every counter of the machine now, so counts up to the changeover go to the old order.
-
-        A connector that is not available yet is retried until ``CUT_READ_TIMEOUT_S``: typically the retained
-        dispatch arrives right after a restart, a few ms before the OPC UA session is up, and a changeover applied
-        without the cut would book every part made since the last committed read to the new order."""
-        loop = asyncio.get_running_loop()
-        out: list[EventDraft] = []
-        for cid, keys in self._machine_connectors[machine].items():
-            deadline = loop.time() + CUT_READ_TIMEOUT_S
+        samples: list[Sample] = []
+        for cid, keys in list(self._machine_connectors[machine].items()):
+            backoff = Backoff(0.05, CUT_RETRY_MAX_S)
+            failures = 0
             while True:
                 try:
-                    samples = await self.connectors[cid].read(keys, timeout=max(0.1, deadline - loop.time()))
-                except (ConnectorUnavailable, asyncio.TimeoutError) as exc:
-                    if loop.time() + CUT_RETRY_S < deadline:
-                        await asyncio.sleep(CUT_RETRY_S)
-                        continue
-                    failure: Exception = exc
-                except ConnectorError as exc:
-                    failure = exc
-                else:
-                    out.extend(self._apply_samples(samples))
+                    samples.extend(await self.connectors[cid].read(keys, timeout=CUT_READ_TIMEOUT_S))
                     break
-                self.stats.cut_read_failures += 1
-                log.warning("changeover.cut_read_failed", machine=machine, connector=cid, error=str(failure))
-                break
+                except (ConnectorError, asyncio.TimeoutError) as exc:
+                    failures += 1
+                    if failures == 1 or not isinstance(exc, ConnectorUnavailable):
+                        self.stats.cut_read_failures += 1
+                        log.warning("changeover.cut_read_failed", machine=machine, connector=cid,
+                                    error=str(exc) or type(exc).__name__, action="held until the first good read")
+                await asyncio.sleep(backoff.next())
+        self._put(_CutDone(machine, samples))
+
+    def _cut_done(self, done: _CutDone) -> None:
+        """Phase two: the read is the cut — apply it, then the commands that waited for it, in order."""
+        cut = self._cuts.pop(done.machine, None)
+        self._stage(self._apply_samples(done.samples))
+        if cut is None:
+            return
+        for cmd in cut.commands:
+            self._stage(self._apply_order(cmd))
+
+    def _apply_order(self, cmd: OrderCommand) -> list[EventDraft]:
+        machine = cmd.machine
+        if machine in self._faulted:
+            return []
+        eng = self.engines[machine]
+        try:
+            out = eng.dispatch(cmd.context, self._now())
+        except Exception as exc:  # noqa: BLE001 - e.g. a value nothing validated: this machine faults, not all
+            self._fault(machine, exc)
+            return []
+        if eng.dirty:
+            self._dirty.add(machine)
+            eng.urgent = True  # an order change is persisted now, not at the next checkpoint
+        self.stats.dispatch_accepted += 1
+        metrics.DISPATCH_ACCEPTED.inc()
+        ctx = cmd.context
+        log.info("order.applied", machine=machine, source=cmd.source,
+                 order=ctx.order if ctx else None, operation=ctx.operation if ctx else None,
+                 status=ctx.status if ctx else "cleared")
+        self._schedule(machine)
         return out
 
+    # ------------------------------------------------------------------ reporting windows (timer heap)
+    def _deadline(self, eng: MachineEngine) -> float | None:
+        fn = getattr(eng, "next_deadline", None)
+        if fn is not None:
+            return fn()
+        w = eng.window
+        if w.opened_at is None or eng.hold_reports:
+            return None
+        return w.opened_at + eng.spec.interval_s
+
+    def _schedule(self, machine: str) -> None:
+        eng = self.engines.get(machine)
+        if eng is None:
+            return
+        d = self._deadline(eng)
+        if d is None or self._scheduled.get(machine) == d:
+            return
+        self._scheduled[machine] = d
+        heapq.heappush(self._timers, (d, machine))
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        if not timers:
+            self._settle_order_tags()
+            return
+        now = self._now()
+        while timers and timers[0][0] <= now:
+            d, machine = heapq.heappop(timers)
+            if self._scheduled.get(machine) != d:
+                continue  # superseded
+            del self._scheduled[machine]
+            eng = self.engines[machine]
+            if machine in self._faulted:
+                continue
+            try:
+                drafts = eng.tick(now)
+            except Exception as exc:  # noqa: BLE001
+                self._fault(machine, exc)
+                continue
+            if eng.dirty:
+                self._dirty.add(machine)
+            self._stage(drafts)
+            self._schedule(machine)
+        self._settle_order_tags()
+
+    def _settle_order_tags(self) -> None:
+        """A pending PLC-tag switch of a machine that sends nothing after it is applied once it has settled."""
+        now = time.monotonic()
+        settle = self._settle_since
+        for machine, tracker in self._trackers.items():
+            if tracker.pending_since is None:
+                settle.pop(machine, None)
+                continue
+            first = settle.setdefault(machine, now)
+            if now - first >= ORDER_TAG_SETTLE_S:
+                del settle[machine]
+                self._stage(self._switch_from_tags(machine))
+
+    # ------------------------------------------------------------------ staging and the group commit
     def _update_full(self) -> None:
         full = self.store.full
         if full != self._full:
@@ -475,12 +705,15 @@ class Gateway:
             else:
                 log.info("store.space_recovered", pending_bytes=self.store.pending_bytes,
                          dropped=dict(self.stats.dropped_while_full))
+                for mid in self.engines:
+                    self._schedule(mid)
             metrics.STORE_FULL.set(1 if full else 0)
 
     _full = False
 
     def _stage(self, events: list[EventDraft]) -> None:
-        self._update_full()
+        """Give drafts their sequence numbers and payloads, in the same synchronous step as the engine change that
+        made them: from here on they are committed with that state, or not at all (never one without the other)."""
         if not events:
             return
         assert self.encoder is not None
@@ -493,37 +726,55 @@ class Gateway:
                 else:
                     kept.append(ev)
             events = kept
+        encode = self.encoder.encode
         for ev in events:
             seq = self._next_seq
-            self._next_seq += 1
-            topic, payload = self.encoder.encode(ev, seq)
+            try:
+                topic, payload = encode(ev, seq)
+            except Exception as exc:  # noqa: BLE001 - a draft that cannot be encoded is a bug in one machine
+                log.error("event.encode_failed", machine=ev.subject, type=ev.type, data=repr(ev.data)[:2000])
+                self._fault(ev.subject, exc)
+                continue
+            self._next_seq = seq + 1
             self._uncommitted.append(OutboxRow(seq, ev.subject, ev.type, topic, payload))
+            self._dirty.add(ev.subject)
 
     async def _commit(self, *, force: bool = False) -> None:
-        dirty = [e for e in self.engines.values() if e.dirty]
         now = time.monotonic()
-        urgent = any(e.urgent for e in dirty)
-        if not self._uncommitted and not (dirty and (force or urgent or now - self._last_checkpoint >= CHECKPOINT_S)):
+        if now < self._commit_backoff_until and not force:
             return
+        self._update_full()
+        dirty = self._dirty
         rows = self._uncommitted
+        checkpoint = force or now - self._last_checkpoint >= CHECKPOINT_S
+        engines = self.engines
+        if not rows and not (dirty and (checkpoint or any(engines[m].urgent for m in dirty))):
+            return
         # The snapshot of a machine goes with the events derived from it (and urgent state: reset-on-read deltas, an
         # order change). Other machines' counters are their own durable log: their snapshots wait for the checkpoint,
         # so a commit does not serialise every engine of a large gateway.
-        checkpoint = force or now - self._last_checkpoint >= CHECKPOINT_S
         with_rows = {r.machine for r in rows}
-        committed = [e for e in dirty if checkpoint or e.urgent or e.spec.id in with_rows]
-        states = {e.spec.id: e.snapshot() for e in committed}
+        committed = [m for m in dirty if checkpoint or m in with_rows or engines[m].urgent]
+        states = {m: engines[m].snapshot() for m in committed}
         try:
             await self.store.commit(states, rows, self._next_seq)
         except StoreError as exc:
             self.stats.commit_failures += 1
+            self._commit_failing = str(exc)
             if self.stats.commit_failures == 1 or not exc.disk_full:
-                log.error("store.commit_failed", error=str(exc), pending_rows=len(rows), disk_full=exc.disk_full)
+                log.error("store.commit_failed", error=str(exc), pending_rows=len(rows), disk_full=exc.disk_full,
+                          kind=getattr(exc, "kind", "disk_full" if exc.disk_full else "other"))
             self._update_full()
-            await asyncio.sleep(0.5)  # rows stay staged with their sequence numbers; retried next round
+            # rows stay staged with their sequence numbers and the state with them; retried after a pause
+            self._commit_backoff_until = time.monotonic() + 0.5
             return
-        for e in committed:
+        if self._commit_failing is not None:
+            log.info("store.commit_recovered", failures=self.stats.commit_failures)
+            self._commit_failing = None
+        for m in committed:
+            e = engines[m]
             e.dirty = e.urgent = False
+            dirty.discard(m)
         self._uncommitted = []
         if checkpoint:
             self._last_checkpoint = now
@@ -532,15 +783,28 @@ class Gateway:
             self.stats.events_committed += len(rows)
             for r in rows:
                 metrics.EVENTS_COMMITTED.labels(r.type).inc()
+            crash_point("core.handed_over")
             self.publisher.notify()
         metrics.OUTBOX_PENDING.set(self.store.pending)
 
+    _commit_failing: str | None = None
+
     # ------------------------------------------------------------------ status
+    def alarms(self) -> list[str]:
+        out = []
+        if self.store.full:
+            out.append("store_full")
+        if self._commit_failing is not None:
+            out.append("store_commit_failing")
+        out += [f"machine_faulted:{m}" for m in sorted(self._faulted)]
+        return out
+
     def status(self) -> dict[str, Any]:
         comps = {f"connector.{cid}": c.status.as_dict() for cid, c in self.connectors.items()}
         comps["mqtt"] = self.link.status.as_dict()
+        alarms = self.alarms()
         healthy = all(c.status.state == ComponentState.CONNECTED for c in self.connectors.values()) and \
-            self.link.status.state == ComponentState.CONNECTED and not self.store.full
+            self.link.status.state == ComponentState.CONNECTED and not alarms
         return {
             "gateway": self.cfg.gateway.id,
             "healthy": healthy,
@@ -549,7 +813,7 @@ class Gateway:
             "outbox_bytes": self.store.pending_bytes,
             "quarantined": self.store.quarantined,
             "backlog_remaining": self.publisher.backlog_remaining,
-            "alarms": (["store_full"] if self.store.full else []),
+            "alarms": alarms,
             "component_restarts": dict(self.crashes),
             "published": self.publisher.published,
             "acked": self.publisher.acked,
@@ -558,6 +822,8 @@ class Gateway:
                 mid: {"order": e.context.order if e.context else None,
                       "operation": e.context.operation if e.context else None,
                       "state": e.machine_state,
+                      "faulted": self._faulted.get(mid),
+                      "changeover_pending": mid in self._cuts,
                       "totals": {k: str(v) for k, v in e.totals.items()}}
                 for mid, e in self.engines.items()
             },
