@@ -130,10 +130,6 @@ class Stats:
     machine_faults: int = 0
 
 
-def _sample_time(s: Sample) -> float:
-    return s.time
-
-
 class Gateway:
     """Wiring and supervision around one core loop.
 
@@ -158,12 +154,14 @@ class Gateway:
         self._inbox_ready = asyncio.Event()
         self._queued_samples = 0
         self._routes: dict[str, tuple[str, str]] = {}  # tag key -> (machine, signal)
-        self._control_keys: set[str] = set()  # order / operation / complete tags: samples handled in time order
+        self._control_keys: set[str] = set()
+        self._control_rank: dict[str, int] = {}  # order / operation / complete tags: samples handled in time order
         self._coalescable: set[str] = set()  # cumulative counter keys: the latest value carries the delta
         self._machine_connectors: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         self._order_source = {m.id: m.order_source for m in cfg.machines}
         self._trackers: dict[str, TagOrderTracker] = {}
         self._settle_since: dict[str, float] = {}
+        self._switch_pending: set[str] = set()  # machines with a PLC-tag order switch not yet applied
         self._cuts: dict[str, _Cut] = {}
         self._dirty: set[str] = set()  # machines whose engine state is not committed
         self._timers: list[tuple[float, str]] = []  # heap of (deadline, machine): reporting windows
@@ -213,6 +211,8 @@ class Gateway:
                 self._routes[key] = (m.id, signal)
                 if signal in ("order", "operation", "complete"):
                     self._control_keys.add(key)
+                    # same sample time: counters first, then the completion flag, then the order tags
+                    self._control_rank[key] = 1 if signal == "complete" else 2
                 elif signal != "state" and getattr(b, "mode", "cumulative") == "cumulative":
                     self._coalescable.add(key)
                 if signal not in ("state", "complete", "order", "operation"):  # the cut reads the counters
@@ -242,6 +242,7 @@ class Gateway:
         and order tags are kept in full and in order; a batch with order tags is a barrier nothing moves across."""
         out: collections.deque[Any] = collections.deque()
         run: dict[str, Sample] = {}
+        first: dict[str, Sample] = {}
         rest: list[Sample] = []
         before = self._queued_samples
         coalescable, control = self._coalescable, self._control_keys
@@ -254,13 +255,17 @@ class Gateway:
             if isinstance(item, list) and not any(s.key in control for s in item):
                 for s in item:
                     if s.key in coalescable and s.good:
-                        run.pop(s.key, None)
-                        run[s.key] = s
+                        if s.key in first:
+                            run.pop(s.key, None)
+                            run[s.key] = s
+                        else:
+                            first[s.key] = s  # kept: it may be the engine's first value (a baseline)
+                            rest.append(s)
                     else:
                         rest.append(s)
                 continue
             close_run()
-            run, rest = {}, []
+            run, rest, first = {}, [], {}
             out.append(item)
         close_run()
         self._inbox = out
@@ -434,7 +439,7 @@ class Gateway:
             due.append(self._timers[0][0] - self._wall_offset())
         if self._dirty or self._uncommitted:
             due.append(max(self._last_checkpoint + CHECKPOINT_S, self._commit_backoff_until))
-        if any(t.pending_since is not None for t in self._trackers.values()):
+        if self._switch_pending:
             due.append(now + ORDER_TAG_SETTLE_S)
         if not due:
             return None
@@ -453,9 +458,12 @@ class Gateway:
     def _apply_samples(self, samples: list[Sample]) -> list[EventDraft]:
         routes = self._routes
         control = self._control_keys
-        for s in samples:
-            if s.key in control:
+        if control:
+            if self._switch_pending:
                 return self._apply_samples_ordered(samples)
+            for s in samples:
+                if s.key in control:
+                    return self._apply_samples_ordered(samples)
         out: list[EventDraft] = []
         engines = self.engines
         dirty = self._dirty
@@ -489,7 +497,8 @@ class Gateway:
         out: list[EventDraft] = []
         routes, engines, trackers = self._routes, self.engines, self._trackers
         touched: set[str] = set()
-        for s in sorted(samples, key=_sample_time):
+        rank = self._control_rank
+        for s in sorted(samples, key=lambda s: (s.time, rank.get(s.key, 0))):
             route = routes.get(s.key)
             if route is None:
                 continue
@@ -498,9 +507,8 @@ class Gateway:
             if tracker is not None and tracker.due(s.time):
                 out.extend(self._switch_from_tags(machine))
             if signal == "order" or signal == "operation":
-                if tracker is not None and self._order_source[machine] == "tag":
-                    tracker.order_tag(signal, s)
-                touched.add(machine)
+                if tracker is not None and self._order_source[machine] == "tag" and tracker.order_tag(signal, s):
+                    self._switch_pending.add(machine)
                 continue
             if signal == "complete":
                 if tracker is not None and tracker.complete_flag(s):
@@ -524,6 +532,8 @@ class Gateway:
         ctx = self._trackers[machine].take_switch()
         if ctx is False:
             return []
+        self._switch_pending.discard(machine)
+        self._settle_since.pop(machine, None)
         return self._apply_order(OrderCommand(machine, ctx, "tag", needs_cut=False))  # type: ignore[arg-type]
 
     def _complete_now(self, machine: str) -> list[EventDraft]:
@@ -682,10 +692,7 @@ class Gateway:
         """A pending PLC-tag switch of a machine that sends nothing after it is applied once it has settled."""
         now = time.monotonic()
         settle = self._settle_since
-        for machine, tracker in self._trackers.items():
-            if tracker.pending_since is None:
-                settle.pop(machine, None)
-                continue
+        for machine in list(self._switch_pending):
             first = settle.setdefault(machine, now)
             if now - first >= ORDER_TAG_SETTLE_S:
                 del settle[machine]

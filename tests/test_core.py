@@ -1,0 +1,180 @@
+"""The core loop: staging, PLC-tag changeover at the sample boundary, fault containment, bounded input.
+
+These drive the real ``Gateway`` core methods synchronously (no connector, broker or store I/O is involved in what
+they check): samples in, staged outbox rows out, decoded back to events. End-to-end versions of the same rules run
+against the simulators in tests/test_order_sources.py, tests/test_scenarios.py and tests/test_core_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway import runtime
+from gateway.config import parse_config
+from gateway.events import EventEncoder
+from gateway.runtime import Gateway
+from mappings.machine import MachineEngine
+from mappings.samples import Sample
+from tests.e2e import IDENT
+
+
+def tag(node: str) -> dict[str, Any]:
+    return {"connector": "opc", "node_id": f"ns=2;s={node}"}
+
+
+def make_gateway(tmp_path, *, order_source: str = "tag", complete: bool = True, mode: str = "cumulative",
+                 machines: tuple[str, ...] = ("m1",)) -> Gateway:
+    ms = []
+    for m in machines:
+        doc: dict[str, Any] = {"id": m, "order_source": order_source,
+                               "counters": {"good": {**tag(f"{m}.good"), "max_rate": 1000, "mode": mode}},
+                               "reporting": {"interval_s": 3600}}
+        if order_source == "tag":
+            doc["order_tag"] = tag(f"{m}.order")
+            doc["operation_tag"] = tag(f"{m}.op")
+        if complete:
+            doc["complete_tag"] = tag(f"{m}.complete")
+        ms.append(doc)
+    cfg = parse_config({"gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
+                        "connectors": [{"type": "opcua", "id": "opc", "endpoint": "opc.tcp://127.0.0.1:1"}],
+                        "machines": ms}, "<test>")
+    gw = Gateway(cfg)
+    gw.engines = {mid: MachineEngine(spec) for mid, spec in gw.specs.items()}
+    gw.encoder = EventEncoder(cfg.gateway, gw.topics, "e" * 32)
+    return gw
+
+
+def s(key: str, value: Any, t: float) -> Sample:
+    return Sample(key, value, True, recv_time=t, source_time=t)
+
+
+def feed(gw: Gateway, *batches: list[Sample]) -> None:
+    for b in batches:
+        gw._stage(gw._apply_samples(b))
+
+
+def staged(gw: Gateway) -> list[dict[str, Any]]:
+    return [json.loads(r.payload) for r in gw._uncommitted]
+
+
+def booked(gw: Gateway) -> dict[tuple[str | None, str | None], int]:
+    """Yield per (order, operation) in the staged quantity reports, plus completions as ('completed', order)."""
+    out: dict[Any, int] = {}
+    for ev in staged(gw):
+        d = ev["data"]
+        if ev["type"] == "operation.quantity_reported":
+            out[(d["order"], d["operation"])] = out.get((d["order"], d["operation"]), 0) + int(d["quantities"]["yield"])
+        elif ev["type"] == "operation.completed":
+            out[("completed", d["order"])] = int(d["totals"]["yield"])
+    return out
+
+
+def test_tag_changeover_same_scan_counters_and_complete_go_to_the_old_order(tmp_path):
+    """One Modbus-like scan (one time for every sample) shows the new order tags, the completion flag rising and
+    the counter advanced: the counts and the completion belong to the old order, the switch follows the scan."""
+    gw = make_gateway(tmp_path)
+    feed(gw, [s("m1/good", 100, 10), s("m1/order", "A", 10), s("m1/operation", "10", 10), s("m1/complete", 0, 10)])
+    assert gw.engines["m1"].context is None  # the switch follows the scan: before the next sample
+    # same scan: counter +5, complete rises, order tags switch to B/20 (in any order inside the batch)
+    feed(gw, [s("m1/order", "B", 11), s("m1/complete", 1, 11), s("m1/operation", "20", 11), s("m1/good", 105, 11)])
+    feed(gw, [s("m1/good", 107, 12)])
+    gw._stage(gw.engines["m1"].flush("test", 13))
+    assert booked(gw) == {("A", "10"): 5, ("completed", "A"): 5, ("B", "20"): 2}
+    started = [e["data"]["order"] for e in staged(gw) if e["type"] == "operation.started"]
+    assert started == ["A", "B"]
+    assert gw.engines["m1"].context.ref == ("B", "20")
+
+
+def test_tag_changeover_with_source_times_switches_at_the_exact_sample(tmp_path):
+    """OPC UA delivers source timestamps: counts stamped before the order tag's change go to the old order, counts
+    stamped after it to the new one, whatever their position in the notification batch."""
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 10, 2.0)])
+    # one notification batch, out of time order: 13 @2.5 (old), tags @3.0, 20 @3.5 (new), 25 @4.0 (new)
+    feed(gw, [s("m1/good", 25, 4.0), s("m1/order", "B", 3.0), s("m1/good", 13, 2.5), s("m1/operation", "20", 3.0),
+              s("m1/good", 20, 3.5)])
+    gw._stage(gw.engines["m1"].flush("test", 5))
+    assert booked(gw) == {("A", "10"): 13, ("B", "20"): 12}
+
+
+def test_half_written_tag_pair_waits_and_settles_without_samples(tmp_path, monkeypatch):
+    """Order and operation tags arriving in separate batches with the same time switch once, to the full pair;
+    a machine that then makes nothing still switches once the change has settled."""
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/order", "B", 2)])
+    feed(gw, [s("m1/operation", "20", 2)])
+    assert gw.engines["m1"].context.ref == ("A", "10")  # no later sample yet: still pending
+    monkeypatch.setattr(runtime, "ORDER_TAG_SETTLE_S", 0.0)
+    gw._settle_order_tags()
+    gw._settle_order_tags()
+    assert gw.engines["m1"].context.ref == ("B", "20")
+    assert [e["data"]["order"] for e in staged(gw) if e["type"] == "operation.started"] == ["A", "B"]
+
+
+def test_a_faulting_engine_stops_its_machine_only(tmp_path):
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
+    feed(gw, [s("m1/good", 0, 1), s("m2/good", 0, 1)])
+
+    def boom(sample, signal):
+        raise ArithmeticError("engine bug")
+
+    gw.engines["m1"].apply = boom  # type: ignore[method-assign]
+    feed(gw, [s("m1/good", 5, 2), s("m2/good", 7, 2)], [s("m1/good", 9, 3), s("m2/good", 9, 3)])
+    gw._stage(gw.engines["m2"].flush("test", 4))
+    assert booked(gw) == {(None, None): 9}
+    assert [e["subject"] for e in staged(gw)] == ["m2"]
+    st = gw.status()
+    assert "machine_faulted:m1" in st["alarms"] and not st["healthy"]
+    assert st["machines"]["m1"]["faulted"] == "ArithmeticError: engine bug"
+    assert st["machines"]["m2"]["faulted"] is None
+
+
+def test_bounded_inbox_coalesces_cumulative_samples_only(tmp_path, monkeypatch):
+    """Under overload the inbox keeps only the latest value of each cumulative counter (it carries the delta);
+    nothing is lost: the quantities booked are the same as without coalescing."""
+    monkeypatch.setattr(runtime, "MAX_QUEUED_SAMPLES", 50)
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
+    for i in range(200):
+        gw._on_samples([s("m1/good", i, 1 + i * 0.01), s("m2/good", 2 * i, 1 + i * 0.01)])
+    assert gw._queued_samples <= 50 + 2
+    assert gw.stats.samples_coalesced > 300
+    while gw._inbox:
+        item = gw._inbox.popleft()
+        gw._queued_samples -= len(item)
+        feed(gw, item)
+    gw._stage(gw.engines["m1"].flush("test", 9))
+    gw._stage(gw.engines["m2"].flush("test", 9))
+    totals = {e["subject"]: int(e["data"]["quantities"]["yield"]) for e in staged(gw)}
+    # the first sample of each counter is its baseline
+    assert totals == {"m1": 199, "m2": 398}
+
+
+def test_bounded_inbox_keeps_every_delta_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "MAX_QUEUED_SAMPLES", 50)
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, mode="delta")
+    for i in range(100):
+        gw._on_samples([s("m1/good", 1, 1 + i)])
+    assert gw._queued_samples == 100  # nothing to coalesce: every delta value counts
+    while gw._inbox:
+        feed(gw, gw._inbox.popleft())
+    gw._stage(gw.engines["m1"].flush("test", 999))
+    assert booked(gw) == {(None, None): 100}
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_idle_machines_have_no_timer_and_cost_no_commit(tmp_path, batches):
+    """A machine whose counters do not change gets no timer and no snapshot."""
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
+    feed(gw, [s("m1/good", 0, 1), s("m2/good", 0, 1)])
+    gw._dirty.clear()
+    for e in gw.engines.values():
+        e.dirty = False
+    for i in range(batches):
+        feed(gw, [s("m1/good", 0, 2 + i), s("m2/good", 3 + i, 2 + i)])
+    assert "m1" not in gw._scheduled and "m2" in gw._scheduled
+    assert "m2" in gw._dirty

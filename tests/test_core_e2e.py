@@ -1,0 +1,84 @@
+"""The two-phase changeover cut against real simulators, a real mosquitto and the ERP consumer.
+
+A changeover needs a fresh read of the machine's counters (the cut). The core asks the connector for it in a task of
+its own and goes on; a PLC that does not answer delays only its own machine, and the changeover is held until the
+first good read (parts made before it are never booked to the new order). A gateway stopped while a cut is pending
+loses nothing: the retained dispatch comes back after the restart and the cut is done then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+from simulators.erp import ErpConsumer
+from simulators.machine import MachineModel
+from simulators.modbus_server import ModbusMachineServer
+from simulators.opcua_server import OpcUaMachineServer
+from simulators.ports import free_port
+from tests.e2e import (
+    HIERARCHY,
+    Production,
+    RunningGateway,
+    assert_ledger_matches,
+    dispatch_order,
+    gateway_config,
+    stream_report,
+    wait_until,
+    workdir,
+)
+from tests.faults import BlackHole
+
+
+def reports_of(erp: ErpConsumer, machine: str) -> int:
+    return sum(1 for e in erp.events("operation.quantity_reported") if e["data"]["machine"] == machine)
+
+
+async def test_slow_cut_delays_only_its_machine_and_a_stop_mid_cut_loses_nothing(tmp_path, mqtt_broker):
+    m1 = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=31, counter_bits=32)
+    m2 = MachineModel("Press2", cycle_time=0.01, scrap_rate=0.05, seed=32, counter_bits=16, start_good=60_000)
+    async with OpcUaMachineServer(m1, host="127.0.0.1", port=free_port()) as opc, \
+            ModbusMachineServer(m2, host="127.0.0.1", port=free_port(), unit_id=1) as mb:
+        hole = BlackHole(mb.port)  # press-2's PLC behind a switch that can stop forwarding
+        await hole.start()
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-cut")
+        await erp.start()
+        cfg = gateway_config(broker_port=mqtt_broker.port, store_path=workdir(tmp_path, "gw") + "/gw.db", opc=opc,
+                             modbus=SimpleNamespace(port=hole.port, tag_addresses=mb.tag_addresses), interval_s=0.2)
+        rgw = RunningGateway(cfg)
+        try:
+            await rgw.start()
+            await dispatch_order(erp, rgw, "press-1", m1, "A1", "0010")
+            await dispatch_order(erp, rgw, "press-2", m2, "B1", "0010")
+            async with Production(m1, m2):
+                m1.start()
+                m2.start()
+                await wait_until(lambda: m2.parts_made >= 80, 20)
+                m2.pause()
+                await assert_ledger_matches(erp, {"press-2": m2})
+                hole.frozen = True
+                await asyncio.to_thread(erp.dispatch, *HIERARCHY, "press-2", "B2", "0010")
+                await wait_until(lambda: rgw.gw.status()["machines"]["press-2"]["changeover_pending"], 10)
+                # press-2's cut read cannot be done; press-1 keeps reporting every 0.2 s meanwhile
+                n0, t0 = reports_of(erp, "press-1"), time.monotonic()
+                await wait_until(lambda: reports_of(erp, "press-1") >= n0 + 4, 2.5,
+                                 message="press-1 stalled while press-2's changeover cut was pending")
+                print(f"press-1: 4 reports {time.monotonic() - t0:.2f} s after press-2's cut began")
+                assert rgw.gw.status()["machines"]["press-2"]["changeover_pending"]
+                assert rgw.gw.engines["press-2"].context.ref == ("B1", "0010")  # held until the first good read
+                await rgw.stop()  # stopped with the cut pending; press-1 goes on producing
+                hole.frozen = False
+                await rgw.start()
+                await rgw.wait_dispatch_applied("press-2", "B2", "0010", 20)
+                m2.set_order("B2", "0010")
+                m2.start()
+                made = m2.parts_made
+                await wait_until(lambda: m2.parts_made >= made + 80, 20)
+            await assert_ledger_matches(erp, {"press-1": m1, "press-2": m2})
+            assert ("B2", "0010") in m2.truth and ("A1", "0010") in m1.truth
+            assert stream_report(erp)["gaps"] == {}
+        finally:
+            await rgw.stop()
+            await erp.stop()
+            await hole.close()
