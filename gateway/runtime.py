@@ -598,18 +598,24 @@ class Gateway:
         samples: list[Sample] = []
         for cid, keys in list(self._machine_connectors[machine].items()):
             backoff = Backoff(0.05, CUT_RETRY_MAX_S)
-            failures = 0
+            started = time.monotonic()
+            reported = False
             while True:
                 try:
                     samples.extend(await self.connectors[cid].read(keys, timeout=CUT_READ_TIMEOUT_S))
                     break
                 except (ConnectorError, asyncio.TimeoutError) as exc:
-                    failures += 1
-                    if failures == 1 or not isinstance(exc, ConnectorUnavailable):
+                    # a connector still connecting (typically right after a restart) is waited for quietly
+                    if not reported and (not isinstance(exc, ConnectorUnavailable)
+                                         or time.monotonic() - started >= CUT_READ_TIMEOUT_S):
+                        reported = True
                         self.stats.cut_read_failures += 1
                         log.warning("changeover.cut_read_failed", machine=machine, connector=cid,
                                     error=str(exc) or type(exc).__name__, action="held until the first good read")
                 await asyncio.sleep(backoff.next())
+            if reported:
+                log.info("changeover.cut_read_recovered", machine=machine, connector=cid,
+                         held_s=round(time.monotonic() - started, 3))
         self._put(_CutDone(machine, samples))
 
     def _cut_done(self, done: _CutDone) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from asyncua import Server, ua
@@ -161,7 +161,7 @@ class OpcUaMachineServer:
         # listener and the forced initial write are registered in the same synchronous step,
         # so no change can slip between the initial values and the first update
         self.model.add_listener(self._on_model_change)
-        self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), set(SIGNALS), None))
+        self._queue.put_nowait((self.model.snapshot(), self._now(), set(SIGNALS), None))
         self._writer = asyncio.create_task(self._writer_loop(), name=f"opcua-sim-writer-{name}")
         try:
             await server.start()
@@ -199,14 +199,14 @@ class OpcUaMachineServer:
 
     def _on_model_change(self) -> None:
         if self._queue is not None:
-            self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), set(), None))
+            self._queue.put_nowait((self.model.snapshot(), self._now(), set(), None))
 
     async def flush(self) -> None:
         """Return once every model change seen so far has been written to the server."""
         if self._queue is None:
             return
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), set(), fut))
+        self._queue.put_nowait((self.model.snapshot(), self._now(), set(), fut))
         await fut
 
     async def set_bad(self, signal: str, bad: bool = True) -> None:
@@ -220,8 +220,14 @@ class OpcUaMachineServer:
         if self._queue is None:
             return  # applied on start
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((self.model.snapshot(), datetime.now(timezone.utc), {signal}, fut))
+        self._queue.put_nowait((self.model.snapshot(), self._now(), {signal}, fut))
         await fut
+
+    #: seconds added to the source timestamps: a PLC whose clock is stepped (NTP correction, local time at DST)
+    clock_offset_s: float = 0.0
+
+    def _now(self) -> datetime:
+        return datetime.now(timezone.utc) + timedelta(seconds=self.clock_offset_s)
 
     def is_bad(self, signal: str) -> bool:
         return self._bad[signal]

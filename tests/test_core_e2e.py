@@ -82,3 +82,68 @@ async def test_slow_cut_delays_only_its_machine_and_a_stop_mid_cut_loses_nothing
             await rgw.stop()
             await erp.stop()
             await hole.close()
+
+
+async def test_commit_failures_raise_an_alarm_and_recover_without_loss(tmp_path, mqtt_broker):
+    """A store that refuses writes (here SQLite's own read-only refusal, as after a read-only remount) is not retried
+    silently with /health green: the alarm is up and the gateway unhealthy while it lasts; the staged events and
+    state are kept and committed once writes work again, exactly."""
+    m1 = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=41, counter_bits=32)
+    async with OpcUaMachineServer(m1, host="127.0.0.1", port=free_port()) as opc:
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-ro")
+        await erp.start()
+        cfg = gateway_config(broker_port=mqtt_broker.port, store_path=workdir(tmp_path, "gw") + "/gw.db", opc=opc,
+                             interval_s=0.2)
+        rgw = RunningGateway(cfg)
+        try:
+            gw = await rgw.start()
+            await dispatch_order(erp, rgw, "press-1", m1, "A1", "0010")
+            async with Production(m1):
+                m1.start()
+                await wait_until(lambda: reports_of(erp, "press-1") >= 2, 15)
+                await gw.store.db.execute("PRAGMA query_only=1")  # every write now fails with SQLITE_READONLY
+                await wait_until(lambda: "store_commit_failing" in gw.status()["alarms"], 10)
+                assert gw.status()["healthy"] is False
+                failures = gw.stats.commit_failures
+                await wait_until(lambda: gw.stats.commit_failures >= failures + 2, 10)  # retried, with a pause
+                await gw.store.db.execute("PRAGMA query_only=0")
+                await wait_until(lambda: "store_commit_failing" not in gw.status()["alarms"], 10)
+                made = m1.parts_made
+                await wait_until(lambda: m1.parts_made >= made + 50, 20)
+            await assert_ledger_matches(erp, {"press-1": m1})
+            assert stream_report(erp)["gaps"] == {}
+        finally:
+            await rgw.stop()
+            await erp.stop()
+
+
+async def test_plc_clock_steps_of_an_hour_neither_lose_nor_invent_units(tmp_path, mqtt_broker):
+    """The PLC's clock (OPC UA source timestamps) steps back one hour mid-run (NTP correction; local time at the
+    DST change), later forward again. Plausibility and windows run on the gateway's monotonic clock: every unit is
+    booked once, no sample is dropped as stale, nothing is held as an implausible jump."""
+    m1 = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=51, counter_bits=32)
+    async with OpcUaMachineServer(m1, host="127.0.0.1", port=free_port()) as opc:
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-clock")
+        await erp.start()
+        cfg = gateway_config(broker_port=mqtt_broker.port, store_path=workdir(tmp_path, "gw") + "/gw.db", opc=opc,
+                             interval_s=0.2, max_rate=200)
+        rgw = RunningGateway(cfg)
+        try:
+            await rgw.start()
+            await dispatch_order(erp, rgw, "press-1", m1, "A1", "0010")
+            async with Production(m1):
+                m1.start()
+                for offset in (-3600.0, 3600.0):
+                    made = m1.parts_made
+                    await wait_until(lambda: m1.parts_made >= made + 60, 20)
+                    opc.clock_offset_s = offset  # and it stays there: time does not "catch up" within the test
+                    made = m1.parts_made
+                    await wait_until(lambda: m1.parts_made >= made + 60, 20)
+                    m1.pause()
+                    await assert_ledger_matches(erp, {"press-1": m1}, timeout=10)
+                    m1.start()
+            await assert_ledger_matches(erp, {"press-1": m1})
+            assert erp.events("counter.anomaly") == []
+        finally:
+            await rgw.stop()
+            await erp.stop()
