@@ -13,3 +13,8 @@ ANOMALIES = Counter("edge_gateway_counter_anomalies_total", "Counter anomalies (
 OUTBOX_PENDING = Gauge("edge_gateway_outbox_pending", "Events in the outbox not yet acknowledged")
 STORE_FULL = Gauge("edge_gateway_store_full", "1 while the store is at its size cap or the disk is full")
 DROPPED = Counter("edge_gateway_events_dropped_total", "Low-value events dropped while the store was full", ["type"])
+ALARMS_ACTIVE = Gauge("edge_gateway_alarms_active", "Active alarms", ["severity"])
+INPUT_COALESCED = Counter("edge_gateway_input_coalesced_samples_total",
+                          "Queued cumulative samples merged into a later one under overload (their delta is kept)")
+MACHINE_FAULTS = Counter("edge_gateway_machine_faults_total", "Machines stopped because their engine raised")
+COMMIT_FAILURES = Counter("edge_gateway_store_commit_failures_total", "Failed group commits (retried)", ["kind"])

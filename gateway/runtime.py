@@ -25,6 +25,7 @@ from connectors import REGISTRY
 from connectors.base import ComponentState, Connector, TagBinding
 from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
+from gateway.alarms import Alarms
 from gateway.config import GatewayConfig, counter_modulus
 from gateway.dispatch import DispatchRejected, parse_dispatch
 from gateway.faults import crash_point
@@ -150,6 +151,7 @@ class Gateway:
         self.specs = {s.id: s for s in machine_specs(cfg)}
         self.engines: dict[str, MachineEngine] = {}
         self.stats = Stats()
+        self.alarms = Alarms()
         self._inbox: collections.deque[Any] = collections.deque()
         self._inbox_ready = asyncio.Event()
         self._queued_samples = 0
@@ -273,8 +275,12 @@ class Gateway:
         dropped = before - self._queued_samples
         if dropped > 0:
             self.stats.samples_coalesced += dropped
-            log.warning("core.input_coalesced", queued_before=before, queued_after=self._queued_samples,
-                        coalesced=dropped)
+            metrics.INPUT_COALESCED.inc(dropped)
+        self.alarms.raise_("input_overflow", "warning",
+                           "the core cannot keep up with the connectors: queued counter samples are coalesced "
+                           "(no quantity is lost; windows get coarser)",
+                           queued_before=before, queued_after=self._queued_samples,
+                           coalesced_total=self.stats.samples_coalesced)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.endswith("/acks"):
@@ -411,6 +417,8 @@ class Gateway:
                         async with asyncio.timeout(timeout):
                             await self._inbox_ready.wait()
             self.core_heartbeat = time.monotonic()
+            if self._queued_samples < MAX_QUEUED_SAMPLES // 2 and "input_overflow" in self.alarms:
+                self.alarms.clear("input_overflow", coalesced_total=self.stats.samples_coalesced)
             inbox = self._inbox
             n = 0
             while inbox and n < CORE_BATCH:
@@ -552,6 +560,10 @@ class Gateway:
             return
         self._faulted[machine] = f"{type(exc).__name__}: {exc}"[:500]
         self.stats.machine_faults += 1
+        metrics.MACHINE_FAULTS.inc()
+        self.alarms.raise_(f"machine_faulted:{machine}", "critical",
+                           "the machine's engine raised; it stops counting until the gateway is restarted (its "
+                           "counter keeps the parts)", machine=machine, error=self._faulted[machine])
         for key in [k for k, (m, _) in self._routes.items() if m == machine]:
             del self._routes[key]
         # what it staged before the fault is committed with its state as it is: never rows without their state
@@ -721,6 +733,11 @@ class Gateway:
                 for mid in self.engines:
                     self._schedule(mid)
             metrics.STORE_FULL.set(1 if full else 0)
+            self.alarms.set("store_full", full, "critical",
+                            "the store is at its size cap or the disk is full: quantities accumulate in machine "
+                            "state, state-change events are dropped (counted)",
+                            pending_bytes=self.store.pending_bytes, max_bytes=self.store.max_bytes,
+                            disk_full=self.store.disk_full)
 
     _full = False
 
@@ -773,17 +790,22 @@ class Gateway:
             await self.store.commit(states, rows, self._next_seq)
         except StoreError as exc:
             self.stats.commit_failures += 1
-            self._commit_failing = str(exc)
-            if self.stats.commit_failures == 1 or not exc.disk_full:
-                log.error("store.commit_failed", error=str(exc), pending_rows=len(rows), disk_full=exc.disk_full,
-                          kind=getattr(exc, "kind", "disk_full" if exc.disk_full else "other"))
+            kind = getattr(exc, "kind", "disk_full" if exc.disk_full else "other")
+            metrics.COMMIT_FAILURES.labels(kind).inc()
+            if self._commit_failing is None:
+                self._commit_failing = str(exc)
+                log.error("store.commit_failed", error=str(exc), pending_rows=len(rows), kind=kind,
+                          action="events and state stay staged; retried every 0.5 s")
+                self.alarms.raise_("store_commit_failing", "critical",
+                                   "commits to the store fail: events are held in memory, nothing is published",
+                                   error=str(exc)[:300], kind=kind)
             self._update_full()
             # rows stay staged with their sequence numbers and the state with them; retried after a pause
             self._commit_backoff_until = time.monotonic() + 0.5
             return
         if self._commit_failing is not None:
-            log.info("store.commit_recovered", failures=self.stats.commit_failures)
             self._commit_failing = None
+            self.alarms.clear("store_commit_failing", failures=self.stats.commit_failures)
         for m in committed:
             e = engines[m]
             e.dirty = e.urgent = False
@@ -803,19 +825,10 @@ class Gateway:
     _commit_failing: str | None = None
 
     # ------------------------------------------------------------------ status
-    def alarms(self) -> list[str]:
-        out = []
-        if self.store.full:
-            out.append("store_full")
-        if self._commit_failing is not None:
-            out.append("store_commit_failing")
-        out += [f"machine_faulted:{m}" for m in sorted(self._faulted)]
-        return out
-
     def status(self) -> dict[str, Any]:
         comps = {f"connector.{cid}": c.status.as_dict() for cid, c in self.connectors.items()}
         comps["mqtt"] = self.link.status.as_dict()
-        alarms = self.alarms()
+        alarms = self.alarms.ids()
         healthy = all(c.status.state == ComponentState.CONNECTED for c in self.connectors.values()) and \
             self.link.status.state == ComponentState.CONNECTED and not alarms
         return {
@@ -827,6 +840,7 @@ class Gateway:
             "quarantined": self.store.quarantined,
             "backlog_remaining": self.publisher.backlog_remaining,
             "alarms": alarms,
+            "alarm_details": [a.as_dict() for a in self.alarms.active()],
             "component_restarts": dict(self.crashes),
             "published": self.publisher.published,
             "acked": self.publisher.acked,

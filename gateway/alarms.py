@@ -1,0 +1,84 @@
+"""Alarms: conditions an operator must act on, each with a stable id, a severity, since-when and the evidence.
+
+An alarm is raised once and cleared once: the log gets one line at each edge (``alarm.raised`` at error or warning,
+``alarm.cleared`` at info, with how long it lasted), ``/status`` and the status topic list the active ones, and the
+``edge_gateway_alarms_active`` gauge counts them per severity. Raising an active alarm again only refreshes its
+evidence.
+
+Ids are stable strings an alerting rule can match: ``store_full``, ``store_commit_failing``, ``input_overflow``,
+``machine_faulted:<machine>``, ``subscription_refused:<topic filter>``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import structlog
+
+from gateway import metrics
+
+log = structlog.get_logger(__name__)
+
+Severity = Literal["critical", "warning"]
+
+
+@dataclass
+class Alarm:
+    id: str
+    severity: Severity
+    message: str
+    since: float  # wall clock, for people
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "severity": self.severity, "message": self.message,
+                "since": datetime.fromtimestamp(self.since, tz=timezone.utc).isoformat(timespec="seconds")
+                .replace("+00:00", "Z"),
+                "evidence": self.evidence}
+
+
+class Alarms:
+    def __init__(self) -> None:
+        self._active: dict[str, Alarm] = {}
+        self._mono: dict[str, float] = {}
+
+    def raise_(self, id: str, severity: Severity, message: str, **evidence: Any) -> None:
+        a = self._active.get(id)
+        if a is not None:
+            a.evidence = evidence
+            return
+        self._active[id] = Alarm(id, severity, message, time.time(), evidence)
+        self._mono[id] = time.monotonic()
+        (log.error if severity == "critical" else log.warning)("alarm.raised", alarm=id, severity=severity,
+                                                                message=message, **evidence)
+        self._gauge()
+
+    def clear(self, id: str, **evidence: Any) -> None:
+        a = self._active.pop(id, None)
+        if a is None:
+            return
+        lasted = time.monotonic() - self._mono.pop(id)
+        log.info("alarm.cleared", alarm=id, lasted_s=round(lasted, 3), **evidence)
+        self._gauge()
+
+    def set(self, id: str, active: bool, severity: Severity, message: str, **evidence: Any) -> None:
+        if active:
+            self.raise_(id, severity, message, **evidence)
+        else:
+            self.clear(id)
+
+    def active(self) -> list[Alarm]:
+        return sorted(self._active.values(), key=lambda a: a.id)
+
+    def ids(self) -> list[str]:
+        return sorted(self._active)
+
+    def __contains__(self, id: str) -> bool:
+        return id in self._active
+
+    def _gauge(self) -> None:
+        for sev in ("critical", "warning"):
+            metrics.ALARMS_ACTIVE.labels(sev).set(sum(1 for a in self._active.values() if a.severity == sev))
