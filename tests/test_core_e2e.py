@@ -147,3 +147,53 @@ async def test_plc_clock_steps_of_an_hour_neither_lose_nor_invent_units(tmp_path
         finally:
             await rgw.stop()
             await erp.stop()
+
+
+async def test_plc_tag_changeovers_while_running_are_exact(tmp_path, mqtt_broker):
+    """order_source: tag over OPC UA with the machine running (no pause at the changeover): the PLC completes the
+    operation and shows the next order between two parts, every ~0.25 s, while parts come every 10 ms. Every unit
+    is booked to the order it was made for, each completion carries its order's exact totals."""
+    from gateway.config import parse_config
+    from tests.e2e import IDENT
+
+    m = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=61, counter_bits=32)
+    async with OpcUaMachineServer(m, host="127.0.0.1", port=free_port()) as opc:
+        n = opc.node_ids
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-tags")
+        await erp.start()
+        cfg = parse_config({
+            "gateway": IDENT, "mqtt": {"port": mqtt_broker.port, "keepalive_s": 2},
+            "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
+            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5}],
+            "machines": [{"id": "press-1", "order_source": "tag",
+                          "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
+                                       "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
+                          "order_tag": {"connector": "opc", "node_id": n["order"]},
+                          "operation_tag": {"connector": "opc", "node_id": n["operation"]},
+                          "complete_tag": {"connector": "opc", "node_id": n["complete"]},
+                          "reporting": {"interval_s": 0.2}}]}, "<test>")
+        rgw = RunningGateway(cfg)
+        try:
+            await rgw.start()
+            m.set_order("700000", "0010")
+            await rgw.wait_dispatch_applied("press-1", "700000", "0010")
+            orders = [f"7000{i:02d}" for i in range(1, 9)]
+            async with Production(m):
+                m.start()
+                for order in orders:
+                    made = m.parts_made
+                    await m.wait_parts(made + 25, timeout=10)
+                    m.complete_operation()  # between two parts: final for the running order ...
+                    m.set_order(order, "0010")  # ... then the next order, while the machine keeps running
+                await m.wait_parts(m.parts_made + 25, timeout=10)
+                m.pause()
+            await assert_ledger_matches(erp, {"press-1": m})
+            completed = {e["data"]["order"]: e["data"]["totals"] for e in erp.events("operation.completed")}
+            for order in ["700000", *orders[:-1]]:
+                truth = m.truth[(order, "0010")]
+                assert (completed[order]["yield"], completed[order]["scrap"]) == (str(truth["good"]),
+                                                                                  str(truth["scrap"])), order
+            assert stream_report(erp)["gaps"] == {}
+        finally:
+            await rgw.stop()
+            await erp.stop()
