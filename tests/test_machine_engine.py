@@ -289,9 +289,9 @@ def test_ambiguous_decrease_after_a_restart_uses_the_wall_clock_gap():
     ev = again.apply(sm("good", 12, 2800.0, 7.0), "good")      # 30 min later on the wall clock
     ev += again.flush("periodic", 2800.0)
     assert yields(ev) == 12 and [a["kind"] for a in anomalies(ev)] == ["ambiguous_decrease"]
-    # 10 s later on the wall clock: a plausible rollover
+    # 1000 s later on the wall clock (less than one wrap period, 1310.72 s): a plausible rollover
     again = MachineEngine(spec(counters=cb), eng.snapshot())
-    ev = again.apply(sm("good", 12, 1010.0, 7.0), "good") + again.flush("periodic", 1010.0)
+    ev = again.apply(sm("good", 12, 2000.0, 7.0), "good") + again.flush("periodic", 2000.0)
     assert yields(ev) == 25_548 and anomalies(ev) == []
     # the wall clock went backwards across the restart: the gap is unknown, so the decrease is ambiguous
     again = MachineEngine(spec(counters=cb), eng.snapshot())
