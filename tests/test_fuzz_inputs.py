@@ -28,7 +28,7 @@ EPOCH = "epoch-1"
 ENCODER = EventEncoder(IDENT, TOPICS, EPOCH)
 SPEC = MachineSpec(id="press-1", counters={"good": CounterBinding(CounterSpec("good"), Decimal("2.5")),
                                            "scrap": CounterBinding(CounterSpec("scrap"))})
-FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.filter_too_much])
 
 # ------------------------------------------------------------------------------------------------ strategies
