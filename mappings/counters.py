@@ -132,13 +132,21 @@ def step(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
     if spec.mode != "cumulative":
         return _step_delta(spec, state, s, value)
 
-    modulus = spec.modulus
-    u = value % modulus if modulus is not None else value
     prev = state.last
+    modulus = spec.modulus
+    # compare the raw value first: an unsigned register in range needs no normalisation (and no new int object)
+    u = value if value == prev or modulus is None else value % modulus
     if u == prev and not state.held_zero:
-        # unchanged (the common case): only in-memory times move, for the plausibility of the next change
+        # unchanged (the common case): only in-memory times move, for the plausibility of the next change, and only
+        # for a fresh reading: a re-delivery (same or slightly older source time) says nothing about now
         src = s.source_time
-        state.last_time = src if src is not None else s.recv_time
+        if src is None:
+            state.last_time = s.recv_time
+        else:
+            last = state.last_time
+            if last is not None and src <= last and last - src < REORDER_WINDOW_S:
+                return _NONE
+            state.last_time = src
         state.last_wall = s.recv_time
         if s.mono is not None:
             state.last_mono = s.mono

@@ -211,11 +211,13 @@ class MachineEngine:
         self.hold_reports = False
         self.urgent = False  # state that only exists here (reset-on-read deltas): commit without waiting
         self._rearm = False  # a restored window with counts waits for the first tick to be timed again
-        self._signals: dict[str, tuple[CounterBinding, str | None]] = {
-            name: (b, None) for name, b in spec.counters.items()}
-        self._signals.update({MATERIAL_PREFIX + m: (mm.binding, m) for m, mm in spec.materials.items()})
         if snapshot:
             self._restore(snapshot)
+        # signal -> (counter spec, state, binding, material number or None): one lookup per sample
+        self._signals: dict[str, tuple[CounterSpec, CounterState, CounterBinding, str | None]] = {
+            name: (b.spec, self.counters[name], b, None) for name, b in spec.counters.items()}
+        self._signals.update({MATERIAL_PREFIX + m: (mm.binding.spec, self.counters[MATERIAL_PREFIX + m], mm.binding, m)
+                              for m, mm in spec.materials.items()})
 
     # ------------------------------------------------------------------ persistence
     def snapshot(self) -> dict[str, Any]:
@@ -275,11 +277,11 @@ class MachineEngine:
         route = self._signals.get(signal)
         if route is None:
             return self._apply_state(sample) if signal == "state" else []
-        binding, material = route
-        res = step(binding.spec, self.counters[signal], sample)
+        res = step(route[0], route[1], sample)
         outcome = res.outcome
         if outcome in QUIET:
             return []
+        binding, material = route[2], route[3]
         self.dirty = True
         if binding.spec.mode != "cumulative" and res.delta:
             # the device forgot this count when it was read: persist it now, not at the next checkpoint
