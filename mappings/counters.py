@@ -27,7 +27,8 @@ Rules (see ../shared/domain.md section 3 and docs/counting.md, which has the exa
   counter is not counted; a ``reset_on_read`` device cleared the register when it was read, so its reread counts.
 
 The state is a small dict-friendly dataclass so it can be persisted with the events derived from it. An unchanged
-value updates only in-memory times (no persisted state changes): the engine need not be snapshotted for it.
+value updates only in-memory times: the engine need not be snapshotted for it, except once per ``IDLE_PERSIST_S``
+(outcome ``seen``), so that the gap measured after a crash is not the machine's whole idle time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ Mode = Literal["cumulative", "reset_on_read", "delta"]
 
 JUMP_TOLERANCE_S = 2.0
 """Slack added to the elapsed time when checking plausibility (sampling and delivery jitter)."""
+
+IDLE_PERSIST_S = 60.0
+"""An unchanged reading changes no persisted state, except once per this many seconds (wall clock) per counter: then
+it asks for a snapshot (outcome ``seen``) so that after a crash the wall-clock gap to the last persisted reading - the
+plausibility of the first change after a restart - is overestimated by at most about a minute, not by the whole idle
+time of the machine (which would let a preset/jump after hours of idling pass as production)."""
 
 REORDER_WINDOW_S = 10.0
 """A cumulative sample whose source time is older than the baseline's by less than this is a late delivery (ignored;
@@ -81,6 +88,7 @@ class CounterState:
     last_wall: float | None = None  # its gateway wall-clock receive time: the gap after a restart
     held_zero: bool = False  # a zero was seen that may be a glitch or a reset
     last_mono: float | None = None  # its monotonic receive time; not persisted (meaningless in another process)
+    marked_wall: float | None = None  # wall time an unchanged reading last asked for a snapshot; not persisted
 
     def to_dict(self) -> dict:
         return {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall,
@@ -93,10 +101,11 @@ class CounterState:
                    last_wall=d.get("last_wall", d.get("last_time")), held_zero=bool(d.get("held_zero", False)))
 
 
-Outcome = Literal["none", "baseline", "increase", "rollover", "reset", "ambiguous", "glitch", "held_zero", "jump",
-                  "bad", "stale", "duplicate", "delta", "invalid"]
+Outcome = Literal["none", "seen", "baseline", "increase", "rollover", "reset", "ambiguous", "glitch", "held_zero",
+                  "jump", "bad", "stale", "duplicate", "delta", "invalid"]
 QUIET = frozenset({"none", "bad", "stale", "duplicate", "invalid"})
-"""Outcomes that change no persisted state."""
+"""Outcomes that change no persisted state. ``seen`` (an unchanged reading, once per IDLE_PERSIST_S) counts nothing
+but its times are worth persisting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,7 @@ class CounterResult:
 
 
 _NONE = CounterResult("none")
+_SEEN = CounterResult("seen")
 _BAD = CounterResult("bad")
 _STALE = CounterResult("stale")
 _DUPLICATE = CounterResult("duplicate")
@@ -147,9 +157,15 @@ def step(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
             if last is not None and src <= last and last - src < REORDER_WINDOW_S:
                 return _NONE
             state.last_time = src
-        state.last_wall = s.recv_time
+        wall = state.last_wall = s.recv_time
         if s.mono is not None:
             state.last_mono = s.mono
+        marked = state.marked_wall
+        if marked is None:
+            state.marked_wall = wall
+        elif not -IDLE_PERSIST_S < wall - marked < IDLE_PERSIST_S:
+            state.marked_wall = wall
+            return _SEEN
         return _NONE
     if prev is None:
         _accept(state, s, u)
@@ -196,7 +212,7 @@ def _accept(state: CounterState, s: Sample, u: int) -> None:
     src = s.source_time
     state.last = u
     state.last_time = src if src is not None else s.recv_time
-    state.last_wall = s.recv_time
+    state.last_wall = state.marked_wall = s.recv_time
     state.last_mono = s.mono
 
 

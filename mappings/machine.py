@@ -273,13 +273,16 @@ class MachineEngine:
         """Apply one sample of ``signal`` (counter name, ``material:<number>`` or 'state').
 
         An unchanged counter value (and a bad, stale, duplicate or invalid sample) changes no persisted state: it
-        does not mark the engine dirty."""
+        does not mark the engine dirty (an unchanged value does, once per ``counters.IDLE_PERSIST_S``)."""
         route = self._signals.get(signal)
         if route is None:
             return self._apply_state(sample) if signal == "state" else []
         res = step(route[0], route[1], sample)
         outcome = res.outcome
         if outcome in QUIET:
+            return []
+        if outcome == "seen":  # an unchanged reading whose times are due to be persisted (once a minute)
+            self.dirty = True
             return []
         binding, material = route[2], route[3]
         self.dirty = True

@@ -398,3 +398,26 @@ def test_next_deadline_and_monotonic_window():
     restored.hold_reports = True
     restored.apply(sm("good", 13, 1e9 + 9, 9.0), "good")
     assert restored.next_deadline() is None
+
+
+def test_idle_counter_persists_its_reading_time_once_a_minute():
+    """An unchanged counter does not dirty the engine, except once per IDLE_PERSIST_S: after a crash the gap to the
+    last persisted reading is then at most about a minute too long, and a preset/jump after hours of idling is still
+    recognised as implausible."""
+    from mappings.counters import IDLE_PERSIST_S
+
+    cb = {"good": CounterBinding(CounterSpec("good", max_rate=10))}
+    eng = MachineEngine(spec(counters=cb))
+    eng.apply(sm("good", 10, 0.0, 0.0), "good")
+    snap, dirty_at = eng.snapshot(), []
+    for i in range(1, 3 * 3600):   # three idle hours, read every second
+        eng.dirty = False
+        eng.apply(sm("good", 10, float(i), float(i)), "good")
+        if eng.dirty:
+            dirty_at.append(i)
+            snap = eng.snapshot()  # what a runtime would commit
+    assert len(dirty_at) == int(3 * 3600 / IDLE_PERSIST_S) - 1
+    # crash; back 10 s after the last reading: the counter jumped by 5,000 (a preset), implausible at 10/s
+    again = MachineEngine(spec(counters=cb), snap)
+    ev = again.apply(sm("good", 5010, 3 * 3600 + 10.0, 3.0), "good")
+    assert [a["kind"] for a in anomalies(ev)] == ["implausible_jump"]
