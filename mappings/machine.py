@@ -42,19 +42,22 @@ def dec_str(d: Decimal) -> str:
 
     Total for every finite Decimal, however large or small its exponent: it works on the digits and never uses a
     decimal context (quantize/normalize raise InvalidOperation or Overflow beyond the context's precision)."""
+    s = str(d)
+    if "E" not in s:  # plain already (the common case); "NaN"/"Infinity" are caught below
+        if "." in s:
+            s = s.rstrip("0").rstrip(".")
+        if s[-1:].isdigit():
+            return "0" if s == "-0" else s
     sign, digits, exp = d.as_tuple()
     if not isinstance(exp, int):
         raise ValueError(f"not a finite decimal: {d}")
-    if exp == 0:  # the common case: an integral quantity
-        s = "".join(map(str, digits)).lstrip("0") or "0"
+    s = "".join(map(str, digits))
+    if exp >= 0:
+        s = (s.lstrip("0") + "0" * exp) if s.strip("0") else "0"
     else:
-        s = "".join(map(str, digits))
-        if exp > 0:
-            s = (s.lstrip("0") or "0") if s.strip("0") == "" else s.lstrip("0") + "0" * exp
-        else:
-            s = s.rjust(1 - exp, "0")
-            whole, frac = s[:exp].lstrip("0") or "0", s[exp:].rstrip("0")
-            s = f"{whole}.{frac}" if frac else whole
+        s = s.rjust(1 - exp, "0")
+        whole, frac = s[:exp].lstrip("0") or "0", s[exp:].rstrip("0")
+        s = f"{whole}.{frac}" if frac else whole
     return "-" + s if sign and s != "0" else s
 
 
