@@ -158,7 +158,7 @@ class _ErpAckMessage(BaseModel):
     status: Literal["accepted", "rejected"]
     id: str | None = Field(None, max_length=128)
     source: str | None = Field(None, max_length=512)
-    reason: str | None = Field(None, max_length=100_000)
+    reason: str | None = None  # bounded by MAX_ACK_BYTES; cleaned and cut to MAX_REASON_CHARS
     event: _AckedEvent | None = None
 
 
