@@ -17,10 +17,8 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-
 from gateway.config import HttpConfig
-from gateway.dispatch import DispatchMessage
+from gateway.dispatch import DispatchRejected, parse_local_order
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -79,15 +77,9 @@ class HttpApi:
                 return _json({"error": "missing or wrong bearer token"}, 401)
         machine = request.match_info["machine"]
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _json({"error": "body must be JSON"}, 400)
-        if not isinstance(body, dict):
-            return _json({"error": "body must be a JSON object"}, 400)
-        try:
-            ctx = None if body == {"clear": True} else DispatchMessage.model_validate(body).context()
-        except ValidationError as exc:
-            return _json({"error": "invalid order", "detail": exc.errors(include_url=False)}, 400)
+            ctx = parse_local_order(await request.read())
+        except DispatchRejected as exc:
+            return _json({"error": "invalid order", "reason": exc.reason, "detail": exc.detail}, 400)
         try:
             self.gw.set_local_order(machine, ctx)
         except ValueError as exc:

@@ -157,17 +157,27 @@ class MachineStateChangedData(_Model):
 
 
 class CounterAnomalyData(_Model):
-    """A counter change the gateway did not count (implausible jump): a supervisor should look at it."""
+    """A counter change the gateway could not count with certainty: a supervisor (or the ERP) should look at it."""
 
     machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
     counter: str = Field(min_length=1, description="Counter name in the machine config.")
-    kind: Literal["implausible_jump"] = Field(
-        description="implausible_jump: an increase larger than max_rate x elapsed time; not counted, baseline moved.")
-    from_: int | None = Field(alias="from", description="Counter value before the jump.")
-    to: int | None = Field(description="Counter value after the jump (the new baseline).")
+    kind: Literal["implausible_jump", "ambiguous_decrease"] = Field(
+        description="implausible_jump: an increase larger than max_rate x elapsed time; not counted, baseline moved. "
+                    "ambiguous_decrease: a decrease after a gap longer than one wrap period (modulus / max_rate) or "
+                    "an unknown gap; counted as a reset (counted), it may have been a rollover (possible_rollover).")
+    from_: int | None = Field(alias="from", description="Counter value before the change.")
+    to: int | None = Field(description="Counter value after the change (the new baseline).")
     order: str | None = Field(description="Active production order; null when none.")
     operation: str | None = Field(description="Active operation; null when none.")
-    held: Decimal_ = Field(description="Quantity not counted (scaled like the counter's quantities).")
+    held: Decimal_ = Field(description="Quantity not counted that may have been produced (scaled like the counter's "
+                                       "quantities): the jump; for an ambiguous decrease possible_rollover - counted.")
+    counted: Decimal_ = Field(description="Quantity counted for this change (scaled): 0 for a jump; the reset delta "
+                                          "(the new value) for an ambiguous decrease.")
+    possible_rollover: Decimal_ | None = Field(
+        description="Ambiguous decrease: the quantity had it been one rollover (value + modulus - previous, scaled); "
+                    "null for a jump.")
+    elapsed_s: float | None = Field(ge=0, description="Seconds between the two readings (gateway monotonic clock; "
+                                                      "wall clock after a restart); null when unknown.")
     detail: str = Field(description="Human-readable explanation.")
 
 

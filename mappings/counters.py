@@ -1,20 +1,34 @@
-"""Counter engine: raw counter samples in, counted deltas out. Pure code, no I/O, no clock.
+"""Counter engine: raw counter samples in, counted deltas out. Pure code, no I/O, no clock reads.
 
-Rules (see ../shared/domain.md section 3 and docs/counting.md):
+Rules (see ../shared/domain.md section 3 and docs/counting.md, which has the examples):
 
+- Time. Elapsed time (plausibility) is measured with the gateway's monotonic receive time (``Sample.mono``) between
+  accepted samples. Source and wall-clock times can step (NTP, a PLC on local time at a DST change); they order
+  samples and go into payloads, they never decide plausibility while the monotonic time is known. After a restart the
+  monotonic time of the old process is meaningless (``last_mono`` is not persisted): the gap is the gateway's
+  wall-clock difference when that is >= 0, else unknown (treated as longer than any wrap period).
 - The first good value with no baseline is a baseline, never production.
-- Cumulative counters: an increase is a delta. A decrease is a rollover (delta = value + modulus - previous) when the
-  rate it implies is plausible (``max_rate`` x elapsed), otherwise a reset (delta = value). A zero that is not a
-  plausible rollover is held: if the next value is >= the previous one it was a glitch (delta = next - previous),
-  otherwise the counter was reset (delta = next).
+- Cumulative counters: an increase is a delta. A decrease is a rollover (delta = value + modulus - previous) when
+  the rate it implies is plausible (``max_rate`` x elapsed) and the gap is shorter than one wrap period
+  (modulus / max_rate); after a longer (or unknown) gap a decrease is **ambiguous**: it is counted as a reset
+  (delta = value) and reported with the rollover it might have been. Otherwise a decrease is a reset. A zero that is
+  not a plausible rollover is held: if the next value is >= the previous one it was a glitch
+  (delta = next - previous), otherwise the counter was reset (delta = next; ambiguous after a long gap).
 - An increase larger than ``max_rate`` x (elapsed + tolerance) is an implausible jump: it is not counted, the
   baseline moves to the new value and the held quantity is reported as an anomaly.
 - A sample that is not good (OPC UA BAD/UNCERTAIN, failed Modbus read) never moves the baseline: deltas are taken
   between good samples only, so a gap loses nothing.
-- A sample older than the baseline (out-of-order delivery) is ignored.
-- ``reset_on_read`` / ``delta`` counters: every good value is itself a delta.
+- Ordering: a cumulative sample whose source time is older than the baseline's by less than ``REORDER_WINDOW_S`` is a
+  late delivery (a notification overtaken by the changeover's cut read) and is ignored; older by more is a clock
+  step and the sample is used. Without a source time, arrival order is the monotonic receive time.
+- ``reset_on_read`` / ``delta`` counters: every good value is itself a delta; none is dropped for its time. A value
+  delivered again with the same identity (source time + value, e.g. an OPC UA re-subscription or the cut read) is
+  counted once. Without a source time there is no identity: a ``reread`` sample (the cut read) of a ``delta``
+  counter is not counted; a ``reset_on_read`` device cleared the register when it was read, so its reread counts.
 
-The state is a small dict-friendly dataclass so it can be persisted with the events derived from it.
+The state is a small dict-friendly dataclass so it can be persisted with the events derived from it. An unchanged
+value updates only in-memory times: the engine need not be snapshotted for it, except once per ``IDLE_PERSIST_S``
+(outcome ``seen``), so that the gap measured after a crash is not the machine's whole idle time.
 """
 
 from __future__ import annotations
@@ -22,10 +36,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mappings.samples import Sample
+
 Mode = Literal["cumulative", "reset_on_read", "delta"]
 
 JUMP_TOLERANCE_S = 2.0
-"""Slack added to the elapsed time when checking plausibility (sampling jitter, clock skew between source stamps)."""
+"""Slack added to the elapsed time when checking plausibility (sampling and delivery jitter)."""
+
+IDLE_PERSIST_S = 60.0
+"""An unchanged reading changes no persisted state, except once per this many seconds (wall clock) per counter: then
+it asks for a snapshot (outcome ``seen``) so that after a crash the wall-clock gap to the last persisted reading - the
+plausibility of the first change after a restart - is overestimated by at most about a minute, not by the whole idle
+time of the machine (which would let a preset/jump after hours of idling pass as production)."""
+
+REORDER_WINDOW_S = 10.0
+"""A cumulative sample whose source time is older than the baseline's by less than this is a late delivery (ignored;
+for a cumulative counter that delays counting, it loses nothing); older by this or more is a clock step (used)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,26 +68,44 @@ class CounterSpec:
             return raw
         return raw % self.modulus
 
-    def allowance(self, elapsed: float) -> float:
+    def allowance(self, elapsed: float | None) -> float:
+        """Largest plausible increase after ``elapsed`` seconds (None: unknown gap, anything is plausible)."""
+        if elapsed is None:
+            return float("inf")
         return self.max_rate * (max(elapsed, 0.0) + JUMP_TOLERANCE_S)
+
+    def wrap_period(self) -> float:
+        """Seconds the counter needs at ``max_rate`` to wrap once; after a longer gap a decrease is ambiguous."""
+        if self.modulus is None or self.max_rate <= 0:
+            return float("inf")
+        return self.modulus / self.max_rate
 
 
 @dataclass(slots=True)
 class CounterState:
-    last: int | None = None  # normalized value of the last accepted good sample
-    last_time: float | None = None
+    last: int | None = None  # normalized value of the last accepted good sample (delta modes: last counted value)
+    last_time: float | None = None  # its source time (else receive time): ordering; with ``last``, a delta's identity
+    last_wall: float | None = None  # its gateway wall-clock receive time: the gap after a restart
     held_zero: bool = False  # a zero was seen that may be a glitch or a reset
+    last_mono: float | None = None  # its monotonic receive time; not persisted (meaningless in another process)
+    marked_wall: float | None = None  # wall time an unchanged reading last asked for a snapshot; not persisted
 
     def to_dict(self) -> dict:
-        return {"last": self.last, "last_time": self.last_time, "held_zero": self.held_zero}
+        return {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall,
+                "held_zero": self.held_zero}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CounterState":
-        return cls(**d)
+        """Restore a persisted state; the monotonic time is unknown after a restart."""
+        return cls(last=d.get("last"), last_time=d.get("last_time"),
+                   last_wall=d.get("last_wall", d.get("last_time")), held_zero=bool(d.get("held_zero", False)))
 
 
-Outcome = Literal["none", "baseline", "increase", "rollover", "reset", "glitch", "held_zero", "jump", "bad", "stale",
-                  "delta", "invalid"]
+Outcome = Literal["none", "seen", "baseline", "increase", "rollover", "reset", "ambiguous", "glitch", "held_zero",
+                  "jump", "bad", "stale", "duplicate", "delta", "invalid"]
+QUIET = frozenset({"none", "bad", "stale", "duplicate", "invalid"})
+"""Outcomes that change no persisted state. ``seen`` (an unchanged reading, once per IDLE_PERSIST_S) counts nothing
+but its times are worth persisting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,70 +115,153 @@ class CounterResult:
     previous: int | None = None
     value: int | None = None
     held: int = 0  # quantity not counted (implausible jump)
+    possible: int = 0  # ambiguous decrease: the delta had it been a rollover (value + modulus - previous)
+    elapsed: float | None = None  # seconds since the baseline (jump / ambiguous decrease); None: unknown
 
 
 _NONE = CounterResult("none")
+_SEEN = CounterResult("seen")
+_BAD = CounterResult("bad")
+_STALE = CounterResult("stale")
+_DUPLICATE = CounterResult("duplicate")
+_INVALID = CounterResult("invalid")
 
 
-def step(spec: CounterSpec, state: CounterState, value: object, good: bool, t: float) -> CounterResult:
+def step(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
     """Apply one sample to ``state`` (mutated in place) and return what it meant."""
-    if not good:
-        return CounterResult("bad")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return CounterResult("invalid")
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")) or not value.is_integer():
-            return CounterResult("invalid")
-        value = int(value)
-    if state.last_time is not None and t < state.last_time:
-        return CounterResult("stale")
-
+    if not s.good:
+        return _BAD
+    value = s.value
+    if type(value) is not int:
+        if isinstance(value, float) and value.is_integer():  # False for nan and inf
+            value = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = int(value)
+        else:
+            return _INVALID
     if spec.mode != "cumulative":
-        if value < 0:
-            return CounterResult("invalid")
-        state.last, state.last_time = value, t
-        if value == 0:
-            return _NONE
-        return CounterResult("delta", delta=value, value=value)
+        return _step_delta(spec, state, s, value)
 
-    u = spec.normalize(value)
     prev = state.last
+    modulus = spec.modulus
+    # compare the raw value first: an unsigned register in range needs no normalisation (and no new int object)
+    u = value if value == prev or modulus is None else value % modulus
+    if u == prev and not state.held_zero:
+        # unchanged (the common case): only in-memory times move, for the plausibility of the next change, and only
+        # for a fresh reading: a re-delivery (same or slightly older source time) says nothing about now
+        src = s.source_time
+        if src is None:
+            state.last_time = s.recv_time
+        else:
+            last = state.last_time
+            if last is not None and src <= last and last - src < REORDER_WINDOW_S:
+                return _NONE
+            state.last_time = src
+        wall = state.last_wall = s.recv_time
+        if s.mono is not None:
+            state.last_mono = s.mono
+        marked = state.marked_wall
+        if marked is None:
+            state.marked_wall = wall
+        elif not -IDLE_PERSIST_S < wall - marked < IDLE_PERSIST_S:
+            state.marked_wall = wall
+            return _SEEN
+        return _NONE
     if prev is None:
-        state.last, state.last_time, state.held_zero = u, t, False
+        _accept(state, s, u)
+        state.held_zero = False
         return CounterResult("baseline", value=u)
-    elapsed = t - (state.last_time if state.last_time is not None else t)
+    if _late(state, s):
+        return _STALE
+    elapsed = _elapsed(state, s)
 
     if state.held_zero:
         if u == 0:
             return _NONE  # still zero: undecided; the time of a suspect zero is not a baseline time
         state.held_zero = False
         if u >= prev:
-            return _increase(spec, state, prev, u, t, elapsed, outcome="glitch")
-        state.last, state.last_time = u, t
+            return _increase(spec, state, s, prev, u, elapsed, "glitch")
+        _accept(state, s, u)
+        if modulus is not None and (elapsed is None or elapsed > spec.wrap_period()):
+            return CounterResult("ambiguous", delta=u, previous=prev, value=u, possible=u + modulus - prev,
+                                 elapsed=elapsed)
         return CounterResult("reset", delta=u, previous=prev, value=u)
 
-    if u == prev:
-        state.last_time = t
-        return _NONE
     if u > prev:
-        return _increase(spec, state, prev, u, t, elapsed, outcome="increase")
+        return _increase(spec, state, s, prev, u, elapsed, "increase")
 
-    # decrease: rollover, glitch candidate, or reset
-    if spec.modulus is not None:
-        wrapped = u + spec.modulus - prev
-        if wrapped <= spec.allowance(elapsed):
-            state.last, state.last_time = u, t
+    # decrease: rollover, glitch candidate, reset, or (after a gap longer than one wrap period) ambiguous
+    ambiguous = False
+    if modulus is not None:
+        wrapped = u + modulus - prev
+        if elapsed is None or elapsed > spec.wrap_period():
+            ambiguous = True
+        elif wrapped <= spec.allowance(elapsed):
+            _accept(state, s, u)
             return CounterResult("rollover", delta=wrapped, previous=prev, value=u)
     if u == 0:
         state.held_zero = True  # the baseline (value and time) stays until the next good value decides
         return CounterResult("held_zero", previous=prev, value=0)
-    state.last, state.last_time = u, t
+    _accept(state, s, u)
+    if ambiguous:
+        return CounterResult("ambiguous", delta=u, previous=prev, value=u, possible=wrapped, elapsed=elapsed)
     return CounterResult("reset", delta=u, previous=prev, value=u)
 
 
-def _increase(spec: CounterSpec, state: CounterState, prev: int, u: int, t: float, elapsed: float, *, outcome: Outcome) -> CounterResult:
+def _accept(state: CounterState, s: Sample, u: int) -> None:
+    src = s.source_time
+    state.last = u
+    state.last_time = src if src is not None else s.recv_time
+    state.last_wall = state.marked_wall = s.recv_time
+    state.last_mono = s.mono
+
+
+def _late(state: CounterState, s: Sample) -> bool:
+    """A late delivery of an older reading (see REORDER_WINDOW_S), as opposed to a clock step."""
+    src = s.source_time
+    if src is None:
+        if s.mono is not None and state.last_mono is not None:
+            return s.mono < state.last_mono  # arrival order on the monotonic clock is exact
+        src = s.recv_time
+    last = state.last_time
+    return last is not None and src < last and last - src < REORDER_WINDOW_S
+
+
+def _elapsed(state: CounterState, s: Sample) -> float | None:
+    """Seconds since the baseline: monotonic when both times are known, else the wall-clock difference if it is not
+    negative, else None (unknown)."""
+    if s.mono is not None and state.last_mono is not None:
+        d = s.mono - state.last_mono
+        return d if d > 0.0 else 0.0
+    if state.last_wall is not None:
+        d = s.recv_time - state.last_wall
+        if d >= 0.0:
+            return d
+    return None
+
+
+def _increase(spec: CounterSpec, state: CounterState, s: Sample, prev: int, u: int, elapsed: float | None,
+              outcome: Outcome) -> CounterResult:
     delta = u - prev
-    state.last, state.last_time = u, t
+    _accept(state, s, u)
     if delta > spec.allowance(elapsed):
-        return CounterResult("jump", previous=prev, value=u, held=delta)
+        return CounterResult("jump", previous=prev, value=u, held=delta, elapsed=elapsed)
     return CounterResult(outcome, delta=delta, previous=prev, value=u)
+
+
+def _step_delta(spec: CounterSpec, state: CounterState, s: Sample, value: int) -> CounterResult:
+    if value < 0:
+        return _INVALID
+    if value == 0:
+        return _NONE  # nothing to count; the identity of the last counted value stays
+    src = s.source_time
+    if src is None:
+        if s.reread and spec.mode == "delta":
+            return _DUPLICATE  # no identity: a delta register read again at the cut was (or will be) polled
+    elif src == state.last_time and value == state.last:
+        return _DUPLICATE  # the same value with the same source timestamp, delivered again
+    state.last = value
+    state.last_time = src if src is not None else s.recv_time
+    state.last_wall = s.recv_time
+    state.last_mono = s.mono
+    return CounterResult("delta", delta=value, value=value)

@@ -1,4 +1,4 @@
-"""Machine engine: samples and dispatches in, production-order event drafts out. Pure code, no I/O, no clock.
+"""Machine engine: samples and dispatches in, production-order event drafts out. Pure code, no I/O, no clock reads.
 
 One ``MachineEngine`` per machine. It owns the counter states, the active production-order context, the open
 reporting window and the running totals, all serialisable with ``snapshot()`` so the store can persist them in the
@@ -8,16 +8,22 @@ crash the engine restarts from the last committed snapshot and derives the same 
 Quantities (SAP semantics): yield, scrap and rework are disjoint. A machine with a ``total`` counter instead of a
 ``good`` one reports yield = total - scrap - rework; a negative remainder (the scrap counter moved before the
 total counter was read) is carried to the next window rather than reported.
+
+Time: the reporting window is timed with the gateway's monotonic clock (``Sample.mono`` of the first counted change,
+``tick(now)`` with ``time.monotonic()``); ``next_deadline()`` tells the caller when the next ``tick`` can do
+anything. Source and wall-clock times only go into payloads. A completed order/operation is remembered (bounded,
+persisted) and an ``active`` dispatch for it is refused with ``OrderRefused``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from mappings.counters import CounterSpec, CounterState, step
+from mappings.counters import QUIET, CounterSpec, CounterState, step
 from mappings.samples import Sample
 
 ZERO = Decimal(0)
@@ -32,10 +38,27 @@ def iso(t: float | None) -> str | None:
 
 
 def dec_str(d: Decimal) -> str:
-    """Decimal as a plain string: 12, 0.25, never 1.2E+1."""
-    if d == d.to_integral_value():
-        return str(d.quantize(Decimal(1)))
-    return format(d.normalize(), "f")
+    """Decimal as a plain string: 12, 0.25, 100 (never 1E+2), no trailing fraction zeros, "0" for any zero.
+
+    Total for every finite Decimal, however large or small its exponent: it works on the digits and never uses a
+    decimal context (quantize/normalize raise InvalidOperation or Overflow beyond the context's precision)."""
+    s = str(d)
+    if "E" not in s:  # plain already (the common case); "NaN"/"Infinity" are caught below
+        if "." in s:
+            s = s.rstrip("0").rstrip(".")
+        if s[-1:].isdigit():
+            return "0" if s == "-0" else s
+    sign, digits, exp = d.as_tuple()
+    if not isinstance(exp, int):
+        raise ValueError(f"not a finite decimal: {d}")
+    s = "".join(map(str, digits))
+    if exp >= 0:
+        s = (s.lstrip("0") + "0" * exp) if s.strip("0") else "0"
+    else:
+        s = s.rjust(1 - exp, "0")
+        whole, frac = s[:exp].lstrip("0") or "0", s[exp:].rstrip("0")
+        s = f"{whole}.{frac}" if frac else whole
+    return "-" + s if sign and s != "0" else s
 
 
 @dataclass(frozen=True)
@@ -123,6 +146,16 @@ class OrderContext:
         )
 
 
+class OrderRefused(Exception):
+    """``MachineEngine.dispatch`` refused an order context; nothing changed. ``reason`` is a stable key
+    (``completed``: an active dispatch for an operation already completed on this machine)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
 @dataclass
 class EventDraft:
     """An event before the store gives it a sequence number and an id."""
@@ -148,7 +181,7 @@ class _Evidence:
 
 @dataclass
 class _Window:
-    opened_at: float | None = None  # gateway clock, drives the periodic flush
+    opened_at: float | None = None  # monotonic time the window got its first count; drives the periodic flush
     start: float | None = None  # source time of the first counted change
     end: float | None = None
     q: dict[str, Decimal] = field(default_factory=lambda: {k: ZERO for k in QUANTITY_KINDS})
@@ -172,7 +205,7 @@ class MachineEngine:
         self.totals: dict[str, Decimal] = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
         self.yield_carry = ZERO
         self.machine_state: str | None = None
-        self.last_completed: tuple[str, str] | None = None
+        self.completed: dict[tuple[str, str], None] = {}  # recently completed (order, operation), oldest first
         self.order_totals: dict[str, dict[str, str]] = {}  # totals of recently active order/operations
         self.anomalies = 0
         self.dirty = False
@@ -180,8 +213,14 @@ class MachineEngine:
         # persisted window) until space returns; changeover and completion still close them
         self.hold_reports = False
         self.urgent = False  # state that only exists here (reset-on-read deltas): commit without waiting
+        self._rearm = False  # a restored window with counts waits for the first tick to be timed again
         if snapshot:
             self._restore(snapshot)
+        # signal -> (counter spec, state, binding, material number or None): one lookup per sample
+        self._signals: dict[str, tuple[CounterSpec, CounterState, CounterBinding, str | None]] = {
+            name: (b.spec, self.counters[name], b, None) for name, b in spec.counters.items()}
+        self._signals.update({MATERIAL_PREFIX + m: (mm.binding.spec, self.counters[MATERIAL_PREFIX + m], mm.binding, m)
+                              for m, mm in spec.materials.items()})
 
     # ------------------------------------------------------------------ persistence
     def snapshot(self) -> dict[str, Any]:
@@ -190,8 +229,7 @@ class MachineEngine:
             "v": 1,
             "counters": {n: s.to_dict() for n, s in self.counters.items()},
             "context": self.context.to_dict() if self.context else None,
-            "window": {
-                "opened_at": w.opened_at,
+            "window": {  # opened_at is monotonic time: meaningless in another process, not persisted
                 "start": w.start,
                 "end": w.end,
                 "q": {k: dec_str(v) for k, v in w.q.items()},
@@ -201,7 +239,7 @@ class MachineEngine:
             "totals": {k: dec_str(v) for k, v in self.totals.items()},
             "yield_carry": dec_str(self.yield_carry),
             "machine_state": self.machine_state,
-            "last_completed": list(self.last_completed) if self.last_completed else None,
+            "completed": [list(ref) for ref in self.completed],
             "order_totals": self.order_totals,
         }
 
@@ -213,7 +251,7 @@ class MachineEngine:
             self.context = OrderContext.from_dict(snap["context"])
         w = snap.get("window") or {}
         self.window = _Window(
-            opened_at=w.get("opened_at"),
+            opened_at=None,  # re-armed by the first tick (the old process's clock means nothing here)
             start=w.get("start"),
             end=w.get("end"),
             q={k: Decimal(w.get("q", {}).get(k, "0")) for k in QUANTITY_KINDS},
@@ -227,55 +265,74 @@ class MachineEngine:
         self.yield_carry = Decimal(snap.get("yield_carry", "0"))
         self.machine_state = snap.get("machine_state")
         self.order_totals = dict(snap.get("order_totals", {}))
-        lc = snap.get("last_completed")
-        self.last_completed = (lc[0], lc[1]) if lc else None
+        refs = snap.get("completed")
+        if refs is None:  # older snapshots remembered the last completion only
+            refs = [snap["last_completed"]] if snap.get("last_completed") else []
+        self.completed = {(r[0], r[1]): None for r in refs}
+        self._rearm = not self.window.empty() or any(self.window.materials.values())
 
     # ------------------------------------------------------------------ inputs
     def apply(self, sample: Sample, signal: str) -> list[EventDraft]:
-        """Apply one sample of ``signal`` (counter name or 'state')."""
-        if signal == "state":
-            return self._apply_state(sample)
-        material = signal[len(MATERIAL_PREFIX):] if signal.startswith(MATERIAL_PREFIX) else None
-        binding = self.spec.counters.get(signal) if material is None else (
-            self.spec.materials[material].binding if material in self.spec.materials else None)
-        if binding is None:
+        """Apply one sample of ``signal`` (counter name, ``material:<number>`` or 'state').
+
+        An unchanged counter value (and a bad, stale, duplicate or invalid sample) changes no persisted state: it
+        does not mark the engine dirty (an unchanged value does, once per ``counters.IDLE_PERSIST_S``)."""
+        route = self._signals.get(signal)
+        if route is None:
+            return self._apply_state(sample) if signal == "state" else []
+        res = step(route[0], route[1], sample)
+        outcome = res.outcome
+        if outcome in QUIET:
             return []
-        state = self.counters[signal]
-        res = step(binding.spec, state, sample.value, sample.good, sample.time)
-        if res.outcome in ("none", "bad", "stale", "invalid"):
-            if res.outcome == "none":
-                self.dirty = True  # last_time moved
+        if outcome == "seen":  # an unchanged reading whose times are due to be persisted (once a minute)
+            self.dirty = True
             return []
+        binding, material = route[2], route[3]
         self.dirty = True
         if binding.spec.mode != "cumulative" and res.delta:
             # the device forgot this count when it was read: persist it now, not at the next checkpoint
             self.urgent = True
         out: list[EventDraft] = []
         w = self.window
-        ev = w.evidence.get(signal)
-        if res.outcome == "jump":
+        scale = binding.scale
+        if outcome == "jump":
             self.anomalies += 1
             out.append(self._anomaly(signal, "implausible_jump", res.previous, res.value, sample.time,
-                                     held=dec_str(res.held * binding.scale),
-                                     detail=f"increase of {res.held} exceeds max_rate {binding.spec.max_rate}/s for the elapsed time; not counted, baseline moved"))
+                                     held=dec_str(res.held * scale), counted="0", possible_rollover=None,
+                                     elapsed_s=_secs(res.elapsed),
+                                     detail=f"increase of {res.held} exceeds max_rate {binding.spec.max_rate}/s for "
+                                            f"the elapsed time; not counted, baseline moved"))
             return out
+        if outcome == "ambiguous":
+            self.anomalies += 1
+            gap = "an unknown time" if res.elapsed is None else f"{res.elapsed:.1f} s"
+            out.append(self._anomaly(signal, "ambiguous_decrease", res.previous, res.value, sample.time,
+                                     held=dec_str((res.possible - res.delta) * scale),
+                                     counted=dec_str(res.delta * scale),
+                                     possible_rollover=dec_str(res.possible * scale), elapsed_s=_secs(res.elapsed),
+                                     detail=f"decrease from {res.previous} to {res.value} after {gap}, longer than "
+                                            f"one wrap period at max_rate {binding.spec.max_rate}/s: counted as a "
+                                            f"reset ({res.delta}); had it been a rollover it would be {res.possible}"))
         if res.delta:
+            ev = w.evidence.get(signal)
             if ev is None:
                 ev = w.evidence[signal] = _Evidence(first=res.previous)
             ev.last = res.value
-            if res.outcome == "rollover":
+            if outcome == "rollover":
                 ev.rollovers += 1
-            elif res.outcome == "reset":
+            elif outcome == "reset" or outcome == "ambiguous":
                 ev.resets += 1
-            elif res.outcome == "glitch":
+            elif outcome == "glitch":
                 ev.glitches += 1
             if material is None:
-                w.q[signal] += res.delta * binding.scale
+                w.q[signal] += res.delta * scale
             else:
-                w.materials[material] = w.materials.get(material, ZERO) + res.delta * binding.scale
+                w.materials[material] = w.materials.get(material, ZERO) + res.delta * scale
+            if w.opened_at is None:
+                w.opened_at = sample.mono if sample.mono is not None else sample.recv_time
+                self._rearm = False
             if w.start is None:
                 w.start = sample.time
-                w.opened_at = sample.recv_time
             w.end = sample.time
             if self.spec.max_units and w.units() >= self.spec.max_units and not self.hold_reports:
                 out.extend(self.flush("units", sample.recv_time))
@@ -295,25 +352,60 @@ class MachineEngine:
                             "reason": "tag"}, droppable=True)]
 
     def tick(self, now: float) -> list[EventDraft]:
-        """Periodic flush: call regularly with the gateway clock."""
+        """Periodic flush; ``now`` is the gateway's MONOTONIC clock (``time.monotonic()``), the clock of
+        ``Sample.mono``. Closes the window ``interval_s`` after its first count. A window restored from a snapshot
+        is re-armed by the first tick (``now`` becomes its opening time). Nothing to do before ``next_deadline()``."""
         w = self.window
         if self.hold_reports:
             return []
-        if w.opened_at is not None and (not w.empty() or any(w.materials.values())) \
-                and now - w.opened_at >= self.spec.interval_s:
-            return self.flush("periodic", now)
+        if w.opened_at is None:
+            if self._rearm:
+                w.opened_at = now
+                self._rearm = False
+            return []
+        if now - w.opened_at >= self.spec.interval_s:
+            return self.flush("periodic", w.end if w.end is not None else now)
         return []
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which ``tick`` will next do something: the open window's flush time, ``-inf`` when a
+        restored window waits to be re-armed (tick it once), None when no window is open or reports are held
+        (``hold_reports``; ask again after changing it). Changes only through ``apply`` / ``dispatch`` / ``tick`` /
+        ``flush``: a caller keeping a heap re-reads it after calling one of them."""
+        if self.hold_reports:
+            return None
+        opened = self.window.opened_at
+        if opened is None:
+            return -math.inf if self._rearm else None
+        return opened + self.spec.interval_s
+
+    MAX_REMEMBERED_COMPLETED = 64
+
+    def refusal(self, ctx: OrderContext | None) -> OrderRefused | None:
+        """Why ``dispatch(ctx)`` would be refused, or None. Lets a caller skip the cut read for a refused order."""
+        if ctx is None or ctx.status == "completed" or ctx.ref not in self.completed:
+            return None
+        cur = self.context
+        if cur is not None and cur.ref == ctx.ref:
+            return None
+        return OrderRefused("completed", f"order {ctx.order} operation {ctx.operation} was completed on machine "
+                                         f"{self.spec.id}; a completed operation is not reopened")
 
     def dispatch(self, ctx: OrderContext | None, now: float) -> list[EventDraft]:
         """A new production-order context for this machine (None = no order). The caller must have applied a
-        fresh read of all counters first (the cut): counts up to here belong to the current context."""
+        fresh read of all counters first (the cut): counts up to here belong to the current context. ``now`` is
+        wall-clock time (the time of operation.started / operation.completed).
+
+        Raises ``OrderRefused`` (nothing changed) for an ``active`` dispatch of an order/operation completed here
+        (a retained dispatch seen again after a restart or reconnect must not bring it back to life)."""
+        refused = self.refusal(ctx)
+        if refused is not None:
+            raise refused
         cur = self.context
         if ctx is not None and ctx.status == "completed":
             if cur is not None and cur.ref == ctx.ref:
                 return self._complete(now)
-            if self.last_completed == ctx.ref:
-                return []  # already completed (retained dispatch seen again after a restart)
-            return []  # completion of an order that is not running here: nothing was counted for it
+            return []  # already completed, or not running here: nothing was counted for it
         if cur is not None and ctx is not None and cur.ref == ctx.ref:
             if cur != ctx:
                 self.context = ctx  # e.g. components updated: no changeover
@@ -358,7 +450,10 @@ class MachineEngine:
             "machine": self.spec.id, "order": cur.order, "operation": cur.operation, "final": True,
             "totals": {k: dec_str(v) for k, v in self.totals.items()}, "unit": cur.unit or self.spec.unit,
         }))
-        self.last_completed = cur.ref
+        self.completed.pop(cur.ref, None)
+        self.completed[cur.ref] = None
+        while len(self.completed) > self.MAX_REMEMBERED_COMPLETED:
+            self.completed.pop(next(iter(self.completed)))
         self.order_totals.pop(self._totals_key(cur), None)  # final: a later restart of the operation starts at 0
         self.totals = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
         self._switch_totals(None)
@@ -433,9 +528,14 @@ class MachineEngine:
             }))
         return out
 
-    def _anomaly(self, counter: str, kind: str, prev: int | None, value: int | None, t: float, **extra: Any) -> EventDraft:
+    def _anomaly(self, counter: str, kind: str, prev: int | None, value: int | None, t: float,
+                 **extra: Any) -> EventDraft:
         return EventDraft("counter.anomaly", self.spec.id, t, {
             "machine": self.spec.id, "counter": counter, "kind": kind, "from": prev, "to": value,
             "order": self.context.order if self.context else None,
             "operation": self.context.operation if self.context else None, **extra,
         })
+
+
+def _secs(elapsed: float | None) -> float | None:
+    return None if elapsed is None else round(elapsed, 3)

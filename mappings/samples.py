@@ -16,7 +16,12 @@ class Sample:
     ``good`` is False for an OPC UA BAD/UNCERTAIN status or a failed Modbus read; the value of a
     sample that is not good is never used as a counter value.
     Times are POSIX seconds: ``source_time`` from the device when it has one, ``recv_time`` when the
-    gateway received it.
+    gateway received it (gateway wall clock). Both are data for payloads and ordering only: they can step (NTP, a PLC
+    on local time at a DST change). ``mono`` is the gateway's monotonic clock (``time.monotonic()``) when the sample
+    was received; elapsed time, plausibility and reporting windows are measured with it. None when the producer has
+    no monotonic time (tests, old callers): the engines then fall back to the wall-clock difference.
+    ``reread`` marks a sample that re-reads a value the regular poll/subscription may already have delivered (the
+    cut read at a changeover); see docs/counting.md for how delta counters treat it.
     """
 
     key: str
@@ -25,6 +30,8 @@ class Sample:
     recv_time: float
     source_time: float | None = None
     status: str = "Good"
+    mono: float | None = None
+    reread: bool = False
 
     @property
     def time(self) -> float:

@@ -3,15 +3,21 @@
 import pytest
 
 from mappings.counters import CounterSpec, CounterState, step
+from mappings.samples import Sample
 
 U16 = CounterSpec("good", modulus=2**16, max_rate=10)
 U32 = CounterSpec("good", modulus=2**32, max_rate=10)
 S16 = CounterSpec("good", modulus=2**16, signed=True, max_rate=10)
 
 
-def run(spec, samples):
-    st = CounterState()
-    results = [step(spec, st, v, good, t) for v, good, t in samples]
+def sample(v, good, t, mono=None, *, src=True, reread=False):
+    return Sample("m/good", v, good, recv_time=t, source_time=t if src else None, mono=mono, reread=reread)
+
+
+def run(spec, samples, st=None):
+    """samples: (value, good, t) with t the source, receive and monotonic time, or (value, good, t, mono)."""
+    st = CounterState() if st is None else st
+    results = [step(spec, st, sample(*x) if len(x) == 4 else sample(*x, x[2])) for x in samples]
     return sum(r.delta for r in results), [r.outcome for r in results], st
 
 
@@ -48,13 +54,96 @@ def test_counter_rules(name):
     assert total == expected_total
 
 
-def test_gateway_down_long_allows_rollover():
-    # 16-bit counter, 10/s max: 2 hours later a wrap is plausible
-    total, outcomes, _ = run(U16, [(60000, True, 0), (500, True, 7200)])
+def test_gap_shorter_than_one_wrap_period_allows_rollover():
+    # 16-bit counter, 10/s max: one wrap takes 6553.6 s; 1 hour later a wrap of 6036 is plausible
+    total, outcomes, _ = run(U16, [(60000, True, 0), (500, True, 3600)])
     assert outcomes == ["baseline", "rollover"] and total == 500 + 65536 - 60000
+
+
+def test_gap_longer_than_one_wrap_period_makes_a_decrease_ambiguous():
+    # 2 hours later the counter may have wrapped any number of times, or been reset: counted as a reset, with the
+    # rollover it might have been as evidence
+    st = CounterState()
+    step(U16, st, sample(60000, True, 0, 0))
+    r = step(U16, st, sample(500, True, 7200, 7200))
+    assert (r.outcome, r.delta, r.previous, r.value, r.possible, r.elapsed) == \
+        ("ambiguous", 500, 60000, 500, 500 + 65536 - 60000, 7200)
+    # no modulus: a decrease can only be a reset
+    st = CounterState()
+    spec = CounterSpec("good", modulus=None, max_rate=10)
+    step(spec, st, sample(60000, True, 0, 0))
+    assert step(spec, st, sample(500, True, 7200, 7200)).outcome == "reset"
+
+
+def test_unknown_gap_after_restart():
+    """After a restart the monotonic time is unknown: the wall-clock gap is used when it is not negative, else the gap
+    is unknown (any increase plausible, any decrease ambiguous)."""
+    _, _, st = run(U16, [(1000, True, 100.0, 5.0)])
+    assert "last_mono" not in st.to_dict()
+    restored = CounterState.from_dict(st.to_dict())
+    assert restored.last_mono is None and restored.last_wall == 100.0
+    r = step(U16, CounterState.from_dict(st.to_dict()), sample(500, True, 50.0, 1.0))
+    assert r.outcome == "ambiguous" and r.elapsed is None          # wall clock went back 50 s across the restart
+    r = step(U16, CounterState.from_dict(st.to_dict()), sample(1500, True, 50.0, 1.0))
+    assert r.outcome == "increase" and r.delta == 500              # unknown gap: plausible
+    r = step(U16, CounterState.from_dict(st.to_dict()), sample(1500, True, 101.0, 1.0))
+    assert r.outcome == "jump" and r.elapsed == 1.0                 # 1 s on the wall clock: 500 at 10/s is a jump
+    old = {"last": 1000, "last_time": 100.0, "held_zero": False}    # a snapshot from before last_wall existed
+    assert CounterState.from_dict(old).last_wall == 100.0
+
+
+def test_unchanged_value_only_moves_in_memory_times():
+    st = CounterState()
+    step(U32, st, sample(10, True, 0.0, 0.0))
+    before = st.to_dict()
+    assert step(U32, st, sample(10, True, 5.0, 5.0)).outcome == "none"
+    assert st.last_mono == 5.0 and st.last_time == 5.0
+    # plausibility of the next change is measured from the unchanged read: 35 in 1 s at 10/s is a jump
+    assert step(U32, st, sample(45, True, 6.0, 6.0)).outcome == "jump"
+    assert before["last"] == 10
+
+
+@pytest.mark.parametrize("mode", ["delta", "reset_on_read"])
+def test_delta_identity(mode):
+    spec = CounterSpec("good", mode=mode)
+    st = CounterState()
+    outs = [step(spec, st, s) for s in (
+        sample(5, True, 10.0, 1.0),
+        sample(5, True, 10.0, 2.0),               # the same value, same source time: delivered again
+        sample(5, True, 11.0, 3.0),               # a new delta that happens to be equal
+        sample(7, True, 11.0, 4.0),               # same time, another value: a new delta
+        sample(3, True, 5.0, 5.0),                # source clock stepped back: still a delta, never "stale"
+        sample(0, True, 12.0, 6.0),
+        sample(3, True, 5.0, 7.0),                # the last counted value again (the zero did not replace it)
+    )]
+    assert [o.outcome for o in outs] == ["delta", "duplicate", "delta", "delta", "delta", "none", "duplicate"]
+    assert sum(o.delta for o in outs) == 20
+
+
+def test_delta_reread_without_source_time():
+    for mode, outcome in (("delta", "duplicate"), ("reset_on_read", "delta")):
+        st = CounterState()
+        spec = CounterSpec("good", mode=mode)
+        assert step(spec, st, sample(4, True, 1.0, 1.0, src=False)).outcome == "delta"
+        assert step(spec, st, sample(4, True, 2.0, 2.0, src=False, reread=True)).outcome == outcome
+        assert step(spec, st, sample(4, True, 3.0, 3.0, src=False)).outcome == "delta"  # no identity: counted
+
+
+def test_late_delivery_versus_clock_step():
+    # older source time by less than the reorder window: a late delivery, ignored
+    _, outcomes, _ = run(U32, [(100, True, 1000.0, 1.0), (90, True, 995.0, 2.0), (101, True, 1001.0, 3.0)])
+    assert outcomes == ["baseline", "stale", "increase"]
+    # older by an hour: the clock stepped; the value is used (here a reset, told apart by the monotonic time)
+    total, outcomes, _ = run(U16, [(40000, True, 5000.0, 1.0), (5, True, 1401.0, 2.0), (10, True, 1402.0, 3.0)])
+    assert outcomes == ["baseline", "reset", "increase"] and total == 10
+    # without a source time the monotonic arrival order decides
+    st = CounterState()
+    assert step(U32, st, sample(100, True, 10.0, 5.0, src=False)).outcome == "baseline"
+    assert step(U32, st, sample(90, True, 11.0, 4.0, src=False)).outcome == "stale"
+    assert step(U32, st, sample(90, True, 5.0, 6.0, src=False)).outcome == "reset"  # wall clock stepped back
 
 
 def test_state_roundtrip():
     _, _, st = run(U32, [(10, True, 0), (0, True, 1)])
     again = CounterState.from_dict(st.to_dict())
-    assert again == st and again.held_zero
+    assert again.to_dict() == st.to_dict() and again.held_zero and again.last_mono is None

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mappings.counters import CounterSpec
-from mappings.machine import CounterBinding, MachineEngine, MachineSpec, OrderContext
+from mappings.machine import CounterBinding, EventDraft, MachineEngine, MachineSpec, OrderContext, OrderRefused
 from mappings.samples import Sample
 
 CASES = sorted(p for p in (Path(__file__).parent / "counting_cases").iterdir() if p.is_dir())
@@ -32,11 +32,17 @@ def build_spec(m: dict[str, Any]) -> MachineSpec:
 
 
 def run_case(case: dict[str, Any]) -> list[Any]:
+    """Steps: ``t`` is the wall-clock receive time and, unless ``src`` is given (null: no source time, as on Modbus),
+    the source time; ``mono`` is the monotonic receive time (default: none, the engine falls back to the wall clock);
+    ``tick`` is a monotonic time; ``reread: true`` marks the step's samples as the cut read. A refused dispatch shows
+    as a pseudo-event ``dispatch.refused`` with its reason."""
     spec = build_spec(case["machine"])
     eng = MachineEngine(spec)
     events = []
     for step in case["steps"]:
         t = step.get("t", 0)
+        src = step.get("src", t)
+        mono = step.get("mono")
         if step.get("restart"):
             eng = MachineEngine(spec, eng.snapshot())
             continue
@@ -46,14 +52,18 @@ def run_case(case: dict[str, Any]) -> list[Any]:
         if "dispatch" in step:
             d = step["dispatch"]
             ctx = None if d is None else OrderContext(str(d["order"]), str(d["operation"]), d.get("status", "active"))
-            events += eng.dispatch(ctx, t)
+            try:
+                events += eng.dispatch(ctx, t)
+            except OrderRefused as exc:
+                events.append(EventDraft("dispatch.refused", "m1", t, {"reason": exc.reason}))
             continue
         for name in spec.counters:
             if name in step:
-                events += eng.apply(Sample(f"m1/{name}", step[name], True, recv_time=t, source_time=t), name)
+                events += eng.apply(Sample(f"m1/{name}", step[name], True, recv_time=t, source_time=src, mono=mono,
+                                           reread=step.get("reread", False)), name)
         for name in step.get("bad", []):
-            events += eng.apply(Sample(f"m1/{name}", step.get("bad_value"), False, recv_time=t, source_time=t,
-                                       status="BadCommunicationError"), name)
+            events += eng.apply(Sample(f"m1/{name}", step.get("bad_value"), False, recv_time=t, source_time=src,
+                                       status="BadCommunicationError", mono=mono), name)
     return events
 
 
@@ -94,5 +104,6 @@ def test_required_cases_present() -> None:
     names = {c.name for c in CASES}
     required = {"rollover_u16", "rollover_u32", "rollover_s16", "rollover_s32", "reset", "zero_glitch",
                 "implausible_jump", "bad_quality_span", "first_sample_after_restart", "reset_on_read", "delta_mode",
-                "total_minus_scrap", "changeover_mid_window", "unassigned_counts"}
+                "total_minus_scrap", "changeover_mid_window", "unassigned_counts", "ambiguous_decrease",
+                "clock_step_back", "clock_step_forward_reset", "delta_redelivered", "completed_not_reopened"}
     assert required <= names, required - names

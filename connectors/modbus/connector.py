@@ -369,7 +369,7 @@ class ModbusConnector(Connector):
         out = []
         for slot in block.slots:
             try:
-                out.append(Sample(slot.key, slot.decode(raw, regs), True, now))
+                out.append(Sample(slot.key, slot.decode(raw, regs), True, now, mono=time.monotonic()))
             except Exception as exc:  # cannot happen with valid registers; never let one tag kill the poll
                 out.append(Sample(slot.key, None, False, now, None, f"ReadFailed: decode error {exc}"))
         return out

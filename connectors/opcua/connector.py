@@ -100,7 +100,7 @@ def datavalue_to_sample(key: str, dv: ua.DataValue, recv_time: float) -> Sample:
     value = variant.Value if variant is not None else None
     if value is None:  # Good without a value: nothing a counter could use
         return Sample(key, None, False, recv_time, source_time, f"{status_name(code)} (null value)")
-    return Sample(key, _py_value(value), True, recv_time, source_time, status_name(code))
+    return Sample(key, _py_value(value), True, recv_time, source_time, status_name(code), mono=time.monotonic())
 
 
 def _redact(endpoint: str) -> str:
@@ -301,7 +301,7 @@ class OpcUaConnector(Connector):
                     first = datavalue_to_sample(keys[0], item.Value, recv)
                     samples.append(first)
                     for k in keys[1:]:
-                        samples.append(Sample(k, first.value, first.good, recv, first.source_time, first.status))
+                        samples.append(Sample(k, first.value, first.good, recv, first.source_time, first.status, first.mono))
             elif isinstance(notif, ua.StatusChangeNotification):
                 # asyncua sends BadShutdown when it sees the transport go; a server sends BadTimeout when
                 # the subscription expired. Either way this subscription delivers nothing more.
