@@ -27,14 +27,22 @@ from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.config import GatewayConfig, counter_modulus
-from gateway.dispatch import DispatchRejected, parse_dispatch
+from gateway.dispatch import DispatchRejected, parse_dispatch, parse_erp_ack
 from gateway.faults import crash_point
 from gateway.orders import OrderCommand, TagOrderTracker
 from gateway.events import EventEncoder, Topics
 from gateway.mqtt import MqttLink, Publisher
 from gateway.store import OutboxRow, Store, StoreError
 from mappings.counters import CounterSpec
-from mappings.machine import CounterBinding, EventDraft, MachineEngine, MachineSpec, MaterialMeter, OrderContext
+from mappings.machine import (
+    CounterBinding,
+    EventDraft,
+    MachineEngine,
+    MachineSpec,
+    MaterialMeter,
+    OrderContext,
+    OrderRefused,
+)
 from mappings.samples import Sample
 
 log = structlog.get_logger(__name__)
@@ -127,6 +135,7 @@ class Stats:
     dropped_while_full: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     erp_rejections: int = 0
     acks_malformed: int = 0
+    acks_rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     samples_coalesced: int = 0
     machine_faults: int = 0
 
@@ -308,20 +317,22 @@ class Gateway:
         log.warning("dispatch.rejected", reason=exc.reason, detail=exc.detail[:500], **where)
 
     def _on_erp_ack(self, topic: str, payload: bytes) -> None:
-        """The ERP rejected an event it received: keep it in the quarantine, visible and retryable."""
-        try:
-            doc = json.loads(payload)
-            if not isinstance(doc, dict) or doc.get("status") != "rejected":
-                return  # positive acknowledgements carry no action here
-            event = doc["event"]
-            if not isinstance(event, dict) or not isinstance(event.get("id"), str):
-                raise ValueError("'event' must be the rejected CloudEvent")
-            reason = str(doc.get("reason", "rejected by the ERP"))[:500]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            self.stats.acks_malformed += 1
-            log.warning("erp_ack.rejected", topic=topic, error=str(exc)[:200])
+        """The ERP rejected an event it received: keep it in the quarantine, visible and retryable. Only a rejection
+        of one of this gateway's events from this store (source and epoch) is taken: anyone able to publish on an
+        acks topic cannot fill the quarantine with made-up events."""
+        if self.encoder is None:
             return
-        self._rejections.append(_ErpRejection(event, reason))
+        try:
+            ack = parse_erp_ack(payload, source=self.encoder.source, epoch=self.store.epoch)
+        except DispatchRejected as exc:
+            self.stats.acks_malformed += 1
+            self.stats.acks_rejected_by_reason[exc.reason] += 1
+            metrics.ACKS_REJECTED.labels(exc.reason).inc()
+            log.warning("erp_ack.rejected", topic=topic, reason=exc.reason, detail=exc.detail[:300], size=len(payload))
+            return
+        if ack.status != "rejected":
+            return  # positive acknowledgements carry no action here
+        self._rejections.append(_ErpRejection(ack.event, ack.reason or "rejected by the ERP"))
         self._inbox_ready.set()
 
     async def _quarantine_rejection(self, r: "_ErpRejection") -> None:
@@ -444,7 +455,7 @@ class Gateway:
         now = time.monotonic()
         due: list[float] = []
         if self._timers:
-            due.append(self._timers[0][0] - self._wall_offset())
+            due.append(self._timers[0][0])
         if self._dirty or self._uncommitted:
             due.append(max(self._last_checkpoint + CHECKPOINT_S, self._commit_backoff_until))
         if self._switch_pending:
@@ -454,13 +465,9 @@ class Gateway:
         return max(0.0, min(due) - now)
 
     @staticmethod
-    def _wall_offset() -> float:
-        """Window deadlines are kept in the engines' time base; this converts them to ``time.monotonic()``."""
-        return time.time() - time.monotonic()
-
-    def _now(self) -> float:
-        """The time the engines' windows are measured in."""
-        return time.time()
+    def _now() -> float:
+        """Reporting windows run on the monotonic clock (a wall-clock step neither closes nor stretches them)."""
+        return time.monotonic()
 
     # ------------------------------------------------------------------ samples
     def _apply_samples(self, samples: list[Sample]) -> list[EventDraft]:
@@ -579,6 +586,10 @@ class Gateway:
         if self._order_source[machine] != "local":
             raise ValueError(f"machine {machine!r} takes its order from {self._order_source[machine]!r}; "
                              "set order_source: local to use the local command")
+        eng = self.engines.get(machine)
+        refused = eng.refusal(ctx) if eng is not None else None
+        if refused is not None:
+            raise ValueError(refused.detail)
         self._put(OrderCommand(machine, ctx, "local"))
 
     def _order_command(self, cmd: OrderCommand) -> None:
@@ -592,6 +603,10 @@ class Gateway:
             cut.commands.append(cmd)
             return
         eng = self.engines[machine]
+        refused = eng.refusal(cmd.context)
+        if refused is not None:  # no cut read for an order that will not be applied
+            self._refused(cmd, refused)
+            return
         cur, new = eng.context, cmd.context
         changes = (cur is None) != (new is None) or (
             cur is not None and new is not None and (cur.ref != new.ref or new.status != cur.status))
@@ -614,7 +629,9 @@ class Gateway:
             reported = False
             while True:
                 try:
-                    samples.extend(await self.connectors[cid].read(keys, timeout=CUT_READ_TIMEOUT_S))
+                    read = await self.connectors[cid].read(keys, timeout=CUT_READ_TIMEOUT_S)
+                    # a re-read: the current value again (a delta register re-read at the cut is not new production)
+                    samples.extend(dataclasses.replace(s, reread=True) for s in read)
                     break
                 except (ConnectorError, asyncio.TimeoutError) as exc:
                     # a connector still connecting (typically right after a restart) is waited for quietly
@@ -645,7 +662,10 @@ class Gateway:
             return []
         eng = self.engines[machine]
         try:
-            out = eng.dispatch(cmd.context, self._now())
+            out = eng.dispatch(cmd.context, time.time())
+        except OrderRefused as exc:
+            self._refused(cmd, exc)
+            return []
         except Exception as exc:  # noqa: BLE001 - e.g. a value nothing validated: this machine faults, not all
             self._fault(machine, exc)
             return []
@@ -661,21 +681,15 @@ class Gateway:
         self._schedule(machine)
         return out
 
-    # ------------------------------------------------------------------ reporting windows (timer heap)
-    def _deadline(self, eng: MachineEngine) -> float | None:
-        fn = getattr(eng, "next_deadline", None)
-        if fn is not None:
-            return fn()
-        w = eng.window
-        if w.opened_at is None or eng.hold_reports:
-            return None
-        return w.opened_at + eng.spec.interval_s
+    def _refused(self, cmd: OrderCommand, exc: OrderRefused) -> None:
+        self._count_rejected_dispatch(DispatchRejected(exc.reason, exc.detail), machine=cmd.machine, source=cmd.source)
 
+    # ------------------------------------------------------------------ reporting windows (timer heap)
     def _schedule(self, machine: str) -> None:
         eng = self.engines.get(machine)
         if eng is None:
             return
-        d = self._deadline(eng)
+        d = eng.next_deadline()
         if d is None or self._scheduled.get(machine) == d:
             return
         self._scheduled[machine] = d
