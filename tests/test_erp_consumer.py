@@ -298,3 +298,17 @@ async def test_consumer_keeps_receiving_after_broker_restart_on_same_port(erp, m
         p2.close()
     assert erp.gaps() == {}
     assert "mosquitto" in mqtt_broker.log_text()
+
+
+@pytest.mark.erp_conflicts_expected
+async def test_the_shared_ledger_assertion_fails_on_a_conflict(erp, pub):
+    """tests/e2e.assert_ledger_matches (used by every end-to-end test) fails on a conflict even when the ledger of
+    the machines under test equals their truth."""
+    from simulators.machine import MachineModel
+    from tests.e2e import assert_ledger_matches
+
+    idle = MachineModel("Press1", cycle_time=0.01, seed=1, counter_bits=32)   # made nothing: truth is empty
+    pub.send(event(1, machine="press-9"), event(1, machine="press-9", qty=("2", "0", "0")))
+    await erp.wait_for(lambda: handled(erp) == 2, 5)
+    with pytest.raises(AssertionError, match="1 conflict"):
+        await assert_ledger_matches(erp, {"press-1": idle}, timeout=1)

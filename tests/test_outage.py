@@ -195,7 +195,7 @@ async def quiesce_and_check(p, what: str) -> dict[str, Any]:
     assert not p.erp.gaps(), f"{what}: sequence gaps at the ERP: {p.erp.gaps()}"
     assert seqs == list(range(1, committed + 1)), (
         f"{what}: the ERP is missing committed events: {sorted(set(range(1, committed + 1)) - set(seqs))[:20]}")
-    assert p.erp.stats["rejected"] == 0 and p.erp.stats["seq_reused"] == 0, p.erp.stats
+    assert p.erp.stats["rejected"] == 0 and not p.erp.conflicts(), (p.erp.stats, p.erp.conflicts()[:3])
     assert not p.erp.events("counter.anomaly"), [e["data"] for e in p.erp.events("counter.anomaly")]
     return {"events_committed": committed, "settle_s": round(settle_s, 2)}
 

@@ -26,6 +26,7 @@ from tests.e2e import (
     Production,
     RunningGateway,
     assert_ledger_matches,
+    assert_no_conflicts,
     consumed_by_component,
     dispatch_order,
     gateway_config,
@@ -53,7 +54,7 @@ class Plant:
         report = stream_report(self.erp)
         print(f"ERP stream: {report}; truth: { {k: m.truth for k, m in self.models.items()} }")
         assert report["gaps"] == {}, f"sequence gaps seen by the ERP: {report['gaps']}"
-        assert report["rejected"] == 0
+        assert report["rejected"] == 0 and report["conflicts"] == 0
         anomalies = self.erp.events("counter.anomaly")
         assert anomalies == [], f"counter anomalies (quantities held back): {[a['data'] for a in anomalies]}"
         return report
@@ -204,6 +205,7 @@ async def test_modbus_reset_between_polls_loses_exactly_the_unpolled_parts(make_
     print(f"parts made between the last poll and the reset (lost to the counter): {unpolled}")
     assert ledger_view(p.erp, {"press-2"}) == expected, f"unpolled: {unpolled}, truth: {t}"
     assert stream_report(p.erp)["gaps"] == {}
+    assert_no_conflicts(p.erp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,6 +275,7 @@ async def test_changeover_without_halting_is_exact_in_total_and_bounded_per_orde
     print(f"cut window {window} parts; order 3101: ledger {old} truth {truth_old} (off by {old - truth_old})")
     assert abs(old - truth_old) <= window
     assert stream_report(p.erp)["gaps"] == {}
+    assert_no_conflicts(p.erp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 from simulators.ports import free_port
-from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, wait_until
+from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, assert_no_conflicts, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 HIER = [IDENT[k] for k in ("enterprise", "site", "area", "line")]
@@ -103,6 +103,7 @@ async def test_broker_refusal_mqtt5_is_quarantined(tmp_path, rig):
             assert gw.gw.publisher.quarantined >= 1
             assert "closed the connection 3 times" in json.dumps(await gw.gw.store.list_rows("quarantine"))
             assert gw.task is not None and not gw.task.done()
+            assert_no_conflicts(erp)
         finally:
             await gw.stop()
             await erp.stop()
