@@ -217,11 +217,15 @@ async def test_broker_outage_under_load(plant, mode, down_s, record_property):
         # make the ERP's persistent session part of the broker's saved database (a clean restart saves it): after a
         # SIGKILL mosquitto restarts from that file, and without the session it would drop what the gateway resends
         # before the ERP has resubscribed (see the module docstring)
+        connections = p.gw.gw.link.connections
         await p.broker.astop()
         await p.broker.astart()
         await p.erp.wait_connected(15)
-    await asyncio.sleep(1.5)
-    await wait_until(lambda: len(p.erp.events()) > 10, 15, message="no events before the outage")
+        await wait_until(lambda: p.gw.gw.link.connections > connections and p.gw.gw.link.is_connected, 15,
+                         message="the gateway did not reconnect after the broker restart")
+    n0 = len(p.erp.events())
+    await asyncio.sleep(1.5)          # production before the outage (the scenario)
+    await wait_until(lambda: len(p.erp.events()) > n0 + 10, 15, message="no events before the outage")
     before = first_arrivals(p.erp)
     for machine, seqs in before.items():
         assert strictly_increasing(seqs), f"{machine}: first arrivals out of order before any outage: {seqs}"
