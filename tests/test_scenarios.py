@@ -17,6 +17,8 @@ from decimal import Decimal
 import pytest
 from pymodbus.constants import ExcCodes
 
+from connectors.base import ComponentState
+
 from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
@@ -295,14 +297,14 @@ async def test_gateway_down_for_seconds_while_producing(make_plant):
     async with Production(m1, m2):
         m1.start()
         m2.start()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)          # production with the gateway up (the scenario)
         await p.gw.stop()
         down_at = (m1.parts_made, m2.parts_made, m2.good_raw)
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0)          # the gateway is down (the scenario)
         assert m1.parts_made - down_at[0] >= 60 and m2.parts_made - down_at[1] >= 60
         assert m2.good_raw < down_at[2], "the 16-bit good counter wrapped while the gateway was down"
         await p.gw.start()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)          # production after the restart (the scenario)
     report = await p.assert_exact()
     assert p.gw.generations == 2
     print(f"duplicates dropped by the ERP after the restart: {report['duplicates']}")
@@ -359,7 +361,9 @@ async def test_modbus_device_unreachable_period(make_plant):
         await wait_until(lambda: conn.status.detail.get("reconnects", 0) >= 1, 15, message="Modbus did not reconnect")
         await m2.wait_parts(m2.parts_made + 50, timeout=20)
         p.mb.set_exception(ExcCodes.DEVICE_BUSY)
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: conn.status.state == ComponentState.DEGRADED, 5,
+                         message="the gateway never saw the DEVICE_BUSY answers")
+        await asyncio.sleep(1.0)          # the device stays busy (the scenario)
         p.mb.set_exception(None)
         await m2.wait_parts(m2.parts_made + 50, timeout=20)
     await p.assert_exact()
