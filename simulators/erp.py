@@ -10,8 +10,8 @@
   JSON (``canonical``): only transport may differ between two sends of one event (the JSON text's key order and
   spacing, the topic, whether it came alone or inside a batch), no attribute and nothing in ``data``. A conflict is
   counted (``stats["conflicts"]``), recorded with both versions in the ``conflicts`` table (``conflicts()``) and
-  logged at error (``erp.conflict``); the message is acknowledged and not booked (the first version stays). Either
-  way the ledger is suspect after a conflict, and every end-to-end test asserts there was none;
+  logged at error (``erp.conflict``); the message is acknowledged and not booked (the first version stays). The
+  ledger is suspect after a conflict: every end-to-end test asserts there was none;
 - books ``operation.quantity_reported`` deltas (decimal strings → ``Decimal``) into a ledger per
   machine / order / operation (unassigned counts under order '' / operation '');
 - tracks the ``seq`` extension per (``source``, ``epoch``) and reports gaps;
@@ -345,14 +345,7 @@ class ErpConsumer:
         """canonical() of the event stored for (source, id), None if there is none."""
         assert self._db is not None
         row = self._db.execute("SELECT content FROM seen WHERE source=? AND id=?", (source, id_)).fetchone()
-        if row is None:
-            return None
-        (content,) = row
-        if content is None:  # (cannot happen after _migrate; kept as the definition of the stored content)
-            (payload,) = self._db.execute("SELECT payload FROM events WHERE source=? AND id=? ORDER BY n LIMIT 1",
-                                          (source, id_)).fetchone()
-            content = canonical(json.loads(payload))
-        return content
+        return None if row is None else row[0]
 
     def _record_conflict(self, kind: str, topic: str, ev: dict[str, Any], stored: str, received: str,
                          now: float) -> None:
