@@ -118,6 +118,7 @@ async def test_same_event_in_another_serialisation_or_in_a_batch_is_a_duplicate_
     assert erp.conflicts() == []
 
 
+@pytest.mark.erp_conflicts_expected
 async def test_same_id_with_a_different_quantity_is_a_conflict(erp, pub):
     first = event(1, qty=("5", "1", "0"))
     second = event(1, qty=("6", "1", "0"))       # same source, epoch, seq and therefore id; another quantity
@@ -135,6 +136,7 @@ async def test_same_id_with_a_different_quantity_is_a_conflict(erp, pub):
     assert len(errors) == 1 and errors[0]["log_level"] == "error" and errors[0]["id"] == first["id"]
 
 
+@pytest.mark.erp_conflicts_expected
 async def test_same_id_with_another_attribute_changed_is_a_conflict(erp, pub):
     """Not only the data: any CloudEvent attribute (here ``time``) differing under one id is a conflict."""
     first = event(1)
@@ -144,6 +146,7 @@ async def test_same_id_with_another_attribute_changed_is_a_conflict(erp, pub):
     assert erp.conflicts()[0]["received"]["time"] == "2026-11-22T08:15:03.000000Z"
 
 
+@pytest.mark.erp_conflicts_expected
 async def test_same_seq_under_a_different_id_is_a_conflict(erp, pub):
     first = event(7, qty=("5", "0", "0"))
     other = {**event(7, qty=("5", "0", "0")), "id": str(uuid.uuid4())}   # seq 7 of the same stream, a new id
@@ -161,6 +164,7 @@ async def test_same_seq_under_a_different_id_is_a_conflict(erp, pub):
     assert erp.stats["conflicts"] == 1
 
 
+@pytest.mark.erp_conflicts_expected
 async def test_conflicts_are_detected_across_a_consumer_restart(mqtt_broker, tmp_path, pub):
     db = str(tmp_path / "erp.db")
     async with ErpConsumer(mqtt_broker.host, mqtt_broker.port, db_path=db, client_id="erp-r") as first:
