@@ -114,10 +114,10 @@ async def assert_ledger_matches(erp: Any, models: dict[str, MachineModel], timeo
     expected: dict[Any, Any] = {}
     for machine, model in models.items():
         expected.update(expected_ledger(machine, model))
-    try:
-        await wait_until(lambda: ledger_view(erp, set(models)) == expected, timeout)
+    try:  # a conflict ends the wait at once: the ledger may never match, and the conflict is the precise message
+        await wait_until(lambda: erp.conflicts() or ledger_view(erp, set(models)) == expected, timeout)
     except AssertionError:
-        assert_no_conflicts(erp)  # the likelier cause, and the more precise message
+        assert_no_conflicts(erp)
         raise AssertionError(f"ERP ledger != ground truth\n ledger: {ledger_view(erp, set(models))}\n truth:  {expected}") from None
     assert_no_conflicts(erp)
     assert_events_valid(erp)
