@@ -4,6 +4,14 @@
 - validates each CloudEvent; a malformed one is counted and logged (``erp.event_rejected``), never fatal;
 - deduplicates on ``source`` + ``id`` in SQLite: the dedup insert, the event record and the ledger update are ONE
   transaction, and the message is acknowledged (PUBACK) only after that commit;
+- checks every duplicate it drops against what it stored for that id, and every new id against the ``seq`` of its
+  stream: a **conflict** is a second version of an event, i.e. the same (``source``, ``id``) with different content,
+  or the same ``seq`` of one (``source``, ``epoch``) under a different id. Content is the whole CloudEvent as parsed
+  JSON (``canonical``): only transport may differ between two sends of one event (the JSON text's key order and
+  spacing, the topic, whether it came alone or inside a batch), no attribute and nothing in ``data``. A conflict is
+  counted (``stats["conflicts"]``), recorded with both versions in the ``conflicts`` table (``conflicts()``) and
+  logged at error (``erp.conflict``); the message is acknowledged and not booked (the first version stays). The
+  ledger is suspect after a conflict: every end-to-end test asserts there was none;
 - books ``operation.quantity_reported`` deltas (decimal strings → ``Decimal``) into a ledger per
   machine / order / operation (unassigned counts under order '' / operation '');
 - tracks the ``seq`` extension per (``source``, ``epoch``) and reports gaps;
@@ -46,6 +54,7 @@ CREATE TABLE IF NOT EXISTS seen (
     source      TEXT NOT NULL,
     id          TEXT NOT NULL,
     received_at REAL NOT NULL,
+    content     TEXT,                                -- canonical(event) of the version stored first
     PRIMARY KEY (source, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
@@ -72,6 +81,18 @@ CREATE TABLE IF NOT EXISTS ledger (
     updated_at  REAL NOT NULL,
     PRIMARY KEY (machine, "order", operation)
 );
+CREATE TABLE IF NOT EXISTS conflicts (
+    n           INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind        TEXT NOT NULL,                       -- 'same_id' | 'same_seq'
+    source      TEXT NOT NULL,
+    id          TEXT NOT NULL,                       -- id of the version received now
+    epoch       TEXT,
+    seq         INTEGER,
+    stored      TEXT NOT NULL,                       -- canonical JSON of the version stored first
+    received    TEXT NOT NULL,                       -- canonical JSON of the version received now
+    topic       TEXT,
+    received_at REAL NOT NULL
+);
 """
 
 
@@ -93,6 +114,12 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Decimal):
         return _plain(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def canonical(ev: dict[str, Any]) -> str:
+    """The content of an event for comparing two sends of it: the whole parsed CloudEvent, serialised with sorted
+    keys and no spacing (so the JSON text's key order and whitespace, which are transport, do not count)."""
+    return json.dumps(ev, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def parse_quantity(value: Any, field: str) -> Decimal:
@@ -196,8 +223,9 @@ class ErpConsumer:
 
         # in-memory mirrors of the committed state (rebuilt from SQLite on start)
         self._ledger: dict[tuple[str, str, str], dict[str, Decimal]] = {}
-        self._seqs: dict[tuple[str, str], set[int]] = {}
+        self._seqs: dict[tuple[str, str], dict[int, str]] = {}   # (source, epoch) -> {seq: id stored first}
         self._events: list[dict[str, Any]] = []
+        self._conflicts: list[dict[str, Any]] = []
         self.stats: dict[str, Any] = self._fresh_stats()
         #: business rule of the ERP: returns a reason to refuse an event (it is then not posted and a rejection with
         #: the event goes back to the gateway on ``.../{machine}/acks``), or None to post it
@@ -206,7 +234,7 @@ class ErpConsumer:
     @staticmethod
     def _fresh_stats() -> dict[str, Any]:
         return {"accepted": 0, "duplicates": 0, "rejected": 0, "by_type": Counter(), "rejected_by_reason": Counter(),
-                "seq_reused": 0, "errors": 0, "connects": 0, "disconnects": 0, "refused": 0}
+                "conflicts": 0, "errors": 0, "connects": 0, "disconnects": 0, "refused": 0}
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self, timeout: float = 10.0) -> "ErpConsumer":
@@ -276,36 +304,97 @@ class ErpConsumer:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             db.executescript(_SCHEMA)
+            self._migrate(db)
             self._db = db
             self._load()
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """A ledger written before conflicts were checked: add ``seen.content``, filled from the stored events."""
+        if "content" in {row[1] for row in db.execute("PRAGMA table_info(seen)")}:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ALTER TABLE seen ADD COLUMN content TEXT")
+        for source, id_, payload in db.execute("SELECT source, id, payload FROM events").fetchall():
+            db.execute("UPDATE seen SET content=? WHERE source=? AND id=?", (canonical(json.loads(payload)), source, id_))
+        db.execute("COMMIT")
 
     def _load(self) -> None:
         assert self._db is not None
         self._ledger.clear()
         self._seqs.clear()
         self._events.clear()
+        self._conflicts = [self._conflict_row(r) for r in self._db.execute(
+            "SELECT kind, source, id, epoch, seq, stored, received, topic FROM conflicts ORDER BY n")]
         for machine, order, op, y, s, r in self._db.execute(
                 'SELECT machine, "order", operation, yield, scrap, rework FROM ledger'):
             self._ledger[(machine, order, op)] = {"yield": Decimal(y), "scrap": Decimal(s), "rework": Decimal(r)}
-        for source, epoch, seq, payload in self._db.execute("SELECT source, epoch, seq, payload FROM events ORDER BY n"):
+        for source, id_, epoch, seq, payload in self._db.execute(
+                "SELECT source, id, epoch, seq, payload FROM events ORDER BY n"):
             self._events.append(json.loads(payload))
             if seq is not None:
-                self._seqs.setdefault((source, epoch or ""), set()).add(seq)
+                self._seqs.setdefault((source, epoch or ""), {}).setdefault(seq, id_)
 
-    def _commit_event(self, topic: str, raw: bytes, ev: dict[str, Any]) -> bool:
-        """One transaction: dedup insert + event record + ledger update. False if (source, id) was seen before."""
+    @staticmethod
+    def _conflict_row(row: tuple[Any, ...]) -> dict[str, Any]:
+        kind, source, id_, epoch, seq, stored, received, topic = row
+        return {"kind": kind, "source": source, "id": id_, "epoch": epoch, "seq": seq, "stored": json.loads(stored),
+                "received": json.loads(received), "topic": topic}
+
+    def _stored_content(self, source: str, id_: str) -> str | None:
+        """canonical() of the event stored for (source, id), None if there is none."""
+        assert self._db is not None
+        row = self._db.execute("SELECT content FROM seen WHERE source=? AND id=?", (source, id_)).fetchone()
+        return None if row is None else row[0]
+
+    def _record_conflict(self, kind: str, topic: str, ev: dict[str, Any], stored: str, received: str,
+                         now: float) -> None:
+        """Inside the caller's transaction: the conflicts row. The mirror and the stats follow the commit."""
+        assert self._db is not None
+        self._db.execute("INSERT INTO conflicts (kind, source, id, epoch, seq, stored, received, topic, received_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (kind, ev["source"], ev["id"], ev.get("epoch"), ev.get("seq"), stored, received, topic, now))
+
+    def _conflict_committed(self, kind: str, topic: str, ev: dict[str, Any], stored: str, received: str) -> None:
+        row = (kind, ev["source"], ev["id"], ev.get("epoch"), ev.get("seq"), stored, received, topic)
+        self._conflicts.append(self._conflict_row(row))
+        self.stats["conflicts"] += 1
+        first, second = json.loads(stored), json.loads(received)
+        differs = sorted(k for k in set(first) | set(second) if first.get(k) != second.get(k))
+        log.error("erp.conflict", kind=kind, source=ev["source"], id=ev["id"], stored_id=first.get("id"),
+                  epoch=ev.get("epoch"), seq=ev.get("seq"), type=ev["type"], differs=differs, topic=topic,
+                  stored=stored[:500], received=received[:500])
+
+    def _commit_event(self, topic: str, raw: bytes, ev: dict[str, Any]) -> str:
+        """One transaction: dedup insert + event record + ledger update. Returns "accepted", "duplicate" (same
+        (source, id) seen before with the same content: nothing written) or "conflict" (only the conflicts row is
+        written: same (source, id) with other content, or a new id for a seq its (source, epoch) already has)."""
         db = self._db
         if db is None:
             raise RuntimeError("ledger database is closed")
         now = time.time()
+        content = canonical(ev)
         booking = parse_quantity_data(ev.get("data")) if ev["type"] == QUANTITY_REPORTED else None
+        stream = (ev["source"], ev.get("epoch") or "")
+        seq_owner = self._seqs.get(stream, {}).get(ev["seq"]) if "seq" in ev else None
         db.execute("BEGIN IMMEDIATE")
         try:
-            cur = db.execute("INSERT OR IGNORE INTO seen (source, id, received_at) VALUES (?, ?, ?)",
-                             (ev["source"], ev["id"], now))
-            if cur.rowcount == 0:
-                db.execute("ROLLBACK")
-                return False
+            conflict: tuple[str, str] | None = None   # (kind, stored content)
+            stored = self._stored_content(ev["source"], ev["id"])
+            if stored is not None:
+                if stored == content:
+                    db.execute("ROLLBACK")
+                    return "duplicate"
+                conflict = ("same_id", stored)
+            elif seq_owner is not None:   # a new id for a seq this stream already has
+                conflict = ("same_seq", self._stored_content(ev["source"], seq_owner) or "null")
+            if conflict is not None:
+                self._record_conflict(conflict[0], topic, ev, conflict[1], content, now)
+                db.execute("COMMIT")
+                self._conflict_committed(conflict[0], topic, ev, conflict[1], content)
+                return "conflict"
+            db.execute("INSERT INTO seen (source, id, received_at, content) VALUES (?, ?, ?, ?)",
+                       (ev["source"], ev["id"], now, content))
             db.execute("INSERT INTO events (source, id, epoch, seq, type, subject, time, topic, payload, received_at) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (ev["source"], ev["id"], ev.get("epoch"), ev.get("seq"), ev["type"], ev.get("subject"),
@@ -331,13 +420,9 @@ class ErpConsumer:
         if booking is not None and new_row is not None:
             self._ledger[booking[0]] = new_row
         if "seq" in ev:
-            seqs = self._seqs.setdefault((ev["source"], ev.get("epoch") or ""), set())
-            if ev["seq"] in seqs:
-                self.stats["seq_reused"] += 1
-                log.warning("erp.seq_reused", source=ev["source"], epoch=ev.get("epoch"), seq=ev["seq"], id=ev["id"])
-            seqs.add(ev["seq"])
+            self._seqs.setdefault(stream, {}).setdefault(ev["seq"], ev["id"])
         self._events.append(ev)
-        return True
+        return "accepted"
 
     # -- MQTT callbacks (paho network thread) --------------------------------------------------------------------
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -393,19 +478,20 @@ class ErpConsumer:
                 if self.reject_rule is not None and (why := self.reject_rule(ev)):
                     self._refuse(topic, ev, why)
                     return
-                accepted = self._commit_event(topic, payload, ev)
+                outcome = self._commit_event(topic, payload, ev)
             except Rejected as exc:
                 self.stats["rejected"] += 1
                 self.stats["rejected_by_reason"][exc.reason] += 1
                 log.warning("erp.event_rejected", topic=topic, reason=exc.reason, detail=exc.detail,
                             payload=payload[:200].decode("utf-8", "replace"))
                 return
-            if not accepted:
+            if outcome == "duplicate":
                 self.stats["duplicates"] += 1
                 log.debug("erp.duplicate", source=ev["source"], id=ev["id"], type=ev["type"])
                 return
-            self.stats["accepted"] += 1
-            self.stats["by_type"][ev["type"]] += 1
+            if outcome == "accepted":
+                self.stats["accepted"] += 1
+                self.stats["by_type"][ev["type"]] += 1
 
     def _handle_batch(self, topic: str, payload: bytes) -> None:
         """CloudEvents batch format: a JSON array of structured events; each is handled as if it came alone."""
@@ -452,6 +538,13 @@ class ErpConsumer:
         """Accepted events (parsed CloudEvent dicts) in arrival order, optionally of one type. Do not mutate."""
         with self._lock:
             return [e for e in self._events if type is None or e["type"] == type]
+
+    def conflicts(self) -> list[dict[str, Any]]:
+        """Every conflict recorded in this ledger (also before a restart), oldest first: ``kind`` ("same_id" |
+        "same_seq"), ``source``, ``id`` (of the version received second), ``epoch``, ``seq``, ``topic``, and both
+        versions as parsed CloudEvents: ``stored`` (first) and ``received`` (second). Still readable after stop()."""
+        with self._lock:
+            return [dict(c) for c in self._conflicts]
 
     def gaps(self) -> dict[tuple[str, str], list[int]]:
         """{(source, epoch): missing seq numbers between the lowest and highest seen}; only streams with gaps."""

@@ -31,3 +31,30 @@ def mqtt_broker(tmp_path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.close()
+
+
+# --- ERP conflicts: checked after every test that started an ErpConsumer -----------------------------------------
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "erp_conflicts_expected: the test creates ERP conflicts on purpose")
+
+
+@pytest.fixture(autouse=True)
+def _no_erp_conflicts(request, monkeypatch):
+    """Safety net behind ``tests.e2e.assert_ledger_matches``: after any test that started an ``ErpConsumer``, the
+    consumer must have recorded no conflict (two versions of one event), unless the test is marked
+    ``erp_conflicts_expected``. Fails the test at teardown with the conflicts."""
+    from simulators.erp import ErpConsumer
+
+    started: list[ErpConsumer] = []
+    start = ErpConsumer.start
+
+    async def recording_start(self, *args, **kwargs):
+        started.append(self)
+        return await start(self, *args, **kwargs)
+
+    monkeypatch.setattr(ErpConsumer, "start", recording_start)
+    yield
+    if request.node.get_closest_marker("erp_conflicts_expected") is None:
+        conflicts = [c for erp in started for c in erp.conflicts()]
+        assert not conflicts, f"the ERP recorded {len(conflicts)} conflict(s), first: {conflicts[:3]}"

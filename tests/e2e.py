@@ -108,14 +108,26 @@ def ledger_view(erp: Any, machines: set[str]) -> dict[tuple[str, str | None, str
 
 
 async def assert_ledger_matches(erp: Any, models: dict[str, MachineModel], timeout: float = 30) -> None:
+    """Ledger == the machines' ground truth, per machine and order (waits up to ``timeout``); then: no conflict (a
+    second version of an event: same id or same seq, other content) and every event valid. Every end-to-end test
+    goes through here, so none can forget the conflict check."""
     expected: dict[Any, Any] = {}
     for machine, model in models.items():
         expected.update(expected_ledger(machine, model))
-    try:
-        await wait_until(lambda: ledger_view(erp, set(models)) == expected, timeout)
+    try:  # a conflict ends the wait at once: the ledger may never match, and the conflict is the precise message
+        await wait_until(lambda: erp.conflicts() or ledger_view(erp, set(models)) == expected, timeout)
     except AssertionError:
+        assert_no_conflicts(erp)
         raise AssertionError(f"ERP ledger != ground truth\n ledger: {ledger_view(erp, set(models))}\n truth:  {expected}") from None
+    assert_no_conflicts(erp)
     assert_events_valid(erp)
+
+
+def assert_no_conflicts(erp: Any) -> None:
+    """The ERP consumer recorded no conflict: no event id arrived twice with different content, no seq of one
+    (source, epoch) arrived under two ids (``ErpConsumer.conflicts()``, which survives a consumer restart)."""
+    conflicts = erp.conflicts()
+    assert not conflicts, f"{len(conflicts)} conflict(s) at the ERP (two versions of one event), first: {conflicts[:3]}"
 
 
 def assert_events_valid(erp: Any) -> None:
@@ -169,9 +181,10 @@ class Production:
 
 
 def stream_report(erp: Any) -> dict[str, Any]:
-    """What the ERP consumer saw of the event stream: seq gaps (must be none), duplicates dropped, rejects."""
+    """What the ERP consumer saw of the event stream: seq gaps (must be none), duplicates dropped, conflicts (must be
+    none), rejects."""
     return {"gaps": erp.gaps(), "duplicates": erp.stats["duplicates"], "rejected": erp.stats["rejected"],
-            "accepted": erp.stats["accepted"], "seq_reused": erp.stats["seq_reused"]}
+            "accepted": erp.stats["accepted"], "conflicts": len(erp.conflicts())}
 
 
 def consumed_by_component(erp: Any, machine: str, order: str, op: str) -> dict[str, Decimal]:

@@ -1,5 +1,6 @@
-"""ERP consumer against a real mosquitto: dedup, decimal ledger, unassigned bucket, malformed input, seq gaps,
-retained dispatch, persistence across consumer restarts, reconnect after a broker restart."""
+"""ERP consumer against a real mosquitto: dedup, conflicts (same id or same seq, different content), decimal ledger,
+unassigned bucket, malformed input, seq gaps, retained dispatch, persistence across consumer restarts, reconnect after
+a broker restart."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from decimal import Decimal
 
 import paho.mqtt.client as mqtt
 import pytest
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.erp import ErpConsumer
@@ -90,13 +92,92 @@ def pub(mqtt_broker):
     c.close()
 
 
+def handled(erp: ErpConsumer) -> int:
+    return erp.stats["accepted"] + erp.stats["duplicates"] + erp.stats["conflicts"]
+
+
 async def test_duplicate_event_is_booked_once(erp, pub):
     ev = event(1, qty=("5", "1", "0"))
     pub.send(ev, ev)
-    await erp.wait_for(lambda: erp.stats["accepted"] + erp.stats["duplicates"] == 2, 5)
-    assert erp.stats["accepted"] == 1 and erp.stats["duplicates"] == 1
+    await erp.wait_for(lambda: handled(erp) == 2, 5)
+    assert erp.stats["accepted"] == 1 and erp.stats["duplicates"] == 1 and erp.stats["conflicts"] == 0
+    assert erp.conflicts() == []
     assert erp.ledger() == {("press-1", "4711", "0010"): {"yield": Decimal(5), "scrap": Decimal(1), "rework": Decimal(0)}}
     assert len(erp.events()) == 1
+
+
+async def test_same_event_in_another_serialisation_or_in_a_batch_is_a_duplicate_not_a_conflict(erp, pub):
+    """What may differ between two sends of one event is transport only: the JSON text (key order, spacing) and
+    whether it came alone or inside a CloudEvents batch. Nothing of the CloudEvent itself."""
+    ev = event(1, qty=("5", "1", "0"))
+    pub.send(ev)
+    pub.publish(event_topic(ev), json.dumps(dict(reversed(list(ev.items()))), indent=2))   # other key order/spacing
+    pub.publish(f"edge/v1/{'/'.join(HIER)}/press-1/events/batch", json.dumps([event(2), ev]))
+    await erp.wait_for(lambda: handled(erp) == 4, 5)
+    assert (erp.stats["accepted"], erp.stats["duplicates"], erp.stats["conflicts"]) == (2, 2, 0)
+    assert erp.conflicts() == []
+
+
+@pytest.mark.erp_conflicts_expected
+async def test_same_id_with_a_different_quantity_is_a_conflict(erp, pub):
+    first = event(1, qty=("5", "1", "0"))
+    second = event(1, qty=("6", "1", "0"))       # same source, epoch, seq and therefore id; another quantity
+    assert first["id"] == second["id"]
+    with structlog.testing.capture_logs() as logs:
+        pub.send(first, second)
+        await erp.wait_for(lambda: handled(erp) == 2, 5)
+    assert (erp.stats["accepted"], erp.stats["duplicates"], erp.stats["conflicts"]) == (1, 0, 1)
+    # the first version stays booked, the second is not: the conflict is recorded with both versions
+    assert erp.ledger() == {("press-1", "4711", "0010"): {"yield": Decimal(5), "scrap": Decimal(1), "rework": Decimal(0)}}
+    [c] = erp.conflicts()
+    assert c["kind"] == "same_id" and c["source"] == SOURCE and c["id"] == first["id"] and c["seq"] == 1
+    assert c["stored"] == first and c["received"] == second
+    errors = [e for e in logs if e["event"] == "erp.conflict"]
+    assert len(errors) == 1 and errors[0]["log_level"] == "error" and errors[0]["id"] == first["id"]
+
+
+@pytest.mark.erp_conflicts_expected
+async def test_same_id_with_another_attribute_changed_is_a_conflict(erp, pub):
+    """Not only the data: any CloudEvent attribute (here ``time``) differing under one id is a conflict."""
+    first = event(1)
+    pub.send(first, {**first, "time": "2026-11-22T08:15:03.000000Z"})
+    await erp.wait_for(lambda: handled(erp) == 2, 5)
+    assert erp.stats["conflicts"] == 1 and erp.stats["duplicates"] == 0
+    assert erp.conflicts()[0]["received"]["time"] == "2026-11-22T08:15:03.000000Z"
+
+
+@pytest.mark.erp_conflicts_expected
+async def test_same_seq_under_a_different_id_is_a_conflict(erp, pub):
+    first = event(7, qty=("5", "0", "0"))
+    other = {**event(7, qty=("5", "0", "0")), "id": str(uuid.uuid4())}   # seq 7 of the same stream, a new id
+    with structlog.testing.capture_logs() as logs:
+        pub.send(first, other)
+        await erp.wait_for(lambda: handled(erp) == 2, 5)
+    assert erp.stats["conflicts"] == 1 and erp.stats["duplicates"] == 0
+    [c] = erp.conflicts()
+    assert c["kind"] == "same_seq" and c["seq"] == 7 and c["epoch"] == EPOCH
+    assert c["stored"] == first and c["received"] == other
+    assert [e["log_level"] for e in logs if e["event"] == "erp.conflict"] == ["error"]
+    # the same seq in another epoch or from another source is a different stream: no conflict
+    pub.send(event(7, epoch="epoch-b"), event(7, source="/acme/p1/a1/l1/gw-2"))
+    await erp.wait_for(lambda: handled(erp) == 4, 5)
+    assert erp.stats["conflicts"] == 1
+
+
+@pytest.mark.erp_conflicts_expected
+async def test_conflicts_are_detected_across_a_consumer_restart(mqtt_broker, tmp_path, pub):
+    db = str(tmp_path / "erp.db")
+    async with ErpConsumer(mqtt_broker.host, mqtt_broker.port, db_path=db, client_id="erp-r") as first:
+        pub.send(event(1, qty=("2", "0", "0")), event(2))
+        await first.wait_for(lambda: first.stats["accepted"] == 2, 5)
+    async with ErpConsumer(mqtt_broker.host, mqtt_broker.port, db_path=db, client_id="erp-r") as second:
+        pub.send(event(1, qty=("2", "0", "0")), event(1, qty=("3", "0", "0")),
+                 {**event(2), "id": str(uuid.uuid4())})
+        await second.wait_for(lambda: handled(second) == 3, 5)
+        assert (second.stats["duplicates"], second.stats["conflicts"]) == (1, 2)
+        assert [c["kind"] for c in second.conflicts()] == ["same_id", "same_seq"]
+    async with ErpConsumer(mqtt_broker.host, mqtt_broker.port, db_path=db, client_id="erp-r") as third:
+        assert len(third.conflicts()) == 2        # the record survives a restart
 
 
 async def test_ledger_sums_decimals_per_order_and_keeps_unassigned(erp, pub):
@@ -221,3 +302,17 @@ async def test_consumer_keeps_receiving_after_broker_restart_on_same_port(erp, m
         p2.close()
     assert erp.gaps() == {}
     assert "mosquitto" in mqtt_broker.log_text()
+
+
+@pytest.mark.erp_conflicts_expected
+async def test_the_shared_ledger_assertion_fails_on_a_conflict(erp, pub):
+    """tests/e2e.assert_ledger_matches (used by every end-to-end test) fails on a conflict even when the ledger of
+    the machines under test equals their truth."""
+    from simulators.machine import MachineModel
+    from tests.e2e import assert_ledger_matches
+
+    idle = MachineModel("Press1", cycle_time=0.01, seed=1, counter_bits=32)   # made nothing: truth is empty
+    pub.send(event(1, machine="press-9"), event(1, machine="press-9", qty=("2", "0", "0")))
+    await erp.wait_for(lambda: handled(erp) == 2, 5)
+    with pytest.raises(AssertionError, match="1 conflict"):
+        await assert_ledger_matches(erp, {"press-1": idle}, timeout=1)

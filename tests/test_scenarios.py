@@ -17,6 +17,8 @@ from decimal import Decimal
 import pytest
 from pymodbus.constants import ExcCodes
 
+from connectors.base import ComponentState
+
 from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
@@ -26,6 +28,7 @@ from tests.e2e import (
     Production,
     RunningGateway,
     assert_ledger_matches,
+    assert_no_conflicts,
     consumed_by_component,
     dispatch_order,
     gateway_config,
@@ -53,7 +56,7 @@ class Plant:
         report = stream_report(self.erp)
         print(f"ERP stream: {report}; truth: { {k: m.truth for k, m in self.models.items()} }")
         assert report["gaps"] == {}, f"sequence gaps seen by the ERP: {report['gaps']}"
-        assert report["rejected"] == 0
+        assert report["rejected"] == 0 and report["conflicts"] == 0
         anomalies = self.erp.events("counter.anomaly")
         assert anomalies == [], f"counter anomalies (quantities held back): {[a['data'] for a in anomalies]}"
         return report
@@ -204,6 +207,7 @@ async def test_modbus_reset_between_polls_loses_exactly_the_unpolled_parts(make_
     print(f"parts made between the last poll and the reset (lost to the counter): {unpolled}")
     assert ledger_view(p.erp, {"press-2"}) == expected, f"unpolled: {unpolled}, truth: {t}"
     assert stream_report(p.erp)["gaps"] == {}
+    assert_no_conflicts(p.erp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,6 +277,7 @@ async def test_changeover_without_halting_is_exact_in_total_and_bounded_per_orde
     print(f"cut window {window} parts; order 3101: ledger {old} truth {truth_old} (off by {old - truth_old})")
     assert abs(old - truth_old) <= window
     assert stream_report(p.erp)["gaps"] == {}
+    assert_no_conflicts(p.erp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,14 +297,14 @@ async def test_gateway_down_for_seconds_while_producing(make_plant):
     async with Production(m1, m2):
         m1.start()
         m2.start()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)          # production with the gateway up (the scenario)
         await p.gw.stop()
         down_at = (m1.parts_made, m2.parts_made, m2.good_raw)
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0)          # the gateway is down (the scenario)
         assert m1.parts_made - down_at[0] >= 60 and m2.parts_made - down_at[1] >= 60
         assert m2.good_raw < down_at[2], "the 16-bit good counter wrapped while the gateway was down"
         await p.gw.start()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)          # production after the restart (the scenario)
     report = await p.assert_exact()
     assert p.gw.generations == 2
     print(f"duplicates dropped by the ERP after the restart: {report['duplicates']}")
@@ -356,7 +361,9 @@ async def test_modbus_device_unreachable_period(make_plant):
         await wait_until(lambda: conn.status.detail.get("reconnects", 0) >= 1, 15, message="Modbus did not reconnect")
         await m2.wait_parts(m2.parts_made + 50, timeout=20)
         p.mb.set_exception(ExcCodes.DEVICE_BUSY)
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: conn.status.state == ComponentState.DEGRADED, 5,
+                         message="the gateway never saw the DEVICE_BUSY answers")
+        await asyncio.sleep(1.0)          # the device stays busy (the scenario)
         p.mb.set_exception(None)
         await m2.wait_parts(m2.parts_made + 50, timeout=20)
     await p.assert_exact()

@@ -20,7 +20,7 @@ from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 from simulators.ports import free_port
-from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, wait_until
+from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, assert_no_conflicts, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 HIER = [IDENT[k] for k in ("enterprise", "site", "area", "line")]
@@ -103,6 +103,7 @@ async def test_broker_refusal_mqtt5_is_quarantined(tmp_path, rig):
             assert gw.gw.publisher.quarantined >= 1
             assert "closed the connection 3 times" in json.dumps(await gw.gw.store.list_rows("quarantine"))
             assert gw.task is not None and not gw.task.done()
+            assert_no_conflicts(erp)
         finally:
             await gw.stop()
             await erp.stop()
@@ -117,28 +118,57 @@ def write_cfg(tmp_path, doc):
 
 
 async def test_erp_rejection_quarantine_retry(tmp_path, mqtt_broker, rig):
+    """The ERP refuses the quantities of a locked order; the gateway quarantines them (nothing blocks). The order is
+    unlocked; the operator stops the gateway, runs ``edge-gateway buffer retry``, starts it again: every refused event
+    is delivered once more with its ORIGINAL id, seq and content (a new id or seq would be a second event to the ERP),
+    the ledger equals the truth, the quarantine is empty."""
     model, mb, erp = rig
     store_path = tmp_path / "gw.db"
     doc = doc_for(mb, mqtt_broker.port, store_path)
     cfg_path = write_cfg(tmp_path, doc)
-    erp.reject_rule = lambda ev: ("order R-9 is locked in the ERP" if ev["type"] == "operation.quantity_reported"
-                                  and ev["data"].get("order") == "R-9" else None)
+    refused: dict[str, dict] = {}   # id -> the CloudEvent as the ERP received (and refused) it
+
+    def locked(ev):
+        if ev["type"] == "operation.quantity_reported" and ev["data"].get("order") == "R-9":
+            refused[ev["id"]] = ev
+            return "order R-9 is locked in the ERP"
+        return None
+
+    def refused_total(kind):
+        return sum(int(ev["data"]["quantities"][kind]) for ev in list(refused.values()))
+
+    erp.reject_rule = locked
     gw = RunningGateway(parse_config(doc))
     await gw.start()
     try:
         await start_order(gw, erp, model, "R-9")
         await model.produce(40, timeout=20)
-        await wait_until(lambda: gw.gw.stats.erp_rejections >= 1 and gw.gw.store.pending == 0, 15)
-        await asyncio.sleep(0.5)
-        n_rejected = gw.gw.stats.erp_rejections
+        truth = model.truth_for("R-9", "0010")
+        # every part made was reported and refused, and every refusal is in the gateway's quarantine
+        await wait_until(lambda: refused_total("yield") == truth["good"] and refused_total("scrap") == truth["scrap"]
+                         and gw.gw.stats.erp_rejections == len(refused) and gw.gw.store.quarantined == len(refused)
+                         and gw.gw.store.pending == 0, 15,
+                         message=f"not every refused event reached the quarantine: {len(refused)} refused")
         assert erp.ledger().get(("press-2", "R-9", "0010")) is None
-        # the ERP unlocks the order; the operator retries the quarantine
-        erp.reject_rule = None
-        r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway.cli", "buffer", "retry", "--config",
-                                                     str(cfg_path)], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0 and f"moved {n_rejected} " in r.stdout, r.stdout + r.stderr
+    finally:
+        await gw.stop()
+    n_rejected = len(refused)
+    assert n_rejected >= 1
+
+    # the ERP unlocks the order; the operator retries the quarantine while the gateway is stopped
+    erp.reject_rule = None
+    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway.cli", "buffer", "retry", "--config",
+                                                 str(cfg_path)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and f"moved {n_rejected} " in r.stdout, r.stdout + r.stderr
+    await gw.start()
+    try:
+        assert gw.gw.store.quarantined == 0
         await assert_ledger_matches(erp, {"press-2": model})
-        assert gw.gw.store.quarantined == 0 or True  # the running gateway's counter is refreshed on restart
+        delivered = {ev["id"]: ev for ev in erp.events("operation.quantity_reported")}
+        for id_, original in refused.items():
+            assert delivered.get(id_) == original, f"retried event {id_} not delivered as it was first sent"
+        await wait_until(lambda: gw.gw.store.pending == 0, 10)
+        assert erp.gaps() == {}
     finally:
         await gw.stop()
 
@@ -263,8 +293,7 @@ async def test_batch_mode_publishes_cloudevents_batches(tmp_path, mqtt_broker, r
         await wait_until(lambda: gw.gw.engines["press-2"].counters["good"].last is not None, 10)  # baseline read
         await mqtt_broker.astop()          # build a backlog so that batches form
         await model.produce(80, timeout=20)
-        await asyncio.sleep(1.0)
-        assert gw.gw.store.pending >= 3
+        await wait_until(lambda: gw.gw.store.pending >= 3, 10, message="no backlog formed while the broker was down")
         await mqtt_broker.astart()
         await assert_ledger_matches(erp, {"press-2": model}, timeout=30)
         assert erp.stats.get("batches", 0) >= 1
