@@ -197,3 +197,85 @@ async def test_plc_tag_changeovers_while_running_are_exact(tmp_path, mqtt_broker
         finally:
             await rgw.stop()
             await erp.stop()
+
+
+async def test_completed_operation_is_not_reopened_by_the_retained_dispatch(tmp_path, mqtt_broker):
+    """The PLC's completion flag finishes the operation the ERP dispatched (retained, 'active'). After a restart the
+    broker delivers that retained dispatch again: the operation stays completed (the dispatch is refused and counted),
+    and parts made afterwards are unassigned, not booked to a finally confirmed operation."""
+    from gateway.config import parse_config
+    from tests.e2e import IDENT
+
+    m = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=71, counter_bits=32)
+    async with OpcUaMachineServer(m, host="127.0.0.1", port=free_port()) as opc:
+        n = opc.node_ids
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-reopen")
+        await erp.start()
+        cfg = parse_config({
+            "gateway": IDENT, "mqtt": {"port": mqtt_broker.port, "keepalive_s": 2},
+            "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
+            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5}],
+            "machines": [{"id": "press-1",
+                          "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
+                                       "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
+                          "complete_tag": {"connector": "opc", "node_id": n["complete"]},
+                          "reporting": {"interval_s": 0.2}}]}, "<test>")
+        rgw = RunningGateway(cfg)
+        try:
+            await rgw.start()
+            await dispatch_order(erp, rgw, "press-1", m, "900100", "0010")
+            await m.produce(40, timeout=20)
+            m.complete_operation()
+            await wait_until(lambda: erp.events("operation.completed"), 15)
+            m.clear_order()  # the machine makes parts for no order now
+            await rgw.stop()
+            gw = await rgw.start()  # the retained 'active' dispatch of 900100 arrives again
+            await wait_until(lambda: gw.stats.dispatch_rejected_by_reason["completed"] >= 1, 15)
+            assert gw.engines["press-1"].context is None
+            await m.produce(30, timeout=20)
+            await assert_ledger_matches(erp, {"press-1": m})
+            assert len(erp.events("operation.completed")) == 1
+            assert not [e for e in erp.events("operation.started") if e["time"] > erp.events("operation.completed")[0]["time"]]
+        finally:
+            await rgw.stop()
+            await erp.stop()
+
+
+async def test_acks_from_outside_this_gateway_are_refused(tmp_path, mqtt_broker):
+    """Anyone who can publish on an acks topic must not fill the quarantine: a rejection of an event that is not
+    this gateway's (other source), not from this store (other epoch), with a topic-breaking subject, or malformed is
+    refused and counted; a genuine rejection of one of its events is quarantined."""
+    import json
+
+    m1 = MachineModel("Press1", cycle_time=0.01, seed=81, counter_bits=32)
+    async with OpcUaMachineServer(m1, host="127.0.0.1", port=free_port()) as opc:
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-acks")
+        await erp.start()
+        cfg = gateway_config(broker_port=mqtt_broker.port, store_path=workdir(tmp_path, "gw") + "/gw.db", opc=opc,
+                             interval_s=0.2)
+        rgw = RunningGateway(cfg)
+        try:
+            gw = await rgw.start()
+            await dispatch_order(erp, rgw, "press-1", m1, "A1", "0010")
+            await m1.produce(20, timeout=20)
+            await wait_until(lambda: erp.events("operation.quantity_reported"), 15)
+            genuine = erp.events("operation.quantity_reported")[0]
+            topic = gw.topics.acks("press-1")
+
+            def rejection(**changes):
+                return json.dumps({"status": "rejected", "reason": "locked", "event": {**genuine, **changes}})
+
+            forged = [rejection(source="/acme/p1/a1/l1/other-gw"), rejection(epoch="0" * 32),
+                      rejection(subject="press-1/#"), b"{not json", json.dumps({"status": "rejected"})]
+            for payload in forged:
+                await asyncio.to_thread(erp.publish_raw, topic, payload)
+            await wait_until(lambda: gw.stats.acks_malformed == len(forged), 10)
+            assert dict(gw.stats.acks_rejected_by_reason) == {"foreign_source": 1, "foreign_epoch": 1, "schema": 2,
+                                                               "invalid_json": 1}
+            assert gw.store.quarantined == 0 and gw.stats.erp_rejections == 0
+            await asyncio.to_thread(erp.publish_raw, topic, rejection())
+            await wait_until(lambda: gw.stats.erp_rejections == 1 and gw.store.quarantined == 1, 10)
+            assert rgw.task is not None and not rgw.task.done()
+        finally:
+            await rgw.stop()
+            await erp.stop()
