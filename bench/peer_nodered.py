@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench/ is a package of the repo
 
+import collections
 import json
 import math
 import os
@@ -118,6 +119,7 @@ class Proc:
         self.err_path = os.path.join(log_dir, f"{name}.log")
         self.err = open(self.err_path, "w+")
         self.lines: queue.Queue[str] = queue.Queue()
+        self.recent: collections.deque[str] = collections.deque(maxlen=20)  # stdout lines other than STATS / READY
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                      start_new_session=True)
         threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True).start()
@@ -125,7 +127,11 @@ class Proc:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+            line = line.rstrip("\n")
+            if line.startswith(("STATS", "READY")):
+                self.lines.put(line)
+            else:
+                self.recent.append(line)
 
     @property
     def pid(self) -> int:
@@ -148,11 +154,14 @@ class Proc:
         raise BenchFailed(f"{self.name}: no '{prefix}' line within {timeout:.0f} s; log: {self.tail()}")
 
     def tail(self, n: int = 2000) -> str:
-        self.err.flush()
+        """The end of what the process printed: stderr, then its last stdout lines."""
+        if not self.err.closed:
+            self.err.flush()
         try:
-            return Path(self.err_path).read_text()[-n:]
-        except OSError:
-            return ""
+            err = Path(self.err_path).read_text()
+        except (OSError, ValueError):
+            err = ""
+        return (err + "\n".join(self.recent))[-n:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
