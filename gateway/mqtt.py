@@ -399,6 +399,9 @@ class MqttLink:
             pass
 
 
+QUARANTINE = -2  # Publisher._send: the row was taken off its lane for the quarantine
+
+
 class _Lane:
     """A cursor over a range of outbox ids, read ahead in pages."""
 
@@ -534,6 +537,7 @@ class Publisher:
         self._handed: collections.deque[PendingRow] = collections.deque()
         self._acked: list[PendingRow] = []
         self._refused: list[tuple[PendingRow, str]] = []
+        self._bad: list[tuple[PendingRow, str]] = []  # rows _send took off a lane for the quarantine
         self._gen = 0
         self.session: _Session | None = None
         self.published = 0
@@ -748,10 +752,13 @@ class Publisher:
                     parked.append(row)
                     s.parked_n += 1
                     continue
-            n = await self._send(s, buf, False)
-            if n < 0:
+            n = self._send(s, buf, False)
+            if n > 0:
+                sent += n
+            elif n == QUARANTINE:
+                await self._quarantine_bad(s)
+            else:
                 return sent > 0, throttled
-            sent += n
         backlog = s.backlog
         if backlog is not None:
             bucket = s.bucket
@@ -762,10 +769,13 @@ class Publisher:
                 row = backlog.buffer[0] if backlog.buffer else await self._next(backlog)
                 if row is None:
                     break
-                n = await self._send(s, backlog.buffer, True)
-                if n < 0:
+                n = self._send(s, backlog.buffer, True)
+                if n > 0:
+                    sent += n
+                elif n == QUARANTINE:
+                    await self._quarantine_bad(s)
+                else:
                     return sent > 0, throttled
-                sent += n
             self.backlog_remaining = sum(s.hold.values())
             if backlog.done:
                 s.backlog = None
@@ -773,23 +783,24 @@ class Publisher:
                 log.info("publisher.backlog_drained", connection=s.conn_id)
         return sent > 0, throttled
 
-    async def _send(self, s: _Session, buf: collections.deque[PendingRow], backlog: bool) -> int:
+    def _send(self, s: _Session, buf: collections.deque[PendingRow], backlog: bool) -> int:
         """Publish the row at the front of ``buf`` (or, in batch mode, a batch of its machine): the number of rows
-        sent, 0 when a row was quarantined instead, -1 when the connection is gone."""
+        sent; QUARANTINE when the row(s) were taken off ``buf`` for the quarantine instead (``self._bad``: the caller
+        awaits ``_quarantine_bad``); -1 when the connection is gone. Not a coroutine: no allocation per row."""
         row = buf[0]
         limit = s.conn.max_packet_size
         if len(row.payload) > self.max_message_bytes:
             buf.popleft()
-            await self._quarantine_now(s, row, f"too large: {len(row.payload)} bytes > mqtt.max_message_bytes "
-                                               f"{self.max_message_bytes}")
-            return 0
+            self._bad.append((row, f"too large: {len(row.payload)} bytes > mqtt.max_message_bytes "
+                                   f"{self.max_message_bytes}"))
+            return QUARANTINE
         if limit is not None and len(row.payload) + 4 * len(row.topic) + 16 > limit:
             size = s.conn.packet_size(row.topic, len(row.payload))
             if size > limit:
                 buf.popleft()
-                await self._quarantine_now(s, row, f"too large for the broker: a {size}-byte packet > its Maximum "
-                                                   f"Packet Size {limit} (MQTT 5 CONNACK)")
-                return 0
+                self._bad.append((row, f"too large for the broker: a {size}-byte packet > its Maximum Packet Size "
+                                       f"{limit} (MQTT 5 CONNACK)"))
+                return QUARANTINE
         if self.batch_max > 1:
             topic = row.topic.rpartition("/events/")[0] + "/events/batch"
             cap = self.max_message_bytes
@@ -804,8 +815,8 @@ class Publisher:
         except ValueError as exc:  # a topic paho refuses: '+' / '#' in it, or empty
             for r in rows or (row,):
                 buf.popleft()
-                await self._quarantine_now(s, r, f"topic refused by the MQTT client: {exc} (topic {r.topic!r})")
-            return 0
+                self._bad.append((r, f"topic refused by the MQTT client: {exc} (topic {r.topic!r})"))
+            return QUARANTINE
         if mid is None:
             return -1
         crash_point("publisher.published")
@@ -849,9 +860,11 @@ class Publisher:
         return tuple(rows)
 
     # ----------------------------------------------------------------- quarantine and acks
-    async def _quarantine_now(self, s: _Session, row: PendingRow, reason: str) -> None:
-        s.settled(row)
-        await self._quarantine(row, reason)
+    async def _quarantine_bad(self, s: _Session) -> None:
+        bad, self._bad = self._bad, []
+        for row, reason in bad:
+            s.settled(row)
+            await self._quarantine(row, reason)
 
     async def _quarantine(self, row: PendingRow, reason: str) -> None:
         try:
