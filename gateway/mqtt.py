@@ -442,12 +442,16 @@ class _Session:
     """The publisher's state for ONE connection: its in-flight map (mid -> row, or tuple of rows for a batch), its
     lanes, and which machines still have backlog. Discarded with the connection; a new connection gets a new one.
 
-    ``hold[machine]``: rows of that machine in the backlog range (id <= ``boundary``) not yet acknowledged or
-    quarantined. While it is > 0 the machine's live rows are parked (per machine, in id order); when it reaches 0
-    they move to ``released``, which is sent before any other live row."""
+    Per-machine order with the live lane: ``hold[machine]`` is the highest id of that machine in the backlog range
+    (``id <= boundary``), learnt by a scan in the background (None until known: the live lane waits). A held
+    machine's live rows are parked (in id order); it is released once every backlog row up to ``hold[machine]`` was
+    taken off the backlog lane (``taken_upto()``) and none of its backlog rows is still in flight (``backlog_inflight``)
+    — i.e. all were acknowledged or quarantined. Its parked rows then move to ``released``, sent before any other
+    live row. Rows deleted before the scan's snapshot were acknowledged: a smaller or missing ``hold`` entry is
+    right."""
 
-    __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "parked", "parked_n",
-                 "released", "bucket", "rewind_at", "waiting")
+    __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "backlog_inflight", "parked",
+                 "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -456,39 +460,93 @@ class _Session:
         self.boundary = 0
         self.backlog: _Lane | None = None
         self.live = _Lane("live", 0, None)
-        self.hold: dict[str, int] = {}
+        self.hold: dict[str, int] | None = {}
+        self.backlog_inflight: dict[str, int] = {}
         self.parked: dict[str, collections.deque[PendingRow]] = {}
         self.parked_n = 0
         self.released: collections.deque[PendingRow] = collections.deque()
         self.bucket: _TokenBucket | None = None
         self.rewind_at: float | None = None  # a transient refusal: restart the lanes at this loop time
         self.waiting = False  # idle, waiting for a commit or a PUBACK (tests observe it)
+        self.learn: asyncio.Task[None] | None = None
+        self.checked_upto = 0
 
-    def reset(self, boundary: int, backlog: dict[str, int], rate: float) -> None:
+    def reset(self, boundary: int, rate: float) -> None:
+        if self.learn is not None:
+            self.learn.cancel()
+            self.learn = None
         self.boundary = boundary
         self.backlog = _Lane("backlog", 0, boundary) if boundary > 0 else None
         self.live = _Lane("live", boundary, None)
-        self.hold = {m: n for m, n in backlog.items() if n > 0}
+        self.hold = {} if boundary == 0 else None
+        self.backlog_inflight = {}
         self.parked = {}
         self.parked_n = 0
         self.released = collections.deque()
         self.bucket = _TokenBucket(rate) if rate > 0 else None
+        self.checked_upto = 0
 
-    def settled(self, row: PendingRow) -> None:
-        """``row`` left the outbox's ordering (acknowledged or quarantined): count it off its machine's backlog."""
-        if row.id <= self.boundary:
-            m = row.machine
-            n = self.hold.get(m)
-            if n is None:
-                return
-            if n > 1:
-                self.hold[m] = n - 1
-                return
-            del self.hold[m]
-            parked = self.parked.pop(m, None)
-            if parked:
-                self.parked_n -= len(parked)
-                self.released.extend(parked)
+    @property
+    def tracking(self) -> bool:
+        """Backlog rows in flight must be counted per machine (some machine is, or may be, held)."""
+        return self.hold is None or bool(self.hold)
+
+    def taken_upto(self) -> int:
+        """Every backlog row with an id up to this one was taken off the backlog lane (sent or quarantined)."""
+        b = self.backlog
+        if b is None:
+            return self.boundary
+        return b.buffer[0].id - 1 if b.buffer else b.cursor
+
+    def backlog_settled(self, machine: str, n: int) -> None:
+        """``n`` backlog rows of ``machine`` that were in flight got their PUBACK (or a permanent refusal)."""
+        left = self.backlog_inflight.get(machine, 0) - n
+        if left > 0:
+            self.backlog_inflight[machine] = left
+            return
+        self.backlog_inflight.pop(machine, None)
+        self.check(machine)
+
+    def check(self, machine: str) -> None:
+        hold = self.hold
+        if hold:
+            last = hold.get(machine)
+            if last is not None and last <= self.taken_upto() and machine not in self.backlog_inflight:
+                self.release(machine)
+
+    def sweep(self) -> None:
+        """Release the machines whose backlog was taken and settled (after the backlog lane moved)."""
+        hold = self.hold
+        if hold is None:
+            if self.backlog is None and not self.backlog_inflight:
+                self.hold = {}  # the scan failed or is slow: the backlog is done anyway
+                self.release_all()
+            return
+        upto = self.taken_upto()
+        if hold and upto != self.checked_upto:
+            self.checked_upto = upto
+            for m, last in list(hold.items()):
+                if last <= upto and m not in self.backlog_inflight:
+                    self.release(m)
+
+    def release(self, machine: str) -> None:
+        del self.hold[machine]  # type: ignore[union-attr]
+        parked = self.parked.pop(machine, None)
+        if parked:
+            self.parked_n -= len(parked)
+            self.released.extend(parked)
+
+    def release_all(self) -> None:
+        for m in list(self.parked):
+            parked = self.parked.pop(m)
+            self.parked_n -= len(parked)
+            self.released.extend(parked)
+
+    def learnt(self, last: dict[str, int]) -> None:
+        """The scan's result: the highest backlog id per machine."""
+        self.hold = dict(last)
+        self.checked_upto = -1
+        self.sweep()
 
 
 class Publisher:
@@ -589,13 +647,12 @@ class Publisher:
         if code < 0x80:
             if type(rows) is PendingRow:
                 self._acked.append(rows)
-                if s.hold:
-                    s.settled(rows)
-            else:
+                if rows.id <= s.boundary and s.tracking:
+                    s.backlog_settled(rows.machine, 1)
+            else:  # a batch: rows of one machine from one lane
                 self._acked.extend(rows)
-                if s.hold:
-                    for r in rows:
-                        s.settled(r)
+                if rows[0].id <= s.boundary and s.tracking:
+                    s.backlog_settled(rows[0].machine, len(rows))
             if self._retry_armed and s.rewind_at is None:
                 self._retry_armed = False
                 self._retry.reset()
@@ -608,7 +665,8 @@ class Publisher:
         if classify_puback(code) == "permanent":
             for r in rows:
                 self._refused.append((r, f"broker refused (MQTT 5 PUBACK {text})"))
-                s.settled(r)
+            if rows[0].id <= s.boundary and s.tracking:
+                s.backlog_settled(rows[0].machine, len(rows))
             return
         self.retried += len(rows)
         if s.rewind_at is None:
@@ -666,6 +724,8 @@ class Publisher:
                         s.live.exhausted = False  # poll now and then: rows may come from `buffer retry`
         finally:
             lost.cancel()
+            if s.learn is not None:
+                s.learn.cancel()
             if self.session is s:
                 self.session = None
             self.backlog_remaining = 0
@@ -684,9 +744,22 @@ class Publisher:
     async def _start_lanes(self, s: _Session) -> None:
         await self._settle()
         boundary = await self.store.max_id()
-        backlog = await self.store.pending_by_machine(boundary) if boundary else {}
-        s.reset(boundary, backlog, self.backlog_rate)
-        self.backlog_remaining = sum(backlog.values())
+        s.reset(boundary, self.backlog_rate)
+        self.backlog_remaining = 1 if boundary else 0
+        if boundary:
+            s.learn = asyncio.create_task(self._learn_backlog(s, boundary), name="publisher.backlog_scan")
+
+    async def _learn_backlog(self, s: _Session, boundary: int) -> None:
+        """Which machines have backlog (highest id each): until known, the live lane waits; the backlog lane does
+        not (a scan of a large outbox takes a while, the first publish after a reconnect must not)."""
+        try:
+            last = await self.store.last_ids_by_machine(boundary)
+        except Exception as exc:  # noqa: BLE001 - the live lane then waits for the whole backlog (sweep)
+            log.error("publisher.backlog_scan_failed", error=str(exc))
+            return
+        if s.boundary == boundary and s.hold is None:
+            s.learnt(last)
+            self._wake.set()
 
     async def _next(self, lane: _Lane) -> PendingRow | None:
         if not lane.buffer:
@@ -728,8 +801,9 @@ class Publisher:
         window = self.window
         conn = s.conn
         live = s.live
-        # live rows first: parked rows of machines whose backlog is done, then the live lane
-        while len(inflight) < window and conn.alive and s.rewind_at is None:
+        # live rows first: parked rows of machines whose backlog is done, then the live lane (once the backlog's
+        # machines are known)
+        while len(inflight) < window and conn.alive and s.rewind_at is None and s.hold is not None:
             if s.released:
                 buf = s.released
             else:
@@ -776,11 +850,15 @@ class Publisher:
                     await self._quarantine_bad(s)
                 else:
                     return sent > 0, throttled
-            self.backlog_remaining = sum(s.hold.values())
+            self.backlog_remaining = len(backlog.buffer) + (0 if backlog.exhausted else 1)
             if backlog.done:
                 s.backlog = None
                 self.backlog_remaining = 0
                 log.info("publisher.backlog_drained", connection=s.conn_id)
+        if s.hold is None or s.hold:
+            s.sweep()
+            if s.released and len(inflight) < window:
+                return True, throttled  # machines were released: their parked rows go on the next round
         return sent > 0, throttled
 
     def _send(self, s: _Session, buf: collections.deque[PendingRow], backlog: bool) -> int:
@@ -824,12 +902,16 @@ class Publisher:
             for _ in rows:
                 buf.popleft()
             s.inflight[mid] = rows if len(rows) > 1 else rows[0]
-            self.published += len(rows)
-            return len(rows)
-        buf.popleft()
-        s.inflight[mid] = row
-        self.published += 1
-        return 1
+            n = len(rows)
+        else:
+            buf.popleft()
+            s.inflight[mid] = row
+            n = 1
+        if backlog and s.tracking:
+            ib = s.backlog_inflight
+            ib[row.machine] = ib.get(row.machine, 0) + n
+        self.published += n
+        return n
 
     def _take_batch(self, buf: collections.deque[PendingRow], cap: int,
                     bucket: _TokenBucket | None) -> tuple[PendingRow, ...]:
@@ -863,8 +945,9 @@ class Publisher:
     async def _quarantine_bad(self, s: _Session) -> None:
         bad, self._bad = self._bad, []
         for row, reason in bad:
-            s.settled(row)
             await self._quarantine(row, reason)
+            if row.id <= s.boundary:
+                s.check(row.machine)
 
     async def _quarantine(self, row: PendingRow, reason: str) -> None:
         try:
