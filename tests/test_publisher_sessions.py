@@ -291,8 +291,9 @@ class FakeBroker:
     """Just enough MQTT 5 for one publisher: CONNACK, SUBACK, PINGRESP and a PUBACK whose reason code ``policy(seq,
     attempt)`` decides. Used only for transient PUBACK codes, which mosquitto never sends."""
 
-    def __init__(self, policy) -> None:
+    def __init__(self, policy, delay=None) -> None:
         self.policy = policy
+        self.delay = delay or (lambda seq, attempt: 0.0)  # seconds before the PUBACK (the broker reads nothing meanwhile)
         self.attempts: dict[int, int] = {}
         self.accepted: list[int] = []
         self.refused: list[tuple[int, int]] = []
@@ -348,6 +349,8 @@ class FakeBroker:
                     seq = doc["seq"]
                     n = self.attempts[seq] = self.attempts.get(seq, 0) + 1
                     code = self.policy(seq, n)
+                    if self.delay(seq, n):
+                        await asyncio.sleep(self.delay(seq, n))
                     (self.refused.append((seq, code)) if code >= 0x80 else self.accepted.append(seq))
                     w.write(bytes([0x40, 4]) + pid + bytes([code, 0]))
                 await w.drain()
@@ -379,6 +382,31 @@ async def test_transient_puback_refusal_is_retried_in_order_not_quarantined(tmp_
             if s not in first:
                 first.append(s)
         assert first.index(3) < first.index(9) and first.index(7) < first.index(13), first
+        await cancel(tasks)
+    await fb.stop()
+
+
+async def test_live_rows_wait_for_their_machines_backlog_in_flight(tmp_path):
+    """m1's last backlog row is in flight (the broker holds its PUBACK, then refuses it: 0x97) when m1's live rows are
+    committed. They must not be sent behind it: the broker would accept them before the resent backlog row."""
+    fb = FakeBroker(lambda seq, n: 0x97 if seq == 10 and n == 1 else 0, delay=lambda seq, n: 0.5 if seq == 10 and n == 1 else 0)
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, "m1" if i % 2 == 0 else "m2") for i in range(1, 11)])
+        link = MqttLink(cfg(fb.port), client_id="gw")
+        pub = Publisher(store, link, window=20, retry_backoff=(0.05, 0.2))
+        tasks = await run_all(link.run(), pub.run())
+        await wait_until(lambda: fb.attempts.get(10) == 1 and pub.session is not None and pub.session.hold is not None, 10)
+        live = await commit(store, [row(11, "m1"), row(12, "m1"), row(13, "m3")])
+        pub.notify(live)
+        await wait_until(lambda: store.pending == 0, 15)
+        first: dict[str, list[int]] = {}
+        for seq in fb.accepted:
+            m = "m1" if seq in (11, 12) or (seq <= 10 and seq % 2 == 0) else ("m3" if seq == 13 else "m2")
+            if seq not in first.get(m, []):
+                first.setdefault(m, []).append(seq)
+        assert first["m1"] == [2, 4, 6, 8, 10, 11, 12], first
+        assert fb.refused == [(10, 0x97)] and await quarantine(store) == {}
         await cancel(tasks)
     await fb.stop()
 
