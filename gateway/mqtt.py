@@ -3,9 +3,47 @@
 Why not aiomqtt: its ``publish()`` is one awaitable per message (a future and usually a task each), and it hides
 the message ids we need to delete outbox rows in batches. Here paho's socket is driven by the asyncio loop (no
 network thread, no lock contention), PUBACKs arrive as plain callbacks, and a sliding window of in-flight QoS 1
-messages is kept by the publisher. One paho ``Client`` per connection: after a disconnect the old client, with
-whatever it still held in flight, is dropped, and the publisher resends from the outbox (duplicates are expected
-with QoS 1 and are recognised by event id).
+messages is kept by the publisher.
+
+Connections
+-----------
+One paho ``Client`` per connection, wrapped in a :class:`Connection` with its own ``id`` (1, 2, ... per link). paho
+numbers the messages of every new client from 1 again, so a message id means nothing without its connection: the
+link publishes only on the connection the caller names (``publish(..., connection=conn)`` returns None when that
+connection is gone), and reports every PUBACK as ``on_puback(connection_id, mid, reason_code)``. The publisher keeps
+its in-flight map in a session object that belongs to one connection and is discarded with it; a PUBACK of any other
+connection is ignored. After a disconnect the publisher resends from the outbox (duplicates are expected with QoS 1
+and are recognised by event id).
+
+PUBACK reason codes (MQTT 5; MQTT 3.1.1 has none: a broker refusal there is a dropped connection, or worse, a positive
+PUBACK for a message it discarded, e.g. mosquitto's ACL denial)
+--------------------------------------------------------------------------------------------------------------------
+A row is moved to the quarantine only on evidence against *that row*; a dropped connection is no evidence (a flapping
+WAN drops connections with good events in flight). Evidence: the payload is over ``mqtt.max_message_bytes``; the
+packet is over the Maximum Packet Size the broker announced in its CONNACK (checked before sending); paho refuses the
+topic (``+`` / ``#`` in it, e.g. a subject injected via an ERP ack); or the broker refused it with a permanent code:
+
+=====  ==============================  =========  ==============================================================
+code   name                            class      why
+=====  ==============================  =========  ==============================================================
+0x00   Success                         ok         deleted from the outbox
+0x10   No matching subscribers         ok         the broker accepted it (nobody listening is not our problem)
+0x80   Unspecified error               transient  says nothing about the row; brokers use it for internal trouble
+0x83   Implementation specific error   transient  "valid but not accepted now" (plugins, overload); no evidence
+0x87   Not authorized                  permanent  an ACL refuses the topic: resending changes nothing
+0x89   Server busy                     transient  overload (a DISCONNECT code; paho cannot decode it in a PUBACK)
+0x90   Topic Name invalid              permanent  the topic itself is bad
+0x91   Packet identifier in use        transient  protocol state, not the row
+0x95   Packet too large                permanent  the row is too big for this broker (a DISCONNECT code, see 0x89)
+0x97   Quota exceeded                  transient  rate / quota limits lift with time
+0x99   Payload format invalid          permanent  the payload itself is refused
+other  >= 0x80                         transient  unknown: no evidence against the row
+=====  ==============================  =========  ==============================================================
+
+A transient refusal keeps the row in the outbox: the session stops sending, waits for the PUBACKs still in flight,
+backs off (``retry_backoff``: doubling, capped, reset by the next success) and then restarts every lane from the oldest
+row still in the outbox, so the refused row is resent before anything of its machine that was not yet acknowledged.
+A permanent refusal quarantines the row with the reason (``edge-gateway buffer`` lists and retries it).
 """
 
 from __future__ import annotations
@@ -23,18 +61,77 @@ from typing import Any
 import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.base import Backoff, ComponentState, ComponentStatus
 from gateway.config import MqttConfig
+from gateway.faults import crash_point
 from gateway.store import PendingRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]
+PubackHandler = Callable[[int, int, int], None]  # (connection id, mid, reason code)
+
+PUBACK_PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99})
+
+
+def classify_puback(code: int) -> str | None:
+    """None for an accepted message (< 0x80), else "permanent" (quarantine the row) or "transient" (keep, retry)."""
+    if code < 0x80:
+        return None
+    return "permanent" if code in PUBACK_PERMANENT else "transient"
+
+
+def reason_text(code: int, packet: int = PacketTypes.PUBACK) -> str:
+    """``0x87 Not authorized``: the code and paho's name for it (when paho knows one for this packet type)."""
+    try:
+        name = str(ReasonCode(packet, identifier=code))
+    except ValueError:
+        name = "unknown reason"
+    return f"0x{code:02X} {name}"
+
+
+class Connection:
+    """One MQTT connection: one paho client, its CONNACK properties, and whether it is lost.
+
+    ``id`` is unique per link (1, 2, ...). ``max_packet_size`` is the broker's Maximum Packet Size from the MQTT 5
+    CONNACK (None when not announced). ``lost`` is set once, when the connection is gone; it is never reused."""
+
+    __slots__ = ("id", "client", "protocol5", "max_packet_size", "lost", "sub_mids")
+
+    def __init__(self, conn_id: int, protocol5: bool) -> None:
+        self.id = conn_id
+        self.client: paho.Client | None = None
+        self.protocol5 = protocol5
+        self.max_packet_size: int | None = None
+        self.lost = asyncio.Event()
+        self.sub_mids: dict[int, str] = {}
+
+    @property
+    def alive(self) -> bool:
+        return not self.lost.is_set()
+
+    def packet_size(self, topic: str, payload_len: int) -> int:
+        """Size on the wire of a QoS 1 PUBLISH of this topic and payload (no properties)."""
+        remaining = 2 + len(topic.encode()) + 2 + (1 if self.protocol5 else 0) + payload_len
+        n = 1
+        while remaining >= 128 ** n:
+            n += 1
+        return 1 + n + remaining
+
+    def __repr__(self) -> str:
+        return f"Connection(id={self.id}, alive={self.alive})"
 
 
 class MqttLink:
-    """Keeps one MQTT connection up; exposes publish() and PUBACK / message callbacks."""
+    """Keeps one MQTT connection up; exposes publish() and PUBACK / message callbacks.
+
+    ``connection`` is the current :class:`Connection` (None while down). ``on_puback(connection_id, mid,
+    reason_code)`` is called for every PUBACK (reason code 0 on MQTT 3.1.1). ``refused_subscriptions`` maps each
+    subscription filter the broker refused in its SUBACK to the reason (also in ``status.detail``); it is updated on
+    every (re)connect."""
 
     def __init__(
         self,
@@ -54,11 +151,14 @@ class MqttLink:
         self.online = online
         self.subscriptions = subscriptions or []
         self.on_message = on_message
-        self.on_puback: Callable[[int, str | None], None] = lambda mid, refused: None
+        self.on_puback: PubackHandler = lambda connection_id, mid, reason_code: None
         self.status = ComponentStatus()
         self.connected = asyncio.Event()
+        self.connection: Connection | None = None
+        self.refused_subscriptions: dict[str, str] = {}
         self._lost = asyncio.Event()
-        self._client: paho.Client | None = None
+        self._current: Connection | None = None  # the connection being set up or up
+        self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections = 0
 
@@ -67,12 +167,15 @@ class MqttLink:
     def is_connected(self) -> bool:
         return self.connected.is_set()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
-        """Queue a message on the current connection; returns its mid, or None when not connected."""
-        c = self._client
-        if c is None or not self.connected.is_set():
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                connection: Connection | None = None) -> int | None:
+        """Queue a message on the current connection (or only on ``connection``, when given); returns its mid, or
+        None when not connected (or ``connection`` is not the current one). Raises ValueError for a topic paho
+        refuses (empty, or with ``+`` / ``#``)."""
+        conn = self.connection
+        if conn is None or (connection is not None and connection is not conn):
             return None
-        info = c.publish(topic, payload, qos=qos, retain=retain)
+        info = conn.client.publish(topic, payload, qos=qos, retain=retain)  # type: ignore[union-attr]
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return None
         return info.mid
@@ -101,12 +204,13 @@ class MqttLink:
             await asyncio.sleep(backoff.next())
 
     # ----------------------------------------------------------------- internals
-    def _make_client(self) -> paho.Client:
+    def _make_client(self, conn: Connection) -> paho.Client:
         if self.cfg.protocol == "5":
-            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5,
+                            userdata=conn)
         else:
             c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
-                            protocol=paho.MQTTv311)
+                            protocol=paho.MQTTv311, userdata=conn)
         c.max_inflight_messages_set(max(self.cfg.max_inflight, 20))  # the publisher keeps its own, smaller window
         c.max_queued_messages_set(0)
         if self.cfg.username:
@@ -154,6 +258,7 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         return c
 
@@ -161,8 +266,9 @@ class MqttLink:
         assert self._loop is not None
         self._lost.clear()
         self.connected.clear()
-        client = self._make_client()
-        self._client = client
+        conn = Connection(next(self._ids), self.cfg.protocol == "5")
+        client = conn.client = self._make_client(conn)
+        self._current = conn
         client.connect_timeout = 5.0
         if self.cfg.protocol == "5":
             client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=True)
@@ -196,49 +302,85 @@ class MqttLink:
             if client.loop_misc() != paho.MQTT_ERR_SUCCESS and not self._lost.is_set():
                 self._mark_lost("keepalive or socket failure")
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if client is not self._client:
+    def _on_connect(self, client: paho.Client, conn: Connection, flags: Any, reason: Any, props: Any) -> None:
+        if conn is not self._current:
             return
         if reason.is_failure:
-            self._last_reason = f"broker refused the connection: {reason}"
+            self._last_reason = f"broker refused the connection: {reason} (0x{reason.value:02X})"
             self._mark_lost(self._last_reason)
             return
         self.connections += 1
+        conn.max_packet_size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+            rc, mid = client.subscribe(topic, qos=1)
+            if rc == paho.MQTT_ERR_SUCCESS:
+                conn.sub_mids[mid] = topic
         if self.online:
             client.publish(self.online[0], self.online[1], qos=1, retain=True)
+        self.connection = conn
         self.connected.set()
         if self.status.set(ComponentState.CONNECTED):
-            log.info("mqtt.connected", host=self.cfg.host, port=self.cfg.port, client_id=self.client_id)
+            log.info("mqtt.connected", host=self.cfg.host, port=self.cfg.port, client_id=self.client_id,
+                     reason=str(reason), connection=conn.id, session_present=bool(getattr(flags, "session_present", False)),
+                     max_packet_size=conn.max_packet_size)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if client is self._client:
-            self._mark_lost(f"disconnected: {reason}")
+    def _on_subscribe(self, client: paho.Client, conn: Connection, mid: int, reason_codes: Any, props: Any) -> None:
+        topic = conn.sub_mids.pop(mid, None)
+        if topic is None:
+            return
+        rc = reason_codes[0] if reason_codes else None
+        if rc is not None and rc.is_failure:
+            reason = str(rc)
+            if self.refused_subscriptions.get(topic) != reason:
+                self.refused_subscriptions[topic] = reason
+                log.error("mqtt.subscription_refused", topic=topic, reason=reason, reason_code=f"0x{rc.value:02X}",
+                          host=self.cfg.host, port=self.cfg.port)
+        elif topic in self.refused_subscriptions:
+            del self.refused_subscriptions[topic]
+            log.info("mqtt.subscription_granted", topic=topic)
+        else:
+            return
+        if self.refused_subscriptions:
+            self.status.detail["refused_subscriptions"] = dict(self.refused_subscriptions)
+        else:
+            self.status.detail.pop("refused_subscriptions", None)
+
+    def _on_disconnect(self, client: paho.Client, conn: Connection, flags: Any, reason: Any, props: Any) -> None:
+        if conn is self._current:
+            code = getattr(reason, "value", None)
+            self._mark_lost(f"disconnected: {reason}" + (f" (0x{code:02X})" if isinstance(code, int) else ""))
 
     def _mark_lost(self, why: str) -> None:
         was = self.connected.is_set()
+        conn = self._current
+        if conn is not None:
+            conn.lost.set()
+        self.connection = None
         self.connected.clear()
         self._lost.set()
         if self.status.set(ComponentState.DISCONNECTED, why) and was:
-            log.error("mqtt.disconnected", host=self.cfg.host, port=self.cfg.port, reason=why)
+            log.error("mqtt.disconnected", host=self.cfg.host, port=self.cfg.port, reason=why,
+                      connection=conn.id if conn is not None else None)
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        if client is self._client:
-            # MQTT 5: a PUBACK can refuse the message (reason code >= 0x80); 3.1.1 has no such signal
-            refused = str(reason) if reason is not None and getattr(reason, "is_failure", False) else None
-            self.on_puback(mid, refused)
+    def _on_publish(self, client: paho.Client, conn: Connection, mid: int, reason: Any, props: Any) -> None:
+        # the PUBACK of a message of connection `conn` (paho passes a reason code on 3.1.1 too: 0)
+        self.on_puback(conn.id, mid, reason.value if reason is not None else 0)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self.on_message is not None:
             self.on_message(msg.topic, msg.payload, msg.retain)
 
     async def _close(self, *, graceful: bool) -> None:
-        client, self._client = self._client, None
+        conn, self._current = self._current, None
+        self.connection = None
         if self._misc is not None:
             self._misc.cancel()
             self._misc = None
         self.connected.clear()
+        if conn is None:
+            return
+        conn.lost.set()
+        client = conn.client
         if client is None:
             return
         try:
@@ -257,11 +399,13 @@ class MqttLink:
             pass
 
 
-STRIKES = 3
+QUARANTINE = -2  # Publisher._send: the row was taken off its lane for the quarantine
 
 
 class _Lane:
     """A cursor over a range of outbox ids, read ahead in pages."""
+
+    __slots__ = ("name", "cursor", "upto", "buffer", "exhausted")
 
     def __init__(self, name: str, after: int, upto: int | None) -> None:
         self.name = name
@@ -294,24 +438,147 @@ class _TokenBucket:
         return max(0.001, (1 - self.tokens) / self.rate)
 
 
+class _Session:
+    """The publisher's state for ONE connection: its in-flight map (mid -> row, or tuple of rows for a batch), its
+    lanes, and which machines still have backlog. Discarded with the connection; a new connection gets a new one.
+
+    Per-machine order with the live lane: ``hold[machine]`` is the highest id of that machine in the backlog range
+    (``id <= boundary``), learnt by a scan in the background (None until known: the live lane waits). A held
+    machine's live rows are parked (in id order); it is released once every backlog row up to ``hold[machine]`` was
+    taken off the backlog lane (``taken_upto()``) and none of its backlog rows is still in flight (``backlog_inflight``)
+    — i.e. all were acknowledged or quarantined. Its parked rows then move to ``released``, sent before any other
+    live row. Rows deleted before the scan's snapshot were acknowledged: a smaller or missing ``hold`` entry is
+    right."""
+
+    __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "backlog_inflight", "parked",
+                 "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.conn_id = conn.id
+        self.inflight: dict[int, PendingRow | tuple[PendingRow, ...]] = {}
+        self.boundary = 0
+        self.backlog: _Lane | None = None
+        self.live = _Lane("live", 0, None)
+        self.hold: dict[str, int] | None = {}
+        self.backlog_inflight: dict[str, int] = {}
+        self.parked: dict[str, collections.deque[PendingRow]] = {}
+        self.parked_n = 0
+        self.released: collections.deque[PendingRow] = collections.deque()
+        self.bucket: _TokenBucket | None = None
+        self.rewind_at: float | None = None  # a transient refusal: restart the lanes at this loop time
+        self.waiting = False  # idle, waiting for a commit or a PUBACK (tests observe it)
+        self.learn: asyncio.Task[None] | None = None
+        self.checked_upto = 0
+
+    def reset(self, boundary: int, rate: float) -> None:
+        if self.learn is not None:
+            self.learn.cancel()
+            self.learn = None
+        self.boundary = boundary
+        self.backlog = _Lane("backlog", 0, boundary) if boundary > 0 else None
+        self.live = _Lane("live", boundary, None)
+        self.hold = {} if boundary == 0 else None
+        self.backlog_inflight = {}
+        self.parked = {}
+        self.parked_n = 0
+        self.released = collections.deque()
+        self.bucket = _TokenBucket(rate) if rate > 0 else None
+        self.checked_upto = 0
+
+    @property
+    def tracking(self) -> bool:
+        """Backlog rows in flight must be counted per machine (some machine is, or may be, held)."""
+        return self.hold is None or bool(self.hold)
+
+    def taken_upto(self) -> int:
+        """Every backlog row with an id up to this one was taken off the backlog lane (sent or quarantined)."""
+        b = self.backlog
+        if b is None:
+            return self.boundary
+        return b.buffer[0].id - 1 if b.buffer else b.cursor
+
+    def backlog_settled(self, machine: str, n: int) -> None:
+        """``n`` backlog rows of ``machine`` that were in flight got their PUBACK (or a permanent refusal)."""
+        left = self.backlog_inflight.get(machine, 0) - n
+        if left > 0:
+            self.backlog_inflight[machine] = left
+            return
+        self.backlog_inflight.pop(machine, None)
+        self.check(machine)
+
+    def check(self, machine: str) -> None:
+        hold = self.hold
+        if hold:
+            last = hold.get(machine)
+            if last is not None and last <= self.taken_upto() and machine not in self.backlog_inflight:
+                self.release(machine)
+
+    def sweep(self) -> None:
+        """Release the machines whose backlog was taken and settled (after the backlog lane moved)."""
+        hold = self.hold
+        if hold is None:
+            if self.backlog is None and not self.backlog_inflight:
+                self.hold = {}  # the scan failed or is slow: the backlog is done anyway
+                self.release_all()
+            return
+        upto = self.taken_upto()
+        if hold and upto != self.checked_upto:
+            self.checked_upto = upto
+            for m, last in list(hold.items()):
+                if last <= upto and m not in self.backlog_inflight:
+                    self.release(m)
+
+    def release(self, machine: str) -> None:
+        del self.hold[machine]  # type: ignore[union-attr]
+        parked = self.parked.pop(machine, None)
+        if parked:
+            self.parked_n -= len(parked)
+            self.released.extend(parked)
+
+    def release_all(self) -> None:
+        for m in list(self.parked):
+            parked = self.parked.pop(m)
+            self.parked_n -= len(parked)
+            self.released.extend(parked)
+
+    def learnt(self, last: dict[str, int]) -> None:
+        """The scan's result: the highest backlog id per machine."""
+        self.hold = dict(last)
+        self.checked_upto = -1
+        self.sweep()
+
+
 class Publisher:
     """Publishes the outbox with a sliding window of unacknowledged QoS 1 messages.
 
-    Two lanes per connection: the *backlog* (rows committed before this connection came up, oldest first, at most
-    ``backlog_rate`` events/s when set) and the *live* lane (rows committed since, published first so fresh events
-    keep a low latency during a long drain). Within each lane rows go out in id order, so each machine's events keep
-    their order within a lane; the ``seq`` extension gives the total order across lanes. A row is deleted only after
-    its PUBACK. On a lost connection the in-flight set is forgotten and both lanes restart from the oldest row still
-    in the outbox (at-least-once; event ids make duplicates recognisable). A row larger than ``max_message_bytes``
-    or refused by an MQTT 5 PUBACK is moved to the quarantine and does not block the rows behind it.
-    With ``batch_max`` > 1, consecutive events of one machine go out as one CloudEvents batch message (a JSON array,
+    Per connection a session (:class:`_Session`) with two lanes: the *backlog* (rows committed before this connection
+    came up, oldest first, at most ``backlog_rate`` events/s when set) and the *live* lane (rows committed since). The
+    live lane keeps fresh events fast during a long drain, but only for machines with nothing left in the backlog: a
+    machine's live rows are parked while it still has rows in the backlog range not yet acknowledged, and go out,
+    oldest first, once they are. So every machine's rows are first sent in id (= seq) order, on every path (live,
+    backlog, batch mode, retry after a transient refusal); see docs/event-contract.md for the exact guarantee.
+
+    A row is deleted only after a positive PUBACK *on the connection that sent it*. On a lost connection the session is
+    dropped with its in-flight map and the next one restarts both lanes from the oldest row still in the outbox
+    (at-least-once; event ids make duplicates recognisable). Refusals (see the module docstring): a row over
+    ``max_message_bytes`` or the broker's Maximum Packet Size, with a topic paho refuses, or refused by a permanent
+    MQTT 5 PUBACK code is quarantined and does not block the rows behind it; a transient code is retried.
+
+    Rows handed over by the commit (``notify(rows)``) are taken from memory instead of being read back from SQLite,
+    as long as they continue the live lane's cursor without a gap; at most ``handover_max`` rows are held, beyond
+    that the queue is dropped and the live lane reads from the store from its cursor. With ``batch_max`` > 1,
+    consecutive events of one machine go out as one CloudEvents batch message (a JSON array,
     ``application/cloudevents-batch+json``) on ``.../{machine}/events/batch``: the per-message cost of the MQTT client
     is paid once per batch.
     """
 
+    PARK_MAX = 10_000  # parked live rows per session; beyond, the live lane waits for the backlog
+
     def __init__(self, store: Store, link: MqttLink, *, window: int = 100, fetch_size: int = 1000,
                  ack_interval: float = 0.01, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024,
-                 batch_max: int = 0) -> None:
+                 batch_max: int = 0, retry_backoff: tuple[float, float] = (0.5, 30.0), handover_max: int = 10_000,
+                 idle_poll_s: float = 1.0) -> None:
         self.store = store
         self.link = link
         self.window = window
@@ -320,97 +587,179 @@ class Publisher:
         self.backlog_rate = backlog_rate
         self.max_message_bytes = max_message_bytes
         self.batch_max = batch_max
+        self.handover_max = handover_max
+        self.idle_poll_s = idle_poll_s
+        self._retry = Backoff(*retry_backoff)
+        self._retry_armed = False
         self._wake = asyncio.Event()
-        self._inflight: dict[int, tuple[PendingRow, ...]] = {}
-        self._acked: list[tuple[int, int]] = []
+        self._handed: collections.deque[PendingRow] = collections.deque()
+        self._acked: list[PendingRow] = []
         self._refused: list[tuple[PendingRow, str]] = []
+        self._bad: list[tuple[PendingRow, str]] = []  # rows _send took off a lane for the quarantine
         self._gen = 0
-        self._live: _Lane | None = None
-        self._backlog: _Lane | None = None
+        self.session: _Session | None = None
         self.published = 0
         self.acked = 0
         self.quarantined = 0
+        self.retried = 0  # transient refusals (rows kept and resent)
+        self.handover_dropped = 0  # times the in-memory queue overflowed (the live lane read from the store)
         self.backlog_remaining = 0
         self.last_ack_time: float | None = None
         self._ack_error_logged = False
-        self._strikes: dict[int, int] = {}  # row id -> connections lost while it was in flight
         link.on_puback = self._on_puback
 
-    def notify(self) -> None:
-        """New rows were committed."""
+    # ----------------------------------------------------------------- API
+    def notify(self, rows: list[PendingRow] | None = None) -> None:
+        """New rows were committed: ``rows`` as returned by ``Store.commit`` (taken from memory), or None (read
+        them from the store)."""
         self._gen += 1
-        if self._live is not None:
-            self._live.exhausted = False
+        if rows:
+            h = self._handed
+            if len(h) + len(rows) > self.handover_max:
+                h.clear()
+                self.handover_dropped += 1
+            else:
+                h.extend(rows)
+        s = self.session
+        if s is not None:
+            s.live.exhausted = False
         self._wake.set()
 
-    def _on_puback(self, mid: int, refused: str | None) -> None:
-        rows = self._inflight.pop(mid, None)
+    @property
+    def inflight(self) -> int:
+        s = self.session
+        return len(s.inflight) if s is not None else 0
+
+    @property
+    def _live(self) -> _Lane | None:  # bench/throughput.py waits on it: the session is set up
+        s = self.session
+        return s.live if s is not None else None
+
+    # ----------------------------------------------------------------- PUBACKs (paho callback, event loop)
+    def _on_puback(self, connection_id: int, mid: int, code: int) -> None:
+        s = self.session
+        if s is None or connection_id != s.conn_id:
+            return  # another connection's message id: nothing of ours
+        rows = s.inflight.pop(mid, None)
         if rows is None:
             return
-        for row in rows:
-            if self._strikes:
-                self._strikes.pop(row.id, None)
-            if refused is None:
-                self._acked.append((row.id, len(row.payload)))
-            else:
-                self._refused.append((row, f"broker refused: {refused}"))
+        crash_point("publisher.puback")
+        if code < 0x80:
+            if type(rows) is PendingRow:
+                self._acked.append(rows)
+                if rows.id <= s.boundary and s.tracking:
+                    s.backlog_settled(rows.machine, 1)
+            else:  # a batch: rows of one machine from one lane
+                self._acked.extend(rows)
+                if rows[0].id <= s.boundary and s.tracking:
+                    s.backlog_settled(rows[0].machine, len(rows))
+            if self._retry_armed and s.rewind_at is None:
+                self._retry_armed = False
+                self._retry.reset()
+        else:
+            self._refusal(s, rows if type(rows) is tuple else (rows,), code)
         self._wake.set()
 
+    def _refusal(self, s: _Session, rows: tuple[PendingRow, ...], code: int) -> None:
+        text = reason_text(code)
+        if classify_puback(code) == "permanent":
+            for r in rows:
+                self._refused.append((r, f"broker refused (MQTT 5 PUBACK {text})"))
+            if rows[0].id <= s.boundary and s.tracking:
+                s.backlog_settled(rows[0].machine, len(rows))
+            return
+        self.retried += len(rows)
+        if s.rewind_at is None:
+            delay = self._retry.next()
+            self._retry_armed = True
+            s.rewind_at = asyncio.get_running_loop().time() + delay
+            log.warning("publisher.refused_transient", row=rows[0].id, topic=rows[0].topic, reason=text,
+                        retry_in_s=round(delay, 2), connection=s.conn_id)
+
+    # ----------------------------------------------------------------- main loop
     async def run(self) -> None:
         flusher = asyncio.create_task(self._ack_loop(), name="publisher.acks")
         try:
             while True:
                 await self.link.connected.wait()
-                await self._session()
+                conn = self.link.connection
+                if conn is None or not conn.alive:
+                    await asyncio.sleep(0.01)
+                    continue
+                await self._run_session(conn)
         finally:
             flusher.cancel()
             try:
-                await self.flush_acks()
+                await self._settle()
             except Exception:  # noqa: BLE001 - best effort at shutdown; unacked rows are resent
                 pass
 
-    async def _session(self) -> None:
-        await self.flush_acks()
-        self._inflight.clear()
-        boundary = await self.store.max_id()
-        self._backlog = _Lane("backlog", 0, boundary)
-        self._live = _Lane("live", boundary, None)
-        self._bucket = _TokenBucket(self.backlog_rate) if self.backlog_rate > 0 else None
-        lost = asyncio.create_task(self.link.wait_lost())
+    async def _run_session(self, conn: Connection) -> None:
+        s = _Session(conn)
+        self._handed.clear()  # rows committed so far are in the store: this session reads them as backlog
+        await self._start_lanes(s)
+        if not conn.alive:
+            return
+        self.session = s
+        loop = asyncio.get_running_loop()
+        lost = asyncio.ensure_future(conn.lost.wait())
         try:
-            while self.link.is_connected:
+            while conn.alive:
                 self._wake.clear()
-                progressed, throttled = await self._fill()
-                if not self.link.is_connected:
+                if s.rewind_at is not None:
+                    now = loop.time()
+                    if not s.inflight and now >= s.rewind_at:
+                        await self._start_lanes(s)  # from the oldest row still in the outbox
+                        s.rewind_at = None
+                        continue
+                    timeout = self.idle_poll_s if s.inflight else s.rewind_at - now
+                    await self._wait(s, lost, timeout)
+                    continue
+                progressed, throttled = await self._fill(s)
+                if not conn.alive:
                     break
                 if not progressed:
-                    waiter = asyncio.create_task(self._wake.wait())
-                    timeout = self._bucket.wait_time() if throttled and self._bucket else 1.0
-                    await asyncio.wait({waiter, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    if self._live is not None:
-                        self._live.exhausted = False  # poll now and then: rows may come from `buffer retry`
+                    timeout = s.bucket.wait_time() if throttled and s.bucket else self.idle_poll_s
+                    if not await self._wait(s, lost, timeout):
+                        s.live.exhausted = False  # poll now and then: rows may come from `buffer retry`
         finally:
             lost.cancel()
-        poison = self._strike([r for rows in self._inflight.values() for r in rows])
-        self._inflight.clear()
-        self._live = self._backlog = None
-        if poison is not None:
-            await self._quarantine(poison, f"the broker closed the connection {STRIKES} times while this event was "
-                                           "the oldest in flight (refused: too large, or not allowed)")
+            if s.learn is not None:
+                s.learn.cancel()
+            if self.session is s:
+                self.session = None
+            self.backlog_remaining = 0
 
-    def _strike(self, inflight: list[PendingRow]) -> PendingRow | None:
-        """A broker that refuses a message over MQTT 3.1.1 (or mosquitto over 5) just drops the connection. The row
-        that is still the oldest unacknowledged one after STRIKES dropped connections is a poison row."""
-        for row in inflight:
-            self._strikes[row.id] = self._strikes.get(row.id, 0) + 1
-        if not inflight:
-            return None
-        oldest = min(inflight, key=lambda r: r.id)
-        if self._strikes.get(oldest.id, 0) >= STRIKES:
-            self._strikes.pop(oldest.id, None)
-            return oldest
-        return None
+    async def _wait(self, s: _Session, lost: asyncio.Future[Any], timeout: float) -> bool:
+        """Wait for a wake-up (commit, PUBACK) or the connection's end; False on timeout."""
+        waiter = asyncio.ensure_future(self._wake.wait())
+        s.waiting = True
+        try:
+            done, _ = await asyncio.wait({waiter, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            s.waiting = False
+            waiter.cancel()
+        return bool(done)
+
+    async def _start_lanes(self, s: _Session) -> None:
+        await self._settle()
+        boundary = await self.store.max_id()
+        s.reset(boundary, self.backlog_rate)
+        self.backlog_remaining = 1 if boundary else 0
+        if boundary:
+            s.learn = asyncio.create_task(self._learn_backlog(s, boundary), name="publisher.backlog_scan")
+
+    async def _learn_backlog(self, s: _Session, boundary: int) -> None:
+        """Which machines have backlog (highest id each): until known, the live lane waits; the backlog lane does
+        not (a scan of a large outbox takes a while, the first publish after a reconnect must not)."""
+        try:
+            last = await self.store.last_ids_by_machine(boundary)
+        except Exception as exc:  # noqa: BLE001 - the live lane then waits for the whole backlog (sweep)
+            log.error("publisher.backlog_scan_failed", error=str(exc))
+            return
+        if s.boundary == boundary and s.hold is None:
+            s.learnt(last)
+            self._wake.set()
 
     async def _next(self, lane: _Lane) -> PendingRow | None:
         if not lane.buffer:
@@ -425,97 +774,210 @@ class Publisher:
             lane.cursor = rows[-1].id
         return lane.buffer[0]
 
-    async def _fill(self) -> tuple[bool, bool]:
+    async def _next_live(self, lane: _Lane) -> PendingRow | None:
+        """The live lane's next row: from the rows handed over by the commit when they continue the cursor, else
+        from the store (a gap: rows of another writer, or the in-memory queue overflowed)."""
+        h = self._handed
+        if h:
+            cursor = lane.cursor
+            while h and h[0].id <= cursor:
+                h.popleft()
+            if h and h[0].id == cursor + 1:
+                buf = lane.buffer
+                while h and h[0].id == cursor + 1:
+                    r = h.popleft()
+                    buf.append(r)
+                    cursor = r.id
+                lane.cursor = cursor
+                return buf[0]
+            if h:
+                lane.exhausted = False
+        return await self._next(lane)
+
+    async def _fill(self, s: _Session) -> tuple[bool, bool]:
         sent = 0
         throttled = False
-        for lane in (self._live, self._backlog):
-            if lane is None:
-                continue
-            while len(self._inflight) < self.window and self.link.is_connected:
-                if lane is self._backlog and self._bucket is not None and not self._bucket.take():
+        inflight = s.inflight
+        window = self.window
+        conn = s.conn
+        live = s.live
+        # live rows first: parked rows of machines whose backlog is done, then the live lane (once the backlog's
+        # machines are known)
+        while len(inflight) < window and conn.alive and s.rewind_at is None and s.hold is not None:
+            if s.released:
+                buf = s.released
+            else:
+                if s.parked_n >= self.PARK_MAX:
+                    break  # bounded: the live lane waits until the backlog releases a machine
+                buf = live.buffer
+                if buf:
+                    row = buf[0]
+                else:
+                    row = await self._next_live(live)
+                    if row is None:
+                        break
+                    if s.released:
+                        continue  # a machine was released while we read: its parked rows go first
+                if s.hold and row.machine in s.hold:
+                    buf.popleft()
+                    parked = s.parked.get(row.machine)
+                    if parked is None:
+                        parked = s.parked[row.machine] = collections.deque()
+                    parked.append(row)
+                    s.parked_n += 1
+                    continue
+            n = self._send(s, buf, False)
+            if n > 0:
+                sent += n
+            elif n == QUARANTINE:
+                await self._quarantine_bad(s)
+            else:
+                return sent > 0, throttled
+        backlog = s.backlog
+        if backlog is not None:
+            bucket = s.bucket
+            while len(inflight) < window and conn.alive and s.rewind_at is None:
+                if bucket is not None and not bucket.take():
                     throttled = True
                     break
-                row = await self._next(lane)
+                row = backlog.buffer[0] if backlog.buffer else await self._next(backlog)
                 if row is None:
                     break
-                if len(row.payload) > self.max_message_bytes:
-                    lane.buffer.popleft()
-                    await self._quarantine(row, f"too large: {len(row.payload)} bytes > mqtt.max_message_bytes "
-                                                f"{self.max_message_bytes}")
-                    continue
-                if self.batch_max > 1:
-                    rows = self._take_batch(lane, throttle=lane is self._backlog)
-                    topic = row.topic.rpartition("/events/")[0] + "/events/batch"
-                    payload = b"[" + b",".join(r.payload for r in rows) + b"]"
+                n = self._send(s, backlog.buffer, True)
+                if n > 0:
+                    sent += n
+                elif n == QUARANTINE:
+                    await self._quarantine_bad(s)
                 else:
-                    rows, topic, payload = (row,), row.topic, row.payload
-                mid = self.link.publish(topic, payload)
-                if mid is None:
                     return sent > 0, throttled
-                for _ in rows:
-                    lane.buffer.popleft()
-                self._inflight[mid] = rows
-                self.published += len(rows)
-                sent += len(rows)
-        if self._backlog is not None:
-            self.backlog_remaining = len(self._backlog.buffer) + (0 if self._backlog.exhausted else 1)
-            if self._backlog.done:
-                self._backlog = None
+            self.backlog_remaining = len(backlog.buffer) + (0 if backlog.exhausted else 1)
+            if backlog.done:
+                s.backlog = None
                 self.backlog_remaining = 0
-                log.info("publisher.backlog_drained")
+                log.info("publisher.backlog_drained", connection=s.conn_id)
+        if s.hold is None or s.hold:
+            s.sweep()
+            if s.released and len(inflight) < window:
+                return True, throttled  # machines were released: their parked rows go on the next round
         return sent > 0, throttled
 
-    def _take_batch(self, lane: _Lane, *, throttle: bool) -> tuple[PendingRow, ...]:
-        """Buffered rows of the machine of the first row, in order, up to batch_max events and max_message_bytes:
+    def _send(self, s: _Session, buf: collections.deque[PendingRow], backlog: bool) -> int:
+        """Publish the row at the front of ``buf`` (or, in batch mode, a batch of its machine): the number of rows
+        sent; QUARANTINE when the row(s) were taken off ``buf`` for the quarantine instead (``self._bad``: the caller
+        awaits ``_quarantine_bad``); -1 when the connection is gone. Not a coroutine: no allocation per row."""
+        row = buf[0]
+        limit = s.conn.max_packet_size
+        if len(row.payload) > self.max_message_bytes:
+            buf.popleft()
+            self._bad.append((row, f"too large: {len(row.payload)} bytes > mqtt.max_message_bytes "
+                                   f"{self.max_message_bytes}"))
+            return QUARANTINE
+        if limit is not None and len(row.payload) + 4 * len(row.topic) + 16 > limit:
+            size = s.conn.packet_size(row.topic, len(row.payload))
+            if size > limit:
+                buf.popleft()
+                self._bad.append((row, f"too large for the broker: a {size}-byte packet > its Maximum Packet Size "
+                                       f"{limit} (MQTT 5 CONNACK)"))
+                return QUARANTINE
+        if self.batch_max > 1:
+            topic = row.topic.rpartition("/events/")[0] + "/events/batch"
+            cap = self.max_message_bytes
+            if limit is not None:
+                cap = min(cap, limit - s.conn.packet_size(topic, 0))
+            rows = self._take_batch(buf, cap, s.bucket if backlog else None)
+            payload = b"[" + b",".join(r.payload for r in rows) + b"]"
+        else:
+            rows, topic, payload = (), row.topic, row.payload
+        try:
+            mid = self.link.publish(topic, payload, connection=s.conn)
+        except ValueError as exc:  # a topic paho refuses: '+' / '#' in it, or empty
+            for r in rows or (row,):
+                buf.popleft()
+                self._bad.append((r, f"topic refused by the MQTT client: {exc} (topic {r.topic!r})"))
+            return QUARANTINE
+        if mid is None:
+            return -1
+        crash_point("publisher.published")
+        if rows:
+            for _ in rows:
+                buf.popleft()
+            s.inflight[mid] = rows if len(rows) > 1 else rows[0]
+            n = len(rows)
+        else:
+            buf.popleft()
+            s.inflight[mid] = row
+            n = 1
+        if backlog and s.tracking:
+            ib = s.backlog_inflight
+            ib[row.machine] = ib.get(row.machine, 0) + n
+        self.published += n
+        return n
+
+    def _take_batch(self, buf: collections.deque[PendingRow], cap: int,
+                    bucket: _TokenBucket | None) -> tuple[PendingRow, ...]:
+        """Buffered rows of the machine of the first row, in order, up to batch_max events and ``cap`` bytes:
         one CloudEvents batch message (a JSON array) on ``.../{machine}/events/batch``. Rows of other machines are
-        skipped, not passed: each machine's events keep their order; the batch is removed from the buffer."""
-        first = lane.buffer[0]
+        skipped, not passed: each machine's events keep their order. The batch is left at the front of ``buf`` (the
+        caller pops it after a successful publish), the rest in order."""
+        first = buf[0]
         prefix = first.topic.rpartition("/events/")[0]
         rows = [first]
         keep: list[PendingRow] = []
         size = len(first.payload) + 2
-        it = itertools.islice(lane.buffer, 1, None)
+        it = itertools.islice(buf, 1, None)
         for r in it:
             if r.topic.rpartition("/events/")[0] != prefix:
                 keep.append(r)
                 continue
-            if len(rows) >= self.batch_max or size + len(r.payload) + 1 > self.max_message_bytes or (
-                    throttle and self._bucket is not None and not self._bucket.take()):
+            if len(rows) >= self.batch_max or size + len(r.payload) + 1 > cap or (
+                    bucket is not None and not bucket.take()):
                 keep.append(r)
                 break
             rows.append(r)
             size += len(r.payload) + 1
         keep.extend(it)
-        # leave the batch at the front (the caller pops len(rows) after a successful publish), the rest in order
-        lane.buffer.clear()
-        lane.buffer.extend(rows)
-        lane.buffer.extend(keep)
+        buf.clear()
+        buf.extend(rows)
+        buf.extend(keep)
         return tuple(rows)
+
+    # ----------------------------------------------------------------- quarantine and acks
+    async def _quarantine_bad(self, s: _Session) -> None:
+        bad, self._bad = self._bad, []
+        for row, reason in bad:
+            await self._quarantine(row, reason)
+            if row.id <= s.boundary:
+                s.check(row.machine)
 
     async def _quarantine(self, row: PendingRow, reason: str) -> None:
         try:
             if await self.store.quarantine(row.id, reason):
                 self.quarantined += 1
-                log.error("publisher.quarantined", row=row.id, topic=row.topic, reason=reason)
+                log.error("publisher.quarantined", row=row.id, topic=row.topic, machine=row.machine, seq=row.seq,
+                          reason=reason)
         except StoreError as exc:
             log.error("publisher.quarantine_failed", row=row.id, error=str(exc))
+
+    async def _settle(self) -> None:
+        """Apply what the broker told us: quarantine the refused rows, delete the acknowledged ones."""
+        if self._refused:
+            refused, self._refused = self._refused, []
+            for row, reason in refused:
+                await self._quarantine(row, reason)
+        await self.flush_acks()
 
     async def _ack_loop(self) -> None:
         while True:
             await asyncio.sleep(self.ack_interval)
-            if self._refused:
-                refused, self._refused = self._refused, []
-                for row, reason in refused:
-                    await self._quarantine(row, reason)
-            if self._acked:
-                await self.flush_acks()
+            if self._refused or self._acked:
+                await self._settle()
 
     async def flush_acks(self) -> None:
         if not self._acked:
             return
         acked, self._acked = self._acked, []
         try:
-            await self.store.ack(acked)
+            await self.store.ack([(r.id, len(r.payload)) for r in acked])
         except StoreError as exc:
             # e.g. a full disk: keep them and retry; worst case they are re-published after a restart (same ids)
             self._acked = acked + self._acked
@@ -528,7 +990,3 @@ class Publisher:
             log.info("publisher.ack_recovered")
         self.acked += len(acked)
         self.last_ack_time = time.time()
-
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)

@@ -95,6 +95,8 @@ class PendingRow:
     id: int
     topic: str
     payload: bytes
+    machine: str = ""
+    seq: int = 0
 
 
 class StoreError(Exception):
@@ -206,11 +208,14 @@ class Store:
         rows = await self.db.execute_fetchall("SELECT machine, state FROM machine_state")
         return {m: json.loads(s) for m, s in rows}
 
-    async def commit(self, states: dict[str, dict[str, Any]], rows: list[OutboxRow], next_seq: int) -> None:
-        """Write snapshots, outbox rows and the sequence counter in one transaction."""
+    async def commit(self, states: dict[str, dict[str, Any]], rows: list[OutboxRow], next_seq: int) -> list[PendingRow]:
+        """Write snapshots, outbox rows and the sequence counter in one transaction; returns the committed rows
+        with their outbox ids (for ``Publisher.notify(rows)``)."""
         now = time.time()
+        last_id = 0
 
         async def tx(db: aiosqlite.Connection) -> None:
+            nonlocal last_id
             if states:
                 await db.executemany(
                     "INSERT INTO machine_state(machine, state, updated) VALUES (?, ?, ?) "
@@ -222,6 +227,7 @@ class Store:
                     "INSERT INTO outbox(seq, machine, type, topic, payload, created) VALUES (?, ?, ?, ?, ?, ?)",
                     [(r.seq, r.machine, r.type, r.topic, r.payload, now) for r in rows],
                 )
+                ((last_id,),) = await db.execute_fetchall("SELECT last_insert_rowid()")
             if next_seq != self.next_seq:
                 await db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(next_seq),))
 
@@ -229,6 +235,9 @@ class Store:
         self.next_seq = next_seq
         self.pending += len(rows)
         self.pending_bytes += sum(len(r.payload) for r in rows)
+        # one writer, one transaction, AUTOINCREMENT: the ids of the rows are consecutive, ending at last_id
+        first = last_id - len(rows) + 1
+        return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
 
     async def max_id(self) -> int:
         (n,) = (await self.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM outbox"))[0]
@@ -237,12 +246,12 @@ class Store:
     async def fetch(self, after_id: int, limit: int, upto_id: int | None = None) -> list[PendingRow]:
         if upto_id is None:
             rows = await self.db.execute_fetchall(
-                "SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+                "SELECT id, topic, payload, machine, seq FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
         else:
             rows = await self.db.execute_fetchall(
-                "SELECT id, topic, payload FROM outbox WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                "SELECT id, topic, payload, machine, seq FROM outbox WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
                 (after_id, upto_id, limit))
-        return [PendingRow(i, t, bytes(p)) for i, t, p in rows]
+        return [PendingRow(i, t, bytes(p), m, s) for i, t, p, m, s in rows]
 
     async def ack(self, acked: list[tuple[int, int]]) -> None:
         """Delete acknowledged rows: ``(id, payload_size)`` pairs."""
@@ -255,6 +264,22 @@ class Store:
         await self._write(tx, "ack")
         self.pending -= len(acked)
         self.pending_bytes -= sum(size for _, size in acked)
+
+    async def last_ids_by_machine(self, upto_id: int) -> dict[str, int]:
+        """Highest outbox id per machine among the rows with ``id <= upto_id`` (the publisher's backlog after a
+        reconnect). Scans on a separate read-only connection in a worker thread (WAL: one consistent snapshot), so a
+        large outbox (~1.5 s per million rows) does not hold up this store's connection."""
+
+        def scan() -> dict[str, int]:
+            db = sqlite3.connect(self.path, timeout=5)
+            try:
+                db.execute("PRAGMA query_only=ON")
+                rows = db.execute("SELECT machine, MAX(id) FROM outbox WHERE id <= ? GROUP BY machine", (upto_id,))
+                return {m: int(i) for m, i in rows}
+            finally:
+                db.close()
+
+        return await asyncio.to_thread(scan)
 
     async def count_pending(self) -> int:
         (n,) = (await self.db.execute_fetchall("SELECT COUNT(*) FROM outbox"))[0]

@@ -1,0 +1,503 @@
+"""The publisher against a real mosquitto: in-flight state per connection, refusals by evidence (PUBACK / SUBACK reason
+codes, the broker's Maximum Packet Size, topics paho refuses), per-machine order with the live lane, rows handed over by
+the commit. A tiny in-process MQTT 5 broker is used only where mosquitto cannot produce the signal (a transient PUBACK
+reason code such as 0x97 Quota exceeded: mosquitto 2.0 never sends one)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import struct
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.config import MqttConfig
+from gateway.mqtt import MqttLink, Publisher
+from gateway.store import OutboxRow, Store
+from tests.broker import MosquittoBroker
+from tests.e2e import wait_until
+
+DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+class Collector:
+    """A subscriber on ``t/#`` (QoS 1) recording (seq, machine) in arrival order; resubscribes on every connect."""
+
+    def __init__(self, port: int, protocol: int = paho.MQTTv311) -> None:
+        self.msgs: list[tuple[int, str]] = []
+        self.subscribed = 0
+        self.lock = threading.Lock()
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id="collector", protocol=protocol)
+        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe("t/#", qos=1)
+        self.c.on_subscribe = self._sub
+        self.c.on_message = self._msg
+        self.c.reconnect_delay_set(0.1, 0.3)
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def _sub(self, c, u, mid, rcs, p) -> None:
+        with self.lock:
+            self.subscribed += 1
+
+    def _msg(self, c, u, m) -> None:
+        d = json.loads(m.payload)
+        items = d if isinstance(d, list) else [d]
+        with self.lock:
+            self.msgs.extend((x["seq"], x["m"]) for x in items)
+
+    def seqs(self) -> set[int]:
+        with self.lock:
+            return {s for s, _ in self.msgs}
+
+    def first_arrivals(self) -> dict[str, list[int]]:
+        seen: set[int] = set()
+        out: dict[str, list[int]] = {}
+        with self.lock:
+            for s, m in self.msgs:
+                if s not in seen:
+                    seen.add(s)
+                    out.setdefault(m, []).append(s)
+        return out
+
+    def stop(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def row(seq: int, machine: str = "m1", *, topic: str | None = None, size: int = 0) -> OutboxRow:
+    doc = {"seq": seq, "m": machine}
+    if size:
+        doc["pad"] = "x" * size
+    return OutboxRow(seq, machine, "x", topic or f"t/{machine}/events/x", json.dumps(doc).encode())
+
+
+async def commit(store: Store, rows: list[OutboxRow]):
+    return await store.commit({}, rows, max(r.seq for r in rows) + 1)
+
+
+async def outbox_seqs(store: Store) -> set[int]:
+    return {r["seq"] for r in await store.list_rows("outbox", limit=10**6)}
+
+
+async def quarantine(store: Store) -> dict[int, str]:
+    return {r["seq"]: r["reason"] for r in await store.list_rows("quarantine", limit=10**6)}
+
+
+class GatedStore(Store):
+    """A Store whose fetch waits for ``gate`` while ``gated`` is true: the test decides when the publisher may read."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.gate = asyncio.Event()
+        self.gated = False
+        self.gated_when = None  # callable: gate from then on
+        self.blocked = 0
+        self.fetched: list[int] = []
+
+    async def fetch(self, after_id, limit, upto_id=None):
+        if self.gated_when is not None and self.gated_when():
+            self.gated, self.gated_when = True, None
+        if self.gated:
+            self.blocked += 1
+            while self.gated:
+                self.gate.clear()
+                await self.gate.wait()
+        rows = await super().fetch(after_id, limit, upto_id)
+        self.fetched.extend(r.seq for r in rows)
+        return rows
+
+    def release(self) -> None:
+        self.gated = False
+        self.gate.set()
+
+
+def freeze(broker: MosquittoBroker) -> None:
+    os.kill(broker.pid, signal.SIGSTOP)
+
+
+async def run_all(*coros):
+    return [asyncio.create_task(c) for c in coros]
+
+
+async def cancel(tasks):
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def cfg(port: int, **kw) -> MqttConfig:
+    return MqttConfig(port=port, keepalive_s=kw.pop("keepalive_s", 2), **kw)
+
+
+# --------------------------------------------------------------------------------------------------- 1. sessions
+async def test_puback_of_a_new_connection_never_deletes_rows_of_the_old_one(tmp_path, mqtt_broker):
+    """The old connection's client wrapped its message ids (as after 65,535 messages), so its rows in flight have
+    mids 1..5; the broker dies without having read them; the new connection's retained status gets mid 3. Its PUBACK
+    must not delete the old row sent under mid 3 (never delivered)."""
+    col = Collector(mqtt_broker.port)
+    await wait_until(lambda: col.subscribed >= 1, 10)
+    async with GatedStore(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i) for i in range(1, 11)])
+        link = MqttLink(cfg(mqtt_broker.port), client_id="gw", subscriptions=["cmd/a", "cmd/b"],
+                        online=("status/gw", b"online"))
+        marker = asyncio.Event()
+        link.on_puback = lambda *a: marker.set()
+        tasks = await run_all(link.run())
+        await wait_until(lambda: link.is_connected, 10)
+        # subscriptions took mids 1-2 and the status 3: 65,531 QoS 0 messages and a QoS 1 marker use 4..65535
+        for k in range(65_531):
+            link.publish("warmup", b"", qos=0)
+            if k % 5000 == 0:
+                await asyncio.sleep(0)
+        link.publish("warmup", b"marker", qos=1)
+        await asyncio.wait_for(marker.wait(), 20)
+        pub = Publisher(store, link, window=10, fetch_size=5)
+        store.gated_when = lambda: pub.published >= 5  # the 2nd page waits: the old session is inside fetch
+        freeze(mqtt_broker)  # rows 1..5 go to a broker that reads nothing
+        tasks += await run_all(pub.run())
+        await wait_until(lambda: store.blocked >= 1, 10)
+        assert pub.published == 5
+        await mqtt_broker.akill()
+        await mqtt_broker.astart()
+        await wait_until(lambda: link.connections >= 2 and col.subscribed >= 2, 15)
+        await asyncio.sleep(0.3)  # the new connection's status PUBACK (mid 3) has arrived
+        store.release()
+        try:
+            await wait_until(lambda: store.pending == 0, 8)
+        except AssertionError:
+            pass
+        left = await outbox_seqs(store)
+        deleted = set(range(1, 11)) - left
+        assert deleted <= col.seqs(), f"rows deleted from the outbox but never delivered: {sorted(deleted - col.seqs())}"
+        await wait_until(lambda: store.pending == 0, 10)
+        assert col.seqs() == set(range(1, 11))
+        assert await quarantine(store) == {}
+        await cancel(tasks)
+    col.stop()
+
+
+async def test_flapping_link_quarantines_nothing(tmp_path, mqtt_broker):
+    """Three times: rows go to a frozen broker (in flight, never acknowledged), the broker dies and comes back. The
+    same oldest row was in flight at every drop: that is no evidence against it."""
+    col = Collector(mqtt_broker.port)
+    await wait_until(lambda: col.subscribed >= 1, 10)
+    async with GatedStore(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, f"m{i % 3}") for i in range(1, 61)])
+        store.gated = True
+        link = MqttLink(cfg(mqtt_broker.port), client_id="gw")
+        pub = Publisher(store, link, window=20)
+        tasks = await run_all(link.run(), pub.run())
+        for cycle in range(1, 4):
+            await wait_until(lambda: link.connections >= cycle and store.blocked >= cycle, 15)
+            freeze(mqtt_broker)
+            before = pub.published
+            store.release()
+            await wait_until(lambda: pub.published >= before + 20, 10)
+            store.gated = True
+            await mqtt_broker.akill()
+            await mqtt_broker.astart()
+            await wait_until(lambda: col.subscribed >= cycle + 1, 15)
+        await wait_until(lambda: link.connections >= 4 and store.blocked >= 4, 15)
+        store.release()
+        await wait_until(lambda: store.pending == 0 and store.quarantined == 0 and col.seqs() == set(range(1, 61)), 15)
+        assert await quarantine(store) == {} and pub.quarantined == 0
+        for m, seqs in col.first_arrivals().items():
+            assert seqs == sorted(seqs), m
+        await cancel(tasks)
+    col.stop()
+
+
+# --------------------------------------------------------------------------------------------------- 2. refusals
+def test_puback_reason_code_table():
+    from gateway.mqtt import classify_puback
+
+    assert classify_puback(0x00) is None and classify_puback(0x10) is None  # success, no matching subscribers
+    for code in (0x80, 0x83, 0x89, 0x91, 0x97):
+        assert classify_puback(code) == "transient", hex(code)
+    for code in (0x87, 0x90, 0x95, 0x99):
+        assert classify_puback(code) == "permanent", hex(code)
+    assert classify_puback(0xA0) == "transient"  # unknown: no evidence against the row
+
+
+async def test_acl_refusal_on_puback_quarantines_that_row_only(tmp_path):
+    acl = tmp_path / "acl"
+    acl.write_text("topic read t/#\ntopic readwrite t/m1/events/x\ntopic readwrite t/m2/events/x\n")
+    broker = MosquittoBroker(tmp_path / "b", extra_config=f"acl_file {acl}\n").start()
+    col = Collector(broker.port)
+    try:
+        await wait_until(lambda: col.subscribed >= 1, 10)
+        async with Store(str(tmp_path / "s.db")) as store:
+            await commit(store, [row(1), row(2, "m2"), row(3, topic="t/m1/events/denied"), row(4), row(5, "m2")])
+            link = MqttLink(cfg(broker.port), client_id="gw")
+            pub = Publisher(store, link, window=10)
+            tasks = await run_all(link.run(), pub.run())
+            await wait_until(lambda: store.pending == 0, 15)
+            q = await quarantine(store)
+            assert list(q) == [3] and "Not authorized" in q[3] and "0x87" in q[3]
+            await wait_until(lambda: col.seqs() == {1, 2, 4, 5}, 10)
+            await cancel(tasks)
+    finally:
+        col.stop()
+        broker.close()
+
+
+async def test_row_over_the_brokers_maximum_packet_size_is_quarantined_before_sending(tmp_path):
+    broker = MosquittoBroker(tmp_path / "b", extra_config="max_packet_size 700\n").start()
+    col = Collector(broker.port)
+    try:
+        await wait_until(lambda: col.subscribed >= 1, 10)
+        async with Store(str(tmp_path / "s.db")) as store:
+            await commit(store, [row(1), row(2, size=1000), row(3), row(4, size=660), row(5)])
+            link = MqttLink(cfg(broker.port), client_id="gw")
+            pub = Publisher(store, link, window=10)
+            tasks = await run_all(link.run(), pub.run())
+            await wait_until(lambda: store.pending == 0, 15)
+            q = await quarantine(store)
+            assert sorted(q) == [2, 4] and all("Maximum Packet Size 700" in r for r in q.values()), q
+            await wait_until(lambda: col.seqs() == {1, 3, 5}, 10)
+            assert link.connections == 1, "the broker had to drop the connection: the row was sent"
+            await cancel(tasks)
+    finally:
+        col.stop()
+        broker.close()
+
+
+async def test_topic_paho_refuses_is_quarantined_and_the_loop_goes_on(tmp_path, mqtt_broker):
+    col = Collector(mqtt_broker.port)
+    await wait_until(lambda: col.subscribed >= 1, 10)
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(1), row(2, topic="t/m1/events/#"), row(3), row(4, topic="t/+/events/x"), row(5)])
+        link = MqttLink(cfg(mqtt_broker.port), client_id="gw")
+        pub = Publisher(store, link, window=10)
+        tasks = await run_all(link.run(), pub.run())
+        await wait_until(lambda: store.pending == 0 or tasks[1].done(), 15)
+        assert not tasks[1].done(), tasks[1].exception() if tasks[1].done() else None
+        q = await quarantine(store)
+        assert sorted(q) == [2, 4] and all("topic" in r for r in q.values()), q
+        await wait_until(lambda: col.seqs() == {1, 3, 5}, 10)
+        await cancel(tasks)
+    col.stop()
+
+
+class FakeBroker:
+    """Just enough MQTT 5 for one publisher: CONNACK, SUBACK, PINGRESP and a PUBACK whose reason code ``policy(seq,
+    attempt)`` decides. Used only for transient PUBACK codes, which mosquitto never sends."""
+
+    def __init__(self, policy, delay=None) -> None:
+        self.policy = policy
+        self.delay = delay or (lambda seq, attempt: 0.0)  # seconds before the PUBACK (the broker reads nothing meanwhile)
+        self.attempts: dict[int, int] = {}
+        self.accepted: list[int] = []
+        self.refused: list[tuple[int, int]] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    @staticmethod
+    async def _read_varint(r: asyncio.StreamReader) -> int:
+        value, mult = 0, 1
+        while True:
+            b = (await r.readexactly(1))[0]
+            value += (b & 0x7F) * mult
+            if not b & 0x80:
+                return value
+            mult *= 128
+
+    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await r.readexactly(1))[0]
+                body = await r.readexactly(await self._read_varint(r))
+                kind = head >> 4
+                if kind == 1:  # CONNECT
+                    w.write(bytes([0x20, 3, 0, 0, 0]))
+                elif kind == 8:  # SUBSCRIBE
+                    w.write(bytes([0x90, 4]) + body[:2] + bytes([0, 1]))
+                elif kind == 12:  # PINGREQ
+                    w.write(bytes([0xD0, 0]))
+                elif kind == 14:  # DISCONNECT
+                    break
+                elif kind == 3:  # PUBLISH, QoS 1
+                    (tlen,) = struct.unpack("!H", body[:2])
+                    pid = body[2 + tlen:4 + tlen]
+                    rest = body[4 + tlen:]
+                    plen, i = 0, 0  # properties length (varint)
+                    mult = 1
+                    while True:
+                        b = rest[i]
+                        plen += (b & 0x7F) * mult
+                        i += 1
+                        if not b & 0x80:
+                            break
+                        mult *= 128
+                    doc = json.loads(rest[i + plen:])
+                    seq = doc["seq"]
+                    n = self.attempts[seq] = self.attempts.get(seq, 0) + 1
+                    code = self.policy(seq, n)
+                    if self.delay(seq, n):
+                        await asyncio.sleep(self.delay(seq, n))
+                    (self.refused.append((seq, code)) if code >= 0x80 else self.accepted.append(seq))
+                    w.write(bytes([0x40, 4]) + pid + bytes([code, 0]))
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+
+async def test_transient_puback_refusal_is_retried_in_order_not_quarantined(tmp_path):
+    # 0x97 Quota exceeded for seq 3 (twice) and 0x80 Unspecified error for seq 7 (once); paho cannot decode a PUBACK
+    # with 0x89 or 0x95 (not PUBACK codes in MQTT 5), so those are not sent here
+    refuse = {3: (0x97, 2), 7: (0x80, 1)}
+    fb = FakeBroker(lambda seq, n: refuse[seq][0] if seq in refuse and n <= refuse[seq][1] else 0)
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, "m1" if i % 2 else "m2") for i in range(1, 21)])
+        link = MqttLink(cfg(fb.port), client_id="gw")
+        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
+        tasks = await run_all(link.run(), pub.run())
+        await wait_until(lambda: store.pending == 0, 15)
+        assert await quarantine(store) == {} and pub.quarantined == 0
+        assert fb.refused == [(3, 0x97), (3, 0x97), (7, 0x80)]
+        assert set(fb.accepted) == set(range(1, 21))
+        assert link.connections == 1
+        # the retry restarts from the oldest unacknowledged row: seq 3 before any row sent after its refusal
+        first = []
+        for s in fb.accepted:
+            if s not in first:
+                first.append(s)
+        assert first.index(3) < first.index(9) and first.index(7) < first.index(13), first
+        await cancel(tasks)
+    await fb.stop()
+
+
+async def test_live_rows_wait_for_their_machines_backlog_in_flight(tmp_path):
+    """m1's last backlog row is in flight (the broker holds its PUBACK, then refuses it: 0x97) when m1's live rows are
+    committed. They must not be sent behind it: the broker would accept them before the resent backlog row."""
+    fb = FakeBroker(lambda seq, n: 0x97 if seq == 10 and n == 1 else 0, delay=lambda seq, n: 0.5 if seq == 10 and n == 1 else 0)
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, "m1" if i % 2 == 0 else "m2") for i in range(1, 11)])
+        link = MqttLink(cfg(fb.port), client_id="gw")
+        pub = Publisher(store, link, window=20, retry_backoff=(0.05, 0.2))
+        tasks = await run_all(link.run(), pub.run())
+        await wait_until(lambda: fb.attempts.get(10) == 1 and pub.session is not None and pub.session.hold is not None, 10)
+        live = await commit(store, [row(11, "m1"), row(12, "m1"), row(13, "m3")])
+        pub.notify(live)
+        await wait_until(lambda: store.pending == 0, 15)
+        first: dict[str, list[int]] = {}
+        for seq in fb.accepted:
+            m = "m1" if seq in (11, 12) or (seq <= 10 and seq % 2 == 0) else ("m3" if seq == 13 else "m2")
+            if seq not in first.get(m, []):
+                first.setdefault(m, []).append(seq)
+        assert first["m1"] == [2, 4, 6, 8, 10, 11, 12], first
+        assert fb.refused == [(10, 0x97)] and await quarantine(store) == {}
+        await cancel(tasks)
+    await fb.stop()
+
+
+# --------------------------------------------------------------------------------------------------- 3. SUBACK
+@pytest.mark.parametrize("protocol,reason", [("5", "Not authorized"), ("3.1.1", "Unspecified error")])
+async def test_refused_subscription_is_exposed_and_logged_once(tmp_path, protocol, reason):
+    if not Path(DYNSEC).exists():
+        pytest.fail(f"mosquitto dynamic security plugin not found at {DYNSEC} (it ships with mosquitto 2.0)")
+    dyn = tmp_path / "dynsec.json"
+    dyn.write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
+                             "unsubscribe": True},
+        "clients": [], "groups": [{"groupname": "anon", "roles": [{"rolename": "r"}]}], "anonymousGroup": "anon",
+        "roles": [{"rolename": "r", "acls": [{"acltype": "subscribePattern", "topic": "edge/+/dispatch",
+                                              "allow": False, "priority": 0}]}]}))
+    broker = MosquittoBroker(tmp_path / "b", extra_config=f"plugin {DYNSEC}\nplugin_opt_config_file {dyn}\n").start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            link = MqttLink(cfg(broker.port, protocol=protocol), client_id="gw",
+                            subscriptions=["edge/+/dispatch", "edge/+/acks"])
+            tasks = await run_all(link.run())
+            await wait_until(lambda: link.refused_subscriptions, 10)
+            assert link.refused_subscriptions == {"edge/+/dispatch": reason}
+            assert link.status.as_dict()["refused_subscriptions"] == {"edge/+/dispatch": reason}
+            await broker.astop()
+            await broker.astart()
+            await wait_until(lambda: link.connections >= 2, 15)
+            await asyncio.sleep(0.3)
+            assert link.refused_subscriptions == {"edge/+/dispatch": reason}
+            await cancel(tasks)
+        refused = [e for e in logs if e["event"] == "mqtt.subscription_refused"]
+        assert len(refused) == 1 and refused[0]["log_level"] == "error"
+        assert refused[0]["topic"] == "edge/+/dispatch" and refused[0]["reason"] == reason
+    finally:
+        broker.close()
+
+
+# --------------------------------------------------------------------------------------------------- 5./6. order
+@pytest.mark.parametrize("handover", ["store", "memory"])
+async def test_live_lane_keeps_each_machines_order(tmp_path, mqtt_broker, handover):
+    """A backlog of three machines drains slowly (backlog_rate); live rows of those machines and of a fourth one are
+    committed meanwhile. Per machine the first arrivals are in seq order; the fourth machine's live rows do not wait
+    for the backlog."""
+    col = Collector(mqtt_broker.port)
+    await wait_until(lambda: col.subscribed >= 1, 10)
+    async with Store(str(tmp_path / "s.db")) as store:
+        machines = ["a", "b", "c"]
+        await commit(store, [row(i, machines[i % 3]) for i in range(1, 601)])
+        link = MqttLink(cfg(mqtt_broker.port), client_id="gw")
+        pub = Publisher(store, link, window=20, backlog_rate=300)
+        tasks = await run_all(link.run(), pub.run())
+        await wait_until(lambda: len(col.msgs) >= 50, 10)
+        seq = 601
+        for _ in range(5):
+            live = [row(s, m) for s, m in zip(range(seq, seq + 8), ["a", "b", "c", "d"] * 2)]
+            seq += 8
+            committed = await commit(store, live)
+            pub.notify(committed) if handover == "memory" else pub.notify()
+            await asyncio.sleep(0.1)
+        await wait_until(lambda: store.pending == 0, 20)
+        await wait_until(lambda: col.seqs() == set(range(1, seq)), 10)
+        first = col.first_arrivals()
+        for m in ("a", "b", "c", "d"):
+            assert first[m] == sorted(first[m]), f"machine {m}: first arrivals out of seq order: {first[m]}"
+        arrival = {s: i for i, (s, _) in reversed(list(enumerate(col.msgs)))}
+        assert max(arrival[s] for s in first["d"]) < arrival[600], "the free machine's live rows waited for the backlog"
+        await cancel(tasks)
+    col.stop()
+
+
+async def test_rows_handed_over_are_published_from_memory_with_bounded_queue(tmp_path, mqtt_broker):
+    col = Collector(mqtt_broker.port)
+    await wait_until(lambda: col.subscribed >= 1, 10)
+    async with GatedStore(str(tmp_path / "s.db")) as store:
+        link = MqttLink(cfg(mqtt_broker.port), client_id="gw")
+        pub = Publisher(store, link, window=20, handover_max=50, idle_poll_s=60)
+        tasks = await run_all(link.run(), pub.run())
+        await wait_until(lambda: pub.session is not None and pub.session.waiting, 10)
+        small = await commit(store, [row(i, "m1") for i in range(1, 21)])
+        pub.notify(small)
+        await wait_until(lambda: col.seqs() == set(range(1, 21)), 10)
+        assert store.fetched == [], "rows handed over were read back from the store"
+        # more than handover_max at once: the queue is dropped, the live lane reads from the store from its cursor
+        big = await commit(store, [row(i, "m1") for i in range(21, 121)])
+        pub.notify(big)
+        more = await commit(store, [row(i, "m1") for i in range(121, 131)])
+        pub.notify(more)
+        pub.notify()  # no rows: read from the store
+        await wait_until(lambda: col.seqs() == set(range(1, 131)) and store.pending == 0, 10)
+        assert set(store.fetched) >= set(range(21, 121))
+        assert col.first_arrivals()["m1"] == list(range(1, 131))
+        await cancel(tasks)
+    col.stop()
