@@ -156,6 +156,7 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.connection: Connection | None = None
         self.refused_subscriptions: dict[str, str] = {}
+        self.on_subscriptions_changed: Callable[[], None] = lambda: None  # after a SUBACK changed the refused set
         self._lost = asyncio.Event()
         self._current: Connection | None = None  # the connection being set up or up
         self._ids = itertools.count(1)
@@ -344,6 +345,7 @@ class MqttLink:
             self.status.detail["refused_subscriptions"] = dict(self.refused_subscriptions)
         else:
             self.status.detail.pop("refused_subscriptions", None)
+        self.on_subscriptions_changed()
 
     def _on_disconnect(self, client: paho.Client, conn: Connection, flags: Any, reason: Any, props: Any) -> None:
         if conn is self._current:

@@ -190,6 +190,7 @@ class Gateway:
             subscriptions=[self.topics.dispatch_filter(), self.topics.acks_filter()],
             on_message=self._on_message,
         )
+        self.link.on_subscriptions_changed = self._subscriptions_changed
         self.publisher = Publisher(self.store, self.link, window=cfg.mqtt.max_inflight,
                                    backlog_rate=cfg.mqtt.backlog_rate, max_message_bytes=cfg.mqtt.max_message_bytes,
                                    batch_max=cfg.mqtt.batch_max_events)
@@ -290,6 +291,14 @@ class Gateway:
                            "(no quantity is lost; windows get coarser)",
                            queued_before=before, queued_after=self._queued_samples,
                            coalesced_total=self.stats.samples_coalesced)
+
+    def _subscriptions_changed(self) -> None:
+        """A refused subscription means dispatches or ERP acks never arrive (an ACL denial): an alarm, not silence."""
+        refused = self.link.refused_subscriptions
+        for topic in self.link.subscriptions:
+            self.alarms.set(f"subscription_refused:{topic}", topic in refused, "critical",
+                            "the broker refused this subscription: orders or ERP acknowledgements on it never arrive",
+                            topic=topic, reason=refused.get(topic))
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.endswith("/acks"):
@@ -801,7 +810,7 @@ class Gateway:
         committed = [m for m in dirty if checkpoint or m in with_rows or engines[m].urgent]
         states = {m: engines[m].snapshot() for m in committed}
         try:
-            await self.store.commit(states, rows, self._next_seq)
+            committed_rows = await self.store.commit(states, rows, self._next_seq)
         except StoreError as exc:
             self.stats.commit_failures += 1
             kind = getattr(exc, "kind", "disk_full" if exc.disk_full else "other")
@@ -832,8 +841,8 @@ class Gateway:
             self.stats.events_committed += len(rows)
             for r in rows:
                 metrics.EVENTS_COMMITTED.labels(r.type).inc()
+            self.publisher.notify(committed_rows)
             crash_point("core.handed_over")
-            self.publisher.notify()
         metrics.OUTBOX_PENDING.set(self.store.pending)
 
     _commit_failing: str | None = None

@@ -279,3 +279,51 @@ async def test_acks_from_outside_this_gateway_are_refused(tmp_path, mqtt_broker)
         finally:
             await rgw.stop()
             await erp.stop()
+
+
+async def test_a_refused_subscription_is_an_alarm(tmp_path):
+    """A broker ACL that denies the dispatch subscription would leave every count unassigned with health green:
+    it is a critical alarm, the gateway is unhealthy, and the alarm clears once the subscription is granted."""
+    import json
+    from pathlib import Path
+
+    from gateway.config import parse_config
+    from tests.broker import MosquittoBroker
+    from tests.e2e import IDENT
+    from tests.test_publisher_sessions import DYNSEC
+
+    assert Path(DYNSEC).exists(), f"mosquitto dynamic security plugin not found at {DYNSEC}"
+    cfg = parse_config({"gateway": IDENT, "mqtt": {"port": 1, "keepalive_s": 2},
+                        "store": {"path": workdir(tmp_path, "gw") + "/gw.db"}, "connectors": [], "machines": []},
+                       "<test>")
+    from gateway.events import Topics
+
+    dispatch_filter = Topics(cfg.mqtt.topic_root, cfg.gateway).dispatch_filter()
+    dyn = tmp_path / "dynsec.json"
+    dyn.write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
+                             "unsubscribe": True},
+        "clients": [], "groups": [{"groupname": "anon", "roles": [{"rolename": "r"}]}], "anonymousGroup": "anon",
+        "roles": [{"rolename": "r", "acls": [{"acltype": "subscribePattern", "topic": dispatch_filter,
+                                              "allow": False, "priority": 0}]}]}))
+    broker = MosquittoBroker(tmp_path / "b", extra_config=f"plugin {DYNSEC}\nplugin_opt_config_file {dyn}\n").start()
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"port": broker.port})})
+    rgw = RunningGateway(cfg)
+    try:
+        gw = await rgw.start()
+        alarm = f"subscription_refused:{dispatch_filter}"
+        await wait_until(lambda: alarm in gw.status()["alarms"], 15)
+        st = gw.status()
+        assert st["healthy"] is False
+        detail = next(a for a in st["alarm_details"] if a["id"] == alarm)
+        assert detail["severity"] == "critical" and detail["evidence"]["reason"] == "Not authorized"
+        assert not any(a.startswith("subscription_refused:") and a != alarm for a in st["alarms"])
+        await broker.astop()  # the ACL is fixed; the broker comes back and grants the subscription
+        doc = json.loads(dyn.read_text())
+        doc["roles"][0]["acls"][0]["allow"] = True
+        dyn.write_text(json.dumps(doc))
+        await broker.astart()
+        await wait_until(lambda: alarm not in gw.status()["alarms"], 15)
+    finally:
+        await rgw.stop()
+        broker.close()
