@@ -47,7 +47,12 @@ from mappings.samples import Sample
 
 log = structlog.get_logger(__name__)
 
-CHECKPOINT_S = 1.0
+CHECKPOINT_S = 30.0
+"""How often the state of machines whose only change is counted production is snapshotted. Their counters are the
+durable log: a crash re-derives the quantities since the last snapshot from the counter, so a snapshot is needed only
+before a counter can wrap twice (the interval is capped at half the shortest wrap period at max_rate) — state that
+exists nowhere else (an order change, reset-on-read and delta values, a counter reset or rollover seen, a held zero)
+is committed at once (``urgent``), and every event is committed with the state that produced it."""
 CUT_READ_TIMEOUT_S = 3.0  # one attempt of a cut read
 CUT_RETRY_MAX_S = 1.0  # a cut read of a connector that is not connected is retried, with backoff up to this
 ORDER_TAG_SETTLE_S = 0.2  # a pending PLC-tag order switch of a machine that makes nothing is applied after this
@@ -76,6 +81,14 @@ def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
             interval_s=m.reporting.interval_s, max_units=m.reporting.max_units,
         ))
     return specs
+
+
+def checkpoint_interval(specs: Any) -> float:
+    """CHECKPOINT_S, or half the shortest wrap period (modulus / max_rate) of any cumulative counter, at least 1 s."""
+    wraps = [b.spec.modulus / b.spec.max_rate
+             for spec in specs for b in [*spec.counters.values(), *(m.binding for m in spec.materials.values())]
+             if b.spec.mode == "cumulative" and b.spec.modulus and b.spec.max_rate > 0]
+    return max(1.0, min([CHECKPOINT_S, *(w / 2 for w in wraps)]))
 
 
 async def run_until_really_cancelled(fn: Any, name: str) -> Any:
@@ -198,6 +211,7 @@ class Gateway:
         self._next_seq = 1
         self._uncommitted: list[OutboxRow] = []
         self._last_checkpoint = 0.0
+        self.checkpoint_s = checkpoint_interval(self.specs.values())
         self._commit_backoff_until = 0.0
         self.core_heartbeat = 0.0  # monotonic time of the core loop's last round
         self.started = asyncio.Event()
@@ -466,7 +480,7 @@ class Gateway:
         if self._timers:
             due.append(self._timers[0][0])
         if self._dirty or self._uncommitted:
-            due.append(max(self._last_checkpoint + CHECKPOINT_S, self._commit_backoff_until))
+            due.append(max(self._last_checkpoint + self.checkpoint_s, self._commit_backoff_until))
         if self._switch_pending:
             due.append(now + ORDER_TAG_SETTLE_S)
         if not due:
@@ -799,7 +813,7 @@ class Gateway:
         self._update_full()
         dirty = self._dirty
         rows = self._uncommitted
-        checkpoint = force or now - self._last_checkpoint >= CHECKPOINT_S
+        checkpoint = force or now - self._last_checkpoint >= self.checkpoint_s
         engines = self.engines
         if not rows and not (dirty and (checkpoint or any(engines[m].urgent for m in dirty))):
             return

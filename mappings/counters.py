@@ -108,8 +108,11 @@ QUIET = frozenset({"none", "bad", "stale", "duplicate", "invalid"})
 but its times are worth persisting."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CounterResult:
+    """What one sample meant. Treat as immutable (not a frozen dataclass: that costs ~1 µs more per counted change,
+    on the hot path of every polled tag)."""
+
     outcome: Outcome
     delta: int = 0
     previous: int | None = None

@@ -289,8 +289,10 @@ class MachineEngine:
             return []
         binding, material = route[2], route[3]
         self.dirty = True
-        if binding.spec.mode != "cumulative" and res.delta:
-            # the device forgot this count when it was read: persist it now, not at the next checkpoint
+        if outcome != "increase" or binding.spec.mode != "cumulative":
+            # state the counter cannot give back after a crash: a reset-on-read or delta value (the device forgot
+            # it when it was read), a rollover, reset, glitch or held zero seen: persist it now, not at the next
+            # checkpoint (plain increases are re-derived from the counter)
             self.urgent = True
         out: list[EventDraft] = []
         w = self.window
