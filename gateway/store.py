@@ -11,7 +11,7 @@ What the rest of the gateway may rely on. Each point says why it holds.
   them to the publisher without reading them back.
 - **An event leaves the gateway only when its commit is durable.** With ``synchronous="full"`` (the default) SQLite
   fsyncs the WAL before COMMIT returns, so a row returned by ``commit()`` or ``fetch()`` survives a power loss or a
-  kernel crash. ``synchronous="normal"`` is an explicit opt-out (``store.opened`` logs a warning): a commit then
+  kernel crash. ``synchronous="normal"`` is an explicit opt-out (``store.opened`` is then logged at warning level): a commit then
   survives a crash of the process but not a power loss, and the last transactions may roll back; the engine then
   re-derives the events from the machine counters under the same sequence numbers, and an event that had already
   been published may be re-derived with a *different content under an id that was already published* (the counter
@@ -41,6 +41,9 @@ What the rest of the gateway may rely on. Each point says why it holds.
   ``corrupt``, ``locked``, ``other``, from the SQLite error code); the transaction is rolled back entirely, nothing of
   it is visible, the store's counters and ``next_seq`` are unchanged. The caller keeps the staged rows and engine
   state and retries; ``last_error`` and ``consecutive_failures`` tell a supervisor how long it has been failing.
+  A task cancelled while COMMIT runs (gateway stop) gets ``CancelledError`` only after COMMIT's outcome is known, and
+  the counters follow the disk; the rows may then be committed although the caller saw no return value (a caller
+  that re-commits them produces duplicates with the same ids and content, which consumers deduplicate).
 
 Other invariants
 ----------------
@@ -287,9 +290,12 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n{_command_line()}\n".encode(), 0)
         self._lock_fd = fd
+        try:  # who holds it, for the message of a second opener; the flock alone is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n{_command_line()}\n".encode(), 0)
+        except OSError:  # e.g. a full disk: the store may still open (and report the full disk)
+            pass
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -349,12 +355,13 @@ class Store:
                 self._db = None
             self._release_lock()
             raise StoreError(f"cannot open store {self.path}: {exc}", kind=error_kind(exc)) from exc
-        log.info("store.opened", path=self.path, epoch=self.epoch, next_seq=self.next_seq, pending=self.pending,
-                 quarantined=self.quarantined, synchronous=self.synchronous.lower(), readonly=self.readonly)
-        if not self.readonly and self.synchronous not in ("FULL", "EXTRA"):
-            log.warning("store.not_durable", path=self.path, synchronous=self.synchronous.lower(),
-                        risk="after a power loss the last commits may roll back and an event already published can be "
-                             "re-derived with other content under the same id; store.synchronous: full avoids it")
+        durable = self.readonly or self.synchronous in ("FULL", "EXTRA")
+        (log.info if durable else log.warning)(
+            "store.opened", path=self.path, epoch=self.epoch, next_seq=self.next_seq, pending=self.pending,
+            quarantined=self.quarantined, synchronous=self.synchronous.lower(), readonly=self.readonly,
+            **({} if durable else {"risk": "not durable against power loss: the last commits may roll back and an "
+                                           "event already published can be re-derived with other content under the "
+                                           "same id; store.synchronous: full avoids it"}))
 
     async def _recount(self) -> None:
         db = self.db

@@ -116,6 +116,29 @@ async def test_acks_of_gone_rows_do_not_move_the_counters(tmp_path):
         await assert_counters_true(store)
 
 
+async def test_a_commit_cancelled_during_commit_keeps_the_counters_true(tmp_path):
+    """The gateway stops (its task is cancelled) while COMMIT runs in SQLite's thread: COMMIT may still succeed.
+    The store waits for its outcome, so the counters and next_seq follow what is on disk, then re-raises."""
+    async with Store(str(tmp_path / "s.db")) as store:
+        task: list[asyncio.Task] = []
+
+        async def cancel_during_commit():
+            asyncio.get_running_loop().call_soon(task[0].cancel)  # lands on the await of COMMIT
+
+        store.before_commit = cancel_during_commit
+        task.append(asyncio.create_task(store.commit({"m1": {"n": 1}}, rows_for("m1", range(1, 4)), 4)))
+        with pytest.raises(asyncio.CancelledError):
+            await task[0]
+        store.before_commit = None
+        on_disk = await store.fetch(0, 100)
+        await assert_counters_true(store)
+        assert store.next_seq == (4 if on_disk else 1)
+        assert [r.seq for r in on_disk] in ([1, 2, 3], [])
+        again = await store.commit({}, rows_for("m1", range(store.next_seq, store.next_seq + 1)), store.next_seq + 1)
+        assert again[0].id == len(on_disk) + 1
+        await assert_counters_true(store)
+
+
 # --- 5. retry keeps the original place ---------------------------------------------------------------------------
 
 async def test_retry_puts_a_row_back_in_its_original_place_with_its_seq(tmp_path):
@@ -261,12 +284,13 @@ async def test_durable_by_default_and_normal_is_a_logged_opt_out(tmp_path):
     with capture_logs() as logs:
         async with Store(str(tmp_path / "a.db")) as store:
             assert (await store.db.execute_fetchall("PRAGMA synchronous"))[0][0] == 2  # FULL
-    assert not [e for e in logs if e["event"] == "store.not_durable"]
+    opened = [e for e in logs if e["event"] == "store.opened"]
+    assert len(opened) == 1 and opened[0]["log_level"] == "info" and "risk" not in opened[0]
     with capture_logs() as logs:
         async with Store(str(tmp_path / "b.db"), synchronous="normal") as store:
             assert (await store.db.execute_fetchall("PRAGMA synchronous"))[0][0] == 1  # NORMAL
-    warn = [e for e in logs if e["event"] == "store.not_durable"]
-    assert len(warn) == 1 and warn[0]["log_level"] == "warning" and "same id" in warn[0]["risk"]
+    opened = [e for e in logs if e["event"] == "store.opened"]
+    assert len(opened) == 1 and opened[0]["log_level"] == "warning" and "same id" in opened[0]["risk"]
 
 
 # --- 9. power loss -------------------------------------------------------------------------------------------------
