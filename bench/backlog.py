@@ -126,7 +126,7 @@ async def scenario(args: Any, workdir: str, n: int) -> dict[str, Any]:
         if store.pending != n:
             raise BenchFailed(f"store holds {store.pending} rows, expected {n}")
         # 2. a gateway restart opens this file: time Store.open (it counts rows and bytes)
-        other = Store(path)
+        other = Store(path, readonly=True)  # the bench holds the store open: a second writer is refused
         t0 = time.perf_counter()
         await other.open()
         out["store_open_s"] = time.perf_counter() - t0

@@ -140,7 +140,7 @@ async def run_ours(port: int, n: int, *, group: int, ahead: int, window: int, wo
                    run: int = 1, precommit: bool = False) -> dict[str, Any]:
     """``precommit``: commit all rows first (not timed), then time connection -> last PUBACK (publish path only)."""
     path = os.path.join(workdir, f"outbox-{time.monotonic_ns()}.db")
-    store = Store(path)
+    store = Store(path, synchronous="normal")  # as labelled in the results (store_synchronous)
     await store.open()
     cfg = MqttConfig(host="127.0.0.1", port=port, max_inflight=window, keepalive_s=30)
     link = MqttLink(cfg, client_id=f"bench-ours-{os.getpid()}")

@@ -55,10 +55,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         gw = Gateway(cfg, password=password)
         await run_until_signal(gw.run)
 
+    from gateway.store import StoreError, StoreLocked
+
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    except StoreLocked as exc:  # another gateway runs on this store
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -126,10 +134,13 @@ def _cmd_order(args: argparse.Namespace) -> int:
 
 
 def _cmd_buffer(args: argparse.Namespace) -> int:
-    """Operator tools on the store: list / export / retry / purge pending and quarantined events."""
+    """Operator tools on the store: list / export / retry / purge pending and quarantined events.
+
+    ``list`` and ``export`` open the store read-only and work next to a running gateway; ``retry`` and ``purge``
+    write, so they take the store's lock and refuse (exit 2, naming the process) while a gateway runs on it."""
     from gateway import logs
     from gateway.config import ConfigError, load_config
-    from gateway.store import Store, StoreError
+    from gateway.store import Store, StoreError, StoreLocked
 
     logs.configure("console", "warning")  # stdout carries the data
     try:
@@ -142,9 +153,10 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     table = "quarantine" if args.quarantine else "outbox"
     ids = [int(x) for x in args.ids.split(",")] if args.ids else None
+    readonly = args.action in ("list", "export")
 
     async def go() -> int:
-        async with Store(cfg.store.path, synchronous=cfg.store.synchronous) as store:
+        async with Store(cfg.store.path, synchronous=cfg.store.synchronous, readonly=readonly) as store:
             if args.action == "list":
                 rows = await store.list_rows(table, limit=args.limit)
                 print(json.dumps({"table": table, "pending": store.pending, "quarantined": store.quarantined,
@@ -161,7 +173,8 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
                 print(f"exported {len(rows)} {table} rows" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
             elif args.action == "retry":
                 n = await store.retry_quarantined(ids)
-                print(f"moved {n} quarantined events back to the outbox (the running gateway picks them up)")
+                print(f"moved {n} quarantined events back to the outbox (sent when the gateway starts; rows from the "
+                      "outbox keep their original place)")
             elif args.action == "purge":
                 if not args.yes:
                     print(f"purge deletes {table} rows for good: add --yes", file=sys.stderr)
@@ -172,6 +185,9 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(go())
+    except StoreLocked as exc:
+        print(f"buffer {args.action}: {exc} (list and export work while it runs)", file=sys.stderr)
+        return EXIT_CONFIG
     except StoreError as exc:
         print(f"store error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -92,10 +92,16 @@ class MqttConfig(_Model):
 
 
 class StoreConfig(_Model):
-    path: str = Field("./data/edge-gateway.db", description="SQLite file of the outbox and counter state.")
+    path: str = Field(
+        "./data/edge-gateway.db",
+        description="SQLite file of the outbox and counter state. A relative path is relative to the directory of the "
+        "config file (not the working directory), so the gateway finds its backlog wherever it is started from.",
+    )
     synchronous: Literal["normal", "full"] = Field(
-        "normal",
-        description="'normal': a committed event survives a process crash; 'full': it also survives power loss.",
+        "full",
+        description="'full' (default): a committed event survives power loss (one WAL fsync per group commit). "
+        "'normal': it survives a process crash only; after a power loss the last commits may roll back and an event "
+        "already published can be re-derived with other content under the same id (explicit opt-out).",
     )
     max_size_mb: float = Field(
         512, gt=0, description="Cap on event bytes held (outbox + quarantine). When reached, quantities accumulate in "
@@ -496,4 +502,15 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         line = mark.line + 1 if mark else None
         detail = re.sub(r"\s+", " ", str(getattr(exc, "problem", None) or exc))
         raise ConfigError(file, [ConfigProblem(path="", message=f"not valid YAML: {detail}", line=line)]) from None
-    return parse_config(data, file, text)
+    cfg = parse_config(data, file, text)
+    resolve_paths(cfg, Path(path).resolve().parent)
+    return cfg
+
+
+def resolve_paths(cfg: GatewayConfig, base: str | os.PathLike[str]) -> GatewayConfig:
+    """Make relative file paths of the config absolute against ``base`` (the config file's directory):
+    ``store.path``. Started from another working directory the gateway must open the same store, not a fresh one
+    with a new epoch next to an orphaned backlog."""
+    if not os.path.isabs(cfg.store.path):
+        cfg.store.path = os.path.normpath(os.path.join(os.fspath(base), cfg.store.path))
+    return cfg

@@ -1,26 +1,61 @@
 """The local store: counter state, the event outbox and the quarantine in one SQLite file (WAL).
 
-Invariants
-----------
+Contract
+--------
+What the rest of the gateway may rely on. Each point says why it holds.
+
+- **The publisher sees only committed rows.** Reads (``fetch``, ``max_id``, ``list_rows`` ...) share the writer's
+  connection, so they take the same transaction lock as writes: a read never runs inside another task's open
+  transaction, and rows of a transaction that is later rolled back (SQLITE_FULL often surfaces only at COMMIT) are
+  never returned. ``commit()`` itself returns the rows it committed, with their outbox ids, so the runtime can hand
+  them to the publisher without reading them back.
+- **An event leaves the gateway only when its commit is durable.** With ``synchronous="full"`` (the default) SQLite
+  fsyncs the WAL before COMMIT returns, so a row returned by ``commit()`` or ``fetch()`` survives a power loss or a
+  kernel crash. ``synchronous="normal"`` is an explicit opt-out (``store.opened`` is then logged at warning level): a commit then
+  survives a crash of the process but not a power loss, and the last transactions may roll back; the engine then
+  re-derives the events from the machine counters under the same sequence numbers, and an event that had already
+  been published may be re-derived with a *different content under an id that was already published* (the counter
+  moved on in between). Only ``full`` gives the identity guarantee below across power loss.
+- **An id is never reused for different content.** An event id derives from source + epoch + sequence number. The
+  sequence number is allocated by the engine and persisted (``meta.next_seq``) only inside the commit that carries the
+  engine snapshot which produced the event, together with the event itself: both are on disk or neither is. A failed
+  commit's rows are never visible (previous point), so nothing derived from a state that was not persisted can be
+  published; the caller keeps the staged rows and re-commits them unchanged. With ``synchronous="full"`` the commit
+  of a published row cannot roll back, so the sequence number cannot be allocated again. The ``epoch`` (random, made
+  when the file is created) keeps a new store from reusing the ids of an old one. Outbox ids come from AUTOINCREMENT
+  and are never reused either.
+- **Counters cannot drift.** ``pending`` (outbox rows), ``pending_bytes`` (payload bytes in outbox + quarantine) and
+  ``quarantined`` are changed only by what a committed transaction actually did: ``ack`` and ``purge`` count the rows
+  their DELETE removed (``RETURNING length(payload)``), not the ids they were given, so acking a row twice, acking a
+  quarantined or purged row, or a lost race changes nothing. They equal ``COUNT(*)`` / ``SUM(LENGTH(payload))`` of
+  the tables at all times (the stateful model test checks this after every step).
+- **Ordering.** Rows get increasing outbox ids in commit order (ids of one commit are consecutive); events of one
+  machine are committed in the order the engine produced them, so publishing in id order preserves per-machine order.
+  A row retried from the quarantine goes back under its original outbox id (kept in ``quarantine.outbox_id``; free,
+  since AUTOINCREMENT never hands out an id twice) with its original ``seq``, so it goes out in its original place
+  among its machine's rows; rows quarantined from outside (ERP rejections: no outbox id) go to the end.
+- **One process per store.** ``open()`` takes an exclusive ``flock`` on ``<path>.lock`` and writes its PID and
+  command line into it; a second opener gets ``StoreLocked`` naming that process. ``Store(path, readonly=True)`` reads
+  without the lock (``edge-gateway buffer list|export`` next to a running gateway) and can never write.
+- **A failed commit.** ``commit()`` raises ``StoreError`` with a ``kind`` (``disk_full``, ``readonly``, ``io``,
+  ``corrupt``, ``locked``, ``other``, from the SQLite error code); the transaction is rolled back entirely, nothing of
+  it is visible, the store's counters and ``next_seq`` are unchanged. The caller keeps the staged rows and engine
+  state and retries; ``last_error`` and ``consecutive_failures`` tell a supervisor how long it has been failing.
+  A task cancelled while COMMIT runs (gateway stop) gets ``CancelledError`` only after COMMIT's outcome is known, and
+  the counters follow the disk; the rows may then be committed although the caller saw no return value (a caller
+  that re-commits them produces duplicates with the same ids and content, which consumers deduplicate).
+
+Other invariants
+----------------
 - **Atomicity.** ``commit()`` writes, in one transaction, the machine snapshots (counter baselines, open window,
-  totals, order context), the next sequence number and the outbox rows derived from them. Either all of it is on
-  disk or none of it is. Because the machine's cumulative counter is the durable log, a crash before the commit
-  loses nothing: after restart the engine resumes from the last committed baseline and derives the same quantities
-  again, under the same sequence numbers.
-- **Durability.** With ``synchronous=NORMAL`` (default) a committed transaction survives a crash of the gateway
-  process (the WAL is in the OS page cache); after a power loss or kernel crash the last transactions since the
-  last WAL sync may roll back — they are then re-derived from the machine counters as above, and any event of
-  them that had already been published is re-published under the same id (the sequence rolls back with it).
-  ``synchronous=FULL`` fsyncs the WAL on every commit: committed events survive power loss too, at the cost of one
-  fsync per group commit (``store.synchronous``).
-- **Group commit.** The runtime batches many samples/events per transaction; never one transaction per event.
-- **Ordering.** Outbox rows get increasing ids in commit order; events of one machine are committed in the order
-  the engine produced them, so publishing in id order preserves per-machine order.
+  totals, order context), the next sequence number and the outbox rows derived from them. Because the machine's
+  cumulative counter is the durable log, a crash before the commit loses nothing: after restart the engine resumes
+  from the last committed baseline and derives the quantities again.
+- **Group commit.** The runtime batches many samples/events per transaction; never one transaction per event. The
+  cost of the durable default (one WAL fsync per commit) is measured by ``bench/commit_cost.py``.
 - **Delivery.** A row is deleted only after the broker's PUBACK (``ack()``). Acks are applied in small batches, so
   a crash between PUBACK and delete re-publishes those rows after restart: consumers deduplicate on the event id,
   which is stable. After a restart delivery resumes at the lowest id still in the outbox.
-- **Identity.** The store has an ``epoch`` (random, made when the file is created); event ids derive from
-  source + epoch + sequence, so a new store never reuses the id of an event from an old one.
 - **Size cap.** ``max_bytes`` bounds the payload bytes held in the outbox and quarantine. At the cap (or when the
   disk is full: SQLITE_FULL / ENOSPC) the store reports ``full``: the runtime then stops closing reporting windows
   — quantity deltas keep accumulating in the (small, persisted) machine state and are reported once space returns —,
@@ -30,27 +65,34 @@ Invariants
 - **Corrupt or oversized records.** Rows are written by the gateway itself. A row the broker refuses (larger than
   ``mqtt.max_message_bytes``, or a negative MQTT 5 PUBACK) or an event the ERP rejects is moved to the
   ``quarantine`` table with the reason, so it never blocks the rows behind it; ``edge-gateway buffer`` lists,
-  retries (moves back to the end of the outbox), exports and purges them. A row whose payload cannot be read is
-  quarantined too.
+  retries, exports and purges them (retry and purge only while no gateway runs on the store). A row whose payload
+  cannot be read is quarantined too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import json
 import os
 import sqlite3
+import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 import structlog
 
+from gateway.faults import crash_point
+
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: quarantine.outbox_id (added by ALTER TABLE to files of version 1)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,20 +111,25 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantine (
-    qid     INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq     INTEGER,
-    machine TEXT NOT NULL,
-    type    TEXT NOT NULL,
-    topic   TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    reason  TEXT NOT NULL,
-    at      REAL NOT NULL
+    qid       INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq       INTEGER,
+    machine   TEXT NOT NULL,
+    type      TEXT NOT NULL,
+    topic     TEXT NOT NULL,
+    payload   BLOB NOT NULL,
+    reason    TEXT NOT NULL,
+    at        REAL NOT NULL,
+    outbox_id INTEGER
 );
 """
+
+_CHUNK = 500  # ids per "IN (...)" statement (SQLite allows 32766 variables; keep statements small)
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
+    """An event to commit: made by the runtime, written by ``Store.commit``."""
+
     seq: int
     machine: str
     type: str
@@ -92,6 +139,8 @@ class OutboxRow:
 
 @dataclass(frozen=True, slots=True)
 class PendingRow:
+    """A committed outbox row: returned by ``Store.commit`` and ``Store.fetch``."""
+
     id: int
     topic: str
     payload: bytes
@@ -99,37 +148,119 @@ class PendingRow:
     seq: int = 0
 
 
-class StoreError(Exception):
-    """The store could not be opened or written (disk full, corrupt file, permissions)."""
+ERROR_KINDS = ("disk_full", "readonly", "io", "corrupt", "locked", "other")
 
-    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+
+class StoreError(Exception):
+    """The store could not be opened or written.
+
+    ``kind`` says why, from the SQLite result code (or the OS errno): ``disk_full`` (SQLITE_FULL, ENOSPC),
+    ``readonly`` (SQLITE_READONLY, SQLITE_PERM, EROFS, EACCES), ``io`` (SQLITE_IOERR, SQLITE_CANTOPEN, other OS
+    errors), ``corrupt`` (SQLITE_CORRUPT, SQLITE_NOTADB), ``locked`` (SQLITE_BUSY, SQLITE_LOCKED, another gateway
+    holds the store: ``StoreLocked``), ``other``. ``disk_full`` is kept as a bool for older callers.
+    """
+
+    def __init__(self, message: str, *, kind: str | None = None, disk_full: bool = False) -> None:
         super().__init__(message)
-        self.disk_full = disk_full
+        self.kind = kind or ("disk_full" if disk_full else "other")
+        self.disk_full = self.kind == "disk_full"
+
+
+class StoreLocked(StoreError):
+    """Another process has the store open for writing (it holds the flock on ``<path>.lock``)."""
+
+    def __init__(self, path: str, pid: int | None, command: str) -> None:
+        who = f"process {pid}" if pid is not None else "another process"
+        if command:
+            who += f" ({command})"
+        super().__init__(f"store {path} is in use by {who}; stop it first", kind="locked")
+        self.path = path
+        self.pid = pid
+        self.command = command
+
+
+_SQLITE_KINDS = {
+    sqlite3.SQLITE_FULL: "disk_full",
+    sqlite3.SQLITE_READONLY: "readonly",
+    sqlite3.SQLITE_PERM: "readonly",
+    sqlite3.SQLITE_IOERR: "io",
+    sqlite3.SQLITE_CANTOPEN: "io",
+    sqlite3.SQLITE_CORRUPT: "corrupt",
+    sqlite3.SQLITE_NOTADB: "corrupt",
+    sqlite3.SQLITE_BUSY: "locked",
+    sqlite3.SQLITE_LOCKED: "locked",
+}
+
+
+def error_kind(exc: BaseException) -> str:
+    """Classify a failure of SQLite or of the OS (see ``StoreError``)."""
+    if isinstance(exc, StoreError):
+        return exc.kind
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and (code & 0xFF) in _SQLITE_KINDS:
+            return _SQLITE_KINDS[code & 0xFF]
+        if "full" in str(exc).lower():
+            return "disk_full"
+        return "other"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "disk_full"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return "readonly"
+        return "io"
+    return "other"
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
-            return True
-    return isinstance(exc, OSError) and exc.errno == 28
+    return error_kind(exc) == "disk_full"
+
+
+def _command_line() -> str:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            parts = f.read().split(b"\0")
+        return " ".join(p.decode(errors="replace") for p in parts if p)
+    except OSError:
+        return " ".join([sys.executable, *sys.argv])
+
+
+def _chunks(ids: list[int]) -> Iterable[list[int]]:
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i:i + _CHUNK]
+
+
+Apply = Callable[[], Any]  # bookkeeping run after a successful COMMIT, under the transaction lock
 
 
 class Store:
-    """SQLite-backed state + outbox + quarantine. Async context manager."""
+    """SQLite-backed state + outbox + quarantine. Async context manager.
 
-    def __init__(self, path: str, *, synchronous: str = "normal", max_bytes: int | None = None) -> None:
+    ``synchronous``: ``"full"`` (default; a returned commit survives power loss) or ``"normal"`` (survives a process
+    crash only; see the contract above). ``readonly``: open the file read-only without taking the process lock
+    (inspection next to a running gateway); every write then fails with ``StoreError(kind="readonly")``.
+    """
+
+    def __init__(self, path: str, *, synchronous: str = "full", max_bytes: int | None = None,
+                 readonly: bool = False) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self.max_bytes = max_bytes
+        self.readonly = readonly
         self._db: aiosqlite.Connection | None = None
+        self._lock_fd: int | None = None
+        self._outbox_id_col = "outbox_id"  # "NULL" when a read-only open finds a schema-1 file
         self.epoch: str = ""
         self.next_seq: int = 1
         self.pending: int = 0
         self.pending_bytes: int = 0
         self.quarantined: int = 0
         self.disk_full = False  # the last write failed for lack of space
-        self._tx = asyncio.Lock()  # one connection: transactions must not interleave
+        self.last_error: StoreError | None = None  # the error of the last write if it failed, else None
+        self.consecutive_failures = 0  # writes failed in a row (0 after a successful one)
+        self._tx = asyncio.Lock()  # one connection: transactions and reads must not interleave
+        # test hook: awaited inside a write transaction, after its statements, right before COMMIT
+        self.before_commit: Callable[[], Awaitable[None]] | None = None
 
     async def __aenter__(self) -> "Store":
         await self.open()
@@ -139,37 +270,116 @@ class Store:
         await self.close()
 
     # ------------------------------------------------------------------ lifecycle
-    async def open(self) -> None:
-        d = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(d, exist_ok=True)
+    @property
+    def lock_path(self) -> str:
+        return os.path.abspath(self.path) + ".lock"
+
+    def _take_lock(self) -> None:
+        """One writer per store: an exclusive flock on ``<path>.lock`` (released by the OS if the process dies)."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            db = self._db
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute(f"PRAGMA synchronous={self.synchronous}")
-            await db.execute("PRAGMA busy_timeout=5000")
-            await db.executescript(_SCHEMA)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                text = os.pread(fd, 8192, 0).decode(errors="replace")
+            finally:
+                os.close(fd)
+            first, _, rest = text.partition("\n")
+            pid = int(first) if first.strip().isdigit() else None
+            raise StoreLocked(os.path.abspath(self.path), pid, rest.strip()) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        try:  # who holds it, for the message of a second opener; the flock alone is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n{_command_line()}\n".encode(), 0)
+        except OSError:  # e.g. a full disk: the store may still open (and report the full disk)
+            pass
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            try:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    async def open(self, *, readonly: bool | None = None) -> None:
+        """Open (creating the file and its schema unless read-only). Raises ``StoreLocked`` when another process
+        has the store open for writing, ``StoreError`` when the file cannot be opened."""
+        if readonly is not None:
+            self.readonly = readonly
+        if self._db is not None:
+            return
+        try:
+            if not self.readonly:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self._take_lock()
+        except OSError as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}", kind=error_kind(exc)) from exc
+        try:
+            if self.readonly:
+                uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
+                self._db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+                db = self._db
+                await db.execute("PRAGMA busy_timeout=5000")
+            else:
+                self._db = await aiosqlite.connect(self.path, isolation_level=None)
+                db = self._db
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute(f"PRAGMA synchronous={self.synchronous}")
+                await db.execute("PRAGMA busy_timeout=5000")
+                await db.executescript(_SCHEMA)
+                cols = {r[1] for r in await db.execute_fetchall("PRAGMA table_info(quarantine)")}
+                if "outbox_id" not in cols:  # a file of schema version 1
+                    await db.execute("ALTER TABLE quarantine ADD COLUMN outbox_id INTEGER")
+                    log.info("store.migrated", path=self.path, schema=SCHEMA_VERSION)
             meta = dict(await db.execute_fetchall("SELECT key, value FROM meta"))
-            if "epoch" not in meta:
+            if "epoch" not in meta and not self.readonly:
                 meta = {"epoch": uuid.uuid4().hex, "next_seq": "1", "schema": str(SCHEMA_VERSION)}
                 await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
+            elif not self.readonly and meta.get("schema") != str(SCHEMA_VERSION):
+                await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            if "epoch" not in meta:
+                raise StoreError(f"{self.path} is not an edge-gateway store (no epoch)", kind="corrupt")
             self.epoch = meta["epoch"]
             self.next_seq = int(meta["next_seq"])
-            (self.pending, size) = (await db.execute_fetchall("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"))[0]
-            (self.quarantined, qsize) = (await db.execute_fetchall("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))[0]
-            self.pending_bytes = int(size) + int(qsize)
+            cols = {r[1] for r in await db.execute_fetchall("PRAGMA table_info(quarantine)")}
+            self._outbox_id_col = "outbox_id" if "outbox_id" in cols else "NULL"
+            await self._recount()
         except Exception as exc:
             if self._db is not None:
                 await self._db.close()
                 self._db = None
-            raise StoreError(f"cannot open store {self.path}: {exc}", disk_full=_is_disk_full(exc)) from exc
-        log.info("store.opened", path=self.path, epoch=self.epoch, next_seq=self.next_seq, pending=self.pending,
-                 quarantined=self.quarantined, synchronous=self.synchronous.lower())
+            self._release_lock()
+            raise StoreError(f"cannot open store {self.path}: {exc}", kind=error_kind(exc)) from exc
+        durable = self.readonly or self.synchronous in ("FULL", "EXTRA")
+        (log.info if durable else log.warning)(
+            "store.opened", path=self.path, epoch=self.epoch, next_seq=self.next_seq, pending=self.pending,
+            quarantined=self.quarantined, synchronous=self.synchronous.lower(), readonly=self.readonly,
+            **({} if durable else {"risk": "not durable against power loss: the last commits may roll back and an "
+                                           "event already published can be re-derived with other content under the "
+                                           "same id; store.synchronous: full avoids it"}))
+
+    async def _recount(self) -> None:
+        db = self.db
+        (self.pending, size) = (await db.execute_fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"))[0]
+        (self.quarantined, qsize) = (await db.execute_fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))[0]
+        self.pending_bytes = int(size) + int(qsize)
 
     async def close(self) -> None:
         if self._db is not None:
-            await self._db.close()
-            self._db = None
+            db, self._db = self._db, None
+            try:
+                await db.close()
+            finally:
+                self._release_lock()
+        else:
+            self._release_lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -181,14 +391,38 @@ class Store:
     def full(self) -> bool:
         return self.disk_full or (self.max_bytes is not None and self.pending_bytes >= self.max_bytes)
 
-    async def _write(self, fn: Any, what: str) -> None:
-        """Run ``fn(db)`` in one transaction; translate failures, remember a full disk."""
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """A read under the transaction lock: never inside another task's open transaction."""
         db = self.db
         async with self._tx:
+            return list(await db.execute_fetchall(sql, params))
+
+    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[Apply | None]], what: str, *,
+                     committed_point: str | None = None) -> Any:
+        """Run ``fn(db)`` in one transaction; translate failures, remember a full disk.
+
+        ``fn`` may return a function that updates the in-memory counters; it runs only after COMMIT succeeded (still
+        under the lock) and its result is returned. A cancellation during COMMIT waits for COMMIT's outcome first,
+        so the counters follow what is on disk either way."""
+        db = self.db
+        async with self._tx:
+            apply: Apply | None = None
+            cancelled: BaseException | None = None
             try:
                 await db.execute("BEGIN IMMEDIATE")
-                await fn(db)
-                await db.execute("COMMIT")
+                apply = await fn(db)
+                if self.before_commit is not None:
+                    await self.before_commit()
+                commit = asyncio.ensure_future(db.execute("COMMIT"))
+                while True:
+                    try:
+                        await asyncio.shield(commit)
+                        break
+                    except asyncio.CancelledError as exc:
+                        if commit.done() and not commit.cancelled():
+                            commit.result()  # raises COMMIT's own error
+                            break
+                        cancelled = exc  # the COMMIT runs on in SQLite's thread: learn how it ended
             except BaseException as exc:
                 # also on cancellation (gateway stop): never leave the transaction open for the next writer
                 try:
@@ -197,73 +431,106 @@ class Store:
                     pass
                 if not isinstance(exc, Exception):
                     raise
-                full = _is_disk_full(exc)
-                if full:
+                err = StoreError(f"{what} failed: {exc}", kind=error_kind(exc))
+                self.last_error = err
+                self.consecutive_failures += 1
+                if err.kind == "disk_full":
                     self.disk_full = True
-                raise StoreError(f"{what} failed: {exc}", disk_full=full) from exc
-        self.disk_full = False
+                if cancelled is not None:
+                    raise cancelled from err
+                raise err from exc
+            self.disk_full = False
+            self.last_error = None
+            self.consecutive_failures = 0
+            result = apply() if apply is not None else None
+        if committed_point is not None:
+            crash_point(committed_point)
+        if cancelled is not None:
+            raise cancelled
+        return result
 
     # ------------------------------------------------------------------ state + outbox
     async def load_states(self) -> dict[str, dict[str, Any]]:
-        rows = await self.db.execute_fetchall("SELECT machine, state FROM machine_state")
+        rows = await self._read("SELECT machine, state FROM machine_state")
         return {m: json.loads(s) for m, s in rows}
 
     async def commit(self, states: dict[str, dict[str, Any]], rows: list[OutboxRow], next_seq: int) -> list[PendingRow]:
-        """Write snapshots, outbox rows and the sequence counter in one transaction; returns the committed rows
-        with their outbox ids (for ``Publisher.notify(rows)``)."""
+        """Write snapshots, outbox rows and the sequence counter in one transaction; return the committed rows
+        with their outbox ids (consecutive, in the order given). On ``StoreError`` nothing was written."""
         now = time.time()
         last_id = 0
 
-        async def tx(db: aiosqlite.Connection) -> None:
-            nonlocal last_id
+        async def tx(db: aiosqlite.Connection) -> Apply:
             if states:
                 await db.executemany(
                     "INSERT INTO machine_state(machine, state, updated) VALUES (?, ?, ?) "
                     "ON CONFLICT(machine) DO UPDATE SET state=excluded.state, updated=excluded.updated",
                     [(m, json.dumps(s, separators=(",", ":")), now) for m, s in states.items()],
                 )
+            first = 0
             if rows:
                 await db.executemany(
                     "INSERT INTO outbox(seq, machine, type, topic, payload, created) VALUES (?, ?, ?, ?, ?, ?)",
                     [(r.seq, r.machine, r.type, r.topic, r.payload, now) for r in rows],
                 )
-                ((last_id,),) = await db.execute_fetchall("SELECT last_insert_rowid()")
+                # AUTOINCREMENT gives each new row max(sqlite_sequence, max id) + 1 and records it in
+                # sqlite_sequence: the rows of this (only) writer's transaction got the last len(rows) ids
+                ((last,),) = await db.execute_fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+                first = int(last) - len(rows) + 1
+                crash_point("store.inserted")
             if next_seq != self.next_seq:
                 await db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(next_seq),))
 
-        await self._write(tx, "commit")
-        self.next_seq = next_seq
-        self.pending += len(rows)
-        self.pending_bytes += sum(len(r.payload) for r in rows)
-        # one writer, one transaction, AUTOINCREMENT: the ids of the rows are consecutive, ending at last_id
-        first = last_id - len(rows) + 1
-        return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
+            def apply() -> list[PendingRow]:
+                self.next_seq = next_seq
+                self.pending += len(rows)
+                self.pending_bytes += sum(len(r.payload) for r in rows)
+                return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
+
+            return apply
+
+        return await self._write(tx, "commit", committed_point="store.committed")
 
     async def max_id(self) -> int:
-        (n,) = (await self.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM outbox"))[0]
+        (n,) = (await self._read("SELECT COALESCE(MAX(id), 0) FROM outbox"))[0]
         return int(n)
 
     async def fetch(self, after_id: int, limit: int, upto_id: int | None = None) -> list[PendingRow]:
+        """Committed rows with ``after_id < id [<= upto_id]``, in id order."""
         if upto_id is None:
-            rows = await self.db.execute_fetchall(
-                "SELECT id, topic, payload, machine, seq FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+            rows = await self._read(
+                "SELECT id, topic, payload, machine, seq FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit))
         else:
-            rows = await self.db.execute_fetchall(
+            rows = await self._read(
                 "SELECT id, topic, payload, machine, seq FROM outbox WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
                 (after_id, upto_id, limit))
         return [PendingRow(i, t, bytes(p), m, s) for i, t, p, m, s in rows]
 
-    async def ack(self, acked: list[tuple[int, int]]) -> None:
-        """Delete acknowledged rows: ``(id, payload_size)`` pairs."""
-        if not acked:
-            return
+    async def ack(self, acked: Iterable[tuple[int, int] | int]) -> int:
+        """Delete acknowledged rows, given as ids or ``(id, payload_size)`` pairs (the size is not trusted: the
+        counters move by what the DELETE removed). Returns the number of rows deleted."""
+        ids = [a[0] if isinstance(a, tuple) else int(a) for a in acked]
+        if not ids:
+            return 0
 
-        async def tx(db: aiosqlite.Connection) -> None:
-            await db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in acked])
+        async def tx(db: aiosqlite.Connection) -> Apply:
+            sizes: list[Any] = []
+            for chunk in _chunks(ids):
+                sizes += await db.execute_fetchall(
+                    f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING LENGTH(payload)", chunk)
+            n, size = len(sizes), sum(int(s) for (s,) in sizes)
 
-        await self._write(tx, "ack")
-        self.pending -= len(acked)
-        self.pending_bytes -= sum(size for _, size in acked)
+            def apply() -> int:
+                self.pending -= n
+                self.pending_bytes -= size
+                return n
+
+            return apply
+
+        n = await self._write(tx, "ack")
+        crash_point("store.deleted")
+        return int(n)
 
     async def last_ids_by_machine(self, upto_id: int) -> dict[str, int]:
         """Highest outbox id per machine among the rows with ``id <= upto_id`` (the publisher's backlog after a
@@ -282,58 +549,69 @@ class Store:
         return await asyncio.to_thread(scan)
 
     async def count_pending(self) -> int:
-        (n,) = (await self.db.execute_fetchall("SELECT COUNT(*) FROM outbox"))[0]
+        (n,) = (await self._read("SELECT COUNT(*) FROM outbox"))[0]
         return int(n)
 
     # ------------------------------------------------------------------ quarantine
     async def quarantine(self, row_id: int, reason: str) -> bool:
-        """Move an outbox row to the quarantine. Returns False when the row is gone (already acked)."""
-        moved = False
+        """Move an outbox row to the quarantine (keeping its outbox id for a retry). Returns False when the row is
+        gone (already acked, quarantined or purged)."""
 
-        async def tx(db: aiosqlite.Connection) -> None:
-            nonlocal moved
-            cur = await db.execute(
-                "INSERT INTO quarantine(seq, machine, type, topic, payload, reason, at) "
-                "SELECT seq, machine, type, topic, payload, ?, ? FROM outbox WHERE id = ?", (reason, time.time(), row_id))
-            moved = cur.rowcount == 1
-            await db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+        async def tx(db: aiosqlite.Connection) -> Apply:
+            gone = await db.execute_fetchall(
+                "DELETE FROM outbox WHERE id = ? RETURNING seq, machine, type, topic, payload", (row_id,))
+            for seq, machine, type_, topic, payload in gone:
+                await db.execute(
+                    "INSERT INTO quarantine(seq, machine, type, topic, payload, reason, at, outbox_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, machine, type_, topic, payload, reason, time.time(), row_id))
 
-        await self._write(tx, "quarantine")
-        if moved:
-            self.pending -= 1
-            self.quarantined += 1
-        return moved
+            def apply() -> bool:
+                self.pending -= len(gone)
+                self.quarantined += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
+                return bool(gone)
+
+            return apply
+
+        return bool(await self._write(tx, "quarantine"))
 
     async def quarantine_external(self, *, seq: int | None, machine: str, type: str, topic: str, payload: bytes,
                                   reason: str) -> None:
-        """Quarantine an event that already left the outbox (the ERP rejected it after delivery)."""
+        """Quarantine an event that already left the outbox (the ERP rejected it after delivery). It has no outbox
+        id: a retry puts it at the end of the outbox."""
 
-        async def tx(db: aiosqlite.Connection) -> None:
+        async def tx(db: aiosqlite.Connection) -> Apply:
             await db.execute(
                 "INSERT INTO quarantine(seq, machine, type, topic, payload, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (seq, machine, type, topic, payload, reason, time.time()))
 
+            def apply() -> None:
+                self.quarantined += 1
+                self.pending_bytes += len(payload)
+
+            return apply
+
         await self._write(tx, "quarantine")
-        self.quarantined += 1
-        self.pending_bytes += len(payload)
 
     # ------------------------------------------------------------------ operator tools (edge-gateway buffer)
     async def list_rows(self, table: str, limit: int = 100) -> list[dict[str, Any]]:
         if table == "quarantine":
-            rows = await self.db.execute_fetchall(
-                "SELECT qid, seq, machine, type, topic, LENGTH(payload), reason, at FROM quarantine ORDER BY qid LIMIT ?", (limit,))
-            return [dict(zip(("id", "seq", "machine", "type", "topic", "bytes", "reason", "at"), r)) for r in rows]
-        rows = await self.db.execute_fetchall(
+            rows = await self._read(
+                f"SELECT qid, seq, machine, type, topic, LENGTH(payload), reason, at, {self._outbox_id_col} "
+                "FROM quarantine ORDER BY qid LIMIT ?", (limit,))
+            return [dict(zip(("id", "seq", "machine", "type", "topic", "bytes", "reason", "at", "outbox_id"), r))
+                    for r in rows]
+        rows = await self._read(
             "SELECT id, seq, machine, type, topic, LENGTH(payload), created FROM outbox ORDER BY id LIMIT ?", (limit,))
         return [dict(zip(("id", "seq", "machine", "type", "topic", "bytes", "created"), r)) for r in rows]
 
     async def export_rows(self, table: str) -> list[dict[str, Any]]:
         if table == "quarantine":
-            rows = await self.db.execute_fetchall(
-                "SELECT qid, seq, machine, type, topic, payload, reason FROM quarantine ORDER BY qid")
-            keys = ("id", "seq", "machine", "type", "topic", "payload", "reason")
+            rows = await self._read(
+                f"SELECT qid, seq, machine, type, topic, payload, reason, {self._outbox_id_col} "
+                "FROM quarantine ORDER BY qid")
+            keys: tuple[str, ...] = ("id", "seq", "machine", "type", "topic", "payload", "reason", "outbox_id")
         else:
-            rows = await self.db.execute_fetchall("SELECT id, seq, machine, type, topic, payload FROM outbox ORDER BY id")
+            rows = await self._read("SELECT id, seq, machine, type, topic, payload FROM outbox ORDER BY id")
             keys = ("id", "seq", "machine", "type", "topic", "payload")
         out = []
         for r in rows:
@@ -348,42 +626,55 @@ class Store:
         return out
 
     async def retry_quarantined(self, ids: list[int] | None = None) -> int:
-        """Move quarantined rows (all, or the given ids) back to the end of the outbox."""
-        n = 0
+        """Move quarantined rows (all, or the given quarantine ids) back to the outbox, in quarantine order. A row
+        that came from the outbox goes back under its original outbox id (and seq), so it is published in its
+        original place among its machine's rows; a row quarantined from outside (no outbox id) goes to the end."""
         where = "" if ids is None else f" WHERE qid IN ({','.join('?' * len(ids))})"
         params = () if ids is None else tuple(ids)
 
-        async def tx(db: aiosqlite.Connection) -> None:
-            nonlocal n
-            cur = await db.execute(
-                "INSERT INTO outbox(seq, machine, type, topic, payload, created) "
-                f"SELECT COALESCE(seq, 0), machine, type, topic, payload, ? FROM quarantine{where} ORDER BY qid",
-                (time.time(), *params))
-            n = cur.rowcount
-            await db.execute(f"DELETE FROM quarantine{where}", params)
+        async def tx(db: aiosqlite.Connection) -> Apply:
+            gone = sorted(await db.execute_fetchall(
+                f"DELETE FROM quarantine{where} RETURNING qid, seq, machine, type, topic, payload, outbox_id", params))
+            now = time.time()
+            for _qid, seq, machine, type_, topic, payload, outbox_id in gone:
+                values = (seq if seq is not None else 0, machine, type_, topic, payload, now)
+                if outbox_id is not None and not await db.execute_fetchall(
+                        "SELECT 1 FROM outbox WHERE id = ?", (outbox_id,)):
+                    await db.execute("INSERT INTO outbox(id, seq, machine, type, topic, payload, created) "
+                                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (outbox_id, *values))
+                else:
+                    await db.execute("INSERT INTO outbox(seq, machine, type, topic, payload, created) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)", values)
 
-        await self._write(tx, "retry")
-        self.quarantined -= n
-        self.pending += n
-        return n
+            def apply() -> int:
+                self.quarantined -= len(gone)
+                self.pending += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
+                return len(gone)
+
+            return apply
+
+        return int(await self._write(tx, "retry"))
 
     async def purge(self, table: str, ids: list[int] | None = None) -> int:
+        """Delete outbox or quarantine rows for good (all, or the given ids). Returns the number deleted."""
+        if table not in ("outbox", "quarantine"):
+            raise ValueError(f"unknown table {table!r}")
         key = "qid" if table == "quarantine" else "id"
         where = "" if ids is None else f" WHERE {key} IN ({','.join('?' * len(ids))})"
         params = () if ids is None else tuple(ids)
-        n = 0
-        size = 0
 
-        async def tx(db: aiosqlite.Connection) -> None:
-            nonlocal n, size
-            ((size,),) = await db.execute_fetchall(f"SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM {table}{where}", params)
-            cur = await db.execute(f"DELETE FROM {table}{where}", params)
-            n = cur.rowcount
+        async def tx(db: aiosqlite.Connection) -> Apply:
+            gone = await db.execute_fetchall(f"DELETE FROM {table}{where} RETURNING LENGTH(payload)", params)
+            n, size = len(gone), sum(int(s) for (s,) in gone)
 
-        await self._write(tx, "purge")
-        if table == "quarantine":
-            self.quarantined -= n
-        else:
-            self.pending -= n
-        self.pending_bytes -= int(size)
-        return n
+            def apply() -> int:
+                if table == "quarantine":
+                    self.quarantined -= n
+                else:
+                    self.pending -= n
+                self.pending_bytes -= size
+                return n
+
+            return apply
+
+        return int(await self._write(tx, "purge"))

@@ -18,7 +18,9 @@ class Collector:
         self.msgs = []
         self.lock = threading.Lock()
         self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id="collector", clean_session=False)
+        self.subscribed = threading.Event()  # set on the SUBACK: from then on nothing published is missed
         self.c.on_connect = lambda c, u, f, rc, p: c.subscribe("t/#", qos=1)
+        self.c.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
         self.c.on_message = self._msg
         self.c.reconnect_delay_set(0.1, 0.5)
         self.c.connect("127.0.0.1", port)
@@ -53,7 +55,7 @@ async def fill(store, start, n):
 
 async def test_publishes_in_order_and_deletes_after_puback(tmp_path, broker):
     col = Collector(broker.port)
-    await asyncio.sleep(0.3)
+    await asyncio.to_thread(col.subscribed.wait, 10)
     async with Store(str(tmp_path / "s.db")) as store:
         await fill(store, 1, 2000)
         link = MqttLink(MqttConfig(port=broker.port), client_id="gw")
@@ -71,7 +73,7 @@ async def test_publishes_in_order_and_deletes_after_puback(tmp_path, broker):
 
 async def test_broker_outage_loses_nothing(tmp_path, broker):
     col = Collector(broker.port)
-    await asyncio.sleep(0.3)
+    await asyncio.to_thread(col.subscribed.wait, 10)
     async with Store(str(tmp_path / "s.db")) as store:
         link = MqttLink(MqttConfig(port=broker.port, keepalive_s=1), client_id="gw")
         pub = Publisher(store, link, window=20)

@@ -65,11 +65,12 @@ async def test_oversized_event_is_quarantined_and_does_not_block(tmp_path, mqtt_
     await gw.start()
     try:
         await start_order(gw, erp, model, "Q-1")
-        # a poison row lands in the outbox (as if an event had grown past the broker's limit)
-        async with Store(str(store_path)) as other:
-            big = json.dumps({"specversion": "1.0", "id": str(uuid.uuid4()), "pad": "x" * 10_000}).encode()
-            await other.commit({}, [OutboxRow(10**6, "press-2", "operation.quantity_reported",
-                                              "edge/v1/acme/p1/a1/l1/press-2/events/x", big)], other.next_seq)
+        # a poison row lands in the outbox (as if an event had grown past the broker's limit); the running gateway
+        # holds the store's lock, so it goes in through the gateway's own store
+        other = gw.gw.store
+        big = json.dumps({"specversion": "1.0", "id": str(uuid.uuid4()), "pad": "x" * 10_000}).encode()
+        await other.commit({}, [OutboxRow(10**6, "press-2", "operation.quantity_reported",
+                                          "edge/v1/acme/p1/a1/l1/press-2/events/x", big)], other.next_seq)
         gw.gw.publisher.notify()
         await model.produce(60, timeout=20)
         await assert_ledger_matches(erp, {"press-2": model})
@@ -151,18 +152,18 @@ async def test_erp_rejection_quarantine_retry(tmp_path, mqtt_broker, rig):
                          and gw.gw.store.pending == 0, 15,
                          message=f"not every refused event reached the quarantine: {len(refused)} refused")
         assert erp.ledger().get(("press-2", "R-9", "0010")) is None
-    finally:
+        # the ERP unlocks the order; the operator retries the quarantine: not behind the running gateway's back
+        # (refused, exit 2), but with the gateway stopped, then starts it again
+        erp.reject_rule = None
+        retry = [sys.executable, "-m", "gateway.cli", "buffer", "retry", "--config", str(cfg_path)]
+        r = await asyncio.to_thread(subprocess.run, retry, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and f"in use by process {os.getpid()}" in r.stderr, r.stdout + r.stderr
         await gw.stop()
-    n_rejected = len(refused)
-    assert n_rejected >= 1
-
-    # the ERP unlocks the order; the operator retries the quarantine while the gateway is stopped
-    erp.reject_rule = None
-    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway.cli", "buffer", "retry", "--config",
-                                                 str(cfg_path)], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and f"moved {n_rejected} " in r.stdout, r.stdout + r.stderr
-    await gw.start()
-    try:
+        n_rejected = len(refused)
+        assert n_rejected >= 1
+        r = await asyncio.to_thread(subprocess.run, retry, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and f"moved {n_rejected} " in r.stdout, r.stdout + r.stderr
+        await gw.start()
         assert gw.gw.store.quarantined == 0
         await assert_ledger_matches(erp, {"press-2": model})
         delivered = {ev["id"]: ev for ev in erp.events("operation.quantity_reported")}

@@ -1,18 +1,28 @@
 """Stateful property test: the SQLite store against an in-memory model. Any sequence of append (group commit),
-publish (fetch), ack, quarantine, retry, a commit that dies half-way, close/reopen and a size cap neither loses nor
-reorders an event."""
+publish (fetch), ack (also repeated, of quarantined or purged rows), quarantine (from the outbox or from outside),
+retry, purge, a commit that dies half-way, close/reopen and a size cap neither loses nor reorders an event, and the
+store's counters equal what the database holds after every step."""
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gateway.store import OutboxRow, Store, StoreError
+from gateway.store import OutboxRow, PendingRow, Store, StoreError
+
+
+@dataclass
+class Row:
+    id: int | None  # outbox id; None for an event quarantined from outside until a retry gives it one
+    seq: int
+    machine: str
+    payload: bytes
 
 
 class StoreModel(RuleBasedStateMachine):
@@ -23,10 +33,11 @@ class StoreModel(RuleBasedStateMachine):
         self.path = str(Path(self.dir.name) / "s.db")
         self.max_bytes = 2000
         self.store = self.run(self._open())
-        self.rows: list[tuple[int, bytes]] = []        # model of the outbox: (seq, payload) in publish order
-        self.quarantine: list[tuple[int, bytes]] = []
+        self.rows: list[Row] = []          # model of the outbox, in id (= publish) order
+        self.quarantine: list[Row] = []    # in quarantine order
+        self.gone_ids: list[int] = []      # ids acked or purged: acking them again must change nothing
         self.next_seq = 1
-        self.cursor = 0                                  # publisher cursor (last fetched id)
+        self.max_id = 0                    # AUTOINCREMENT: the highest outbox id ever handed out
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -41,37 +52,55 @@ class StoreModel(RuleBasedStateMachine):
         self.loop.close()
         self.dir.cleanup()
 
-    @rule(sizes=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=20))
-    def append(self, sizes):
+    @rule(sizes=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=20),
+          machine=st.sampled_from(["m1", "m2"]))
+    def append(self, sizes, machine):
         batch = []
         for n in sizes:
-            payload = f"{self.next_seq}:".encode() + b"x" * n
-            batch.append((self.next_seq, payload))
+            batch.append(Row(None, self.next_seq, machine, f"{self.next_seq}:".encode() + b"x" * n))
             self.next_seq += 1
-        rows = [OutboxRow(seq, "m", "t", "topic", p) for seq, p in batch]
-        self.run(self.store.commit({"m": {"seq": self.next_seq}}, rows, self.next_seq))
+        rows = [OutboxRow(r.seq, r.machine, "t", f"topic/{r.machine}", r.payload) for r in batch]
+        committed = self.run(self.store.commit({machine: {"seq": self.next_seq}}, rows, self.next_seq))
+        # commit() returns the committed rows with their ids: consecutive, above every id handed out before
+        assert committed == [PendingRow(self.max_id + 1 + i, f"topic/{r.machine}", r.payload, r.machine, r.seq)
+                             for i, r in enumerate(batch)]
+        for r, c in zip(batch, committed):
+            r.id = c.id
+        self.max_id += len(batch)
         self.rows.extend(batch)
 
     @rule(sizes=st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=5))
     def commit_dies_half_way(self, sizes):
-        """The transaction fails after some rows were inserted: none of them may remain."""
+        """commit() fails after its rows were inserted (the disk fills up before COMMIT): none of them may remain,
+        the counters and next_seq stay, the failure is classified."""
+        rows = [OutboxRow(self.next_seq + i, "m1", "t", "topic/m1", b"doomed" * n) for i, n in enumerate(sizes)]
 
-        async def tx(db):
-            await db.executemany("INSERT INTO outbox(seq, machine, type, topic, payload, created) VALUES (?,?,?,?,?,0)",
-                                 [(0, "m", "t", "topic", b"doomed" * n) for n in sizes])
+        async def fail():
             raise OSError(28, "No space left on device")
 
+        self.store.before_commit = fail
         try:
-            self.run(self.store._write(tx, "commit"))
+            self.run(self.store.commit({"m1": {"doomed": True}}, rows, self.next_seq + len(rows)))
+            raise AssertionError("the commit should have failed")
         except StoreError as exc:
-            assert exc.disk_full
+            assert exc.disk_full and exc.kind == "disk_full"
+        finally:
+            self.store.before_commit = None
         assert self.store.full  # a failed write for lack of space raises the alarm until a write succeeds
+        assert self.store.next_seq == self.next_seq
+        assert self.store.last_error is not None and self.store.consecutive_failures >= 1
+        states = self.run(self.store.load_states())
+        assert "doomed" not in states.get("m1", {})
+        # AUTOINCREMENT's counter rolled back with the transaction: the next commit reuses none of these ids for
+        # anything visible, and the model's max_id is unchanged
 
     @rule(k=st.integers(min_value=1, max_value=50))
     def publish_and_ack_oldest(self, k):
         fetched = self.run(self.store.fetch(0, k))
-        assert [r.payload for r in fetched] == [p for _, p in self.rows[:k]]
-        self.run(self.store.ack([(r.id, len(r.payload)) for r in fetched]))
+        assert [(r.id, r.seq, r.machine, r.payload) for r in fetched] == [
+            (r.id, r.seq, r.machine, r.payload) for r in self.rows[:k]]
+        assert self.run(self.store.ack([(r.id, len(r.payload)) for r in fetched])) == len(fetched)
+        self.gone_ids += [r.id for r in fetched]
         del self.rows[:len(fetched)]
 
     @rule(data=st.data())
@@ -81,9 +110,19 @@ class StoreModel(RuleBasedStateMachine):
         if not fetched:
             return
         chosen = data.draw(st.sets(st.sampled_from(range(len(fetched)))))
-        self.run(self.store.ack([(fetched[i].id, len(fetched[i].payload)) for i in chosen]))
-        gone = {fetched[i].payload for i in chosen}
-        self.rows = [r for r in self.rows if r[1] not in gone]
+        self.run(self.store.ack([fetched[i].id for i in chosen]))
+        gone = {fetched[i].id for i in chosen}
+        self.gone_ids += list(gone)
+        self.rows = [r for r in self.rows if r.id not in gone]
+
+    @precondition(lambda self: self.gone_ids or self.quarantine)
+    @rule(data=st.data())
+    def ack_again(self, data):
+        """A late or repeated PUBACK: the row was already acked, purged or quarantined. Nothing changes; a wrong
+        size given with it changes nothing either."""
+        candidates = self.gone_ids + [r.id for r in self.quarantine if r.id is not None] + [10**9]
+        ids = data.draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=5))
+        assert self.run(self.store.ack([(i, 12345) for i in ids])) == 0
 
     @rule(data=st.data())
     def quarantine_one(self, data):
@@ -92,17 +131,51 @@ class StoreModel(RuleBasedStateMachine):
             return
         i = data.draw(st.integers(min_value=0, max_value=len(fetched) - 1))
         assert self.run(self.store.quarantine(fetched[i].id, "poison"))
-        row = next(r for r in self.rows if r[1] == fetched[i].payload)
+        assert not self.run(self.store.quarantine(fetched[i].id, "poison"))  # gone from the outbox: no-op
+        row = next(r for r in self.rows if r.id == fetched[i].id)
         self.rows.remove(row)
         self.quarantine.append(row)
+
+    @rule(n=st.integers(min_value=1, max_value=100))
+    def quarantine_from_outside(self, n):
+        """The ERP rejected a delivered event: it comes back with no outbox id."""
+        payload = f"erp:{n}:".encode() + b"r" * n
+        self.run(self.store.quarantine_external(seq=n, machine="m2", type="t", topic="topic/m2", payload=payload,
+                                                reason="rejected"))
+        self.quarantine.append(Row(None, n, "m2", payload))
 
     @precondition(lambda self: self.quarantine)
     @rule()
     def retry_quarantine(self):
         n = self.run(self.store.retry_quarantined())
         assert n == len(self.quarantine)
-        self.rows.extend(self.quarantine)  # back at the end of the outbox, in quarantine order
+        # rows from the outbox go back under their original id (their original place); rows from outside go to
+        # the end, in quarantine order, under new ids
+        for r in self.quarantine:
+            if r.id is None:
+                self.max_id += 1
+                r.id = self.max_id
+        self.rows = sorted(self.rows + self.quarantine, key=lambda r: r.id)
         self.quarantine = []
+
+    @precondition(lambda self: self.rows or self.quarantine)
+    @rule(data=st.data(), table=st.sampled_from(["outbox", "quarantine"]))
+    def purge_some_then_ack_them(self, data, table):
+        if table == "outbox" and self.rows:
+            chosen = data.draw(st.lists(st.sampled_from(self.rows), min_size=1, max_size=3, unique_by=id))
+            ids = [r.id for r in chosen]
+            assert self.run(self.store.purge("outbox", ids)) == len(chosen)
+            self.rows = [r for r in self.rows if r.id not in ids]
+            self.gone_ids += ids
+            assert self.run(self.store.ack(ids)) == 0
+        elif table == "quarantine" and self.quarantine:
+            listed = self.run(self.store.list_rows("quarantine", limit=10**6))
+            i = data.draw(st.integers(min_value=0, max_value=len(self.quarantine) - 1))
+            assert self.run(self.store.purge("quarantine", [listed[i]["id"]])) == 1
+            row = self.quarantine.pop(i)
+            if row.id is not None:
+                self.gone_ids.append(row.id)
+                assert self.run(self.store.ack([row.id])) == 0
 
     @rule()
     def crash_and_reopen(self):
@@ -111,21 +184,35 @@ class StoreModel(RuleBasedStateMachine):
         assert self.store.next_seq == self.next_seq
         states = self.run(self.store.load_states())
         if self.next_seq > 1 and states:
-            assert states["m"]["seq"] <= self.next_seq
+            assert all(s["seq"] <= self.next_seq for s in states.values())
 
     @invariant()
     def matches_model(self):
         if not hasattr(self, "store"):
             return
         rows = self.run(self.store.fetch(0, 10**6))
-        assert [r.payload for r in rows] == [p for _, p in self.rows]
-        assert [r.id for r in rows] == sorted(r.id for r in rows)
+        assert [(r.id, r.seq, r.machine, r.payload) for r in rows] == [
+            (r.id, r.seq, r.machine, r.payload) for r in self.rows]
+        q = self.run(self.store.export_rows("quarantine"))
+        assert [(r["seq"], r["machine"], r["outbox_id"]) for r in q] == [(r.seq, r.machine, r.id)
+                                                                        for r in self.quarantine]
         assert self.store.pending == len(self.rows)
-        total = sum(len(p) for _, p in self.rows) + sum(len(p) for _, p in self.quarantine)
+        total = sum(len(r.payload) for r in self.rows) + sum(len(r.payload) for r in self.quarantine)
         assert self.store.pending_bytes == total
         if not self.store.disk_full:
             assert self.store.full == (total >= self.max_bytes)
         assert self.store.quarantined == len(self.quarantine)
+
+    @invariant()
+    def counters_equal_the_database(self):
+        if not hasattr(self, "store"):
+            return
+        db = self.store.db
+        ((n, size),) = self.run(db.execute_fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"))
+        ((qn, qsize),) = self.run(db.execute_fetchall(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))
+        assert (self.store.pending, self.store.pending_bytes, self.store.quarantined) == (n, size + qsize, qn)
 
 
 TestStoreModel = StoreModel.TestCase
