@@ -14,9 +14,8 @@ keep producing (their counters are the durable log):
 - one generation per (point, n) of ``crash_plan()`` (every point of ``gateway/faults.py`` at n = 1, 2, 3: 18
   generations) runs with ``EDGE_GATEWAY_CRASH_AT=point:n`` and must end by itself with exit code 86 within
   ``CRASH_WAIT_S`` when the point is reached (then it is restarted at once); any other exit code is a failure. A point not reached is reported
-  (``crash_points`` in the summary) and its generation SIGKILLed; it fails the test only with
-  ``REQUIRE_ALL_CRASH_POINTS`` (False while the calls are being wired into the gateway; a point no code calls gets a
-  random uptime instead of the full wait);
+  (``crash_points`` in the summary) and its generation SIGKILLed; it fails the test with
+  ``REQUIRE_ALL_CRASH_POINTS`` (True: every point is wired into the gateway);
 - the broker is SIGKILLed once while the gateway is down (after it delivered everything it acknowledged: what mosquitto
   PUBACKed and had not passed on is lost with it, its durability, not the gateway's), the next generation starts
   without a broker, the broker comes back 1 s later; a clean broker restart at the start saved the ERP's session and
@@ -86,11 +85,9 @@ DEFAULT_SEED = 20261122
 CRASH_REPEATS = (1, 2, 3)
 #: How long an armed generation may take to reach its point (start-up included) before it counts as not reached.
 CRASH_WAIT_S = 6.0
-#: False while the crash_point() calls are still being wired into the gateway: a point that is not reached (or not
-#: called anywhere in the source) is reported, and its generation simply ends with a SIGKILL like the random ones.
-#: Flip to True once every point in gateway.faults.POINTS is wired: then every armed generation must end with exit
-#: code 86 within CRASH_WAIT_S, i.e. every point is reached at every n of CRASH_REPEATS.
-REQUIRE_ALL_CRASH_POINTS = False
+#: Every point in gateway.faults.POINTS is wired into the gateway: every armed generation must end with exit code 86
+#: within CRASH_WAIT_S, i.e. every point is reached at every n of CRASH_REPEATS (False would only report the misses).
+REQUIRE_ALL_CRASH_POINTS = True
 
 
 def gateway_doc(*, broker_port: int, store_path: str, opc: OpcUaMachineServer, mb: ModbusMachineServer,
