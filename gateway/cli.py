@@ -1,4 +1,4 @@
-"""Command line: ``edge-gateway run|validate|demo``."""
+"""Command line: ``edge-gateway run|validate|order|buffer|demo|schema|pki|browse|probe``."""
 
 from __future__ import annotations
 
@@ -194,6 +194,78 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pki_dirs(args: argparse.Namespace) -> list[str] | int:
+    """The PKI folder(s) named by --pki-dir, or those of the OPC UA connectors in --config."""
+    if args.pki_dir:
+        return [args.pki_dir]
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    dirs = [c.pki_dir for c in cfg.connectors if c.type == "opcua" and (args.connector in (None, c.id))]
+    if not dirs:
+        print(f"{args.config}: no OPC UA connector" + (f" with id {args.connector!r}" if args.connector else ""),
+              file=sys.stderr)
+        return EXIT_CONFIG
+    return list(dict.fromkeys(dirs))
+
+
+def _cmd_pki(args: argparse.Namespace) -> int:
+    """OPC UA certificate trust: list / trust / reject / show (see connectors/opcua/pki.py)."""
+    from connectors.opcua.pki import Pki, describe
+
+    dirs = _pki_dirs(args)
+    if isinstance(dirs, int):
+        return dirs
+    rc = EXIT_OK
+    for d in dirs:
+        pki = Pki(d)
+        if args.action == "list":
+            print(f"PKI {pki.root}")
+            for store in ("own", "trusted", "issuer", "rejected"):
+                certs = pki.certificates(store)
+                print(f"  {store}/ ({len(certs)})")
+                for _, c in certs:
+                    info = describe(c)
+                    print(f"    {info['thumbprint']}  {info['subject']}  uri={info['application_uri']}  "
+                          f"expires={info['not_after'][:10]} ({info['days_left']} days)")
+        elif args.action == "show":
+            if args.thumbprint:
+                found = pki.find(args.thumbprint)
+                if not found:
+                    print(f"no certificate {args.thumbprint} in {pki.root}", file=sys.stderr)
+                    rc = EXIT_FAILED
+                    continue
+                store, path, cert = found[0]
+            else:
+                found = pki.certificates("own")
+                if not found:
+                    print(f"no own certificate in {pki.root} yet (generated when a connector first connects securely)",
+                          file=sys.stderr)
+                    rc = EXIT_FAILED
+                    continue
+                store, (path, cert) = "own", found[0]
+            print(f"store: {store}\nfile: {path}")
+            for k, v in describe(cert).items():
+                print(f"{k}: {v}")
+        else:
+            to = "trusted" if args.action == "trust" else "rejected"
+            try:
+                cert, path = pki.move(args.thumbprint, to)
+            except KeyError as exc:
+                print(f"{pki.root}: {exc.args[0]}", file=sys.stderr)
+                rc = EXIT_FAILED
+                continue
+            info = describe(cert)
+            print(f"{args.action}ed {info['thumbprint']} ({info['subject']}): {path}")
+            if args.action == "trust":
+                print("a running gateway uses it at its next connect attempt")
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-gateway", description="Machine counters → production-order events → MQTT.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -237,6 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", "-o", default=None, metavar="DIR", help="write the schema files into DIR and list them")
     sc.add_argument("--topic-root", default="edge", help="first topic level in the AsyncAPI addresses (default: edge)")
     sc.set_defaults(fn=_cmd_schema)
+
+    k = sub.add_parser("pki", help="OPC UA certificates: list, trust, reject or show (own/ trusted/ rejected/ issuer/)")
+    ksub = k.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "list the certificates of each store"),
+                         ("trust", "move a rejected server certificate to trusted/"),
+                         ("reject", "move a trusted server certificate to rejected/"),
+                         ("show", "details of a certificate (ours without THUMBPRINT)")):
+        ka = ksub.add_parser(action, help=text)
+        if action in ("trust", "reject"):
+            ka.add_argument("thumbprint", help="SHA-1 thumbprint (a unique prefix is enough)")
+        elif action == "show":
+            ka.add_argument("thumbprint", nargs="?", help="SHA-1 thumbprint (a unique prefix is enough)")
+        else:
+            ka.set_defaults(thumbprint=None)
+        kg = ka.add_mutually_exclusive_group(required=True)
+        kg.add_argument("--pki-dir", help="the PKI folder")
+        kg.add_argument("--config", "-c", metavar="FILE", help="use the pki_dir of the OPC UA connectors in this config")
+        ka.add_argument("--connector", help="with --config: only this connector's PKI folder")
+        ka.set_defaults(fn=_cmd_pki)
     return p
 
 

@@ -467,7 +467,9 @@ def parse_config(data: Any, file: str = "<config>", text: str | None = None) -> 
     problems: list[ConfigProblem] = []
     cfg: GatewayConfig | None = None
     try:
-        cfg = GatewayConfig.model_validate(data)
+        # relative paths in connector configs (the OPC UA pki_dir) are relative to the config file
+        ctx = {"config_dir": os.path.dirname(os.path.abspath(file))} if not file.startswith("<") else None
+        cfg = GatewayConfig.model_validate(data, context=ctx)
     except ValidationError as exc:
         for err in exc.errors():
             problems.append(problem(_clean_loc(tuple(err["loc"])), _message(err)))

@@ -52,6 +52,7 @@ def make_connector(endpoint: str, node_ids: dict[str, str], sink: Recorder, **cf
             "sampling_interval_ms": 0,
             "watchdog_interval_s": 0.3,
             "timeout_s": 1.0,
+            "security": "none",  # the simulator's default endpoint is unsecured
             **cfg,
         }
     )

@@ -2,8 +2,11 @@
 
 Life of a connection (one loop iteration of :meth:`OpcUaConnector.run`):
 
-1. A fresh asyncua ``Client`` connects (the whole sequence bounded by ``timeout_s``), with user/password
-   when ``username`` is set. The client's own auto-reconnect is off: this connector owns reconnects.
+1. A fresh asyncua ``Client`` is prepared by :func:`connectors.opcua.session.prepare_client` (endpoint chosen
+   by security policy, our certificate from the PKI folder, server certificate checked against it, user token),
+   then connects (the whole sequence bounded by ``timeout_s``). The client's own auto-reconnect is off: this
+   connector owns reconnects. A refused server certificate is logged once per thumbprint with the command that
+   trusts it; the connector keeps retrying, so trusting it is enough.
 2. ONE subscription is created and all monitored items are created in ONE CreateMonitoredItems call.
    Notifications use the raw service path (``uaclient.create_subscription`` with a plain callback): one
    callback per Publish response, turned into one batch of Samples and one ``sink`` call. No per-item
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import shlex
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -34,10 +38,11 @@ import structlog
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
 
-from connectors.secrets import read_secret
 from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
+from connectors.opcua.pki import EXPIRY_WARNING_DAYS, CertificateRefused, Pki
+from connectors.opcua.session import SessionSecurity, prepare_client
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
@@ -146,6 +151,8 @@ class OpcUaConnector(Connector):
         self._outage_since: float | None = None
         self._ever_connected = False
         self._failed_items: set[str] = set()  # node ids whose monitored item failed (logged once)
+        self._logged_refusal: str | None = None  # the security refusal last logged (logged once per cause)
+        self._warned: set[str] = set()
         self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0)
 
     # ------------------------------------------------------------------ run loop
@@ -187,16 +194,19 @@ class OpcUaConnector(Connector):
             watchdog_intervall=max(60.0, 10 * cfg.watchdog_interval_s),
         )
         client.name = client.description = f"edge-gateway {self.id}"
-        client.application_uri = f"urn:edge-gateway:{self.id}"
+        client.application_uri = cfg.own_application_uri
         client.session_timeout = int(max(60.0, 10 * cfg.watchdog_interval_s) * 1000)
-        if cfg.username:
-            client.set_user(cfg.username)
-            client.set_password(self._password())
         self._generation += 1
         gen = self._generation
         self._client = client
         self._lost = asyncio.Event()
         self._lost_reason = None
+        try:
+            security = await prepare_client(client, cfg, cfg.timeout_s)
+        except CertificateRefused as exc:
+            self._log_refused(exc)
+            raise
+        self._note_security(security)
 
         async def on_connection_lost(exc: Exception) -> None:
             self._mark_lost(gen, f"connection lost: {exc!r}")
@@ -206,15 +216,35 @@ class OpcUaConnector(Connector):
         await asyncio.wait_for(self._subscribe(client, gen), cfg.timeout_s)
         return client
 
-    def _password(self) -> str:
-        cfg = self.config
-        try:
-            pw = read_secret(cfg.password_env, cfg.password_file, field=f"connectors[{cfg.id}].password")
-        except ValueError as exc:
-            raise RuntimeError(str(exc)) from None
-        if pw is None:
-            raise RuntimeError("username is set but neither password_env nor password_file")
-        return pw
+    def _log_refused(self, exc: CertificateRefused) -> None:
+        key = f"{exc.reason}:{exc.thumbprint}"
+        if self._logged_refusal == key:
+            return  # log state changes, not every retry
+        self._logged_refusal = key
+        if exc.reason == "untrusted":
+            log.error("opcua.certificate_untrusted", connector=self.id, endpoint=self.endpoint, thumbprint=exc.thumbprint,
+                      rejected_dir=str(Pki(self.config.pki_dir).dir("rejected")),
+                      command=f"edge-gateway pki trust --pki-dir {shlex.quote(str(Pki(self.config.pki_dir).root))} {exc.thumbprint}",
+                      error=str(exc))
+        else:
+            log.error("opcua.certificate_refused", connector=self.id, endpoint=self.endpoint, thumbprint=exc.thumbprint,
+                      reason=exc.reason, error=str(exc))
+
+    def _note_security(self, sec: SessionSecurity) -> None:
+        self._logged_refusal = None
+        self.status.detail.update(sec.as_status())
+        if sec.own_generated:
+            log.info("opcua.certificate_created", connector=self.id, pki_dir=self.config.pki_dir,
+                     thumbprint=sec.own_thumbprint, application_uri=self.config.own_application_uri)
+        for w in sec.warnings:
+            if w not in self._warned:
+                self._warned.add(w)
+                log.warning("opcua.security_warning", connector=self.id, endpoint=self.endpoint, warning=w)
+        for which, days in (("own", sec.own_cert_days_left), ("server", sec.server_cert_days_left)):
+            if days is not None and days < EXPIRY_WARNING_DAYS and f"expiry:{which}" not in self._warned:
+                self._warned.add(f"expiry:{which}")
+                log.warning("opcua.certificate_expiring", connector=self.id, endpoint=self.endpoint, certificate=which,
+                            days_left=days)
 
     async def _subscribe(self, client: Client, gen: int) -> None:
         cfg = self.config
