@@ -51,6 +51,7 @@ _SEVERITY_MASK = 0xC000_0000  # top two bits of a StatusCode: 00 Good, 01 Uncert
 _CODE_MASK = 0xFFFF_0000  # the low 16 bits are info bits (overflow, limits), not part of the name
 _TEARDOWN_TIMEOUT_S = 3.0
 _CURRENT_TIME = ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime)
+_UNKNOWN_NODE = "BadNodeIdUnknown"  # status of a tag whose nsu= namespace the server does not have
 _QUEUE_SIZE = 10  # per monitored item: short glitches between two publishes are delivered, not merged
 
 
@@ -135,11 +136,15 @@ class OpcUaConnector(Connector):
         self._backoff = backoff or Backoff()
         # unique node ids (two keys may watch the same node) → the keys fed by it
         self._node_keys: dict[str, list[str]] = {}
-        self._key_node: dict[str, ua.NodeId] = {}
+        self._key_node: dict[str, str] = {}  # tag key -> configured node id (string, possibly nsu=)
         for b in self.tags:
             addr = b.address if isinstance(b.address, OpcUaTagConfig) else OpcUaTagConfig.model_validate(b.address)
             self._node_keys.setdefault(addr.node_id, []).append(b.key)
-            self._key_node[b.key] = ua.NodeId.from_string(addr.node_id)
+            self._key_node[b.key] = addr.node_id
+        # configured node id -> NodeId on the current server (nsu= resolved at every connect), or None when
+        # its namespace URI is not in the server's namespace array
+        self._resolved: dict[str, ua.NodeId | None] = {}
+        self._unknown_ns_logged: set[str] = set()
         self._client: Client | None = None
         self._ready = False  # session up and subscription created: read() may use the client
         self._generation = 0  # bumped per connection; callbacks of an old connection are ignored
@@ -267,14 +272,15 @@ class OpcUaConnector(Connector):
 
         if not self._node_keys:
             return
+        self._resolved = await self._resolve(client)
         items: list[ua.MonitoredItemCreateRequest] = []
         handles: dict[int, tuple[str, ...]] = {}
-        node_ids = list(self._node_keys)
+        node_ids = [n for n in self._node_keys if self._resolved.get(n) is not None]
         for handle, node_id in enumerate(node_ids, start=1):
             handles[handle] = tuple(self._node_keys[node_id])
             items.append(
                 ua.MonitoredItemCreateRequest(
-                    ItemToMonitor=ua.ReadValueId(NodeId=ua.NodeId.from_string(node_id), AttributeId=ua.AttributeIds.Value),
+                    ItemToMonitor=ua.ReadValueId(NodeId=self._resolved[node_id], AttributeId=ua.AttributeIds.Value),
                     MonitoringMode=ua.MonitoringMode.Reporting,
                     RequestedParameters=ua.MonitoringParameters(
                         ClientHandle=handle,
@@ -292,9 +298,13 @@ class OpcUaConnector(Connector):
                 TimestampsToReturn=ua.TimestampsToReturn.Both,
                 ItemsToCreate=items,
             )
-        )
+        ) if items else []
         failed: list[Sample] = []
         now = time.time()
+        unresolved = [n for n in self._node_keys if self._resolved.get(n) is None]
+        for node_id in unresolved:
+            self._failed_items.add(node_id)
+            failed.extend(Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in self._node_keys[node_id])
         for node_id, res in zip(node_ids, results):
             if res.StatusCode.is_good():
                 self._failed_items.discard(node_id)
@@ -307,6 +317,32 @@ class OpcUaConnector(Connector):
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
             self._deliver(failed)
+
+    async def _resolve(self, client: Client) -> dict[str, ua.NodeId | None]:
+        """Configured node ids → NodeIds of this server. ``nsu=`` ids go through the server's namespace array,
+        read at every connect (a server may reorder it across a restart); the request carries a plain NodeId."""
+        out: dict[str, ua.NodeId | None] = {}
+        namespaces: list[str] | None = None
+        for text in self._node_keys:
+            nid = ua.NodeId.from_string(text)
+            uri = getattr(nid, "NamespaceUri", None)
+            if not uri:
+                out[text] = ua.NodeId(nid.Identifier, nid.NamespaceIndex, nid.NodeIdType)
+                continue
+            if namespaces is None:
+                namespaces = list(await client.get_namespace_array())
+                self.status.detail["namespaces"] = len(namespaces)
+            if uri in namespaces:
+                out[text] = ua.NodeId(nid.Identifier, namespaces.index(uri), nid.NodeIdType)
+                self._unknown_ns_logged.discard(text)
+            else:
+                out[text] = None
+                if text not in self._unknown_ns_logged:
+                    self._unknown_ns_logged.add(text)
+                    log.error("opcua.namespace_unknown", connector=self.id, endpoint=self.endpoint, node_id=text,
+                              namespace_uri=uri, server_namespaces=namespaces,
+                              keys=self._node_keys[text])
+        return out
 
     # ------------------------------------------------------------------ notifications
 
@@ -437,18 +473,19 @@ class OpcUaConnector(Connector):
         if client is None or not self._ready or client.uaclient.state is not UaClientState.CONNECTED:
             raise ConnectorUnavailable("not connected", connector=self.id, endpoint=self.endpoint)
         node_ids: list[ua.NodeId] = []
-        index: dict[ua.NodeId, int] = {}
+        index: dict[str, int] = {}
         for k in keys:
-            nid = self._key_node[k]
-            if nid not in index:
-                index[nid] = len(node_ids)
+            text = self._key_node[k]
+            nid = self._resolved.get(text)
+            if nid is not None and text not in index:
+                index[text] = len(node_ids)
                 node_ids.append(nid)
         params = ua.ReadParameters(
             TimestampsToReturn=ua.TimestampsToReturn.Both,
             NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value) for nid in node_ids],
         )
         try:
-            results = await asyncio.wait_for(client.uaclient.read(params), timeout)
+            results = await asyncio.wait_for(client.uaclient.read(params), timeout) if node_ids else []
         except asyncio.TimeoutError as exc:
             raise ConnectorUnavailable(f"read timed out after {timeout}s", connector=self.id, endpoint=self.endpoint) from exc
         except (ua.UaError, ConnectionError, OSError) as exc:
@@ -458,7 +495,8 @@ class OpcUaConnector(Connector):
                 f"server answered {len(results)} values for {len(node_ids)} nodes", connector=self.id, endpoint=self.endpoint
             )
         now = time.time()
-        return [datavalue_to_sample(k, results[index[self._key_node[k]]], now) for k in keys]
+        return [datavalue_to_sample(k, results[index[self._key_node[k]]], now) if self._key_node[k] in index
+                else Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in keys]
 
 
 def _drop_socket(client: Client) -> None:
