@@ -105,6 +105,8 @@ class OpcUaMachineServer:
         users: dict[str, str] | None = None,
         certificate: tuple[bytes, bytes] | None = None,
         extra_namespaces: list[str] | None = None,
+        max_monitored_items_per_call: int | None = None,
+        max_nodes_per_read: int | None = None,
     ) -> None:
         key = (model.counter_bits, bool(model.signed))
         if key not in _COUNTER_TYPES:
@@ -119,6 +121,10 @@ class OpcUaMachineServer:
         self.users = dict(users) if users else None
         self._certificate = certificate
         self.extra_namespaces = list(extra_namespaces or [])
+        self.max_monitored_items_per_call = max_monitored_items_per_call
+        self.max_nodes_per_read = max_nodes_per_read
+        #: (service, number of operations) of every Read / CreateMonitoredItems a client sent, when limits are set
+        self.requests: list[tuple[str, int]] = []
         self._server: Server | None = None
         self._queue: asyncio.Queue[tuple[dict[str, Any], datetime, set[str], asyncio.Future | None]] | None = None
         self._writer: asyncio.Task | None = None
@@ -221,6 +227,8 @@ class OpcUaMachineServer:
             await server.load_certificate(cert, format="der")
             await server.load_private_key(key, format="pem")
         await server.set_application_uri(self.application_uri)
+        if self.max_monitored_items_per_call or self.max_nodes_per_read:
+            await self._enforce_limits(server)
         for uri in self.extra_namespaces:
             await server.register_namespace(uri)
         self._ns = await server.register_namespace(self.namespace)
@@ -252,6 +260,42 @@ class OpcUaMachineServer:
             raise
         await self.flush()
         _log.info("OPC UA simulator %s listening on %s", name, self.endpoint)
+
+    async def _enforce_limits(self, server: Server) -> None:
+        """Publish the OperationLimits and refuse larger requests with BadTooManyOperations, as strict servers do."""
+        from asyncua.common.utils import ServiceError
+
+        limits = {ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall:
+                  self.max_monitored_items_per_call or 0,
+                  ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead: self.max_nodes_per_read or 0}
+        for nid, value in limits.items():
+            await server.write_attribute_value(ua.NodeId(nid), ua.DataValue(ua.Variant(value, ua.VariantType.UInt32)))
+        iserver = server.iserver
+        make_session = iserver.create_session
+        sim = self
+
+        def create_session(*args: Any, **kwargs: Any) -> Any:
+            session = make_session(*args, **kwargs)
+            read, create = session.read, session.create_monitored_items
+
+            async def limited_read(params: ua.ReadParameters) -> Any:
+                if session.external:
+                    sim.requests.append(("Read", len(params.NodesToRead)))
+                    if sim.max_nodes_per_read and len(params.NodesToRead) > sim.max_nodes_per_read:
+                        raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+                return await read(params)
+
+            async def limited_create(params: ua.CreateMonitoredItemsParameters) -> Any:
+                sim.requests.append(("CreateMonitoredItems", len(params.ItemsToCreate)))
+                if sim.max_monitored_items_per_call and len(params.ItemsToCreate) > sim.max_monitored_items_per_call:
+                    raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+                return await create(params)
+
+            session.read = limited_read
+            session.create_monitored_items = limited_create
+            return session
+
+        iserver.create_session = create_session
 
     async def _abort_start(self, server: Server) -> None:
         self._server = server

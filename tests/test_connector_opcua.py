@@ -352,3 +352,31 @@ async def test_nsu_with_unknown_namespace_is_reported(model: MachineModel, serve
     unknown = [e for e in logs if e["event"] == "opcua.namespace_unknown"]
     assert len(unknown) == 1 and unknown[0]["namespace_uri"] == "urn:not:there"
     assert "urn:edge-gateway:simulator" in unknown[0]["server_namespaces"]
+
+
+async def test_server_operation_limits_are_respected(model: MachineModel) -> None:
+    """A strict server (MaxMonitoredItemsPerCall=2, MaxNodesPerRead=2) refuses larger requests with
+    BadTooManyOperations: the connector reads the OperationLimits and chunks, instead of reconnecting forever."""
+    srv = await start_on_free_port(lambda port: OpcUaMachineServer(
+        model, port=port, max_monitored_items_per_call=2, max_nodes_per_read=2))
+    try:
+        sink = Recorder()
+        ids = srv.node_ids  # six nodes
+        conn = make_connector(srv.endpoint, ids, sink)
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 5, "connected")
+            assert conn.status.detail["monitored_items"] == 6
+            assert conn.status.detail["operation_limits"] == {"max_monitored_items_per_call": 2, "max_nodes_per_read": 2}
+            model.set_order("4711", "0010")
+            await model.produce(40)
+            await srv.flush()
+            await eventually(lambda: (sink.value("press-1/good"), sink.value("press-1/scrap"), sink.value("press-1/order"))
+                             == (model.good_raw, model.scrap_raw, "4711"), 5, "values of every item")
+            cut = await conn.read([f"press-1/{s}" for s in ids])
+            assert [s.value for s in cut][:3] == [model.good_raw, model.scrap_raw, model.state]
+            assert conn.status.detail["reconnects"] == 0
+        creates = [n for service, n in srv.requests if service == "CreateMonitoredItems"]
+        assert creates == [2, 2, 2]
+        assert max(n for service, n in srv.requests if service == "Read") <= 2
+    finally:
+        await srv.stop()

@@ -7,7 +7,9 @@ Life of a connection (one loop iteration of :meth:`OpcUaConnector.run`):
    then connects (the whole sequence bounded by ``timeout_s``). The client's own auto-reconnect is off: this
    connector owns reconnects. A refused server certificate is logged once per thumbprint with the command that
    trusts it; the connector keeps retrying, so trusting it is enough.
-2. ONE subscription is created and all monitored items are created in ONE CreateMonitoredItems call.
+2. The server's OperationLimits (MaxMonitoredItemsPerCall, MaxNodesPerRead) and, for ``nsu=`` node ids, its
+   namespace array are read. ONE subscription is created and all monitored items are created in as few
+   CreateMonitoredItems calls as the limits allow (one when unlimited); ``read()`` chunks the same way.
    Notifications use the raw service path (``uaclient.create_subscription`` with a plain callback): one
    callback per Publish response, turned into one batch of Samples and one ``sink`` call. No per-item
    handler tasks, no bounded iterator queue that could drop values.
@@ -52,6 +54,10 @@ _CODE_MASK = 0xFFFF_0000  # the low 16 bits are info bits (overflow, limits), no
 _TEARDOWN_TIMEOUT_S = 3.0
 _CURRENT_TIME = ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime)
 _UNKNOWN_NODE = "BadNodeIdUnknown"  # status of a tag whose nsu= namespace the server does not have
+_LIMIT_NODES = {
+    "max_monitored_items_per_call": ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall),
+    "max_nodes_per_read": ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead),
+}
 _QUEUE_SIZE = 10  # per monitored item: short glitches between two publishes are delivered, not merged
 
 
@@ -144,6 +150,7 @@ class OpcUaConnector(Connector):
         # configured node id -> NodeId on the current server (nsu= resolved at every connect), or None when
         # its namespace URI is not in the server's namespace array
         self._resolved: dict[str, ua.NodeId | None] = {}
+        self._limits: dict[str, int] = {}  # the server's OperationLimits, read at every connect
         self._unknown_ns_logged: set[str] = set()
         self._client: Client | None = None
         self._ready = False  # session up and subscription created: read() may use the client
@@ -272,6 +279,7 @@ class OpcUaConnector(Connector):
 
         if not self._node_keys:
             return
+        self._limits = await self._operation_limits(client)
         self._resolved = await self._resolve(client)
         items: list[ua.MonitoredItemCreateRequest] = []
         handles: dict[int, tuple[str, ...]] = {}
@@ -292,13 +300,18 @@ class OpcUaConnector(Connector):
             )
         # register the handles first: the first notification may overtake the CreateMonitoredItems response
         self._handles = handles
-        results = await client.uaclient.create_monitored_items(
-            ua.CreateMonitoredItemsParameters(
-                SubscriptionId=result.SubscriptionId,
-                TimestampsToReturn=ua.TimestampsToReturn.Both,
-                ItemsToCreate=items,
+        results: list[ua.MonitoredItemCreateResult] = []
+        for chunk in _chunks(items, self._limits.get("max_monitored_items_per_call", 0)):
+            part = await client.uaclient.create_monitored_items(
+                ua.CreateMonitoredItemsParameters(
+                    SubscriptionId=result.SubscriptionId,
+                    TimestampsToReturn=ua.TimestampsToReturn.Both,
+                    ItemsToCreate=chunk,
+                )
             )
-        ) if items else []
+            if len(part) != len(chunk):
+                raise _ConnectionLost(f"server answered {len(part)} results for {len(chunk)} monitored items")
+            results.extend(part)
         failed: list[Sample] = []
         now = time.time()
         unresolved = [n for n in self._node_keys if self._resolved.get(n) is None]
@@ -317,6 +330,17 @@ class OpcUaConnector(Connector):
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
             self._deliver(failed)
+
+    async def _operation_limits(self, client: Client) -> dict[str, int]:
+        """The server's OperationLimits this connector must respect (0 = no limit). Read one node per request,
+        so even a server allowing one node per Read answers; a server without the nodes has no limits."""
+        limits: dict[str, int] = {}
+        for name, nid in _LIMIT_NODES.items():
+            dv = (await client.uaclient.read_attributes([nid], ua.AttributeIds.Value))[0]
+            value = dv.Value.Value if dv.StatusCode.is_good() and dv.Value is not None else None
+            limits[name] = int(value) if isinstance(value, int) and value > 0 else 0
+        self.status.detail["operation_limits"] = limits
+        return limits
 
     async def _resolve(self, client: Client) -> dict[str, ua.NodeId | None]:
         """Configured node ids → NodeIds of this server. ``nsu=`` ids go through the server's namespace array,
@@ -480,12 +504,8 @@ class OpcUaConnector(Connector):
             if nid is not None and text not in index:
                 index[text] = len(node_ids)
                 node_ids.append(nid)
-        params = ua.ReadParameters(
-            TimestampsToReturn=ua.TimestampsToReturn.Both,
-            NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value) for nid in node_ids],
-        )
         try:
-            results = await asyncio.wait_for(client.uaclient.read(params), timeout) if node_ids else []
+            results = await asyncio.wait_for(self._read_chunked(client, node_ids), timeout)
         except asyncio.TimeoutError as exc:
             raise ConnectorUnavailable(f"read timed out after {timeout}s", connector=self.id, endpoint=self.endpoint) from exc
         except (ua.UaError, ConnectionError, OSError) as exc:
@@ -497,6 +517,26 @@ class OpcUaConnector(Connector):
         now = time.time()
         return [datavalue_to_sample(k, results[index[self._key_node[k]]], now) if self._key_node[k] in index
                 else Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in keys]
+
+
+    async def _read_chunked(self, client: Client, node_ids: list[ua.NodeId]) -> list[ua.DataValue]:
+        """One Read per ``max_nodes_per_read`` nodes (the server's OperationLimits; one Read when unlimited)."""
+        results: list[ua.DataValue] = []
+        for chunk in _chunks(node_ids, self._limits.get("max_nodes_per_read", 0)):
+            results.extend(await client.uaclient.read(ua.ReadParameters(
+                TimestampsToReturn=ua.TimestampsToReturn.Both,
+                NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value) for nid in chunk],
+            )))
+        return results
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    """``items`` in lists of at most ``size`` (0 = no limit: one list); no list when ``items`` is empty."""
+    if not items:
+        return []
+    if size <= 0:
+        return [items]
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _drop_socket(client: Client) -> None:
