@@ -266,6 +266,24 @@ def _cmd_pki(args: argparse.Namespace) -> int:
     return rc
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    """Read once from a device and decode (``probe modbus``): check a register map before writing the config."""
+    import logging
+
+    from connectors.modbus.probe import ProbeError, ProbeRequest, probe
+
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its connect errors are reported below, once
+    req = ProbeRequest(host=args.host, port=args.port, unit=args.unit, address=args.address, count=args.count,
+                       table=args.table, data_type=args.type, word_order=args.word_order, timeout_s=args.timeout)
+    try:
+        lines = asyncio.run(probe(req))
+    except ProbeError as exc:
+        print(f"probe failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-gateway", description="Machine counters → production-order events → MQTT.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -328,6 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
         kg.add_argument("--config", "-c", metavar="FILE", help="use the pki_dir of the OPC UA connectors in this config")
         ka.add_argument("--connector", help="with --config: only this connector's PKI folder")
         ka.set_defaults(fn=_cmd_pki)
+
+    pr = sub.add_parser("probe", help="read once from a device and decode, to check a register map")
+    prs = pr.add_subparsers(dest="protocol", required=True)
+    pm = prs.add_parser("modbus", help="Modbus TCP: read registers, coils or discrete inputs once")
+    pm.add_argument("host")
+    pm.add_argument("--port", type=int, default=502)
+    pm.add_argument("--unit", type=int, default=1, help="unit (device/slave) id")
+    pm.add_argument("--address", type=int, required=True, help="0-based address (register 40001 is 0)")
+    pm.add_argument("--count", type=int, default=1, help="registers (bits for coils) to read")
+    pm.add_argument("--table", choices=["holding", "input", "coil", "discrete_input"], default="holding")
+    pm.add_argument("--type", choices=["uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64",
+                                       "string", "bool"], help="decode as (default: raw registers only)")
+    pm.add_argument("--word-order", choices=["ABCD", "CDAB", "BADC", "DCBA", "big", "little", "all"], default="ABCD",
+                    help="layout of multi-register values; 'all' prints every layout")
+    pm.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    pm.set_defaults(fn=_cmd_probe)
     return p
 
 
