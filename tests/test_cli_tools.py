@@ -12,6 +12,7 @@ import pytest
 
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
+from simulators.opcua_server import OpcUaMachineServer
 from tests.faults import start_on_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +74,99 @@ async def test_probe_modbus(model: MachineModel) -> None:
     rc, _, err = await edge_gateway("probe", "modbus", "127.0.0.1", "--port", str(srv.port), "--address", "0",
                                     "--timeout", "0.5")
     assert rc == 1 and err == f"probe failed: cannot connect to 127.0.0.1:{srv.port}\n"
+
+
+async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> None:
+    model = MachineModel("Press1", seed=1)
+    model.set_counters(good=42, scrap=3)
+    srv = await start_on_free_port(lambda port: OpcUaMachineServer(
+        model, port=port, security_policies=["Basic256Sha256_SignAndEncrypt"], extra_namespaces=["urn:other"]))
+    pki = tmp_path / "pki"
+    try:
+        args = ["browse", srv.endpoint, "--pki-dir", str(pki), "--node", "nsu=urn:edge-gateway:simulator;s=Press1",
+                "--depth", "1"]
+        rc, out, err = await edge_gateway(*args)
+        assert (rc, out) == (1, "")
+        assert f"trust it with: edge-gateway pki trust --pki-dir {pki} {srv.thumbprint}" in err
+        rc, _, _ = await edge_gateway("pki", "trust", "--pki-dir", str(pki), srv.thumbprint)
+        assert rc == 0
+        rc, out, err = await edge_gateway(*args)
+        assert (rc, err) == (0, "")
+        ns = "nsu=urn:edge-gateway:simulator;s=Press1"
+        assert out.splitlines() == [
+            f"# {srv.endpoint} (Basic256Sha256/SignAndEncrypt, anonymous)",
+            f"Press1  {ns}  Object",
+            f"├─ GoodCount  {ns}.GoodCount  Variable UInt32 r- = 42",
+            f"├─ OperationComplete  {ns}.OperationComplete  Variable Boolean r- = False",
+            f"├─ OperationNumber  {ns}.OperationNumber  Variable String r- = ''",
+            f"├─ OrderNumber  {ns}.OrderNumber  Variable String r- = ''",
+            f"├─ ScrapCount  {ns}.ScrapCount  Variable UInt32 r- = 3",
+            f"└─ State  {ns}.State  Variable String r- = 'idle'",
+        ]
+        assert srv.namespace_index == 3  # the nsu= form is what a config should use, not ns=3
+
+        rc, out, _ = await edge_gateway("browse", srv.endpoint, "--pki-dir", str(pki), "--depth", "1")
+        assert rc == 0 and f"├─ Press1  {ns}  Object" in out.splitlines() and "└─ Server  i=2253  Object" in out
+        rc, _, err = await edge_gateway("browse", srv.endpoint, "--security", "none", "--depth", "1")
+        assert rc == 1 and "security: none, but the server offers no unsecured endpoint" in err
+    finally:
+        await srv.stop()
+
+
+async def test_validate_online(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opc_model = MachineModel("Press1", seed=1, counter_bits=16)
+    mb_model = MachineModel("Press2", seed=2)
+    mb_model.set_counters(good=0x12345, scrap=0)
+    opc = await start_on_free_port(lambda port: OpcUaMachineServer(
+        opc_model, port=port, security_policies=["Basic256Sha256_SignAndEncrypt"], users={"gw": "pw-123"}))
+    mb = await start_on_free_port(lambda port: ModbusMachineServer(mb_model, port=port))
+    try:
+        (tmp_path / "pki" / "trusted" / "certs").mkdir(parents=True)
+        (tmp_path / "pki" / "trusted" / "certs" / "press1.der").write_bytes(opc.certificate_der)
+        ns = "nsu=urn:edge-gateway:simulator;s=Press1"
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(f"""
+gateway: {{id: gw-1, enterprise: acme, site: p1, area: a1, line: l1}}
+connectors:
+  - {{type: opcua, id: opc, endpoint: "{opc.endpoint}", username: gw, password_env: PRESS1_PW}}
+  - {{type: modbus, id: mb, host: 127.0.0.1, port: {mb.port}, unit_id: 1}}
+machines:
+  - id: press-1
+    counters:
+      good: {{connector: opc, node_id: "{ns}.GoodCount", bits: 16}}
+      scrap: {{connector: opc, node_id: "{ns}.ScrapCount"}}
+      rework: {{connector: opc, node_id: "{ns}.Rework"}}
+    state: {{connector: opc, node_id: "{ns}.State"}}
+  - id: press-2
+    counters:
+      good: {{connector: mb, address: 0, data_type: uint32}}
+      scrap: {{connector: mb, address: 50, data_type: uint32}}
+    complete_tag: {{connector: mb, table: coil, address: 3201}}
+""")
+        env = {**__import__("os").environ, "PRESS1_PW": "pw-123"}
+        rc, out, err = await edge_gateway("validate", "--online", str(cfg), env=env)
+        assert rc == 1
+        assert out.splitlines() == [
+            f"{cfg}: OK (2 connectors, 2 machines)",
+            f"connector opc ({opc.endpoint}): connected, Basic256Sha256/SignAndEncrypt, username",
+            f"  press-1 counter good: {ns}.GoodCount: ok, UInt16 = 0",
+            f"  press-1 counter scrap: {ns}.ScrapCount: PROBLEM: the counter defaults to 32 bits but the node is "
+            "UInt16 (16 bits): it would wrap at a different value; set bits: 16",
+            f"  press-1 counter rework: {ns}.Rework: PROBLEM: node does not exist (BadNodeIdUnknown)",
+            f"  press-1 state: {ns}.State: ok, String = 'idle'",
+            f"connector mb (127.0.0.1:{mb.port} unit 1)",
+            "  press-2 counter good: holding 0 uint32: ok, = 74565",
+            "  press-2 counter scrap: holding 50 uint32: PROBLEM: exception 2 (ILLEGAL_ADDRESS) for FC3 (holding) "
+            "address 50 count 2, unit 1",
+            "  press-2 complete_tag: coil 3201 bool: ok, = False",
+        ]
+        assert err == f"{cfg}: 3 problems found online\n"
+        assert "pw-123" not in out + err
+
+        env["PRESS1_PW"] = "wrong"
+        rc, out, _ = await edge_gateway("validate", "--online", str(cfg), env=env)
+        assert rc == 1 and f"connector opc ({opc.endpoint}): PROBLEM: cannot connect to {opc.endpoint}: " in out
+        assert "BadUserAccessDenied" in out and "wrong" not in out
+    finally:
+        await opc.stop()
+        await mb.stop()
