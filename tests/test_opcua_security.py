@@ -270,3 +270,50 @@ def test_generated_certificate_options(tmp_path: Path) -> None:
     assert ku.digital_signature and ku.key_encipherment and ku.data_encipherment
     for d in ("own/certs", "own/private", "trusted/certs", "rejected/certs", "issuer/certs"):
         assert (tmp_path / d).is_dir()
+
+
+async def test_end_to_end_over_sign_and_encrypt_ledger_equals_truth(tmp_path: Path, mqtt_broker,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated machine behind a SignAndEncrypt-only server with user login → gateway → mosquitto → ERP ledger,
+    with a server restart in the middle of the run: the ledger equals the machine's truth exactly."""
+    from gateway.config import parse_config
+    from simulators.erp import ErpConsumer
+    from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, dispatch_order, workdir
+    from tests.faults import restart
+
+    monkeypatch.setenv("PRESS1_OPC_PASSWORD", PASSWORD)
+    m = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.07, seed=21, counter_bits=32)
+    async with simulator(m, security_policies=["Basic256Sha256_SignAndEncrypt"], users={"gateway": PASSWORD}) as srv:
+        trust(tmp_path / "pki", srv)
+        doc = {
+            "gateway": IDENT,
+            "mqtt": {"host": "127.0.0.1", "port": mqtt_broker.port, "keepalive_s": 2},
+            "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
+            "connectors": [{"type": "opcua", "id": "opc", "endpoint": srv.endpoint, "pki_dir": "pki",
+                            "username": "gateway", "password_env": "PRESS1_OPC_PASSWORD",
+                            "watchdog_interval_s": 0.5, "timeout_s": 3}],
+            "machines": [{"id": "press-1", "counters": {
+                "good": {"connector": "opc", "node_id": srv.nsu_node_id("good"), "bits": 32, "max_rate": 500},
+                "scrap": {"connector": "opc", "node_id": srv.nsu_node_id("scrap"), "bits": 32, "max_rate": 500},
+            }, "state": {"connector": "opc", "node_id": srv.nsu_node_id("state")}, "reporting": {"interval_s": 0.5}}],
+        }
+        cfg = parse_config(doc, str(tmp_path / "gateway.yaml"))  # pki_dir relative to this (virtual) file
+        assert cfg.connectors[0].pki_dir == str(tmp_path / "pki")
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-sec")
+        await erp.start()
+        rgw = RunningGateway(cfg)
+        try:
+            await rgw.start()
+            await dispatch_order(erp, rgw, "press-1", m, "4711", "0010")
+            await m.produce(120, timeout=30)
+            await srv.stop()
+            srv.extra_namespaces = ["urn:other"]  # the namespace index moves; the nsu= ids follow
+            await restart(srv)
+            await m.produce(130, timeout=30)
+            await assert_ledger_matches(erp, {"press-1": m})
+            status = rgw.gw.connectors["opc"].status.as_dict()
+            assert (status["security_policy"], status["security_mode"], status["reconnects"]) == (
+                "Basic256Sha256", "SignAndEncrypt", 1)
+        finally:
+            await rgw.stop()
+            await erp.stop()
