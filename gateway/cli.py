@@ -86,7 +86,8 @@ async def _validate_online(cfg: object) -> int:
 
             print(f"connector {c.id} ({c.host}:{c.port} unit {c.unit_id})")
             for label, kind, b, addr in items:
-                req = ProbeRequest(c.host, c.port, c.unit_id, addr.address, addr.count, addr.table, timeout_s=c.timeout_s)
+                req = ProbeRequest(c.host, c.port, c.unit_id, addr.address, addr.count, addr.table, timeout_s=c.timeout_s,
+                                   framing=c.framing)
                 where = f"{addr.table} {addr.address} {addr.data_type}"
                 try:
                     raw = await read_raw(req)
@@ -347,7 +348,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its connect errors are reported below, once
     req = ProbeRequest(host=args.host, port=args.port, unit=args.unit, address=args.address, count=args.count,
-                       table=args.table, data_type=args.type, word_order=args.word_order, timeout_s=args.timeout)
+                       table=args.table, data_type=args.type, word_order=args.word_order, timeout_s=args.timeout,
+                       framing=args.framing)
     try:
         lines = asyncio.run(probe(req))
     except ProbeError as exc:
@@ -517,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--word-order", choices=["ABCD", "CDAB", "BADC", "DCBA", "big", "little", "all"], default="ABCD",
                     help="layout of multi-register values; 'all' prints every layout")
     pm.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    pm.add_argument("--framing", choices=["tcp", "rtu"], default="tcp", help="rtu: RTU frames over TCP (serial gateways)")
     pm.set_defaults(fn=_cmd_probe)
 
     bw = sub.add_parser("browse", help="print an OPC UA server's address space (nsu= node ids, types, values)")

@@ -39,6 +39,7 @@ import struct
 from typing import Any
 
 from pymodbus.constants import ExcCodes
+from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -120,12 +121,13 @@ class ModbusMachineServer:
     """A real pymodbus TCP server for one simulated machine.
 
     Use ``async with ModbusMachineServer(model, port=...) as srv:`` or ``await srv.start()`` /
-    ``await srv.stop()``. ``stop()`` closes the listener and all client connections (the device becomes
+    ``await srv.stop()``. ``framing="rtu"``: RTU frames (with CRC) over TCP, like a serial-to-Ethernet
+    converter. ``stop()`` closes the listener and all client connections (the device becomes
     unreachable); ``start()`` again on the same port brings it back with the model's current values.
     """
 
     def __init__(self, model: MachineModel, *, host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1,
-                 material_per_part: float = 0.25) -> None:
+                 material_per_part: float = 0.25, framing: str = "tcp") -> None:
         self.layout = layout_for(model.counter_bits, model.signed)
         if not 0 <= unit_id <= 255:
             raise ValueError("unit_id must be within 0..255")
@@ -134,6 +136,9 @@ class ModbusMachineServer:
         self.port = port
         self.unit_id = unit_id
         self.material_per_part = material_per_part
+        if framing not in ("tcp", "rtu"):
+            raise ValueError("framing must be 'tcp' (MBAP header) or 'rtu' (RTU frames over TCP, like a serial gateway)")
+        self.framing = framing
         self._image: list[int] = [0] * REGISTER_COUNT
         self._extra: dict[int, int] = {}
         self._server: ModbusTcpServer | None = None
@@ -257,7 +262,8 @@ class ModbusMachineServer:
             use_bit_addressing=True,  # coil/discrete input N = bit N % 16 of register N // 16
             action=self._action,
         )
-        server = ModbusTcpServer(device, address=(self.host, self.port))
+        server = ModbusTcpServer(device, address=(self.host, self.port),
+                                 framer=FramerType.RTU if self.framing == "rtu" else FramerType.SOCKET)
         self.model.add_listener(self._on_model_change)
         self._refresh()
         try:

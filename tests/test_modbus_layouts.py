@@ -156,3 +156,27 @@ async def test_exception_on_one_block_keeps_the_others_polling(model: MachineMod
             f"127.0.0.1:{srv.port}/1", 1, 1, 3200, 2)
         assert f["error"] == "exception 4 (DEVICE_FAILURE) for FC1 address 3200 count 2"
         assert [e["event"] for e in logs].count("modbus.recovered") == 1
+
+
+async def test_rtu_framing_over_tcp(model: MachineModel) -> None:
+    """A serial-to-Ethernet converter speaks RTU frames (unit + PDU + CRC) over TCP, not the MBAP header."""
+    srv = await start_on_free_port(lambda port: ModbusMachineServer(model, port=port, framing="rtu"))
+    try:
+        model.set_counters(good=777, scrap=5)
+        sink = Recorder()
+        conn = make(srv.port, ["good_CDAB", "running_coil"], sink, framing="rtu")
+        async with running(conn):
+            await eventually(lambda: sink.value("good_CDAB") == 777 and sink.value("running_coil") is False,
+                             what="values over RTU framing")
+            read = await conn.read(["good_CDAB"])
+            assert read[0].value == 777
+        wrong = make(srv.port, ["good_CDAB"], Recorder(), framing="tcp", timeout_s=0.3)
+        samples = await wrong.poll_once()
+        assert not samples[0].good
+        from tests.test_cli_tools import edge_gateway
+
+        rc, out, _ = await edge_gateway("probe", "modbus", "127.0.0.1", "--port", str(srv.port), "--framing", "rtu",
+                                        "--address", "102", "--count", "2", "--type", "uint32", "--word-order", "CDAB")
+        assert rc == 0 and out.splitlines()[-1] == "uint32 CDAB @102: 777"
+    finally:
+        await srv.stop()

@@ -97,6 +97,10 @@ class ModbusConnectorConfig(BaseModel):
     host: str = Field(min_length=1, description="Device host name or IP address.")
     port: int = Field(502, ge=1, le=65535, description="TCP port.")
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (device/slave) id.")
+    framing: Literal["tcp", "rtu"] = Field(
+        "tcp", description="'tcp': Modbus TCP (MBAP header); 'rtu': RTU frames with CRC over the TCP connection, "
+        "as spoken by many serial-to-Ethernet converters."
+    )
     poll_interval_s: float = Field(0.5, ge=0.01, le=3600, description="Polling interval.")
     timeout_s: float = Field(2.0, gt=0, le=60, description="Request timeout.")
     max_block_registers: int = Field(

@@ -34,6 +34,7 @@ import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
 
 from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
@@ -338,6 +339,7 @@ class ModbusConnector(Connector):
             retries=0,  # one attempt per request; a timeout drops the connection (see _read_block)
             reconnect_delay=_NO_AUTO_RECONNECT,  # never 0 (busy loop in some pymodbus versions)
             reconnect_delay_max=_NO_AUTO_RECONNECT,
+            framer=FramerType.RTU if cfg.framing == "rtu" else FramerType.SOCKET,
         )
         try:
             ok = await asyncio.wait_for(client.connect(), cfg.timeout_s + 0.5)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
+from pymodbus.framer import FramerType
 
 from connectors.modbus.config import BIT_TABLES, DATA_TYPE_REGISTERS, FUNCTION_CODES
 from connectors.modbus.connector import _exc_name, decode_registers
@@ -33,11 +34,13 @@ class ProbeRequest:
     data_type: str | None = None
     word_order: str = "ABCD"  # or "all"
     timeout_s: float = 3.0
+    framing: str = "tcp"  # or "rtu" (RTU frames over TCP)
 
 
 async def read_raw(req: ProbeRequest) -> list[int] | list[bool]:
     client = AsyncModbusTcpClient(req.host, port=req.port, timeout=req.timeout_s, retries=0,
-                                  reconnect_delay=3600.0, reconnect_delay_max=3600.0)
+                                  reconnect_delay=3600.0, reconnect_delay_max=3600.0,
+                                  framer=FramerType.RTU if req.framing == "rtu" else FramerType.SOCKET)
     try:
         try:
             ok = await asyncio.wait_for(client.connect(), req.timeout_s + 0.5)
