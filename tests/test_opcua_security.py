@@ -317,3 +317,52 @@ async def test_end_to_end_over_sign_and_encrypt_ledger_equals_truth(tmp_path: Pa
         finally:
             await rgw.stop()
             await erp.stop()
+
+
+def test_server_certificate_checks(tmp_path: Path) -> None:
+    """Trust by the certificate itself or by a CA in trusted/ (not issuer/), validity period, application URI."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from connectors.opcua.pki import CertificateRefused, generate_certificate
+
+    pki = Pki(tmp_path)
+    pki.ensure_dirs()
+    cert, _ = generate_certificate("urn:plc:1", common_name_="plc 1", hostnames=["plc1"], ips=[], validity_days=10)
+    with pytest.raises(CertificateRefused) as err:
+        pki.check_server(cert, application_uri="urn:plc:1")
+    assert err.value.reason == "untrusted" and err.value.thumbprint == thumbprint(cert)
+    assert [thumbprint(c) for _, c in pki.certificates("rejected")] == [thumbprint(cert)]
+    pki.move(thumbprint(cert)[:8], "trusted")
+    pki.check_server(cert, application_uri="urn:plc:1")  # trusted now
+    with pytest.raises(CertificateRefused, match="does not carry the server's application URI 'urn:plc:2'"):
+        pki.check_server(cert, application_uri="urn:plc:2")
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=11)
+    with pytest.raises(CertificateRefused, match="expired") as err:
+        pki.check_server(cert, application_uri="urn:plc:1", now=later)
+    assert err.value.reason == "expired"
+
+    # a plant CA: trusted in trusted/, only a chain helper in issuer/
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plant CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=99))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
+    leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plc 2")]))
+            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(2)
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:plc:2")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "issuer" / "certs" / "ca.der").write_bytes(ca.public_bytes(serialization.Encoding.DER))
+    with pytest.raises(CertificateRefused, match="not trusted"):
+        pki.check_server(leaf, application_uri="urn:plc:2")
+    (tmp_path / "trusted" / "certs" / "ca.der").write_bytes(ca.public_bytes(serialization.Encoding.DER))
+    pki.check_server(leaf, application_uri="urn:plc:2")
+    # a pin accepts exactly one certificate, whatever the folders say
+    pki.check_server(cert, pin=thumbprint(cert).lower())
+    with pytest.raises(CertificateRefused, match="pinned"):
+        pki.check_server(leaf, pin=thumbprint(cert))
