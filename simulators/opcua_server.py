@@ -18,7 +18,8 @@ Security (constructor options; the defaults keep the old behaviour: one endpoint
 
 - ``security_policies``: the endpoints offered, as ``ua.SecurityPolicyType`` names, e.g.
   ``["Basic256Sha256_SignAndEncrypt"]`` or ``["Basic256_Sign", "Basic128Rsa15_SignAndEncrypt"]``.
-- ``users``: ``{user: password}``; when set, only user name login is accepted (anonymous refused).
+- ``users``: ``{user: password}``; when set, user name login is accepted (anonymous refused).
+- ``user_certificates``: DER user certificates accepted for X.509 login (anonymous refused).
 - ``certificate``: ``(certificate DER, private key PEM)``; generated once per simulator instance when a
   secured endpoint is offered and none is given (kept across restarts, like a PLC's). ``certificate_der``
   and ``thumbprint`` expose it. Client certificates are all accepted (the simulator trusts everyone).
@@ -72,17 +73,21 @@ def quiet_asyncua_logging(level: int = logging.WARNING) -> None:
     logging.getLogger("asyncua").setLevel(level)
 
 
-class _PasswordUsers:
-    """asyncua user manager: user name login with the configured passwords, nothing else."""
+class _Users:
+    """asyncua user manager: user name login with the configured passwords, or a configured user certificate
+    (DER; the server has checked the token's signature), nothing else."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], certificates: list[bytes]) -> None:
         self.users = users
+        self.certificates = certificates
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> Any:
         from asyncua.crypto.permission_rules import User, UserRole
 
         if username is not None and username in self.users and self.users[username] == password:
             return User(role=UserRole.User, name=username)
+        if certificate is not None and bytes(certificate) in self.certificates:
+            return User(role=UserRole.User, name="certificate")
         return None
 
 
@@ -103,6 +108,7 @@ class OpcUaMachineServer:
         namespace: str = "urn:edge-gateway:simulator",
         security_policies: list[str] | None = None,
         users: dict[str, str] | None = None,
+        user_certificates: list[bytes] | None = None,
         certificate: tuple[bytes, bytes] | None = None,
         extra_namespaces: list[str] | None = None,
         max_monitored_items_per_call: int | None = None,
@@ -119,6 +125,7 @@ class OpcUaMachineServer:
         self._ns = 2
         self.security_policies = [ua.SecurityPolicyType[p] for p in (security_policies or ["NoSecurity"])]
         self.users = dict(users) if users else None
+        self.user_certificates = list(user_certificates) if user_certificates else None
         self._certificate = certificate
         self.extra_namespaces = list(extra_namespaces or [])
         self.max_monitored_items_per_call = max_monitored_items_per_call
@@ -216,12 +223,16 @@ class OpcUaMachineServer:
     async def start(self) -> None:
         if self._server is not None:
             return
-        server = Server(user_manager=_PasswordUsers(self.users) if self.users else None)
+        login = self.users is not None or self.user_certificates is not None
+        server = Server(user_manager=_Users(self.users or {}, self.user_certificates or []) if login else None)
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"edge-gateway simulator {self.model.name}")
         server.set_security_policy(self.security_policies)
-        server.set_identity_tokens([ua.UserNameIdentityToken] if self.users else [ua.AnonymousIdentityToken])
+        tokens: list[type] = [ua.AnonymousIdentityToken] if not login else []
+        tokens += [ua.UserNameIdentityToken] if self.users else []
+        tokens += [ua.X509IdentityToken] if self.user_certificates else []
+        server.set_identity_tokens(tokens)
         if self.secured:
             cert, key = self._cert_and_key()
             await server.load_certificate(cert, format="der")

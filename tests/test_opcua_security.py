@@ -366,3 +366,42 @@ def test_server_certificate_checks(tmp_path: Path) -> None:
     pki.check_server(cert, pin=thumbprint(cert).lower())
     with pytest.raises(CertificateRefused, match="pinned"):
         pki.check_server(leaf, pin=thumbprint(cert))
+
+
+async def test_x509_user_token(model: MachineModel, tmp_path: Path) -> None:
+    """Login with a user certificate (X.509 identity token); its private key from a file, never from YAML."""
+    from cryptography.hazmat.primitives import serialization
+
+    from connectors.opcua.pki import generate_certificate
+
+    def user_files(name: str) -> tuple[Path, Path, bytes]:
+        cert, key = generate_certificate(f"urn:user:{name}", common_name_=name, hostnames=[], ips=[])
+        der = cert.public_bytes(serialization.Encoding.DER)
+        (tmp_path / f"{name}.der").write_bytes(der)
+        (tmp_path / f"{name}.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        return tmp_path / f"{name}.der", tmp_path / f"{name}.pem", der
+
+    op_cert, op_key, op_der = user_files("operator")
+    other_cert, other_key, _ = user_files("intruder")
+    pki = tmp_path / "pki"
+    async with simulator(model, security_policies=["Basic256Sha256_SignAndEncrypt"], user_certificates=[op_der]) as srv:
+        trust(pki, srv)
+        sink = Recorder()
+        conn = make_connector(srv, sink, pki, user_certificate_file=str(op_cert), user_private_key_file=str(op_key))
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 15, "connected with a user cert")
+            await model.produce(15)
+            await srv.flush()
+            await eventually(lambda: sink.value("press-1/good") == model.good_raw, 10, "values")
+        assert conn.status.detail["user_token"] == "certificate"
+        refused = make_connector(srv, Recorder(), pki, user_certificate_file=str(other_cert),
+                                 user_private_key_file=str(other_key))
+        async with running(refused):
+            await eventually(lambda: "BadUserAccessDenied" in (refused.status.last_error or ""), 15, "unknown user cert")
+    with pytest.raises(ValueError, match="user_certificate_file and user_private_key_file go together"):
+        OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://h:1",
+                                             "user_certificate_file": "/x.der"})
+    with pytest.raises(ValueError, match="a user name or a user certificate, not both"):
+        OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://h:1", "username": "u",
+                                             "user_certificate_file": "/x.der", "user_private_key_file": "/x.pem"})

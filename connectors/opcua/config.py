@@ -76,6 +76,12 @@ class OpcUaConnectorConfig(BaseModel):
     username: str | None = Field(None, description="User name for user/password authentication (anonymous when unset).")
     password_env: str | None = Field(None, description="Name of the environment variable holding the password.")
     password_file: str | None = Field(None, description="Path of a file holding the password (first line).")
+    user_certificate_file: str | None = Field(
+        None, description="X.509 user token: the user certificate to log in with instead of a password (PEM when the file name ends in .pem, else DER)."
+    )
+    user_private_key_file: str | None = Field(
+        None, description="The user certificate's private key (PEM when the name ends in .pem, else DER; unencrypted, keep it mode 0600)."
+    )
     allow_plaintext_password: bool = Field(
         False, description="Send the password even when neither the channel nor the token is encrypted (it travels in clear)."
     )
@@ -116,6 +122,10 @@ class OpcUaConnectorConfig(BaseModel):
             raise ValueError("set password_env or password_file, not both")
         if (self.password_env or self.password_file) and not self.username:
             raise ValueError("password_env/password_file given without username")
+        if (self.user_certificate_file is None) != (self.user_private_key_file is None):
+            raise ValueError("user_certificate_file and user_private_key_file go together")
+        if self.username and self.user_certificate_file:
+            raise ValueError("log in with a user name or a user certificate, not both")
         return self
 
     @property

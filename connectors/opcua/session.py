@@ -13,14 +13,16 @@ talk to a server with the same security and trust settings.
 3. Our application instance certificate from the PKI folder (generated on first use).
 4. The server certificate of the chosen endpoint checked against the PKI (trusted/ or a pin); an
    untrusted one is written to rejected/ and refused (:class:`~connectors.opcua.pki.CertificateRefused`).
-5. The user token: anonymous, or user name/password, refused when the password would travel in clear
-   (neither the channel encrypted nor the token encrypted) unless ``allow_plaintext_password``.
+5. The user token: anonymous; user name/password, refused when the password would travel in clear
+   (neither the channel encrypted nor the token encrypted) unless ``allow_plaintext_password``; or an
+   X.509 user certificate with its private key (files).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from asyncua import Client, ua
@@ -166,8 +168,19 @@ async def prepare_client(client: Client, cfg: OpcUaConnectorConfig, timeout: flo
         client.set_user(cfg.username)
         client.set_password(pw or "")
         info.user_token = "username"
+    elif cfg.user_certificate_file and cfg.user_private_key_file:
+        if not any(t.TokenType == ua.UserTokenType.Certificate for t in ep.UserIdentityTokens):
+            raise SecurityRefused(f"the server's {info.policy}/{info.mode} endpoint does not offer certificate login")
+        try:
+            await client.load_client_certificate(cfg.user_certificate_file)
+            await client.load_private_key(Path(cfg.user_private_key_file))
+        except (OSError, ValueError) as exc:
+            raise SecurityRefused(f"cannot load the user certificate or key ({type(exc).__name__}: "
+                                  f"{getattr(exc, 'strerror', None) or 'not a certificate/key'})") from None
+        info.user_token = "certificate"
     elif not any(t.TokenType == ua.UserTokenType.Anonymous for t in ep.UserIdentityTokens):
-        raise SecurityRefused("the server requires a login: set username and password_env or password_file")
+        raise SecurityRefused("the server requires a login: set username and password_env or password_file, "
+                              "or user_certificate_file and user_private_key_file")
     return info
 
 __all__ = ["CertificateRefused", "SecurityRefused", "SessionSecurity", "prepare_client", "select_endpoint"]
