@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from connectors import REGISTRY
 from connectors.secrets import read_secret
-from connectors.modbus.config import ModbusConnectorConfig
-from connectors.opcua.config import OpcUaConnectorConfig
 
 _TOPIC_LEVEL = r"^[A-Za-z0-9_.-]+$"
 _TOPIC_HINT = "letters, digits, '_', '.', '-' (it is used as an MQTT topic level)"
@@ -218,7 +216,8 @@ class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = Field("info")
 
 
-ConnectorConfig = Annotated[Union[OpcUaConnectorConfig, ModbusConnectorConfig], Field(discriminator="type")]
+# every registered connector contributes its config model (adding a protocol: one folder + one REGISTRY line)
+ConnectorConfig = Annotated[Union[tuple(k.config_model for k in REGISTRY.values())], Field(discriminator="type")]  # type: ignore[valid-type]
 
 
 class GatewayConfig(_Model):

@@ -325,7 +325,8 @@ class OpcUaConnector(Connector):
             name = status_name(res.StatusCode.value)
             if node_id not in self._failed_items:
                 self._failed_items.add(node_id)
-                log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, node_id=node_id, status=name)
+                log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, node_id=node_id, status=name,
+                          keys=self._node_keys[node_id])  # keys are machine/signal: who is affected
             failed.extend(Sample(k, None, False, now, None, name) for k in self._node_keys[node_id])
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
