@@ -405,3 +405,12 @@ async def test_x509_user_token(model: MachineModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="a user name or a user certificate, not both"):
         OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://h:1", "username": "u",
                                              "user_certificate_file": "/x.der", "user_private_key_file": "/x.pem"})
+
+
+async def test_connectors_sharing_a_pki_folder_generate_one_certificate(tmp_path: Path) -> None:
+    from connectors.opcua.pki import Pki as _Pki
+
+    results = await asyncio.gather(*(asyncio.to_thread(_Pki(tmp_path).own_certificate, "urn:gw", key_size=2048)
+                                     for _ in range(4)))
+    assert [generated for _, generated in results].count(True) == 1
+    assert len({own.thumbprint for own, _ in results}) == 1

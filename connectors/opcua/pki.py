@@ -23,11 +23,13 @@ carry the server's application URI in its SAN.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import re
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 OWN_NAME = "edge-gateway"
 SUBDIRS = ("own/certs", "own/private", "trusted/certs", "trusted/crl", "rejected/certs", "issuer/certs", "issuer/crl")
 EXPIRY_WARNING_DAYS = 30
+_OWN_LOCK = threading.Lock()
 
 
 class CertificateRefused(Exception):
@@ -228,6 +231,13 @@ class Pki:
         An existing certificate is kept as it is (servers trust it by its thumbprint), even when
         ``application_uri`` differs: the client then uses the URI in the certificate."""
         self.ensure_dirs()
+        # several connectors (threads) or gateway processes may share the folder: generate once, under a lock,
+        # so a key of one generation never pairs with the certificate of another
+        with _OWN_LOCK, open(self.root / "own" / ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._own_certificate_locked(application_uri, key_size, validity_days)
+
+    def _own_certificate_locked(self, application_uri: str, key_size: int, validity_days: int) -> tuple[OwnCertificate, bool]:
         cert = _load_cert_file(self.own_cert_path) if self.own_key_path.exists() else None
         if cert is not None:
             return OwnCertificate(self.own_cert_path, self.own_key_path, cert), False
