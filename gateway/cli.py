@@ -426,7 +426,12 @@ def _cmd_browse(args: argparse.Namespace) -> int:
         async with inspect.session(cfg) as (client, security, namespaces):  # type: ignore[arg-type]
             start = inspect.resolve(args.node, namespaces) if args.node else client.nodes.objects.nodeid
             head = f"# {cfg.endpoint} ({security.policy}/{security.mode}, {security.user_token})"  # type: ignore[attr-defined]
-            return [head] + await inspect.browse(client, namespaces, start, args.depth)
+            found: list[tuple[str, str, str | None]] = []
+            lines = [head] + await inspect.browse(client, namespaces, start, args.depth, found)
+            if args.config_lines:
+                lines.append(f"# config lines (connector {args.config_lines}); pick the ones you need:")
+                lines += [inspect.config_line(args.config_lines, *v) for v in found]
+            return lines
 
     try:
         lines = asyncio.run(go())
@@ -536,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--username")
     bw.add_argument("--password-env", help="environment variable with the password")
     bw.add_argument("--timeout", type=float, default=5.0)
+    bw.add_argument("--config-lines", metavar="CONNECTOR_ID",
+                    help="also print a config binding for every variable listed, for this connector id")
     bw.set_defaults(fn=_cmd_browse)
     return p
 

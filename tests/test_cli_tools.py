@@ -105,6 +105,17 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
         ]
         assert srv.namespace_index == 3  # the nsu= form is what a config should use, not ns=3
 
+        rc, out, _ = await edge_gateway(*args, "--config-lines", "press1-opc")
+        assert rc == 0
+        assert out.splitlines()[8:] == [
+            "# config lines (connector press1-opc); pick the ones you need:",
+            f'GoodCount: {{connector: press1-opc, node_id: "{ns}.GoodCount", bits: 32}}',
+            f'OperationComplete: {{connector: press1-opc, node_id: "{ns}.OperationComplete"}}',
+            f'OperationNumber: {{connector: press1-opc, node_id: "{ns}.OperationNumber"}}',
+            f'OrderNumber: {{connector: press1-opc, node_id: "{ns}.OrderNumber"}}',
+            f'ScrapCount: {{connector: press1-opc, node_id: "{ns}.ScrapCount", bits: 32}}',
+            f'State: {{connector: press1-opc, node_id: "{ns}.State"}}',
+        ]
         rc, out, _ = await edge_gateway("browse", srv.endpoint, "--pki-dir", str(pki), "--depth", "1")
         assert rc == 0 and f"├─ Press1  {ns}  Object" in out.splitlines() and "└─ Server  i=2253  Object" in out
         rc, _, err = await edge_gateway("browse", srv.endpoint, "--security", "none", "--depth", "1")

@@ -107,9 +107,11 @@ async def read_info(client: Client, nid: ua.NodeId) -> VariableInfo:
     )
 
 
-async def browse(client: Client, namespaces: list[str], start: ua.NodeId, depth: int) -> list[str]:
+async def browse(client: Client, namespaces: list[str], start: ua.NodeId, depth: int,
+                 variables: list[tuple[str, str, str | None]] | None = None) -> list[str]:
     """The tree under ``start`` (``depth`` levels), one line per node:
-    ``name  node-id  Variable DataType access = value``. The standard Server object is not descended into."""
+    ``name  node-id  Variable DataType access = value``. The standard Server object is not descended into.
+    ``variables``, when given, receives (browse name, nsu= node id, data type) of every variable listed."""
     lines: list[str] = []
     root_name = (await client.get_node(start).read_browse_name()).Name
     info = await read_info(client, start)
@@ -125,6 +127,8 @@ async def browse(client: Client, namespaces: list[str], start: ua.NodeId, depth:
             last = i == len(refs) - 1
             child = ua.NodeId(ref.NodeId.Identifier, ref.NodeId.NamespaceIndex, ref.NodeId.NodeIdType)
             child_info = await read_info(client, child)
+            if variables is not None and child_info.node_class == "Variable":
+                variables.append((ref.BrowseName.Name, nsu(child, namespaces), child_info.data_type))
             lines.append(_line(prefix + ("└─ " if last else "├─ "), ref.BrowseName.Name, child, child_info, namespaces))
             await walk(child, prefix + ("   " if last else "│  "), level + 1)
 
@@ -138,6 +142,17 @@ def _line(prefix: str, name: str, nid: ua.NodeId, info: VariableInfo, namespaces
         out += f" {info.data_type or '?'} {info.access}"
         out += f" = {_show(info.value)}" if info.status == "Good" else f" ({info.status})"
     return out
+
+
+def config_line(connector: str, name: str, node_id: str, data_type: str | None) -> str:
+    """A YAML binding for a variable found by browse (counter width from the data type)."""
+    extra = ""
+    width = INTEGER_TYPES.get(data_type or "")
+    if width in (16, 32, 64):
+        extra = f", bits: {width}" + (", signed: true" if (data_type or "").startswith("Int") else "")
+    elif data_type == "Byte":
+        extra = ", max_value: 255"
+    return f'{name}: {{connector: {connector}, node_id: "{node_id}"{extra}}}'
 
 
 async def check_tag(client: Client, namespaces: list[str], node_id: str, kind: str, bits: int | None) -> tuple[bool, str]:
