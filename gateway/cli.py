@@ -1,4 +1,4 @@
-"""Command line: ``edge-gateway run|validate|demo``."""
+"""Command line: ``edge-gateway run|validate|order|buffer|demo|schema|pki|browse|probe``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,81 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             print(f"{path}: {n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
             continue
         print(f"{path}: OK ({len(cfg.connectors)} connectors, {len(cfg.machines)} machines)")
+        if args.online:
+            problems = asyncio.run(_validate_online(cfg))
+            if problems:
+                print(f"{path}: {problems} problem{'s' if problems != 1 else ''} found online", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"{path}: online OK (every endpoint, device, node and register checked)")
     return EXIT_OK if ok else EXIT_CONFIG
+
+
+def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
+    """connector id -> [(label "machine signal", kind, binding, address)] for every tag of the config."""
+    out: dict[str, list[tuple[str, str, object, object]]] = {}
+    for m in cfg.machines:  # type: ignore[attr-defined]
+        items: list[tuple[str, str, str, object]] = []
+        items += [(name, f"counter {name}", "counter", b) for name, b in m.counters.items()]
+        items += [(f"material:{name}", f"material {name}", "material", b) for name, b in m.materials.items()]
+        for signal, field, kind in (("state", "state", "state"), ("order", "order_tag", "text"),
+                                    ("operation", "operation_tag", "text"), ("complete", "complete_tag", "flag")):
+            b = getattr(m, field)
+            if b is not None:
+                items.append((signal, field, kind, b))
+        for signal, label, kind, b in items:
+            if kind in ("counter", "material") and b.max_value is not None:
+                kind = "integer"
+            out.setdefault(b.connector, []).append((f"{m.id} {label}", kind, b, cfg.tag_address(m.id, signal)))  # type: ignore[attr-defined]
+    return out
+
+
+async def _validate_online(cfg: object) -> int:
+    """Connect to every endpoint and device of ``cfg``; check every node / register. Prints one line per tag;
+    returns the number of problems."""
+    import logging
+
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    problems = 0
+    tags = _bindings(cfg)
+    for c in cfg.connectors:  # type: ignore[attr-defined]
+        items = tags.get(c.id, [])
+        if c.type == "opcua":
+            from connectors.opcua import inspect
+
+            try:
+                async with inspect.session(c) as (client, security, namespaces):
+                    print(f"connector {c.id} ({c.endpoint}): connected, {security.policy}/{security.mode}, "
+                          f"{security.user_token}")
+                    for label, kind, b, addr in items:
+                        ok, what = await inspect.check_tag(client, namespaces, addr.node_id, kind, getattr(b, "bits", None))
+                        problems += not ok
+                        print(f"  {label}: {addr.node_id}: {'ok, ' if ok else 'PROBLEM: '}{what}")
+            except Exception as exc:
+                problems += 1
+                print(f"connector {c.id} ({c.endpoint}): PROBLEM: {_opcua_failure(exc, c)}")
+        elif c.type == "modbus":
+            from connectors.modbus.probe import ProbeError, ProbeRequest, read_raw
+            from connectors.modbus.connector import decode_registers
+
+            print(f"connector {c.id} ({c.host}:{c.port} unit {c.unit_id})")
+            for label, kind, b, addr in items:
+                req = ProbeRequest(c.host, c.port, c.unit_id, addr.address, addr.count, addr.table, timeout_s=c.timeout_s,
+                                   framing=c.framing)
+                where = f"{addr.table} {addr.address} {addr.data_type}"
+                try:
+                    raw = await read_raw(req)
+                except ProbeError as exc:
+                    problems += 1
+                    print(f"  {label}: {where}: PROBLEM: {exc}")
+                    if str(exc).startswith("cannot connect"):
+                        print(f"  (the other tags of {c.id} not checked)")
+                        break
+                    continue
+                value = bool(raw[0]) if addr.data_type == "bool" else decode_registers(
+                    [int(r) for r in raw], addr.data_type, addr.word_order, addr.length)
+                print(f"  {label}: {where}: ok, = {value!r}")
+    return problems
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -210,12 +284,191 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pki_dirs(args: argparse.Namespace) -> list[str] | int:
+    """The PKI folder(s) named by --pki-dir, or those of the OPC UA connectors in --config."""
+    if args.pki_dir:
+        return [args.pki_dir]
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    dirs = [c.pki_dir for c in cfg.connectors if c.type == "opcua" and (args.connector in (None, c.id))]
+    if not dirs:
+        print(f"{args.config}: no OPC UA connector" + (f" with id {args.connector!r}" if args.connector else ""),
+              file=sys.stderr)
+        return EXIT_CONFIG
+    return list(dict.fromkeys(dirs))
+
+
+def _cmd_pki(args: argparse.Namespace) -> int:
+    """OPC UA certificate trust: list / trust / reject / show (see connectors/opcua/pki.py)."""
+    from connectors.opcua.pki import Pki, describe
+
+    dirs = _pki_dirs(args)
+    if isinstance(dirs, int):
+        return dirs
+    rc = EXIT_OK
+    for d in dirs:
+        pki = Pki(d)
+        if args.action == "list":
+            print(f"PKI {pki.root}")
+            for store in ("own", "trusted", "issuer", "rejected"):
+                certs = pki.certificates(store)
+                print(f"  {store}/ ({len(certs)})")
+                for _, c in certs:
+                    info = describe(c)
+                    print(f"    {info['thumbprint']}  {info['subject']}  uri={info['application_uri']}  "
+                          f"expires={info['not_after'][:10]} ({info['days_left']} days)")
+        elif args.action == "show":
+            if args.thumbprint:
+                found = pki.find(args.thumbprint)
+                if not found:
+                    print(f"no certificate {args.thumbprint} in {pki.root}", file=sys.stderr)
+                    rc = EXIT_FAILED
+                    continue
+                store, path, cert = found[0]
+            else:
+                found = pki.certificates("own")
+                if not found:
+                    print(f"no own certificate in {pki.root} yet (generated when a connector first connects securely)",
+                          file=sys.stderr)
+                    rc = EXIT_FAILED
+                    continue
+                store, (path, cert) = "own", found[0]
+            print(f"store: {store}\nfile: {path}")
+            for k, v in describe(cert).items():
+                print(f"{k}: {v}")
+        else:
+            to = "trusted" if args.action == "trust" else "rejected"
+            try:
+                cert, path = pki.move(args.thumbprint, to)
+            except KeyError as exc:
+                print(f"{pki.root}: {exc.args[0]}", file=sys.stderr)
+                rc = EXIT_FAILED
+                continue
+            info = describe(cert)
+            print(f"{args.action}ed {info['thumbprint']} ({info['subject']}): {path}")
+            if args.action == "trust":
+                print("a running gateway uses it at its next connect attempt")
+    return rc
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    """Read once from a device and decode (``probe modbus``): check a register map before writing the config."""
+    import logging
+
+    from connectors.modbus.probe import ProbeError, ProbeRequest, probe
+
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its connect errors are reported below, once
+    req = ProbeRequest(host=args.host, port=args.port, unit=args.unit, address=args.address, count=args.count,
+                       table=args.table, data_type=args.type, word_order=args.word_order, timeout_s=args.timeout,
+                       framing=args.framing)
+    try:
+        lines = asyncio.run(probe(req))
+    except ProbeError as exc:
+        print(f"probe failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _opcua_tool_config(args: argparse.Namespace, endpoint: str | None) -> object | int:
+    """The OPC UA connector settings a tool uses: a connector of --config, or built from the flags."""
+    from pydantic import ValidationError
+
+    from connectors.opcua.config import OpcUaConnectorConfig
+
+    if args.config:
+        from gateway.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            return EXIT_CONFIG
+        found = [c for c in cfg.connectors if c.type == "opcua" and args.connector in (None, c.id)]
+        if len(found) != 1:
+            ids = ", ".join(c.id for c in cfg.connectors if c.type == "opcua") or "none"
+            print(f"{args.config}: name the OPC UA connector with --connector (OPC UA connectors: {ids})", file=sys.stderr)
+            return EXIT_CONFIG
+        base = found[0]
+        return base.model_copy(update={"endpoint": endpoint}) if endpoint else base
+    data = {"type": "opcua", "id": "browse", "endpoint": endpoint, "security": args.security,
+            "allow_deprecated_policies": args.allow_deprecated_policies, "pki_dir": args.pki_dir,
+            "timeout_s": args.timeout}
+    if args.username:
+        data.update(username=args.username, password_env=args.password_env)
+    try:
+        return OpcUaConnectorConfig.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"{'.'.join(str(x) for x in err['loc']) or 'options'}: {err['msg'].removeprefix('Value error, ')}",
+                  file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _opcua_failure(exc: BaseException, cfg: object) -> str:
+    """One line for a failed OPC UA tool session (no traceback)."""
+    from connectors.opcua.pki import CertificateRefused, Pki
+    from connectors.opcua.session import SecurityRefused
+
+    if isinstance(exc, CertificateRefused):
+        if exc.reason == "untrusted":
+            root = Pki(cfg.pki_dir).root  # type: ignore[attr-defined]
+            return f"{exc}\ntrust it with: edge-gateway pki trust --pki-dir {root} {exc.thumbprint}"
+        return str(exc)
+    if isinstance(exc, SecurityRefused):
+        return str(exc)
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer from {cfg.endpoint} within {cfg.timeout_s}s"  # type: ignore[attr-defined]
+    return f"cannot connect to {cfg.endpoint}: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    """Print an OPC UA server's address space as a tree with nsu= node ids, data types, access and values."""
+    import logging
+
+    from connectors.opcua import inspect
+
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    cfg = _opcua_tool_config(args, args.endpoint)
+    if isinstance(cfg, int):
+        return cfg
+
+    async def go() -> list[str]:
+        async with inspect.session(cfg) as (client, security, namespaces):  # type: ignore[arg-type]
+            start = inspect.resolve(args.node, namespaces) if args.node else client.nodes.objects.nodeid
+            head = f"# {cfg.endpoint} ({security.policy}/{security.mode}, {security.user_token})"  # type: ignore[attr-defined]
+            found: list[tuple[str, str, str | None]] = []
+            lines = [head] + await inspect.browse(client, namespaces, start, args.depth, found)
+            if args.config_lines:
+                lines.append(f"# config lines (connector {args.config_lines}); pick the ones you need:")
+                lines += [inspect.config_line(args.config_lines, *v) for v in found]
+            return lines
+
+    try:
+        lines = asyncio.run(go())
+    except KeyError as exc:
+        print(f"browse failed: {exc.args[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        print(f"browse failed: {_opcua_failure(exc, cfg)}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-gateway", description="Machine counters → production-order events → MQTT.")
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check config files; every problem with file, line and field path")
     v.add_argument("files", nargs="+", metavar="CONFIG")
+    v.add_argument("--online", action="store_true",
+                   help="also connect to every endpoint and device and check every node id and register")
     v.set_defaults(fn=_cmd_validate)
 
     r = sub.add_parser("run", help="run the gateway")
@@ -253,6 +506,60 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", "-o", default=None, metavar="DIR", help="write the schema files into DIR and list them")
     sc.add_argument("--topic-root", default="edge", help="first topic level in the AsyncAPI addresses (default: edge)")
     sc.set_defaults(fn=_cmd_schema)
+
+    k = sub.add_parser("pki", help="OPC UA certificates: list, trust, reject or show (own/ trusted/ rejected/ issuer/)")
+    ksub = k.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "list the certificates of each store"),
+                         ("trust", "move a rejected server certificate to trusted/"),
+                         ("reject", "move a trusted server certificate to rejected/"),
+                         ("show", "details of a certificate (ours without THUMBPRINT)")):
+        ka = ksub.add_parser(action, help=text)
+        if action in ("trust", "reject"):
+            ka.add_argument("thumbprint", help="SHA-1 thumbprint (a unique prefix is enough)")
+        elif action == "show":
+            ka.add_argument("thumbprint", nargs="?", help="SHA-1 thumbprint (a unique prefix is enough)")
+        else:
+            ka.set_defaults(thumbprint=None)
+        kg = ka.add_mutually_exclusive_group(required=True)
+        kg.add_argument("--pki-dir", help="the PKI folder")
+        kg.add_argument("--config", "-c", metavar="FILE", help="use the pki_dir of the OPC UA connectors in this config")
+        ka.add_argument("--connector", help="with --config: only this connector's PKI folder")
+        ka.set_defaults(fn=_cmd_pki)
+
+    pr = sub.add_parser("probe", help="read once from a device and decode, to check a register map")
+    prs = pr.add_subparsers(dest="protocol", required=True)
+    pm = prs.add_parser("modbus", help="Modbus TCP: read registers, coils or discrete inputs once")
+    pm.add_argument("host")
+    pm.add_argument("--port", type=int, default=502)
+    pm.add_argument("--unit", type=int, default=1, help="unit (device/slave) id")
+    pm.add_argument("--address", type=int, required=True, help="0-based address (register 40001 is 0)")
+    pm.add_argument("--count", type=int, default=1, help="registers (bits for coils) to read")
+    pm.add_argument("--table", choices=["holding", "input", "coil", "discrete_input"], default="holding")
+    pm.add_argument("--type", choices=["uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64",
+                                       "string", "bool"], help="decode as (default: raw registers only)")
+    pm.add_argument("--word-order", choices=["ABCD", "CDAB", "BADC", "DCBA", "big", "little", "all"], default="ABCD",
+                    help="layout of multi-register values; 'all' prints every layout")
+    pm.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    pm.add_argument("--framing", choices=["tcp", "rtu"], default="tcp", help="rtu: RTU frames over TCP (serial gateways)")
+    pm.set_defaults(fn=_cmd_probe)
+
+    bw = sub.add_parser("browse", help="print an OPC UA server's address space (nsu= node ids, types, values)")
+    bw.add_argument("endpoint", nargs="?", help="opc.tcp://HOST:PORT (default: the connector's, with --config)")
+    bw.add_argument("--node", help="start here (ns= or nsu= node id; default: the Objects folder)")
+    bw.add_argument("--depth", type=int, default=3, help="levels below the start node (default 3)")
+    bw.add_argument("--config", "-c", metavar="FILE", help="use the security, PKI and login of a connector in FILE")
+    bw.add_argument("--connector", help="with --config: which OPC UA connector")
+    bw.add_argument("--security", default="auto", choices=["auto", "none", "Aes256_Sha256_RsaPss",
+                                                          "Aes128_Sha256_RsaOaep", "Basic256Sha256", "Basic256",
+                                                          "Basic128Rsa15"])
+    bw.add_argument("--allow-deprecated-policies", action="store_true")
+    bw.add_argument("--pki-dir", default="pki", help="PKI folder (default ./pki)")
+    bw.add_argument("--username")
+    bw.add_argument("--password-env", help="environment variable with the password")
+    bw.add_argument("--timeout", type=float, default=5.0)
+    bw.add_argument("--config-lines", metavar="CONNECTOR_ID",
+                    help="also print a config binding for every variable listed, for this connector id")
+    bw.set_defaults(fn=_cmd_browse)
     return p
 
 

@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from connectors import REGISTRY
 from connectors.secrets import read_secret
-from connectors.modbus.config import ModbusConnectorConfig
-from connectors.opcua.config import OpcUaConnectorConfig
 
 _TOPIC_LEVEL = r"^[A-Za-z0-9_.-]+$"
 _TOPIC_HINT = "letters, digits, '_', '.', '-' (it is used as an MQTT topic level)"
@@ -224,7 +222,8 @@ class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = Field("info")
 
 
-ConnectorConfig = Annotated[Union[OpcUaConnectorConfig, ModbusConnectorConfig], Field(discriminator="type")]
+# every registered connector contributes its config model (adding a protocol: one folder + one REGISTRY line)
+ConnectorConfig = Annotated[Union[tuple(k.config_model for k in REGISTRY.values())], Field(discriminator="type")]  # type: ignore[valid-type]
 
 
 class GatewayConfig(_Model):
@@ -473,7 +472,9 @@ def parse_config(data: Any, file: str = "<config>", text: str | None = None) -> 
     problems: list[ConfigProblem] = []
     cfg: GatewayConfig | None = None
     try:
-        cfg = GatewayConfig.model_validate(data)
+        # relative paths in connector configs (the OPC UA pki_dir) are relative to the config file
+        ctx = {"config_dir": os.path.dirname(os.path.abspath(file))} if not file.startswith("<") else None
+        cfg = GatewayConfig.model_validate(data, context=ctx)
     except ValidationError as exc:
         for err in exc.errors():
             problems.append(problem(_clean_loc(tuple(err["loc"])), _message(err)))

@@ -34,7 +34,7 @@ def demo_config(*, broker_port: int, opc_endpoint: str, opc_nodes: dict[str, str
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5, "protocol": protocol},
         "store": {"path": store_path},
         "connectors": [
-            {"type": "opcua", "id": "press1-opc", "endpoint": opc_endpoint},
+            {"type": "opcua", "id": "press1-opc", "endpoint": opc_endpoint, "security": "none"},
             {"type": "modbus", "id": "press2-mb", "host": "127.0.0.1", "port": modbus_port, "unit_id": 1,
              "poll_interval_s": 0.1},
         ],

@@ -14,7 +14,17 @@ Register layout (0-based addresses; holding registers, mirrored 1:1 in input reg
     20-23  operation number, ASCII, 8 chars, same encoding
 
 Signed models (``signed=True``) hold the two's complement bit pattern: data type int32 / int16.
-Registers 0..23 are readable; anything else is an ILLEGAL_ADDRESS exception; writes are refused.
+
+Byte-order test area (always present; 32-bit values in each layout, A = most significant byte)::
+
+    100-101  good uint32 ABCD    102-103  CDAB    104-105  BADC    106-107  DCBA
+    110-111  material float32 ABCD (good parts x material_per_part)    112-113  CDAB    114-115  BADC    116-117  DCBA
+    200      coil bits: coil 3200 = running (state == "running"), coil 3201 = operation complete
+    201      discrete input bits: discrete input 3216 = running, 3217 = operation complete
+
+(The simulated device shares one memory for all tables: coil/discrete input N is bit N % 16 of register N // 16;
+read the flags with FC1 / FC2 at the addresses above.) Registers 0..23, 100..107, 110..117 and 200..201 are
+readable; anything else is an ILLEGAL_ADDRESS exception; writes are refused. ``ADDRESSES`` lists the test area.
 
 The register image is updated synchronously by a model listener and copied into pymodbus's store on
 every request, so a block read always returns one consistent state of the machine.
@@ -25,15 +35,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from typing import Any
 
 from pymodbus.constants import ExcCodes
+from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from .machine import MachineModel
 
-__all__ = ["LAYOUT", "REGISTER_COUNT", "STATE_CODES", "ModbusMachineServer", "encode_string", "layout_for"]
+__all__ = ["ADDRESSES", "LAYOUT", "REGISTER_COUNT", "STATE_CODES", "ModbusMachineServer", "encode_string",
+           "layout_for", "layout_words"]
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +77,26 @@ LAYOUT: dict[int, dict[str, dict[str, Any]]] = {
 #: registers 0..REGISTER_COUNT-1 exist
 REGISTER_COUNT = 24
 
+#: the byte-order / bit test area: name -> tag address fields (valid ModbusTagConfig fields)
+ADDRESSES: dict[str, dict[str, Any]] = {
+    **{f"good_{order}": {"address": 100 + 2 * i, "data_type": "uint32", "word_order": order}
+       for i, order in enumerate(("ABCD", "CDAB", "BADC", "DCBA"))},
+    **{f"material_{order}": {"address": 110 + 2 * i, "data_type": "float32", "word_order": order}
+       for i, order in enumerate(("ABCD", "CDAB", "BADC", "DCBA"))},
+    "running_coil": {"address": 3200, "table": "coil", "data_type": "bool"},
+    "complete_coil": {"address": 3201, "table": "coil", "data_type": "bool"},
+    "running_input": {"address": 3216, "table": "discrete_input", "data_type": "bool"},
+    "complete_input": {"address": 3217, "table": "discrete_input", "data_type": "bool"},
+}
+_EXTRA_AREAS = ((100, 8), (110, 8), (200, 2))
+
+
+def layout_words(value: int, order: str) -> list[int]:
+    """A 32-bit pattern as two registers in the layout ``order`` (ABCD, CDAB, BADC or DCBA)."""
+    a, b, c, d = value.to_bytes(4, "big")
+    seq = {"ABCD": (a, b, c, d), "CDAB": (c, d, a, b), "BADC": (b, a, d, c), "DCBA": (d, c, b, a)}[order]
+    return [(seq[0] << 8) | seq[1], (seq[2] << 8) | seq[3]]
+
 _STOP_TIMEOUT = 5.0
 
 
@@ -88,11 +121,13 @@ class ModbusMachineServer:
     """A real pymodbus TCP server for one simulated machine.
 
     Use ``async with ModbusMachineServer(model, port=...) as srv:`` or ``await srv.start()`` /
-    ``await srv.stop()``. ``stop()`` closes the listener and all client connections (the device becomes
+    ``await srv.stop()``. ``framing="rtu"``: RTU frames (with CRC) over TCP, like a serial-to-Ethernet
+    converter. ``stop()`` closes the listener and all client connections (the device becomes
     unreachable); ``start()`` again on the same port brings it back with the model's current values.
     """
 
-    def __init__(self, model: MachineModel, *, host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1) -> None:
+    def __init__(self, model: MachineModel, *, host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1,
+                 material_per_part: float = 0.25, framing: str = "tcp") -> None:
         self.layout = layout_for(model.counter_bits, model.signed)
         if not 0 <= unit_id <= 255:
             raise ValueError("unit_id must be within 0..255")
@@ -100,9 +135,15 @@ class ModbusMachineServer:
         self.host = host
         self.port = port
         self.unit_id = unit_id
+        self.material_per_part = material_per_part
+        if framing not in ("tcp", "rtu"):
+            raise ValueError("framing must be 'tcp' (MBAP header) or 'rtu' (RTU frames over TCP, like a serial gateway)")
+        self.framing = framing
         self._image: list[int] = [0] * REGISTER_COUNT
+        self._extra: dict[int, int] = {}
         self._server: ModbusTcpServer | None = None
         self._exception: ExcCodes | None = None
+        self._block_exceptions: list[tuple[int | None, range, ExcCodes]] = []
         self._refresh()
 
     # ------------------------------------------------------------------ addressing
@@ -151,7 +192,15 @@ class ModbusMachineServer:
         for sig, text in (("order", order), ("operation", operation)):
             addr, count = self.layout[sig]["address"], self.layout[sig]["count"]
             img[addr : addr + count] = encode_string(text, count)
-        self._image = img  # replaced as a whole: a request never sees half an update
+        extra: dict[int, int] = {}
+        good = m.raw_register_value("good") & 0xFFFFFFFF
+        material = struct.unpack(">I", struct.pack(">f", m.good_raw * self.material_per_part))[0]
+        for i, order in enumerate(("ABCD", "CDAB", "BADC", "DCBA")):
+            extra[100 + 2 * i], extra[101 + 2 * i] = layout_words(good, order)
+            extra[110 + 2 * i], extra[111 + 2 * i] = layout_words(material, order)
+        flags = (1 if m.state == "running" else 0) | (2 if m.operation_complete else 0)
+        extra[200] = extra[201] = flags
+        self._image, self._extra = img, extra  # replaced as a whole: a request never sees half an update
 
     def _on_model_change(self) -> None:
         self._refresh()
@@ -168,14 +217,31 @@ class ModbusMachineServer:
         """pymodbus hook, called on every request before the registers are read."""
         if self._exception is not None:
             return self._exception
-        img = self._image
+        for fc, addresses, code in self._block_exceptions:
+            if (fc is None or fc == function_code) and address in addresses:
+                return code
+        img, extra = self._image, self._extra
         n = min(len(img), len(current_registers) - start_address)
         current_registers[0:n] = img[start_address : start_address + n]
+        for a, v in extra.items():
+            if 0 <= a - start_address < len(current_registers):
+                current_registers[a - start_address] = v
         return None
 
-    def set_exception(self, code: ExcCodes | None) -> None:
-        """Answer every request with this Modbus exception (e.g. ``ExcCodes.DEVICE_BUSY``) until set to None."""
-        self._exception = code
+    def set_exception(self, code: ExcCodes | None, *, addresses: range | None = None,
+                      function_code: int | None = None) -> None:
+        """Answer requests with this Modbus exception (e.g. ``ExcCodes.DEVICE_BUSY``) until set to None.
+
+        Without ``addresses``: every request. With ``addresses`` (and optionally ``function_code``): only requests
+        starting at one of these addresses (in the function's units: bits for FC1/FC2), like a device whose one
+        module is faulty; ``set_exception(None)`` clears every rule."""
+        if code is None:
+            self._exception = None
+            self._block_exceptions = []
+        elif addresses is None:
+            self._exception = code
+        else:
+            self._block_exceptions.append((function_code, addresses, code))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -191,10 +257,13 @@ class ModbusMachineServer:
             return
         device = SimDevice(
             id=self.unit_id,
-            simdata=[SimData(address=0, count=REGISTER_COUNT, values=0, datatype=DataType.REGISTERS, readonly=True)],
+            simdata=[SimData(address=0, count=REGISTER_COUNT, values=0, datatype=DataType.REGISTERS, readonly=True)]
+            + [SimData(address=a, count=n, values=0, datatype=DataType.REGISTERS, readonly=True) for a, n in _EXTRA_AREAS],
+            use_bit_addressing=True,  # coil/discrete input N = bit N % 16 of register N // 16
             action=self._action,
         )
-        server = ModbusTcpServer(device, address=(self.host, self.port))
+        server = ModbusTcpServer(device, address=(self.host, self.port),
+                                 framer=FramerType.RTU if self.framing == "rtu" else FramerType.SOCKET)
         self.model.add_listener(self._on_model_change)
         self._refresh()
         try:

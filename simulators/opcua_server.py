@@ -12,7 +12,21 @@ Nodes (string node ids in the simulator namespace, index 2 on a fresh server)::
 Values are published from a model listener through one writer task, so the server sees the model's
 changes complete and in order, each with the time of the change as source timestamp.
 :meth:`OpcUaMachineServer.set_bad` publishes a signal with status BadCommunicationError (value null)
-until cleared. Security: one endpoint, policy None, anonymous login only.
+until cleared.
+
+Security (constructor options; the defaults keep the old behaviour: one endpoint, policy None, anonymous):
+
+- ``security_policies``: the endpoints offered, as ``ua.SecurityPolicyType`` names, e.g.
+  ``["Basic256Sha256_SignAndEncrypt"]`` or ``["Basic256_Sign", "Basic128Rsa15_SignAndEncrypt"]``.
+- ``users``: ``{user: password}``; when set, user name login is accepted (anonymous refused).
+- ``user_certificates``: DER user certificates accepted for X.509 login (anonymous refused).
+- ``certificate``: ``(certificate DER, private key PEM)``; generated once per simulator instance when a
+  secured endpoint is offered and none is given (kept across restarts, like a PLC's). ``certificate_der``
+  and ``thumbprint`` expose it. Client certificates are all accepted (the simulator trusts everyone).
+
+Namespaces: ``extra_namespaces`` are registered before the simulator's own namespace, so its index moves
+(``namespace_index``); change the attribute between ``stop()`` and ``start()`` to reorder the namespace array
+across a restart, as real servers may. ``nsu_node_id(signal)`` gives the restart-proof ``nsu=`` form.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -58,6 +73,24 @@ def quiet_asyncua_logging(level: int = logging.WARNING) -> None:
     logging.getLogger("asyncua").setLevel(level)
 
 
+class _Users:
+    """asyncua user manager: user name login with the configured passwords, or a configured user certificate
+    (DER; the server has checked the token's signature), nothing else."""
+
+    def __init__(self, users: dict[str, str], certificates: list[bytes]) -> None:
+        self.users = users
+        self.certificates = certificates
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> Any:
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username is not None and username in self.users and self.users[username] == password:
+            return User(role=UserRole.User, name=username)
+        if certificate is not None and bytes(certificate) in self.certificates:
+            return User(role=UserRole.User, name="certificate")
+        return None
+
+
 class OpcUaMachineServer:
     """A real asyncua server for one simulated machine.
 
@@ -73,6 +106,13 @@ class OpcUaMachineServer:
         host: str = "127.0.0.1",
         port: int = 4840,
         namespace: str = "urn:edge-gateway:simulator",
+        security_policies: list[str] | None = None,
+        users: dict[str, str] | None = None,
+        user_certificates: list[bytes] | None = None,
+        certificate: tuple[bytes, bytes] | None = None,
+        extra_namespaces: list[str] | None = None,
+        max_monitored_items_per_call: int | None = None,
+        max_nodes_per_read: int | None = None,
     ) -> None:
         key = (model.counter_bits, bool(model.signed))
         if key not in _COUNTER_TYPES:
@@ -83,6 +123,15 @@ class OpcUaMachineServer:
         self.namespace = namespace
         self.counter_type: ua.VariantType = _COUNTER_TYPES[key]
         self._ns = 2
+        self.security_policies = [ua.SecurityPolicyType[p] for p in (security_policies or ["NoSecurity"])]
+        self.users = dict(users) if users else None
+        self.user_certificates = list(user_certificates) if user_certificates else None
+        self._certificate = certificate
+        self.extra_namespaces = list(extra_namespaces or [])
+        self.max_monitored_items_per_call = max_monitored_items_per_call
+        self.max_nodes_per_read = max_nodes_per_read
+        #: (service, number of operations) of every Read / CreateMonitoredItems a client sent, when limits are set
+        self.requests: list[tuple[str, int]] = []
         self._server: Server | None = None
         self._queue: asyncio.Queue[tuple[dict[str, Any], datetime, set[str], asyncio.Future | None]] | None = None
         self._writer: asyncio.Task | None = None
@@ -102,6 +151,46 @@ class OpcUaMachineServer:
 
     def node_id(self, signal: str) -> str:
         return f"ns={self._ns};s={self.model.name}.{SIGNALS[signal]}"
+
+    def nsu_node_id(self, signal: str) -> str:
+        """The node id with the namespace URI instead of its index (valid across namespace reorders)."""
+        return f"nsu={self.namespace};s={self.model.name}.{SIGNALS[signal]}"
+
+    @property
+    def application_uri(self) -> str:
+        return f"{self.namespace}:{self.model.name}"
+
+    @property
+    def secured(self) -> bool:
+        return any(p != ua.SecurityPolicyType.NoSecurity for p in self.security_policies)
+
+    @property
+    def certificate_der(self) -> bytes:
+        """The server's certificate (DER), generated on first use."""
+        return self._cert_and_key()[0]
+
+    @property
+    def thumbprint(self) -> str:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        return x509.load_der_x509_certificate(self.certificate_der).fingerprint(hashes.SHA1()).hex().upper()
+
+    def _cert_and_key(self) -> tuple[bytes, bytes]:
+        if self._certificate is None:
+            from cryptography.hazmat.primitives import serialization
+
+            from connectors.opcua.pki import generate_certificate
+
+            cert, key = generate_certificate(self.application_uri, common_name_=f"simulator {self.model.name}",
+                                             hostnames=["localhost", socket.gethostname(), self.host], ips=["127.0.0.1", self.host],
+                                             server=True)
+            self._certificate = (
+                cert.public_bytes(serialization.Encoding.DER),
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()),
+            )
+        return self._certificate
 
     @property
     def node_ids(self) -> dict[str, str]:
@@ -134,13 +223,25 @@ class OpcUaMachineServer:
     async def start(self) -> None:
         if self._server is not None:
             return
-        server = Server()
+        login = self.users is not None or self.user_certificates is not None
+        server = Server(user_manager=_Users(self.users or {}, self.user_certificates or []) if login else None)
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"edge-gateway simulator {self.model.name}")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-        server.set_identity_tokens([ua.AnonymousIdentityToken])
-        await server.set_application_uri(f"{self.namespace}:{self.model.name}")
+        server.set_security_policy(self.security_policies)
+        tokens: list[type] = [ua.AnonymousIdentityToken] if not login else []
+        tokens += [ua.UserNameIdentityToken] if self.users else []
+        tokens += [ua.X509IdentityToken] if self.user_certificates else []
+        server.set_identity_tokens(tokens)
+        if self.secured:
+            cert, key = self._cert_and_key()
+            await server.load_certificate(cert, format="der")
+            await server.load_private_key(key, format="pem")
+        await server.set_application_uri(self.application_uri)
+        if self.max_monitored_items_per_call or self.max_nodes_per_read:
+            await self._enforce_limits(server)
+        for uri in self.extra_namespaces:
+            await server.register_namespace(uri)
         self._ns = await server.register_namespace(self.namespace)
 
         name = self.model.name
@@ -170,6 +271,42 @@ class OpcUaMachineServer:
             raise
         await self.flush()
         _log.info("OPC UA simulator %s listening on %s", name, self.endpoint)
+
+    async def _enforce_limits(self, server: Server) -> None:
+        """Publish the OperationLimits and refuse larger requests with BadTooManyOperations, as strict servers do."""
+        from asyncua.common.utils import ServiceError
+
+        limits = {ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall:
+                  self.max_monitored_items_per_call or 0,
+                  ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead: self.max_nodes_per_read or 0}
+        for nid, value in limits.items():
+            await server.write_attribute_value(ua.NodeId(nid), ua.DataValue(ua.Variant(value, ua.VariantType.UInt32)))
+        iserver = server.iserver
+        make_session = iserver.create_session
+        sim = self
+
+        def create_session(*args: Any, **kwargs: Any) -> Any:
+            session = make_session(*args, **kwargs)
+            read, create = session.read, session.create_monitored_items
+
+            async def limited_read(params: ua.ReadParameters) -> Any:
+                if session.external:
+                    sim.requests.append(("Read", len(params.NodesToRead)))
+                    if sim.max_nodes_per_read and len(params.NodesToRead) > sim.max_nodes_per_read:
+                        raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+                return await read(params)
+
+            async def limited_create(params: ua.CreateMonitoredItemsParameters) -> Any:
+                sim.requests.append(("CreateMonitoredItems", len(params.ItemsToCreate)))
+                if sim.max_monitored_items_per_call and len(params.ItemsToCreate) > sim.max_monitored_items_per_call:
+                    raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+                return await create(params)
+
+            session.read = limited_read
+            session.create_monitored_items = limited_create
+            return session
+
+        iserver.create_session = create_session
 
     async def _abort_start(self, server: Server) -> None:
         self._server = server

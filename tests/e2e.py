@@ -25,7 +25,7 @@ def gateway_config(*, broker_port: int, store_path: str, opc: Any = None, modbus
     reporting = {"interval_s": interval_s, **({"max_units": max_units} if max_units else {})}
     if opc is not None:
         connectors.append({"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5,
-                           "timeout_s": 2})
+                           "timeout_s": 2, "security": "none"})
         machines.append({"id": "press-1", "counters": {
             "good": {"connector": "opc", "node_id": opc.node_ids["good"], "bits": opc.model.counter_bits, "max_rate": max_rate},
             "scrap": {"connector": "opc", "node_id": opc.node_ids["scrap"], "bits": opc.model.counter_bits, "max_rate": max_rate},

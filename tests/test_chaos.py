@@ -101,7 +101,8 @@ def gateway_doc(*, broker_port: int, store_path: str, opc: OpcUaMachineServer, m
         "store": {"path": store_path},
         "logging": {"format": "json", "level": "info"},
         "connectors": [
-            {"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5, "timeout_s": 2},
+            {"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5, "timeout_s": 2,
+             "security": "none"},
             {"type": "modbus", "id": "mb", "host": "127.0.0.1", "port": mb.port, "unit_id": 1,
              "poll_interval_s": 0.05, "timeout_s": 1},
         ],

@@ -244,7 +244,7 @@ async def test_exception_response_fails_the_block_not_the_connection(
             await eventually(lambda: len(sink.batches) >= n + 5, what="more polls")
             for batch in sink.batches[n:]:
                 assert all(not s.good and s.value is None for s in batch)
-                assert all(s.status == "ReadFailed: exception 6 (DEVICE_BUSY)" for s in batch)
+                assert all(s.status.startswith("ReadFailed: exception 6 (DEVICE_BUSY) for FC3 address ") for s in batch)
             assert conn.status.state == ComponentState.DEGRADED  # the device answers: still connected
             # read() reports the block as not good rather than raising: the device did answer
             samples = await conn.read(["press-2/good", "press-2/order"])
@@ -320,7 +320,7 @@ async def test_block_with_unreadable_gap_is_split(model: MachineModel, server: M
             await eventually(lambda: sink.value("op") == "0030", what="the string after the split")
             assert [(b.start, b.count) for b in conn.blocks] == [(20, 4), (27, 1)]
             ghost = sink.last["ghost"]
-            assert (ghost.good, ghost.value, ghost.status) == (False, None, "ReadFailed: exception 2 (ILLEGAL_ADDRESS)")
+            assert (ghost.good, ghost.value, ghost.status) == (False, None, "ReadFailed: exception 2 (ILLEGAL_ADDRESS) for FC3 address 27 count 1")
             assert conn.status.state == ComponentState.DEGRADED
     assert sum(e["event"] == "modbus.block_split" for e in logs) == 1
 

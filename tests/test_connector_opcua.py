@@ -52,6 +52,7 @@ def make_connector(endpoint: str, node_ids: dict[str, str], sink: Recorder, **cf
             "sampling_interval_ms": 0,
             "watchdog_interval_s": 0.3,
             "timeout_s": 1.0,
+            "security": "none",  # the simulator's default endpoint is unsecured
             **cfg,
         }
     )
@@ -298,3 +299,84 @@ async def test_cancel_is_prompt_and_password_never_logged(
     async with running(conn2):
         await eventually(lambda: conn2.status.state == ComponentState.DISCONNECTED, 3, "DISCONNECTED")
         assert "EDGE_TEST_OPC_PASSWORD" in (conn2.status.last_error or "")
+
+
+async def test_nsu_node_ids_follow_a_reordered_namespace_array(model: MachineModel) -> None:
+    """``nsu=`` ids are resolved through the server's namespace array at every connect: after a restart that
+    registers other namespaces first, the simulator's namespace moves from index 2 to 4 and the counters follow."""
+    srv = await start_server(model)
+    try:
+        assert srv.namespace_index == 2
+        sink = Recorder()
+        nsu = {sig: srv.nsu_node_id(sig) for sig in SIGNALS}
+        assert nsu["good"] == "nsu=urn:edge-gateway:simulator;s=Press1.GoodCount"
+        conn = make_connector(srv.endpoint, nsu, sink)
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+            model.set_order("4711", "0010")
+            await model.produce(30)
+            await srv.flush()
+            await eventually(lambda: sink.value("press-1/good") == model.good_raw and sink.value("press-1/order") == "4711",
+                             what="values through nsu= ids")
+            assert conn.status.detail["monitored_items"] == len(SIGNALS)
+
+            await srv.stop()
+            srv.extra_namespaces = ["urn:other:vendor", "urn:other:plant"]
+            await restart(srv)
+            assert srv.namespace_index == 4
+            await model.produce(25)
+            await srv.flush()
+            await eventually(lambda: conn.status.detail["reconnects"] == 1 and
+                             (sink.value("press-1/good"), sink.value("press-1/scrap")) == (model.good_raw, model.scrap_raw),
+                             10, "counters after the namespace array changed order")
+            assert conn.status.state == ComponentState.CONNECTED
+            cut = await conn.read(["press-1/good", "press-1/order"])
+            assert [s.value for s in cut] == [model.good_raw, "4711"]
+    finally:
+        await srv.stop()
+
+
+async def test_nsu_with_unknown_namespace_is_reported(model: MachineModel, server: OpcUaMachineServer) -> None:
+    sink = Recorder()
+    ids = dict(server.node_ids, scrap="nsu=urn:not:there;s=Press1.ScrapCount")
+    conn = make_connector(server.endpoint, ids, sink)
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.DEGRADED, what="degraded")
+            await eventually(lambda: "press-1/scrap" in sink.last and "press-1/good" in sink.last, what="samples")
+            assert sink.last["press-1/scrap"].good is False
+            assert sink.last["press-1/scrap"].status == "BadNodeIdUnknown"
+            assert sink.value("press-1/good") == 0
+            read = await conn.read(["press-1/scrap", "press-1/good"])
+            assert (read[0].good, read[0].status, read[1].value) == (False, "BadNodeIdUnknown", 0)
+    unknown = [e for e in logs if e["event"] == "opcua.namespace_unknown"]
+    assert len(unknown) == 1 and unknown[0]["namespace_uri"] == "urn:not:there"
+    assert "urn:edge-gateway:simulator" in unknown[0]["server_namespaces"]
+
+
+async def test_server_operation_limits_are_respected(model: MachineModel) -> None:
+    """A strict server (MaxMonitoredItemsPerCall=2, MaxNodesPerRead=2) refuses larger requests with
+    BadTooManyOperations: the connector reads the OperationLimits and chunks, instead of reconnecting forever."""
+    srv = await start_on_free_port(lambda port: OpcUaMachineServer(
+        model, port=port, max_monitored_items_per_call=2, max_nodes_per_read=2))
+    try:
+        sink = Recorder()
+        ids = srv.node_ids  # six nodes
+        conn = make_connector(srv.endpoint, ids, sink)
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 5, "connected")
+            assert conn.status.detail["monitored_items"] == 6
+            assert conn.status.detail["operation_limits"] == {"max_monitored_items_per_call": 2, "max_nodes_per_read": 2}
+            model.set_order("4711", "0010")
+            await model.produce(40)
+            await srv.flush()
+            await eventually(lambda: (sink.value("press-1/good"), sink.value("press-1/scrap"), sink.value("press-1/order"))
+                             == (model.good_raw, model.scrap_raw, "4711"), 5, "values of every item")
+            cut = await conn.read([f"press-1/{s}" for s in ids])
+            assert [s.value for s in cut][:3] == [model.good_raw, model.scrap_raw, model.state]
+            assert conn.status.detail["reconnects"] == 0
+        creates = [n for service, n in srv.requests if service == "CreateMonitoredItems"]
+        assert creates == [2, 2, 2]
+        assert max(n for service, n in srv.requests if service == "Read") <= 2
+    finally:
+        await srv.stop()

@@ -48,7 +48,7 @@ async def test_order_from_opcua_tags(tmp_path, mqtt_broker, erp):
     async with OpcUaMachineServer(model, host="127.0.0.1", port=free_port()) as opc:
         n = opc.node_ids
         doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
-        doc["connectors"] = [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint}]
+        doc["connectors"] = [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "security": "none"}]
         doc["machines"] = [{"id": "press-1", "order_source": "tag",
                             "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
                                          "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},

@@ -16,30 +16,68 @@ DATA_TYPE_REGISTERS = {
     "float32": 2,
     "float64": 4,
 }
-DataType = Literal["uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64", "string"]
+DataType = Literal["uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64", "string", "bool"]
+WordOrder = Literal["big", "little", "ABCD", "CDAB", "BADC", "DCBA"]
+BIT_TABLES = ("coil", "discrete_input")
+#: function code of each table's read
+FUNCTION_CODES = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
+MAX_GAP = 8
+"""Default for ``max_gap_registers``: most unused registers read between two tags to merge them into one request."""
 
 
 class ModbusTagConfig(BaseModel):
-    """Where a Modbus value lives: register table, 0-based address, data type and word order."""
+    """Where a Modbus value lives: table, 0-based address, data type and layout (word and byte order)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    address: int = Field(ge=0, le=65535, description="0-based register address (40001 is address 0).")
-    table: Literal["holding", "input"] = Field("holding", description="Register table: holding (FC3) or input (FC4).")
-    data_type: DataType = Field("uint16", description="How the registers are decoded.")
-    word_order: Literal["big", "little"] = Field(
-        "big", description="Order of 16-bit words in multi-register values ('big' = high word first)."
+    address: int = Field(ge=0, le=65535, description="0-based register (or bit) address (40001 is address 0).")
+    table: Literal["holding", "input", "coil", "discrete_input"] = Field(
+        "holding", description="holding (FC3), input (FC4), coil (FC1) or discrete_input (FC2); the bit tables hold flags."
+    )
+    data_type: DataType = Field("uint16", description="How the registers are decoded; 'bool' for coil/discrete_input.")
+    word_order: WordOrder = Field(
+        "big",
+        description="Layout of multi-register values, A = most significant byte: ABCD (= 'big', high word first), "
+        "CDAB (= 'little', low word first), BADC and DCBA (bytes swapped inside each register; also for 16-bit values).",
     )
     length: int | None = Field(None, ge=1, le=125, description="Number of registers of a 'string' value.")
 
     @property
     def count(self) -> int:
+        """Registers (bits for a coil / discrete input) the value occupies."""
         if self.data_type == "string":
             return self.length or 0
+        if self.data_type == "bool":
+            return 1
         return DATA_TYPE_REGISTERS[self.data_type]
+
+    @property
+    def words_swapped(self) -> bool:
+        return self.word_order in ("little", "CDAB", "DCBA")
+
+    @property
+    def bytes_swapped(self) -> bool:
+        return self.word_order in ("BADC", "DCBA")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bit_default(cls, data: object) -> object:
+        # a coil or discrete input is a bit: data_type defaults to bool there
+        if isinstance(data, dict) and data.get("table") in BIT_TABLES and "data_type" not in data:
+            return {**data, "data_type": "bool"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "ModbusTagConfig":
+        if self.table in BIT_TABLES:
+            if self.data_type != "bool":
+                raise ValueError(f"a {self.table.replace('_', ' ')} holds one bit: data_type must be 'bool', "
+                                 f"not '{self.data_type}'")
+            if "word_order" in self.model_fields_set:
+                raise ValueError(f"word_order does not apply to a {self.table.replace('_', ' ')} (one bit)")
+        elif self.data_type == "bool":
+            raise ValueError("data_type 'bool' is read from a coil or discrete_input table (FC1/FC2); "
+                             "set table: coil or table: discrete_input")
         if self.data_type == "string" and self.length is None:
             raise ValueError("a 'string' value needs 'length' (number of registers, 2 characters each)")
         if self.data_type != "string" and self.length is not None:
@@ -59,8 +97,19 @@ class ModbusConnectorConfig(BaseModel):
     host: str = Field(min_length=1, description="Device host name or IP address.")
     port: int = Field(502, ge=1, le=65535, description="TCP port.")
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (device/slave) id.")
+    framing: Literal["tcp", "rtu"] = Field(
+        "tcp", description="'tcp': Modbus TCP (MBAP header); 'rtu': RTU frames with CRC over the TCP connection, "
+        "as spoken by many serial-to-Ethernet converters."
+    )
     poll_interval_s: float = Field(0.5, ge=0.01, le=3600, description="Polling interval.")
     timeout_s: float = Field(2.0, gt=0, le=60, description="Request timeout.")
     max_block_registers: int = Field(
         120, ge=1, le=125, description="Largest block read in one request; adjacent tags are read together."
+    )
+    max_block_bits: int = Field(
+        2000, ge=1, le=2000, description="Largest coil / discrete input block read in one request (Modbus allows 2000)."
+    )
+    max_gap_registers: int = Field(
+        MAX_GAP, ge=0, le=124, description="Most unused registers (bits for coils) read inside a block to merge two "
+        "tags into one request; 0 for devices that refuse any unmapped address."
     )

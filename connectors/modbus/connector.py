@@ -1,8 +1,8 @@
 """Modbus TCP connector: polls register blocks on a fixed schedule and fans each block out to its tags.
 
-Blocks: the tags of each table (holding, input) are sorted by address and merged into one block while
-the gap between them is at most ``MAX_GAP`` registers and the block stays within
-``max_block_registers``. Each block is read once per poll and feeds every tag in it. If a merged block
+Blocks: the tags of each table (holding FC3, input FC4, coil FC1, discrete_input FC2) are sorted by
+address and merged into one block while the gap between them is at most ``max_gap_registers`` (bits in
+the bit tables) and the block stays within ``max_block_registers`` (``max_block_bits``). Each block is read once per poll and feeds every tag in it. If a merged block
 that spans unused registers is refused with ILLEGAL ADDRESS (a device with holes in its map), it is
 split into gap-free blocks for good.
 
@@ -10,13 +10,15 @@ Schedule: polls start at t0 + k * poll_interval_s on the monotonic clock (no dri
 skips the slots it missed (counted in ``status.detail["skipped_polls"]``) instead of bursting.
 Every poll hands ONE batch with one Sample per tag to the sink.
 
-Failures: an exception response fails only its block; a timeout or a lost connection fails the block,
+Failures: an exception response fails only its block (reported with device, unit, function code and
+address; the other blocks keep being polled); a timeout or a lost connection fails the block,
 drops the connection (a late answer must not be taken for the next request's) and reconnects with
 capped, jittered backoff. pymodbus's own automatic reconnect is kept out of the way: its delay is set
 far beyond any backoff here and each client is closed (which cancels it) when its connection is dropped.
 A failed block yields ``good=False, value=None`` for each of its tags, status ``"ReadFailed: ..."``.
 
-Decoding uses ``struct`` on the raw register bytes (pymodbus's ``convert_from_registers`` is ~40x slower).
+Decoding uses ``struct`` on the raw register bytes (pymodbus's ``convert_from_registers`` is ~40x slower), in
+the tag's layout: ABCD (= big), CDAB (= little), BADC, DCBA. Coils and discrete inputs are ``bool``.
 """
 
 from __future__ import annotations
@@ -32,16 +34,14 @@ import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
 
 from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
-from connectors.modbus.config import ModbusConnectorConfig, ModbusTagConfig
+from connectors.modbus.config import BIT_TABLES, FUNCTION_CODES, MAX_GAP, ModbusConnectorConfig, ModbusTagConfig
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
-
-MAX_GAP = 8
-"""Most unused registers read between two tags to merge them into one request."""
 
 _NO_AUTO_RECONNECT = 3600.0  # pymodbus reconnect delay: never reached, the client is closed long before
 _ILLEGAL_ADDRESS = 2
@@ -66,9 +66,11 @@ _FORMATS = {
 def make_decoder(tag: ModbusTagConfig, offset: int) -> Decoder:
     """A function ``(block_bytes, block_registers) -> value`` for a tag ``offset`` registers into its block.
 
-    ``block_bytes`` is the block packed as big-endian 16-bit words. Multi-register numbers are assembled
-    in the tag's word order, then unpacked big-endian. Strings: two ASCII characters per register, high
-    byte first, cut at the first NUL, surrounding spaces stripped (word order does not apply).
+    ``block_bytes`` is the block packed as big-endian 16-bit words. Numbers are assembled in the tag's
+    layout (word order reversed for CDAB/DCBA, the bytes of each register swapped for BADC/DCBA), then
+    unpacked big-endian. Strings: two ASCII characters per register, high byte first, cut at the first NUL,
+    surrounding spaces stripped (the layout does not apply). ``bool`` (coils, discrete inputs): the second
+    argument is then the block's list of bits.
     """
     n = tag.count
     start = offset * 2
@@ -79,19 +81,33 @@ def make_decoder(tag: ModbusTagConfig, offset: int) -> Decoder:
             return raw[start:end].split(b"\0", 1)[0].decode("ascii", errors="replace").strip(" ")
 
         return dec_string
+    if tag.data_type == "bool":
+
+        def dec_bit(raw: bytes, bits: Sequence[int]) -> Value:
+            return bool(bits[offset])
+
+        return dec_bit
     unpack_from = struct.Struct(">" + _FORMATS[tag.data_type]).unpack_from
-    if n == 1 or tag.word_order == "big":
+    words_swapped = tag.words_swapped and n > 1
+    if not words_swapped and not tag.bytes_swapped:
 
         def dec_big(raw: bytes, regs: Sequence[int]) -> Value:
             return unpack_from(raw, start)[0]
 
         return dec_big
     pack_words = struct.Struct(f">{n}H").pack
+    pack_swapped = struct.Struct(f"<{n}H").pack  # little-endian words: the two bytes of each register swapped
 
-    def dec_little(raw: bytes, regs: Sequence[int]) -> Value:
-        return unpack_from(pack_words(*reversed(regs[offset : offset + n])))[0]
+    if tag.bytes_swapped:
+        pack = pack_swapped
+    else:
+        pack = pack_words
 
-    return dec_little
+    def dec_layout(raw: bytes, regs: Sequence[int]) -> Value:
+        words = regs[offset : offset + n]
+        return unpack_from(pack(*(reversed(words) if words_swapped else words)))[0]
+
+    return dec_layout
 
 
 def decode_registers(
@@ -99,6 +115,8 @@ def decode_registers(
 ) -> Value:
     """Decode one value from its registers (pure helper; the poll loop uses precompiled decoders)."""
     tag = ModbusTagConfig(address=0, data_type=data_type, word_order=word_order, length=length)  # type: ignore[arg-type]
+    if data_type == "bool":
+        raise ValueError("bool values are bits (coil / discrete_input), not registers")
     if len(registers) != tag.count:
         raise ValueError(f"{data_type} needs {tag.count} registers, got {len(registers)}")
     return make_decoder(tag, 0)(struct.pack(f">{len(registers)}H", *registers), registers)
@@ -127,21 +145,33 @@ class Block:
     def name(self) -> str:
         return f"{self.table}[{self.start}..{self.start + self.count - 1}]"
 
+    @property
+    def function_code(self) -> int:
+        return FUNCTION_CODES[self.table]
 
-def plan_blocks(bindings: Sequence[TagBinding], max_registers: int, max_gap: int = MAX_GAP) -> list[Block]:
+    @property
+    def bits(self) -> bool:
+        return self.table in BIT_TABLES
+
+
+def plan_blocks(
+    bindings: Sequence[TagBinding], max_registers: int, max_gap: int = MAX_GAP, max_bits: int = 2000
+) -> list[Block]:
     """Group tags into read blocks: per table, by address, merging across gaps of at most ``max_gap``
-    registers while the block is at most ``max_registers`` long. A tag longer than ``max_registers``
-    gets a block of its own (a Modbus read may carry 125 registers)."""
+    registers (bits) while the block is at most ``max_registers`` long (``max_bits`` in the coil and
+    discrete input tables). A tag longer than ``max_registers`` gets a block of its own (a Modbus read
+    may carry 125 registers)."""
     by_table: dict[str, list[TagBinding]] = {}
     for b in bindings:
         by_table.setdefault(b.address.table, []).append(b)
     blocks: list[Block] = []
     for table in sorted(by_table):
+        limit = max_bits if table in BIT_TABLES else max_registers
         group: list[TagBinding] = []
         g_start = g_end = 0
         for b in sorted(by_table[table], key=lambda b: (b.address.address, b.address.count)):
             s, e = b.address.address, b.address.address + b.address.count
-            if group and s - g_end <= max_gap and max(g_end, e) - g_start <= max_registers:
+            if group and s - g_end <= max_gap and max(g_end, e) - g_start <= limit:
                 group.append(b)
                 g_end = max(g_end, e)
                 continue
@@ -214,7 +244,8 @@ class ModbusConnector(Connector):
             b if isinstance(b.address, ModbusTagConfig) else TagBinding(b.key, ModbusTagConfig.model_validate(b.address))
             for b in self.tags
         ]
-        self.blocks: list[Block] = plan_blocks(bindings, config.max_block_registers)
+        self.blocks: list[Block] = plan_blocks(bindings, config.max_block_registers, config.max_gap_registers,
+                                               config.max_block_bits)
         self._block_of: dict[str, Block] = {s.key: blk for blk in self.blocks for s in blk.slots}
         self._client: AsyncModbusTcpClient | None = None
         self._retry_at = 0.0  # loop time of the next connect attempt
@@ -262,6 +293,7 @@ class ModbusConnector(Connector):
 
         samples: list[Sample] = []
         errors: dict[str, str] = {}
+        failed_blocks: dict[str, Block] = {}
         any_ok = False
         for block in list(self.blocks):
             client = self._client
@@ -282,13 +314,14 @@ class ModbusConnector(Connector):
                     any_ok = True
                     continue
             errors[block.name] = error
+            failed_blocks[block.name] = block
             samples.extend(self._failed(block, error, time.time()))
 
         self.polls += 1
         self.status.detail["polls"] = self.polls
         if any_ok:
             self._backoff.reset()
-        self._report(errors)
+        self._report(errors, failed_blocks)
         if samples:
             try:
                 self.sink(samples)
@@ -306,6 +339,7 @@ class ModbusConnector(Connector):
             retries=0,  # one attempt per request; a timeout drops the connection (see _read_block)
             reconnect_delay=_NO_AUTO_RECONNECT,  # never 0 (busy loop in some pymodbus versions)
             reconnect_delay_max=_NO_AUTO_RECONNECT,
+            framer=FramerType.RTU if cfg.framing == "rtu" else FramerType.SOCKET,
         )
         try:
             ok = await asyncio.wait_for(client.connect(), cfg.timeout_s + 0.5)
@@ -339,8 +373,10 @@ class ModbusConnector(Connector):
                 self._retry_at = asyncio.get_running_loop().time() + self._backoff.next()
 
     async def _read_block(self, client: AsyncModbusTcpClient, block: Block) -> list[int]:
+        """The block's registers, or its bits (a list of bools) for a coil / discrete input block."""
         cfg = self.config
-        fn = client.read_holding_registers if block.table == "holding" else client.read_input_registers
+        fn = {"holding": client.read_holding_registers, "input": client.read_input_registers,
+              "coil": client.read_coils, "discrete_input": client.read_discrete_inputs}[block.table]
         try:
             # pymodbus bounds the request by timeout_s; the outer bound only guards against a hang in it
             rr = await asyncio.wait_for(
@@ -354,18 +390,19 @@ class ModbusConnector(Connector):
             raise _LinkError(f"no valid response within {cfg.timeout_s}s") from exc
         except (ModbusException, OSError) as exc:
             raise _LinkError(f"{type(exc).__name__}: {exc}") from exc
+        where = f"FC{block.function_code} address {block.start} count {block.count}"
         if rr.isError():
             code = getattr(rr, "exception_code", None)
             if code is None:
-                raise _BlockError(f"error response (function code {rr.function_code})")
-            raise _BlockError(f"exception {code} ({_exc_name(code)})", code)
-        regs = rr.registers
+                raise _BlockError(f"error response (function code {rr.function_code}) for {where}")
+            raise _BlockError(f"exception {code} ({_exc_name(code)}) for {where}", code)
+        regs = rr.bits if block.bits else rr.registers
         if len(regs) < block.count:
-            raise _BlockError(f"short response: {len(regs)} of {block.count} registers")
+            raise _BlockError(f"short response: {len(regs)} of {block.count} {'bits' if block.bits else 'registers'} for {where}")
         return regs
 
     def _decode(self, block: Block, regs: list[int], now: float) -> list[Sample]:
-        raw = struct.pack(f">{block.count}H", *regs[: block.count])
+        raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs[: block.count])
         out = []
         for slot in block.slots:
             try:
@@ -383,7 +420,8 @@ class ModbusConnector(Connector):
         """The device refused a block spanning unused registers: read its tags in gap-free blocks from now on."""
         if block not in self.blocks:
             return
-        parts = plan_blocks([TagBinding(s.key, s.tag) for s in block.slots], self.config.max_block_registers, 0)
+        parts = plan_blocks([TagBinding(s.key, s.tag) for s in block.slots], self.config.max_block_registers, 0,
+                            self.config.max_block_bits)
         i = self.blocks.index(block)
         self.blocks[i : i + 1] = parts
         for part in parts:
@@ -399,19 +437,23 @@ class ModbusConnector(Connector):
             reason="device refused the unused registers inside the block (ILLEGAL ADDRESS)",
         )
 
-    def _report(self, errors: dict[str, str]) -> None:
+    def _report(self, errors: dict[str, str], blocks: dict[str, Block]) -> None:
         """Status and logs from one poll's block errors; logs only changes (an outage once, recovery once)."""
         new = {name: err for name, err in errors.items() if name not in self._failing}
         live = {blk.name for blk in self.blocks}
         recovered = [name for name in self._failing if name not in errors and name in live]
         self._failing = dict(errors)  # a block replaced by a split is neither failing nor recovered
         if new:
-            first = next(iter(new.values()))
+            first_name, first = next(iter(new.items()))
+            blk = blocks.get(first_name)
             log.error(
                 "modbus.read_failed",
                 connector=self.id,
                 endpoint=self.endpoint,
                 unit=self.config.unit_id,
+                function_code=blk.function_code if blk else None,
+                address=blk.start if blk else None,
+                count=blk.count if blk else None,
                 blocks=sorted(new),
                 error=first,
             )

@@ -2,9 +2,14 @@
 
 Life of a connection (one loop iteration of :meth:`OpcUaConnector.run`):
 
-1. A fresh asyncua ``Client`` connects (the whole sequence bounded by ``timeout_s``), with user/password
-   when ``username`` is set. The client's own auto-reconnect is off: this connector owns reconnects.
-2. ONE subscription is created and all monitored items are created in ONE CreateMonitoredItems call.
+1. A fresh asyncua ``Client`` is prepared by :func:`connectors.opcua.session.prepare_client` (endpoint chosen
+   by security policy, our certificate from the PKI folder, server certificate checked against it, user token),
+   then connects (the whole sequence bounded by ``timeout_s``). The client's own auto-reconnect is off: this
+   connector owns reconnects. A refused server certificate is logged once per thumbprint with the command that
+   trusts it; the connector keeps retrying, so trusting it is enough.
+2. The server's OperationLimits (MaxMonitoredItemsPerCall, MaxNodesPerRead) and, for ``nsu=`` node ids, its
+   namespace array are read. ONE subscription is created and all monitored items are created in as few
+   CreateMonitoredItems calls as the limits allow (one when unlimited); ``read()`` chunks the same way.
    Notifications use the raw service path (``uaclient.create_subscription`` with a plain callback): one
    callback per Publish response, turned into one batch of Samples and one ``sink`` call. No per-item
    handler tasks, no bounded iterator queue that could drop values.
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import shlex
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -34,10 +40,11 @@ import structlog
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
 
-from connectors.secrets import read_secret
 from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
+from connectors.opcua.pki import EXPIRY_WARNING_DAYS, CertificateRefused, Pki
+from connectors.opcua.session import SessionSecurity, prepare_client
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
@@ -46,6 +53,11 @@ _SEVERITY_MASK = 0xC000_0000  # top two bits of a StatusCode: 00 Good, 01 Uncert
 _CODE_MASK = 0xFFFF_0000  # the low 16 bits are info bits (overflow, limits), not part of the name
 _TEARDOWN_TIMEOUT_S = 3.0
 _CURRENT_TIME = ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime)
+_UNKNOWN_NODE = "BadNodeIdUnknown"  # status of a tag whose nsu= namespace the server does not have
+_LIMIT_NODES = {
+    "max_monitored_items_per_call": ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall),
+    "max_nodes_per_read": ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead),
+}
 _QUEUE_SIZE = 10  # per monitored item: short glitches between two publishes are delivered, not merged
 
 
@@ -130,11 +142,16 @@ class OpcUaConnector(Connector):
         self._backoff = backoff or Backoff()
         # unique node ids (two keys may watch the same node) → the keys fed by it
         self._node_keys: dict[str, list[str]] = {}
-        self._key_node: dict[str, ua.NodeId] = {}
+        self._key_node: dict[str, str] = {}  # tag key -> configured node id (string, possibly nsu=)
         for b in self.tags:
             addr = b.address if isinstance(b.address, OpcUaTagConfig) else OpcUaTagConfig.model_validate(b.address)
             self._node_keys.setdefault(addr.node_id, []).append(b.key)
-            self._key_node[b.key] = ua.NodeId.from_string(addr.node_id)
+            self._key_node[b.key] = addr.node_id
+        # configured node id -> NodeId on the current server (nsu= resolved at every connect), or None when
+        # its namespace URI is not in the server's namespace array
+        self._resolved: dict[str, ua.NodeId | None] = {}
+        self._limits: dict[str, int] = {}  # the server's OperationLimits, read at every connect
+        self._unknown_ns_logged: set[str] = set()
         self._client: Client | None = None
         self._ready = False  # session up and subscription created: read() may use the client
         self._generation = 0  # bumped per connection; callbacks of an old connection are ignored
@@ -146,6 +163,8 @@ class OpcUaConnector(Connector):
         self._outage_since: float | None = None
         self._ever_connected = False
         self._failed_items: set[str] = set()  # node ids whose monitored item failed (logged once)
+        self._logged_refusal: str | None = None  # the security refusal last logged (logged once per cause)
+        self._warned: set[str] = set()
         self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0)
 
     # ------------------------------------------------------------------ run loop
@@ -187,16 +206,19 @@ class OpcUaConnector(Connector):
             watchdog_intervall=max(60.0, 10 * cfg.watchdog_interval_s),
         )
         client.name = client.description = f"edge-gateway {self.id}"
-        client.application_uri = f"urn:edge-gateway:{self.id}"
+        client.application_uri = cfg.own_application_uri
         client.session_timeout = int(max(60.0, 10 * cfg.watchdog_interval_s) * 1000)
-        if cfg.username:
-            client.set_user(cfg.username)
-            client.set_password(self._password())
         self._generation += 1
         gen = self._generation
         self._client = client
         self._lost = asyncio.Event()
         self._lost_reason = None
+        try:
+            security = await prepare_client(client, cfg, cfg.timeout_s)
+        except CertificateRefused as exc:
+            self._log_refused(exc)
+            raise
+        self._note_security(security)
 
         async def on_connection_lost(exc: Exception) -> None:
             self._mark_lost(gen, f"connection lost: {exc!r}")
@@ -206,15 +228,35 @@ class OpcUaConnector(Connector):
         await asyncio.wait_for(self._subscribe(client, gen), cfg.timeout_s)
         return client
 
-    def _password(self) -> str:
-        cfg = self.config
-        try:
-            pw = read_secret(cfg.password_env, cfg.password_file, field=f"connectors[{cfg.id}].password")
-        except ValueError as exc:
-            raise RuntimeError(str(exc)) from None
-        if pw is None:
-            raise RuntimeError("username is set but neither password_env nor password_file")
-        return pw
+    def _log_refused(self, exc: CertificateRefused) -> None:
+        key = f"{exc.reason}:{exc.thumbprint}"
+        if self._logged_refusal == key:
+            return  # log state changes, not every retry
+        self._logged_refusal = key
+        if exc.reason == "untrusted":
+            log.error("opcua.certificate_untrusted", connector=self.id, endpoint=self.endpoint, thumbprint=exc.thumbprint,
+                      rejected_dir=str(Pki(self.config.pki_dir).dir("rejected")),
+                      command=f"edge-gateway pki trust --pki-dir {shlex.quote(str(Pki(self.config.pki_dir).root))} {exc.thumbprint}",
+                      error=str(exc))
+        else:
+            log.error("opcua.certificate_refused", connector=self.id, endpoint=self.endpoint, thumbprint=exc.thumbprint,
+                      reason=exc.reason, error=str(exc))
+
+    def _note_security(self, sec: SessionSecurity) -> None:
+        self._logged_refusal = None
+        self.status.detail.update(sec.as_status())
+        if sec.own_generated:
+            log.info("opcua.certificate_created", connector=self.id, pki_dir=self.config.pki_dir,
+                     thumbprint=sec.own_thumbprint, application_uri=self.config.own_application_uri)
+        for w in sec.warnings:
+            if w not in self._warned:
+                self._warned.add(w)
+                log.warning("opcua.security_warning", connector=self.id, endpoint=self.endpoint, warning=w)
+        for which, days in (("own", sec.own_cert_days_left), ("server", sec.server_cert_days_left)):
+            if days is not None and days < EXPIRY_WARNING_DAYS and f"expiry:{which}" not in self._warned:
+                self._warned.add(f"expiry:{which}")
+                log.warning("opcua.certificate_expiring", connector=self.id, endpoint=self.endpoint, certificate=which,
+                            days_left=days)
 
     async def _subscribe(self, client: Client, gen: int) -> None:
         cfg = self.config
@@ -237,14 +279,16 @@ class OpcUaConnector(Connector):
 
         if not self._node_keys:
             return
+        self._limits = await self._operation_limits(client)
+        self._resolved = await self._resolve(client)
         items: list[ua.MonitoredItemCreateRequest] = []
         handles: dict[int, tuple[str, ...]] = {}
-        node_ids = list(self._node_keys)
+        node_ids = [n for n in self._node_keys if self._resolved.get(n) is not None]
         for handle, node_id in enumerate(node_ids, start=1):
             handles[handle] = tuple(self._node_keys[node_id])
             items.append(
                 ua.MonitoredItemCreateRequest(
-                    ItemToMonitor=ua.ReadValueId(NodeId=ua.NodeId.from_string(node_id), AttributeId=ua.AttributeIds.Value),
+                    ItemToMonitor=ua.ReadValueId(NodeId=self._resolved[node_id], AttributeId=ua.AttributeIds.Value),
                     MonitoringMode=ua.MonitoringMode.Reporting,
                     RequestedParameters=ua.MonitoringParameters(
                         ClientHandle=handle,
@@ -256,15 +300,24 @@ class OpcUaConnector(Connector):
             )
         # register the handles first: the first notification may overtake the CreateMonitoredItems response
         self._handles = handles
-        results = await client.uaclient.create_monitored_items(
-            ua.CreateMonitoredItemsParameters(
-                SubscriptionId=result.SubscriptionId,
-                TimestampsToReturn=ua.TimestampsToReturn.Both,
-                ItemsToCreate=items,
+        results: list[ua.MonitoredItemCreateResult] = []
+        for chunk in _chunks(items, self._limits.get("max_monitored_items_per_call", 0)):
+            part = await client.uaclient.create_monitored_items(
+                ua.CreateMonitoredItemsParameters(
+                    SubscriptionId=result.SubscriptionId,
+                    TimestampsToReturn=ua.TimestampsToReturn.Both,
+                    ItemsToCreate=chunk,
+                )
             )
-        )
+            if len(part) != len(chunk):
+                raise _ConnectionLost(f"server answered {len(part)} results for {len(chunk)} monitored items")
+            results.extend(part)
         failed: list[Sample] = []
         now = time.time()
+        unresolved = [n for n in self._node_keys if self._resolved.get(n) is None]
+        for node_id in unresolved:
+            self._failed_items.add(node_id)
+            failed.extend(Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in self._node_keys[node_id])
         for node_id, res in zip(node_ids, results):
             if res.StatusCode.is_good():
                 self._failed_items.discard(node_id)
@@ -272,11 +325,49 @@ class OpcUaConnector(Connector):
             name = status_name(res.StatusCode.value)
             if node_id not in self._failed_items:
                 self._failed_items.add(node_id)
-                log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, node_id=node_id, status=name)
+                log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, node_id=node_id, status=name,
+                          keys=self._node_keys[node_id])  # keys are machine/signal: who is affected
             failed.extend(Sample(k, None, False, now, None, name) for k in self._node_keys[node_id])
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
             self._deliver(failed)
+
+    async def _operation_limits(self, client: Client) -> dict[str, int]:
+        """The server's OperationLimits this connector must respect (0 = no limit). Read one node per request,
+        so even a server allowing one node per Read answers; a server without the nodes has no limits."""
+        limits: dict[str, int] = {}
+        for name, nid in _LIMIT_NODES.items():
+            dv = (await client.uaclient.read_attributes([nid], ua.AttributeIds.Value))[0]
+            value = dv.Value.Value if dv.StatusCode.is_good() and dv.Value is not None else None
+            limits[name] = int(value) if isinstance(value, int) and value > 0 else 0
+        self.status.detail["operation_limits"] = limits
+        return limits
+
+    async def _resolve(self, client: Client) -> dict[str, ua.NodeId | None]:
+        """Configured node ids → NodeIds of this server. ``nsu=`` ids go through the server's namespace array,
+        read at every connect (a server may reorder it across a restart); the request carries a plain NodeId."""
+        out: dict[str, ua.NodeId | None] = {}
+        namespaces: list[str] | None = None
+        for text in self._node_keys:
+            nid = ua.NodeId.from_string(text)
+            uri = getattr(nid, "NamespaceUri", None)
+            if not uri:
+                out[text] = ua.NodeId(nid.Identifier, nid.NamespaceIndex, nid.NodeIdType)
+                continue
+            if namespaces is None:
+                namespaces = list(await client.get_namespace_array())
+                self.status.detail["namespaces"] = len(namespaces)
+            if uri in namespaces:
+                out[text] = ua.NodeId(nid.Identifier, namespaces.index(uri), nid.NodeIdType)
+                self._unknown_ns_logged.discard(text)
+            else:
+                out[text] = None
+                if text not in self._unknown_ns_logged:
+                    self._unknown_ns_logged.add(text)
+                    log.error("opcua.namespace_unknown", connector=self.id, endpoint=self.endpoint, node_id=text,
+                              namespace_uri=uri, server_namespaces=namespaces,
+                              keys=self._node_keys[text])
+        return out
 
     # ------------------------------------------------------------------ notifications
 
@@ -407,18 +498,15 @@ class OpcUaConnector(Connector):
         if client is None or not self._ready or client.uaclient.state is not UaClientState.CONNECTED:
             raise ConnectorUnavailable("not connected", connector=self.id, endpoint=self.endpoint)
         node_ids: list[ua.NodeId] = []
-        index: dict[ua.NodeId, int] = {}
+        index: dict[str, int] = {}
         for k in keys:
-            nid = self._key_node[k]
-            if nid not in index:
-                index[nid] = len(node_ids)
+            text = self._key_node[k]
+            nid = self._resolved.get(text)
+            if nid is not None and text not in index:
+                index[text] = len(node_ids)
                 node_ids.append(nid)
-        params = ua.ReadParameters(
-            TimestampsToReturn=ua.TimestampsToReturn.Both,
-            NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value) for nid in node_ids],
-        )
         try:
-            results = await asyncio.wait_for(client.uaclient.read(params), timeout)
+            results = await asyncio.wait_for(self._read_chunked(client, node_ids), timeout)
         except asyncio.TimeoutError as exc:
             raise ConnectorUnavailable(f"read timed out after {timeout}s", connector=self.id, endpoint=self.endpoint) from exc
         except (ua.UaError, ConnectionError, OSError) as exc:
@@ -428,7 +516,28 @@ class OpcUaConnector(Connector):
                 f"server answered {len(results)} values for {len(node_ids)} nodes", connector=self.id, endpoint=self.endpoint
             )
         now = time.time()
-        return [datavalue_to_sample(k, results[index[self._key_node[k]]], now) for k in keys]
+        return [datavalue_to_sample(k, results[index[self._key_node[k]]], now) if self._key_node[k] in index
+                else Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in keys]
+
+
+    async def _read_chunked(self, client: Client, node_ids: list[ua.NodeId]) -> list[ua.DataValue]:
+        """One Read per ``max_nodes_per_read`` nodes (the server's OperationLimits; one Read when unlimited)."""
+        results: list[ua.DataValue] = []
+        for chunk in _chunks(node_ids, self._limits.get("max_nodes_per_read", 0)):
+            results.extend(await client.uaclient.read(ua.ReadParameters(
+                TimestampsToReturn=ua.TimestampsToReturn.Both,
+                NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value) for nid in chunk],
+            )))
+        return results
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    """``items`` in lists of at most ``size`` (0 = no limit: one list); no list when ``items`` is empty."""
+    if not items:
+        return []
+    if size <= 0:
+        return [items]
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _drop_socket(client: Client) -> None:
