@@ -122,7 +122,8 @@ def opcua_config(machines: int, endpoint: str, ns: int, broker_port: int, store:
     return parse_config({
         "gateway": IDENT, "mqtt": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 10},
         "store": {"path": store},
-        "connectors": [{"type": "opcua", "id": "opc", "endpoint": endpoint, "publishing_interval_ms": publishing_ms,
+        "connectors": [{"type": "opcua", "id": "opc", "endpoint": endpoint, "security": "none",
+                        "publishing_interval_ms": publishing_ms,
                         "sampling_interval_ms": sampling_ms, "timeout_s": 10, "watchdog_interval_s": 2}],
         "machines": ms}, "<bench>")
 

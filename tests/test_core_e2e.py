@@ -164,7 +164,8 @@ async def test_plc_tag_changeovers_while_running_are_exact(tmp_path, mqtt_broker
         cfg = parse_config({
             "gateway": IDENT, "mqtt": {"port": mqtt_broker.port, "keepalive_s": 2},
             "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
-            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5}],
+            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5,
+                            "security": "none"}],
             "machines": [{"id": "press-1", "order_source": "tag",
                           "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
                                        "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
@@ -214,7 +215,8 @@ async def test_completed_operation_is_not_reopened_by_the_retained_dispatch(tmp_
         cfg = parse_config({
             "gateway": IDENT, "mqtt": {"port": mqtt_broker.port, "keepalive_s": 2},
             "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
-            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5}],
+            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5,
+                            "security": "none"}],
             "machines": [{"id": "press-1",
                           "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
                                        "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},

@@ -404,9 +404,10 @@ class ModbusConnector(Connector):
     def _decode(self, block: Block, regs: list[int], now: float) -> list[Sample]:
         raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs[: block.count])
         out = []
+        mono = time.monotonic()  # one reading of the block: one receive time for all its tags
         for slot in block.slots:
             try:
-                out.append(Sample(slot.key, slot.decode(raw, regs), True, now, mono=time.monotonic()))
+                out.append(Sample(slot.key, slot.decode(raw, regs), True, now, None, "Good", mono))
             except Exception as exc:  # cannot happen with valid registers; never let one tag kill the poll
                 out.append(Sample(slot.key, None, False, now, None, f"ReadFailed: decode error {exc}"))
         return out
