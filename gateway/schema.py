@@ -1,9 +1,12 @@
-"""Machine-readable event contract: pydantic models, JSON Schemas and an AsyncAPI document.
+"""Machine-readable event contract: JSON Schemas and an AsyncAPI document, generated from the code.
 
-The models describe exactly what ``mappings.machine.MachineEngine`` emits today (the ``data`` of each event type)
-inside the CloudEvents 1.0 envelope written by ``gateway.events.EventEncoder``. They are the single source of
-the generated files in ``docs/schemas/`` (``edge-gateway schema --out docs/schemas``); a test compares the committed
-files with what this module generates, so they cannot drift.
+The ``data`` of each event type is the very type ``mappings.machine.MachineEngine`` builds, defined once in
+``mappings.events`` (``DATA_MODELS`` here is its ``DATA_TYPES``; pydantic reads their ``Field`` metadata). This
+module adds the CloudEvents 1.0 envelope written by ``gateway.events.EventEncoder`` (``EVENT_MODELS``: one pydantic
+model per event type, ``data`` typed), the dispatch, status and ack messages, and generates the files in
+``docs/schemas/`` (``edge-gateway schema --out docs/schemas``); a test compares the committed files with what this
+module generates, so they cannot drift. ``EVENT_MODELS[t].model_validate_json(payload)`` parses an event into the
+typed data (JSON mode: the models are strict).
 
 ``validate_event(payload)`` checks one received MQTT payload against both the JSON Schema of its type and the
 CloudEvents SDK, and raises ``EventValidationError`` listing every problem.
