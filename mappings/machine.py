@@ -46,7 +46,7 @@ ZERO = Decimal(0)
 QUANTITY_KINDS = ("good", "scrap", "rework", "total")
 
 iso = rfc3339_opt  # POSIX seconds (or None) as an RFC 3339 UTC timestamp with microseconds; kept for callers
-__all__ = ["dec_str", "iso"]  # re-exported from mappings.events (their home since the typed event data)
+# dec_str is re-exported from mappings.events (its home since the typed event data)
 
 
 @dataclass(frozen=True)
