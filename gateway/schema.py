@@ -1,9 +1,12 @@
-"""Machine-readable event contract: pydantic models, JSON Schemas and an AsyncAPI document.
+"""Machine-readable event contract: JSON Schemas and an AsyncAPI document, generated from the code.
 
-The models describe exactly what ``mappings.machine.MachineEngine`` emits today (the ``data`` of each event type)
-inside the CloudEvents 1.0 envelope written by ``gateway.events.EventEncoder``. They are the single source of
-the generated files in ``docs/schemas/`` (``edge-gateway schema --out docs/schemas``); a test compares the committed
-files with what this module generates, so they cannot drift.
+The ``data`` of each event type is the very type ``mappings.machine.MachineEngine`` builds, defined once in
+``mappings.events`` (``DATA_MODELS`` here is its ``DATA_TYPES``; pydantic reads their ``Field`` metadata). This
+module adds the CloudEvents 1.0 envelope written by ``gateway.events.EventEncoder`` (``EVENT_MODELS``: one pydantic
+model per event type, ``data`` typed), the dispatch, status and ack messages, and generates the files in
+``docs/schemas/`` (``edge-gateway schema --out docs/schemas``); a test compares the committed files with what this
+module generates, so they cannot drift. ``EVENT_MODELS[t].model_validate_json(payload)`` parses an event into the
+typed data (JSON mode: the models are strict).
 
 ``validate_event(payload)`` checks one received MQTT payload against both the JSON Schema of its type and the
 CloudEvents SDK, and raises ``EventValidationError`` listing every problem.
@@ -15,180 +18,31 @@ import json
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.json_schema import models_json_schema
 
 from gateway.events import CONTRACT_VERSION
+from mappings.events import (  # noqa: F401 - re-exported: the contract's patterns and types
+    DATA_TYPES,
+    DECIMAL_PATTERN,
+    RFC3339_PATTERN,
+    DecimalStr,
+    EventData,
+    Timestamp,
+)
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
-"""Quantities are non-negative decimal strings in plain notation ("12", "0.25"; never 1.2E+1 nor a JSON number)."""
-RFC3339_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
 MQTT_BINDING_VERSION = "0.2.0"
-
-Decimal_ = Annotated[str, Field(pattern=DECIMAL_PATTERN, examples=["12", "0.25"])]
-Timestamp = Annotated[str, Field(pattern=RFC3339_PATTERN, examples=["2026-11-22T08:15:02.120000Z"])]
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
-# ---------------------------------------------------------------------------------------------------- parts
-class Quantities(_Model):
-    """Disjoint quantities (SAP semantics: yield, scrap and rework never overlap)."""
-
-    yield_: Decimal_ = Field(alias="yield", description="Good quantity (SAP ConfirmationYieldQuantity).")
-    scrap: Decimal_ = Field(description="Scrap quantity (SAP ConfirmationScrapQuantity).")
-    rework: Decimal_ = Field(description="Rework quantity (SAP ConfirmationReworkQuantity).")
-
-
-class Totals(Quantities):
-    """Cumulative quantities reported for this machine + order + operation since the operation started here
-    (for unassigned counts: since the last order ended)."""
-
-
-class Window(_Model):
-    """Source-time span of the counted changes in a reporting window."""
-
-    start: Timestamp | None = Field(description="Source time of the first counted change (RFC 3339, UTC).")
-    end: Timestamp | None = Field(description="Source time of the last counted change (RFC 3339, UTC).")
-
-
-class CounterEvidence(_Model):
-    """How a counter moved during the window: raw values and what the counter rules recognised."""
-
-    counter: str = Field(min_length=1, description="Counter name in the machine config (good, scrap, rework, total).")
-    from_: int | None = Field(alias="from", description="Counter value before the first counted change; null for "
-                                                        "reset_on_read / delta counters.")
-    to: int = Field(description="Counter value after the last counted change.")
-    rollovers: int = Field(ge=0, description="Rollovers (wrap at the counter's modulus) recognised in the window.")
-    resets: int = Field(ge=0, description="Counter resets recognised in the window.")
-    glitches: int = Field(ge=0, description="Transient zero reads recognised (and bridged) in the window.")
-
-
-class ConsumptionBasis(_Model):
-    """The produced quantity the backflushed consumption was computed from."""
-
-    yield_: Decimal_ = Field(alias="yield", description="Yield of the window.")
-    scrap: Decimal_ = Field(description="Scrap of the window (scrapped parts consumed material too).")
-    unit: str = Field(min_length=1, description="Unit of measure of yield and scrap.")
-
-
-class ConsumedComponent(_Model):
-    """One component (BOM item) consumed."""
-
-    material: str = Field(min_length=1, description="Material number of the component.")
-    quantity: Decimal_ = Field(description="Quantity consumed: (yield + scrap) x quantity_per_unit, or the metered quantity.")
-    unit: str = Field(min_length=1, description="Unit of measure of the component.")
-
-
-# ---------------------------------------------------------------------------------------------------- data
-class OperationStartedData(_Model):
-    """A production-order operation became active on the machine (dispatch or changeover)."""
-
-    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
-    order: str = Field(min_length=1, description="Production order number.")
-    operation: str = Field(min_length=1, description="Operation / activity number.")
-    planned_quantity: Decimal_ | None = Field(description="Planned quantity from the dispatch; null when not given.")
-    unit: str = Field(min_length=1, description="Unit of measure: the dispatch's unit, else the machine's.")
-
-
-class QuantityReportedData(_Model):
-    """Yield / scrap / rework deltas counted in one reporting window."""
-
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"properties": {"unassigned": {"const": True}}},
-        "then": {"properties": {"order": {"type": "null"}, "operation": {"type": "null"}}},
-        "else": {"properties": {"order": {"type": "string"}, "operation": {"type": "string"}}},
-    })
-
-    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
-    order: str | None = Field(description="Production order number; null when unassigned.")
-    operation: str | None = Field(description="Operation number; null when unassigned.")
-    unassigned: bool = Field(description="True when no order was active: the counts belong to no order yet.")
-    reason: Literal["periodic", "units", "changeover", "completion"] = Field(
-        description="Why the window closed: periodic (interval_s elapsed), units (max_units reached), changeover "
-                    "(another order was dispatched), completion (the operation was completed).")
-    window: Window = Field(description="Source-time span of the counted changes.")
-    quantities: Quantities = Field(description="Deltas of this window.")
-    unit: str = Field(min_length=1, description="Unit of measure of all quantities.")
-    totals: Totals = Field(description="Cumulative quantities for this machine + order + operation, this event included.")
-    evidence: list[CounterEvidence] = Field(description="Per counter: raw values and recognised rollovers/resets/glitches.")
-
-
-class OperationCompletedData(_Model):
-    """The operation was completed (final confirmation); emitted after the last quantity report of the operation."""
-
-    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
-    order: str = Field(min_length=1, description="Production order number.")
-    operation: str = Field(min_length=1, description="Operation / activity number.")
-    final: Literal[True] = Field(description="Always true: this is the final confirmation of the operation.")
-    totals: Totals = Field(description="Quantities reported for the operation on this machine.")
-    unit: str = Field(min_length=1, description="Unit of measure of the totals.")
-
-
-class MaterialConsumedData(_Model):
-    """Material consumed in one window: backflushed from the order's components for the window's yield + scrap,
-    or metered by a material meter on the machine."""
-
-    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
-    order: str | None = Field(description="Production order number; null when metered with no active order.")
-    operation: str | None = Field(description="Operation / activity number; null when unassigned.")
-    unassigned: bool = Field(description="True when no order was active (metered consumption only).")
-    method: Literal["backflush", "metered"] = Field(
-        description="backflush: computed from the dispatch's components; metered: read from a material meter.")
-    basis: ConsumptionBasis | None = Field(
-        description="Produced quantity a backflush was computed from; null for metered consumption.")
-    movement_type: Literal["261"] = Field(description="SAP goods movement type: 261 = goods issue for the order.")
-    components: list[ConsumedComponent] = Field(min_length=1, description="Consumed components.")
-
-
-class MachineStateChangedData(_Model):
-    """The machine's state tag changed."""
-
-    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
-    state: str = Field(description="New state (mapped through state_values, else the raw value as text).")
-    previous: str | None = Field(description="Previous state; null for the first state seen.")
-    raw: bool | int | float | str = Field(description="Raw tag value as read from the device.")
-    reason: Literal["tag"] = Field(description="What reported the change: tag (the machine's state tag).")
-
-
-class CounterAnomalyData(_Model):
-    """A counter change the gateway could not count with certainty: a supervisor (or the ERP) should look at it."""
-
-    machine: str = Field(min_length=1, description="Machine id (ISA-95 work cell).")
-    counter: str = Field(min_length=1, description="Counter name in the machine config.")
-    kind: Literal["implausible_jump", "ambiguous_decrease"] = Field(
-        description="implausible_jump: an increase larger than max_rate x elapsed time; not counted, baseline moved. "
-                    "ambiguous_decrease: a decrease after a gap longer than one wrap period (modulus / max_rate) or "
-                    "an unknown gap; counted as a reset (counted), it may have been a rollover (possible_rollover).")
-    from_: int | None = Field(alias="from", description="Counter value before the change.")
-    to: int | None = Field(description="Counter value after the change (the new baseline).")
-    order: str | None = Field(description="Active production order; null when none.")
-    operation: str | None = Field(description="Active operation; null when none.")
-    held: Decimal_ = Field(description="Quantity not counted that may have been produced (scaled like the counter's "
-                                       "quantities): the jump; for an ambiguous decrease possible_rollover - counted.")
-    counted: Decimal_ = Field(description="Quantity counted for this change (scaled): 0 for a jump; the reset delta "
-                                          "(the new value) for an ambiguous decrease.")
-    possible_rollover: Decimal_ | None = Field(
-        description="Ambiguous decrease: the quantity had it been one rollover (value + modulus - previous, scaled); "
-                    "null for a jump.")
-    elapsed_s: float | None = Field(ge=0, description="Seconds between the two readings (gateway monotonic clock; "
-                                                      "wall clock after a restart); null when unknown.")
-    detail: str = Field(description="Human-readable explanation.")
-
-
-DATA_MODELS: dict[str, type[_Model]] = {
-    "operation.started": OperationStartedData,
-    "operation.quantity_reported": QuantityReportedData,
-    "operation.completed": OperationCompletedData,
-    "material.consumed": MaterialConsumedData,
-    "machine.state_changed": MachineStateChangedData,
-    "counter.anomaly": CounterAnomalyData,
-}
+# The event data types live in mappings.events (the engine builds them); re-exported here for schema users.
+DATA_MODELS: dict[str, type[EventData]] = dict(DATA_TYPES)
 EVENT_TYPES = tuple(DATA_MODELS)
 
 

@@ -19,46 +19,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 from mappings.counters import QUIET, CounterSpec, CounterState, step
+from mappings.events import (
+    ConsumedComponent,
+    ConsumptionBasis,
+    CounterAnomalyData,
+    CounterEvidence,
+    EventData,
+    MachineStateChangedData,
+    MaterialConsumedData,
+    OperationCompletedData,
+    OperationStartedData,
+    Quantities,
+    QuantityReportedData,
+    Totals,
+    Window,
+    dec_str,
+    rfc3339_opt,
+)
 from mappings.samples import Sample
 
 ZERO = Decimal(0)
 QUANTITY_KINDS = ("good", "scrap", "rework", "total")
 
-
-def iso(t: float | None) -> str | None:
-    """POSIX seconds as an RFC 3339 UTC timestamp (pure: formats the value it is given)."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def dec_str(d: Decimal) -> str:
-    """Decimal as a plain string: 12, 0.25, 100 (never 1E+2), no trailing fraction zeros, "0" for any zero.
-
-    Total for every finite Decimal, however large or small its exponent: it works on the digits and never uses a
-    decimal context (quantize/normalize raise InvalidOperation or Overflow beyond the context's precision)."""
-    s = str(d)
-    if "E" not in s:  # plain already (the common case); "NaN"/"Infinity" are caught below
-        if "." in s:
-            s = s.rstrip("0").rstrip(".")
-        if s[-1:].isdigit():
-            return "0" if s == "-0" else s
-    sign, digits, exp = d.as_tuple()
-    if not isinstance(exp, int):
-        raise ValueError(f"not a finite decimal: {d}")
-    s = "".join(map(str, digits))
-    if exp >= 0:
-        s = (s.lstrip("0") + "0" * exp) if s.strip("0") else "0"
-    else:
-        s = s.rjust(1 - exp, "0")
-        whole, frac = s[:exp].lstrip("0") or "0", s[exp:].rstrip("0")
-        s = f"{whole}.{frac}" if frac else whole
-    return "-" + s if sign and s != "0" else s
+iso = rfc3339_opt  # POSIX seconds (or None) as an RFC 3339 UTC timestamp with microseconds; kept for callers
+# dec_str is re-exported from mappings.events (its home since the typed event data)
 
 
 @dataclass(frozen=True)
@@ -156,14 +144,15 @@ class OrderRefused(Exception):
         self.detail = detail
 
 
-@dataclass
+@dataclass(slots=True)
 class EventDraft:
-    """An event before the store gives it a sequence number and an id."""
+    """An event before the store gives it a sequence number and an id. ``data`` is the typed data of ``type``
+    (``mappings.events.DATA_TYPES``); a plain JSON-shaped dict is accepted too (encoded with json.dumps)."""
 
     type: str
     subject: str
     time: float
-    data: dict[str, Any]
+    data: EventData | dict[str, Any]
     droppable: bool = False  # low-value (state changes): may be dropped, counted, when the store is full
 
 
@@ -350,8 +339,8 @@ class MachineEngine:
         prev, self.machine_state = self.machine_state, new
         self.dirty = True
         return [EventDraft("machine.state_changed", self.spec.id, sample.time,
-                           {"machine": self.spec.id, "state": new, "previous": prev, "raw": sample.value,
-                            "reason": "tag"}, droppable=True)]
+                           MachineStateChangedData(machine=self.spec.id, state=new, previous=prev, raw=sample.value,
+                                                   reason="tag"), droppable=True)]
 
     def tick(self, now: float) -> list[EventDraft]:
         """Periodic flush; ``now`` is the gateway's MONOTONIC clock (``time.monotonic()``), the clock of
@@ -420,11 +409,11 @@ class MachineEngine:
         self.context = ctx
         self.dirty = True
         if ctx is not None:
-            out.append(EventDraft("operation.started", self.spec.id, now, {
-                "machine": self.spec.id, "order": ctx.order, "operation": ctx.operation,
-                "planned_quantity": None if ctx.planned_quantity is None else dec_str(ctx.planned_quantity),
-                "unit": ctx.unit or self.spec.unit,
-            }))
+            out.append(EventDraft("operation.started", self.spec.id, now, OperationStartedData(
+                machine=self.spec.id, order=ctx.order, operation=ctx.operation,
+                planned_quantity=None if ctx.planned_quantity is None else dec_str(ctx.planned_quantity),
+                unit=ctx.unit or self.spec.unit,
+            )))
         return out
 
     MAX_REMEMBERED_ORDERS = 32
@@ -448,10 +437,10 @@ class MachineEngine:
         cur = self.context
         assert cur is not None
         out = self.flush("completion", now)
-        out.append(EventDraft("operation.completed", self.spec.id, now, {
-            "machine": self.spec.id, "order": cur.order, "operation": cur.operation, "final": True,
-            "totals": {k: dec_str(v) for k, v in self.totals.items()}, "unit": cur.unit or self.spec.unit,
-        }))
+        out.append(EventDraft("operation.completed", self.spec.id, now, OperationCompletedData(
+            machine=self.spec.id, order=cur.order, operation=cur.operation, final=True,
+            totals=self._totals_data(), unit=cur.unit or self.spec.unit,
+        )))
         self.completed.pop(cur.ref, None)
         self.completed[cur.ref] = None
         while len(self.completed) > self.MAX_REMEMBERED_COMPLETED:
@@ -478,13 +467,13 @@ class MachineEngine:
         t = w.end if w.end is not None else now
         out = self._quantity_report(w, reason, ctx, unit, t) if not w.empty() else []
         if metered:
-            out.append(EventDraft("material.consumed", self.spec.id, t, {
-                "machine": self.spec.id, "order": ctx.order if ctx else None,
-                "operation": ctx.operation if ctx else None, "unassigned": ctx is None, "method": "metered",
-                "basis": None, "movement_type": "261",
-                "components": [{"material": m, "quantity": dec_str(q), "unit": self.spec.materials[m].unit}
-                               for m, q in metered],
-            }))
+            out.append(EventDraft("material.consumed", self.spec.id, t, MaterialConsumedData(
+                machine=self.spec.id, order=ctx.order if ctx else None,
+                operation=ctx.operation if ctx else None, unassigned=ctx is None, method="metered",
+                basis=None, movement_type="261",
+                components=[ConsumedComponent(material=m, quantity=dec_str(q), unit=self.spec.materials[m].unit)
+                            for m, q in metered],
+            )))
         return out
 
     def _quantity_report(self, w: "_Window", reason: str, ctx: OrderContext | None, unit: str, t: float) -> list[EventDraft]:
@@ -503,40 +492,48 @@ class MachineEngine:
         self.totals["yield"] += yld
         self.totals["scrap"] += scrap
         self.totals["rework"] += rework
-        data = {
-            "machine": self.spec.id,
-            "order": ctx.order if ctx else None,
-            "operation": ctx.operation if ctx else None,
-            "unassigned": ctx is None,
-            "reason": reason,
-            "window": {"start": iso(w.start), "end": iso(w.end)},
-            "quantities": {"yield": dec_str(yld), "scrap": dec_str(scrap), "rework": dec_str(rework)},
-            "unit": unit,
-            "totals": {k: dec_str(v) for k, v in self.totals.items()},
-            "evidence": [{"counter": n, **e.to_dict()} for n, e in w.evidence.items() if not n.startswith("material:")],
-        }
+        data = QuantityReportedData(
+            machine=self.spec.id,
+            order=ctx.order if ctx else None,
+            operation=ctx.operation if ctx else None,
+            unassigned=ctx is None,
+            reason=reason,  # type: ignore[arg-type]
+            window=Window(start=iso(w.start), end=iso(w.end)),
+            quantities=Quantities(yield_=dec_str(yld), scrap=dec_str(scrap), rework=dec_str(rework)),
+            unit=unit,
+            totals=self._totals_data(),
+            evidence=[CounterEvidence(counter=n, from_=e.first, to=e.last, rollovers=e.rollovers,  # type: ignore[arg-type]
+                                      resets=e.resets, glitches=e.glitches)
+                      for n, e in w.evidence.items() if not n.startswith(MATERIAL_PREFIX)],
+        )
         out = [EventDraft("operation.quantity_reported", self.spec.id, t, data)]
         if ctx and ctx.components and (yld or scrap):
             consumed = yld + scrap
-            out.append(EventDraft("material.consumed", self.spec.id, t, {
-                "machine": self.spec.id, "order": ctx.order, "operation": ctx.operation, "unassigned": False,
-                "method": "backflush",
-                "basis": {"yield": dec_str(yld), "scrap": dec_str(scrap), "unit": unit},
-                "movement_type": "261",
-                "components": [
-                    {"material": c.material, "quantity": dec_str(consumed * c.quantity_per_unit), "unit": c.unit}
+            out.append(EventDraft("material.consumed", self.spec.id, t, MaterialConsumedData(
+                machine=self.spec.id, order=ctx.order, operation=ctx.operation, unassigned=False,
+                method="backflush",
+                basis=ConsumptionBasis(yield_=dec_str(yld), scrap=dec_str(scrap), unit=unit),
+                movement_type="261",
+                components=[
+                    ConsumedComponent(material=c.material, quantity=dec_str(consumed * c.quantity_per_unit),
+                                      unit=c.unit)
                     for c in ctx.components
                 ],
-            }))
+            )))
         return out
 
-    def _anomaly(self, counter: str, kind: str, prev: int | None, value: int | None, t: float,
-                 **extra: Any) -> EventDraft:
-        return EventDraft("counter.anomaly", self.spec.id, t, {
-            "machine": self.spec.id, "counter": counter, "kind": kind, "from": prev, "to": value,
-            "order": self.context.order if self.context else None,
-            "operation": self.context.operation if self.context else None, **extra,
-        })
+    def _totals_data(self) -> Totals:
+        t = self.totals
+        return Totals(yield_=dec_str(t["yield"]), scrap=dec_str(t["scrap"]), rework=dec_str(t["rework"]))
+
+    def _anomaly(self, counter: str, kind: str, prev: int | None, value: int | None, t: float, *, held: str,
+                 counted: str, possible_rollover: str | None, elapsed_s: float | None, detail: str) -> EventDraft:
+        ctx = self.context
+        return EventDraft("counter.anomaly", self.spec.id, t, CounterAnomalyData(
+            machine=self.spec.id, counter=counter, kind=kind, from_=prev, to=value,  # type: ignore[arg-type]
+            order=ctx.order if ctx else None, operation=ctx.operation if ctx else None,
+            held=held, counted=counted, possible_rollover=possible_rollover, elapsed_s=elapsed_s, detail=detail,
+        ))
 
 
 def _secs(elapsed: float | None) -> float | None:
