@@ -57,6 +57,9 @@ class TagBinding:
 
     key: str
     address: Any  # the connector's TagConfig instance
+    # every value is a count of its own (delta / reset-on-read counters): the connector must deliver each value, also
+    # the same value again with a new source timestamp, and never merge or discard queued values
+    every_value: bool = False
 
 
 class Backoff:

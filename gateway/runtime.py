@@ -233,7 +233,9 @@ class Gateway:
                 self._trackers[m.id] = TagOrderTracker(m.id)
             for signal, b in signals:
                 key = f"{m.id}/{signal}"
-                bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal)))
+                every = signal not in ("state", "order", "operation", "complete") and \
+                    getattr(b, "mode", "cumulative") != "cumulative"
+                bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal), every))
                 self._routes[key] = (m.id, signal)
                 if signal in ("order", "operation", "complete"):
                     self._control_keys.add(key)

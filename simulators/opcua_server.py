@@ -56,6 +56,8 @@ SIGNALS: dict[str, str] = {
     "scrap": "ScrapCount",
 }
 
+DELTA_NODE = "GoodDelta"
+
 _COUNTER_TYPES = {
     (16, False): ua.VariantType.UInt16,
     (32, False): ua.VariantType.UInt32,
@@ -202,9 +204,20 @@ class OpcUaMachineServer:
         return self._server is not None
 
     def _ua_node_id(self, signal: str) -> ua.NodeId:
+        if signal == "good_delta":
+            return ua.NodeId(f"{self.model.name}.{DELTA_NODE}", self._ns)
         return ua.NodeId(f"{self.model.name}.{SIGNALS[signal]}", self._ns)
 
+    @property
+    def delta_node_id(self) -> str:
+        """``{name}.GoodDelta`` (UInt32): the good parts made since its previous write, written (with the part's time
+        as source timestamp) after every good part — the same value again with a new timestamp is a new count. It
+        is 0 after a (re)start. For ``mode: delta`` counters; tests count it against the ground truth."""
+        return f"ns={self._ns};s={self.model.name}.{DELTA_NODE}"
+
     def _variant(self, signal: str, value: Any) -> ua.Variant:
+        if signal == "good_delta":
+            return ua.Variant(int(value), ua.VariantType.UInt32)
         if signal in ("good", "scrap"):
             return ua.Variant(int(value), self.counter_type)
         if signal == "complete":
@@ -256,6 +269,9 @@ class OpcUaMachineServer:
                 varianttype=self.counter_type if signal in ("good", "scrap") else
                 ua.VariantType.Boolean if signal == "complete" else ua.VariantType.String,
             )
+        await obj.add_variable(self._ua_node_id("good_delta"), ua.QualifiedName(DELTA_NODE, self._ns),
+                               ua.Variant(0, ua.VariantType.UInt32), varianttype=ua.VariantType.UInt32)
+        self._delta_base = self.model.truth_totals()["good"]
         self._server = server
         self._published = {}
         self._queue = asyncio.Queue()
@@ -336,7 +352,13 @@ class OpcUaMachineServer:
 
     def _on_model_change(self) -> None:
         if self._queue is not None:
-            self._queue.put_nowait((self.model.snapshot(), self._now(), set(), None))
+            snap = self.model.snapshot()
+            good = self.model.truth_totals()["good"]
+            force: set[str] = set()
+            if good > self._delta_base:
+                snap["good_delta"], self._delta_base = good - self._delta_base, good
+                force.add("good_delta")
+            self._queue.put_nowait((snap, self._now(), force, None))
 
     async def flush(self) -> None:
         """Return once every model change seen so far has been written to the server."""
@@ -360,6 +382,7 @@ class OpcUaMachineServer:
         self._queue.put_nowait((self.model.snapshot(), self._now(), {signal}, fut))
         await fut
 
+    _delta_base = 0  # good parts already written to the delta node
     #: seconds added to the source timestamps: a PLC whose clock is stepped (NTP correction, local time at DST)
     clock_offset_s: float = 0.0
 
@@ -386,7 +409,16 @@ class OpcUaMachineServer:
         server = self._server
         if server is None:
             return
-        for signal in SIGNALS:
+        for signal in (*SIGNALS, "good_delta"):
+            if signal == "good_delta":
+                if "good_delta" not in force:
+                    continue  # written only with a new count (its value may repeat: the timestamp makes it new)
+                bad, value = False, snap.get("good_delta", 0)
+                current = (value, bad)
+                dv = ua.DataValue(Value=self._variant(signal, value), StatusCode=ua.StatusCode(ua.StatusCodes.Good),
+                                  SourceTimestamp=ts, ServerTimestamp=datetime.now(timezone.utc))
+                await server.write_attribute_value(self._ua_node_id(signal), dv)
+                continue
             bad = self._bad[signal]
             value = None if bad else snap[signal]
             current = (value, bad)

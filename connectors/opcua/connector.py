@@ -59,6 +59,8 @@ _LIMIT_NODES = {
     "max_nodes_per_read": ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead),
 }
 _QUEUE_SIZE = 10  # per monitored item: short glitches between two publishes are delivered, not merged
+_EVERY_VALUE_QUEUE_SIZE = 1000  # delta / reset-on-read counters: each queued value is a count
+_EVERY_VALUE_FILTER = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
 
 
 class _ConnectionLost(Exception):
@@ -142,11 +144,14 @@ class OpcUaConnector(Connector):
         self._backoff = backoff or Backoff()
         # unique node ids (two keys may watch the same node) → the keys fed by it
         self._node_keys: dict[str, list[str]] = {}
+        self._every_value: set[str] = set()  # nodes whose every value counts (delta / reset-on-read counters)
         self._key_node: dict[str, str] = {}  # tag key -> configured node id (string, possibly nsu=)
         for b in self.tags:
             addr = b.address if isinstance(b.address, OpcUaTagConfig) else OpcUaTagConfig.model_validate(b.address)
             self._node_keys.setdefault(addr.node_id, []).append(b.key)
             self._key_node[b.key] = addr.node_id
+            if getattr(b, "every_value", False):
+                self._every_value.add(addr.node_id)
         # configured node id -> NodeId on the current server (nsu= resolved at every connect), or None when
         # its namespace URI is not in the server's namespace array
         self._resolved: dict[str, ua.NodeId | None] = {}
@@ -286,6 +291,7 @@ class OpcUaConnector(Connector):
         node_ids = [n for n in self._node_keys if self._resolved.get(n) is not None]
         for handle, node_id in enumerate(node_ids, start=1):
             handles[handle] = tuple(self._node_keys[node_id])
+            every = node_id in self._every_value
             items.append(
                 ua.MonitoredItemCreateRequest(
                     ItemToMonitor=ua.ReadValueId(NodeId=self._resolved[node_id], AttributeId=ua.AttributeIds.Value),
@@ -293,8 +299,11 @@ class OpcUaConnector(Connector):
                     RequestedParameters=ua.MonitoringParameters(
                         ClientHandle=handle,
                         SamplingInterval=float(cfg.sampling_interval_ms),
-                        QueueSize=_QUEUE_SIZE,
-                        DiscardOldest=True,
+                        # a delta value repeated with a new source timestamp is a new count: report on the
+                        # timestamp too, and queue enough that none is discarded between two publishes
+                        Filter=_EVERY_VALUE_FILTER if every else None,
+                        QueueSize=_EVERY_VALUE_QUEUE_SIZE if every else _QUEUE_SIZE,
+                        DiscardOldest=not every,
                     ),
                 )
             )
