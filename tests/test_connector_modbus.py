@@ -17,6 +17,7 @@ from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.modbus.config import ModbusConnectorConfig, ModbusTagConfig
 from connectors.modbus.connector import MAX_GAP, ModbusConnector, decode_registers, plan_blocks
 from simulators.ports import free_port
+import connectors.modbus.connector as modbus_connector
 from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
@@ -205,8 +206,10 @@ async def test_samples_follow_the_model(model: MachineModel, server: ModbusMachi
         )
         assert model.scrap_raw > 0 and model.good_raw + model.scrap_raw == 100
         assert sink.value("press-2/order") == "4711" and sink.value("press-2/state") == 0
-        # every poll: ONE sink call carrying every tag, each good
-        assert all(sorted(s.key for s in b) == sorted(t.key for t in press_tags()) for b in sink.batches)
+        # every poll: ONE sink call; the first carries every tag, later ones the tags whose registers changed
+        assert sorted(s.key for s in sink.batches[0]) == sorted(t.key for t in press_tags())
+        assert all({s.key for s in b} <= {t.key for t in press_tags()} and len({s.key for s in b}) == len(b)
+                   for b in sink.batches)
         last = sink.last["press-2/good"]
         assert last.good and last.status == "Good" and last.source_time is None
         goods = [s.value for b in sink.batches for s in b if s.key == "press-2/good"]
@@ -325,7 +328,9 @@ async def test_block_with_unreadable_gap_is_split(model: MachineModel, server: M
     assert sum(e["event"] == "modbus.block_split" for e in logs) == 1
 
 
-async def test_schedule_has_no_drift(model: MachineModel, server: ModbusMachineServer) -> None:
+async def test_schedule_has_no_drift(model: MachineModel, server: ModbusMachineServer,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(modbus_connector, "HEARTBEAT_S", 0.0)  # every poll reports every tag: one batch per poll
     sink = Recorder()
     conn = make_connector(server.port, press_tags(), sink, poll_interval_s=0.02)
     async with running(conn):
@@ -337,6 +342,28 @@ async def test_schedule_has_no_drift(model: MachineModel, server: ModbusMachineS
     assert 45 <= polls <= 51  # 1 s / 20 ms
     assert abs(elapsed - polls * 0.02) < 0.02  # poll k sits at t0 + k * interval, errors do not add up
     assert conn.skipped_polls == 0
+
+
+async def test_idle_device_reports_only_changes_and_a_heartbeat(
+    model: MachineModel, server: ModbusMachineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle is free: an unchanged block yields no samples, a change yields only the changed tags, and every tag is
+    reported again after HEARTBEAT_S (fresh readings for the counter engine's plausibility checks)."""
+    monkeypatch.setattr(modbus_connector, "HEARTBEAT_S", 0.5)
+    sink = Recorder()
+    conn = make_connector(server.port, press_tags(), sink, poll_interval_s=0.02)
+    all_keys = sorted(t.key for t in press_tags())
+    async with running(conn):
+        await eventually(lambda: len(sink.batches) >= 1, what="first poll")
+        assert sorted(s.key for s in sink.batches[0]) == all_keys
+        polls = conn.polls
+        await eventually(lambda: conn.polls >= polls + 10, what="ten idle polls")
+        assert len(sink.batches) == 1  # nothing changed: nothing handed on
+        model.set_counters(good=model.good_raw + 3)
+        await eventually(lambda: len(sink.batches) >= 2, what="the change")
+        assert [(s.key, s.value) for s in sink.batches[1]] == [("press-2/good", model.good_raw)]
+        await eventually(lambda: len(sink.batches) >= 3, 2, "the heartbeat")
+        assert sorted(s.key for s in sink.batches[2]) == all_keys
 
 
 async def test_unresponsive_device_times_out_skips_slots_and_recovers(

@@ -8,7 +8,9 @@ split into gap-free blocks for good.
 
 Schedule: polls start at t0 + k * poll_interval_s on the monotonic clock (no drift). A poll that overruns
 skips the slots it missed (counted in ``status.detail["skipped_polls"]``) instead of bursting.
-Every poll hands ONE batch with one Sample per tag to the sink.
+Every poll hands ONE batch to the sink: a Sample for each tag whose registers changed since the previous poll, and
+for every tag of a block at least every ``HEARTBEAT_S`` (so the counter engine's plausibility checks see fresh
+readings) and after the block failed. An idle machine costs the block read and one list comparison per poll.
 
 Failures: an exception response fails only its block (reported with device, unit, function code and
 address; the other blocks keep being polled); a timeout or a lost connection fails the block,
@@ -38,6 +40,9 @@ from pymodbus.framer import FramerType
 
 from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
+
+HEARTBEAT_S = 10.0
+"""Unchanged tags are reported at least this often (the counter engine measures plausibility between readings)."""
 from connectors.modbus.config import BIT_TABLES, FUNCTION_CODES, MAX_GAP, ModbusConnectorConfig, ModbusTagConfig
 from mappings.samples import Sample, Value
 
@@ -247,6 +252,8 @@ class ModbusConnector(Connector):
         self.blocks: list[Block] = plan_blocks(bindings, config.max_block_registers, config.max_gap_registers,
                                                config.max_block_bits)
         self._block_of: dict[str, Block] = {s.key: blk for blk in self.blocks for s in blk.slots}
+        self._last_regs: dict[str, list[int]] = {}  # block name -> registers of its last good read (poll)
+        self._last_full: dict[str, float] = {}  # block name -> monotonic time it last reported every tag
         self._client: AsyncModbusTcpClient | None = None
         self._retry_at = 0.0  # loop time of the next connect attempt
         self._down_reason = "not connected yet"
@@ -310,11 +317,12 @@ class ModbusConnector(Connector):
                     if exc.code == _ILLEGAL_ADDRESS and not block.gapless:
                         self._split(block)
                 else:
-                    samples.extend(self._decode(block, regs, time.time()))
+                    samples.extend(self._decode(block, regs, time.time(), changed_only=True))
                     any_ok = True
                     continue
             errors[block.name] = error
             failed_blocks[block.name] = block
+            self._last_regs.pop(block.name, None)  # the next good read reports every tag of the block
             samples.extend(self._failed(block, error, time.time()))
 
         self.polls += 1
@@ -401,11 +409,28 @@ class ModbusConnector(Connector):
             raise _BlockError(f"short response: {len(regs)} of {block.count} {'bits' if block.bits else 'registers'} for {where}")
         return regs
 
-    def _decode(self, block: Block, regs: list[int], now: float) -> list[Sample]:
-        raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs[: block.count])
-        out = []
+    def _decode(self, block: Block, regs: list[int], now: float, *, changed_only: bool = False) -> list[Sample]:
         mono = time.monotonic()  # one reading of the block: one receive time for all its tags
+        regs = list(regs[: block.count])
+        prev: list[int] | None = None
+        if changed_only:
+            name = block.name
+            prev = self._last_regs.get(name)
+            if prev is not None and mono - self._last_full.get(name, 0.0) >= HEARTBEAT_S:
+                prev = None  # heartbeat: every tag again
+            if prev is not None and regs == prev:
+                return []
+            self._last_regs[name] = regs
+            if prev is None:
+                self._last_full[name] = mono
+        raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs)
+        out = []
         for slot in block.slots:
+            if prev is not None:
+                o = slot.offset
+                n = slot.tag.count
+                if (regs[o] == prev[o]) if n == 1 else (regs[o:o + n] == prev[o:o + n]):
+                    continue
             try:
                 out.append(Sample(slot.key, slot.decode(raw, regs), True, now, None, "Good", mono))
             except Exception as exc:  # cannot happen with valid registers; never let one tag kill the poll
