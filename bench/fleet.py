@@ -4,10 +4,14 @@ ERP posting workers (subprocesses, one shared durable consumer) → PostgreSQL �
 ``run_fleet`` is the scenario shared by ``tests/test_erp_service_fleet.py`` (with chaos: a NATS node, a worker and a
 gateway SIGKILLed, the ERP failing for a while) and the benchmark below (no chaos, 1 / 2 / 4 workers).
 
-Benchmark: ``python bench/fleet.py [--seconds 20] [--workers 1 2 4]`` prints one JSON line per worker count:
-end-to-end events/s (events committed in PostgreSQL per second of the run), event time → ERP-acknowledged latency
-p50/p99 of the posted documents, and the raw rate of QoS 1 MQTT publishes acknowledged by the same cluster (the
-ceiling the broker tier gives one publisher on this machine).
+Benchmark: ``python bench/fleet.py [--seconds 20] [--workers 1 2 4] [--events 6000]`` prints one JSON line per
+worker count with two measurements:
+
+- ``drain`` (capacity of the ERP tier): N events are published over MQTT QoS 1 into the cluster first (the rate the
+  cluster PUBACKs them is the raw publish rate of the same run), then W worker processes drain them: committed
+  events/s (PostgreSQL) and posted documents/s (ERP endpoint);
+- ``live`` (the whole chain at the load the simulated machines make): events/s committed and event time →
+  ERP-acknowledged latency p50 / p99 of the posted documents.
 """
 
 from __future__ import annotations
@@ -166,32 +170,6 @@ async def _wait(pred: Callable[[], Any], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
-
-
-def mqtt_publish_rate(host: str, port: int, seconds: float = 3.0, window: int = 100) -> float:
-    """QoS 1 publishes per second acknowledged by one MQTT endpoint of the cluster (sliding window of in-flight)."""
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{os.getpid()}", protocol=mqtt.MQTTv311)
-    c.max_inflight_messages_set(window)
-    ok = threading.Event()
-    c.on_connect = lambda *a: ok.set()
-    c.connect(host, port)
-    c.loop_start()
-    ok.wait(15)
-    body = json.dumps({"x": "y" * 400}).encode()  # about the size of one event
-    infos = []
-    t0 = time.monotonic()
-    n = 0
-    while time.monotonic() - t0 < seconds:
-        infos.append(c.publish("bench/raw/events/batch", body, qos=1))
-        n += 1
-        if len(infos) >= window:
-            infos.pop(0).wait_for_publish(10)
-    for i in infos:
-        i.wait_for_publish(10)
-    rate = n / (time.monotonic() - t0)
-    c.disconnect()
-    c.loop_stop()
-    return rate
 
 
 async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: int = 2, workers: int = 2,
@@ -379,29 +357,114 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
         say("fleet summary: " + json.dumps(summary, sort_keys=True, default=str))
 
 
+async def drain_bench(workdir: Path, workers: int, *, events: int = 6000, batch: int = 10,
+                      gateways: int = 4) -> dict[str, Any]:
+    """Capacity of the ERP tier: ``events`` contract-valid events (``gateways`` sources, batches of ``batch``) are
+    published over MQTT QoS 1 to the cluster while no worker runs (the durable consumer exists, so they are kept);
+    then ``workers`` worker processes (one consumer task and one poster each) start and drain them into PostgreSQL
+    and the ERP endpoint. Also returns the MQTT QoS 1 publish rate of that load (PUBACKed by the cluster)."""
+    from erp_service.config import NatsSourceConfig
+    from erp_service.consumers import NatsSource
+    from erp_service.metrics import Metrics
+    from erp_service.testing import EventFactory
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    cluster = await asyncio.to_thread(lambda: NatsCluster(workdir / "nats").start())
+    endpoint = await ErpEndpoint().start()
+    procs: list[Proc] = []
+    try:
+        async with throwaway_database(prefix="edge_erp_bench") as dsn:
+            src = NatsSource(NatsSourceConfig(servers=cluster.urls, mqtt_endpoints=[
+                f"{h}:{p}" for h, p in cluster.mqtt_endpoints]), "edge", Metrics(), "none")
+            await src.connect()
+            await src.close()
+            from erp_service.ledger import ensure_schema
+
+            async with await psycopg.AsyncConnection.connect(dsn) as c:
+                await ensure_schema(c)
+            factories = [EventFactory(f"gw-{g}", line=f"line-{g}") for g in range(gateways)]
+            messages = []
+            for i in range(events // batch):
+                f = factories[i % gateways]
+                messages.append((f.topic(f"press-{i % 3}"),
+                                 json.dumps([f.report(f"press-{i % 3}", "1000", "0010", y=1)
+                                             for _ in range(batch)]).encode()))
+
+            def publish_all() -> float:
+                c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-load", protocol=mqtt.MQTTv311)
+                c.max_inflight_messages_set(100)
+                ok = threading.Event()
+                c.on_connect = lambda *a: ok.set()
+                c.connect(*cluster.mqtt_endpoints[0])
+                c.loop_start()
+                ok.wait(15)
+                t0 = time.monotonic()
+                infos = [c.publish(t, b, qos=1) for t, b in messages]
+                for info in infos:
+                    info.wait_for_publish(60)
+                dt = time.monotonic() - t0
+                c.disconnect()
+                c.loop_stop()
+                return dt
+
+            pub_s = await asyncio.to_thread(publish_all)
+            doc = worker_doc(dsn, cluster, endpoint.url, threads=1)
+            doc["logging"]["level"] = "warning"
+            cfg_path = workdir / "erp.yaml"
+            cfg_path.write_text(yaml.safe_dump(doc))
+            t0 = time.monotonic()
+            for w in range(workers):
+                p = Proc(f"erp-{w}", [sys.executable, "-m", "erp_service.cli", "run", "--config", str(cfg_path)],
+                         logs)
+                await p.spawn()
+                procs.append(p)
+
+            async def committed() -> bool:
+                return (await _q(dsn, "SELECT count(*) FROM erp_events"))[0][0] >= events
+
+            await _wait(committed, 600, "all events committed", interval=0.1)
+            t_commit = time.monotonic() - t0
+            await _wait(lambda: len(endpoint.by_external) >= events, 600, "all documents posted", interval=0.1)
+            t_posted = time.monotonic() - t0
+            for p in procs:
+                await p.terminate()
+            return {"workers": workers, "events": events, "batch": batch,
+                    "mqtt_qos1_publish_msgs_per_s": round(len(messages) / pub_s, 1),
+                    "mqtt_qos1_publish_events_per_s": round(events / pub_s, 1),
+                    "committed_events_per_s": round(events / t_commit, 1),
+                    "posted_documents_per_s": round(events / t_posted, 1),
+                    "erp_repeated_external_ids": len(endpoint.duplicates)}
+    finally:
+        for p in procs:
+            with contextlib.suppress(Exception):
+                await p.kill()
+        await endpoint.stop()
+        await asyncio.to_thread(cluster.stop)
+
+
 async def _bench(args: argparse.Namespace) -> int:
     rc = 0
     for w in args.workers:
         with tempfile.TemporaryDirectory(prefix="fleet-bench-") as d:
+            rec: dict[str, Any] = {"benchmark": "fleet", "workers": w, "nproc": os.cpu_count()}
             try:
-                s = await run_fleet(Path(d), gateways=args.gateways, machines_per_gateway=args.machines,
-                                    workers=w, produce_s=args.seconds, chaos=False, cycle_time=args.cycle_time,
-                                    say=lambda m: print(m, file=sys.stderr))
+                if not args.skip_drain:
+                    rec["drain"] = await drain_bench(Path(d) / "drain", w, events=args.events)
+                if not args.skip_live:
+                    s = await run_fleet(Path(d) / "live", gateways=args.gateways, machines_per_gateway=args.machines,
+                                        workers=w, produce_s=args.seconds, chaos=False, cycle_time=args.cycle_time,
+                                        say=lambda m: print(m[:200], file=sys.stderr))
+                    rec["live"] = {k: s[k] for k in ("events_per_s", "latency_p50_s", "latency_p99_s",
+                                                     "events_committed", "documents_posted", "machines",
+                                                     "gateways", "drain_after_stop_s")}
+                rec["status"] = "measured"
             except AssertionError as exc:
-                print(json.dumps({"benchmark": "fleet", "workers": w, "status": "failed", "error": str(exc)}))
+                rec.update(status="failed", error=str(exc)[:500])
                 rc = 1
-                continue
-            c = NatsCluster(Path(d) / "raw").start()
-            try:
-                raw = await asyncio.to_thread(mqtt_publish_rate, *c.mqtt_endpoints[0])
-            finally:
-                c.stop()
-            print(json.dumps({"benchmark": "fleet", "workers": w, "status": "measured",
-                              "events_per_s": s["events_per_s"], "latency_p50_s": s["latency_p50_s"],
-                              "latency_p99_s": s["latency_p99_s"], "events": s["events_committed"],
-                              "raw_mqtt_qos1_publish_per_s": round(raw, 1), "machines": s["machines"],
-                              "gateways": s["gateways"], "nproc": os.cpu_count(),
-                              "loadavg": os.getloadavg()}), flush=True)
+            rec["loadavg"] = os.getloadavg()
+            print(json.dumps(rec), flush=True)
     return rc
 
 
@@ -412,6 +475,9 @@ def main() -> int:
     p.add_argument("--gateways", type=int, default=2)
     p.add_argument("--machines", type=int, default=2)
     p.add_argument("--cycle-time", type=float, default=0.01)
+    p.add_argument("--events", type=int, default=6000, help="events of the drain measurement")
+    p.add_argument("--skip-drain", action="store_true")
+    p.add_argument("--skip-live", action="store_true")
     return asyncio.run(_bench(p.parse_args()))
 
 

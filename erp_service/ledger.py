@@ -339,6 +339,7 @@ class Ledger:
             self.metrics.reorders.inc()
         if seq == st.low + 1:
             st.low = seq
+        if seq == st.low and st.low < st.high:  # this event closed a gap: walk over what arrived beyond it
             cur = await conn.execute("SELECT seq FROM erp_events WHERE source = %s AND epoch = %s AND seq > %s "
                                      "ORDER BY seq LIMIT 100000", (src, ev["epoch"], seq))
             for (s,) in await cur.fetchall():

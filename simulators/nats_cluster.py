@@ -23,7 +23,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulators.ports import free_port
 
 INSTALL_HINT = "install it with `apt-get install nats-server` (Debian/Ubuntu)"
 
@@ -105,12 +104,27 @@ class NatsCluster:
         self.mqtt_stream_replicas = mqtt_stream_replicas if mqtt_stream_replicas is not None else min(size, 3)
         self._tmp = tempfile.TemporaryDirectory(prefix="nats-cluster-") if workdir is None else None
         self.dir = Path(self._tmp.name if self._tmp is not None else workdir)  # type: ignore[arg-type]
+        self.size = size
         self.nodes: list[NatsNode] = []
-        for i in range(size):
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Distinct free ports for every listener of every node (all sockets held open together while choosing)."""
+        socks = []
+        try:
+            for _ in range(4 * self.size):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((self.host, 0))
+                socks.append(s)
+            ports = [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        self.nodes = []
+        for i in range(self.size):
             d = self.dir / f"n{i + 1}"
             d.mkdir(parents=True, exist_ok=True)
-            self.nodes.append(NatsNode(f"n{i + 1}", host, free_port(host), free_port(host), free_port(host),
-                                       free_port(host), d))
+            self.nodes.append(NatsNode(f"n{i + 1}", self.host, *ports[4 * i:4 * i + 4], d))
         for n in self.nodes:
             n.routes = [m.cluster_port for m in self.nodes if m is not n]
 
@@ -154,8 +168,23 @@ class NatsCluster:
         self.wait_ready(timeout)
         return n
 
-    def start(self, timeout: float = 30.0) -> "NatsCluster":
-        """Start every node and wait until JetStream has a meta leader and every node sees the others."""
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> "NatsCluster":
+        """Start every node and wait until JetStream has a meta leader and every node sees the others. A port taken
+        by another process between choosing and binding (other test runs on the machine) → new ports, retried."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                for n in self.nodes:
+                    self.kill(n)
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._allocate()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "NatsCluster":
         # the MQTT listener of a clustered node waits for JetStream, which waits for the cluster: spawn all first
         for n in self.nodes:
             if not n.running:
