@@ -241,7 +241,8 @@ class Ledger:
         items, results = self._parse(topic, payload)
         for attempt in range(8):
             try:
-                async with conn.transaction():
+                # pipeline mode: statements whose result is not needed do not wait for a round trip
+                async with conn.pipeline(), conn.transaction():
                     out = await self._apply(conn, topic, payload, items, results)
                 break
             except _RETRYABLE as exc:
@@ -291,6 +292,15 @@ class Ledger:
                                      "WHERE source = %s AND epoch = %s FOR UPDATE", key)
             low, high, received, reorders = await cur.fetchone()  # type: ignore[misc]
             streams[key] = _Stream(low, high, received, reorders)
+        # operations already finally confirmed, among those this message reports on (late reports are flagged)
+        fin: set[tuple[str, str, str]] = set()
+        refs = {(ev["data"]["order"], ev["data"]["operation"], ev["data"]["machine"]) for ev in items
+                if ev is not None and ev["type"] == "operation.quantity_reported" and not ev["data"]["unassigned"]}
+        if refs:
+            cur = await conn.execute("SELECT order_id, operation, machine FROM erp_operations WHERE "
+                                     "(order_id, operation, machine) IN (SELECT * FROM unnest(%s::text[], %s::text[], "
+                                     "%s::text[]))", [list(x) for x in zip(*refs)])
+            fin = {tuple(r) for r in await cur.fetchall()}  # type: ignore[misc]
         for ev, r in zip(items, pre):
             if ev is None:
                 assert r is not None
@@ -301,7 +311,7 @@ class Ledger:
                 log.warning("erp.event_rejected", topic=topic, id=r.id, source=r.source, reason=(r.reason or "")[:300])
                 out.append(r)
                 continue
-            out.append(await self._event(conn, ev, streams[(ev["source"], ev["epoch"])]))
+            out.append(await self._event(conn, ev, streams[(ev["source"], ev["epoch"])], fin))
         for (source, epoch), st in streams.items():
             if not st.dirty:
                 continue
@@ -314,13 +324,14 @@ class Ledger:
             cur = await conn.execute("SELECT body FROM erp_events WHERE source = %s AND epoch = %s AND NOT applied "
                                      "AND seq <= %s ORDER BY seq", (source, epoch, st.low))
             for (body,) in await cur.fetchall():
-                await self._complete(conn, body)
+                await self._complete(conn, body, fin)
                 await conn.execute("UPDATE erp_events SET applied = true WHERE source = %s AND id = %s",
                                    (source, body["id"]))
                 log.info("erp.completion_released", source=source, id=body["id"], seq=body["seq"])
         return out
 
-    async def _event(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], st: _Stream) -> Result:
+    async def _event(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], st: _Stream,
+                     fin: set[tuple[str, str, str]]) -> Result:
         src, eid, seq = ev["source"], ev["id"], ev["seq"]
         dg = digest(ev)
         cur = await conn.execute(
@@ -346,7 +357,7 @@ class Ledger:
                 if s != st.low + 1:
                     break
                 st.low = s
-        await self._book(conn, ev, st)
+        await self._book(conn, ev, st, fin)
         return Result("accepted", eid, src, ev["type"])
 
     async def _repeat(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], dg: str) -> Result:
@@ -372,7 +383,8 @@ class Ledger:
         log.error("erp.conflict", source=src, id=eid, kind=kind, first_id=first_id, seq=ev["seq"], type=ev["type"])
         return Result("conflict", eid, src, ev["type"], reason, ev)
 
-    async def _book(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], st: _Stream) -> None:
+    async def _book(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], st: _Stream,
+                    fin: set[tuple[str, str, str]]) -> None:
         t, d = ev["type"], ev["data"]
         if t == "operation.quantity_reported":
             q = d["quantities"]
@@ -388,7 +400,7 @@ class Ledger:
                 await conn.execute("INSERT INTO erp_unassigned (source, id, machine, body) VALUES (%s, %s, %s, %s) "
                                    "ON CONFLICT DO NOTHING", (ev["source"], ev["id"], d["machine"], Jsonb(ev)))
                 return
-            await self._late_check(conn, ev)
+            await self._late_check(conn, ev, fin)
             if all(Decimal(q[k]) == 0 for k in QUANTITY_KINDS):
                 return  # nothing to post (sap-mapping.md: record as processed)
             doc = self._confirmation(ev, yield_=q["yield"], scrap=q["scrap"], rework=q["rework"], unit=d["unit"])
@@ -414,29 +426,31 @@ class Ledger:
                 await self._outbox(conn, ev, "goods_issue", doc)
         elif t == "operation.completed":
             if st.low >= ev["seq"] - 1:
-                await self._complete(conn, ev)
+                await self._complete(conn, ev, fin)
             else:
                 await conn.execute("UPDATE erp_events SET applied = false WHERE source = %s AND id = %s",
                                    (ev["source"], ev["id"]))
                 log.info("erp.completion_held", source=ev["source"], id=ev["id"], seq=ev["seq"], low=st.low,
                          order=d["order"], operation=d["operation"])
 
-    async def _late_check(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any]) -> None:
+    async def _late_check(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
+                          fin: set[tuple[str, str, str]]) -> None:
         d = ev["data"]
-        cur = await conn.execute("UPDATE erp_operations SET late_reports = late_reports + 1 WHERE order_id = %s AND "
-                                 "operation = %s AND machine = %s RETURNING final_id",
-                                 (d["order"], d["operation"], d["machine"]))
-        row = await cur.fetchone()
-        if row is not None:
-            log.warning("erp.report_after_final", id=ev["id"], final_id=row[0], order=d["order"],
-                        operation=d["operation"], machine=d["machine"])
+        if (d["order"], d["operation"], d["machine"]) not in fin:
+            return
+        await conn.execute("UPDATE erp_operations SET late_reports = late_reports + 1 WHERE order_id = %s AND "
+                           "operation = %s AND machine = %s", (d["order"], d["operation"], d["machine"]))
+        log.warning("erp.report_after_final", id=ev["id"], order=d["order"], operation=d["operation"],
+                    machine=d["machine"])
 
-    async def _complete(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any]) -> None:
+    async def _complete(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
+                        fin: set[tuple[str, str, str]]) -> None:
         d = ev["data"]
         await conn.execute("INSERT INTO erp_operations (order_id, operation, machine, final_id, totals) "
                            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (order_id, operation, machine) DO UPDATE SET "
                            "final_id = excluded.final_id, totals = excluded.totals, final_at = now()",
                            (d["order"], d["operation"], d["machine"], ev["id"], Jsonb(d["totals"])))
+        fin.add((d["order"], d["operation"], d["machine"]))
         await self._outbox(conn, ev, "final", self._confirmation(ev, unit=d["unit"], final=True))
 
     async def _outbox(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], kind: str,

@@ -186,3 +186,16 @@ async def test_concurrent_workers_book_each_event_once(dsn):
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_report_after_final_confirmation_is_flagged(conn):
+    f = EventFactory()
+    led = Ledger(ServiceConfig())
+    await led.process(conn, "t/events/batch", _b([f.report("m", "1", "0010", y=2, reason="completion"),
+                                                  f.completed("m", "1", "0010")]))
+    late = f.report("m", "1", "0010", y=1)
+    await led.process(conn, "t/events/batch", _b(late))
+    await led.process(conn, "t/events/batch", _b([f.report("m", "2", "0010", y=1), f.report("m", "1", "0010", y=1)]))
+    assert await _rows(conn, "SELECT order_id, late_reports FROM erp_operations") == [("1", 2)]
+    assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger ORDER BY order_id") == [
+        ("1", Decimal(4)), ("2", Decimal(1))]
