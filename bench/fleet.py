@@ -140,11 +140,11 @@ def gateway_doc(g: int, endpoint: tuple[str, int], store: Path, machines: dict[s
     }
 
 
-def worker_doc(dsn: str, cluster: NatsCluster, erp_url: str, threads: int) -> dict:
+def worker_doc(dsn: str, cluster: NatsCluster, erp_url: str, threads: int, ack_wait_s: float = 3) -> dict:
     return {
         "source": "nats", "workers": threads,
         "postgres": {"dsn": dsn},
-        "nats": {"servers": cluster.urls, "ack_wait_s": 3, "batch": 64,
+        "nats": {"servers": cluster.urls, "ack_wait_s": ack_wait_s, "batch": 16,
                  "mqtt_endpoints": [f"{h}:{p}" for h, p in cluster.mqtt_endpoints]},
         "erp": {"url": erp_url, "poll_s": 0.05, "backoff_initial_s": 0.1, "backoff_max_s": 1, "timeout_s": 3,
                 "lease_s": 10},
@@ -410,7 +410,7 @@ async def drain_bench(workdir: Path, workers: int, *, events: int = 6000, batch:
                 return dt
 
             pub_s = await asyncio.to_thread(publish_all)
-            doc = worker_doc(dsn, cluster, endpoint.url, threads=1)
+            doc = worker_doc(dsn, cluster, endpoint.url, threads=1, ack_wait_s=30)
             doc["logging"]["level"] = "warning"
             cfg_path = workdir / "erp.yaml"
             cfg_path.write_text(yaml.safe_dump(doc))
@@ -433,9 +433,10 @@ async def drain_bench(workdir: Path, workers: int, *, events: int = 6000, batch:
                                        "max(received_at)) FROM erp_events")
             [(p0, p1)] = await _q(dsn, "SELECT extract(epoch FROM min(sent_at)), extract(epoch FROM max(sent_at)) "
                                        "FROM erp_outbox")
+            [(dups,)] = await _q(dsn, "SELECT coalesce(sum(duplicates), 0) FROM erp_events")
             for p in procs:
                 await p.terminate()
-            return {"workers": workers, "events": events, "batch": batch,
+            return {"workers": workers, "redelivered_duplicates": int(dups), "events": events, "batch": batch,
                     "mqtt_qos1_publish_msgs_per_s": round(len(messages) / pub_s, 1),
                     "mqtt_qos1_publish_events_per_s": round(events / pub_s, 1),
                     "committed_events_per_s": round(events / max(1e-3, float(c1) - float(c0)), 1),

@@ -185,7 +185,7 @@ class NatsSource:
         self.ready = False
         if self.nc is not None:
             try:
-                await self.nc.drain()
+                await asyncio.wait_for(self.nc.drain(), 5)
             except Exception:
                 try:
                     await self.nc.close()

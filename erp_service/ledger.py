@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -193,16 +193,6 @@ class Result:
                 "event": self.event}
 
 
-@dataclass
-class _Stream:
-    low: int
-    high: int
-    received: int
-    reorders: int
-    dirty: bool = False
-    released: list[int] = field(default_factory=list)
-
-
 class Ledger:
     def __init__(self, cfg: ServiceConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
@@ -284,14 +274,6 @@ class Ledger:
     async def _apply(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes,
                      items: list[dict[str, Any] | None], pre: list[Result | None]) -> list[Result]:
         out: list[Result] = []
-        streams: dict[tuple[str, str], _Stream] = {}
-        # lock the streams in a fixed order (no deadlock between workers)
-        for key in sorted({(ev["source"], ev["epoch"]) for ev in items if ev is not None}):
-            await conn.execute("INSERT INTO erp_streams (source, epoch) VALUES (%s, %s) ON CONFLICT DO NOTHING", key)
-            cur = await conn.execute("SELECT low, high, received, reorders FROM erp_streams "
-                                     "WHERE source = %s AND epoch = %s FOR UPDATE", key)
-            low, high, received, reorders = await cur.fetchone()  # type: ignore[misc]
-            streams[key] = _Stream(low, high, received, reorders)
         # operations already finally confirmed, among those this message reports on (late reports are flagged)
         fin: set[tuple[str, str, str]] = set()
         refs = {(ev["data"]["order"], ev["data"]["operation"], ev["data"]["machine"]) for ev in items
@@ -301,6 +283,7 @@ class Ledger:
                                      "(order_id, operation, machine) IN (SELECT * FROM unnest(%s::text[], %s::text[], "
                                      "%s::text[]))", [list(x) for x in zip(*refs)])
             fin = {tuple(r) for r in await cur.fetchall()}  # type: ignore[misc]
+        new: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for ev, r in zip(items, pre):
             if ev is None:
                 assert r is not None
@@ -311,54 +294,86 @@ class Ledger:
                 log.warning("erp.event_rejected", topic=topic, id=r.id, source=r.source, reason=(r.reason or "")[:300])
                 out.append(r)
                 continue
-            out.append(await self._event(conn, ev, streams[(ev["source"], ev["epoch"])], fin))
-        for (source, epoch), st in streams.items():
-            if not st.dirty:
-                continue
-            await conn.execute(
-                "UPDATE erp_streams SET low = %s, high = %s, received = %s, reorders = %s, "
-                "gap_since = CASE WHEN %s < %s THEN COALESCE(gap_since, now()) ELSE NULL END "
-                "WHERE source = %s AND epoch = %s",
-                (st.low, st.high, st.received, st.reorders, st.low, st.high, source, epoch))
-            # completions held behind a gap that is now closed
-            cur = await conn.execute("SELECT body FROM erp_events WHERE source = %s AND epoch = %s AND NOT applied "
-                                     "AND seq <= %s ORDER BY seq", (source, epoch, st.low))
-            for (body,) in await cur.fetchall():
-                await self._complete(conn, body, fin)
-                await conn.execute("UPDATE erp_events SET applied = true WHERE source = %s AND id = %s",
-                                   (source, body["id"]))
-                log.info("erp.completion_released", source=source, id=body["id"], seq=body["seq"])
+            res = await self._event(conn, ev, fin)
+            if res.outcome == "accepted":
+                new.setdefault((ev["source"], ev["epoch"]), []).append(ev)
+            out.append(res)
+        # the stream rows are locked last (fixed order), so concurrent workers wait for each other only this long
+        for key in sorted(new):
+            await self._advance(conn, key, new[key], fin)
         return out
 
-    async def _event(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], st: _Stream,
+    async def _event(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
                      fin: set[tuple[str, str, str]]) -> Result:
         src, eid, seq = ev["source"], ev["id"], ev["seq"]
         dg = digest(ev)
+        # a completion starts held; _advance applies it once every seq before it arrived
         cur = await conn.execute(
-            "INSERT INTO erp_events (source, id, epoch, seq, type, subject, event_time, body, digest) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-            (src, eid, ev["epoch"], seq, ev["type"], ev["subject"], parse_time(ev["time"]), Jsonb(ev), dg))
+            "INSERT INTO erp_events (source, id, epoch, seq, type, subject, event_time, body, digest, applied) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+            (src, eid, ev["epoch"], seq, ev["type"], ev["subject"], parse_time(ev["time"]), Jsonb(ev), dg,
+             ev["type"] != "operation.completed"))
         if await cur.fetchone() is None:
             return await self._repeat(conn, ev, dg)
-        # seq tracking
-        st.dirty = True
-        st.received += 1
-        if seq > st.high:
-            st.high = seq
-        elif seq < st.high:
-            st.reorders += 1
-            self.metrics.reorders.inc()
-        if seq == st.low + 1:
-            st.low = seq
-        if seq == st.low and st.low < st.high:  # this event closed a gap: walk over what arrived beyond it
-            cur = await conn.execute("SELECT seq FROM erp_events WHERE source = %s AND epoch = %s AND seq > %s "
-                                     "ORDER BY seq LIMIT 100000", (src, ev["epoch"], seq))
-            for (s,) in await cur.fetchall():
-                if s != st.low + 1:
-                    break
-                st.low = s
-        await self._book(conn, ev, st, fin)
+        await self._book(conn, ev, fin)
         return Result("accepted", eid, src, ev["type"])
+
+    async def _advance(self, conn: psycopg.AsyncConnection[Any], key: tuple[str, str], evs: list[dict[str, Any]],
+                       fin: set[tuple[str, str, str]]) -> None:
+        """Seq tracking of one (source, epoch) under its row lock, then apply the completions it releases.
+
+        Whoever inserts the event at ``low + 1`` walks the watermark over everything committed beyond it; a
+        concurrent transaction's events are either committed before this one takes the lock (then visible to the
+        walk) or take the lock after this one commits (then they walk)."""
+        source, epoch = key
+        await conn.execute("INSERT INTO erp_streams (source, epoch) VALUES (%s, %s) ON CONFLICT DO NOTHING", key)
+        cur = await conn.execute("SELECT low, high, received, reorders FROM erp_streams "
+                                 "WHERE source = %s AND epoch = %s FOR UPDATE", key)
+        low, high, received, reorders = await cur.fetchone()  # type: ignore[misc]
+        seqs = [e["seq"] for e in evs]
+        late = 0
+        top = high
+        for sq in seqs:
+            if sq < top:
+                late += 1
+            top = max(top, sq)
+        if late:
+            self.metrics.reorders.inc(late)
+        high, received, reorders = top, received + len(seqs), reorders + late
+        if low + 1 in seqs:
+            while True:
+                cur = await conn.execute("SELECT seq FROM erp_events WHERE source = %s AND epoch = %s AND seq > %s "
+                                         "ORDER BY seq LIMIT 10000", (source, epoch, low))
+                rows = await cur.fetchall()
+                start = low
+                for (sq,) in rows:
+                    if sq != low + 1:
+                        break
+                    low = sq
+                if low - start < 10000:
+                    break
+        await conn.execute(
+            "UPDATE erp_streams SET low = %s, high = %s, received = %s, reorders = %s, "
+            "gap_since = CASE WHEN %s < %s THEN COALESCE(gap_since, now()) ELSE NULL END "
+            "WHERE source = %s AND epoch = %s", (low, high, received, reorders, low, high, source, epoch))
+        cur = await conn.execute("SELECT body FROM erp_events WHERE source = %s AND epoch = %s AND NOT applied "
+                                 "AND seq <= %s ORDER BY seq", (source, epoch, low))
+        released = {}
+        for (body,) in await cur.fetchall():
+            await self._complete(conn, body, fin)
+            await conn.execute("UPDATE erp_events SET applied = true WHERE source = %s AND id = %s",
+                               (source, body["id"]))
+            released[body["id"]] = body
+        for e in evs:
+            if e["type"] != "operation.completed":
+                continue
+            if e["id"] in released:
+                continue
+            log.info("erp.completion_held", source=source, id=e["id"], seq=e["seq"], low=low,
+                     order=e["data"]["order"], operation=e["data"]["operation"])
+        for b in released.values():
+            if b["id"] not in {e["id"] for e in evs}:
+                log.info("erp.completion_released", source=source, id=b["id"], seq=b["seq"])
 
     async def _repeat(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], dg: str) -> Result:
         src, eid = ev["source"], ev["id"]
@@ -383,7 +398,7 @@ class Ledger:
         log.error("erp.conflict", source=src, id=eid, kind=kind, first_id=first_id, seq=ev["seq"], type=ev["type"])
         return Result("conflict", eid, src, ev["type"], reason, ev)
 
-    async def _book(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], st: _Stream,
+    async def _book(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
                     fin: set[tuple[str, str, str]]) -> None:
         t, d = ev["type"], ev["data"]
         if t == "operation.quantity_reported":
@@ -424,14 +439,6 @@ class Ledger:
                      "QuantityInEntryUnit": c["quantity"], "EntryUnit": self._unit(c["unit"])}
                     for c in d["components"]]}
                 await self._outbox(conn, ev, "goods_issue", doc)
-        elif t == "operation.completed":
-            if st.low >= ev["seq"] - 1:
-                await self._complete(conn, ev, fin)
-            else:
-                await conn.execute("UPDATE erp_events SET applied = false WHERE source = %s AND id = %s",
-                                   (ev["source"], ev["id"]))
-                log.info("erp.completion_held", source=ev["source"], id=ev["id"], seq=ev["seq"], low=st.low,
-                         order=d["order"], operation=d["operation"])
 
     async def _late_check(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
                           fin: set[tuple[str, str, str]]) -> None:
