@@ -476,6 +476,9 @@ async def _bench(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    from gateway import logs
+
+    logs.configure("console", "warning")  # stdout carries only the JSON result lines
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
