@@ -58,6 +58,9 @@ class NatsSource:
         self.js: Any = None
         self.ready = False
         self.filter_subject = f"{cfg.subject_prefix}{topic_root}.v1.*.*.*.*.*.events.>"
+        #: after this many failed deliveries of one message (not a database outage) it goes to dead_letter
+        self.max_attempts = 10
+        self.dead_letter: Callable[[int, str, bytes, str], Awaitable[None]] | None = None
 
     async def connect(self) -> None:
         import nats
@@ -150,8 +153,16 @@ class NatsSource:
                     raise
                 except Exception as exc:
                     self.metrics.processing_errors.inc()
-                    log.error("erp.processing_failed", worker=index, topic=topic, error=f"{type(exc).__name__}: "
-                              f"{exc}"[:500])
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.error("erp.processing_failed", worker=index, topic=topic, error=error)
+                    delivered = getattr(getattr(msg, "metadata", None), "num_delivered", 0) or 0
+                    if delivered >= self.max_attempts and self.dead_letter is not None and not _is_outage(exc):
+                        try:
+                            await self.dead_letter(index, topic, msg.data, error)
+                            await msg.ack()
+                            continue
+                        except Exception as exc2:
+                            log.error("erp.dead_letter_failed", worker=index, error=str(exc2)[:300])
                     try:
                         await msg.nak(delay=1)
                     except Exception:
@@ -194,6 +205,12 @@ class NatsSource:
             self.nc = None
 
 
+def _is_outage(exc: BaseException) -> bool:
+    import psycopg
+
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, ConnectionError, OSError))
+
+
 def _poke_mqtt(endpoints: list[str]) -> None:
     """Connect once over MQTT so that the NATS server creates its MQTT streams ($MQTT_msgs, ...)."""
     import paho.mqtt.client as mqtt
@@ -234,6 +251,9 @@ class MqttWorker:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.subscribed = threading.Event()
+        self.max_attempts = 10
+        self.dead_letter: Callable[[int, str, bytes, str], Awaitable[None]] | None = None
+        self._failures: dict[int, int] = {}
 
     @property
     def ready(self) -> bool:
@@ -292,8 +312,18 @@ class MqttWorker:
                 raise
             except Exception as exc:  # not acknowledged: redelivered on the next connection
                 self.metrics.processing_errors.inc()
-                log.error("erp.processing_failed", worker=self.index, topic=msg.topic,
-                          error=f"{type(exc).__name__}: {exc}"[:500])
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                log.error("erp.processing_failed", worker=self.index, topic=msg.topic, error=error)
+                key = hash((msg.topic, bytes(msg.payload)))
+                self._failures[key] = self._failures.get(key, 0) + 1
+                if self._failures[key] >= self.max_attempts and self.dead_letter is not None and not _is_outage(exc):
+                    try:
+                        await self.dead_letter(self.index, msg.topic, msg.payload, error)
+                        self._failures.pop(key, None)
+                        self._client.ack(msg.mid, msg.qos)
+                        continue
+                    except Exception as exc2:
+                        log.error("erp.dead_letter_failed", worker=self.index, error=str(exc2)[:300])
                 await self._reconnect()
                 continue
             self._client.ack(msg.mid, msg.qos)

@@ -261,6 +261,10 @@ class Ledger:
         for el in elements:
             try:
                 ev = validate_event(el) if isinstance(el, dict) else validate_event(json.dumps(el))
+                try:
+                    parse_time(ev["time"])
+                except ValueError as exc:
+                    raise EventValidationError([f"time: {exc}"], ev) from None
             except EventValidationError as exc:
                 e = el if isinstance(el, dict) else None
                 results.append(Result("rejected", _str(e, "id"), _str(e, "source"), _str(e, "type"),
@@ -467,6 +471,15 @@ class Ledger:
                            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (external_id) DO NOTHING",
                            (ev["id"], kind, d["order"], d["operation"], ev["source"], parse_time(ev["time"]),
                             Jsonb(doc)))
+
+    async def dead_letter(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes, error: str) -> None:
+        """A message that failed again and again (not a database outage): recorded in erp_rejected and alarmed, so
+        the caller can acknowledge it instead of looping on it forever."""
+        async with conn.transaction():
+            await conn.execute("INSERT INTO erp_rejected (source, id, topic, reason, body) VALUES (NULL, NULL, %s, %s, "
+                               "%s)", (topic, f"internal error: {error}"[:1000], payload.decode("utf-8", "replace")))
+        self.metrics.events.labels("rejected").inc()
+        log.error("erp.dead_letter", topic=topic, error=error[:300])
 
     # ------------------------------------------------------------------------------------------ queries
     async def gaps(self, conn: psycopg.AsyncConnection[Any]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -51,6 +51,7 @@ class ErpService:
             await self._start_http()
         if self.cfg.source == "nats":
             self.nats = NatsSource(self.cfg.nats, self.cfg.topic_root, self.metrics, self.cfg.acks)
+            self.nats.dead_letter = self._dead_letter
             await self.nats.connect()
             for i in range(self.cfg.workers):
                 self._tasks.append(asyncio.create_task(self._guard(f"worker-{i}", self.nats.run_worker, i,
@@ -59,6 +60,7 @@ class ErpService:
         else:
             for i in range(self.cfg.workers):
                 w = MqttWorker(self.cfg.mqtt, self.cfg.topic_root, i, self.metrics, self.cfg.acks)
+                w.dead_letter = self._dead_letter
                 await w.connect()
                 self.mqtt_workers.append(w)
                 self._tasks.append(asyncio.create_task(self._guard(f"worker-{i}", w.run, self._handle,
@@ -129,6 +131,10 @@ class ErpService:
             for p in self.posters:
                 p.kick.set()
         return results
+
+    async def _dead_letter(self, index: int, topic: str, payload: bytes, error: str) -> None:
+        conn = await self._conn(index)
+        await self.ledger.dead_letter(conn, topic, payload, error)
 
     async def _lag_loop(self) -> None:
         while not self.stop_event.is_set():

@@ -193,3 +193,41 @@ async def test_nats_cluster_durable_consumer_shared_by_workers(nats_cluster, dsn
         gw.close()
         await s1.stop()
         await s2.stop()
+
+
+async def test_poison_message_dead_lettered_after_retries_stream_goes_on(mqtt_broker, dsn, endpoint):
+    """A message that fails every time (here: a database trigger refuses its event) is retried, then recorded in
+    erp_rejected as an internal error and acknowledged; the messages after it are processed."""
+    f = EventFactory()
+    poison = f.report("press-1", "1", "0010", y=5)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+        from erp_service.ledger import ensure_schema
+
+        await ensure_schema(c)
+        await c.execute(f"""CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+            IF NEW.id = '{poison["id"]}' THEN RAISE EXCEPTION 'refused by test trigger'; END IF; RETURN NEW;
+            END $$ LANGUAGE plpgsql""")
+        await c.execute("CREATE TRIGGER refuse BEFORE INSERT ON erp_events FOR EACH ROW EXECUTE FUNCTION refuse()")
+    cfg = _cfg(dsn, endpoint, source="mqtt", workers=1,
+               mqtt=MqttSourceConfig(host=mqtt_broker.host, port=mqtt_broker.port))
+    svc = ErpService(cfg)
+    await svc.start()
+    for w in svc.mqtt_workers:
+        w.max_attempts = 3
+    gw = Client(mqtt_broker.host, mqtt_broker.port, "gw-01", protocol=mqtt.MQTTv5)
+    try:
+        await svc.wait_ready()
+        gw.publish(f.topic("press-1"), [poison])
+        after = f.report("press-1", "1", "0010", y=7)
+        gw.publish(f.topic("press-1"), [after])
+        await wait_until(lambda: after["id"] in endpoint.by_external, timeout=30)
+        async with await psycopg.AsyncConnection.connect(dsn) as c:
+            cur = await c.execute("SELECT reason, body FROM erp_rejected")
+            [(reason, body)] = await cur.fetchall()
+        assert reason.startswith("internal error: RaiseException: refused by test trigger")
+        assert json.loads(body) == [poison]
+        assert svc.metrics.processing_errors._value.get() == 3
+        assert (await _ledger(dsn)) == {("press-1", "1", "0010"): (Decimal(7), Decimal(0))}
+    finally:
+        gw.close()
+        await svc.stop()
