@@ -307,7 +307,9 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                 summary["erp_posted"] = {f"{k[0]}/{k[1]}": {"yield": str(v["yield"]), "scrap": str(v["scrap"]),
                                                            "final": v["final"]} for k, v in got.items()}
             t_done = time.monotonic()
-            [(n_events, dups)] = await _q(dsn, "SELECT count(*), coalesce(sum(duplicates), 0) FROM erp_events")
+            [(n_events, dups, redel)] = await _q(dsn, "SELECT count(*), coalesce(sum(duplicates), 0), "
+                                                      "coalesce(sum(redeliveries), 0) FROM erp_events")
+            [(found,)] = await _q(dsn, "SELECT count(*) FROM erp_outbox WHERE found_by_lookup")
             [(conflicts,)] = await _q(dsn, "SELECT count(*) FROM erp_conflicts")
             [(rejected,)] = await _q(dsn, "SELECT count(*) FROM erp_rejected")
             [(t_first, t_last)] = await _q(dsn, "SELECT extract(epoch FROM min(received_at)), "
@@ -321,6 +323,9 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                 "parts_made": sum(m.parts_made for m in models.values()),
                 "events_committed": n_events,
                 "duplicates_absorbed_by_erp_service": int(dups),
+                "of_which_broker_redeliveries": int(redel),
+                "of_which_gateway_republished": int(dups) - int(redel),
+                "documents_found_by_lookup_not_reposted": found,
                 "erp_endpoint_postings": len(endpoint.postings),
                 "erp_endpoint_repeated_external_ids": dict(endpoint.duplicates),
                 "erp_endpoint_503": endpoint.failed,

@@ -27,7 +27,7 @@ from erp_service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
-Handler = Callable[[int, str, bytes], Awaitable[list[Result]]]
+Handler = Callable[[int, str, bytes, bool], Awaitable[list[Result]]]
 
 
 def acks_topic(topic: str) -> str | None:
@@ -147,15 +147,15 @@ class NatsSource:
                 continue
             for msg in msgs:
                 topic = self.topic_of(msg.subject)
+                delivered = getattr(getattr(msg, "metadata", None), "num_delivered", 1) or 1
                 try:
-                    results = await handle(index, topic, msg.data)
+                    results = await handle(index, topic, msg.data, delivered > 1)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     self.metrics.processing_errors.inc()
                     error = f"{type(exc).__name__}: {exc}"[:500]
                     log.error("erp.processing_failed", worker=index, topic=topic, error=error)
-                    delivered = getattr(getattr(msg, "metadata", None), "num_delivered", 0) or 0
                     if delivered >= self.max_attempts and self.dead_letter is not None and not _is_outage(exc):
                         try:
                             await self.dead_letter(index, topic, msg.data, error)
@@ -307,7 +307,7 @@ class MqttWorker:
             except asyncio.TimeoutError:
                 continue
             try:
-                results = await handle(self.index, msg.topic, msg.payload)
+                results = await handle(self.index, msg.topic, msg.payload, bool(msg.dup))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # not acknowledged: redelivered on the next connection

@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS erp_events (
     body        jsonb NOT NULL,
     digest      text NOT NULL,
     applied     boolean NOT NULL DEFAULT true,
-    duplicates  integer NOT NULL DEFAULT 0,
+    duplicates  integer NOT NULL DEFAULT 0,     -- repeats absorbed (same content)
+    redeliveries integer NOT NULL DEFAULT 0,   -- of which the broker marked as redelivered (JetStream / MQTT DUP)
     received_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source, id),
     UNIQUE (source, epoch, seq)
@@ -140,7 +141,8 @@ CREATE TABLE IF NOT EXISTS erp_outbox (
     created_at  timestamptz NOT NULL DEFAULT now(),
     sent_at     timestamptz,
     response    jsonb,
-    last_error  text
+    last_error  text,
+    found_by_lookup boolean NOT NULL DEFAULT false  -- a retry found the document already booked: not re-posted
 );
 CREATE INDEX IF NOT EXISTS erp_outbox_pending ON erp_outbox (next_attempt_at, n) WHERE state = 'pending';
 """
@@ -225,15 +227,17 @@ class Ledger:
         return doc
 
     # ------------------------------------------------------------------------------------------ entry point
-    async def process(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes) -> list[Result]:
+    async def process(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes, *,
+                      redelivered: bool = False) -> list[Result]:
         """Validate, dedup, book and write the outbox for one broker message, in one transaction (retried on a
-        deadlock / serialization failure). Returns one Result per event (in message order)."""
+        deadlock / serialization failure). Returns one Result per event (in message order). ``redelivered``: the
+        broker says it delivered this message before (counted separately among the duplicates)."""
         items, results = self._parse(topic, payload)
         for attempt in range(8):
             try:
                 # pipeline mode: statements whose result is not needed do not wait for a round trip
                 async with conn.pipeline(), conn.transaction():
-                    out = await self._apply(conn, topic, payload, items, results)
+                    out = await self._apply(conn, topic, payload, items, results, redelivered)
                 break
             except _RETRYABLE as exc:
                 self.metrics.db_retries.inc()
@@ -276,7 +280,8 @@ class Ledger:
         return items, results
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes,
-                     items: list[dict[str, Any] | None], pre: list[Result | None]) -> list[Result]:
+                     items: list[dict[str, Any] | None], pre: list[Result | None],
+                     redelivered: bool = False) -> list[Result]:
         out: list[Result] = []
         # operations already finally confirmed, among those this message reports on (late reports are flagged)
         fin: set[tuple[str, str, str]] = set()
@@ -298,7 +303,7 @@ class Ledger:
                 log.warning("erp.event_rejected", topic=topic, id=r.id, source=r.source, reason=(r.reason or "")[:300])
                 out.append(r)
                 continue
-            res = await self._event(conn, ev, fin)
+            res = await self._event(conn, ev, fin, redelivered)
             if res.outcome == "accepted":
                 new.setdefault((ev["source"], ev["epoch"]), []).append(ev)
             out.append(res)
@@ -308,7 +313,7 @@ class Ledger:
         return out
 
     async def _event(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
-                     fin: set[tuple[str, str, str]]) -> Result:
+                     fin: set[tuple[str, str, str]], redelivered: bool = False) -> Result:
         src, eid, seq = ev["source"], ev["id"], ev["seq"]
         dg = digest(ev)
         # a completion starts held; _advance applies it once every seq before it arrived
@@ -318,7 +323,7 @@ class Ledger:
             (src, eid, ev["epoch"], seq, ev["type"], ev["subject"], parse_time(ev["time"]), Jsonb(ev), dg,
              ev["type"] != "operation.completed"))
         if await cur.fetchone() is None:
-            return await self._repeat(conn, ev, dg)
+            return await self._repeat(conn, ev, dg, redelivered)
         await self._book(conn, ev, fin)
         return Result("accepted", eid, src, ev["type"])
 
@@ -379,7 +384,8 @@ class Ledger:
             if b["id"] not in {e["id"] for e in evs}:
                 log.info("erp.completion_released", source=source, id=b["id"], seq=b["seq"])
 
-    async def _repeat(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], dg: str) -> Result:
+    async def _repeat(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], dg: str,
+                      redelivered: bool = False) -> Result:
         src, eid = ev["source"], ev["id"]
         cur = await conn.execute("SELECT id, digest, body FROM erp_events WHERE source = %s AND id = %s", (src, eid))
         row = await cur.fetchone()
@@ -391,8 +397,8 @@ class Ledger:
             row = await cur.fetchone()
         first_id, first_digest, first_body = row  # type: ignore[misc]
         if kind == "same_id" and first_digest == dg:
-            await conn.execute("UPDATE erp_events SET duplicates = duplicates + 1 WHERE source = %s AND id = %s",
-                               (src, eid))
+            await conn.execute("UPDATE erp_events SET duplicates = duplicates + 1, redeliveries = redeliveries + %s "
+                               "WHERE source = %s AND id = %s", (1 if redelivered else 0, src, eid))
             return Result("duplicate", eid, src, ev["type"])
         await conn.execute("INSERT INTO erp_conflicts (source, id, epoch, seq, kind, first_id, first_body, body) "
                            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",

@@ -112,7 +112,7 @@ class Poster:
                 return
             if found is not None:
                 log.info("erp.post_found_existing", external_id=ext, kind=kind, attempts=attempts)
-                await self._sent(conn, ext, kind, found, event_time)
+                await self._sent(conn, ext, kind, found, event_time, via_lookup=True)
                 return
         t0 = time.monotonic()
         try:
@@ -149,9 +149,10 @@ class Poster:
         return results[0] if results else None
 
     async def _sent(self, conn: psycopg.AsyncConnection[Any], ext: str, kind: str, answer: dict[str, Any],
-                    event_time: datetime) -> None:
-        await conn.execute("UPDATE erp_outbox SET state = 'sent', sent_at = now(), response = %s, last_error = NULL "
-                           "WHERE external_id = %s AND state = 'pending'", (Jsonb(answer), ext))
+                    event_time: datetime, via_lookup: bool = False) -> None:
+        await conn.execute("UPDATE erp_outbox SET state = 'sent', sent_at = now(), response = %s, last_error = NULL, "
+                           "found_by_lookup = %s WHERE external_id = %s AND state = 'pending'",
+                           (Jsonb(answer), via_lookup, ext))
         self.posted += 1
         self.healthy = True
         self.metrics.posted.labels(kind).inc()

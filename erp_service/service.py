@@ -117,10 +117,10 @@ class ErpService:
             self._conns[index] = c
         return c
 
-    async def _handle(self, index: int, topic: str, payload: bytes) -> list[Result]:
+    async def _handle(self, index: int, topic: str, payload: bytes, redelivered: bool = False) -> list[Result]:
         try:
             conn = await self._conn(index)
-            results = await self.ledger.process(conn, topic, payload)
+            results = await self.ledger.process(conn, topic, payload, redelivered=redelivered)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             self.metrics.db_retries.inc()
             c = self._conns.pop(index, None)
@@ -164,12 +164,16 @@ class ErpService:
         outbox = {s: n for s, n in await cur.fetchall()}
         cur = await conn.execute("SELECT count(*) FROM erp_events WHERE NOT applied")
         held = (await cur.fetchone())[0]  # type: ignore[index]
-        cur = await conn.execute("SELECT count(*), coalesce(sum(duplicates), 0) FROM erp_events")
-        n_events, n_dups = await cur.fetchone()  # type: ignore[misc]
+        cur = await conn.execute("SELECT count(*), coalesce(sum(duplicates), 0), coalesce(sum(redeliveries), 0) "
+                                 "FROM erp_events")
+        n_events, n_dups, n_redel = await cur.fetchone()  # type: ignore[misc]
+        cur = await conn.execute("SELECT count(*) FROM erp_outbox WHERE found_by_lookup")
+        found = (await cur.fetchone())[0]  # type: ignore[index]
         cur = await conn.execute("SELECT count(*) FROM erp_conflicts")
         conflicts = (await cur.fetchone())[0]  # type: ignore[index]
         gaps = await self.ledger.gaps(conn)
-        return {"events": n_events, "duplicates": int(n_dups), "conflicts": conflicts, "outbox": outbox,
+        return {"events": n_events, "duplicates": int(n_dups), "duplicates_redelivered_by_broker": int(n_redel),
+                "documents_found_by_lookup": found, "conflicts": conflicts, "outbox": outbox,
                 "completions_held": held,
                 "gaps": [{"source": s, "epoch": e, **g} for (s, e), g in gaps.items()]}
 

@@ -42,12 +42,12 @@ async def test_duplicate_is_absorbed_and_counted(conn):
     led = Ledger(ServiceConfig())
     ev = f.report("press-1", "1000123", "0010", y=12, s=1)
     r1 = await led.process(conn, f.topic("press-1"), _b(ev))
-    r2 = await led.process(conn, f.topic("press-1"), _b([ev]))  # the same event again, inside a batch
+    r2 = await led.process(conn, f.topic("press-1"), _b([ev]), redelivered=True)  # again, in a batch
     assert [r.outcome for r in r1 + r2] == ["accepted", "duplicate"]
     assert r2[0].ack() == {"status": "accepted", "id": ev["id"], "source": ev["source"]}
     assert await _rows(conn, "SELECT machine, order_id, operation, yield, scrap, rework FROM erp_ledger") == [
         ("press-1", "1000123", "0010", Decimal(12), Decimal(1), Decimal(0))]
-    assert await _rows(conn, "SELECT duplicates FROM erp_events") == [(1,)]
+    assert await _rows(conn, "SELECT duplicates, redeliveries FROM erp_events") == [(1, 1)]
     assert await _rows(conn, "SELECT external_id, kind FROM erp_outbox") == [(ev["id"], "partial")]
 
 

@@ -123,6 +123,8 @@ async def test_lost_response_is_looked_up_never_posted_twice(conn, dsn, endpoint
     assert endpoint.duplicates == {}
     assert len(endpoint.postings) == 2
     assert [s for _, s, _ in await _states(conn)] == ["sent", "sent"]
+    cur = await conn.execute("SELECT found_by_lookup, response->>'ConfirmationGroup' FROM erp_outbox ORDER BY n")
+    assert await cur.fetchall() == [(True, "1"), (True, "2")]
 
 
 async def test_poster_crash_mid_call_lease_expires_no_double_post(conn, dsn, endpoint):
