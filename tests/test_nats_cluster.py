@@ -202,3 +202,53 @@ async def test_topic_with_a_dot_is_refused(cluster):
     await wait_until(lambda: pub.disconnects >= 1, timeout=10)
     pub.c.loop_stop()
     assert "not supported for MQTT topics" in (cluster.nodes[0].log_path.read_text())
+
+
+async def test_publisher_fails_over_to_another_node_with_the_same_client_id(cluster):
+    """What the gateway's broker list relies on: after its node dies, the same client id (clean session, as the
+    gateway connects) is accepted by another node, its QoS 1 publishes are PUBACKed there and reach the consumer's
+    stream; a persistent session (clean_session False) keeps its subscription across nodes (session in $MQTT_sess)."""
+    nc, js = await _with_consumer(cluster)
+    await nc.close()
+    a = cluster.nodes[0]
+    pub = Pub(a.host, a.mqtt_port, "gw-failover")
+    assert pub.publish(TOPIC, b'{"n":1}', timeout=10).is_published()
+    got: list[bytes] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dispatch-listener", clean_session=False,
+                      protocol=mqtt.MQTTv311)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *x: subscribed.set()
+    sub.on_message = lambda c, u, m: got.append(m.payload)
+    sub.connect(a.host, a.mqtt_port)
+    sub.loop_start()
+    sub.subscribe("edge/v1/acme/plant-1/assembly/line-1/+/dispatch", qos=1)
+    assert subscribed.wait(10)
+    cluster.kill(0)
+    pub.c.loop_stop()
+    sub.loop_stop()
+    b = cluster.nodes[1]
+    pub2 = Pub(b.host, b.mqtt_port, "gw-failover")
+    assert pub2.publish(TOPIC, b'{"n":2}', timeout=15).is_published()
+    # the persistent subscriber reconnects to node 3 without subscribing again: its session brought the subscription
+    c = cluster.nodes[2]
+    sub2 = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dispatch-listener", clean_session=False,
+                       protocol=mqtt.MQTTv311)
+    sub2.on_message = lambda cl, u, m: got.append(m.payload)
+    ok = threading.Event()
+    sub2.on_connect = lambda cl, u, flags, rc, p: ok.set() if flags.session_present else None
+    sub2.connect(c.host, c.mqtt_port)
+    sub2.loop_start()
+    try:
+        assert ok.wait(15), "session not present on another node"
+        pub2.publish("edge/v1/acme/plant-1/assembly/line-1/press-1/dispatch", b'{"order":"1","operation":"10"}',
+                     timeout=10)
+        await wait_until(lambda: got == [b'{"order":"1","operation":"10"}'], timeout=15)
+    finally:
+        sub2.loop_stop()
+        pub2.close()
+    nc, js = await _js(cluster)
+    try:
+        stored = await _retry(lambda: _stored(js))
+        assert sorted(stored) == [b'{"n":1}', b'{"n":2}']
+    finally:
+        await nc.close()
