@@ -231,3 +231,38 @@ async def test_poison_message_dead_lettered_after_retries_stream_goes_on(mqtt_br
     finally:
         gw.close()
         await svc.stop()
+
+
+async def test_database_connections_killed_mid_stream_nothing_lost(nats_cluster, dsn, endpoint):
+    """PostgreSQL drops every connection of the service (pg_terminate_backend) while events flow: the messages in
+    flight are not acknowledged, the workers and posters reconnect, JetStream redelivers; the ledger ends exact."""
+    ncfg = NatsSourceConfig(servers=nats_cluster.urls, ack_wait_s=5,
+                            mqtt_endpoints=[f"{h}:{p}" for h, p in nats_cluster.mqtt_endpoints])
+    svc = await ErpService(_cfg(dsn, endpoint, source="nats", workers=2, nats=ncfg)).start()
+    h, p = nats_cluster.mqtt_endpoints[1]
+    gw = Client(h, p, "gw-01")
+    dbname = dsn.rsplit("/", 1)[1]
+    try:
+        await svc.wait_ready()
+        f = EventFactory()
+        evs = [f.report(f"press-{i % 2}", "1000123", "0010", y=1, s=i % 2) for i in range(60)]
+        for i in range(0, 30, 3):
+            gw.publish(f.topic("press-0"), evs[i:i + 3])
+        async with await psycopg.AsyncConnection.connect("postgresql://postgres@127.0.0.1:5432/postgres",
+                                                         autocommit=True) as admin:
+            cur = await admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                      "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+            killed = (await cur.fetchone())[0]
+        assert killed >= 2
+        for i in range(30, 60, 3):
+            gw.publish(f.topic("press-0"), evs[i:i + 3])
+        await wait_until(lambda: len(endpoint.by_external) == 60, timeout=40)
+        assert endpoint.duplicates == {}
+        assert (await _ledger(dsn)) == {("press-0", "1000123", "0010"): (Decimal(30), Decimal(0)),
+                                        ("press-1", "1000123", "0010"): (Decimal(30), Decimal(30))}
+        async with await psycopg.AsyncConnection.connect(dsn) as c:
+            cur = await c.execute("SELECT low, high, received FROM erp_streams")
+            assert await cur.fetchall() == [(60, 60, 60)]
+    finally:
+        gw.close()
+        await svc.stop()
