@@ -53,6 +53,8 @@ class ErpEndpointConfig(_Model):
     timeout_s: float = Field(10, gt=0)
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30, gt=0)
+    settle_s: float = Field(30, ge=0, description="After a timeout or a dropped connection the ERP may still be "
+                            "booking the document: the lookup before the retry waits at least this long.")
     lease_s: float = Field(60, gt=0, description="A claimed outbox row is re-claimable after this long (a poster "
                            "that died while posting); the retry looks the external id up first.")
     batch: int = Field(50, ge=1, le=1000)

@@ -6,7 +6,8 @@ external id.
   no database lock is held during the HTTP call.
 - 2xx: the row becomes ``sent`` (with the ERP's answer); it is never selected again, so an acknowledged document is
   never sent twice.
-- 5xx, timeout, connection error: the outcome is unknown. The row is retried with exponential backoff, and every
+- 5xx, timeout, connection error: the outcome is unknown. The row is retried with exponential backoff (after a
+  timeout or a reset connection at least ``settle_s``: the ERP may still be booking the document), and every
   retry (``attempts > 1``, also after a poster crashed mid-call and the lease ran out) first **looks the external id
   up** (``GET ...?$filter=ExternalSystemConfirmation eq '...'``): found means posted, the row is marked sent without a
   second POST.
@@ -119,8 +120,14 @@ class Poster:
             async with http.post(url, json=body, headers={"Accept": "application/json"}) as resp:
                 text = await resp.text()
                 status = resp.status
+        except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionResetError) as exc:  # not sent, or reset
+            settle = 0.0 if isinstance(exc, aiohttp.ClientConnectorError) else self.cfg.settle_s
+            await self._retry(conn, ext, attempts, f"{type(exc).__name__}: {exc}"[:500], "unavailable", settle)
+            return
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            await self._retry(conn, ext, attempts, f"{type(exc).__name__}: {exc}"[:500], "unavailable")
+            # sent, no answer: the ERP may still be booking it; look it up only after it had time to finish
+            await self._retry(conn, ext, attempts, f"{type(exc).__name__}: {exc}"[:500], "timeout",
+                              self.cfg.settle_s)
             return
         if 200 <= status < 300:
             try:
@@ -159,10 +166,10 @@ class Poster:
         self.metrics.posting_latency.observe(max(0.0, (datetime.now(timezone.utc) - event_time).total_seconds()))
 
     async def _retry(self, conn: psycopg.AsyncConnection[Any], ext: str, attempts: int, error: str,
-                     reason: str) -> None:
+                     reason: str, settle: float = 0.0) -> None:
         self.healthy = False
         self.metrics.erp_errors.labels(reason).inc()
-        delay = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, attempts - 1))
+        delay = max(settle, min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, attempts - 1)))
         await conn.execute("UPDATE erp_outbox SET next_attempt_at = now() + %s * interval '1 second', "
                            "last_error = %s WHERE external_id = %s AND state = 'pending'", (delay, error, ext))
         log.warning("erp.post_failed", external_id=ext, attempts=attempts, retry_in_s=delay, error=error[:200])

@@ -121,6 +121,14 @@ class ErpEndpoint:
     # -- handlers ----------------------------------------------------------------------------------------------
     async def _post(self, request: web.Request) -> web.Response:
         self.requests += 1
+        try:
+            raw = await request.read()
+        except ConnectionError:
+            return web.Response(status=400)
+        # like a real ERP, a posting whose client gave up (timeout) is still booked: shielded from cancellation
+        return await asyncio.shield(self._book(raw))
+
+    async def _book(self, raw: bytes) -> web.Response:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.failing or self.fail_next_n > 0:
@@ -129,7 +137,7 @@ class ErpEndpoint:
             return web.json_response({"error": {"code": "503", "message": "service unavailable (simulated)"}},
                                      status=503)
         try:
-            doc = await request.json()
+            doc = json.loads(raw)
             ext = doc["ExternalSystemConfirmation"]
             doc["OrderID"], doc["OrderOperation"]  # noqa: B018 - required keys
         except (ValueError, KeyError, TypeError) as exc:

@@ -165,3 +165,21 @@ async def test_refused_document_is_failed_and_alarmed(conn, dsn, endpoint):
     cur = await conn.execute("SELECT state, last_error FROM erp_outbox")
     state, err = await cur.fetchone()
     assert state == "failed" and err.startswith("HTTP 400")
+
+
+async def test_slow_erp_books_after_the_client_timed_out_no_double_post(conn, dsn, endpoint):
+    """The ERP takes longer than the poster's timeout but books the document anyway: the retry waits settle_s
+    before its lookup, finds the booking, and does not post again."""
+    f = EventFactory()
+    ev = f.report("press-1", "1", "0010", y=4)
+    await _feed(conn, [ev])
+    endpoint.set_delay(1.0)
+    cfg = ErpEndpointConfig(url=endpoint.url, backoff_initial_s=0.05, backoff_max_s=0.2, poll_s=0.02, timeout_s=0.3,
+                            settle_s=2.0)
+    metrics = Metrics()
+    poster = Poster(cfg, dsn, metrics)
+    await _run_poster(poster, lambda: poster.posted == 1)
+    assert len(endpoint.postings) == 1 and endpoint.duplicates == {}
+    assert metrics.erp_errors.labels("timeout")._value.get() == 1
+    cur = await conn.execute("SELECT found_by_lookup, attempts FROM erp_outbox")
+    assert await cur.fetchall() == [(True, 2)]
