@@ -113,7 +113,9 @@ class ErpService:
     async def _conn(self, index: int) -> psycopg.AsyncConnection[Any]:
         c = self._conns.get(index)
         if c is None or c.closed or c.broken:
-            c = await psycopg.AsyncConnection.connect(self.cfg.postgres.dsn)
+            # autocommit: every Ledger.process() transaction is a real BEGIN/COMMIT, never a savepoint inside an
+            # implicit transaction left open by some other statement (the broker ack relies on that commit)
+            c = await psycopg.AsyncConnection.connect(self.cfg.postgres.dsn, autocommit=True)
             self._conns[index] = c
         return c
 
@@ -150,14 +152,22 @@ class ErpService:
             try:
                 if conn is None or conn.closed:
                     conn = await psycopg.AsyncConnection.connect(self.cfg.postgres.dsn, autocommit=True)
-                s = await self._db_status(conn)
-                self.metrics.outbox_pending.set(s["outbox"].get("pending", 0))
-                self.metrics.held.set(s["completions_held"])
-                self.metrics.seq_gaps.set(sum(g["missing"] for g in s["gaps"]))
-                self.metrics.gap_alarm.set(1 if any(g["gap_age_s"] > self.cfg.gap_alarm_s for g in s["gaps"]) else 0)
+                await self.refresh_gauges(conn)
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 conn = None
             await asyncio.sleep(2)
+
+    async def refresh_gauges(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+        """Outbox, held completions, open gaps and the gap alarm from the database (every 2 s)."""
+        s = await self._db_status(conn)
+        self.metrics.outbox_pending.set(s["outbox"].get("pending", 0))
+        self.metrics.held.set(s["completions_held"])
+        self.metrics.seq_gaps.set(sum(g["missing"] for g in s["gaps"]))
+        alarm = any(g["gap_age_s"] > self.cfg.gap_alarm_s for g in s["gaps"])
+        if alarm and not self.metrics.gap_alarm._value.get():
+            log.error("erp.seq_gap_alarm", gaps=s["gaps"][:10])
+        self.metrics.gap_alarm.set(1 if alarm else 0)
+        return s
 
     async def _db_status(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
         cur = await conn.execute("SELECT state, count(*) FROM erp_outbox GROUP BY state")

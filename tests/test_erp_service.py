@@ -199,3 +199,37 @@ async def test_report_after_final_confirmation_is_flagged(conn):
     assert await _rows(conn, "SELECT order_id, late_reports FROM erp_operations") == [("1", 2)]
     assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger ORDER BY order_id") == [
         ("1", Decimal(4)), ("2", Decimal(1))]
+
+
+async def test_gap_alarm_and_held_completion_gauges(dsn, conn):
+    """A gap open longer than gap_alarm_s raises edge_erp_seq_gap_alarm; closing it clears the alarm and releases
+    the held completion."""
+    from erp_service.service import ErpService
+
+    cfg = ServiceConfig(postgres={"dsn": dsn}, gap_alarm_s=0.2)
+    svc = ErpService(cfg)
+    f = EventFactory()
+    e1 = f.report("m", "1", "0010", y=1)
+    e2 = f.report("m", "1", "0010", y=1, reason="completion")
+    e3 = f.completed("m", "1", "0010")
+    await svc.ledger.process(conn, "t/events/batch", _b([e1, e3]))
+    status = await psycopg.AsyncConnection.connect(dsn, autocommit=True)  # like the service's gauge loop
+    s = await svc.refresh_gauges(status)
+    assert s["completions_held"] == 1 and [g["missing"] for g in s["gaps"]] == [1]
+    assert svc.metrics.gap_alarm._value.get() == 0  # not old enough yet
+    alarm = {}
+
+    async def refresh():
+        alarm["v"] = (await svc.refresh_gauges(status), svc.metrics.gap_alarm._value.get())
+
+    for _ in range(100):
+        await refresh()
+        if alarm["v"][1] == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert alarm["v"][1] == 1 and svc.metrics.held._value.get() == 1 and svc.metrics.seq_gaps._value.get() == 1
+    await svc.ledger.process(conn, "t/events/batch", _b(e2))
+    s = await svc.refresh_gauges(status)
+    await status.close()
+    assert s["gaps"] == [] and s["completions_held"] == 0 and svc.metrics.gap_alarm._value.get() == 0
+    assert s["outbox"] == {"pending": 3}
