@@ -14,7 +14,8 @@ CloudEvents batch format) in ONE transaction:
   held (``erp_events.applied = false``) and applied by the transaction that closes the gap;
 - ERP documents (SAP ``ProdnOrdConf2`` bodies) go into ``erp_outbox`` keyed by the external id (= event id).
 
-The caller acknowledges the broker message only after this returns (the commit happened).
+The caller acknowledges the broker message only after this returns (the commit happened). Give it a connection
+in autocommit mode (or one with no transaction open): otherwise the block would only be a savepoint.
 """
 
 from __future__ import annotations
