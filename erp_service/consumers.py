@@ -41,6 +41,8 @@ def ack_payloads(results: list[Result], mode: str) -> list[bytes]:
     for r in results:
         if mode == "none" or (mode == "rejected" and r.outcome in ("accepted", "duplicate")):
             continue
+        if r.id is None or (r.outcome in ("rejected", "conflict") and r.event is None):
+            continue  # nothing the gateway could match (not JSON, no id): recorded in erp_rejected only
         out.append(json.dumps(r.ack(), default=str).encode())
     return out
 

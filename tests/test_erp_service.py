@@ -233,3 +233,22 @@ async def test_gap_alarm_and_held_completion_gauges(dsn, conn):
     await status.close()
     assert s["gaps"] == [] and s["completions_held"] == 0 and svc.metrics.gap_alarm._value.get() == 0
     assert s["outbox"] == {"pending": 3}
+
+
+def test_acks_follow_the_erpack_schema():
+    from erp_service.consumers import ack_payloads, acks_topic
+    from erp_service.ledger import Result
+    from gateway.schema import ErpAck
+
+    ev = EventFactory().report("m", "1", "0010", y=1)
+    results = [Result("accepted", ev["id"], ev["source"], ev["type"]),
+               Result("duplicate", ev["id"], ev["source"], ev["type"]),
+               Result("rejected", ev["id"], ev["source"], ev["type"], "data.unit: too short", ev),
+               Result("rejected", None, None, None, "not JSON: ...")]
+    acks = [json.loads(b) for b in ack_payloads(results, "all")]
+    assert [ErpAck.model_validate(a).status for a in acks] == ["accepted", "accepted", "rejected"]
+    assert acks[2]["event"] == ev and acks[2]["reason"] == "data.unit: too short"
+    assert [json.loads(b)["status"] for b in ack_payloads(results, "rejected")] == ["rejected"]
+    assert ack_payloads(results, "none") == []
+    assert acks_topic("edge/v1/a/s/ar/l/press-1/events/batch") == "edge/v1/a/s/ar/l/press-1/acks"
+    assert acks_topic("edge/v1/a/s/ar/l/press-1/dispatch") is None
