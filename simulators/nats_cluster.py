@@ -174,11 +174,11 @@ class NatsCluster:
         for attempt in range(attempts):
             try:
                 return self._start(timeout)
-            except RuntimeError as exc:
+            except BaseException as exc:
+                for n in self.nodes:  # never leave a half-started cluster behind
+                    self.kill(n)
                 if "address already in use" not in str(exc) or attempt == attempts - 1:
                     raise
-                for n in self.nodes:
-                    self.kill(n)
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._allocate()
