@@ -1,0 +1,5 @@
+import sys
+
+from erp_service.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""Configuration of the ERP posting service (YAML, validated by pydantic; ``edge-gateway-erp validate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PostgresConfig(_Model):
+    dsn: str = Field("postgresql://postgres@127.0.0.1:5432/edge_erp", description="libpq connection string / URL.")
+
+
+class NatsSourceConfig(_Model):
+    """JetStream: one durable pull consumer, shared by every worker of every service process."""
+
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"], min_length=1,
+                               description="NATS client URLs of the cluster's nodes (the client fails over).")
+    stream: str = Field("$MQTT_msgs", description="Stream holding the events. '$MQTT_msgs' is where the NATS MQTT "
+                        "endpoint stores QoS 1 messages (while some consumer has interest).")
+    subject_prefix: str = Field("$MQTT.msgs.", description="Prefix of the stream's subjects before the MQTT topic "
+                                "(topic levels '/' become '.').")
+    durable: str = Field("edge-erp", pattern=r"^[A-Za-z0-9_-]+$", description="Durable consumer name (shared).")
+    batch: int = Field(64, ge=1, le=10_000, description="Messages fetched per pull request.")
+    ack_wait_s: float = Field(30, gt=0, description="Redelivery after this long without an ack.")
+    max_ack_pending: int = Field(10_000, ge=1)
+    mqtt_endpoints: list[str] = Field(default_factory=list, description="host:port of MQTT endpoints of the "
+                                      "cluster; used once at start to make the server create its MQTT streams when "
+                                      "they do not exist yet.")
+
+
+class MqttSourceConfig(_Model):
+    """MQTT 5 shared subscription ($share/{group}/...): the broker spreads the messages over the workers."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    group: str = Field("edge-erp", pattern=r"^[A-Za-z0-9_-]+$", description="Shared-subscription group name.")
+    client_id_prefix: str = Field("edge-erp", description="Worker i uses client id '{prefix}-{i}' (persistent "
+                                  "session: QoS 1 messages queued while it is away).")
+    session_expiry_s: int = Field(3600, ge=0)
+    keepalive_s: int = Field(10, ge=1)
+
+
+class ErpEndpointConfig(_Model):
+    url: str = Field("http://127.0.0.1:8088/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV",
+                     description="Base URL of the OData service; documents go to {url}/ProdnOrdConf2.")
+    timeout_s: float = Field(10, gt=0)
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30, gt=0)
+    settle_s: float = Field(30, ge=0, description="After a timeout or a dropped connection the ERP may still be "
+                            "booking the document: the lookup before the retry waits at least this long.")
+    lease_s: float = Field(60, gt=0, description="A claimed outbox row is re-claimable after this long (a poster "
+                           "that died while posting); the retry looks the external id up first.")
+    batch: int = Field(50, ge=1, le=1000)
+    poll_s: float = Field(0.2, gt=0, description="Idle poll interval of the poster.")
+    posters: int = Field(1, ge=0, le=64, description="Concurrent poster tasks in this process (0 = do not post).")
+    username: str | None = None
+    password_env: str | None = None
+
+
+class HttpConfig(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535, description="0 = a free port (tests).")
+
+
+class LoggingConfig(_Model):
+    format: Literal["console", "json"] = "json"
+    level: str = "info"
+
+
+class ServiceConfig(_Model):
+    source: Literal["nats", "mqtt"] = "nats"
+    workers: int = Field(2, ge=1, le=256, description="Consumer workers in this process (one DB connection each).")
+    topic_root: str = Field("edge", description="First topic level (mqtt.topic_root of the gateways).")
+    postgres: PostgresConfig = Field(default_factory=PostgresConfig)
+    nats: NatsSourceConfig = Field(default_factory=NatsSourceConfig)
+    mqtt: MqttSourceConfig = Field(default_factory=MqttSourceConfig)
+    erp: ErpEndpointConfig = Field(default_factory=ErpEndpointConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    acks: Literal["all", "rejected", "none"] = Field(
+        "all", description="Answers on .../{machine}/acks: every event (accepted / rejected), only rejections, none.")
+    consumption: Literal["post", "sap_backflush"] = Field(
+        "post", description="post: material.consumed becomes a 261 goods movement; sap_backflush: SAP backflushes "
+        "on the confirmation, material.consumed is booked in the ledger only (never both, see sap-mapping.md).")
+    scrap_reason_code: str | None = Field("0001", description="VarianceReasonCode sent with scrap (None: not sent).")
+    unit_map: dict[str, str] = Field(default_factory=dict, description="ISO unit → SAP unit (e.g. PCE: ST).")
+    timezone: str = Field("UTC", description="Plant time zone for PostingDate.")
+    gap_alarm_s: float = Field(60, gt=0, description="An open seq gap older than this raises the gap alarm.")
+
+    @model_validator(mode="after")
+    def _tz(self) -> "ServiceConfig":
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(self.timezone)
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        return ServiceConfig.model_validate(doc)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None

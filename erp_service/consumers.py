@@ -1,0 +1,363 @@
+"""Where the events come from: a NATS JetStream durable pull consumer, or an MQTT 5 shared subscription.
+
+Both hand each broker message to ``handle(topic, payload) -> list[Result]`` (the PostgreSQL transaction) and
+acknowledge the message **only after it returned** (the commit happened). A message whose processing raised is not
+acknowledged: the broker redelivers it (JetStream after a NAK delay / ack_wait, MQTT on the next connection).
+
+NATS: the gateways publish over MQTT to the cluster's MQTT endpoints; the NATS server stores QoS 1 messages in the
+JetStream stream ``$MQTT_msgs`` (subjects ``$MQTT.msgs.<topic with / as .>``, interest retention, replicas =
+``mqtt.stream_replicas``). The service reads that stream natively with ONE durable pull consumer shared by every
+worker of every process; the consumer must exist before the gateways publish (interest retention: a message nobody
+has interest in is dropped right after the PUBACK). See docs/erp-service.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any, Awaitable, Callable
+
+import structlog
+
+from erp_service.config import MqttSourceConfig, NatsSourceConfig
+from erp_service.ledger import Result
+from erp_service.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[int, str, bytes, bool], Awaitable[list[Result]]]
+
+
+def acks_topic(topic: str) -> str | None:
+    """``.../{machine}/events/{type}`` → ``.../{machine}/acks``."""
+    base, sep, _ = topic.rpartition("/events/")
+    return f"{base}/acks" if sep else None
+
+
+def ack_payloads(results: list[Result], mode: str) -> list[bytes]:
+    out = []
+    for r in results:
+        if mode == "none" or (mode == "rejected" and r.outcome in ("accepted", "duplicate")):
+            continue
+        if r.id is None or (r.outcome in ("rejected", "conflict") and r.event is None):
+            continue  # nothing the gateway could match (not JSON, no id): recorded in erp_rejected only
+        out.append(json.dumps(r.ack(), default=str).encode())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- NATS
+class NatsSource:
+    """One NATS connection per process; ``workers`` tasks pull from the shared durable consumer."""
+
+    def __init__(self, cfg: NatsSourceConfig, topic_root: str, metrics: Metrics, acks: str) -> None:
+        self.cfg = cfg
+        self.topic_root = topic_root
+        self.metrics = metrics
+        self.acks = acks
+        self.nc: Any = None
+        self.js: Any = None
+        self.ready = False
+        self.filter_subject = f"{cfg.subject_prefix}{topic_root}.v1.*.*.*.*.*.events.>"
+        #: after this many failed deliveries of one message (not a database outage) it goes to dead_letter
+        self.max_attempts = 10
+        self.dead_letter: Callable[[int, str, bytes, str], Awaitable[None]] | None = None
+
+    async def connect(self) -> None:
+        import nats
+
+        async def _err(exc: Exception) -> None:
+            log.warning("erp.nats_error", error=str(exc)[:300])
+
+        async def _disc() -> None:
+            log.warning("erp.nats_disconnected")
+
+        async def _reconn() -> None:
+            log.info("erp.nats_reconnected", server=str(self.nc.connected_url.netloc if self.nc else ""))
+
+        self.nc = await nats.connect(servers=self.cfg.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                     error_cb=_err, disconnected_cb=_disc, reconnected_cb=_reconn,
+                                     name="edge-gateway-erp")
+        self.js = self.nc.jetstream(timeout=10)
+        await self.ensure_consumer()
+        self.ready = True
+
+    async def ensure_consumer(self, timeout: float = 60.0) -> None:
+        """Create (or keep) the durable consumer; if the MQTT streams do not exist yet, make the server create them
+        (one MQTT connection to an endpoint) and wait."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        deadline = time.monotonic() + timeout
+        poked = False
+        while True:
+            try:
+                await self.js.stream_info(self.cfg.stream)
+                break
+            except NotFoundError:
+                if not poked and self.cfg.mqtt_endpoints:
+                    await asyncio.to_thread(_poke_mqtt, self.cfg.mqtt_endpoints)
+                    poked = True
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"JetStream stream {self.cfg.stream!r} does not exist (no MQTT client has "
+                                       f"connected yet and no nats.mqtt_endpoints configured)") from None
+                log.info("erp.stream_missing", stream=self.cfg.stream)
+                await asyncio.sleep(0.5)
+            except Exception as exc:  # no JetStream leader yet (cluster starting), timeouts
+                if time.monotonic() > deadline:
+                    raise
+                log.info("erp.stream_unavailable", stream=self.cfg.stream, error=str(exc)[:200])
+                await asyncio.sleep(0.5)
+        cc = ConsumerConfig(durable_name=self.cfg.durable, ack_policy=AckPolicy.EXPLICIT,
+                            deliver_policy=DeliverPolicy.ALL, filter_subject=self.filter_subject,
+                            ack_wait=self.cfg.ack_wait_s, max_ack_pending=self.cfg.max_ack_pending,
+                            max_deliver=-1)
+        while True:
+            try:
+                await self.js.add_consumer(self.cfg.stream, cc)
+                log.info("erp.consumer_ready", stream=self.cfg.stream, durable=self.cfg.durable,
+                         filter=self.filter_subject)
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("erp.consumer_unavailable", error=str(exc)[:200])
+                await asyncio.sleep(0.5)
+
+    def topic_of(self, subject: str) -> str:
+        return subject[len(self.cfg.subject_prefix):].replace(".", "/")
+
+    async def run_worker(self, index: int, handle: Handler, stop: asyncio.Event) -> None:
+        from nats.errors import TimeoutError as NatsTimeout
+
+        sub = None
+        while not stop.is_set():
+            try:
+                if sub is None:
+                    sub = await self.js.pull_subscribe_bind(self.cfg.durable, self.cfg.stream)
+                try:
+                    msgs = await sub.fetch(self.cfg.batch, timeout=1.0)
+                except (NatsTimeout, asyncio.TimeoutError):
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # cluster leader change, node loss: retry
+                log.warning("erp.fetch_failed", worker=index, error=f"{type(exc).__name__}: {exc}"[:300])
+                sub = None
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                topic = self.topic_of(msg.subject)
+                delivered = getattr(getattr(msg, "metadata", None), "num_delivered", 1) or 1
+                try:
+                    results = await handle(index, topic, msg.data, delivered > 1)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.metrics.processing_errors.inc()
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.error("erp.processing_failed", worker=index, topic=topic, error=error)
+                    if delivered >= self.max_attempts and self.dead_letter is not None and not _is_outage(exc):
+                        try:
+                            await self.dead_letter(index, topic, msg.data, error)
+                            await msg.ack()
+                            continue
+                        except Exception as exc2:
+                            log.error("erp.dead_letter_failed", worker=index, error=str(exc2)[:300])
+                    try:
+                        await msg.nak(delay=1)
+                    except Exception:
+                        pass
+                    continue
+                try:
+                    await msg.ack()
+                except Exception as exc:  # redelivered later: a duplicate the dedup absorbs
+                    log.warning("erp.ack_failed", worker=index, error=str(exc)[:200])
+                await self._answer(topic, results)
+
+    async def _answer(self, topic: str, results: list[Result]) -> None:
+        t = acks_topic(topic)
+        if t is None:
+            return
+        subject = t.replace("/", ".")
+        for body in ack_payloads(results, self.acks):
+            try:
+                await self.nc.publish(subject, body)
+            except Exception as exc:
+                log.warning("erp.ack_publish_failed", subject=subject, error=str(exc)[:200])
+
+    async def lag(self) -> int | None:
+        try:
+            info = await self.js.consumer_info(self.cfg.stream, self.cfg.durable)
+        except Exception:
+            return None
+        return int(info.num_pending) + int(info.num_ack_pending)
+
+    async def close(self) -> None:
+        self.ready = False
+        if self.nc is not None:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:
+                try:
+                    await self.nc.close()
+                except Exception:
+                    pass
+            self.nc = None
+
+
+def _is_outage(exc: BaseException) -> bool:
+    import psycopg
+
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, ConnectionError, OSError))
+
+
+def _poke_mqtt(endpoints: list[str]) -> None:
+    """Connect once over MQTT so that the NATS server creates its MQTT streams ($MQTT_msgs, ...)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    for ep in endpoints:
+        host, _, port = ep.rpartition(":")
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-erp-init-{int(time.time() * 1000)}",
+                        clean_session=True, protocol=mqtt.MQTTv311)
+        done = threading.Event()
+        c.on_connect = lambda *a: done.set()
+        try:
+            c.connect(host or "127.0.0.1", int(port), keepalive=10)
+            c.loop_start()
+            done.wait(15)
+            c.disconnect()
+            c.loop_stop()
+            if done.is_set():
+                log.info("erp.mqtt_streams_initialised", endpoint=ep)
+                return
+        except OSError as exc:
+            log.warning("erp.mqtt_init_failed", endpoint=ep, error=str(exc))
+
+
+# ---------------------------------------------------------------------------------------------------- MQTT
+class MqttWorker:
+    """One MQTT 5 client in the shared-subscription group; messages are handled one at a time and PUBACKed after
+    the commit (paho manual_ack). Persistent session: QoS 1 messages wait at the broker while it is away."""
+
+    def __init__(self, cfg: MqttSourceConfig, topic_root: str, index: int, metrics: Metrics, acks: str) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.metrics = metrics
+        self.acks = acks
+        self.filter = f"$share/{cfg.group}/{topic_root}/v1/+/+/+/+/+/events/#"
+        self.client_id = f"{cfg.client_id_prefix}-{index}"
+        self._client: Any = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.subscribed = threading.Event()
+        self.max_attempts = 10
+        self.dead_letter: Callable[[int, str, bytes, str], Awaitable[None]] | None = None
+        self._failures: dict[int, int] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.subscribed.is_set()
+
+    async def connect(self) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self._loop = asyncio.get_running_loop()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        c.reconnect_delay_set(0.1, 2)
+        c.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False,
+                        properties=props)
+        c.loop_start()
+        self._client = c
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            log.warning("erp.mqtt_connect_failed", worker=self.index, reason=str(rc))
+            return
+        client.subscribe(self.filter, qos=1)
+        log.info("erp.mqtt_connected", worker=self.index, session_present=getattr(flags, "session_present", None))
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+        if any(r.is_failure for r in rcs):
+            log.error("erp.mqtt_subscribe_failed", worker=self.index, reasons=[str(r) for r in rcs])
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self.subscribed.clear()
+        log.info("erp.mqtt_disconnected", worker=self.index, reason=str(rc))
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, msg)
+
+    async def run(self, handle: Handler, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                msg = await asyncio.wait_for(self._queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            try:
+                results = await handle(self.index, msg.topic, msg.payload, bool(msg.dup))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # not acknowledged: redelivered on the next connection
+                self.metrics.processing_errors.inc()
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                log.error("erp.processing_failed", worker=self.index, topic=msg.topic, error=error)
+                key = hash((msg.topic, bytes(msg.payload)))
+                self._failures[key] = self._failures.get(key, 0) + 1
+                if self._failures[key] >= self.max_attempts and self.dead_letter is not None and not _is_outage(exc):
+                    try:
+                        await self.dead_letter(self.index, msg.topic, msg.payload, error)
+                        self._failures.pop(key, None)
+                        self._client.ack(msg.mid, msg.qos)
+                        continue
+                    except Exception as exc2:
+                        log.error("erp.dead_letter_failed", worker=self.index, error=str(exc2)[:300])
+                await self._reconnect()
+                continue
+            self._client.ack(msg.mid, msg.qos)
+            t = acks_topic(msg.topic)
+            if t is not None:
+                for body in ack_payloads(results, self.acks):
+                    self._client.publish(t, body, qos=1)
+
+    async def _reconnect(self) -> None:
+        """Drop the connection so the broker redelivers the unacknowledged message (MQTT has no NAK)."""
+        self.subscribed.clear()
+        while not self._queue.empty():
+            self._queue.get_nowait()  # redelivered after the reconnect
+        c = self._client
+
+        def _cycle() -> None:
+            c.disconnect()
+            c.loop_stop()
+            time.sleep(0.5)
+            c.reconnect()
+            c.loop_start()
+
+        try:
+            await asyncio.to_thread(_cycle)
+        except OSError as exc:  # broker away: paho's loop keeps retrying
+            log.warning("erp.mqtt_reconnect_failed", worker=self.index, error=str(exc))
+            c.loop_start()
+
+    async def close(self) -> None:
+        c, self._client = self._client, None
+        if c is not None:
+            def _shutdown() -> None:
+                c.disconnect()
+                c.loop_stop()
+            await asyncio.to_thread(_shutdown)

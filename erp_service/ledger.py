@@ -1,0 +1,503 @@
+"""PostgreSQL side of the ERP posting service: dedup, seq tracking, ledger, transactional outbox.
+
+``Ledger.process(conn, topic, payload)`` handles one broker message (one CloudEvent, or a JSON array of them in the
+CloudEvents batch format) in ONE transaction:
+
+- every event is validated against the contract (``gateway.schema.validate_event``); an invalid one is recorded in
+  ``erp_rejected`` and answered with a rejection, the valid ones of the same batch go on;
+- dedup: ``erp_events`` has a unique key (source, id) and a unique key (source, epoch, seq). A repeated key whose
+  canonical content equals the first is a duplicate (counted); one whose content differs is a **conflict**: the first
+  wins, the second is stored in ``erp_conflicts`` and alarmed (metric, log, a rejection to the gateway);
+- per (source, epoch): highest seq, contiguous watermark ``low`` (every seq 1..low arrived), reorders, gap age;
+- ledger per (machine, order, operation): yield / scrap / rework; ``erp_consumption`` per component;
+- ``operation.completed`` is applied only when every seq before it arrived (``low >= seq - 1``); until then it is
+  held (``erp_events.applied = false``) and applied by the transaction that closes the gap;
+- ERP documents (SAP ``ProdnOrdConf2`` bodies) go into ``erp_outbox`` keyed by the external id (= event id).
+
+The caller acknowledges the broker message only after this returns (the commit happened). Give it a connection
+in autocommit mode (or one with no transaction open): otherwise the block would only be a savepoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+import structlog
+from psycopg import errors as pgerr
+from psycopg.types.json import Jsonb
+
+from erp_service.config import ServiceConfig
+from erp_service.metrics import Metrics
+from gateway.schema import EventValidationError, validate_event
+
+log = structlog.get_logger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS erp_events (
+    source      text NOT NULL,
+    id          text NOT NULL,
+    epoch       text NOT NULL,
+    seq         bigint NOT NULL,
+    type        text NOT NULL,
+    subject     text NOT NULL,
+    event_time  timestamptz NOT NULL,
+    body        jsonb NOT NULL,
+    digest      text NOT NULL,
+    applied     boolean NOT NULL DEFAULT true,
+    duplicates  integer NOT NULL DEFAULT 0,     -- repeats absorbed (same content)
+    redeliveries integer NOT NULL DEFAULT 0,   -- of which the broker marked as redelivered (JetStream / MQTT DUP)
+    received_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, id),
+    UNIQUE (source, epoch, seq)
+);
+CREATE INDEX IF NOT EXISTS erp_events_held ON erp_events (source, epoch, seq) WHERE NOT applied;
+CREATE TABLE IF NOT EXISTS erp_conflicts (
+    n           bigserial PRIMARY KEY,
+    source      text NOT NULL,
+    id          text NOT NULL,
+    epoch       text,
+    seq         bigint,
+    kind        text NOT NULL,            -- same_id | same_seq
+    first_id    text NOT NULL,
+    first_body  jsonb NOT NULL,
+    body        jsonb NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS erp_rejected (
+    n           bigserial PRIMARY KEY,
+    source      text,
+    id          text,
+    topic       text,
+    reason      text NOT NULL,
+    body        text NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS erp_streams (
+    source      text NOT NULL,
+    epoch       text NOT NULL,
+    low         bigint NOT NULL DEFAULT 0,     -- every seq 1..low arrived
+    high        bigint NOT NULL DEFAULT 0,     -- highest seq seen
+    received    bigint NOT NULL DEFAULT 0,     -- distinct seqs received
+    reorders    bigint NOT NULL DEFAULT 0,
+    gap_since   timestamptz,                   -- when low < high started
+    PRIMARY KEY (source, epoch)
+);
+CREATE TABLE IF NOT EXISTS erp_ledger (
+    machine     text NOT NULL,
+    order_id    text NOT NULL,                 -- '' = unassigned
+    operation   text NOT NULL,                 -- '' = unassigned
+    yield       numeric NOT NULL DEFAULT 0,
+    scrap       numeric NOT NULL DEFAULT 0,
+    rework      numeric NOT NULL DEFAULT 0,
+    unit        text,
+    reports     integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (machine, order_id, operation)
+);
+CREATE TABLE IF NOT EXISTS erp_consumption (
+    machine     text NOT NULL,
+    order_id    text NOT NULL,
+    operation   text NOT NULL,
+    material    text NOT NULL,
+    unit        text NOT NULL,
+    quantity    numeric NOT NULL DEFAULT 0,
+    PRIMARY KEY (machine, order_id, operation, material, unit)
+);
+CREATE TABLE IF NOT EXISTS erp_operations (
+    order_id    text NOT NULL,
+    operation   text NOT NULL,
+    machine     text NOT NULL,
+    final_id    text NOT NULL,                 -- the operation.completed event id
+    totals      jsonb NOT NULL,
+    final_at    timestamptz NOT NULL DEFAULT now(),
+    late_reports integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (order_id, operation, machine)
+);
+CREATE TABLE IF NOT EXISTS erp_unassigned (
+    source      text NOT NULL,
+    id          text NOT NULL,
+    machine     text NOT NULL,
+    body        jsonb NOT NULL,
+    parked_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, id)
+);
+CREATE TABLE IF NOT EXISTS erp_outbox (
+    external_id text PRIMARY KEY,              -- ExternalSystemConfirmation = the event id
+    n           bigserial UNIQUE,
+    kind        text NOT NULL,                 -- partial | final | goods_issue
+    order_id    text NOT NULL,
+    operation   text NOT NULL,
+    source      text NOT NULL,
+    event_time  timestamptz NOT NULL,
+    body        jsonb NOT NULL,
+    state       text NOT NULL DEFAULT 'pending',   -- pending | sent | failed
+    attempts    integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    sent_at     timestamptz,
+    response    jsonb,
+    last_error  text,
+    found_by_lookup boolean NOT NULL DEFAULT false  -- a retry found the document already booked: not re-posted
+);
+CREATE INDEX IF NOT EXISTS erp_outbox_pending ON erp_outbox (next_attempt_at, n) WHERE state = 'pending';
+"""
+
+QUANTITY_KINDS = ("yield", "scrap", "rework")
+_RETRYABLE = (pgerr.DeadlockDetected, pgerr.SerializationFailure)
+
+
+async def ensure_schema(conn: psycopg.AsyncConnection[Any]) -> None:
+    async with conn.transaction():
+        # one creator at a time (several workers start together)
+        await conn.execute("SELECT pg_advisory_xact_lock(7316001)")
+        await conn.execute(SCHEMA)
+
+
+def canonical(ev: dict[str, Any]) -> str:
+    return json.dumps(ev, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest(ev: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(ev).encode()).hexdigest()
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _odata_date(dt: datetime, tz: ZoneInfo) -> str:
+    """OData V2 Edm.DateTime of the plant-local calendar date (midnight UTC of that date, as SAP expects)."""
+    local = dt.astimezone(tz).date()
+    midnight = datetime(local.year, local.month, local.day, tzinfo=timezone.utc)
+    return f"/Date({int(midnight.timestamp() * 1000)})/"
+
+
+@dataclass
+class Result:
+    """What happened to one event of a message; the caller turns it into an ack."""
+
+    outcome: str                      # accepted | duplicate | conflict | rejected
+    id: str | None
+    source: str | None
+    type: str | None
+    reason: str | None = None
+    event: dict[str, Any] | None = None
+
+    def ack(self) -> dict[str, Any]:
+        if self.outcome in ("accepted", "duplicate"):
+            return {"status": "accepted", "id": self.id, "source": self.source}
+        return {"status": "rejected", "id": self.id, "source": self.source, "reason": self.reason,
+                "event": self.event}
+
+
+class Ledger:
+    def __init__(self, cfg: ServiceConfig, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.tz = ZoneInfo(cfg.timezone)
+
+    # ------------------------------------------------------------------------------------------ documents
+    def _unit(self, unit: str) -> str:
+        return self.cfg.unit_map.get(unit, unit)
+
+    def _confirmation(self, ev: dict[str, Any], *, yield_: str = "0", scrap: str = "0", rework: str = "0",
+                      unit: str, final: bool = False) -> dict[str, Any]:
+        d = ev["data"]
+        doc: dict[str, Any] = {
+            "OrderID": d["order"],
+            "OrderOperation": d["operation"],
+            "Sequence": "0",
+            "ConfirmationUnit": self._unit(unit),
+            "ConfirmationYieldQuantity": yield_,
+            "ConfirmationScrapQuantity": scrap,
+            "ConfirmationReworkQuantity": rework,
+            "FinalConfirmationType": "X" if final else "",
+            "IsFinalConfirmation": final,
+            "ExternalSystemConfirmation": ev["id"],
+            "PostingDate": _odata_date(parse_time(ev["time"]), self.tz),
+            "ConfirmationText": f"{d['machine']} {ev['type']} seq {ev['seq']}"[:40],
+        }
+        if Decimal(scrap) > 0 and self.cfg.scrap_reason_code:
+            doc["VarianceReasonCode"] = self.cfg.scrap_reason_code
+        return doc
+
+    # ------------------------------------------------------------------------------------------ entry point
+    async def process(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes, *,
+                      redelivered: bool = False) -> list[Result]:
+        """Validate, dedup, book and write the outbox for one broker message, in one transaction (retried on a
+        deadlock / serialization failure). Returns one Result per event (in message order). ``redelivered``: the
+        broker says it delivered this message before (counted separately among the duplicates)."""
+        items, results = self._parse(topic, payload)
+        for attempt in range(8):
+            try:
+                # pipeline mode: statements whose result is not needed do not wait for a round trip
+                async with conn.pipeline(), conn.transaction():
+                    out = await self._apply(conn, topic, payload, items, results, redelivered)
+                break
+            except _RETRYABLE as exc:
+                self.metrics.db_retries.inc()
+                log.warning("erp.db_retry", error=type(exc).__name__, attempt=attempt + 1)
+                if attempt == 7:
+                    raise
+        for r in out:
+            self.metrics.events.labels(r.outcome).inc()
+            if r.outcome == "conflict":
+                self.metrics.conflicts.inc()
+        self.metrics.messages.inc()
+        return out
+
+    def _parse(self, topic: str, payload: bytes) -> tuple[list[dict[str, Any] | None], list[Result | None]]:
+        """(valid events or None, pre-filled results for invalid ones), in message order."""
+        try:
+            doc = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return [None], [Result("rejected", None, None, None, f"not JSON: {exc}"[:500])]
+        elements = doc if isinstance(doc, list) else [doc]
+        if isinstance(doc, list) and not doc:
+            return [None], [Result("rejected", None, None, None, "empty batch")]
+        items: list[dict[str, Any] | None] = []
+        results: list[Result | None] = []
+        for el in elements:
+            try:
+                ev = validate_event(el) if isinstance(el, dict) else validate_event(json.dumps(el))
+                try:
+                    parse_time(ev["time"])
+                except ValueError as exc:
+                    raise EventValidationError([f"time: {exc}"], ev) from None
+            except EventValidationError as exc:
+                e = el if isinstance(el, dict) else None
+                results.append(Result("rejected", _str(e, "id"), _str(e, "source"), _str(e, "type"),
+                                      "; ".join(exc.problems)[:1000], e))
+                items.append(None)
+                continue
+            items.append(ev)
+            results.append(None)
+        return items, results
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes,
+                     items: list[dict[str, Any] | None], pre: list[Result | None],
+                     redelivered: bool = False) -> list[Result]:
+        out: list[Result] = []
+        # operations already finally confirmed, among those this message reports on (late reports are flagged)
+        fin: set[tuple[str, str, str]] = set()
+        refs = {(ev["data"]["order"], ev["data"]["operation"], ev["data"]["machine"]) for ev in items
+                if ev is not None and ev["type"] == "operation.quantity_reported" and not ev["data"]["unassigned"]}
+        if refs:
+            cur = await conn.execute("SELECT order_id, operation, machine FROM erp_operations WHERE "
+                                     "(order_id, operation, machine) IN (SELECT * FROM unnest(%s::text[], %s::text[], "
+                                     "%s::text[]))", [list(x) for x in zip(*refs)])
+            fin = {tuple(r) for r in await cur.fetchall()}  # type: ignore[misc]
+        new: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for ev, r in zip(items, pre):
+            if ev is None:
+                assert r is not None
+                await conn.execute("INSERT INTO erp_rejected (source, id, topic, reason, body) "
+                                   "VALUES (%s, %s, %s, %s, %s)",
+                                   (r.source, r.id, topic, r.reason or "", canonical(r.event) if r.event else
+                                    payload.decode("utf-8", "replace")[:100_000]))
+                log.warning("erp.event_rejected", topic=topic, id=r.id, source=r.source, reason=(r.reason or "")[:300])
+                out.append(r)
+                continue
+            res = await self._event(conn, ev, fin, redelivered)
+            if res.outcome == "accepted":
+                new.setdefault((ev["source"], ev["epoch"]), []).append(ev)
+            out.append(res)
+        # the stream rows are locked last (fixed order), so concurrent workers wait for each other only this long
+        for key in sorted(new):
+            await self._advance(conn, key, new[key], fin)
+        return out
+
+    async def _event(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
+                     fin: set[tuple[str, str, str]], redelivered: bool = False) -> Result:
+        src, eid, seq = ev["source"], ev["id"], ev["seq"]
+        dg = digest(ev)
+        # a completion starts held; _advance applies it once every seq before it arrived
+        cur = await conn.execute(
+            "INSERT INTO erp_events (source, id, epoch, seq, type, subject, event_time, body, digest, applied) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+            (src, eid, ev["epoch"], seq, ev["type"], ev["subject"], parse_time(ev["time"]), Jsonb(ev), dg,
+             ev["type"] != "operation.completed"))
+        if await cur.fetchone() is None:
+            return await self._repeat(conn, ev, dg, redelivered)
+        await self._book(conn, ev, fin)
+        return Result("accepted", eid, src, ev["type"])
+
+    async def _advance(self, conn: psycopg.AsyncConnection[Any], key: tuple[str, str], evs: list[dict[str, Any]],
+                       fin: set[tuple[str, str, str]]) -> None:
+        """Seq tracking of one (source, epoch) under its row lock, then apply the completions it releases.
+
+        Whoever inserts the event at ``low + 1`` walks the watermark over everything committed beyond it; a
+        concurrent transaction's events are either committed before this one takes the lock (then visible to the
+        walk) or take the lock after this one commits (then they walk)."""
+        source, epoch = key
+        await conn.execute("INSERT INTO erp_streams (source, epoch) VALUES (%s, %s) ON CONFLICT DO NOTHING", key)
+        cur = await conn.execute("SELECT low, high, received, reorders FROM erp_streams "
+                                 "WHERE source = %s AND epoch = %s FOR UPDATE", key)
+        low, high, received, reorders = await cur.fetchone()  # type: ignore[misc]
+        seqs = [e["seq"] for e in evs]
+        late = 0
+        top = high
+        for sq in seqs:
+            if sq < top:
+                late += 1
+            top = max(top, sq)
+        if late:
+            self.metrics.reorders.inc(late)
+        high, received, reorders = top, received + len(seqs), reorders + late
+        if low + 1 in seqs:
+            while True:
+                cur = await conn.execute("SELECT seq FROM erp_events WHERE source = %s AND epoch = %s AND seq > %s "
+                                         "ORDER BY seq LIMIT 10000", (source, epoch, low))
+                rows = await cur.fetchall()
+                start = low
+                for (sq,) in rows:
+                    if sq != low + 1:
+                        break
+                    low = sq
+                if low - start < 10000:
+                    break
+        await conn.execute(
+            "UPDATE erp_streams SET low = %s, high = %s, received = %s, reorders = %s, "
+            "gap_since = CASE WHEN %s < %s THEN COALESCE(gap_since, now()) ELSE NULL END "
+            "WHERE source = %s AND epoch = %s", (low, high, received, reorders, low, high, source, epoch))
+        cur = await conn.execute("SELECT body FROM erp_events WHERE source = %s AND epoch = %s AND NOT applied "
+                                 "AND seq <= %s ORDER BY seq", (source, epoch, low))
+        released = {}
+        for (body,) in await cur.fetchall():
+            await self._complete(conn, body, fin)
+            await conn.execute("UPDATE erp_events SET applied = true WHERE source = %s AND id = %s",
+                               (source, body["id"]))
+            released[body["id"]] = body
+        for e in evs:
+            if e["type"] != "operation.completed":
+                continue
+            if e["id"] in released:
+                continue
+            log.info("erp.completion_held", source=source, id=e["id"], seq=e["seq"], low=low,
+                     order=e["data"]["order"], operation=e["data"]["operation"])
+        for b in released.values():
+            if b["id"] not in {e["id"] for e in evs}:
+                log.info("erp.completion_released", source=source, id=b["id"], seq=b["seq"])
+
+    async def _repeat(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], dg: str,
+                      redelivered: bool = False) -> Result:
+        src, eid = ev["source"], ev["id"]
+        cur = await conn.execute("SELECT id, digest, body FROM erp_events WHERE source = %s AND id = %s", (src, eid))
+        row = await cur.fetchone()
+        kind = "same_id"
+        if row is None:  # a different id under an already used (source, epoch, seq)
+            kind = "same_seq"
+            cur = await conn.execute("SELECT id, digest, body FROM erp_events WHERE source = %s AND epoch = %s "
+                                     "AND seq = %s", (src, ev["epoch"], ev["seq"]))
+            row = await cur.fetchone()
+        first_id, first_digest, first_body = row  # type: ignore[misc]
+        if kind == "same_id" and first_digest == dg:
+            await conn.execute("UPDATE erp_events SET duplicates = duplicates + 1, redeliveries = redeliveries + %s "
+                               "WHERE source = %s AND id = %s", (1 if redelivered else 0, src, eid))
+            return Result("duplicate", eid, src, ev["type"])
+        await conn.execute("INSERT INTO erp_conflicts (source, id, epoch, seq, kind, first_id, first_body, body) "
+                           "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                           (src, eid, ev["epoch"], ev["seq"], kind, first_id, Jsonb(first_body), Jsonb(ev)))
+        reason = (f"conflict: {kind}: differs from the event already received as {first_id} "
+                  f"(first wins; recorded in erp_conflicts)")
+        log.error("erp.conflict", source=src, id=eid, kind=kind, first_id=first_id, seq=ev["seq"], type=ev["type"])
+        return Result("conflict", eid, src, ev["type"], reason, ev)
+
+    async def _book(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
+                    fin: set[tuple[str, str, str]]) -> None:
+        t, d = ev["type"], ev["data"]
+        if t == "operation.quantity_reported":
+            q = d["quantities"]
+            order, op = d["order"] or "", d["operation"] or ""
+            await conn.execute(
+                "INSERT INTO erp_ledger (machine, order_id, operation, yield, scrap, rework, unit, reports) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, 1) ON CONFLICT (machine, order_id, operation) DO UPDATE SET "
+                "yield = erp_ledger.yield + excluded.yield, scrap = erp_ledger.scrap + excluded.scrap, "
+                "rework = erp_ledger.rework + excluded.rework, reports = erp_ledger.reports + 1, "
+                "unit = COALESCE(erp_ledger.unit, excluded.unit)",
+                (d["machine"], order, op, Decimal(q["yield"]), Decimal(q["scrap"]), Decimal(q["rework"]), d["unit"]))
+            if d["unassigned"]:
+                await conn.execute("INSERT INTO erp_unassigned (source, id, machine, body) VALUES (%s, %s, %s, %s) "
+                                   "ON CONFLICT DO NOTHING", (ev["source"], ev["id"], d["machine"], Jsonb(ev)))
+                return
+            await self._late_check(conn, ev, fin)
+            if all(Decimal(q[k]) == 0 for k in QUANTITY_KINDS):
+                return  # nothing to post (sap-mapping.md: record as processed)
+            doc = self._confirmation(ev, yield_=q["yield"], scrap=q["scrap"], rework=q["rework"], unit=d["unit"])
+            await self._outbox(conn, ev, "partial", doc)
+        elif t == "material.consumed":
+            order, op = d["order"] or "", d["operation"] or ""
+            for c in d["components"]:
+                await conn.execute(
+                    "INSERT INTO erp_consumption (machine, order_id, operation, material, unit, quantity) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (machine, order_id, operation, material, unit) "
+                    "DO UPDATE SET quantity = erp_consumption.quantity + excluded.quantity",
+                    (d["machine"], order, op, c["material"], c["unit"], Decimal(c["quantity"])))
+            if d["unassigned"]:
+                await conn.execute("INSERT INTO erp_unassigned (source, id, machine, body) VALUES (%s, %s, %s, %s) "
+                                   "ON CONFLICT DO NOTHING", (ev["source"], ev["id"], d["machine"], Jsonb(ev)))
+                return
+            if self.cfg.consumption == "post":
+                doc = self._confirmation(ev, unit=(d["basis"] or {}).get("unit") or d["components"][0]["unit"])
+                doc["to_ProdnOrdConfMatlDocItm"] = {"results": [
+                    {"Material": c["material"], "GoodsMovementType": d["movement_type"],
+                     "QuantityInEntryUnit": c["quantity"], "EntryUnit": self._unit(c["unit"])}
+                    for c in d["components"]]}
+                await self._outbox(conn, ev, "goods_issue", doc)
+
+    async def _late_check(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
+                          fin: set[tuple[str, str, str]]) -> None:
+        d = ev["data"]
+        if (d["order"], d["operation"], d["machine"]) not in fin:
+            return
+        await conn.execute("UPDATE erp_operations SET late_reports = late_reports + 1 WHERE order_id = %s AND "
+                           "operation = %s AND machine = %s", (d["order"], d["operation"], d["machine"]))
+        log.warning("erp.report_after_final", id=ev["id"], order=d["order"], operation=d["operation"],
+                    machine=d["machine"])
+
+    async def _complete(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
+                        fin: set[tuple[str, str, str]]) -> None:
+        d = ev["data"]
+        await conn.execute("INSERT INTO erp_operations (order_id, operation, machine, final_id, totals) "
+                           "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (order_id, operation, machine) DO UPDATE SET "
+                           "final_id = excluded.final_id, totals = excluded.totals, final_at = now()",
+                           (d["order"], d["operation"], d["machine"], ev["id"], Jsonb(d["totals"])))
+        fin.add((d["order"], d["operation"], d["machine"]))
+        await self._outbox(conn, ev, "final", self._confirmation(ev, unit=d["unit"], final=True))
+
+    async def _outbox(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], kind: str,
+                      doc: dict[str, Any]) -> None:
+        d = ev["data"]
+        await conn.execute("INSERT INTO erp_outbox (external_id, kind, order_id, operation, source, event_time, body) "
+                           "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (external_id) DO NOTHING",
+                           (ev["id"], kind, d["order"], d["operation"], ev["source"], parse_time(ev["time"]),
+                            Jsonb(doc)))
+
+    async def dead_letter(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes, error: str) -> None:
+        """A message that failed again and again (not a database outage): recorded in erp_rejected and alarmed, so
+        the caller can acknowledge it instead of looping on it forever."""
+        async with conn.transaction():
+            await conn.execute("INSERT INTO erp_rejected (source, id, topic, reason, body) VALUES (NULL, NULL, %s, %s, "
+                               "%s)", (topic, f"internal error: {error}"[:1000], payload.decode("utf-8", "replace")))
+        self.metrics.events.labels("rejected").inc()
+        log.error("erp.dead_letter", topic=topic, error=error[:300])
+
+    # ------------------------------------------------------------------------------------------ queries
+    async def gaps(self, conn: psycopg.AsyncConnection[Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        """{(source, epoch): {low, high, missing, reorders, gap_age_s}} for streams with an open gap."""
+        cur = await conn.execute("SELECT source, epoch, low, high, received, reorders, "
+                                 "EXTRACT(EPOCH FROM now() - gap_since) FROM erp_streams WHERE low < high")
+        return {(s, e): {"low": lo, "high": hi, "missing": hi - rc, "reorders": ro,
+                         "gap_age_s": float(age) if age is not None else 0.0}
+                for s, e, lo, hi, rc, ro, age in await cur.fetchall()}
+
+
+def _str(doc: Any, key: str) -> str | None:
+    v = doc.get(key) if isinstance(doc, dict) else None
+    return v if isinstance(v, str) else None

@@ -1,0 +1,182 @@
+"""Outbox poster: sends ``erp_outbox`` documents to the ERP (``POST {erp.url}/ProdnOrdConf2``), idempotent by the
+external id.
+
+- A row is **claimed** by bumping ``attempts`` and pushing ``next_attempt_at`` one lease ahead, in a short
+  transaction (``FOR UPDATE SKIP LOCKED``): several posters (tasks or processes) never post the same row at once, and
+  no database lock is held during the HTTP call.
+- 2xx: the row becomes ``sent`` (with the ERP's answer); it is never selected again, so an acknowledged document is
+  never sent twice.
+- 5xx, timeout, connection error: the outcome is unknown. The row is retried with exponential backoff (after a
+  timeout or a reset connection at least ``settle_s``: the ERP may still be booking the document), and every
+  retry (``attempts > 1``, also after a poster crashed mid-call and the lease ran out) first **looks the external id
+  up** (``GET ...?$filter=ExternalSystemConfirmation eq '...'``): found means posted, the row is marked sent without a
+  second POST.
+- Other 4xx: the ERP refused the document: ``failed``, alarmed (``edge_erp_erp_errors_total{reason="refused"}``);
+  an operator decides.
+- A final confirmation waits until every earlier document of its order / operation is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+import psycopg
+import structlog
+from psycopg.types.json import Jsonb
+
+from erp_service.config import ErpEndpointConfig
+from erp_service.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+_CLAIM = """
+WITH c AS (
+    SELECT o.external_id FROM erp_outbox o
+    WHERE o.state = 'pending' AND o.next_attempt_at <= now()
+      AND NOT (o.kind = 'final' AND EXISTS (
+          SELECT 1 FROM erp_outbox p WHERE p.order_id = o.order_id AND p.operation = o.operation AND p.n < o.n
+            AND p.state <> 'sent'))
+    ORDER BY o.n LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+UPDATE erp_outbox o SET attempts = o.attempts + 1, next_attempt_at = now() + %(lease)s * interval '1 second'
+FROM c WHERE o.external_id = c.external_id
+RETURNING o.external_id, o.kind, o.body, o.attempts, o.event_time, o.n
+"""
+
+
+class Poster:
+    def __init__(self, cfg: ErpEndpointConfig, dsn: str, metrics: Metrics, name: str = "poster") -> None:
+        self.cfg = cfg
+        self.dsn = dsn
+        self.metrics = metrics
+        self.name = name
+        self.kick = asyncio.Event()
+        self.posted = 0
+        self.healthy = True          # last ERP call succeeded (or none failed yet)
+        self._auth = None
+        if cfg.username:
+            self._auth = aiohttp.BasicAuth(cfg.username, os.environ.get(cfg.password_env or "", ""))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Post until ``stop`` is set; survives database and ERP outages (logs and retries)."""
+        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout, auth=self._auth) as http:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            while not stop.is_set():
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                    n = await self.post_once(conn, http)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    log.warning("erp.poster_db_error", poster=self.name, error=str(exc)[:300])
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    n = 0
+                    await _wait(stop, 1.0)
+                if n == 0:
+                    await self._idle(stop)
+            if conn is not None:
+                await conn.close()
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        self.kick.clear()
+        waiter = asyncio.ensure_future(self.kick.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, timeout=self.cfg.poll_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            stopper.cancel()
+
+    async def post_once(self, conn: psycopg.AsyncConnection[Any], http: aiohttp.ClientSession) -> int:
+        """Claim and post one batch; returns the number of rows claimed."""
+        cur = await conn.execute(_CLAIM, {"limit": self.cfg.batch, "lease": self.cfg.lease_s})
+        rows = sorted(await cur.fetchall(), key=lambda r: r[5])
+        for ext, kind, body, attempts, event_time, _n in rows:
+            await self._post_row(conn, http, ext, kind, body, attempts, event_time)
+        return len(rows)
+
+    async def _post_row(self, conn: psycopg.AsyncConnection[Any], http: aiohttp.ClientSession, ext: str, kind: str,
+                        body: dict[str, Any], attempts: int, event_time: datetime) -> None:
+        url = f"{self.cfg.url}/ProdnOrdConf2"
+        if attempts > 1:
+            # the outcome of an earlier attempt is unknown: never POST blindly again
+            try:
+                found = await self._lookup(http, url, ext)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                await self._retry(conn, ext, attempts, f"lookup failed: {exc!r}"[:500], "unavailable")
+                return
+            if found is not None:
+                log.info("erp.post_found_existing", external_id=ext, kind=kind, attempts=attempts)
+                await self._sent(conn, ext, kind, found, event_time, via_lookup=True)
+                return
+        t0 = time.monotonic()
+        try:
+            async with http.post(url, json=body, headers={"Accept": "application/json"}) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionResetError) as exc:  # not sent, or reset
+            settle = 0.0 if isinstance(exc, aiohttp.ClientConnectorError) else self.cfg.settle_s
+            await self._retry(conn, ext, attempts, f"{type(exc).__name__}: {exc}"[:500], "unavailable", settle)
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # sent, no answer: the ERP may still be booking it; look it up only after it had time to finish
+            await self._retry(conn, ext, attempts, f"{type(exc).__name__}: {exc}"[:500], "timeout",
+                              self.cfg.settle_s)
+            return
+        if 200 <= status < 300:
+            try:
+                import json
+
+                answer = json.loads(text).get("d", {}) if text else {}
+            except ValueError:
+                answer = {"raw": text[:1000]}
+            await self._sent(conn, ext, kind, answer, event_time)
+            log.debug("erp.posted", external_id=ext, kind=kind, ms=round((time.monotonic() - t0) * 1000, 1))
+        elif status in (408, 429) or status >= 500:
+            await self._retry(conn, ext, attempts, f"HTTP {status}: {text[:300]}", "unavailable")
+        else:
+            self.metrics.erp_errors.labels("refused").inc()
+            await conn.execute("UPDATE erp_outbox SET state = 'failed', last_error = %s WHERE external_id = %s",
+                               (f"HTTP {status}: {text[:1000]}", ext))
+            log.error("erp.post_refused", external_id=ext, kind=kind, status=status, body=text[:500])
+
+    async def _lookup(self, http: aiohttp.ClientSession, url: str, ext: str) -> dict[str, Any] | None:
+        params = {"$filter": f"ExternalSystemConfirmation eq '{ext}'", "$format": "json"}
+        async with http.get(url, params=params) as resp:
+            if resp.status != 200:
+                raise ValueError(f"lookup HTTP {resp.status}")
+            doc = await resp.json()
+        results = (doc.get("d") or {}).get("results") or []
+        return results[0] if results else None
+
+    async def _sent(self, conn: psycopg.AsyncConnection[Any], ext: str, kind: str, answer: dict[str, Any],
+                    event_time: datetime, via_lookup: bool = False) -> None:
+        await conn.execute("UPDATE erp_outbox SET state = 'sent', sent_at = now(), response = %s, last_error = NULL, "
+                           "found_by_lookup = %s WHERE external_id = %s AND state = 'pending'",
+                           (Jsonb(answer), via_lookup, ext))
+        self.posted += 1
+        self.healthy = True
+        self.metrics.posted.labels(kind).inc()
+        self.metrics.posting_latency.observe(max(0.0, (datetime.now(timezone.utc) - event_time).total_seconds()))
+
+    async def _retry(self, conn: psycopg.AsyncConnection[Any], ext: str, attempts: int, error: str,
+                     reason: str, settle: float = 0.0) -> None:
+        self.healthy = False
+        self.metrics.erp_errors.labels(reason).inc()
+        delay = max(settle, min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, attempts - 1)))
+        await conn.execute("UPDATE erp_outbox SET next_attempt_at = now() + %s * interval '1 second', "
+                           "last_error = %s WHERE external_id = %s AND state = 'pending'", (delay, error, ext))
+        log.warning("erp.post_failed", external_id=ext, attempts=attempts, retry_in_s=delay, error=error[:200])
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass

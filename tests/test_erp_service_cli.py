@@ -1,0 +1,76 @@
+"""``edge-gateway-erp`` as a process: config validation exit codes, run + HTTP surface, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from erp_service.testing import throwaway_database
+from simulators.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    p = await asyncio.create_subprocess_exec(sys.executable, "-m", "erp_service.cli", *args, cwd=ROOT,
+                                             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(p.communicate(), 60)
+    return p.returncode, out.decode()
+
+
+async def test_validate_exit_codes(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"source": "mqtt", "workers": 3}))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"source": "kafka", "workers": 0, "nats": {"durable": "a b"}}))
+    rc, out = await _cli("validate", "--config", str(good))
+    assert rc == 0 and "OK (source mqtt, 3 workers" in out
+    rc, out = await _cli("validate", "--config", str(bad))
+    assert rc == 2
+    assert "source" in out and "workers" in out and "nats.durable" in out and "Traceback" not in out
+
+
+async def test_run_serves_health_and_stops_on_sigterm(tmp_path, mqtt_broker):
+    port = free_port()
+    async with throwaway_database() as dsn:
+        cfg = tmp_path / "erp.yaml"
+        cfg.write_text(yaml.safe_dump({"source": "mqtt", "workers": 1, "postgres": {"dsn": dsn},
+                                       "mqtt": {"host": mqtt_broker.host, "port": mqtt_broker.port},
+                                       "http": {"port": port}, "logging": {"format": "json"}}))
+        log = tmp_path / "erp.log"
+        with open(log, "wb") as f:
+            p = await asyncio.create_subprocess_exec(sys.executable, "-m", "erp_service.cli", "run", "--config",
+                                                     str(cfg), cwd=ROOT, stdout=f, stderr=f)
+        try:
+            ready = {}
+
+            async def probe() -> None:
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"http://127.0.0.1:{port}/ready") as r:
+                        ready["status"] = r.status
+
+            async def is_ready() -> bool:
+                try:
+                    await probe()
+                except aiohttp.ClientError:
+                    return False
+                return ready.get("status") == 200
+
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await is_ready():
+                assert asyncio.get_running_loop().time() < deadline, log.read_text()[-2000:]
+                await asyncio.sleep(0.1)
+            p.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(p.wait(), 20) == 0
+        finally:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
+        assert "erp.started" in events and events[-1] == "erp.stopped"

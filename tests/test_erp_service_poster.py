@@ -1,0 +1,185 @@
+"""Outbox poster against the simulated SAP endpoint (real HTTP) and a real PostgreSQL: retries, backoff, lost
+responses, idempotency by external id, final confirmation ordered after the partials."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+
+import aiohttp
+import psycopg
+import pytest
+
+from erp_service.config import ErpEndpointConfig, ServiceConfig
+from erp_service.ledger import Ledger, ensure_schema
+from erp_service.metrics import Metrics
+from erp_service.poster import Poster
+from erp_service.testing import EventFactory, throwaway_database
+from simulators.erp_endpoint import ErpEndpoint
+from tests.e2e import wait_until
+
+
+@pytest.fixture
+async def dsn():
+    async with throwaway_database() as d:
+        yield d
+
+
+@pytest.fixture
+async def conn(dsn):
+    async with await psycopg.AsyncConnection.connect(dsn) as c:
+        await ensure_schema(c)
+        yield c
+
+
+@pytest.fixture
+async def endpoint():
+    async with ErpEndpoint() as ep:
+        yield ep
+
+
+def _cfg(ep: ErpEndpoint, **kw) -> ErpEndpointConfig:
+    return ErpEndpointConfig(url=ep.url, backoff_initial_s=0.05, backoff_max_s=0.2, poll_s=0.02, timeout_s=2, **kw)
+
+
+async def _feed(conn, events) -> None:
+    led = Ledger(ServiceConfig())
+    for ev in events:
+        await led.process(conn, "t/events/batch", json.dumps(ev).encode())
+
+
+async def _states(conn):
+    cur = await conn.execute("SELECT external_id, state, attempts FROM erp_outbox ORDER BY n")
+    return await cur.fetchall()
+
+
+async def _run_poster(poster: Poster, until, timeout: float = 20.0) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(poster.run(stop))
+    try:
+        await wait_until(until, timeout=timeout)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_posts_every_document_once(conn, dsn, endpoint):
+    f = EventFactory()
+    evs = [f.report("press-1", "1000123", "0010", y=10, s=1),
+           f.consumed("press-1", "1000123", "0010", 10, 1, [("RM-100", "2.75", "KG")]),
+           f.report("press-1", "1000123", "0010", y=5, reason="completion"),
+           f.completed("press-1", "1000123", "0010")]
+    await _feed(conn, evs)
+    metrics = Metrics()
+    poster = Poster(_cfg(endpoint), dsn, metrics)
+    await _run_poster(poster, lambda: poster.posted == 4)
+    assert [p["ExternalSystemConfirmation"] for p in endpoint.postings] == [e["id"] for e in evs]
+    assert endpoint.duplicates == {}
+    assert endpoint.totals() == {("1000123", "0010"): {
+        "yield": Decimal(15), "scrap": Decimal(1), "rework": Decimal(0), "final": True,
+        "goods": {("RM-100", "KG"): Decimal("2.75")}}}
+    assert {s for _, s, _ in await _states(conn)} == {"sent"}
+    cur = await conn.execute("SELECT response->>'ConfirmationGroup' FROM erp_outbox WHERE external_id = %s",
+                             (evs[0]["id"],))
+    assert (await cur.fetchone())[0] == "1"
+    assert metrics.posted.labels("final")._value.get() == 1
+    assert metrics.posting_latency._sum.get() > 0
+
+
+async def test_erp_unavailable_retried_with_backoff_then_posted(conn, dsn, endpoint):
+    f = EventFactory()
+    evs = [f.report("press-1", "1", "0010", y=i + 1) for i in range(3)]
+    await _feed(conn, evs)
+    endpoint.set_failing(True)
+    metrics = Metrics()
+    poster = Poster(_cfg(endpoint), dsn, metrics)
+    stop = asyncio.Event()
+    task = asyncio.create_task(poster.run(stop))
+    try:
+        await wait_until(lambda: endpoint.failed >= 6)
+        assert endpoint.postings == [] and not poster.healthy
+        endpoint.set_failing(False)
+        await wait_until(lambda: poster.posted == 3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert sorted(p["ExternalSystemConfirmation"] for p in endpoint.postings) == sorted(e["id"] for e in evs)
+    assert endpoint.duplicates == {}
+    assert metrics.erp_errors.labels("unavailable")._value.get() >= 6
+    cur = await conn.execute("SELECT min(attempts) FROM erp_outbox")
+    assert (await cur.fetchone())[0] >= 2
+
+
+async def test_lost_response_is_looked_up_never_posted_twice(conn, dsn, endpoint):
+    """The ERP booked the document but the answer was lost (503 after commit): the retry must find it, not re-POST."""
+    f = EventFactory()
+    evs = [f.report("press-1", "1", "0010", y=1), f.report("press-1", "1", "0010", y=2)]
+    await _feed(conn, evs)
+    endpoint.fail_after_commit_next(2)
+    poster = Poster(_cfg(endpoint), dsn, Metrics())
+    await _run_poster(poster, lambda: poster.posted == 2)
+    assert endpoint.lost_responses == 2 and endpoint.lookups >= 2
+    assert endpoint.duplicates == {}
+    assert len(endpoint.postings) == 2
+    assert [s for _, s, _ in await _states(conn)] == ["sent", "sent"]
+    cur = await conn.execute("SELECT found_by_lookup, response->>'ConfirmationGroup' FROM erp_outbox ORDER BY n")
+    assert await cur.fetchall() == [(True, "1"), (True, "2")]
+
+
+async def test_poster_crash_mid_call_lease_expires_no_double_post(conn, dsn, endpoint):
+    """A poster claimed a row and posted it, then died before marking it sent: after the lease another poster takes
+    it over and finds the posting instead of sending it again."""
+    f = EventFactory()
+    ev = f.report("press-1", "1", "0010", y=7)
+    await _feed(conn, [ev])
+    cur = await conn.execute("UPDATE erp_outbox SET attempts = 1, next_attempt_at = now() RETURNING body")
+    body = (await cur.fetchone())[0]
+    await conn.commit()
+    async with aiohttp.ClientSession() as http:  # the dead poster's POST reached the ERP
+        async with http.post(f"{endpoint.url}/ProdnOrdConf2", json=body) as r:
+            assert r.status == 201
+    poster = Poster(_cfg(endpoint), dsn, Metrics())
+    await _run_poster(poster, lambda: poster.posted == 1)
+    assert len(endpoint.postings) == 1 and endpoint.duplicates == {}
+
+
+async def test_final_confirmation_waits_for_earlier_partials(conn, dsn, endpoint):
+    f = EventFactory()
+    evs = [f.report("press-1", "1", "0010", y=3, reason="completion"), f.completed("press-1", "1", "0010")]
+    await _feed(conn, evs)
+    endpoint.fail_next(3)  # the partial fails three times; the final must not overtake it
+    poster = Poster(_cfg(endpoint), dsn, Metrics())
+    await _run_poster(poster, lambda: poster.posted == 2)
+    assert [p["IsFinalConfirmation"] for p in endpoint.postings] == [False, True]
+
+
+async def test_refused_document_is_failed_and_alarmed(conn, dsn, endpoint):
+    f = EventFactory()
+    await _feed(conn, [f.report("press-1", "1", "0010", y=3)])
+    await conn.execute("UPDATE erp_outbox SET body = body - 'OrderID'")  # the ERP answers 400
+    await conn.commit()
+    metrics = Metrics()
+    poster = Poster(_cfg(endpoint), dsn, metrics)
+    await _run_poster(poster, lambda: metrics.erp_errors.labels("refused")._value.get() == 1)
+    cur = await conn.execute("SELECT state, last_error FROM erp_outbox")
+    state, err = await cur.fetchone()
+    assert state == "failed" and err.startswith("HTTP 400")
+
+
+async def test_slow_erp_books_after_the_client_timed_out_no_double_post(conn, dsn, endpoint):
+    """The ERP takes longer than the poster's timeout but books the document anyway: the retry waits settle_s
+    before its lookup, finds the booking, and does not post again."""
+    f = EventFactory()
+    ev = f.report("press-1", "1", "0010", y=4)
+    await _feed(conn, [ev])
+    endpoint.set_delay(1.0)
+    cfg = ErpEndpointConfig(url=endpoint.url, backoff_initial_s=0.05, backoff_max_s=0.2, poll_s=0.02, timeout_s=0.3,
+                            settle_s=2.0)
+    metrics = Metrics()
+    poster = Poster(cfg, dsn, metrics)
+    await _run_poster(poster, lambda: poster.posted == 1)
+    assert len(endpoint.postings) == 1 and endpoint.duplicates == {}
+    assert metrics.erp_errors.labels("timeout")._value.get() == 1
+    cur = await conn.execute("SELECT found_by_lookup, attempts FROM erp_outbox")
+    assert await cur.fetchall() == [(True, 2)]

@@ -1,0 +1,254 @@
+"""What a PUBACK from a 3-node NATS cluster's MQTT endpoint guarantees (nats-server 2.9), shown on real processes.
+
+Findings (written down in docs/erp-service.md):
+1. A QoS 1 PUBLISH is stored in the JetStream stream ``$MQTT_msgs`` (replicas = ``mqtt.stream_replicas``, 3 here)
+   by a store request the server waits for **before** sending the PUBACK; JetStream answers that request only after
+   the write is committed by a quorum of the stream's replicas. Without a quorum there is no PUBACK.
+2. ``$MQTT_msgs`` has interest retention: a message that no consumer has interest in is dropped right after it was
+   stored (and PUBACKed). The ERP service's durable consumer must exist before the gateways publish.
+3. With R3 and the consumer in place, an acknowledged message survives the loss of any one node (SIGKILL).
+4. MQTT topics containing '.' are refused (the connection is closed): per-type event topics
+   (``.../events/operation.quantity_reported``) cannot be published to NATS 2.9; the gateway must use batch mode
+   (``.../events/batch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import nats
+import paho.mqtt.client as mqtt
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+from paho.mqtt.enums import CallbackAPIVersion
+
+from simulators.nats_cluster import NatsCluster
+from tests.e2e import wait_until
+
+TOPIC = "edge/v1/acme/plant-1/assembly/line-1/press-1/events/batch"
+FILTER = "$MQTT.msgs.edge.v1.*.*.*.*.*.events.>"
+
+
+@pytest.fixture
+def cluster():
+    c = NatsCluster().start()
+    yield c
+    c.stop()
+
+
+class Pub:
+    def __init__(self, host: str, port: int, client_id: str = "gw-01") -> None:
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                             protocol=mqtt.MQTTv311)
+        self.connected = threading.Event()
+        self.disconnects = 0
+        self.c.on_connect = lambda *a: self.connected.set()
+        self.c.on_disconnect = self._on_disconnect
+        self.c.reconnect_delay_set(0.1, 1)
+        self.c.connect(host, port, keepalive=5)
+        self.c.loop_start()
+        assert self.connected.wait(15)
+
+    def _on_disconnect(self, *a: object) -> None:
+        self.connected.clear()
+        self.disconnects += 1
+
+    def publish(self, topic: str, payload: bytes, timeout: float) -> mqtt.MQTTMessageInfo:
+        info = self.c.publish(topic, payload, qos=1)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            pass
+        return info
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+async def _js(cluster: NatsCluster):
+    nc = await nats.connect(servers=[n.url for n in cluster.running_nodes()], max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.2)
+    return nc, nc.jetstream(timeout=5)
+
+
+async def _retry(fn, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await fn()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def _with_consumer(cluster: NatsCluster):
+    """Make the server create its MQTT streams (one MQTT connection), then the ERP's durable consumer."""
+    h, p = cluster.mqtt_endpoints[0]
+    Pub(h, p, "init").close()
+    nc, js = await _js(cluster)
+    await _retry(lambda: js.stream_info("$MQTT_msgs"))
+    await _retry(lambda: js.add_consumer("$MQTT_msgs", ConsumerConfig(durable_name="edge-erp",
+                                                                      ack_policy=AckPolicy.EXPLICIT,
+                                                                      filter_subject=FILTER)))
+    return nc, js
+
+
+async def _stored(js) -> list[bytes]:
+    info = await js.stream_info("$MQTT_msgs")
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            out.append((await js.get_msg("$MQTT_msgs", seq)).data)
+        except Exception:
+            pass
+    return out
+
+
+async def test_mqtt_streams_replicated_on_three_nodes(cluster):
+    nc, js = await _with_consumer(cluster)
+    try:
+        info = await js.stream_info("$MQTT_msgs")
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and info.cluster.leader
+        assert len(info.cluster.replicas or []) == 2
+        assert str(info.config.retention).lower().endswith("interest")
+    finally:
+        await nc.close()
+
+
+async def test_puback_only_after_quorum_write(cluster):
+    """Two of three nodes down: the remaining node's MQTT endpoint does not PUBACK (the store request to the R3
+    stream cannot reach a quorum). Once a second node is back, the client's retransmission is stored and acked."""
+    nc, js = await _with_consumer(cluster)
+    await nc.close()
+    h, p = cluster.mqtt_endpoints[0]
+    pub = Pub(h, p)
+    ok = pub.publish(TOPIC, b'{"n":1}', timeout=10)
+    assert ok.is_published()  # healthy cluster: PUBACK
+    cluster.kill(1)
+    cluster.kill(2)
+    lost = pub.publish(TOPIC, b'{"n":2}', timeout=8)
+    assert not lost.is_published(), "PUBACK without a quorum"
+    cluster.start_node(1)
+    lost.wait_for_publish(30)  # paho re-sends the unacknowledged PUBLISH after reconnecting
+    assert lost.is_published()
+    pub.close()
+    nc, js = await _js(cluster)
+    try:
+        stored = await _retry(lambda: _stored(js))
+        assert sorted(stored) == [b'{"n":1}', b'{"n":2}']
+    finally:
+        await nc.close()
+
+
+async def test_acknowledged_events_survive_loss_of_any_one_node(cluster):
+    nc, js = await _with_consumer(cluster)
+    await nc.close()
+    sent = []
+    for i, node in enumerate(cluster.nodes):
+        h, p = node.host, node.mqtt_port
+        pub = Pub(h, p, f"gw-{i}")
+        for k in range(10):
+            body = json.dumps({"gw": i, "k": k}).encode()
+            assert pub.publish(TOPIC, body, timeout=10).is_published()
+            sent.append(body)
+        pub.close()
+    for victim in range(3):
+        cluster.kill(victim)  # SIGKILL, no flush
+        nc, js = await _js(cluster)
+        try:
+            stored = await _retry(lambda: _stored(js))
+            assert sorted(stored) == sorted(sent), f"node {victim} down"
+        finally:
+            await nc.close()
+        cluster.start_node(victim)
+        # the restarted node catches up before the next one is killed
+        nc, js = await _js(cluster)
+        try:
+            async def caught_up():
+                info = await js.stream_info("$MQTT_msgs")
+                assert info.cluster.leader and all(r.current for r in info.cluster.replicas or [])
+                assert len(info.cluster.replicas) == 2
+            await _retry(caught_up)
+        finally:
+            await nc.close()
+
+
+async def test_without_a_consumer_a_puback_keeps_nothing(cluster):
+    """Interest retention: before the ERP's durable consumer exists, PUBACKed messages are not retained."""
+    h, p = cluster.mqtt_endpoints[0]
+    pub = Pub(h, p)
+    assert pub.publish(TOPIC, b'{"n":1}', timeout=10).is_published()
+    pub.close()
+    nc, js = await _js(cluster)
+    try:
+        info = await _retry(lambda: js.stream_info("$MQTT_msgs"))
+        assert info.state.messages == 0
+    finally:
+        await nc.close()
+
+
+async def test_topic_with_a_dot_is_refused(cluster):
+    h, p = cluster.mqtt_endpoints[0]
+    pub = Pub(h, p)
+    info = pub.publish("edge/v1/acme/plant-1/assembly/line-1/press-1/events/operation.quantity_reported", b"{}",
+                       timeout=3)
+    assert not info.is_published()
+    await wait_until(lambda: pub.disconnects >= 1, timeout=10)
+    pub.c.loop_stop()
+    assert "not supported for MQTT topics" in (cluster.nodes[0].log_path.read_text())
+
+
+async def test_publisher_fails_over_to_another_node_with_the_same_client_id(cluster):
+    """What the gateway's broker list relies on: after its node dies, the same client id (clean session, as the
+    gateway connects) is accepted by another node, its QoS 1 publishes are PUBACKed there and reach the consumer's
+    stream; a persistent session (clean_session False) keeps its subscription across nodes (session in $MQTT_sess)."""
+    nc, js = await _with_consumer(cluster)
+    await nc.close()
+    a = cluster.nodes[0]
+    pub = Pub(a.host, a.mqtt_port, "gw-failover")
+    assert pub.publish(TOPIC, b'{"n":1}', timeout=10).is_published()
+    got: list[bytes] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dispatch-listener", clean_session=False,
+                      protocol=mqtt.MQTTv311)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *x: subscribed.set()
+    sub.on_message = lambda c, u, m: got.append(m.payload)
+    sub.connect(a.host, a.mqtt_port)
+    sub.loop_start()
+    sub.subscribe("edge/v1/acme/plant-1/assembly/line-1/+/dispatch", qos=1)
+    assert subscribed.wait(10)
+    cluster.kill(0)
+    pub.c.loop_stop()
+    sub.loop_stop()
+    b = cluster.nodes[1]
+    pub2 = Pub(b.host, b.mqtt_port, "gw-failover")
+    assert pub2.publish(TOPIC, b'{"n":2}', timeout=15).is_published()
+    # the persistent subscriber reconnects to node 3 without subscribing again: its session brought the subscription
+    c = cluster.nodes[2]
+    sub2 = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dispatch-listener", clean_session=False,
+                       protocol=mqtt.MQTTv311)
+    sub2.on_message = lambda cl, u, m: got.append(m.payload)
+    ok = threading.Event()
+    sub2.on_connect = lambda cl, u, flags, rc, p: ok.set() if flags.session_present else None
+    sub2.connect(c.host, c.mqtt_port)
+    sub2.loop_start()
+    try:
+        assert ok.wait(15), "session not present on another node"
+        pub2.publish("edge/v1/acme/plant-1/assembly/line-1/press-1/dispatch", b'{"order":"1","operation":"10"}',
+                     timeout=10)
+        await wait_until(lambda: got == [b'{"order":"1","operation":"10"}'], timeout=15)
+    finally:
+        sub2.loop_stop()
+        pub2.close()
+    nc, js = await _js(cluster)
+    try:
+        stored = await _retry(lambda: _stored(js))
+        assert sorted(stored) == [b'{"n":1}', b'{"n":2}']
+    finally:
+        await nc.close()
