@@ -120,7 +120,7 @@ class Dispatcher:
         self.c.loop_stop()
 
 
-def gateway_doc(g: int, endpoint: tuple[str, int], store: Path, machines: dict[str, ModbusMachineServer]) -> dict:
+def gateway_doc(g: int, endpoints: list[tuple[str, int]], store: Path, machines: dict[str, ModbusMachineServer]) -> dict:
     conns, ms = [], []
     for i, (mid, srv) in enumerate(machines.items()):
         tags = srv.tag_addresses()
@@ -134,7 +134,8 @@ def gateway_doc(g: int, endpoint: tuple[str, int], store: Path, machines: dict[s
     return {
         "gateway": {"id": f"gw-{g}", "enterprise": ENTERPRISE, "site": SITE, "area": AREA, "line": f"line-{g}"},
         # NATS 2.9 refuses MQTT topics containing '.', so the per-type topics cannot be used: batch mode
-        "mqtt": {"host": endpoint[0], "port": endpoint[1], "protocol": "3.1.1", "keepalive_s": 2,
+        # every node's MQTT endpoint, tried in turn (the gateway fails over when its node dies)
+        "mqtt": {"brokers": [f"{h}:{p}" for h, p in endpoints], "protocol": "3.1.1", "keepalive_s": 2,
                  "batch_max_events": 50},
         "store": {"path": str(store)},
         "logging": {"format": "json", "level": "info"},
@@ -228,7 +229,9 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                     await srv.start()
                     models[mid], servers[mid], ms[mid] = m, srv, srv
                     lines[mid] = f"line-{g}"
-                ep = cluster.mqtt_endpoints[g % 2]  # gateways on nodes 1 and 2; node 3 is the one killed
+                # gw-0 starts on node 1, gw-1 on node 3 (the one killed: it fails over to node 1, then 2)
+                first = (2 * g) % 3
+                ep = cluster.mqtt_endpoints[first:] + cluster.mqtt_endpoints[:first]
                 (workdir / f"gw-{g}").mkdir(exist_ok=True)
                 path = workdir / f"gw-{g}.yaml"
                 path.write_text(yaml.safe_dump(gateway_doc(g, ep, workdir / f"gw-{g}" / "store.db", ms)))

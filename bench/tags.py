@@ -163,10 +163,12 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
             sent_at[mid] = time.time()
         return mid
 
-    def on_puback(mid: int, refused: str | None) -> None:
+    def on_puback(connection_id: int, mid: int, code: int) -> None:
         sent = sent_at.pop(mid, None)
         if measuring:
-            for row in pub._inflight.get(mid) or ():
+            s = pub.session
+            rows = s.inflight.get(mid) if s is not None and s.conn_id == connection_id else None
+            for row in (rows if isinstance(rows, tuple) else (rows,) if rows is not None else ()):
                 if row.topic.endswith("/machine.state_changed"):
                     now = time.time()
                     t = datetime.fromisoformat(json.loads(row.payload)["time"]).timestamp()
@@ -174,7 +176,7 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
                     if sent is not None:
                         to_publish.append(sent - t)
                         to_puback.append(now - sent)
-        inner_ack(mid, refused)
+        inner_ack(connection_id, mid, code)
 
     link.publish = publish  # type: ignore[method-assign]
 

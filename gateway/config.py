@@ -55,6 +55,12 @@ class MqttConfig(_Model):
 
     host: str = Field("127.0.0.1", min_length=1, description="Broker host.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    brokers: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="Several endpoints of one clustered broker ('host:port', e.g. the nodes of a NATS cluster), tried "
+        "in turn with the same client id: on a failed connect or a lost connection the gateway moves to the next one "
+        "(backing off only after a full round). Empty: host and port above.",
+    )
     client_id: str | None = Field(None, description="MQTT client id; defaults to the gateway id.")
     tls: TlsConfig = Field(default_factory=TlsConfig)
     username: str | None = Field(None, description="User name; the password comes from password_env or password_file.")
@@ -83,6 +89,21 @@ class MqttConfig(_Model):
         if self.password_env and self.password_file:
             raise ValueError("set password_env or password_file, not both")
         return self
+
+    @field_validator("brokers")
+    @classmethod
+    def _brokers(cls, v: list[str]) -> list[str]:
+        for i, b in enumerate(v):
+            host, sep, port = b.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"brokers[{i}] {b!r}: expected 'host:port', e.g. '10.0.0.5:1883'")
+        return v
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of each broker endpoint, in the order they are tried."""
+        if not self.brokers:
+            return [(self.host, self.port)]
+        return [(h.strip("[]"), int(p)) for h, _, p in (b.rpartition(":") for b in self.brokers)]
 
     def password(self) -> str | None:
         """Resolve the password from the environment or a file (ValueError naming the field when it cannot)."""

@@ -156,6 +156,8 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.connection: Connection | None = None
         self.refused_subscriptions: dict[str, str] = {}
+        self._endpoint = 0  # index into cfg.endpoints(): the broker endpoint tried now
+        self.host, self.port = cfg.endpoints()[0]
         self.on_subscriptions_changed: Callable[[], None] = lambda: None  # after a SUBACK changed the refused set
         self._lost = asyncio.Event()
         self._current: Connection | None = None  # the connection being set up or up
@@ -190,6 +192,7 @@ class MqttLink:
         # a broker on the plant network is cheap to retry: cap the wait at 1 s so a restarted broker gets the
         # backlog within ~1 s (bench/backlog.py measures time to first PUBACK after a broker restart)
         backoff = Backoff(0.1, 1.0)
+        endpoints = self.cfg.endpoints()
         while True:
             try:
                 await self._connect_once()
@@ -200,8 +203,15 @@ class MqttLink:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: not connected, retry
                 if self.status.set(ComponentState.DISCONNECTED, str(exc)):
-                    log.error("mqtt.connect_failed", host=self.cfg.host, port=self.cfg.port, error=str(exc))
+                    log.error("mqtt.connect_failed", host=self.host, port=self.port, error=str(exc))
             await self._close(graceful=False)
+            if len(endpoints) > 1:
+                # a clustered broker: the next node at once, with the same client id; back off after a full round
+                self._endpoint = (self._endpoint + 1) % len(endpoints)
+                self.host, self.port = endpoints[self._endpoint]
+                if self._endpoint != 0:
+                    await asyncio.sleep(0.05)
+                    continue
             await asyncio.sleep(backoff.next())
 
     # ----------------------------------------------------------------- internals
@@ -272,9 +282,9 @@ class MqttLink:
         self._current = conn
         client.connect_timeout = 5.0
         if self.cfg.protocol == "5":
-            client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=True)
+            client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s, clean_start=True)
         else:
-            client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s)
         # the TCP (and TLS) handshake blocks: run it off the loop, bounded by connect_timeout
         await asyncio.wait_for(self._loop.run_in_executor(None, client.reconnect), timeout=15)
         misc = asyncio.create_task(self._misc_loop(client), name="mqtt.misc")
@@ -321,7 +331,7 @@ class MqttLink:
         self.connection = conn
         self.connected.set()
         if self.status.set(ComponentState.CONNECTED):
-            log.info("mqtt.connected", host=self.cfg.host, port=self.cfg.port, client_id=self.client_id,
+            log.info("mqtt.connected", host=self.host, port=self.port, client_id=self.client_id,
                      reason=str(reason), connection=conn.id, session_present=bool(getattr(flags, "session_present", False)),
                      max_packet_size=conn.max_packet_size)
 
@@ -335,7 +345,7 @@ class MqttLink:
             if self.refused_subscriptions.get(topic) != reason:
                 self.refused_subscriptions[topic] = reason
                 log.error("mqtt.subscription_refused", topic=topic, reason=reason, reason_code=f"0x{rc.value:02X}",
-                          host=self.cfg.host, port=self.cfg.port)
+                          host=self.host, port=self.port)
         elif topic in self.refused_subscriptions:
             del self.refused_subscriptions[topic]
             log.info("mqtt.subscription_granted", topic=topic)
@@ -361,7 +371,7 @@ class MqttLink:
         self.connected.clear()
         self._lost.set()
         if self.status.set(ComponentState.DISCONNECTED, why) and was:
-            log.error("mqtt.disconnected", host=self.cfg.host, port=self.cfg.port, reason=why,
+            log.error("mqtt.disconnected", host=self.host, port=self.port, reason=why,
                       connection=conn.id if conn is not None else None)
 
     def _on_publish(self, client: paho.Client, conn: Connection, mid: int, reason: Any, props: Any) -> None:
