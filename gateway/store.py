@@ -55,7 +55,9 @@ Other invariants
   cost of the durable default (one WAL fsync per commit) is measured by ``bench/commit_cost.py``.
 - **Delivery.** A row is deleted only after the broker's PUBACK (``ack()``). Acks are applied in small batches, so
   a crash between PUBACK and delete re-publishes those rows after restart: consumers deduplicate on the event id,
-  which is stable. After a restart delivery resumes at the lowest id still in the outbox.
+  which is stable. After a restart delivery resumes at the lowest id still in the outbox. The delete itself is not
+  synced (``synchronous=NORMAL`` for that transaction; the next commit's fsync carries it): a delete lost to a power
+  loss only sends the same event again, same id and content, which is a duplicate, never a conflict.
 - **Size cap.** ``max_bytes`` bounds the payload bytes held in the outbox and quarantine. At the cap (or when the
   disk is full: SQLITE_FULL / ENOSPC) the store reports ``full``: the runtime then stops closing reporting windows
   — quantity deltas keep accumulating in the (small, persisted) machine state and are reported once space returns —,
@@ -245,6 +247,7 @@ class Store:
                  readonly: bool = False) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
+        self._sync_now = self.synchronous  # the connection's current PRAGMA synchronous
         self.max_bytes = max_bytes
         self.readonly = readonly
         self._db: aiosqlite.Connection | None = None
@@ -330,6 +333,7 @@ class Store:
                 db = self._db
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute(f"PRAGMA synchronous={self.synchronous}")
+                self._sync_now = self.synchronous
                 await db.execute("PRAGMA busy_timeout=5000")
                 await db.executescript(_SCHEMA)
                 cols = {r[1] for r in await db.execute_fetchall("PRAGMA table_info(quarantine)")}
@@ -398,17 +402,23 @@ class Store:
             return list(await db.execute_fetchall(sql, params))
 
     async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[Apply | None]], what: str, *,
-                     committed_point: str | None = None) -> Any:
+                     committed_point: str | None = None, durable: bool = True) -> Any:
         """Run ``fn(db)`` in one transaction; translate failures, remember a full disk.
 
         ``fn`` may return a function that updates the in-memory counters; it runs only after COMMIT succeeded (still
         under the lock) and its result is returned. A cancellation during COMMIT waits for COMMIT's outcome first,
-        so the counters follow what is on disk either way."""
+        so the counters follow what is on disk either way. ``durable=False`` (acknowledged deletes) runs the
+        transaction with ``synchronous=NORMAL`` whatever ``store.synchronous`` says: no fsync of its own; the next
+        durable commit syncs it with its own."""
         db = self.db
         async with self._tx:
             apply: Apply | None = None
             cancelled: BaseException | None = None
             try:
+                want = self.synchronous if durable else "NORMAL"
+                if want != self._sync_now:
+                    await db.execute(f"PRAGMA synchronous={want}")
+                    self._sync_now = want
                 await db.execute("BEGIN IMMEDIATE")
                 apply = await fn(db)
                 if self.before_commit is not None:
@@ -528,7 +538,8 @@ class Store:
 
             return apply
 
-        n = await self._write(tx, "ack")
+        # not synced: a delete lost to a power loss only sends the event again, same id, same content (a duplicate)
+        n = await self._write(tx, "ack", durable=False)
         crash_point("store.deleted")
         return int(n)
 

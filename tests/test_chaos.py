@@ -685,7 +685,7 @@ def power_cut(store_path: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("synchronous", [
     "full",
-    pytest.param("normal", marks=[pytest.mark.erp_conflicts_expected, pytest.mark.xfail(strict=True, reason=(
+    pytest.param("normal", marks=[pytest.mark.slow, pytest.mark.erp_conflicts_expected, pytest.mark.xfail(strict=True, reason=(
         "store.synchronous: normal does not sync the WAL per commit: after a power cut the store's sequence rolls "
         "back behind events already published, and the re-derived events come again under the same ids with other "
         "quantities (conflicts; the ERP drops them as duplicates, the ledger ends short)"))]),

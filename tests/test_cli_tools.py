@@ -97,6 +97,7 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
             f"# {srv.endpoint} (Basic256Sha256/SignAndEncrypt, anonymous)",
             f"Press1  {ns}  Object",
             f"├─ GoodCount  {ns}.GoodCount  Variable UInt32 r- = 42",
+            f"├─ GoodDelta  {ns}.GoodDelta  Variable UInt32 r- = 0",
             f"├─ OperationComplete  {ns}.OperationComplete  Variable Boolean r- = False",
             f"├─ OperationNumber  {ns}.OperationNumber  Variable String r- = ''",
             f"├─ OrderNumber  {ns}.OrderNumber  Variable String r- = ''",
@@ -107,9 +108,10 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
 
         rc, out, _ = await edge_gateway(*args, "--config-lines", "press1-opc")
         assert rc == 0
-        assert out.splitlines()[8:] == [
+        assert out.splitlines()[9:] == [
             "# config lines (connector press1-opc); pick the ones you need:",
             f'GoodCount: {{connector: press1-opc, node_id: "{ns}.GoodCount", bits: 32}}',
+            f'GoodDelta: {{connector: press1-opc, node_id: "{ns}.GoodDelta", bits: 32}}',
             f'OperationComplete: {{connector: press1-opc, node_id: "{ns}.OperationComplete"}}',
             f'OperationNumber: {{connector: press1-opc, node_id: "{ns}.OperationNumber"}}',
             f'OrderNumber: {{connector: press1-opc, node_id: "{ns}.OrderNumber"}}',

@@ -205,7 +205,7 @@ OUTAGES = [
     pytest.param("stop", 5.0, id="stop-5s"),
     pytest.param("kill", 3.0, id="kill-3s"),
     pytest.param("freeze-kill", 3.0, id="freeze-kill"),
-    pytest.param("stop", LONG_OUTAGE_S, id="stop-long"),
+    pytest.param("stop", LONG_OUTAGE_S, id="stop-long", marks=pytest.mark.slow),
 ]
 
 
