@@ -141,7 +141,10 @@ async def test_puback_only_after_quorum_write(cluster):
     nc, js = await _js(cluster)
     try:
         stored = await _retry(lambda: _stored(js))
-        assert sorted(stored) == [b'{"n":1}', b'{"n":2}']
+        # QoS 1 is at least once: the first PUBLISH of n=2 may be stored once the quorum is back AND its
+        # retransmission stored again (seen in CI): a duplicate the ERP service drops by event id, never a loss
+        assert sorted(set(stored)) == [b'{"n":1}', b'{"n":2}']
+        assert stored.count(b'{"n":1}') == 1
     finally:
         await nc.close()
 
