@@ -75,7 +75,7 @@ class EventEncoder:
         self.epoch = epoch
         # uuid5(ns, f"{source}|{epoch}|{seq}") = sha1(ns.bytes + name utf-8): everything up to seq is constant
         self._id_hash = hashlib.sha1(_ID_NAMESPACE.bytes + f"{self.source}|{epoch}|".encode())
-        self._tail = f', "datacontenttype": "application/json", "seq": '
+        self._tail = ', "datacontenttype": "application/json", "seq": '
         self._epoch_part = f', "epoch": {json.dumps(epoch)}, "data": '
         self._heads: dict[tuple[str, str], tuple[str, str]] = {}
 

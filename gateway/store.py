@@ -468,7 +468,6 @@ class Store:
         """Write snapshots, outbox rows and the sequence counter in one transaction; return the committed rows
         with their outbox ids (consecutive, in the order given). On ``StoreError`` nothing was written."""
         now = time.time()
-        last_id = 0
 
         async def tx(db: aiosqlite.Connection) -> Apply:
             if states:

@@ -31,6 +31,24 @@ from tests.e2e import (
 from tests.faults import BlackHole
 
 
+def press_on_opcua(tmp_path, broker, opc, **machine: object):
+    """press-1 on the plaintext OPC UA simulator (good and scrap counters), reporting every 0.2 s; ``machine`` adds
+    keys of the machine (order source, tags)."""
+    from gateway.config import parse_config
+    from tests.e2e import IDENT
+
+    n = opc.node_ids
+    return parse_config({
+        "gateway": IDENT, "mqtt": {"port": broker.port, "keepalive_s": 2},
+        "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
+        "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5,
+                        "security": "none"}],
+        "machines": [{"id": "press-1",
+                      "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
+                                   "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
+                      "reporting": {"interval_s": 0.2}, **machine}]}, "<test>")
+
+
 def reports_of(erp: ErpConsumer, machine: str) -> int:
     return sum(1 for e in erp.events("operation.quantity_reported") if e["data"]["machine"] == machine)
 
@@ -153,26 +171,15 @@ async def test_plc_tag_changeovers_while_running_are_exact(tmp_path, mqtt_broker
     """order_source: tag over OPC UA with the machine running (no pause at the changeover): the PLC completes the
     operation and shows the next order between two parts, every ~0.25 s, while parts come every 10 ms. Every unit
     is booked to the order it was made for, each completion carries its order's exact totals."""
-    from gateway.config import parse_config
-    from tests.e2e import IDENT
-
     m = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=61, counter_bits=32)
     async with OpcUaMachineServer(m, host="127.0.0.1", port=free_port()) as opc:
         n = opc.node_ids
         erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-tags")
         await erp.start()
-        cfg = parse_config({
-            "gateway": IDENT, "mqtt": {"port": mqtt_broker.port, "keepalive_s": 2},
-            "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
-            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5,
-                            "security": "none"}],
-            "machines": [{"id": "press-1", "order_source": "tag",
-                          "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
-                                       "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
-                          "order_tag": {"connector": "opc", "node_id": n["order"]},
-                          "operation_tag": {"connector": "opc", "node_id": n["operation"]},
-                          "complete_tag": {"connector": "opc", "node_id": n["complete"]},
-                          "reporting": {"interval_s": 0.2}}]}, "<test>")
+        cfg = press_on_opcua(tmp_path, mqtt_broker, opc, order_source="tag",
+                             order_tag={"connector": "opc", "node_id": n["order"]},
+                             operation_tag={"connector": "opc", "node_id": n["operation"]},
+                             complete_tag={"connector": "opc", "node_id": n["complete"]})
         rgw = RunningGateway(cfg)
         try:
             await rgw.start()
@@ -204,24 +211,12 @@ async def test_completed_operation_is_not_reopened_by_the_retained_dispatch(tmp_
     """The PLC's completion flag finishes the operation the ERP dispatched (retained, 'active'). After a restart the
     broker delivers that retained dispatch again: the operation stays completed (the dispatch is refused and counted),
     and parts made afterwards are unassigned, not booked to a finally confirmed operation."""
-    from gateway.config import parse_config
-    from tests.e2e import IDENT
-
     m = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=71, counter_bits=32)
     async with OpcUaMachineServer(m, host="127.0.0.1", port=free_port()) as opc:
         n = opc.node_ids
         erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-reopen")
         await erp.start()
-        cfg = parse_config({
-            "gateway": IDENT, "mqtt": {"port": mqtt_broker.port, "keepalive_s": 2},
-            "store": {"path": workdir(tmp_path, "gw") + "/gw.db"},
-            "connectors": [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "watchdog_interval_s": 0.5,
-                            "security": "none"}],
-            "machines": [{"id": "press-1",
-                          "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
-                                       "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
-                          "complete_tag": {"connector": "opc", "node_id": n["complete"]},
-                          "reporting": {"interval_s": 0.2}}]}, "<test>")
+        cfg = press_on_opcua(tmp_path, mqtt_broker, opc, complete_tag={"connector": "opc", "node_id": n["complete"]})
         rgw = RunningGateway(cfg)
         try:
             await rgw.start()
