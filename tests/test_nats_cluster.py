@@ -50,7 +50,7 @@ class Pub:
         self.c.reconnect_delay_set(0.1, 1)
         self.c.connect(host, port, keepalive=5)
         self.c.loop_start()
-        assert self.connected.wait(15)
+        assert self.connected.wait(30)
 
     def _on_disconnect(self, *a: object) -> None:
         self.connected.clear()
@@ -75,7 +75,7 @@ async def _js(cluster: NatsCluster):
     return nc, nc.jetstream(timeout=5)
 
 
-async def _retry(fn, timeout: float = 20.0):
+async def _retry(fn, timeout: float = 40.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -96,6 +96,23 @@ async def _with_consumer(cluster: NatsCluster):
                                                                       ack_policy=AckPolicy.EXPLICIT,
                                                                       filter_subject=FILTER)))
     return nc, js
+
+
+async def _mqtt_streams_led_without(cluster: NatsCluster, dead: str, timeout: float = 60.0) -> None:
+    """Wait until every stream of the MQTT side has a leader among the survivors. Until then an MQTT CONNECT (which
+    looks its session up) can hang; on a loaded 2-core machine the elections take several seconds."""
+    nc, js = await _js(cluster)
+    try:
+        async def led():
+            names = [i.config.name for i in await js.streams_info()]
+            mqtt_streams = [n for n in names if n.startswith("$MQTT_")]
+            assert "$MQTT_sess" in mqtt_streams
+            for name in mqtt_streams:
+                info = await js.stream_info(name)
+                assert info.cluster.leader and info.cluster.leader != dead, name
+        await _retry(led, timeout=timeout)
+    finally:
+        await nc.close()
 
 
 async def _stored(js) -> list[bytes]:
@@ -226,9 +243,22 @@ async def test_publisher_fails_over_to_another_node_with_the_same_client_id(clus
     sub.loop_start()
     sub.subscribe("edge/v1/acme/plant-1/assembly/line-1/+/dispatch", qos=1)
     assert subscribed.wait(10)
+    # the session (with its subscription) is a message in $MQTT_sess, replicated like the others: wait until every
+    # replica holds it before the kill, and until the survivors have elected a leader after it; under load the
+    # election can take seconds, and a connect before it finds no session store to look in
+    nc, js = await _js(cluster)
+    try:
+        async def session_replicated():
+            info = await js.stream_info("$MQTT_sess")
+            assert info.cluster.leader and len(info.cluster.replicas or []) == 2
+            assert all(r.current and not r.lag for r in info.cluster.replicas)
+        await _retry(session_replicated)
+    finally:
+        await nc.close()
     cluster.kill(0)
     pub.c.loop_stop()
     sub.loop_stop()
+    await _mqtt_streams_led_without(cluster, a.name)
     b = cluster.nodes[1]
     pub2 = Pub(b.host, b.mqtt_port, "gw-failover")
     assert pub2.publish(TOPIC, b'{"n":2}', timeout=15).is_published()
