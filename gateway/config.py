@@ -335,14 +335,25 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return loc
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~20x faster on a 3,000-machine file
+
+
 class _LineIndex:
-    """Maps a field path to the line of the YAML file it was written on (best effort)."""
+    """Maps a field path to the line of the YAML file it was written on (best effort). The file is composed into
+    nodes (with their marks) only when a problem is reported: a valid config is parsed once."""
 
     def __init__(self, text: str) -> None:
-        try:
-            self.root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            self.root = None
+        self.text = text
+        self._root: Any = False
+
+    @property
+    def root(self) -> Any:
+        if self._root is False:
+            try:
+                self._root = yaml.compose(self.text, Loader=_YAML_LOADER)
+            except yaml.YAMLError:
+                self._root = None
+        return self._root
 
     def line(self, loc: tuple[Any, ...]) -> int | None:
         node = self.root
@@ -518,7 +529,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     except OSError as exc:
         raise ConfigError(file, [ConfigProblem(path="", message=f"cannot read the file: {exc.strerror}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader (libyaml's when available)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
