@@ -263,7 +263,7 @@ class GatewayConfig(_Model):
         return next(c for c in self.connectors if c.id == connector_id)
 
     def tag_address(self, machine_id: str, signal: str) -> Any:
-        return self._tag_addresses[(machine_id, signal)]
+        return self.__pydantic_private__["_tag_addresses"][(machine_id, signal)]  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------------------------------------------

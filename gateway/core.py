@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import heapq
+import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,18 @@ def checkpoint_interval(specs: Any) -> float:
              for spec in specs for b in [*spec.counters.values(), *(m.binding for m in spec.materials.values())]
              if b.spec.mode == "cumulative" and b.spec.modulus and b.spec.max_rate > 0]
     return max(1.0, min([CHECKPOINT_S, *(w / 2 for w in wraps)]))
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): the start time an operator sees."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
@@ -145,6 +158,7 @@ class Core:
         self._commit_backoff_until = 0.0
         self._commit_failing: str | None = None
         self._full = False
+        self._first_samples = False
         self.heartbeat = 0.0  # monotonic time of the core loop's last round
 
     def restore(self, snapshots: dict[str, Any], next_seq: int, encoder: EventEncoder) -> None:
@@ -239,6 +253,9 @@ class Core:
         if self.queued_samples < MAX_QUEUED_SAMPLES // 2 and "input_overflow" in self.alarms:
             self.alarms.clear("input_overflow", coalesced_total=self.stats.samples_coalesced)
         inbox = self.inbox
+        if not self._first_samples and self.queued_samples:
+            self._first_samples = True
+            log.info("core.first_samples", process_age_s=process_age_s(), samples=self.queued_samples)
         n = 0
         while inbox and n < CORE_BATCH:
             item = inbox.popleft()
