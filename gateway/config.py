@@ -542,8 +542,18 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
 
 def resolve_paths(cfg: GatewayConfig, base: str | os.PathLike[str]) -> GatewayConfig:
     """Make relative file paths of the config absolute against ``base`` (the config file's directory):
-    ``store.path``. Started from another working directory the gateway must open the same store, not a fresh one
-    with a new epoch next to an orphaned backlog."""
-    if not os.path.isabs(cfg.store.path):
-        cfg.store.path = os.path.normpath(os.path.join(os.fspath(base), cfg.store.path))
+    ``store.path``, and every ``*_file`` key of ``mqtt``, ``mqtt.tls`` and the connectors (password files, TLS and
+    user certificates and keys). Started from another working directory the gateway must open the same store, not a
+    fresh one with a new epoch next to an orphaned backlog, and read the same secrets."""
+    root = os.fspath(base)
+
+    def absolute(path: str) -> str:
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
+
+    cfg.store.path = absolute(cfg.store.path)
+    for model in (cfg.mqtt, cfg.mqtt.tls, *cfg.connectors):
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if name.endswith("_file") and isinstance(value, str) and value:
+                setattr(model, name, absolute(value))
     return cfg
