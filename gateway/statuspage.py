@@ -30,14 +30,14 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from gateway.dispatch import ErpAck
-    from gateway.store import OutboxRow, Store
+    from gateway.store import PendingRow, Store
     from mappings.machine import EventDraft
 
 HISTORY_STEP_S = 2.0  # at most one history point per machine per this many seconds (later commits update it)
 HISTORY_POINTS = 330  # 11 minutes at one point per 2 s: the chart shows the last 10
 RATE_WINDOW_S = 60.0  # parts per minute: over the trailing minute
 CHART_SPAN_S = 600.0
-RECENT_EVENTS = 1024  # per machine: event ids the ERP may acknowledge, resolved to type and sequence number
+RECENT_EVENTS = 256  # per machine: recent events, to name the one the ERP acknowledged (type, sequence number)
 QUANTITY_REPORTED = "operation.quantity_reported"
 
 
@@ -60,13 +60,18 @@ def _parts(draft: EventDraft) -> Decimal:
     return total
 
 
+def _event_type(topic: str) -> str:
+    """``.../{machine}/events/{type}`` → type."""
+    return topic.rpartition("/")[2]
+
+
 class _Machine:
     __slots__ = ("acks", "connectors", "history", "last_event", "produced", "recent", "staged_parts")
 
     def __init__(self, connectors: list[str], now: float) -> None:
         self.connectors = connectors
         self.last_event: dict[str, Any] | None = None
-        self.recent: collections.OrderedDict[str, tuple[str, int, float]] = collections.OrderedDict()
+        self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=RECENT_EVENTS)  # (seq, topic)
         self.acks: dict[str, Any] = {"accepted": 0, "rejected": 0, "last": None}
         self.history: collections.deque[list[float]] = collections.deque([[now, 0.0]], maxlen=HISTORY_POINTS)
         self.staged_parts = Decimal(0)  # of quantity reports staged, not yet committed
@@ -80,7 +85,9 @@ class Activity:
     def __init__(self, cfg: GatewayConfig) -> None:
         now = time.time()
         self.started = now
+        self.event_id: Any = None  # seq -> event id of this store (EventEncoder.event_id), set once the store is open
         self._m: dict[str, _Machine] = {}
+        self._staged: set[_Machine] = set()  # machines with parts in quantity reports not yet committed
         for m in cfg.machines:
             used = [b.connector for b in m.counters.values()] + [b.connector for b in m.materials.values()]
             used += [t.connector for t in (m.state, m.order_tag, m.operation_tag, m.complete_tag) if t is not None]
@@ -92,19 +99,24 @@ class Activity:
                 m = self._m.get(d.subject)
                 if m is not None:
                     m.staged_parts += _parts(d)
+                    self._staged.add(m)
 
-    def committed(self, rows: list[OutboxRow], event_id: Any) -> None:
-        """Rows are in the store: the last event per machine, their ids, and the staged parts become history."""
+    def committed(self, rows: list[PendingRow]) -> None:
+        """Rows are in the store: the last event per machine, and the staged parts become history. Per row only a
+        deque append (a group commit may carry 100 000 rows); event ids are computed when an ack is shown."""
         now = time.time()
+        machines = self._m
+        touched = set()
         for r in rows:
-            m = self._m.get(r.machine)
-            if m is None:
-                continue
-            m.recent[event_id(r.seq)] = (r.type, r.seq, now)
-            if len(m.recent) > RECENT_EVENTS:
-                m.recent.popitem(last=False)
-            m.last_event = {"type": r.type, "seq": r.seq, "time": now}
-        for m in self._m.values():
+            m = machines.get(r.machine)
+            if m is not None:
+                m.recent.append((r.seq, r.topic))
+                touched.add(m)
+        for m in touched:
+            seq, topic = m.recent[-1]
+            m.last_event = {"type": _event_type(topic), "seq": seq, "time": now}
+        staged, self._staged = self._staged, set()
+        for m in staged:
             if m.staged_parts:
                 m.produced += m.staged_parts
                 m.staged_parts = Decimal(0)
@@ -119,13 +131,23 @@ class Activity:
         if m is None:
             return
         m.acks[ack.status] += 1
-        known = m.recent.get(ack.event_id or "")
-        last: dict[str, Any] = {"status": ack.status, "id": ack.event_id, "time": time.time(),
-                                "type": ack.type or (known[0] if known else None),
-                                "seq": ack.seq or (known[1] if known else None)}
+        last: dict[str, Any] = {"status": ack.status, "id": ack.event_id, "time": time.time(), "type": ack.type,
+                                "seq": ack.seq}
         if ack.status == "rejected":
             last["reason"] = ack.reason
         m.acks["last"] = last
+
+    def _resolve(self, m: _Machine) -> None:
+        """Name the last acknowledged event (an acceptance carries only its id): the newest recent events of the
+        machine are tried, once per ack, when /status is asked for."""
+        last = m.acks["last"]
+        if last is None or last["type"] is not None or last.get("resolved") or self.event_id is None:
+            return
+        last["resolved"] = True
+        for seq, topic in reversed(m.recent):
+            if self.event_id(seq) == last["id"]:
+                last["type"], last["seq"] = _event_type(topic), seq
+                return
 
     def machine(self, machine: str, connectors: dict[str, dict[str, Any]], now: float | None = None) -> dict[str, Any]:
         """The page's fields of one machine. ``connectors``: component status by connector id."""
@@ -133,6 +155,7 @@ class Activity:
         if m is None:
             return {}
         now = time.time() if now is None else now
+        self._resolve(m)
         points = list(m.history)
         if now > points[-1][0]:
             points.append([now, points[-1][1]])  # nothing reported since: the rate falls as time passes
@@ -140,7 +163,8 @@ class Activity:
         return {
             "connectors": {cid: connectors.get(cid, {}) for cid in m.connectors},
             "last_event": m.last_event,
-            "erp_acks": dict(m.acks),
+            "erp_acks": {**m.acks, "last": {k: v for k, v in m.acks["last"].items() if k != "resolved"}
+                         if m.acks["last"] else None},
             "parts_produced": float(m.produced),
             "parts_per_minute": series[-1][1] if series else 0.0,
             "parts_per_minute_history": series,
