@@ -240,3 +240,49 @@ async def test_status_page_is_self_contained_and_read_only_without_token(tmp_pat
             assert "outbox_oldest_age_s" in st
     finally:
         await rgw.stop()
+
+
+def test_parts_per_minute_and_erp_ack_from_the_commits(monkeypatch):
+    """The gateway-side figures the page draws: parts per minute over the trailing minute from the committed quantity
+    reports (staged but uncommitted parts do not count), falling when nothing more is reported; the last committed
+    event; an ERP acceptance (which carries only the event id) named by type and sequence number."""
+    from gateway import statuspage
+    from gateway.config import parse_config
+    from gateway.dispatch import ErpAck
+    from gateway.events import EventEncoder, Topics
+    from gateway.store import OutboxRow
+    from mappings.machine import EventDraft
+    from tests.e2e import IDENT
+
+    clock = [1000.0]
+    monkeypatch.setattr(statuspage.time, "time", lambda: clock[0])
+    cfg = parse_config({"gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": "/nonexistent/gw.db"},
+                        "connectors": [{"type": "opcua", "id": "opc", "endpoint": "opc.tcp://127.0.0.1:1"}],
+                        "machines": [{"id": "m1", "counters": {"good": {"connector": "opc", "node_id": "ns=2;s=g"}}}]},
+                       "<test>")
+    act = statuspage.Activity(cfg)
+    enc = EventEncoder(cfg.gateway, Topics(cfg.mqtt.topic_root, cfg.gateway), "e" * 32)
+    act.event_id = enc.event_id
+    report = EventDraft("operation.quantity_reported", "m1", 0.0,
+                        {"quantities": {"yield": "9", "scrap": "1", "rework": "0"}})
+    for seq in range(1, 91):  # 10 parts committed every 2 s: 300 parts per minute
+        clock[0] += 2
+        act.staged([report])
+        act.committed([OutboxRow(seq, "m1", report.type, "t", b"")])
+    act.staged([report])  # staged, the commit has not happened: not produced yet
+    m = act.machine("m1", {"opc": {"state": "connected"}})
+    assert m["parts_per_minute"] == 300 and m["parts_produced"] == 900
+    assert m["connectors"] == {"opc": {"state": "connected"}}
+    assert m["last_event"] == {"type": report.type, "seq": 90, "time": clock[0]}
+    series = m["parts_per_minute_history"]
+    assert series[-1][0] == clock[0] and clock[0] - series[0][0] <= statuspage.CHART_SPAN_S
+    assert all(p[1] == 300 for p in series if p[0] >= 1000 + 62)  # after the first minute, steady
+    clock[0] += 30  # nothing reported for 30 s: half the trailing minute is empty
+    assert act.machine("m1", {})["parts_per_minute"] == 150
+
+    assert act.machine("m1", {})["erp_acks"] == {"accepted": 0, "rejected": 0, "last": None}
+    act.erp_ack("m1", ErpAck("accepted", enc.event_id(88)))
+    act.erp_ack("unknown-machine", ErpAck("accepted", enc.event_id(89)))  # ignored
+    acks = act.machine("m1", {})["erp_acks"]
+    assert acks["accepted"] == 1 and acks["last"] == {"status": "accepted", "id": enc.event_id(88), "time": clock[0],
+                                                       "type": report.type, "seq": 88}
