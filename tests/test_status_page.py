@@ -250,7 +250,7 @@ def test_parts_per_minute_and_erp_ack_from_the_commits(monkeypatch):
     from gateway.config import parse_config
     from gateway.dispatch import ErpAck
     from gateway.events import EventEncoder, Topics
-    from gateway.store import OutboxRow
+    from gateway.store import PendingRow
     from mappings.machine import EventDraft
     from tests.e2e import IDENT
 
@@ -268,7 +268,7 @@ def test_parts_per_minute_and_erp_ack_from_the_commits(monkeypatch):
     for seq in range(1, 91):  # 10 parts committed every 2 s: 300 parts per minute
         clock[0] += 2
         act.staged([report])
-        act.committed([OutboxRow(seq, "m1", report.type, "t", b"")])
+        act.committed([PendingRow(seq, f"edge/v1/acme/p1/a1/l1/m1/events/{report.type}", b"", "m1", seq)])
     act.staged([report])  # staged, the commit has not happened: not produced yet
     m = act.machine("m1", {"opc": {"state": "connected"}})
     assert m["parts_per_minute"] == 300 and m["parts_produced"] == 900
