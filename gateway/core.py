@@ -151,6 +151,7 @@ class Core:
         self.scheduled: dict[str, float] = {}
         self.faulted: dict[str, str] = {}  # machine -> error: its engine raised; its samples are ignored
         self.after_commit: list[Callable[[], Awaitable[None]]] = []  # awaited by the core after its commit
+        self.on_staged: Callable[[list[EventDraft]], None] | None = None  # sees the drafts staged (the status page)
         self.next_seq = 1
         self.uncommitted: list[OutboxRow] = []
         self._last_checkpoint = 0.0
@@ -564,6 +565,8 @@ class Core:
                 else:
                     kept.append(ev)
             events = kept
+        if self.on_staged is not None:
+            self.on_staged(events)
         encode = self.encoder.encode
         for ev in events:
             seq = self.next_seq

@@ -39,7 +39,8 @@ from gateway.orders import (
     OrderCommand,
     PlcTagOrders,
 )
-from gateway.store import Store, StoreError
+from gateway.statuspage import Activity, identity
+from gateway.store import PendingRow, Store, StoreError
 from mappings.counters import CounterSpec
 from mappings.machine import (
     CounterBinding,
@@ -119,6 +120,7 @@ class Gateway:
         self.specs = {s.id: s for s in machine_specs(cfg)}
         self.stats = Stats()
         self.alarms = Alarms()
+        self.activity = Activity(cfg)  # the status page's per-machine figures (gateway/statuspage.py)
         self._order_source = {m.id: m.order_source for m in cfg.machines}
         self.connectors: dict[str, Connector] = {}
         status_topic = self.topics.status()
@@ -139,8 +141,9 @@ class Gateway:
         tag_machines = {m.id: m.order_source == "tag" for m in cfg.machines
                         if m.order_tag is not None or m.complete_tag is not None}
         self.core = Core(self.specs, routes, self.store, stats=self.stats, alarms=self.alarms,
-                         tags=PlcTagOrders(tag_machines), read=self._cut_read, notify=self.publisher.notify,
+                         tags=PlcTagOrders(tag_machines), read=self._cut_read, notify=self._committed,
                          on_refused=self._order_refused)
+        self.core.on_staged = self.activity.staged
         self.dispatch = MqttDispatchSource(self.topics, self._order_source, self.core.put,
                                            self._count_rejected_dispatch, self._publish_answer)
         self.local_orders = LocalOrderSource(self._order_source, self.core.put, self.core.refusal)
@@ -148,6 +151,11 @@ class Gateway:
         self.crashes: dict[str, int] = {}
         self._stopping = False
         self._build_connectors(routes)
+
+    def _committed(self, rows: list[PendingRow]) -> None:
+        """The core committed rows: the publisher takes them; the status page notes them."""
+        self.publisher.notify(rows)
+        self.activity.committed(rows)
 
     # the core's state, read by status, the HTTP API and tests
     @property
@@ -247,6 +255,7 @@ class Gateway:
             metrics.ACKS_REJECTED.labels(exc.reason).inc()
             log.warning("erp_ack.rejected", topic=topic, reason=exc.reason, detail=exc.detail[:300], size=len(payload))
             return
+        self.activity.erp_ack(ack.machine or topic.rsplit("/", 2)[-2], ack)
         if ack.status != "rejected":
             return  # positive acknowledgements carry no action here
         rejection = _ErpRejection(ack.event, ack.reason or "rejected by the ERP")
@@ -275,6 +284,7 @@ class Gateway:
             snapshots = await self.store.load_states()
             self.core.restore(snapshots, self.store.next_seq,
                               EventEncoder(self.cfg.gateway, self.topics, self.store.epoch))
+            self.activity.event_id = self.core.encoder.event_id
             log.info("gateway.started", gateway=self.cfg.gateway.id, machines=len(self.engines),
                      connectors=len(self.connectors), pending=self.store.pending)
             if self.cfg.http.enabled:
@@ -334,11 +344,13 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         comps = {f"connector.{cid}": c.status.as_dict() for cid, c in self.connectors.items()}
         comps["mqtt"] = self.link.status.as_dict()
+        conns = {cid: comps[f"connector.{cid}"] for cid in self.connectors}
         alarms = self.alarms.ids()
         healthy = all(c.status.state == ComponentState.CONNECTED for c in self.connectors.values()) and \
             self.link.status.state == ComponentState.CONNECTED and not alarms
         return {
             "gateway": self.cfg.gateway.id,
+            "identity": identity(self.cfg, self.activity.started),
             "healthy": healthy,
             "components": comps,
             "outbox_pending": self.store.pending,
@@ -357,7 +369,8 @@ class Gateway:
                       "state": e.machine_state,
                       "faulted": self.core.faulted.get(mid),
                       "changeover_pending": mid in self.core.cuts,
-                      "totals": {k: str(v) for k, v in e.totals.items()}}
+                      "totals": {k: str(v) for k, v in e.totals.items()},
+                      **self.activity.machine(mid, conns)}
                 for mid, e in self.engines.items()
             },
         }
