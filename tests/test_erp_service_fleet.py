@@ -5,7 +5,7 @@ machines' ground truth exactly (final confirmations included), no document was p
 
 from __future__ import annotations
 
-from bench.fleet import run_fleet
+from simulators.fleet import run_fleet
 
 
 async def test_fleet_with_chaos(tmp_path, record_property):
