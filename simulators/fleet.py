@@ -126,8 +126,8 @@ def gateway_doc(g: int, endpoints: list[tuple[str, int]], store: Path, machines:
         "gateway": {"id": f"gw-{g}", "enterprise": ENTERPRISE, "site": SITE, "area": AREA, "line": f"line-{g}"},
         # NATS 2.9 refuses MQTT topics containing '.', so the per-type topics cannot be used: batch mode
         # every node's MQTT endpoint, tried in turn (the gateway fails over when its node dies)
-        "mqtt": {"brokers": [f"{h}:{p}" for h, p in endpoints], "protocol": "3.1.1", "keepalive_s": 2,
-                 "batch_max_events": 50},
+        "mqtt": {"broker_kind": "nats", "brokers": [f"{h}:{p}" for h, p in endpoints], "protocol": "3.1.1",
+                 "keepalive_s": 2, "batch_max_events": 50},
         "store": {"path": str(store)},
         "logging": {"format": "json", "level": "info"},
         "connectors": conns,
