@@ -148,7 +148,8 @@ def run_fleet_demo(duration: float | None = None, workdir: str | None = None, ch
     try:
         if workdir is not None:
             path = Path(workdir)
-            shutil.rmtree(path / "nats", ignore_errors=True)  # a previous run's JetStream state
+            for old in ("nats", "logs", "gw-0", "gw-1"):  # a previous run's JetStream state, logs, gateway stores
+                shutil.rmtree(path / old, ignore_errors=True)
             return asyncio.run(_run(duration, path, chaos, admin_dsn, out))
         with tempfile.TemporaryDirectory(prefix="edge-fleet-demo-") as d:
             return asyncio.run(_run(duration, Path(d), chaos, admin_dsn, out))
