@@ -283,6 +283,14 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                 await asyncio.sleep(0.5)
                 await gws[0].spawn()
                 chaos_log.append("gateway gw-0 restarted")
+                if len(gws) > 1:
+                    # gw-1 lists the dead node 3 first: after its restart it must move on to node 1
+                    await at(0.42)
+                    await gws[1].kill()
+                    chaos_log.append("gateway gw-1 SIGKILL")
+                    await asyncio.sleep(0.5)
+                    await gws[1].spawn()
+                    chaos_log.append("gateway gw-1 restarted (its first node still dead)")
                 await at(0.5)
                 endpoint.set_failing(True)
                 chaos_log.append("ERP failing (503)")
