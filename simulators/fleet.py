@@ -167,6 +167,24 @@ async def _wait(pred: Callable[[], Any], timeout: float, what: str, interval: fl
         await asyncio.sleep(interval)
 
 
+def _nodes_connected(proc: Proc, node_of: dict[int, str]) -> list[str]:
+    """The NATS nodes a gateway process connected to, in order, over all its generations (its JSON log lines)."""
+    out: list[str] = []
+    for gen in range(1, proc.generation + 1):
+        path = proc.log_dir / f"{proc.name}-{gen:02d}.log"
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+            if '"mqtt.connected"' not in line:
+                continue
+            try:
+                port = json.loads(line).get("port")
+            except ValueError:
+                continue
+            node = node_of.get(port, str(port))
+            if not out or out[-1] != node:
+                out.append(node)
+    return out
+
+
 async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: int = 2, workers: int = 2,
                     produce_s: float = 20.0, chaos: bool = True, cycle_time: float = 0.03,
                     say: Callable[[str], Any] = print, admin_dsn: str = ADMIN_DSN,
@@ -346,8 +364,10 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                                 "event_time)), percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM "
                                 "sent_at - event_time)), count(*) FROM erp_outbox WHERE state='sent'")
             gaps = await _q(dsn, "SELECT source, epoch, low, high FROM erp_streams WHERE low < high")
+            node_of = {port: f"n{i + 1}" for i, (_, port) in enumerate(cluster.mqtt_endpoints)}
             summary.update({
                 "chaos_log": chaos_log,
+                "gateway_nodes": {p.name: _nodes_connected(p, node_of) for p in gws},
                 "parts_made": sum(m.parts_made for m in models.values()),
                 "events_committed": n_events,
                 "duplicates_absorbed_by_erp_service": int(dups),
@@ -370,6 +390,8 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
             assert conflicts == 0, f"{conflicts} conflicting duplicates"
             assert not endpoint.duplicates, f"documents posted twice: {endpoint.duplicates}"
             assert rejected == 0, f"{rejected} events rejected"
+            if chaos and len(gws) > 1:  # gw-1 started on node 3, which died: it must have published through another
+                assert set(summary["gateway_nodes"]["gw-1"]) - {"n3"}, f"gw-1 never failed over: {summary}"
             for p in wks + gws:
                 await p.terminate()
             summary["ok"] = True
