@@ -83,6 +83,12 @@ class MqttConfig(_Model):
         0, ge=0, description="Max events/s when draining a backlog after an outage (0 = as fast as the broker acks); "
         "live events are not limited."
     )
+    broker_kind: Literal["mqtt", "nats"] = Field(
+        "mqtt", description="'nats': the broker is the MQTT endpoint of nats-server (2.9), which closes the connection "
+        "on a topic containing '.'. Then validate (and start-up) require protocol 3.1.1, batch mode "
+        "(batch_max_events >= 2: everything on .../events/batch) and no '.' in topic_root, the gateway identity and "
+        "machine ids. 'mqtt' (default): any MQTT broker (mosquitto, ...)."
+    )
 
     @model_validator(mode="after")
     def _password(self) -> "MqttConfig":
@@ -462,7 +468,35 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
                 seen[key] = f"machines[{i}].{signal if signal in non_counters else 'counters.' + signal}"
             if signal not in non_counters:
                 problems.extend(_check_counter_type(base, b, addr, ctype))
+    problems.extend(_check_nats_topics(data))
     return problems, addresses
+
+
+def _check_nats_topics(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """``mqtt.broker_kind: nats``: every topic the gateway publishes or subscribes to must be free of '.', which
+    nats-server 2.9 refuses by closing the connection (the gateway would reconnect and resend forever)."""
+    mqtt = data.get("mqtt") if isinstance(data.get("mqtt"), dict) else {}
+    if mqtt.get("broker_kind") != "nats":
+        return []
+    why = "nats-server refuses MQTT topics containing '.' (mqtt.broker_kind: nats)"
+    out: list[tuple[tuple[Any, ...], str]] = []
+    if mqtt.get("protocol", "5") != "3.1.1":
+        out.append((("mqtt", "protocol"), 'the MQTT endpoint of nats-server speaks MQTT 3.1.1 only: set protocol: "3.1.1"'))
+    batch = mqtt.get("batch_max_events", 0)
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch < 2:
+        msg = (f"is {batch}: the per-type event topics contain a '.' (.../events/operation.quantity_reported) and "
+               f"{why}; set batch_max_events to 2 or more (batch mode: every event goes to .../events/batch; the "
+               "ERP service accepts batches)")
+        out.append((("mqtt", "batch_max_events"), msg))
+    names = [(("mqtt", "topic_root"), mqtt.get("topic_root"))]
+    ident = data.get("gateway") if isinstance(data.get("gateway"), dict) else {}
+    names += [(("gateway", k), ident.get(k)) for k in ("id", "enterprise", "site", "area", "line")]
+    machines = data.get("machines") if isinstance(data.get("machines"), list) else []
+    names += [(("machines", i, "id"), m.get("id")) for i, m in enumerate(machines) if isinstance(m, dict)]
+    for loc, name in names:
+        if isinstance(name, str) and "." in name:
+            out.append((loc, f"{name!r} is a topic level and {why}; use '-' or '_' instead of '.'"))
+    return out
 
 
 def _check_counter_type(base: tuple[Any, ...], b: dict[str, Any], addr: Any, ctype: str) -> list[tuple[tuple[Any, ...], str]]:

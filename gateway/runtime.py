@@ -98,6 +98,10 @@ async def run_until_really_cancelled(fn: Any, name: str) -> Any:
     return task.result()
 
 
+ERP_REJECTED_ALARM = ("the ERP rejected events (acks topic): they are in the quarantine, not posted "
+                      "(`edge-gateway buffer list --quarantine`); retry or purge them with the gateway stopped")
+
+
 @dataclass
 class _ErpRejection:
     event: dict[str, Any]
@@ -275,6 +279,8 @@ class Gateway:
             return
         self.stats.erp_rejections += 1
         log.error("erp_ack.event_rejected", id=ev.get("id"), type=etype, machine=machine, reason=r.reason)
+        self.alarms.raise_("erp_rejected", "warning", ERP_REJECTED_ALARM, rejected=self.stats.erp_rejections,
+                           last_id=ev.get("id"), last_machine=machine, last_reason=r.reason[:300])
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -285,6 +291,8 @@ class Gateway:
             self.core.restore(snapshots, self.store.next_seq,
                               EventEncoder(self.cfg.gateway, self.topics, self.store.epoch))
             self.activity.event_id = self.core.encoder.event_id
+            if n := await self.store.count_quarantined_by_erp():  # still there from a previous run
+                self.alarms.raise_("erp_rejected", "warning", ERP_REJECTED_ALARM, rejected=n)
             log.info("gateway.started", gateway=self.cfg.gateway.id, machines=len(self.engines),
                      connectors=len(self.connectors), pending=self.store.pending)
             if self.cfg.http.enabled:
