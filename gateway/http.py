@@ -67,7 +67,9 @@ class HttpApi:
         return _json(self.gw.status())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # the process-wide registry (alarms, dispatches, process_*) and this gateway's own (gateway/exporter.py)
+        body = generate_latest() + generate_latest(self.gw.exporter.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def order(self, request: web.Request) -> web.Response:
         if self._token is not None:

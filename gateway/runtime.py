@@ -31,6 +31,7 @@ from gateway.dispatch import DispatchRejected, parse_dispatch, parse_erp_ack
 from gateway.faults import crash_point
 from gateway.orders import OrderCommand, TagOrderTracker
 from gateway.events import EventEncoder, Topics
+from gateway.exporter import GatewayMetrics
 from gateway.mqtt import MqttLink, Publisher
 from gateway.store import OutboxRow, Store, StoreError
 from mappings.counters import CounterSpec
@@ -218,6 +219,7 @@ class Gateway:
         self.crashes: dict[str, int] = {}
         self._stopping = False
         self._build_connectors()
+        self.exporter = GatewayMetrics(self)  # this gateway's metrics registry, read at scrape time
 
     # ------------------------------------------------------------------ wiring
     def _build_connectors(self) -> None:
@@ -355,8 +357,9 @@ class Gateway:
             metrics.ACKS_REJECTED.labels(exc.reason).inc()
             log.warning("erp_ack.rejected", topic=topic, reason=exc.reason, detail=exc.detail[:300], size=len(payload))
             return
+        self.exporter.erp_ack(ack)  # counted; an accepted one is timed (sync latency)
         if ack.status != "rejected":
-            return  # positive acknowledgements carry no action here
+            return  # positive acknowledgements carry no other action here
         self._rejections.append(_ErpRejection(ack.event, ack.reason or "rejected by the ERP"))
         self._inbox_ready.set()
 
@@ -805,7 +808,7 @@ class Gateway:
                 self._fault(ev.subject, exc)
                 continue
             self._next_seq = seq + 1
-            self._uncommitted.append(OutboxRow(seq, ev.subject, ev.type, topic, payload))
+            self._uncommitted.append(OutboxRow(seq, ev.subject, ev.type, topic, payload, ev.time))
             self._dirty.add(ev.subject)
 
     async def _commit(self, *, force: bool = False) -> None:
@@ -825,6 +828,7 @@ class Gateway:
         with_rows = {r.machine for r in rows}
         committed = [m for m in dirty if checkpoint or m in with_rows or engines[m].urgent]
         states = {m: engines[m].snapshot() for m in committed}
+        started = time.monotonic()
         try:
             committed_rows = await self.store.commit(states, rows, self._next_seq)
         except StoreError as exc:
@@ -853,13 +857,11 @@ class Gateway:
         if checkpoint:
             self._last_checkpoint = now
         self.stats.commits += 1
+        self.exporter.committed(rows, time.monotonic() - started)
         if rows:
             self.stats.events_committed += len(rows)
-            for r in rows:
-                metrics.EVENTS_COMMITTED.labels(r.type).inc()
             self.publisher.notify(committed_rows)
             crash_point("core.handed_over")
-        metrics.OUTBOX_PENDING.set(self.store.pending)
 
     _commit_failing: str | None = None
 
