@@ -287,3 +287,44 @@ def test_sync_latency_tracking_is_bounded_and_keyed_by_the_encoded_event_id(tmp_
     assert m.sync_untracked > 0
     m.erp_ack(ErpAck("accepted", enc.event_id(100 + SYNC_TRACK_MAX + 5)))  # recent ones are still tracked
     assert sync_count() == 2
+
+
+# ---------------------------------------------------------------------------------------------------- a frozen broker
+
+async def test_inflight_messages_while_the_broker_is_frozen(tmp_path, mqtt_broker):
+    """A broker that stops answering (SIGSTOP) without closing its sockets: the gateway has not noticed yet, keeps
+    publishing into the void, and the messages in flight are visible; they drain after SIGCONT."""
+    import os
+    import signal
+
+    model = MachineModel("Press2", cycle_time=0.01, seed=5)
+    port = free_port()
+    async with ModbusMachineServer(model, port=free_port()) as mb:
+        cfg = with_http(gateway_config(broker_port=mqtt_broker.port, store_path=str(tmp_path / "gw.db"), modbus=mb,
+                                       interval_s=0.1, keepalive_s=10), port)
+        rg = RunningGateway(cfg)
+        gw = await rg.start()
+        task = asyncio.create_task(model.run_forever())
+        model.start()
+        frozen = False
+        try:
+            await wait_until(lambda: gw.publisher.acked >= 3, 15)
+            os.kill(mqtt_broker.pid, signal.SIGSTOP)
+            frozen = True
+            await wait_until(lambda: gw.publisher.inflight >= 3, 10)
+            s = await scrape(port)
+            assert val(s, "edge_gateway_mqtt_connected") == 1  # not noticed (keepalive 10 s)
+            assert val(s, "edge_gateway_mqtt_inflight_messages") >= 3
+            os.kill(mqtt_broker.pid, signal.SIGCONT)
+            frozen = False
+            model.pause()
+            await wait_until(lambda: gw.store.pending == 0 and not gw._uncommitted and gw.publisher.inflight == 0, 15)
+            s = await scrape(port)
+            assert val(s, "edge_gateway_mqtt_inflight_messages") == 0
+        finally:
+            if frozen:
+                os.kill(mqtt_broker.pid, signal.SIGCONT)
+            model.pause()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await rg.stop()
