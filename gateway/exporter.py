@@ -85,7 +85,7 @@ class GatewayMetrics:
     The runtime calls :meth:`committed` after each successful group commit and :meth:`erp_ack` for each valid ERP
     acknowledgement; connectors get a duration observer (:meth:`wire`)."""
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.registry = CollectorRegistry(auto_describe=False)
         self.commit_seconds = Histogram(
@@ -112,7 +112,7 @@ class GatewayMetrics:
         self.wire()
 
     # ------------------------------------------------------------------ called by the runtime
-    def committed(self, rows: list["OutboxRow"], seconds: float) -> None:
+    def committed(self, rows: list[OutboxRow], seconds: float) -> None:
         """After a successful group commit of ``rows`` that took ``seconds``: once per commit, not per event."""
         self.commit_seconds.observe(seconds)
         if not rows:
@@ -127,7 +127,7 @@ class GatewayMetrics:
                     del sent[k]
                 self.sync_untracked += drop
 
-    def erp_ack(self, ack: "ErpAck") -> None:
+    def erp_ack(self, ack: ErpAck) -> None:
         """A valid ERP acknowledgement arrived (accepted or rejected): count it; time an accepted one."""
         now = time.time()
         self.erp_acks[ack.status] += 1
@@ -274,7 +274,7 @@ class GatewayCollector(Collector):
                        m.sync_untracked)
 
 
-def _oldest(gw: "Gateway") -> float | None:
+def _oldest(gw: Gateway) -> float | None:
     if gw.store.pending <= 0 or gw.store._db is None:
         return None
     try:

@@ -2,7 +2,7 @@
 
 GET  /health                      200 when every component is connected, else 503 (JSON body either way)
 GET  /status                      component states, outbox, per-machine order and totals
-GET  /metrics                     Prometheus text format
+GET  /metrics                     Prometheus text format (docs/metrics.md)
 POST /machines/{machine}/order    local order command: {"order", "operation", "status"?} or {"clear": true}
                                   (machines with order_source: local; bearer token when http.token_env is set)
 """
