@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import os
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -71,7 +73,7 @@ def oldest_pending_created(path: str) -> float | None:
 
     A read on a connection of its own (WAL: it never waits for the gateway's writer): the lowest id is the first
     entry of the table's primary-key b-tree, so this costs the same with ten rows as with ten million."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    db = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=1)
     try:
         row = db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
     finally:
