@@ -129,7 +129,8 @@ async def test_metrics_move_under_production(tmp_path, mqtt_broker):
             await wait_until(lambda: settled(gw), 15)
             # ... and the ERP has answered every event it got
             await wait_until(lambda: erp.stats["accepted"] + erp.stats["refused"] >= gw.stats.events_committed
-                             and gw.exporter.erp_acks["accepted"] >= erp.stats["accepted"], 15)
+                             and gw.exporter.erp_acks["accepted"] >= erp.stats["accepted"], 15,
+                             message="the gateway did not take in the ERP's acknowledgements")
             after = await scrape(port)
         finally:
             await rg.stop()
