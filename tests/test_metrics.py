@@ -5,10 +5,13 @@ prometheus-client's own parser. Each metric is checked to move under the load th
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import GatewayConfig
@@ -139,6 +142,7 @@ async def test_metrics_move_under_production(tmp_path, mqtt_broker):
     def moved(name: str, **labels: str) -> float:
         return val(after, name, **labels) - val(before, name, **labels)
 
+    assert_documented(after)
     # connectors: every sample counted, polls and reads timed
     for cid in ("opc", "mb"):
         assert moved("edge_gateway_connector_samples_total", connector=cid) > 10, cid
@@ -184,6 +188,22 @@ async def test_metrics_move_under_production(tmp_path, mqtt_broker):
         # a histogram: every observation in the +Inf bucket, and some under 5 s
         assert val(after, "edge_gateway_erp_sync_latency_seconds_bucket", machine=machine, le="+Inf") == n
         assert val(after, "edge_gateway_erp_sync_latency_seconds_bucket", machine=machine, le="5.0") > 0
+
+
+def documented() -> set[str]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    return set(re.findall(r"^\| `(edge_gateway_[a-z_]+)` \|", text, re.MULTILINE))
+
+
+def assert_documented(samples: Samples) -> None:
+    """Every edge_gateway metric a scrape shows is in docs/metrics.md, and every documented one exists (in the
+    scrape, or in the process-wide registry: labelled counters show no series before their first increment)."""
+    scraped = {re.sub(r"_(bucket|count|sum)$", "", n) for n, _ in samples
+               if n.startswith("edge_gateway_") and not n.endswith("_created")}
+    docs = documented()
+    assert scraped - docs == set(), f"metrics missing from docs/metrics.md: {sorted(scraped - docs)}"
+    known = scraped | {n for c in list(REGISTRY._collector_to_names) for n in REGISTRY._collector_to_names[c]}
+    assert docs - known == set(), f"documented metrics that do not exist: {sorted(docs - known)}"
 
 
 # ---------------------------------------------------------------------------------------------------- a PLC outage
