@@ -9,46 +9,15 @@ Connectors never interpret values: they hand raw, typed values with their qualit
 from __future__ import annotations
 
 import abc
-import enum
-import random
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from gateway.component import ComponentStatus
 from mappings.samples import Sample
 
 SampleSink = Callable[[list[Sample]], None]
 """Called from the event loop with a batch of samples; must not block."""
-
-
-class ComponentState(str, enum.Enum):
-    STARTING = "starting"
-    CONNECTED = "connected"
-    DEGRADED = "degraded"
-    DISCONNECTED = "disconnected"
-    STOPPED = "stopped"
-
-
-@dataclass
-class ComponentStatus:
-    state: ComponentState = ComponentState.STARTING
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    def set(self, state: ComponentState, error: str | None = None) -> bool:
-        """Set the state; returns True when it changed (log state changes, not repeats)."""
-        changed = state != self.state
-        if changed:
-            self.state = state
-            self.since = time.time()
-        if error is not None or state == ComponentState.CONNECTED:
-            self.last_error = error
-        return changed
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state.value, "since": self.since, "last_error": self.last_error, **self.detail}
 
 
 @dataclass(frozen=True)
@@ -60,22 +29,6 @@ class TagBinding:
     # every value is a count of its own (delta / reset-on-read counters): the connector must deliver each value, also
     # the same value again with a new source timestamp, and never merge or discard queued values
     every_value: bool = False
-
-
-class Backoff:
-    """Capped, jittered exponential backoff."""
-
-    def __init__(self, initial: float = 0.2, maximum: float = 10.0, factor: float = 2.0) -> None:
-        self.initial, self.maximum, self.factor = initial, maximum, factor
-        self._current = initial
-
-    def reset(self) -> None:
-        self._current = self.initial
-
-    def next(self) -> float:
-        delay = self._current
-        self._current = min(self.maximum, self._current * self.factor)
-        return delay * random.uniform(0.8, 1.2)
 
 
 class Connector(abc.ABC):

@@ -22,7 +22,8 @@ from typing import Any
 import structlog
 
 from connectors import REGISTRY
-from connectors.base import ComponentState, Connector, TagBinding
+from connectors.base import Connector, TagBinding
+from gateway.component import ComponentState
 from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.alarms import Alarms
@@ -425,7 +426,7 @@ class Gateway:
     async def _supervise(self, name: str, run: Any) -> None:
         """Restart a component whose loop died of an unexpected error (a bug or a library surprise), with backoff;
         the rest of the gateway keeps counting. The core loop is not supervised: its state is the engines'."""
-        from connectors.base import Backoff
+        from gateway.component import Backoff
 
         backoff = Backoff(0.5, 30.0)
         while True:
@@ -645,7 +646,7 @@ class Gateway:
         """Phase one of a changeover: read every counter of the machine, and hand the result to the core. A
         connector that cannot answer is retried (with backoff) until it can: the changeover is held until the
         first good read, so parts made before it are never booked to the new order."""
-        from connectors.base import Backoff
+        from gateway.component import Backoff
 
         samples: list[Sample] = []
         for cid, keys in list(self._machine_connectors[machine].items()):

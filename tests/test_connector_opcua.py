@@ -12,14 +12,15 @@ import pytest
 import structlog
 from asyncua import ua
 
-from connectors.base import Backoff, ComponentState, TagBinding
+from connectors.base import TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
 from connectors.opcua.connector import OpcUaConnector, datavalue_to_sample
-from simulators.ports import free_port
-from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
+from gateway.component import Backoff, ComponentState
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
+from simulators.ports import free_port
+from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
 
 SIGNALS = ("good", "scrap", "state", "order", "operation")
 

@@ -14,10 +14,11 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from connectors.base import Backoff, ComponentState, TagBinding
+from connectors.base import TagBinding
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
 from connectors.opcua.connector import OpcUaConnector
 from connectors.opcua.pki import Pki, san_uris, thumbprint
+from gateway.component import Backoff, ComponentState
 from gateway.config import ConfigError, load_config
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
@@ -278,7 +279,13 @@ async def test_end_to_end_over_sign_and_encrypt_ledger_equals_truth(tmp_path: Pa
     with a server restart in the middle of the run: the ledger equals the machine's truth exactly."""
     from gateway.config import parse_config
     from simulators.erp import ErpConsumer
-    from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, dispatch_order, workdir
+    from tests.e2e import (
+        IDENT,
+        RunningGateway,
+        assert_ledger_matches,
+        dispatch_order,
+        workdir,
+    )
     from tests.faults import restart
 
     monkeypatch.setenv("PRESS1_OPC_PASSWORD", PASSWORD)

@@ -40,11 +40,12 @@ import structlog
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
 
-from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
+from connectors.base import Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
 from connectors.opcua.pki import EXPIRY_WARNING_DAYS, CertificateRefused, Pki
 from connectors.opcua.session import SessionSecurity, prepare_client
+from gateway.component import Backoff, ComponentState
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
