@@ -27,16 +27,15 @@ from gateway.component import ComponentState
 from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.alarms import Alarms
-from gateway.config import GatewayConfig, counter_modulus
+from gateway.config import GatewayConfig
+from gateway.counter_specs import counter_binding
 from gateway.dispatch import DispatchRejected, parse_dispatch, parse_erp_ack
 from gateway.faults import crash_point
 from gateway.orders import OrderCommand, TagOrderTracker
 from gateway.events import EventEncoder, Topics
 from gateway.mqtt import MqttLink, Publisher
 from gateway.store import OutboxRow, Store, StoreError
-from mappings.counters import CounterSpec
 from mappings.machine import (
-    CounterBinding,
     EventDraft,
     MachineEngine,
     MachineSpec,
@@ -66,16 +65,11 @@ def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
     for m in cfg.machines:
         counters = {}
         for name, b in m.counters.items():
-            modulus, signed = counter_modulus(b, cfg.tag_address(m.id, name))
-            counters[name] = CounterBinding(
-                CounterSpec(name=name, mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate), b.scale
-            )
+            counters[name] = counter_binding(name, b, cfg.tag_address(m.id, name))
         materials = {}
         for name, b in m.materials.items():
-            modulus, signed = counter_modulus(b, cfg.tag_address(m.id, f"material:{name}"))
-            materials[name] = MaterialMeter(CounterBinding(
-                CounterSpec(name=f"material:{name}", mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate),
-                b.scale), b.unit)
+            materials[name] = MaterialMeter(  # float meters (resolution) too: see gateway/counter_specs.py
+                counter_binding(f"material:{name}", b, cfg.tag_address(m.id, f"material:{name}")), b.unit)
         specs.append(MachineSpec(
             id=m.id, counters=counters, unit=m.unit, materials=materials,
             state_values=None if m.state is None else dict(m.state.values),
