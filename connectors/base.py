@@ -11,13 +11,45 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+from gateway.alarms import Alarms
 from gateway.component import ComponentStatus
 from mappings.samples import Sample
 
 SampleSink = Callable[[list[Sample]], None]
 """Called from the event loop with a batch of samples; must not block."""
+
+
+@dataclass(frozen=True)
+class CounterType:
+    """What the config says about a counter's (or meter's) register, for the check against the server's DataType at
+    connect. None: not configured (the width is taken from the server)."""
+
+    bits: int | None = None
+    signed: bool | None = None
+    max_value: bool = False  # an explicit max_value: the width does not matter
+    float_meter: bool = False  # a resolution is configured: the node should be Float/Double
+
+
+@dataclass(frozen=True)
+class TagType:
+    """What the server says a counter's node holds (OPC UA DataType), reported to the runtime at every connect."""
+
+    data_type: str  # e.g. "UInt16", "Float"
+    kind: str  # "integer", "float" or "other"
+    bits: int | None = None
+    signed: bool = False
+
+
+TagTypesSink = Callable[[dict[str, TagType]], None]
+"""Called with tag key -> TagType once per connect, before the first sample of that connection."""
+
+
+class AlarmSink(Protocol):
+    """The runtime's Alarms (gateway/alarms.py): connectors raise and clear conditions an operator must act on."""
+
+    def set(self, id: str, active: bool, severity: Any, message: str, **evidence: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -29,6 +61,7 @@ class TagBinding:
     # every value is a count of its own (delta / reset-on-read counters): the connector must deliver each value, also
     # the same value again with a new source timestamp, and never merge or discard queued values
     every_value: bool = False
+    counter: CounterType | None = None  # set for counters and material meters
 
 
 class Connector(abc.ABC):
@@ -42,6 +75,10 @@ class Connector(abc.ABC):
         self.tags = list(tags)
         self.sink = sink
         self.status = ComponentStatus()
+        # hooks the runtime sets (gateway/runtime.py): its Alarms, so a connector's alarms show in /status and metrics,
+        # and a sink for the counter types found on the server. Standalone (tests, tools): a private Alarms, no sink.
+        self.alarms: AlarmSink = Alarms()
+        self.on_tag_types: TagTypesSink | None = None
 
     @abc.abstractmethod
     async def run(self) -> None:

@@ -6,8 +6,10 @@ noise band are converted to steps here and its quantity per step is ``resolution
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from connectors.base import CounterType, TagType
 from gateway.config import CounterConfig, counter_modulus
 from mappings.counters import CounterSpec
 from mappings.machine import CounterBinding
@@ -24,3 +26,19 @@ def counter_binding(name: str, b: CounterConfig, addr: Any) -> CounterBinding:
     spec = CounterSpec(name=name, mode=b.mode, modulus=None, signed=True, max_rate=b.max_rate / float(resolution),
                        resolution=resolution, jitter=jitter)
     return CounterBinding(spec, b.scale * resolution)
+
+
+def counter_type(b: Any) -> CounterType:
+    """What the config says about a counter's register, for the connector's check against the server."""
+    return CounterType(bits=b.bits, signed=b.signed, max_value=b.max_value is not None,
+                       float_meter=getattr(b, "resolution", None) is not None)
+
+
+def width_from_server(b: CounterConfig, current: CounterSpec, t: TagType) -> CounterSpec | None:
+    """The spec of an integer counter whose width is not configured (no bits, no max_value), with the width and
+    signedness of its node on the server; None when the config decides (or the node is not an integer)."""
+    if t.kind != "integer" or t.bits is None or b.bits is not None or b.max_value is not None \
+            or getattr(b, "resolution", None) is not None:
+        return None
+    signed = b.signed if b.signed is not None else t.signed
+    return dataclasses.replace(current, modulus=2**t.bits, signed=signed)

@@ -22,13 +22,13 @@ from typing import Any
 import structlog
 
 from connectors import REGISTRY
-from connectors.base import Connector, TagBinding
+from connectors.base import Connector, TagBinding, TagType
 from gateway.component import ComponentState
 from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.config import GatewayConfig
-from gateway.counter_specs import counter_binding
+from gateway.counter_specs import counter_binding, counter_type, width_from_server
 from gateway.dispatch import DispatchRejected, parse_dispatch, parse_erp_ack
 from gateway.faults import crash_point
 from gateway.orders import OrderCommand, TagOrderTracker
@@ -105,6 +105,13 @@ async def run_until_really_cancelled(fn: Any, name: str) -> Any:
             task.exception()  # retrieved: an error while stopping is not what ends this task
         raise
     return task.result()
+
+
+@dataclass
+class _TagTypes:
+    """Counter types a connector found on its server at connect (queued: applied before that connection's samples)."""
+
+    types: dict[str, TagType]
 
 
 @dataclass
@@ -230,7 +237,9 @@ class Gateway:
                 key = f"{m.id}/{signal}"
                 every = signal not in ("state", "order", "operation", "complete") and \
                     getattr(b, "mode", "cumulative") != "cumulative"
-                bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal), every))
+                bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal), every,
+                                                        counter_type(b) if signal in m.counters or
+                                                        signal.startswith("material:") else None))
                 self._routes[key] = (m.id, signal)
                 if signal in ("order", "operation", "complete"):
                     self._control_keys.add(key)
@@ -243,6 +252,8 @@ class Gateway:
         for c in self.cfg.connectors:
             cls = REGISTRY[c.type].load()
             self.connectors[c.id] = cls(c, bindings.get(c.id, []), self._on_samples)
+            self.connectors[c.id].alarms = self.alarms  # connector alarms (refused tags, certificates) in /status
+            self.connectors[c.id].on_tag_types = self._on_tag_types
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"gateway": self.cfg.gateway.id, "state": state, "time": time.time()}).encode()
@@ -462,6 +473,8 @@ class Gateway:
                     self._order_command(item)
                 elif isinstance(item, _CutDone):
                     self._cut_done(item)
+                elif isinstance(item, _TagTypes):
+                    self._apply_tag_types(item.types)
             self._run_timers()
             await self._commit()
             if self._rejections:
@@ -889,3 +902,26 @@ class Gateway:
                 for mid, e in self.engines.items()
             },
         }
+
+    # ------------------------------------------------------------------ counter widths from the server (issue 10)
+    def _on_tag_types(self, types: dict[str, TagType]) -> None:
+        self._put(_TagTypes(types))
+
+    def _apply_tag_types(self, types: dict[str, TagType]) -> None:
+        """A counter whose width is not configured takes the width of its node (UInt16: wraps at 2**16)."""
+        for key, t in types.items():
+            route = self._routes.get(key)
+            eng = self.engines.get(route[0]) if route else None
+            if eng is None:
+                continue
+            machine, signal = route
+            m = next(m for m in self.cfg.machines if m.id == machine)
+            b = m.materials.get(signal.removeprefix("material:")) if signal.startswith("material:") else \
+                m.counters.get(signal)  # type: ignore[call-overload]
+            spec = self.specs[machine]
+            current = spec.materials[signal.removeprefix("material:")].binding.spec if signal.startswith("material:") \
+                else spec.counters[signal].spec
+            new = width_from_server(b, current, t) if b is not None else None
+            if new is not None and eng.set_counter_spec(signal, new):
+                log.info("counter.width_from_server", machine=machine, counter=signal, data_type=t.data_type,
+                         modulus=new.modulus, signed=new.signed)
