@@ -8,7 +8,7 @@ Nodes (string node ids in the simulator namespace, index 2 on a fresh server)::
     ns=2;s={name}.State            String   "idle" | "running" | "stopped"
     ns=2;s={name}.OrderNumber      String   "" when no order is active
     ns=2;s={name}.OperationNumber  String   "" when no order is active
-    ns=2;s={name}.Material         Float    a material totaliser: good count x material_per_part, as float32
+    ns=2;s={name}.Material         Float    a material totaliser: good parts made x material_per_part (float32)
 
 Values are published from a model listener through one writer task, so the server sees the model's
 changes complete and in order, each with the time of the change as source timestamp.
@@ -224,12 +224,14 @@ class OpcUaMachineServer:
 
     @property
     def material_node_id(self) -> str:
-        """``{name}.Material`` (Float): a totaliser of the material used, good count (raw) x ``material_per_part``,
-        rounded to float32 like a PLC's REAL. For float material meters (``resolution``)."""
+        """``{name}.Material`` (Float): a totaliser of the material used (see :meth:`material_value`), a float32
+        like a PLC's REAL. For float material meters (``resolution``)."""
         return f"ns={self._ns};s={self.model.name}.{MATERIAL_NODE}"
 
-    def material_value(self, good_raw: int | None = None) -> float:
-        raw = (self.model.good_raw if good_raw is None else good_raw) * self.material_per_part
+    def material_value(self) -> float:
+        """The totaliser: every good part made since the model was created x ``material_per_part`` (it does not
+        wrap with the 16-bit counter), rounded to float32."""
+        raw = self.model.truth_totals()["good"] * self.material_per_part
         return struct.unpack("<f", struct.pack("<f", raw))[0]
 
     def _variant(self, signal: str, value: Any) -> ua.Variant:
@@ -459,7 +461,7 @@ class OpcUaMachineServer:
                 )
             await server.write_attribute_value(self._ua_node_id(signal), dv)
             self._published[signal] = current
-        material = self.material_value(snap["good"])
+        material = self.material_value()
         if self._published.get("material") != material:
             await server.write_attribute_value(self._ua_node_id("material"), ua.DataValue(
                 Value=ua.Variant(material, ua.VariantType.Float), StatusCode=ua.StatusCode(ua.StatusCodes.Good),

@@ -98,7 +98,7 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
             f"Press1  {ns}  Object",
             f"├─ GoodCount  {ns}.GoodCount  Variable UInt32 r- = 42",
             f"├─ GoodDelta  {ns}.GoodDelta  Variable UInt32 r- = 0",
-            f"├─ Material  {ns}.Material  Variable Float r- = 4.199999809265137",
+            f"├─ Material  {ns}.Material  Variable Float r- = 0.0",
             f"├─ OperationComplete  {ns}.OperationComplete  Variable Boolean r- = False",
             f"├─ OperationNumber  {ns}.OperationNumber  Variable String r- = ''",
             f"├─ OrderNumber  {ns}.OrderNumber  Variable String r- = ''",
