@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_sample_is_valid_and_names_every_option(kind: str) -> None:
     path = ROOT / "connectors" / kind / "README.md"
     text = path.read_text()
-    block = re.search(r"## Configuration\n\n```yaml\n(.*?)```", text, re.S)
+    block = re.search(r"## Configuration\n\n```yaml\n(.*?)```", text, re.DOTALL)
     assert block, f"{path}: no '## Configuration' section with a yaml sample"
     doc = yaml.safe_load(block.group(1))
     doc["gateway"] = {"id": "gw", "enterprise": "e", "site": "s", "area": "a", "line": "l"}

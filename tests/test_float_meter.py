@@ -17,7 +17,14 @@ from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ADDRESSES, ModbusMachineServer
 from simulators.ports import free_port
-from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, dispatch_order, wait_until, workdir
+from tests.e2e import (
+    IDENT,
+    RunningGateway,
+    assert_ledger_matches,
+    dispatch_order,
+    wait_until,
+    workdir,
+)
 
 
 def f32(x: float) -> float:
@@ -40,7 +47,7 @@ def run(spec: CounterSpec, values: list[object], state: CounterState | None = No
 
 def test_float_noise_is_not_counted_and_quantities_telescope() -> None:
     # float32(0.1 x n): 0.1 is not a binary fraction, every reading carries noise
-    values = [f32(0.1 * n) for n in range(0, 501)]
+    values = [f32(0.1 * n) for n in range(501)]
     assert values[3] != 0.3  # the noise is there
     out = run(meter(), values)
     assert out[0] == ("baseline", 0)

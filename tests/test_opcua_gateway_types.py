@@ -11,7 +11,14 @@ from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
 from simulators.ports import free_port
-from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, dispatch_order, wait_until, workdir
+from tests.e2e import (
+    IDENT,
+    RunningGateway,
+    assert_ledger_matches,
+    dispatch_order,
+    wait_until,
+    workdir,
+)
 
 
 async def test_width_from_server_float_meter_and_refused_node(tmp_path, mqtt_broker) -> None:
