@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import structlog
+
 from connectors.base import CounterType, TagType
 from gateway.config import CounterConfig, counter_modulus
 from mappings.counters import CounterSpec
-from mappings.machine import CounterBinding
+from mappings.machine import CounterBinding, MachineSpec
+
+log = structlog.get_logger(__name__)
 
 
 def counter_binding(name: str, b: CounterConfig, addr: Any) -> CounterBinding:
@@ -42,3 +46,24 @@ def width_from_server(b: CounterConfig, current: CounterSpec, t: TagType) -> Cou
         return None
     signed = b.signed if b.signed is not None else t.signed
     return dataclasses.replace(current, modulus=2**t.bits, signed=signed)
+
+
+def apply_tag_types(cfg: Any, specs: dict[str, MachineSpec], core: Any, types: dict[str, TagType]) -> None:
+    """In the core (``CoreCall``): give each counter whose width is not configured the width of its node on the
+    server (a UInt16 counter wraps at 2**16). The engine's counter state is kept."""
+    machines = {m.id: m for m in cfg.machines}
+    for key, t in types.items():
+        route = core.routes.signal.get(key)
+        eng = core.engines.get(route[0]) if route else None
+        if eng is None:
+            continue
+        machine, signal = route
+        m, spec = machines[machine], specs[machine]
+        material = signal.removeprefix("material:") if signal.startswith("material:") else None
+        b = m.materials.get(material) if material is not None else m.counters.get(signal)
+        current = (spec.materials[material].binding if material is not None else spec.counters[signal]).spec \
+            if b is not None else None
+        new = width_from_server(b, current, t) if b is not None and current is not None else None
+        if new is not None and eng.set_counter_spec(signal, new):
+            log.info("counter.width_from_server", machine=machine, counter=signal, data_type=t.data_type,
+                     modulus=new.modulus, signed=new.signed)
