@@ -98,7 +98,7 @@ class CoreCall:
     """A change the wiring asks the core to make in inbox order (before the samples queued after it), e.g. a
     counter's width found on the server at connect (gateway/counter_specs.py ``apply_tag_types``)."""
 
-    fn: Callable[["Core"], None]
+    fn: Callable[[Core], None]
 
 
 @dataclass

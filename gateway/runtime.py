@@ -24,7 +24,6 @@ from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.component import ComponentState
 from gateway.config import GatewayConfig
-from gateway.counter_specs import apply_tag_types, counter_binding, counter_type
 from gateway.core import (  # noqa: F401 - re-exported (tests, bench)
     CHECKPOINT_S,
     Core,
@@ -33,6 +32,7 @@ from gateway.core import (  # noqa: F401 - re-exported (tests, bench)
     Stats,
     checkpoint_interval,
 )
+from gateway.counter_specs import apply_tag_types, counter_binding, counter_type
 from gateway.dispatch import DispatchRejected, parse_erp_ack
 from gateway.events import EventEncoder, Topics
 from gateway.exporter import GatewayMetrics
