@@ -218,6 +218,8 @@ async def test_erp_side_alarms_quarantine_unacknowledged_completion_and_anomaly(
             rejection = json.dumps({"status": "rejected", "reason": "order locked", "event": report})
             await asyncio.to_thread(erp.publish_raw, acks, rejection)
             await wait_until(lambda: "quarantine_not_empty" in gw.alarms, 10)
+            body = await Probe(port).wait("/health", lambda code, b: code == 200 and b["status"] == "degraded")
+            assert body["alarms"] == ["quarantine_not_empty"]  # every component connected: the alarm degrades it
             assert gw.alarms.active()[0].as_dict()["evidence"]["quarantined"] == 1
             await gw.store.purge("quarantine")
             await wait_until(lambda: "quarantine_not_empty" not in gw.alarms, 10)
@@ -266,8 +268,8 @@ async def test_failing_commits_make_the_gateway_not_ready(tmp_path, mqtt_broker,
 
 
 async def test_a_stalled_core_is_not_live(tmp_path, mqtt_broker, monkeypatch):
-    """The core loop stops running rounds (here it hangs in its health evaluation): /livez and /readyz turn 503,
-    /health failed; once it runs again it is live."""
+    """An idle core loop still runs a round a second (live); when it stops running rounds (here it hangs in its
+    health evaluation) /livez and /readyz turn 503, /health failed; once it runs again it is live."""
     import gateway.health
 
     monkeypatch.setattr(gateway.health, "CORE_STALL_S", 1.5)
@@ -279,6 +281,10 @@ async def test_a_stalled_core_is_not_live(tmp_path, mqtt_broker, monkeypatch):
         gw = await rgw.start()
         probe = Probe(port)
         await probe.wait("/livez", lambda code, b: code == 200)
+        # idle (no machine, nothing to commit) it still runs a round a second: live after more than CORE_STALL_S
+        hb = gw.core_heartbeat
+        await wait_until(lambda: gw.core_heartbeat > hb + 1.6, 5)
+        assert (await probe.get("/livez"))[0] == 200
         release = asyncio.Event()
         evaluate = gw.health.evaluate
 
@@ -295,3 +301,31 @@ async def test_a_stalled_core_is_not_live(tmp_path, mqtt_broker, monkeypatch):
         await probe.wait("/livez", lambda code, b: code == 200)
     finally:
         await rgw.stop()
+
+
+def test_a_machine_without_state_tag_reports_unreachable_then_reachable():
+    """Pure engine: unreachable once per outage (not droppable, persisted at once); back: 'reachable' for a machine
+    without a state tag; with a state tag the tag's next sample reports the state (a change from 'unreachable')."""
+    from mappings.counters import CounterSpec
+    from mappings.machine import CounterBinding, MachineEngine, MachineSpec
+    from mappings.samples import Sample
+
+    counters = {"good": CounterBinding(CounterSpec(name="good", mode="cumulative", modulus=2**32, signed=False,
+                                                   max_rate=100), 1)}
+    eng = MachineEngine(MachineSpec(id="m1", counters=counters), None)
+    (ev,) = eng.set_reachable(False, 1000.0)
+    assert (ev.type, ev.time, ev.droppable) == ("machine.state_changed", 1000.0, False)
+    assert (ev.data.state, ev.data.previous, ev.data.raw, ev.data.reason) == ("unreachable", None, None, "connection")
+    assert eng.dirty and eng.urgent
+    assert eng.set_reachable(False, 1001.0) == []  # once per outage
+    (ev,) = eng.set_reachable(True, 1002.0)
+    assert (ev.data.state, ev.data.previous) == ("reachable", "unreachable")
+    assert eng.set_reachable(True, 1003.0) == []
+
+    tagged = MachineEngine(MachineSpec(id="m2", counters=counters, state_values={"1": "running"}), None)
+    tagged.set_reachable(False, 1000.0)
+    assert tagged.set_reachable(True, 1001.0) == []  # the tag tells
+    (ev,) = tagged.apply(Sample("m2/state", 1, True, 1002.0), "state")
+    assert (ev.data.state, ev.data.previous, ev.data.reason) == ("running", "unreachable", "tag")
+    snap = tagged.snapshot()
+    assert MachineEngine(tagged.spec, snap).machine_state == "running"
