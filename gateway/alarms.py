@@ -18,9 +18,10 @@ in docs/operations.md).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -92,7 +93,7 @@ class Alarms:
         if self.on_change is not None:
             try:
                 self.on_change()
-            except Exception:  # noqa: BLE001 - a listener's failure must not stop the alarm's own bookkeeping
+            except Exception:  # a listener's failure must not stop the alarm's own bookkeeping
                 log.exception("alarm.listener_failed")
 
     def _gauge(self) -> None:

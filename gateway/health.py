@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +61,7 @@ _DOWN = (ComponentState.STARTING, ComponentState.DISCONNECTED, ComponentState.ST
 def rfc3339(t: float | None) -> str | None:
     if t is None:
         return None
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
@@ -74,7 +74,7 @@ class _Completion:
 
 
 class Health:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.cfg = gw.cfg.alarms
         self.next_due = 0.0  # monotonic: the core evaluates at its first round
@@ -91,7 +91,7 @@ class Health:
         gw.alarms.on_change = self.publish_status
 
     # ------------------------------------------------------------------ inputs from the runtime
-    def committed(self, rows: "list[OutboxRow]") -> None:
+    def committed(self, rows: list[OutboxRow]) -> None:
         """Rows of a successful commit: completions wait for the ERP's acknowledgement; anomalies with a held
         quantity raise their alarm at once."""
         for r in rows:
@@ -125,7 +125,7 @@ class Health:
             self.next_due = 0.0  # re-evaluate at the next core round
 
     # ------------------------------------------------------------------ the evaluation (core loop, once a second)
-    async def evaluate(self) -> "list[EventDraft]":
+    async def evaluate(self) -> list[EventDraft]:
         gw, cfg, alarms = self.gw, self.cfg, self.gw.alarms
         now = time.monotonic()
         wall = time.time()
@@ -202,7 +202,7 @@ class Health:
         self._down_since.pop(component, None)
         return 0.0
 
-    def _reachability(self, cid: str, reachable: bool, t: float) -> "list[EventDraft]":
+    def _reachability(self, cid: str, reachable: bool, t: float) -> list[EventDraft]:
         gw = self.gw
         out: list[EventDraft] = []
         for machine in self._machines_of.get(cid, []):
@@ -235,14 +235,14 @@ class Health:
 
 
 # ---------------------------------------------------------------------- probes (gateway/http.py)
-def liveness(gw: "Gateway") -> dict[str, Any]:
+def liveness(gw: Gateway) -> dict[str, Any]:
     hb = gw.core_heartbeat
     age = None if not hb else time.monotonic() - hb
     return {"live": age is not None and age < CORE_STALL_S,
             "core_heartbeat_age_s": None if age is None else round(age, 3)}
 
 
-def readiness(gw: "Gateway") -> dict[str, Any]:
+def readiness(gw: Gateway) -> dict[str, Any]:
     store = gw.store
     live = liveness(gw)
     reasons = []
@@ -257,7 +257,7 @@ def readiness(gw: "Gateway") -> dict[str, Any]:
     return {"ready": not reasons, "reasons": reasons, **live}
 
 
-def report(gw: "Gateway") -> dict[str, Any]:
+def report(gw: Gateway) -> dict[str, Any]:
     """The /health body: overall status (ok / degraded / failed), liveness, readiness, per-component states."""
     ready = readiness(gw)
     comps: dict[str, dict[str, Any]] = {}

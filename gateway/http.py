@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from gateway import health, statuspage
 from gateway.config import HttpConfig
 from gateway.dispatch import DispatchRejected, parse_local_order

@@ -28,7 +28,14 @@ from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 from simulators.ports import free_port
-from tests.e2e import HIERARCHY, IDENT, RunningGateway, dispatch_order, wait_until, workdir
+from tests.e2e import (
+    HIERARCHY,
+    IDENT,
+    RunningGateway,
+    dispatch_order,
+    wait_until,
+    workdir,
+)
 from tests.faults import restart
 
 FAST_ALARMS = {"broker_unreachable_s": 1, "connector_down_s": 1, "machine_unreachable_s": 1, "oldest_unsent_s": 1,
