@@ -336,3 +336,27 @@ def test_a_machine_without_state_tag_reports_unreachable_then_reachable():
     assert (ev.data.state, ev.data.previous, ev.data.reason) == ("running", "unreachable", "tag")
     snap = tagged.snapshot()
     assert MachineEngine(tagged.spec, snap).machine_state == "running"
+
+
+async def test_a_machine_unreachable_at_a_restart_is_reported_reachable_when_back(tmp_path, mqtt_broker, erp):
+    """A machine without a state tag: 'unreachable' during the outage; the gateway is restarted before the PLC is
+    back; once it is, the machine reports 'reachable' (the state was persisted with the event)."""
+    model = MachineModel("Press2", cycle_time=0.01, seed=15, counter_bits=32)
+    mb = ModbusMachineServer(model, host="127.0.0.1", port=free_port(), unit_id=1)
+    await mb.start()
+    doc = modbus_doc(tmp_path, mqtt_broker.port, mb, free_port())
+    del doc["machines"][0]["state"]
+    rgw = RunningGateway(parse_config(doc))
+    try:
+        gw = await rgw.start()
+        await wait_until(lambda: gw.connectors["mb"].status.state.value == "connected", 10)
+        await mb.stop()
+        await wait_until(lambda: states(erp) == [(None, "unreachable", "connection")], 10)
+        await rgw.stop()
+        await restart(mb)
+        gw = await rgw.start()
+        await wait_until(lambda: states(erp)[-1:] == [("unreachable", "reachable", "connection")], 10)
+        assert len(states(erp)) == 2
+    finally:
+        await rgw.stop()
+        await mb.stop()
