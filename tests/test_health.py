@@ -19,11 +19,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import jsonschema
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import parse_config
+from gateway.schema import status_schema
 from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
@@ -156,6 +158,7 @@ async def test_plc_outage_is_degraded_with_an_alarm_and_the_machine_unreachable(
         assert detail["severity"] == "critical" and detail["evidence"]["machines"] == ["press-2"]
         await wait_until(lambda: states(erp)[-1:] == [(first, "unreachable", "connection")], 10)
         await wait_until(lambda: "connector_down:mb" in watcher.alarms(), 10)
+        jsonschema.validate(watcher.last, status_schema())  # the retained status with alarms, as documented
 
         await restart(mb)  # back: the state is read from the machine again
         await wait_until(lambda: "connector_down:mb" not in gw.alarms, 10)
