@@ -2,17 +2,19 @@
 
 The core loop calls ``Health.evaluate()`` when ``next_due`` has come (its timed work, like the reporting windows):
 one evaluation a second of gateway-level conditions, a few dictionary looks per connector, no work per machine
-except on the edge of a connector outage. The evaluation is the only writer of the alarms below; every alarm has a
-stable id, a severity, since-when and the evidence, and goes to ``/status``, the log (once raised, once cleared), the
-retained status topic (``alarms``) and the ``edge_gateway_alarms_active`` gauge (see gateway/alarms.py).
+except on the edge of a connector outage. It raises and clears the alarms below (``counter_anomaly`` is raised when
+the anomaly is committed; the store alarms are the core's); every alarm has a stable id, a severity, since-when and
+the evidence, and goes to ``/status``, the log (once raised, once cleared), the retained status topic (``alarms``,
+republished at each edge by ``publish_status``) and the ``edge_gateway_alarms_active`` gauge (gateway/alarms.py).
+The full table, with the alarms raised elsewhere, is in docs/operations.md.
 
 =====================================  ========  ==========================================================
 alarm id                               severity  raised when (threshold in ``alarms:``)
 =====================================  ========  ==========================================================
 ``broker_unreachable``                 critical  the MQTT broker is unreachable longer than ``broker_unreachable_s``
 ``connector_down:<connector>``         critical  a connector is not connected longer than ``connector_down_s``
-``store_full`` / ``store_commit_failing``  critical  raised by the core at the commit (size cap / disk full; a
-                                                 failing commit)
+``store_full``                         critical  raised by the core at the commit: size cap or disk full
+``store_commit_failing``               critical  raised by the core: a commit failed (cleared by the next good one)
 ``quarantine_not_empty``               warning   rows wait in the quarantine (``edge-gateway buffer list``)
 ``oldest_unsent_event``                critical  the oldest event not acknowledged by the broker is older than
                                                  ``oldest_unsent_s``
@@ -122,7 +124,8 @@ class Health:
         """The ERP acknowledged (posted) an event: a completion it acknowledged no longer waits."""
         c = self._completions.pop(event_id, None) if event_id else None
         if c is not None and f"completion_unacked:{c.machine}" in self.gw.alarms:
-            self.next_due = 0.0  # re-evaluate at the next core round
+            self.next_due = 0.0  # re-evaluate now
+            self.gw.core.wake()
 
     # ------------------------------------------------------------------ the evaluation (core loop, once a second)
     async def evaluate(self) -> list[EventDraft]:
