@@ -34,6 +34,7 @@ from tests.e2e import (
     HIERARCHY,
     IDENT,
     RunningGateway,
+    assert_events_valid,
     dispatch_order,
     wait_until,
     workdir,
@@ -163,6 +164,7 @@ async def test_plc_outage_is_degraded_with_an_alarm_and_the_machine_unreachable(
         await restart(mb)  # back: the state is read from the machine again
         await wait_until(lambda: "connector_down:mb" not in gw.alarms, 10)
         await wait_until(lambda: states(erp)[-1:] == [("unreachable", first, "tag")], 10)
+        assert_events_valid(erp)  # 'unreachable' (raw null, reason connection) against the generated JSON Schema
         await probe.wait("/health", lambda code, b: code == 200 and b["status"] == "ok")
         await wait_until(lambda: watcher.last is not None and watcher.alarms() == [], 10)
     finally:
@@ -360,6 +362,7 @@ async def test_a_machine_unreachable_at_a_restart_is_reported_reachable_when_bac
         gw = await rgw.start()
         await wait_until(lambda: states(erp)[-1:] == [("unreachable", "reachable", "connection")], 10)
         assert len(states(erp)) == 2
+        assert_events_valid(erp)
     finally:
         await rgw.stop()
         await mb.stop()
