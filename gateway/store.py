@@ -694,11 +694,3 @@ class Store:
             return apply
 
         return int(await self._write(tx, "purge"))
-
-    async def oldest_pending_created(self) -> float | None:
-        """Commit time (wall clock, POSIX seconds) of the oldest row still in the outbox (not acknowledged by the
-        broker), None when the outbox is empty. One index lookup (rows are in id order, which is commit order)."""
-        if self.pending == 0:
-            return None
-        rows = await self._read("SELECT created FROM outbox ORDER BY id LIMIT 1")
-        return float(rows[0][0]) if rows else None

@@ -231,10 +231,11 @@ async def test_erp_side_alarms_quarantine_unacknowledged_completion_and_anomaly(
             await asyncio.to_thread(erp.publish_raw, acks, rejection)
             await wait_until(lambda: "quarantine_not_empty" in gw.alarms, 10)
             body = await Probe(port).wait("/health", lambda code, b: code == 200 and b["status"] == "degraded")
-            assert body["alarms"] == ["quarantine_not_empty"]  # every component connected: the alarm degrades it
-            assert gw.alarms.active()[0].as_dict()["evidence"]["quarantined"] == 1
+            # every component connected: the alarms degrade it (erp_rejected: the runtime's, raised with the rejection)
+            assert body["alarms"] == ["erp_rejected", "quarantine_not_empty"]
+            assert next(a for a in gw.alarms.active() if a.id == "quarantine_not_empty").evidence["quarantined"] == 1
             await gw.store.purge("quarantine")
-            await wait_until(lambda: "quarantine_not_empty" not in gw.alarms, 10)
+            await wait_until(lambda: not {"quarantine_not_empty", "erp_rejected"} & set(gw.alarms.ids()), 10)
 
             # completed on the machine, not acknowledged by the ERP: alarm; the ERP's accepted ack clears it
             await asyncio.to_thread(erp.dispatch, *HIERARCHY, "press-2", "C-1", "0010", status="completed")
