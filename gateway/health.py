@@ -165,10 +165,13 @@ class Health:
         alarms.set("quarantine_not_empty", store.quarantined > 0, "warning",
                    "events wait in the quarantine (refused by the broker or the ERP): see edge-gateway buffer list "
                    "--quarantine, then retry or purge", quarantined=store.quarantined)
+        if not store.quarantined and "erp_rejected" in alarms:  # the rows the ERP rejected were retried or purged
+            alarms.clear("erp_rejected")
         oldest = None
         if store.pending:
-            try:
-                oldest = await store.oldest_pending_created()
+            try:  # the first outbox row (id order is commit order): one index lookup
+                rows = await store.list_rows("outbox", 1)
+                oldest = float(rows[0]["created"]) if rows else None
             except StoreError as exc:
                 log.warning("health.oldest_unsent_failed", error=str(exc))
         age = None if oldest is None else max(0.0, wall - oldest)
