@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from connectors.base import ComponentState
+from gateway.component import ComponentState
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
