@@ -259,6 +259,30 @@ class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = Field("info")
 
 
+class AlarmsConfig(_Model):
+    """Alarm thresholds, in seconds: a condition raises its alarm once it has lasted this long, and clears it when it
+    ends (see docs/operations.md, the alarm table). Evaluated once a second."""
+
+    broker_unreachable_s: float = Field(
+        60, gt=0, description="Raise broker_unreachable when the MQTT broker has been unreachable this long (events "
+        "are buffered meanwhile).")
+    connector_down_s: float = Field(
+        60, gt=0, description="Raise connector_down:<connector> when a connector has not been connected this long.")
+    machine_unreachable_s: float = Field(
+        30, gt=0, description="A machine one of whose connectors has been down this long emits machine.state_changed "
+        "with state 'unreachable' (its figures are stale); the state is reported again when it comes back.")
+    oldest_unsent_s: float = Field(
+        300, gt=0, description="Raise oldest_unsent_event when the oldest event not yet acknowledged by the broker was "
+        "committed longer ago than this.")
+    completion_unacked_s: float | None = Field(
+        600, gt=0, description="Raise completion_unacked:<machine> when an operation.completed event has not been "
+        "acknowledged by the ERP (status accepted on .../{machine}/acks) within this time. null: off (an ERP that "
+        "sends no positive acknowledgements).")
+    anomaly_hold_s: float = Field(
+        3600, gt=0, description="counter_anomaly:<machine> stays raised this long after the machine's last "
+        "counter.anomaly event with a quantity held (not counted).")
+
+
 # every registered connector contributes its config model (adding a protocol: one folder + one REGISTRY line)
 ConnectorConfig = Annotated[Union[tuple(k.config_model for k in REGISTRY.values())], Field(discriminator="type")]  # type: ignore[valid-type]
 
@@ -269,6 +293,7 @@ class GatewayConfig(_Model):
     store: StoreConfig = Field(default_factory=StoreConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     connectors: list[ConnectorConfig] = Field(default_factory=list)
     machines: list[MachineConfig] = Field(default_factory=list)
 

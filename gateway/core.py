@@ -175,6 +175,9 @@ class Core:
         self._full = False
         self._first_samples = False
         self.heartbeat = 0.0  # monotonic time of the core loop's last round
+        # gateway/health.Health: ``evaluate()`` when its ``next_due`` (monotonic) has come, about once a second (also
+        # when idle: the heartbeat of liveness); ``committed(rows)`` after each commit with rows
+        self.ticker: Any = None
 
     def restore(self, snapshots: dict[str, Any], next_seq: int, encoder: EventEncoder) -> None:
         """The engines from their committed snapshots (a machine without one starts fresh)."""
@@ -256,6 +259,8 @@ class Core:
                             await self._inbox_ready.wait()
             self.heartbeat = time.monotonic()
             self.round()
+            if self.ticker is not None and self.heartbeat >= self.ticker.next_due:
+                self.stage(await self.ticker.evaluate())
             await self.commit()
             if self.after_commit:
                 jobs, self.after_commit = self.after_commit, []
@@ -288,11 +293,13 @@ class Core:
 
     def _next_wakeup(self) -> float | None:
         """Seconds until the core has timed work: the next reporting window, a settling order switch, the
-        checkpoint of dirty machines, a commit retry. None: nothing timed (idle costs nothing)."""
+        checkpoint of dirty machines, a commit retry, the health evaluation (``ticker``). None: nothing timed."""
         now = time.monotonic()
         due: list[float] = []
         if self._timers:
             due.append(self._timers[0][0])
+        if self.ticker is not None:
+            due.append(self.ticker.next_due)
         if self.dirty or self.uncommitted or self.after_commit:
             due.append(max(self._last_checkpoint + self.checkpoint_s, self._commit_backoff_until))
         settle = self.tags.next_settle()
@@ -653,6 +660,8 @@ class Core:
         if rows:
             self.stats.events_committed += len(rows)
             self._notify(committed_rows)
+            if self.ticker is not None:
+                self.ticker.committed(rows)
             crash_point("core.handed_over")
 
     @property

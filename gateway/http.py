@@ -1,7 +1,15 @@
 """Local HTTP API (off unless ``http.enabled``; binds to loopback by default).
 
 GET  /                            the status page (read-only, no token; gateway/statuspage.py)
-GET  /health                      200 when every component is connected, else 503 (JSON body either way)
+GET  /livez                       liveness: 200 {"live": true, ...} while the core loop runs rounds (at least one a
+                                  second; none for 10 s: 503). For a restart policy: not live = restart the process
+GET  /readyz                      readiness: 200 {"ready": true, ...} when events can be taken and durably buffered:
+                                  core loop running, store open, its last commit not failed, not full; else 503 with
+                                  "reasons". The broker is not part of it (buffering through an outage is the point)
+GET  /health                      {"status": "ok" | "degraded" | "failed", "live", "ready", "reasons", "components":
+                                  {name: {"state", "since", "last_error"}}, "alarms", "outbox_pending",
+                                  "oldest_unsent_age_s"}: failed (503) when not live or not ready; degraded (200) when
+                                  a component (a PLC connector, the broker) is not connected or an alarm is active
 GET  /status                      component states, outbox, per-machine order and totals
 GET  /metrics                     Prometheus text format (docs/metrics.md)
 POST /machines/{machine}/order    local order command: {"order", "operation", "status"?} or {"clear": true}
@@ -18,7 +26,8 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from gateway import statuspage
+
+from gateway import health, statuspage
 from gateway.config import HttpConfig
 from gateway.dispatch import DispatchRejected, parse_local_order
 
@@ -41,6 +50,8 @@ class HttpApi:
             raise ValueError(f"http.token_env: environment variable {cfg.token_env} is not set")
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/livez", self.livez)
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/machines/{machine}/order", self.order)
@@ -61,10 +72,16 @@ class HttpApi:
             self._runner = None
 
     async def health(self, request: web.Request) -> web.Response:
-        st = self.gw.status()
-        body = {"healthy": st["healthy"], "components": {k: v["state"] for k, v in st["components"].items()},
-                "outbox_pending": st["outbox_pending"]}
-        return _json(body, 200 if st["healthy"] else 503)
+        body = health.report(self.gw)
+        return _json(body, 503 if body["status"] == "failed" else 200)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        body = health.liveness(self.gw)
+        return _json(body, 200 if body["live"] else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        body = health.readiness(self.gw)
+        return _json(body, 200 if body["ready"] else 503)
 
     async def status(self, request: web.Request) -> web.Response:
         st = self.gw.status()

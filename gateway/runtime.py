@@ -36,6 +36,7 @@ from gateway.counter_specs import apply_tag_types, counter_binding, counter_type
 from gateway.dispatch import DispatchRejected, parse_erp_ack
 from gateway.events import EventEncoder, Topics
 from gateway.exporter import GatewayMetrics
+from gateway.health import Health
 from gateway.mqtt import MqttLink, Publisher
 from gateway.orders import (
     LocalOrderSource,
@@ -154,6 +155,8 @@ class Gateway:
         self._build_connectors(routes)
         self.exporter = GatewayMetrics(self)  # this gateway's metrics registry, read at scrape time
         self.core.on_commit = self.exporter.committed
+        self.health = Health(self)  # alarms evaluated once a second by the core (gateway/health.py)
+        self.core.ticker = self.health
 
     def _committed(self, rows: list[PendingRow]) -> None:
         """The core committed rows: the publisher takes them; the status page notes them."""
@@ -270,7 +273,8 @@ class Gateway:
         self.activity.erp_ack(ack.machine or topic.rsplit("/", 2)[-2], ack)
         self.exporter.erp_ack(ack)  # counted; an accepted one is timed (sync latency)
         if ack.status != "rejected":
-            return  # positive acknowledgements carry no other action here
+            self.health.erp_accepted(ack.event_id)  # a completion it acknowledged no longer waits (an alarm)
+            return
         rejection = _ErpRejection(ack.event, ack.reason or "rejected by the ERP")
         self.core.after_commit.append(lambda: self._quarantine_rejection(rejection))
         self.core.wake()

@@ -164,8 +164,11 @@ async def test_local_order_command_and_health(tmp_path, mqtt_broker, erp, monkey
             assert exc.value.code == 401
             status, text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
             assert status == 200 and "edge_gateway_events_committed_total" in text
-            # the broker goes away: health turns 503
+            # the broker goes away: degraded (200), not failed: still ready, it buffers
             await mqtt_broker.astop()
-            await wait_http_status(f"http://127.0.0.1:{port}/health", 503)
+            await wait_until(lambda: gw.gw.link.status.state.value != "connected", 10)
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/health")
+            assert status == 200 and json.loads(body)["status"] == "degraded"
+            await wait_http_status(f"http://127.0.0.1:{port}/readyz", 200)
         finally:
             await gw.stop()
