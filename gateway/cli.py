@@ -126,15 +126,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.runtime import Gateway
 
     async def main() -> None:
-        gw = Gateway(cfg, password=password)
-        await run_until_signal(gw.run)
+        from gateway.service import Service  # systemd notifications and SIGHUP reload (deploy/edge-gateway.service)
 
+        gw = Gateway(cfg, password=password)
+        await run_until_signal(Service(gw, config_path=args.config, log_overrides=(args.log_format, args.log_level)).run)
+
+    from gateway.http import HttpListenError
     from gateway.store import StoreError, StoreLocked
 
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    except HttpListenError as exc:  # e.g. the port is taken: one line, no traceback
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except StoreLocked as exc:  # another gateway runs on this store
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -28,7 +28,7 @@ from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.config import GatewayConfig, counter_modulus
 from gateway.dispatch import DispatchRejected, parse_dispatch, parse_erp_ack
-from gateway.faults import crash_point
+from gateway.faults import crash_point, freeze_point
 from gateway.orders import OrderCommand, TagOrderTracker
 from gateway.events import EventEncoder, Topics
 from gateway.mqtt import MqttLink, Publisher
@@ -214,6 +214,8 @@ class Gateway:
         self.checkpoint_s = checkpoint_interval(self.specs.values())
         self._commit_backoff_until = 0.0
         self.core_heartbeat = 0.0  # monotonic time of the core loop's last round
+        self.core_tick_s: float | None = None  # the core wakes at least this often (the watchdog sets it)
+        self._core_calls: list[tuple[Any, asyncio.Future[Any]]] = []  # see call_in_core
         self.started = asyncio.Event()
         self.crashes: dict[str, int] = {}
         self._stopping = False
@@ -221,8 +223,20 @@ class Gateway:
 
     # ------------------------------------------------------------------ wiring
     def _build_connectors(self) -> None:
+        bindings = self._build_routes(self.cfg)
+        for c in self.cfg.connectors:
+            cls = REGISTRY[c.type].load()
+            self.connectors[c.id] = cls(c, bindings.get(c.id, []), self._on_samples)
+
+    def _build_routes(self, cfg: GatewayConfig) -> dict[str, list[TagBinding]]:
+        """Routing tables of ``cfg`` (tag key -> machine and signal, control keys, cut reads, order trackers) into the
+        gateway's fresh tables; returns the tag bindings of each connector. Also used by a reload (gateway/reload.py)."""
+        self._routes, self._control_keys, self._control_rank, self._coalescable = {}, set(), {}, set()
+        self._machine_connectors = defaultdict(lambda: defaultdict(list))
+        self._order_source = {m.id: m.order_source for m in cfg.machines}
+        trackers, self._trackers = self._trackers, {}
         bindings: dict[str, list[TagBinding]] = defaultdict(list)
-        for m in self.cfg.machines:
+        for m in cfg.machines:
             signals: list[tuple[str, Any]] = list(m.counters.items())
             signals += [(f"material:{name}", b) for name, b in m.materials.items()]
             for name, tag in (("state", m.state), ("order", m.order_tag), ("operation", m.operation_tag),
@@ -230,12 +244,13 @@ class Gateway:
                 if tag is not None:
                     signals.append((name, tag))
             if m.order_tag is not None or m.complete_tag is not None:
-                self._trackers[m.id] = TagOrderTracker(m.id)
+                kept = trackers.get(m.id)
+                self._trackers[m.id] = kept if kept is not None else TagOrderTracker(m.id)
             for signal, b in signals:
                 key = f"{m.id}/{signal}"
                 every = signal not in ("state", "order", "operation", "complete") and \
                     getattr(b, "mode", "cumulative") != "cumulative"
-                bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal), every))
+                bindings[b.connector].append(TagBinding(key, cfg.tag_address(m.id, signal), every))
                 self._routes[key] = (m.id, signal)
                 if signal in ("order", "operation", "complete"):
                     self._control_keys.add(key)
@@ -245,9 +260,7 @@ class Gateway:
                     self._coalescable.add(key)
                 if signal not in ("state", "complete", "order", "operation"):  # the cut reads the counters
                     self._machine_connectors[m.id][b.connector].append(key)
-        for c in self.cfg.connectors:
-            cls = REGISTRY[c.type].load()
-            self.connectors[c.id] = cls(c, bindings.get(c.id, []), self._on_samples)
+        return bindings
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"gateway": self.cfg.gateway.id, "state": state, "time": time.time()}).encode()
@@ -401,6 +414,7 @@ class Gateway:
                 for cid, conn in self.connectors.items():
                     tasks.append(tg.create_task(self._supervise(f"connector.{cid}", conn.run), name=f"connector.{cid}"))
                 self._tasks = tasks
+                self._tg = tg  # a reload starts the tasks of new connectors in it
                 self.started.set()
         finally:
             await self._shutdown()
@@ -445,13 +459,16 @@ class Gateway:
     # ------------------------------------------------------------------ the core loop
     async def _core(self) -> None:
         while True:
-            if not self._inbox and not self._rejections:
+            if not self._inbox and not self._rejections and not self._core_calls:
                 timeout = self._next_wakeup()
+                if self.core_tick_s is not None and (timeout is None or timeout > self.core_tick_s):
+                    timeout = self.core_tick_s
                 self._inbox_ready.clear()
                 if timeout is None or timeout > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(timeout):
                             await self._inbox_ready.wait()
+            await freeze_point("core.round")
             self.core_heartbeat = time.monotonic()
             if self._queued_samples < MAX_QUEUED_SAMPLES // 2 and "input_overflow" in self.alarms:
                 self.alarms.clear("input_overflow", coalesced_total=self.stats.samples_coalesced)
@@ -473,6 +490,25 @@ class Gateway:
                 rejections, self._rejections = self._rejections, []
                 for r in rejections:
                     await self._quarantine_rejection(r)
+            if self._core_calls:
+                calls, self._core_calls = self._core_calls, []
+                for fn, fut in calls:
+                    try:
+                        result = await fn()
+                    except Exception as exc:  # noqa: BLE001 - the caller gets the error; the core goes on
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    else:
+                        if not fut.done():
+                            fut.set_result(result)
+
+    def call_in_core(self, fn: Any) -> "asyncio.Future[Any]":
+        """Run ``await fn()`` in the core task between two rounds, right after a commit: the one place where machine
+        wiring may change (no round half done, no commit in flight). Returns a future of its result."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._core_calls.append((fn, fut))
+        self._inbox_ready.set()
+        return fut
 
     def _next_wakeup(self) -> float | None:
         """Seconds until the core has timed work: the next reporting window, a settling order switch, the

@@ -1,0 +1,272 @@
+"""Live reload of the configuration (SIGHUP, ``edge-gateway reload``): machines and connectors added, removed or
+changed while the others keep counting.
+
+Rules:
+
+- **Validated first.** The file is loaded and validated exactly as at start; any problem is logged
+  (``config.reload_failed`` with the file, the field path and the fix, ``reason: invalid``) and the running
+  configuration stays, untouched.
+- **All or nothing.** After a successful reload the gateway runs the new file; after a refused one it runs the old
+  one. There is no half-applied state.
+- **What cannot change live is refused**, naming the key (``reason: needs_restart``): ``gateway`` (the identity: topics
+  and event sources), ``mqtt`` (the broker session, client id, TLS, topics), ``store`` (the outbox file and its
+  lock) and ``http`` (the listener). Restart the gateway to change those. ``logging`` is applied live.
+- **Unchanged machines keep their engine object**: counter baselines, open window, order context, totals; not one
+  sample of theirs is dropped. Their connector is restarted only if its own settings or its set of tags changed
+  (another machine added to it, say); a restarted connector's first reading continues the counter from the engine's
+  last value, like a reconnect.
+- **A changed machine** goes through what a restart with the new file would do to it: a new engine from its current
+  state (``MachineEngine(new_spec, old.snapshot())``), so its counters continue from their last values (a counter
+  moved to another tag or PLC is judged against that value by the usual rules: reset, rollover, implausible jump).
+  Its fault, if it had one, is cleared (the new config may be the fix).
+- **A removed machine**'s state is committed first (a checkpoint), then its engine is dropped; the state stays in the
+  store, and the machine picks up from it if it is configured again (like after a restart).
+- **Applied in the core task** (``Gateway.call_in_core``), between two rounds and right after a commit: no round is
+  half done, no commit is in flight. Refused (``reason: busy``, retry later) while a changed or removed machine has a
+  changeover cut in flight, or while staged events wait for a failing store.
+
+Old connectors are silenced (their sink replaced) and cancelled before the new ones start, and their tasks are
+awaited (bounded), so a device that accepts one connection only sees the old one closed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from connectors import REGISTRY
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+if TYPE_CHECKING:
+    from gateway.runtime import Gateway
+
+log = structlog.get_logger(__name__)
+
+RESTART_ONLY = ("gateway", "mqtt", "store", "http")
+"""Sections that cannot change while the gateway runs."""
+STOP_TIMEOUT_S = 5.0
+
+
+class ReloadRefused(Exception):
+    def __init__(self, reason: str, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Plan:
+    """What a reload changes. Connector sets are by id; machine sets by id."""
+
+    machines_added: list[str] = field(default_factory=list)
+    machines_removed: list[str] = field(default_factory=list)
+    machines_changed: list[str] = field(default_factory=list)
+    connectors_added: list[str] = field(default_factory=list)
+    connectors_removed: list[str] = field(default_factory=list)
+    connectors_restarted: list[str] = field(default_factory=list)
+    logging_changed: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not any((self.machines_added, self.machines_removed, self.machines_changed, self.connectors_added,
+                        self.connectors_removed, self.connectors_restarted, self.logging_changed))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+def changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
+    """Dotted paths of the leaves that differ between two config sections (dumped to plain data)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{path}.{k}")
+        elif a != b:
+            out.append(path)
+
+    walk(old.model_dump(mode="json"), new.model_dump(mode="json"), prefix)
+    return out
+
+
+def _tag_bindings(cfg: GatewayConfig) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """connector id -> {tag key: (address, signal)} as the gateway would bind them (order does not matter)."""
+    out: dict[str, dict[str, tuple[Any, ...]]] = defaultdict(dict)
+    for m in cfg.machines:
+        signals: list[tuple[str, Any]] = list(m.counters.items())
+        signals += [(f"material:{n}", b) for n, b in m.materials.items()]
+        signals += [(n, t) for n, t in (("state", m.state), ("order", m.order_tag), ("operation", m.operation_tag),
+                                       ("complete", m.complete_tag)) if t is not None]
+        for signal, b in signals:
+            out[b.connector][f"{m.id}/{signal}"] = (cfg.tag_address(m.id, signal), getattr(b, "mode", None))
+    return out
+
+
+def plan(old: GatewayConfig, new: GatewayConfig) -> Plan:
+    """The difference between the running and the new config (raises ReloadRefused for restart-only changes)."""
+    keys = [k for section in RESTART_ONLY for k in changed_keys(getattr(old, section), getattr(new, section), section)]
+    if keys:
+        raise ReloadRefused("needs_restart", "these keys cannot change while the gateway runs; restart it to apply "
+                            "them (the running configuration stays)", fields=keys)
+    p = Plan(logging_changed=old.logging != new.logging)
+    om = {m.id: m for m in old.machines}
+    nm = {m.id: m for m in new.machines}
+    p.machines_added = [i for i in nm if i not in om]
+    p.machines_removed = [i for i in om if i not in nm]
+    for i in nm.keys() & om.keys():
+        addr_old = {s: a for (mid, s), a in old._tag_addresses.items() if mid == i}
+        addr_new = {s: a for (mid, s), a in new._tag_addresses.items() if mid == i}
+        if nm[i] != om[i] or addr_old != addr_new:
+            p.machines_changed.append(i)
+    p.machines_changed.sort(key=list(nm).index)
+    oc = {c.id: c for c in old.connectors}
+    nc = {c.id: c for c in new.connectors}
+    ob, nb = _tag_bindings(old), _tag_bindings(new)
+    p.connectors_added = [i for i in nc if i not in oc]
+    p.connectors_removed = [i for i in oc if i not in nc]
+    p.connectors_restarted = [i for i in nc if i in oc and (nc[i] != oc[i] or ob.get(i, {}) != nb.get(i, {}))]
+    return p
+
+
+class Reloader:
+    """One reload of ``gw`` from ``path``: validate, plan, apply in the core task. Never raises for a bad file."""
+
+    def __init__(self, gw: "Gateway", path: str, *, log_overrides: tuple[str | None, str | None] = (None, None)) -> None:
+        self.gw = gw
+        self.path = path
+        self.log_overrides = log_overrides
+
+    async def reload(self) -> Plan | None:
+        """The plan applied, or None when the reload was refused (logged; the running configuration stays)."""
+        gw = self.gw
+        await gw.started.wait()
+        log.info("config.reload_started", file=self.path)
+        try:
+            new = await asyncio.to_thread(load_config, self.path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", file=self.path, reason="invalid",
+                      problems=[{"field": p.path, "line": p.line, "error": p.message} for p in exc.problems],
+                      error=exc.render(), action="the running configuration stays")
+            return None
+        try:
+            p = plan(gw.cfg, new)
+            if p.empty:
+                log.info("config.reload_unchanged", file=self.path)
+                return p
+            await gw.call_in_core(lambda: self._apply(new, p))
+        except ReloadRefused as exc:
+            log.error("config.reload_failed", file=self.path, reason=exc.reason, error=str(exc), **exc.detail,
+                      action="the running configuration stays")
+            return None
+        log.info("config.reloaded", file=self.path, **p.as_dict())
+        return p
+
+    # ------------------------------------------------------------------ in the core task
+    async def _apply(self, new: GatewayConfig, p: Plan) -> None:
+        from gateway.orders import TagOrderTracker
+        from gateway.runtime import checkpoint_interval, machine_specs
+        from mappings.machine import MachineEngine
+
+        gw = self.gw
+        touched = set(p.machines_changed) | set(p.machines_removed)
+        busy = sorted(m for m in touched if m in gw._cuts)
+        if busy:
+            raise ReloadRefused("busy", "a changeover of these machines waits for its counter read; reload again when "
+                                "it is done", machines=busy)
+        if gw._uncommitted:
+            raise ReloadRefused("busy", "staged events wait for the store (commits are failing); reload again when "
+                                "the store accepts commits", staged=len(gw._uncommitted))
+        # awaits first, changes after: a cancellation (shutdown) in here leaves the running wiring as it was
+        stored = await gw.store.load_states() if p.machines_added else {}
+        # a faulted engine's state is not trusted: its last committed state stays
+        removed_states = {m: gw.engines[m].snapshot() for m in p.machines_removed
+                          if m in gw.engines and m not in gw._faulted}
+        if removed_states:
+            from gateway.store import StoreError
+
+            try:
+                await gw.store.commit(removed_states, [], gw._next_seq)
+            except StoreError as exc:
+                raise ReloadRefused("busy", "the state of the removed machines could not be committed; reload again "
+                                    "when the store accepts commits", error=str(exc)) from None
+        stopping = [*p.connectors_removed, *p.connectors_restarted]
+        old_tasks = {t.get_name(): t for t in getattr(gw, "_tasks", [])}
+        waits = []
+        for cid in stopping:
+            conn = gw.connectors[cid]
+            conn.sink = _discard  # not one more sample from the old wiring
+            task = old_tasks.get(f"connector.{cid}")
+            if task is not None:
+                task.cancel()
+                waits.append(task)
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S)
+            if pending:
+                log.warning("config.reload_connector_slow_to_stop", connectors=sorted(t.get_name() for t in pending))
+
+        # ---- from here on: no await until every table is consistent again
+        old_specs = gw.specs
+        new_specs = {s.id: s for s in machine_specs(new)}
+        gw.cfg = new
+        bindings = gw._build_routes(new)
+        engines = {}
+        for mid, spec in new_specs.items():
+            old = gw.engines.get(mid)
+            if mid in p.machines_added:
+                eng = MachineEngine(spec, stored.get(mid))
+            elif mid in p.machines_changed and (old is None or old_specs.get(mid) != spec):
+                eng = MachineEngine(spec, old.snapshot() if old is not None else None)
+                if old is not None:
+                    eng.dirty, eng.urgent = old.dirty, old.urgent
+            else:
+                eng = old if old is not None else MachineEngine(spec)
+            eng.hold_reports = gw._full
+            engines[mid] = eng
+        for mid in p.machines_removed:
+            gw._dirty.discard(mid)  # its state was committed above
+        for mid in touched:
+            gw._scheduled.pop(mid, None)  # old heap entries are skipped
+            gw._switch_pending.discard(mid)
+            gw._settle_since.pop(mid, None)
+            if gw._faulted.pop(mid, None) is not None:
+                gw.alarms.clear(f"machine_faulted:{mid}", reason="machine reconfigured" if mid in new_specs
+                                else "machine removed")
+        for mid in p.machines_changed:
+            if mid in gw._trackers:
+                gw._trackers[mid] = TagOrderTracker(mid)  # tag state of the old binding means nothing now
+        for mid in gw._faulted:  # still faulted: its samples stay ignored
+            for key in [k for k, (m, _) in gw._routes.items() if m == mid]:
+                del gw._routes[key]
+        gw.specs = new_specs
+        gw.engines = engines
+        gw.checkpoint_s = checkpoint_interval(new_specs.values())
+        for mid in [*p.machines_added, *p.machines_changed]:
+            gw._schedule(mid)
+
+        for cid in p.connectors_removed:
+            del gw.connectors[cid]
+        tasks = [t for t in getattr(gw, "_tasks", []) if t.get_name() not in {f"connector.{c}" for c in stopping}]
+        for c in new.connectors:
+            if c.id in p.connectors_added or c.id in p.connectors_restarted:
+                conn = REGISTRY[c.type].load()(c, bindings.get(c.id, []), gw._on_samples)
+                gw.connectors[c.id] = conn
+                tasks.append(gw._tg.create_task(gw._supervise(f"connector.{c.id}", conn.run), name=f"connector.{c.id}"))
+        gw._tasks = tasks
+        # the connectors dict keeps the config's order (status pages list them as configured)
+        gw.connectors = {c.id: gw.connectors[c.id] for c in new.connectors}
+        if p.logging_changed:
+            from gateway import logs
+
+            fmt, level = self.log_overrides
+            with contextlib.suppress(Exception):
+                logs.configure(fmt or new.logging.format, level or new.logging.level)
+
+
+def _discard(samples: Any) -> None:
+    """The sink of a connector being stopped by a reload."""
