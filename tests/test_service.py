@@ -42,6 +42,7 @@ class NotifySocket:
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.sock.settimeout(0.05)
         self.messages: list[tuple[float, str]] = []
+        self.wall: list[float] = []  # wall-clock arrival time of each message (to compare with file times)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -53,6 +54,7 @@ class NotifySocket:
             except (TimeoutError, OSError):
                 continue
             self.messages.append((time.monotonic(), data.decode()))
+            self.wall.append(time.time())
 
     def drain(self) -> list[tuple[float, str]]:
         return list(self.messages)
@@ -128,7 +130,9 @@ async def test_notify_ready_watchdog_status_and_a_frozen_core_stops_the_pings(tm
                 return bool(ready_lock)
 
             await wait_until(ready, 30)
-            assert ready_lock == [True], "READY=1 came before the store was open"
+            assert ready_lock == [True], "the store is not open (lock not held by the gateway) after READY=1"
+            lock = tmp_path / "gw.db.lock"
+            assert lock.stat().st_mtime <= ns.wall[0], "READY=1 came before the store's lock was taken"
             t_ready = ns.lines("READY=1")[0][0]
             first = ns.drain()[0][1]
             assert first.startswith("READY=1") and "STATUS=" in first, first
@@ -171,6 +175,26 @@ async def test_notify_ready_watchdog_status_and_a_frozen_core_stops_the_pings(tm
             proc.wait(timeout=10)
             err.close()
             ns.close()
+
+
+def test_no_ready_when_the_store_cannot_be_opened(tmp_path):
+    """READY=1 means the store is open: with its lock held by someone else the gateway exits 2 and never says READY."""
+    ns = NotifySocket(f"@edge-gateway-test-{uuid.uuid4().hex}")
+    cfg = {"gateway": IDENT, "mqtt": {"port": free_port()}, "store": {"path": str(tmp_path / "gw.db")}}
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    fd = os.open(tmp_path / "gw.db.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\npytest holding the lock\n".encode())
+        proc = subprocess.run(EXE + ["run", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "NOTIFY_SOCKET": ns.address})
+    finally:
+        os.close(fd)
+        ns.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is in use by process" in proc.stderr
+    assert not ns.lines("READY=1"), ns.drain()
 
 
 async def test_stopping_is_announced_and_sighup_reloads_with_reloading_then_ready(tmp_path, mqtt_broker):
