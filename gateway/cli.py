@@ -1,4 +1,4 @@
-"""Command line: ``edge-gateway run|validate|order|buffer|demo|schema|pki|browse|probe``."""
+"""Command line: ``edge-gateway run|validate|reload|order|buffer|demo|schema|pki|browse|probe``."""
 
 from __future__ import annotations
 
@@ -273,6 +273,36 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+def _cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the config, then SIGHUP the gateway that runs on its store: it re-reads the file (gateway/reload.py)."""
+    from gateway.config import ConfigError, load_config
+    from gateway.reload import NotRunning, gateway_pid
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        print(f"{args.config}: not reloaded (the gateway keeps its running configuration)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        pid = gateway_pid(cfg.store.path)
+    except NotRunning as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        print(f"{args.config}: not allowed to signal the gateway (process {pid}); run as its user or root, or "
+              "`systemctl reload edge-gateway`", file=sys.stderr)
+        return EXIT_FAILED
+    except ProcessLookupError:
+        print(f"{args.config}: the gateway (process {pid}) has just ended", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"sent SIGHUP to the gateway (process {pid}); it re-reads {args.config}: the outcome is in its log "
+          "(config.reloaded, or config.reload_failed with the field)")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -501,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="export to this file (JSON lines) instead of stdout")
     b.add_argument("--yes", action="store_true", help="confirm purge")
     b.set_defaults(fn=_cmd_buffer)
+
+    rl = sub.add_parser("reload", help="validate the config and make the running gateway re-read it (SIGHUP)")
+    rl.add_argument("--config", "-c", required=True, metavar="FILE",
+                    help="the config the gateway was started with (its store.path finds the gateway)")
+    rl.set_defaults(fn=_cmd_reload)
 
     d = sub.add_parser("demo", help="simulated machines + broker + gateway + ERP consumer in one process")
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS and compare ledger to truth")

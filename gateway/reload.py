@@ -270,3 +270,39 @@ class Reloader:
 
 def _discard(samples: Any) -> None:
     """The sink of a connector being stopped by a reload."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the command side: `edge-gateway reload --config FILE` signals the gateway that runs on the config's store
+
+
+class NotRunning(Exception):
+    """No gateway holds the store's lock."""
+
+
+def gateway_pid(store_path: str) -> int:
+    """PID of the gateway that runs on ``store_path``: the holder of the flock on ``<store>.lock`` as the kernel lists
+    it in /proc/locks (not merely the PID written in the file, which a crashed gateway leaves behind)."""
+    import os
+
+    lock = os.path.abspath(store_path) + ".lock"
+    try:
+        st = os.stat(lock)
+    except FileNotFoundError:
+        raise NotRunning(f"no gateway runs on store {os.path.abspath(store_path)} (no lock file {lock})") from None
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2149101 0 EOF" (a blocked waiter has "->" after the id)
+                if "->" in parts:
+                    continue
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE" and parts[5] == dev:
+                    return int(parts[4])
+    except OSError:  # no /proc/locks: trust the file, if that process is alive
+        with open(lock) as f:
+            first = f.readline().strip()
+        if first.isdigit() and os.path.exists(f"/proc/{first}"):
+            return int(first)
+    raise NotRunning(f"no gateway runs on store {os.path.abspath(store_path)} (nobody holds {lock})")
