@@ -34,7 +34,7 @@ class HttpListenError(Exception):
     """The local HTTP API cannot listen (the port is taken, the address is not on this host): one line for the user."""
 
     def __init__(self, host: str, port: int, exc: OSError) -> None:
-        why = exc.strerror or str(exc)
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         if exc.errno == errno.EADDRINUSE:
             fix = "another process listens there (stop it, or choose another http.port)"
         elif exc.errno == errno.EADDRNOTAVAIL:
