@@ -211,7 +211,7 @@ class Reloader:
                 log.warning("config.reload_connector_slow_to_stop", connectors=sorted(t.get_name() for t in pending))
 
         # ---- from here on: no await until every table is consistent again
-        old_specs = gw.specs
+        old_specs, old_cfg = gw.specs, gw.cfg
         new_specs = {s.id: s for s in machine_specs(new)}
         gw.cfg = new
         bindings = gw._build_routes(new)
@@ -260,12 +260,30 @@ class Reloader:
         gw._tasks = tasks
         # the connectors dict keeps the config's order (status pages list them as configured)
         gw.connectors = {c.id: gw.connectors[c.id] for c in new.connectors}
+        old_mqtt = {m.id for m in old_cfg.machines if m.order_source == "mqtt"}
+        if any(m.order_source == "mqtt" and m.id not in old_mqtt for m in new.machines):
+            self._resubscribe_dispatch()
         if p.logging_changed:
             from gateway import logs
 
             fmt, level = self.log_overrides
             with contextlib.suppress(Exception):
                 logs.configure(fmt or new.logging.format, level or new.logging.level)
+
+    def _resubscribe_dispatch(self) -> None:
+        """A machine newly taking orders from MQTT: subscribe to the dispatch filter again, so the broker sends the
+        retained dispatches again (MQTT 3.1.1 and 5, retain handling 0) and the new machine gets its current order,
+        which was refused as 'unknown machine' before. The others get theirs again too: the same order is a no-op,
+        as after any reconnect. Not connected: the next connect subscribes anyway."""
+        gw = self.gw
+        conn = getattr(gw.link, "connection", None)
+        if conn is None or not conn.alive or conn.client is None:
+            return
+        topic = gw.topics.dispatch_filter()
+        rc, mid = conn.client.subscribe(topic, qos=1)
+        if rc == 0:
+            conn.sub_mids[mid] = topic
+        log.info("config.reload_resubscribed", topic=topic, rc=rc)
 
 
 def _discard(samples: Any) -> None:

@@ -22,6 +22,7 @@ from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 from simulators.ports import free_port
 from tests.e2e import (
+    HIERARCHY,
     IDENT,
     Production,
     RunningGateway,
@@ -80,12 +81,17 @@ async def test_reload_adds_changes_and_removes_machines_while_the_others_count_e
 
                 # 1. add press-b on a connector of its own: press-a's engine and connector are left alone
                 engine_a, conn_a = gw.engines["press-a"], gw.connectors["mba"]
+                await asyncio.to_thread(erp.dispatch, *HIERARCHY, "press-b", "2001", "0010")
+                await wait_until(lambda: gw.stats.dispatch_rejected_by_reason.get("unknown_machine"), 10)
                 write_config(path, port, {"press-a": "mba", "press-b": "mbb"}, {"mba": (sa, 0.05), "mbb": (sb, 0.05)})
                 p = await Reloader(gw, str(path)).reload()
                 assert p is not None and p.machines_added == ["press-b"] and p.connectors_added == ["mbb"]
                 assert not (p.machines_changed or p.machines_removed or p.connectors_restarted or p.connectors_removed)
                 assert gw.engines["press-a"] is engine_a and gw.connectors["mba"] is conn_a
-                await dispatch_order(erp, rgw, "press-b", mb, "2001", "0010")
+                # its order was dispatched (retained) before it existed here: refused then, taken now
+                mb.set_order("2001", "0010")
+                await wait_until(lambda: gw.engines["press-b"].context is not None
+                                 and gw.engines["press-b"].context.ref == ("2001", "0010"), 15)
                 mb.start()
                 await mb.wait_parts(20, timeout=20)
 
