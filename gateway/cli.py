@@ -126,7 +126,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.runtime import Gateway
 
     async def main() -> None:
-        from gateway.service import Service  # systemd notifications and SIGHUP reload (deploy/edge-gateway.service)
+        # systemd notifications and SIGHUP reload (deploy/edge-gateway.service)
+        from gateway.service import Service
 
         gw = Gateway(cfg, password=password)
         await run_until_signal(Service(gw, config_path=args.config, log_overrides=(args.log_format, args.log_level)).run)

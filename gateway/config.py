@@ -475,9 +475,9 @@ def _check_http_exposure(http: Any) -> list[tuple[tuple[Any, ...], str]]:
     host = http.get("host", HttpConfig.model_fields["host"].default)
     if not isinstance(host, str) or is_loopback(host):
         return []
-    return [(("http", "host"), f"{host!r} is not a loopback address, and without a token anyone on that network could "
-                               "post order changes: set http.token_env (an environment variable holding a bearer "
-                               "token), or listen on host: 127.0.0.1")]
+    return [(("http", "host"), (f"{host!r} is not a loopback address, and without a token anyone on that network could "
+                                "post order changes: set http.token_env (an environment variable holding a bearer "
+                                "token), or listen on host: 127.0.0.1"))]
 
 
 def _check_counter_type(base: tuple[Any, ...], b: dict[str, Any], addr: Any, ctype: str) -> list[tuple[tuple[Any, ...], str]]:

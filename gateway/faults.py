@@ -86,5 +86,5 @@ async def freeze_point(name: str) -> None:
     print(f"EDGE_GATEWAY_FREEZE_AT: frozen at {name} ({_FREEZE[1]})", file=sys.stderr, flush=True)
     if _FREEZE[1] == "block":
         while True:
-            time.sleep(3600)
+            time.sleep(3600)  # noqa: ASYNC251 - on purpose: this freeze blocks the event loop
     await asyncio.Event().wait()

@@ -137,7 +137,7 @@ def plan(old: GatewayConfig, new: GatewayConfig) -> Plan:
 class Reloader:
     """One reload of ``gw`` from ``path``: validate, plan, apply in the core task. Never raises for a bad file."""
 
-    def __init__(self, gw: "Gateway", path: str, *, log_overrides: tuple[str | None, str | None] = (None, None)) -> None:
+    def __init__(self, gw: Gateway, path: str, *, log_overrides: tuple[str | None, str | None] = (None, None)) -> None:
         self.gw = gw
         self.path = path
         self.log_overrides = log_overrides
@@ -206,7 +206,7 @@ class Reloader:
                 task.cancel()
                 waits.append(task)
         if waits:
-            done, pending = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S)
+            _, pending = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S)
             if pending:
                 log.warning("config.reload_connector_slow_to_stop", connectors=sorted(t.get_name() for t in pending))
 

@@ -502,7 +502,7 @@ class Gateway:
                         if not fut.done():
                             fut.set_result(result)
 
-    def call_in_core(self, fn: Any) -> "asyncio.Future[Any]":
+    def call_in_core(self, fn: Any) -> asyncio.Future[Any]:
         """Run ``await fn()`` in the core task between two rounds, right after a commit: the one place where machine
         wiring may change (no round half done, no commit in flight). Returns a future of its result."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

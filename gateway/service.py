@@ -71,7 +71,7 @@ def watchdog_interval() -> float | None:
     return int(usec) / 1e6
 
 
-def status_line(gw: "Gateway") -> str:
+def status_line(gw: Gateway) -> str:
     """One line for ``systemctl status``: machines connected, MQTT, outbox depth, alarms."""
     connected = {cid for cid, c in gw.connectors.items() if c.status.state == ComponentState.CONNECTED}
     machines = gw.cfg.machines
@@ -90,7 +90,7 @@ def status_line(gw: "Gateway") -> str:
 class Service:
     """systemd notifications and SIGHUP reload around one running ``Gateway`` (see the module docstring)."""
 
-    def __init__(self, gw: "Gateway", *, config_path: str | None = None,
+    def __init__(self, gw: Gateway, *, config_path: str | None = None,
                  log_overrides: tuple[str | None, str | None] = (None, None)) -> None:
         self.gw = gw
         self.config_path = config_path
@@ -125,7 +125,7 @@ class Service:
                 gw_task.cancel()
 
     # ------------------------------------------------------------------ notifications
-    async def _notifier(self, gw_task: "asyncio.Future[Any]") -> None:
+    async def _notifier(self, gw_task: asyncio.Future[Any]) -> None:
         started = asyncio.ensure_future(self.gw.started.wait())
         await asyncio.wait({started, gw_task}, return_when=asyncio.FIRST_COMPLETED)
         if not started.done():
@@ -185,7 +185,7 @@ class Service:
                     log.error("config.reload_failed", reason="no_config_file", error="started without a config file")
                 else:
                     await Reloader(self.gw, self.config_path, log_overrides=self.log_overrides).reload()
-            except Exception as exc:  # noqa: BLE001 - a reload must never take the gateway down
+            except Exception as exc:  # a reload must never take the gateway down
                 log.error("config.reload_failed", file=self.config_path, reason="internal",
                           error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             self.reloads += 1

@@ -175,8 +175,8 @@ async def test_edge_gateway_reload_command_signals_the_running_gateway(tmp_path,
     path = tmp_path / "gw.yaml"
     async with ModbusMachineServer(ma, host="127.0.0.1", port=free_port(), unit_id=1) as sa:
         write_config(path, mqtt_broker.port, {"press-a": "mba"}, {"mba": (sa, 0.05)}, logging={"format": "json"})
-        proc = subprocess.run(EXE + ["reload", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60)
+        proc = await asyncio.to_thread(subprocess.run, EXE + ["reload", "--config", str(path)], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 1 and "no gateway runs on store" in proc.stderr, proc.stderr
         gw = await asyncio.create_subprocess_exec(*EXE, "run", "--config", str(path), cwd=ROOT,
                                                   stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -195,12 +195,12 @@ async def test_edge_gateway_reload_command_signals_the_running_gateway(tmp_path,
             bad = tmp_path / "bad.yaml"
             bad.write_text(path.read_text().replace("keepalive_s: 2", "keepalive_s: two"))
             proc = await asyncio.to_thread(subprocess.run, EXE + ["reload", "--config", str(bad)], cwd=ROOT,
-                                           capture_output=True, text=True, timeout=60)
+                                           capture_output=True, text=True, timeout=60, check=False)
             assert proc.returncode == 2 and "mqtt.keepalive_s" in proc.stderr and "not reloaded" in proc.stderr
 
             write_config(path, mqtt_broker.port, {"press-a": "mba"}, {"mba": (sa, 0.04)}, logging={"format": "json"})
             proc = await asyncio.to_thread(subprocess.run, EXE + ["reload", "--config", str(path)], cwd=ROOT,
-                                           capture_output=True, text=True, timeout=60)
+                                           capture_output=True, text=True, timeout=60, check=False)
             assert proc.returncode == 0 and f"process {gw.pid}" in proc.stdout, proc.stderr
             await wait_until(lambda: any('"event": "config.reloaded"' in line for line in log), 15)
             line = next(line for line in log if '"event": "config.reloaded"' in line)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import shutil
 import signal
@@ -114,16 +115,16 @@ async def test_notify_ready_watchdog_status_and_a_frozen_core_stops_the_pings(tm
         env = {**os.environ, "NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)),
                "EDGE_GATEWAY_FREEZE_AT": f"core.round:{mode}", "EDGE_GATEWAY_FREEZE_FILE": str(freeze)}
         env.pop("WATCHDOG_PID", None)
-        err = open(tmp_path / "gw.err", "wb")
-        proc = subprocess.Popen(EXE + ["run", "--config", str(path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        err = (tmp_path / "gw.err").open("wb")
+        proc = await asyncio.create_subprocess_exec(*EXE, "run", "--config", str(path), cwd=ROOT, env=env,
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=err)
         production = asyncio.create_task(model.run_forever())
         try:
             # READY=1, and at that moment the store is open: its lock file names the process and the flock is held
             ready_lock: list[bool] = []
 
             def ready() -> bool:
-                if proc.poll() is not None:
+                if proc.returncode is not None:
                     raise AssertionError((tmp_path / "gw.err").read_text()[-3000:])
                 if ns.lines("READY=1") and not ready_lock:
                     ready_lock.append(_lock_held_by(tmp_path / "gw.db.lock", proc.pid))
@@ -141,7 +142,7 @@ async def test_notify_ready_watchdog_status_and_a_frozen_core_stops_the_pings(tm
             # pings while the core makes progress (the machine runs: samples; then idle ticks)
             await wait_until(lambda: len(ns.lines("WATCHDOG=1", since=t_ready)) >= 6, 10)
             pings = [t for t, _ in ns.lines("WATCHDOG=1", since=t_ready)]
-            assert max(b - a for a, b in zip(pings, pings[1:])) < WATCHDOG_S, pings
+            assert max(b - a for a, b in itertools.pairwise(pings)) < WATCHDOG_S, pings
             await wait_until(lambda: any("machines 1/1 connected" in line for _, line in ns.lines("STATUS=")), 10)
             status = [line for _, line in ns.lines("STATUS=")]
             assert any("outbox" in s and "alarms: none" in s and "mqtt connected" in s for s in status), status
@@ -151,7 +152,7 @@ async def test_notify_ready_watchdog_status_and_a_frozen_core_stops_the_pings(tm
             t_idle = time.monotonic() + 0.5
             await wait_until(lambda: len(ns.lines("WATCHDOG=1", since=t_idle)) >= 8, 10)
             pings = [t for t, _ in ns.lines("WATCHDOG=1", since=t_idle)]
-            assert max(b - a for a, b in zip(pings, pings[1:])) < WATCHDOG_S, pings
+            assert max(b - a for a, b in itertools.pairwise(pings)) < WATCHDOG_S, pings
 
             # freeze the core: the pings stop (the process is alive all the while)
             freeze.touch()
@@ -163,7 +164,7 @@ async def test_notify_ready_watchdog_status_and_a_frozen_core_stops_the_pings(tm
                                               if "core loop stalled" in line]) >= 4, 5)
             else:
                 await asyncio.sleep(2 * WATCHDOG_S)  # an absence is only observed over time: two watchdog intervals
-            assert proc.poll() is None, "the frozen gateway died instead of staying frozen"
+            assert proc.returncode is None, "the frozen gateway died instead of staying frozen"
             late = ns.lines("WATCHDOG=1", since=settle)
             assert not late, f"WATCHDOG=1 went on while the core was frozen: {late}"
             if mode == "hang":
@@ -172,7 +173,7 @@ async def test_notify_ready_watchdog_status_and_a_frozen_core_stops_the_pings(tm
             model.pause()
             production.cancel()
             proc.kill()
-            proc.wait(timeout=10)
+            await asyncio.wait_for(proc.wait(), timeout=10)
             err.close()
             ns.close()
 
@@ -188,7 +189,7 @@ def test_no_ready_when_the_store_cannot_be_opened(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, f"{os.getpid()}\npytest holding the lock\n".encode())
         proc = subprocess.run(EXE + ["run", "--config", str(path)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60, env={**os.environ, "NOTIFY_SOCKET": ns.address})
+                              timeout=60, env={**os.environ, "NOTIFY_SOCKET": ns.address}, check=False)
     finally:
         os.close(fd)
         ns.close()
@@ -229,7 +230,7 @@ def test_notify_sends_one_datagram_to_a_path_or_an_abstract_socket(tmp_path, mon
         try:
             monkeypatch.setenv("NOTIFY_SOCKET", address)
             assert notify("READY=1\nSTATUS=one line")
-            assert wait_for(lambda: [m for _, m in ns.drain()]) == ["READY=1\nSTATUS=one line"]
+            assert wait_for(ns.drain) == [(ns.messages[0][0], "READY=1\nSTATUS=one line")]
         finally:
             ns.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
@@ -258,6 +259,6 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
     exec_line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     local = tmp_path / "edge-gateway.service"
     local.write_text(text.replace(exec_line, f"ExecStart={sys.executable} -m gateway.cli run --config /etc/x.yaml"))
-    proc = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60, check=False)
     problems = [line for line in (proc.stdout + proc.stderr).splitlines() if str(local) in line or "Unknown" in line]
     assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
