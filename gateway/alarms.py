@@ -6,7 +6,8 @@ An alarm is raised once and cleared once: the log gets one line at each edge (``
 evidence.
 
 Ids are stable strings an alerting rule can match: ``store_full``, ``store_commit_failing``, ``input_overflow``,
-``machine_faulted:<machine>``, ``subscription_refused:<topic filter>``.
+``machine_faulted:<machine>``, ``subscription_refused:<topic filter>``, ``erp_rejected`` (the ERP service answered
+a rejection on the acks topic: the event is quarantined; raised again at start while such rows are quarantined).
 """
 
 from __future__ import annotations

@@ -305,6 +305,11 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from gateway.demo_fleet import run_fleet_demo
+
+        return run_fleet_demo(duration=args.duration, workdir=args.workdir, chaos=args.chaos,
+                              admin_dsn=args.postgres_dsn)
     from gateway.demo import run_demo
 
     return run_demo(duration=args.duration, workdir=args.workdir, seed=args.seed)
@@ -542,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS and compare ledger to truth")
     d.add_argument("--workdir", default=None, help="where to keep the demo's files (default: a temp dir)")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--fleet", action="store_true", help="the small fleet instead: 2 gateways, a 3-node NATS cluster, "
+                   "2 ERP workers, PostgreSQL (needs nats-server and a PostgreSQL server; default 20 s)")
+    d.add_argument("--chaos", action="store_true", help="with --fleet: kill a NATS node, a worker and a gateway")
+    d.add_argument("--postgres-dsn", default=None, help="with --fleet: admin DSN used to create and drop a "
+                   "throwaway database (default postgresql://postgres@127.0.0.1:5432/postgres)")
     d.set_defaults(fn=_cmd_demo)
 
     sc = sub.add_parser("schema", help="event contract: AsyncAPI document (stdout) or all JSON Schemas (--out DIR)")

@@ -1,5 +1,6 @@
 """Local HTTP API (off unless ``http.enabled``; binds to loopback by default).
 
+GET  /                            the status page (read-only, no token; gateway/statuspage.py)
 GET  /health                      200 when every component is connected, else 503 (JSON body either way)
 GET  /status                      component states, outbox, per-machine order and totals
 GET  /metrics                     Prometheus text format
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from gateway import statuspage
 from gateway.config import HttpConfig
 from gateway.dispatch import DispatchRejected, parse_local_order
 
@@ -76,6 +78,7 @@ class HttpApi:
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/machines/{machine}/order", self.order)
+        statuspage.add_routes(app)
         self.app = app
         self._runner: web.AppRunner | None = None
 
@@ -103,7 +106,10 @@ class HttpApi:
         return _json(body, 200 if st["healthy"] else 503)
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(self.gw.status())
+        st = self.gw.status()
+        if "outbox_oldest_age_s" not in st:  # needs a store read (async): added here, not in Gateway.status()
+            st["outbox_oldest_age_s"] = await statuspage.oldest_unsent_age_s(self.gw.store)
+        return _json(st)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

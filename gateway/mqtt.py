@@ -222,7 +222,9 @@ class MqttLink:
         else:
             c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
                             protocol=paho.MQTTv311, userdata=conn)
-        c.max_inflight_messages_set(max(self.cfg.max_inflight, 20))  # the publisher keeps its own, smaller window
+        # the publisher keeps its own window (mqtt.max_inflight): paho's would only repeat it, at a cost: with a limit
+        # paho walks every in-flight message after each PUBACK (O(window) per acknowledgement); 0 = no limit of its own
+        c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
         if self.cfg.username:
             c.username_pw_set(self.cfg.username, self._password)

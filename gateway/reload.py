@@ -169,29 +169,30 @@ class Reloader:
 
     # ------------------------------------------------------------------ in the core task
     async def _apply(self, new: GatewayConfig, p: Plan) -> None:
-        from gateway.orders import TagOrderTracker
-        from gateway.runtime import checkpoint_interval, machine_specs
+        from gateway.core import Routes, checkpoint_interval
+        from gateway.orders import PlcTagOrders
+        from gateway.runtime import machine_specs
+        from gateway.store import StoreError
         from mappings.machine import MachineEngine
 
         gw = self.gw
+        core = gw.core
         touched = set(p.machines_changed) | set(p.machines_removed)
-        busy = sorted(m for m in touched if m in gw._cuts)
+        busy = sorted(m for m in touched if m in core.cuts)
         if busy:
             raise ReloadRefused("busy", "a changeover of these machines waits for its counter read; reload again when "
                                 "it is done", machines=busy)
-        if gw._uncommitted:
+        if core.uncommitted:
             raise ReloadRefused("busy", "staged events wait for the store (commits are failing); reload again when "
-                                "the store accepts commits", staged=len(gw._uncommitted))
+                                "the store accepts commits", staged=len(core.uncommitted))
         # awaits first, changes after: a cancellation (shutdown) in here leaves the running wiring as it was
         stored = await gw.store.load_states() if p.machines_added else {}
         # a faulted engine's state is not trusted: its last committed state stays
-        removed_states = {m: gw.engines[m].snapshot() for m in p.machines_removed
-                          if m in gw.engines and m not in gw._faulted}
+        removed_states = {m: core.engines[m].snapshot() for m in p.machines_removed
+                          if m in core.engines and m not in core.faulted}
         if removed_states:
-            from gateway.store import StoreError
-
             try:
-                await gw.store.commit(removed_states, [], gw._next_seq)
+                await gw.store.commit(removed_states, [], core.next_seq)
             except StoreError as exc:
                 raise ReloadRefused("busy", "the state of the removed machines could not be committed; reload again "
                                     "when the store accepts commits", error=str(exc)) from None
@@ -199,8 +200,7 @@ class Reloader:
         old_tasks = {t.get_name(): t for t in getattr(gw, "_tasks", [])}
         waits = []
         for cid in stopping:
-            conn = gw.connectors[cid]
-            conn.sink = _discard  # not one more sample from the old wiring
+            gw.connectors[cid].sink = _discard  # not one more sample from the old wiring
             task = old_tasks.get(f"connector.{cid}")
             if task is not None:
                 task.cancel()
@@ -211,13 +211,13 @@ class Reloader:
                 log.warning("config.reload_connector_slow_to_stop", connectors=sorted(t.get_name() for t in pending))
 
         # ---- from here on: no await until every table is consistent again
-        old_specs, old_cfg = gw.specs, gw.cfg
+        old_specs, old_cfg = core.specs, gw.cfg
         new_specs = {s.id: s for s in machine_specs(new)}
-        gw.cfg = new
-        bindings = gw._build_routes(new)
+        routes = Routes()
+        bindings = gw._bind(new, routes)
         engines = {}
         for mid, spec in new_specs.items():
-            old = gw.engines.get(mid)
+            old = core.engines.get(mid)
             if mid in p.machines_added:
                 eng = MachineEngine(spec, stored.get(mid))
             elif mid in p.machines_changed and (old is None or old_specs.get(mid) != spec):
@@ -226,35 +226,48 @@ class Reloader:
                     eng.dirty, eng.urgent = old.dirty, old.urgent
             else:
                 eng = old if old is not None else MachineEngine(spec)
-            eng.hold_reports = gw._full
+            eng.hold_reports = core._full
             engines[mid] = eng
         for mid in p.machines_removed:
-            gw._dirty.discard(mid)  # its state was committed above
+            core.dirty.discard(mid)  # its state was committed above
         for mid in touched:
-            gw._scheduled.pop(mid, None)  # old heap entries are skipped
-            gw._switch_pending.discard(mid)
-            gw._settle_since.pop(mid, None)
-            if gw._faulted.pop(mid, None) is not None:
-                gw.alarms.clear(f"machine_faulted:{mid}", reason="machine reconfigured" if mid in new_specs
-                                else "machine removed")
-        for mid in p.machines_changed:
-            if mid in gw._trackers:
-                gw._trackers[mid] = TagOrderTracker(mid)  # tag state of the old binding means nothing now
-        for mid in gw._faulted:  # still faulted: its samples stay ignored
-            for key in [k for k, (m, _) in gw._routes.items() if m == mid]:
-                del gw._routes[key]
-        gw.specs = new_specs
-        gw.engines = engines
-        gw.checkpoint_s = checkpoint_interval(new_specs.values())
+            core.scheduled.pop(mid, None)  # its old timer heap entries are skipped
+            if core.faulted.pop(mid, None) is not None:
+                gw.alarms.clear(f"machine_faulted:{mid}",
+                                reason="machine reconfigured" if mid in new_specs else "machine removed")
+        for mid in core.faulted:  # still faulted: its samples stay ignored
+            for key in [k for k, (m, _) in routes.signal.items() if m == mid]:
+                del routes.signal[key]
+        # order tags: unchanged machines keep their tracker (a switch pending on them stays pending)
+        old_tags = core.tags
+        tags = PlcTagOrders({m.id: m.order_source == "tag" for m in new.machines
+                             if m.order_tag is not None or m.complete_tag is not None}, settle_s=old_tags.settle_s)
+        for mid in list(tags.trackers):
+            if mid in old_tags.trackers and mid not in p.machines_changed:
+                tags.trackers[mid] = old_tags.trackers[mid]
+                if mid in old_tags.pending and mid in tags.from_tags:
+                    tags.pending.add(mid)
+                    if mid in old_tags._settle_since:
+                        tags._settle_since[mid] = old_tags._settle_since[mid]
+        core.tags = tags
+        core.routes = routes
+        core.specs = gw.specs = new_specs
+        core.engines = engines
+        core.checkpoint_s = checkpoint_interval(new_specs.values())
+        gw._order_source.clear()  # shared with the MQTT and local order sources
+        gw._order_source.update({m.id: m.order_source for m in new.machines})
+        gw.cfg = new
         for mid in [*p.machines_added, *p.machines_changed]:
-            gw._schedule(mid)
+            core._schedule(mid)
+        self._status_page(new)
 
         for cid in p.connectors_removed:
             del gw.connectors[cid]
-        tasks = [t for t in getattr(gw, "_tasks", []) if t.get_name() not in {f"connector.{c}" for c in stopping}]
+        stopped = {f"connector.{c}" for c in stopping}
+        tasks = [t for t in getattr(gw, "_tasks", []) if t.get_name() not in stopped]
         for c in new.connectors:
             if c.id in p.connectors_added or c.id in p.connectors_restarted:
-                conn = REGISTRY[c.type].load()(c, bindings.get(c.id, []), gw._on_samples)
+                conn = REGISTRY[c.type].load()(c, bindings.get(c.id, []), core.on_samples)
                 gw.connectors[c.id] = conn
                 tasks.append(gw._tg.create_task(gw._supervise(f"connector.{c.id}", conn.run), name=f"connector.{c.id}"))
         gw._tasks = tasks
@@ -269,6 +282,21 @@ class Reloader:
             fmt, level = self.log_overrides
             with contextlib.suppress(Exception):
                 logs.configure(fmt or new.logging.format, level or new.logging.level)
+
+    def _status_page(self, new: GatewayConfig) -> None:
+        """The status page's per-machine figures (gateway/statuspage.py): new machines get theirs, changed ones keep
+        their history with their new connectors, removed ones go."""
+        act = getattr(self.gw, "activity", None)
+        if act is None or not hasattr(act, "_m"):
+            return
+        fresh = type(act)(new)._m
+        for mid, m in fresh.items():
+            kept = act._m.get(mid)
+            if kept is not None:
+                kept.connectors = m.connectors
+                fresh[mid] = kept
+        act._m = fresh
+        act._staged = {m for m in act._staged if any(m is v for v in fresh.values())}
 
     def _resubscribe_dispatch(self) -> None:
         """A machine newly taking orders from MQTT: subscribe to the dispatch filter again, so the broker sends the

@@ -12,7 +12,7 @@ What is sent, and when:
   task started (``Gateway.started``). ``STATUS=`` with it.
 - ``WATCHDOG=1`` only while the **core loop** makes progress: the pinger sends it when ``Gateway.core_heartbeat``
   (set by the core at every round) is younger than half the watchdog interval. The core is made to wake at least
-  every quarter interval (``Gateway.core_tick_s``) so an idle gateway keeps pinging. A core stuck in an await (a hung
+  every quarter interval (``Core.tick_s``) so an idle gateway keeps pinging. A core stuck in an await (a hung
   commit) stops the pings while the rest of the process runs on; a blocked event loop stops them too; systemd then
   kills and restarts the service (``WatchdogSec=`` in the unit). A stall is logged once (``service.core_stalled``).
 - ``STATUS=`` a one-line summary (machines connected, MQTT, outbox depth, alarms) whenever it changes.
@@ -103,7 +103,7 @@ class Service:
         self._reload_again = False
         self.reloads = 0
         if self.watchdog_s is not None:
-            gw.core_tick_s = self.watchdog_s / 4
+            gw.core.tick_s = self.watchdog_s / 4
 
     async def run(self) -> None:
         """Run ``gw.run()`` with the notifications and the SIGHUP handler; returns (or raises) as it does."""
