@@ -8,7 +8,8 @@ is read-only and needs no token (the bearer token guards the order command, a PO
 
 - the last committed event (type, sequence number, when it was committed);
 - what the ERP acknowledged on ``.../{machine}/acks``: accepted / rejected counts and the last one (event type and
-  sequence number when the event is one of the recent ones of this machine);
+  sequence number when the event is one of the last ``RECENT_EVENTS`` events of the gateway: one compact ring of
+  (sequence number, machine, type) for all machines, not a buffer per machine — 3,333 machines would hold ~80 MB);
 - a short history of produced parts (yield + scrap + rework of the quantity reports), one point per commit at most
   every ``HISTORY_STEP_S``, from which ``/status`` gives parts per minute over a trailing minute and a series for the
   chart. Updated at commit, not per sample.
@@ -16,6 +17,7 @@ is read-only and needs no token (the bearer token guards the order command, a PO
 
 from __future__ import annotations
 
+import array
 import base64
 import collections
 import hashlib
@@ -37,7 +39,7 @@ HISTORY_STEP_S = 2.0  # at most one history point per machine per this many seco
 HISTORY_POINTS = 330  # 11 minutes at one point per 2 s: the chart shows the last 10
 RATE_WINDOW_S = 60.0  # parts per minute: over the trailing minute
 CHART_SPAN_S = 600.0
-RECENT_EVENTS = 256  # per machine: recent events, to name the one the ERP acknowledged (type, sequence number)
+RECENT_EVENTS = 16_384  # of the whole gateway: to name the event the ERP acknowledged (type, sequence number)
 QUANTITY_REPORTED = "operation.quantity_reported"
 
 
@@ -66,14 +68,16 @@ def _event_type(topic: str) -> str:
 
 
 class _Machine:
-    __slots__ = ("acks", "connectors", "history", "last_event", "produced", "recent", "staged_parts")
+    __slots__ = ("acks", "connectors", "history", "index", "last_event", "produced", "since", "staged_parts")
 
-    def __init__(self, connectors: list[str], now: float) -> None:
+    def __init__(self, index: int, connectors: list[str], now: float) -> None:
+        self.index = index
         self.connectors = connectors
         self.last_event: dict[str, Any] | None = None
-        self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=RECENT_EVENTS)  # (seq, topic)
         self.acks: dict[str, Any] = {"accepted": 0, "rejected": 0, "last": None}
-        self.history: collections.deque[list[float]] = collections.deque([[now, 0.0]], maxlen=HISTORY_POINTS)
+        self.since = now
+        # created at the first committed report (a deque preallocates ~0.5 KB: 3,333 idle machines need none)
+        self.history: collections.deque[list[float]] | None = None
         self.staged_parts = Decimal(0)  # of quantity reports staged, not yet committed
         self.produced = Decimal(0)  # committed since the gateway started
 
@@ -88,10 +92,17 @@ class Activity:
         self.event_id: Any = None  # seq -> event id of this store (EventEncoder.event_id), set once the store is open
         self._m: dict[str, _Machine] = {}
         self._staged: set[_Machine] = set()  # machines with parts in quantity reports not yet committed
-        for m in cfg.machines:
+        # the ring of recent rows: seq, machine index, type index (a few bytes per row, fixed size)
+        self._ring_seq = array.array("q", bytes(8 * RECENT_EVENTS))
+        self._ring_machine = array.array("i", bytes(4 * RECENT_EVENTS))
+        self._ring_type = array.array("h", bytes(2 * RECENT_EVENTS))
+        self._ring_next = 0  # rows written so far (the ring holds the last RECENT_EVENTS of them)
+        self._types: dict[str, int] = {}
+        self._type_names: list[str] = []
+        for i, m in enumerate(cfg.machines):
             used = [b.connector for b in m.counters.values()] + [b.connector for b in m.materials.values()]
             used += [t.connector for t in (m.state, m.order_tag, m.operation_tag, m.complete_tag) if t is not None]
-            self._m[m.id] = _Machine(list(dict.fromkeys(used)), now)
+            self._m[m.id] = _Machine(i, list(dict.fromkeys(used)), now)
 
     def staged(self, drafts: list[EventDraft]) -> None:
         for d in drafts:
@@ -106,21 +117,33 @@ class Activity:
         deque append (a group commit may carry 100 000 rows); event ids are computed when an ack is shown."""
         now = time.time()
         machines = self._m
-        touched = set()
+        last: dict[_Machine, Any] = {}
+        ring_seq, ring_machine, ring_type = self._ring_seq, self._ring_machine, self._ring_type
+        types = self._types
+        k = self._ring_next
         for r in rows:
             m = machines.get(r.machine)
             if m is not None:
-                m.recent.append((r.seq, r.topic))
-                touched.add(m)
-        for m in touched:
-            seq, topic = m.recent[-1]
-            m.last_event = {"type": _event_type(topic), "seq": seq, "time": now}
+                etype = _event_type(r.topic)
+                t = types.get(etype)
+                if t is None:
+                    t = types[etype] = len(self._type_names)
+                    self._type_names.append(etype)
+                i = k % RECENT_EVENTS
+                ring_seq[i], ring_machine[i], ring_type[i] = r.seq, m.index, t
+                k += 1
+                last[m] = r
+        self._ring_next = k
+        for m, r in last.items():
+            m.last_event = {"type": _event_type(r.topic), "seq": r.seq, "time": now}
         staged, self._staged = self._staged, set()
         for m in staged:
             if m.staged_parts:
                 m.produced += m.staged_parts
                 m.staged_parts = Decimal(0)
                 h = m.history
+                if h is None:
+                    h = m.history = collections.deque([[m.since, 0.0]], maxlen=HISTORY_POINTS)
                 if len(h) > 1 and now - h[-2][0] < HISTORY_STEP_S:
                     h[-1] = [now, float(m.produced)]
                 else:
@@ -144,9 +167,11 @@ class Activity:
         if last is None or last["type"] is not None or last.get("resolved") or self.event_id is None:
             return
         last["resolved"] = True
-        for seq, topic in reversed(m.recent):
-            if self.event_id(seq) == last["id"]:
-                last["type"], last["seq"] = _event_type(topic), seq
+        k = self._ring_next
+        for j in range(k - 1, max(-1, k - 1 - RECENT_EVENTS), -1):
+            i = j % RECENT_EVENTS
+            if self._ring_machine[i] == m.index and self.event_id(self._ring_seq[i]) == last["id"]:
+                last["type"], last["seq"] = self._type_names[self._ring_type[i]], self._ring_seq[i]
                 return
 
     def machine(self, machine: str, connectors: dict[str, dict[str, Any]], now: float | None = None) -> dict[str, Any]:
@@ -156,7 +181,7 @@ class Activity:
             return {}
         now = time.time() if now is None else now
         self._resolve(m)
-        points = list(m.history)
+        points = list(m.history) if m.history is not None else [[m.since, 0.0]]
         if now > points[-1][0]:
             points.append([now, points[-1][1]])  # nothing reported since: the rate falls as time passes
         series = _rates(points, now)
