@@ -290,11 +290,17 @@ class Reloader:
         if act is None or not hasattr(act, "_m"):
             return
         fresh = type(act)(new)._m
+        # a machine's index tags its rows in the page's ring of recent rows: never reuse one
+        next_index = max([getattr(act, "_reload_next_index", 0), *(getattr(m, "index", -1) + 1 for m in act._m.values())])
         for mid, m in fresh.items():
             kept = act._m.get(mid)
             if kept is not None:
                 kept.connectors = m.connectors
                 fresh[mid] = kept
+            elif hasattr(m, "index"):
+                m.index = next_index
+                next_index += 1
+        act._reload_next_index = next_index
         act._m = fresh
         act._staged = {m for m in act._staged if any(m is v for v in fresh.values())}
 

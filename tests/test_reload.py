@@ -88,6 +88,7 @@ async def test_reload_adds_changes_and_removes_machines_while_the_others_count_e
                 assert p is not None and p.machines_added == ["press-b"] and p.connectors_added == ["mbb"]
                 assert not (p.machines_changed or p.machines_removed or p.connectors_restarted or p.connectors_removed)
                 assert gw.engines["press-a"] is engine_a and gw.connectors["mba"] is conn_a
+                assert set(gw.status()["machines"]) == {"press-a", "press-b"}
                 # its order was dispatched (retained) before it existed here: refused then, taken now
                 mb.set_order("2001", "0010")
                 await wait_until(lambda: gw.engines["press-b"].context is not None
@@ -143,6 +144,7 @@ async def test_reload_adds_changes_and_removes_machines_while_the_others_count_e
                 p = await Reloader(gw, str(path)).reload()
                 assert p is not None and p.machines_removed == ["press-b"] and p.connectors_removed == ["mbb"]
                 assert "press-b" not in gw.engines and "connector.mbb" not in gw.status()["components"]
+                assert set(gw.status()["machines"]) == {"press-a"}
                 assert "press-b" in await gw.store.load_states()
                 mb.start()  # press-b goes on making parts: nobody reads them now
                 n = ma.parts_made
