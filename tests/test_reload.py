@@ -106,6 +106,9 @@ async def test_reload_adds_changes_and_removes_machines_while_the_others_count_e
                 assert p.connectors_added == ["mba2"] and p.connectors_removed == ["mba"]
                 assert gw.engines["press-b"] is engine_b and gw.connectors["mbb"] is conn_b
                 assert list(gw.connectors) == ["mba2", "mbb"]
+                machines = gw.status()["machines"]  # the status page's figures follow the machines' connectors
+                assert list(machines["press-a"]["connectors"]) == ["mba2"], machines["press-a"]
+                assert list(machines["press-b"]["connectors"]) == ["mbb"]
                 assert gw.engines["press-a"] is engine_a  # same counter specs: its engine (baselines, window) is kept
                 assert task_a.done(), "the old connector still runs"
                 assert sorted(t.get_name() for t in gw._tasks if t.get_name().startswith("connector.")
