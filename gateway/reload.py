@@ -185,8 +185,29 @@ class Reloader:
         if core.uncommitted:
             raise ReloadRefused("busy", "staged events wait for the store (commits are failing); reload again when "
                                 "the store accepts commits", staged=len(core.uncommitted))
-        # awaits first, changes after: a cancellation (shutdown) in here leaves the running wiring as it was
         stored = await gw.store.load_states() if p.machines_added else {}
+        # everything that can fail is built before anything is stopped or changed: routes, connectors, engines
+        # (the core is in here, so no sample reaches the engines meanwhile)
+        routes = Routes()
+        bindings = gw._bind(new, routes)
+        starting = {c.id: REGISTRY[c.type].load()(c, bindings.get(c.id, []), core.on_samples) for c in new.connectors
+                    if c.id in p.connectors_added or c.id in p.connectors_restarted}
+        old_specs, old_cfg = core.specs, gw.cfg
+        new_specs = {s.id: s for s in machine_specs(new)}
+        engines = {}
+        for mid, spec in new_specs.items():
+            old = core.engines.get(mid)
+            if mid in p.machines_added:
+                eng = MachineEngine(spec, stored.get(mid))
+            elif mid in p.machines_changed and (old is None or old_specs.get(mid) != spec):
+                eng = MachineEngine(spec, old.snapshot() if old is not None else None)
+                if old is not None:
+                    eng.dirty, eng.urgent = old.dirty, old.urgent
+            else:
+                eng = old if old is not None else MachineEngine(spec)
+            eng.hold_reports = core._full
+            engines[mid] = eng
+        # then the awaits; a cancellation (shutdown) in here leaves the running wiring as it was
         # a faulted engine's state is not trusted: its last committed state stays
         removed_states = {m: core.engines[m].snapshot() for m in p.machines_removed
                           if m in core.engines and m not in core.faulted}
@@ -211,23 +232,6 @@ class Reloader:
                 log.warning("config.reload_connector_slow_to_stop", connectors=sorted(t.get_name() for t in pending))
 
         # ---- from here on: no await until every table is consistent again
-        old_specs, old_cfg = core.specs, gw.cfg
-        new_specs = {s.id: s for s in machine_specs(new)}
-        routes = Routes()
-        bindings = gw._bind(new, routes)
-        engines = {}
-        for mid, spec in new_specs.items():
-            old = core.engines.get(mid)
-            if mid in p.machines_added:
-                eng = MachineEngine(spec, stored.get(mid))
-            elif mid in p.machines_changed and (old is None or old_specs.get(mid) != spec):
-                eng = MachineEngine(spec, old.snapshot() if old is not None else None)
-                if old is not None:
-                    eng.dirty, eng.urgent = old.dirty, old.urgent
-            else:
-                eng = old if old is not None else MachineEngine(spec)
-            eng.hold_reports = core._full
-            engines[mid] = eng
         for mid in p.machines_removed:
             core.dirty.discard(mid)  # its state was committed above
         for mid in touched:
@@ -265,11 +269,9 @@ class Reloader:
             del gw.connectors[cid]
         stopped = {f"connector.{c}" for c in stopping}
         tasks = [t for t in getattr(gw, "_tasks", []) if t.get_name() not in stopped]
-        for c in new.connectors:
-            if c.id in p.connectors_added or c.id in p.connectors_restarted:
-                conn = REGISTRY[c.type].load()(c, bindings.get(c.id, []), core.on_samples)
-                gw.connectors[c.id] = conn
-                tasks.append(gw._tg.create_task(gw._supervise(f"connector.{c.id}", conn.run), name=f"connector.{c.id}"))
+        for cid, conn in starting.items():
+            gw.connectors[cid] = conn
+            tasks.append(gw._tg.create_task(gw._supervise(f"connector.{cid}", conn.run), name=f"connector.{cid}"))
         gw._tasks = tasks
         # the connectors dict keeps the config's order (status pages list them as configured)
         gw.connectors = {c.id: gw.connectors[c.id] for c in new.connectors}
