@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -215,13 +216,23 @@ async def test_stopping_is_announced_and_sighup_reloads_with_reloading_then_read
             reloading = ns.lines("RELOADING=1")
             assert reloading and reloading[0][0] <= ns.lines("READY=1")[1][0]
             assert proc.returncode is None, "SIGHUP must not end the gateway"
+            # an invalid file: refused, the gateway runs on (READY again, with the running configuration)
+            path.write_text(path.read_text().replace("poll_interval_s: 0.05", "poll_interval_s: fast"))
+            proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: len(ns.lines("READY=1")) >= 3, 15)
+            assert proc.returncode is None
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
             ns.close()
         assert proc.returncode == 0, err.decode()[-2000:]
         assert ns.lines("STOPPING=1")
-        assert '"event": "config.reload_unchanged"' in err.decode()
+        log = err.decode()
+        assert '"event": "config.reload_unchanged"' in log
+        failed = next(json.loads(line) for line in log.splitlines() if '"event": "config.reload_failed"' in line)
+        assert failed["reason"] == "invalid" and failed["file"] == str(path), failed
+        assert [p["field"] for p in failed["problems"]] == ["connectors[0].poll_interval_s"], failed
+        assert failed["level"] == "error"
 
 
 def test_notify_sends_one_datagram_to_a_path_or_an_abstract_socket(tmp_path, monkeypatch):
