@@ -9,6 +9,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -273,3 +274,8 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
     proc = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60, check=False)
     problems = [line for line in (proc.stdout + proc.stderr).splitlines() if str(local) in line or "Unknown" in line]
     assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
+    # the sandbox as systemd rates it (0 = locked down, 10 = exposed; "OK" is below 2)
+    proc = subprocess.run([analyze, "security", "--offline=yes", str(local)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert level and float(level.group(1)) < 2.0, proc.stdout[-3000:] + proc.stderr
