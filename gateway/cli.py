@@ -277,7 +277,7 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
 def _cmd_reload(args: argparse.Namespace) -> int:
     """Validate the config, then SIGHUP the gateway that runs on its store: it re-reads the file (gateway/reload.py)."""
     from gateway.config import ConfigError, load_config
-    from gateway.reload import NotRunning, gateway_pid
+    from gateway.reload import NotRunning, gateway_pid, started_with
 
     try:
         cfg = load_config(args.config)
@@ -290,6 +290,10 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     except NotRunning as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    started = started_with(pid, cfg.store.path)
+    if started is not None and started != os.path.realpath(args.config):
+        print(f"{args.config}: note: the gateway (process {pid}) was started with {started}; it re-reads that file, "
+              "not this one", file=sys.stderr)
     try:
         os.kill(pid, signal.SIGHUP)
     except PermissionError:

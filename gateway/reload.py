@@ -360,3 +360,33 @@ def gateway_pid(store_path: str) -> int:
         if first.isdigit() and os.path.exists(f"/proc/{first}"):
             return int(first)
     raise NotRunning(f"no gateway runs on store {os.path.abspath(store_path)} (nobody holds {lock})")
+
+
+def started_with(pid: int, store_path: str) -> str | None:
+    """The config file the gateway ``pid`` was started with (absolute), from the command line it wrote into the store
+    lock (and its working directory for a relative path); None when it cannot be told."""
+    import os
+    import shlex
+
+    try:
+        with open(os.path.abspath(store_path) + ".lock") as f:
+            first, _, command = f.read().partition("\n")
+        if first.strip() != str(pid):
+            return None
+        args = shlex.split(command.strip())
+    except (OSError, ValueError):
+        return None
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            path = args[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            continue
+        if not os.path.isabs(path):
+            try:
+                path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
+            except OSError:
+                return None
+        return os.path.realpath(path)
+    return None

@@ -207,10 +207,20 @@ async def test_edge_gateway_reload_command_signals_the_running_gateway(tmp_path,
             proc = await asyncio.to_thread(subprocess.run, EXE + ["reload", "--config", str(path)], cwd=ROOT,
                                            capture_output=True, text=True, timeout=60, check=False)
             assert proc.returncode == 0 and f"process {gw.pid}" in proc.stdout, proc.stderr
+            assert "note:" not in proc.stderr, proc.stderr
             await wait_until(lambda: any('"event": "config.reloaded"' in line for line in log), 15)
             line = next(line for line in log if '"event": "config.reloaded"' in line)
             assert '"connectors_restarted": ["mba"]' in line, line
             assert sum('"event": "config.reload_started"' in line for line in log) == 1  # the bad file never got there
+
+            # a valid file that is not the one the gateway runs with: signalled, with a note saying which it re-reads
+            other = tmp_path / "other.yaml"
+            other.write_text(path.read_text())
+            proc = await asyncio.to_thread(subprocess.run, EXE + ["reload", "--config", str(other)], cwd=ROOT,
+                                           capture_output=True, text=True, timeout=60, check=False)
+            assert proc.returncode == 0, proc.stderr
+            assert f"was started with {path}; it re-reads that file, not this one" in proc.stderr, proc.stderr
+            await wait_until(lambda: sum('"event": "config.reload_started"' in line for line in log) == 2, 15)
         finally:
             gw.send_signal(signal.SIGTERM)
             await asyncio.wait_for(gw.wait(), timeout=30)
