@@ -78,6 +78,10 @@ class Backoff:
         return delay * random.uniform(0.8, 1.2)
 
 
+def _no_observer(op: str, seconds: float) -> None:
+    pass
+
+
 class Connector(abc.ABC):
     """Base class of protocol adapters. Subclasses set ``type`` and implement run() and read()."""
 
@@ -87,8 +91,17 @@ class Connector(abc.ABC):
         self.config = config
         self.id: str = config.id
         self.tags = list(tags)
-        self.sink = sink
         self.status = ComponentStatus()
+        self.samples = 0  # samples delivered to the sink (a plain int: exported at scrape time, gateway/exporter.py)
+        # called with (op, seconds) after each poll / read: "poll", "read", "watchdog"; the gateway wires it to a
+        # histogram (no-op by default, so a connector works without the gateway)
+        self.observe_read: Callable[[str, float], None] = _no_observer
+
+        def counted(samples: list[Sample]) -> None:
+            self.samples += len(samples)
+            sink(samples)
+
+        self.sink: SampleSink = counted
 
     @abc.abstractmethod
     async def run(self) -> None:

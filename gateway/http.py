@@ -3,7 +3,7 @@
 GET  /                            the status page (read-only, no token; gateway/statuspage.py)
 GET  /health                      200 when every component is connected, else 503 (JSON body either way)
 GET  /status                      component states, outbox, per-machine order and totals
-GET  /metrics                     Prometheus text format
+GET  /metrics                     Prometheus text format (docs/metrics.md)
 POST /machines/{machine}/order    local order command: {"order", "operation", "status"?} or {"clear": true}
                                   (machines with order_source: local; bearer token when http.token_env is set)
 
@@ -112,7 +112,9 @@ class HttpApi:
         return _json(st)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # the process-wide registry (alarms, dispatches, process_*) and this gateway's own (gateway/exporter.py)
+        body = generate_latest() + generate_latest(self.gw.exporter.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def order(self, request: web.Request) -> web.Response:
         if self._token is not None:

@@ -32,6 +32,7 @@ from gateway.core import (  # noqa: F401 - re-exported (tests, bench)
 )
 from gateway.dispatch import DispatchRejected, parse_erp_ack
 from gateway.events import EventEncoder, Topics
+from gateway.exporter import GatewayMetrics
 from gateway.mqtt import MqttLink, Publisher
 from gateway.orders import (
     LocalOrderSource,
@@ -155,6 +156,8 @@ class Gateway:
         self.crashes: dict[str, int] = {}
         self._stopping = False
         self._build_connectors(routes)
+        self.exporter = GatewayMetrics(self)  # this gateway's metrics registry, read at scrape time
+        self.core.on_commit = self.exporter.committed
 
     def _committed(self, rows: list[PendingRow]) -> None:
         """The core committed rows: the publisher takes them; the status page notes them."""
@@ -284,8 +287,9 @@ class Gateway:
             log.warning("erp_ack.rejected", topic=topic, reason=exc.reason, detail=exc.detail[:300], size=len(payload))
             return
         self.activity.erp_ack(ack.machine or topic.rsplit("/", 2)[-2], ack)
+        self.exporter.erp_ack(ack)  # counted; an accepted one is timed (sync latency)
         if ack.status != "rejected":
-            return  # positive acknowledgements carry no action here
+            return  # positive acknowledgements carry no other action here
         rejection = _ErpRejection(ack.event, ack.reason or "rejected by the ERP")
         self.core.after_commit.append(lambda: self._quarantine_rejection(rejection))
         self.core.wake()

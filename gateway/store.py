@@ -137,6 +137,7 @@ class OutboxRow:
     type: str
     topic: str
     payload: bytes
+    time: float = 0.0  # the event's time (Unix seconds): not stored (it is in the payload); for the sync latency
 
 
 @dataclass(frozen=True, slots=True)

@@ -436,10 +436,12 @@ class OpcUaConnector(Connector):
                 raise _ConnectionLost(self._lost_reason or "connection lost")
             if client.uaclient.state is not UaClientState.CONNECTED:
                 raise _ConnectionLost(f"transport {client.uaclient.state.value}")
+            started = time.monotonic()
             try:
                 await asyncio.wait_for(client.uaclient.read_attributes([_CURRENT_TIME], ua.AttributeIds.Value), cfg.timeout_s)
             except asyncio.TimeoutError:
                 raise _ConnectionLost(f"watchdog read timed out after {cfg.timeout_s}s") from None
+            self.observe_read("watchdog", time.monotonic() - started)
             silent = time.monotonic() - self._last_publish
             if silent > self._stale_after:
                 raise _ConnectionLost(f"subscription silent for {silent:.1f}s (no data, no keep-alive)")
@@ -514,8 +516,10 @@ class OpcUaConnector(Connector):
             if nid is not None and text not in index:
                 index[text] = len(node_ids)
                 node_ids.append(nid)
+        started = time.monotonic()
         try:
             results = await asyncio.wait_for(self._read_chunked(client, node_ids), timeout)
+            self.observe_read("read", time.monotonic() - started)
         except asyncio.TimeoutError as exc:
             raise ConnectorUnavailable(f"read timed out after {timeout}s", connector=self.id, endpoint=self.endpoint) from exc
         except (ua.UaError, ConnectionError, OSError) as exc:
