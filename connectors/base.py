@@ -9,46 +9,47 @@ Connectors never interpret values: they hand raw, typed values with their qualit
 from __future__ import annotations
 
 import abc
-import enum
-import random
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
+from gateway.alarms import Alarms
+from gateway.component import ComponentStatus
 from mappings.samples import Sample
 
 SampleSink = Callable[[list[Sample]], None]
 """Called from the event loop with a batch of samples; must not block."""
 
 
-class ComponentState(str, enum.Enum):
-    STARTING = "starting"
-    CONNECTED = "connected"
-    DEGRADED = "degraded"
-    DISCONNECTED = "disconnected"
-    STOPPED = "stopped"
+@dataclass(frozen=True)
+class CounterType:
+    """What the config says about a counter's (or meter's) register, for the check against the server's DataType at
+    connect. None: not configured (the width is taken from the server)."""
+
+    bits: int | None = None
+    signed: bool | None = None
+    max_value: bool = False  # an explicit max_value: the width does not matter
+    float_meter: bool = False  # a resolution is configured: the node should be Float/Double
 
 
-@dataclass
-class ComponentStatus:
-    state: ComponentState = ComponentState.STARTING
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True)
+class TagType:
+    """What the server says a counter's node holds (OPC UA DataType), reported to the runtime at every connect."""
 
-    def set(self, state: ComponentState, error: str | None = None) -> bool:
-        """Set the state; returns True when it changed (log state changes, not repeats)."""
-        changed = state != self.state
-        if changed:
-            self.state = state
-            self.since = time.time()
-        if error is not None or state == ComponentState.CONNECTED:
-            self.last_error = error
-        return changed
+    data_type: str  # e.g. "UInt16", "Float"
+    kind: str  # "integer", "float" or "other"
+    bits: int | None = None
+    signed: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state.value, "since": self.since, "last_error": self.last_error, **self.detail}
+
+TagTypesSink = Callable[[dict[str, TagType]], None]
+"""Called with tag key -> TagType once per connect, before the first sample of that connection."""
+
+
+class AlarmSink(Protocol):
+    """The runtime's Alarms (gateway/alarms.py): connectors raise and clear conditions an operator must act on."""
+
+    def set(self, id: str, active: bool, severity: Any, message: str, **evidence: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,22 +61,7 @@ class TagBinding:
     # every value is a count of its own (delta / reset-on-read counters): the connector must deliver each value, also
     # the same value again with a new source timestamp, and never merge or discard queued values
     every_value: bool = False
-
-
-class Backoff:
-    """Capped, jittered exponential backoff."""
-
-    def __init__(self, initial: float = 0.2, maximum: float = 10.0, factor: float = 2.0) -> None:
-        self.initial, self.maximum, self.factor = initial, maximum, factor
-        self._current = initial
-
-    def reset(self) -> None:
-        self._current = self.initial
-
-    def next(self) -> float:
-        delay = self._current
-        self._current = min(self.maximum, self._current * self.factor)
-        return delay * random.uniform(0.8, 1.2)
+    counter: CounterType | None = None  # set for counters and material meters
 
 
 def _no_observer(op: str, seconds: float) -> None:
@@ -102,6 +88,10 @@ class Connector(abc.ABC):
             sink(samples)
 
         self.sink: SampleSink = counted
+        # hooks the runtime sets (gateway/runtime.py): its Alarms, so a connector's alarms show in /status and metrics,
+        # and a sink for the counter types found on the server. Standalone (tests, tools): a private Alarms, no sink.
+        self.alarms: AlarmSink = Alarms()
+        self.on_tag_types: TagTypesSink | None = None
 
     @abc.abstractmethod
     async def run(self) -> None:

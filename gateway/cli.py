@@ -51,6 +51,8 @@ def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
         for signal, label, kind, b in items:
             if kind in ("counter", "material") and b.max_value is not None:
                 kind = "integer"
+            if kind == "material" and getattr(b, "resolution", None) is not None:
+                kind = "float"
             out.setdefault(b.connector, []).append((f"{m.id} {label}", kind, b, cfg.tag_address(m.id, signal)))  # type: ignore[attr-defined]
     return out
 

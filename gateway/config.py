@@ -160,6 +160,16 @@ class MaterialMeterConfig(CounterConfig):
     ``material.consumed`` (method ``metered``) with its unit of measure."""
 
     unit: str = Field(min_length=1, max_length=8, description="Unit of measure of the metered material (ISO), e.g. KG.")
+    resolution: Decimal | None = Field(
+        None, gt=0, description="Float meter (a totaliser read as float32/float64, or an OPC UA Float/Double node): "
+        "each reading is rounded to a whole number of this step (e.g. 0.01), so quantities are exact decimals and "
+        "float noise is never counted. Required for a Modbus float32/float64 meter. A float meter does not wrap: a "
+        "decrease is a reset. max_rate is then in meter units per second.",
+    )
+    noise: Decimal | None = Field(
+        None, gt=0, description="Float meter: a decrease of at most this quantity is float noise, ignored (not a "
+        "reset). Default: one resolution step.",
+    )
 
 
 class StateConfig(BaseModel):
@@ -528,15 +538,47 @@ def _check_nats_topics(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]
 def _check_counter_type(base: tuple[Any, ...], b: dict[str, Any], addr: Any, ctype: str) -> list[tuple[tuple[Any, ...], str]]:
     out: list[tuple[tuple[Any, ...], str]] = []
     bits = b.get("bits") if isinstance(b.get("bits"), int) else None
+    meter = len(base) > 2 and base[2] == "materials"
+    dt = getattr(addr, "data_type", None)
+    if meter and (b.get("resolution") is not None or dt in _FLOAT_TYPES):
+        return _check_float_meter(base, b, dt)
+    if meter and b.get("noise") is not None:
+        out.append((base + ("noise",), "noise is for float meters (with a resolution): remove it or set resolution"))
     if ctype == "modbus":
-        dt = addr.data_type
-        if dt not in _DATA_TYPE_BITS:
+        if dt in _FLOAT_TYPES:
+            out.append((base + ("data_type",), f"a piece counter must be an integer type (uint16, int16, uint32, "
+                        f"int32, uint64, int64), got {dt!r}; a float totaliser is a material meter (materials:) "
+                        "with a resolution"))
+        elif dt not in _DATA_TYPE_BITS:
             out.append((base + ("data_type",), f"a counter must be an integer type (uint16, int16, uint32, int32, uint64, int64), got {dt!r}"))
         elif bits is not None and bits != _DATA_TYPE_BITS[dt][0]:
             out.append((base + ("bits",), f"bits={bits} contradicts data_type {dt} ({_DATA_TYPE_BITS[dt][0]} bits); remove 'bits'"))
     max_value = b.get("max_value")
     if isinstance(max_value, int) and bits is not None and max_value >= 2**bits:
         out.append((base + ("max_value",), f"max_value {max_value} does not fit in {bits} bits"))
+    return out
+
+
+_FLOAT_TYPES = ("float32", "float64")
+
+
+def _check_float_meter(base: tuple[Any, ...], b: dict[str, Any], dt: str | None) -> list[tuple[tuple[Any, ...], str]]:
+    out: list[tuple[tuple[Any, ...], str]] = []
+    if dt is not None and dt not in _FLOAT_TYPES:
+        out.append((base + ("resolution",), f"resolution is for float meters (data_type float32/float64), not {dt}: "
+                    "remove it, or set data_type"))
+    elif b.get("resolution") is None:
+        out.append((base + ("resolution",), f"a {dt} meter needs a resolution: the quantity step its reading is "
+                    "rounded to, e.g. resolution: 0.01"))
+    for key in ("bits", "max_value", "signed"):
+        if b.get(key) is not None:
+            out.append((base + (key,), f"a float meter does not wrap and has no width: remove '{key}'"))
+    res, noise = b.get("resolution"), b.get("noise")
+    try:
+        if res is not None and noise is not None and Decimal(str(noise)) < Decimal(str(res)):
+            out.append((base + ("noise",), f"noise {noise} is below the resolution {res}: use at least one step"))
+    except ArithmeticError:
+        pass  # reported by the model validation
     return out
 
 

@@ -94,6 +94,14 @@ class Routes:
 
 
 @dataclass
+class CoreCall:
+    """A change the wiring asks the core to make in inbox order (before the samples queued after it), e.g. a
+    counter's width found on the server at connect (gateway/counter_specs.py ``apply_tag_types``)."""
+
+    fn: Callable[[Core], None]
+
+
+@dataclass
 class CutDone:
     """The cut read of one machine came back (a tagged sample batch)."""
 
@@ -278,6 +286,8 @@ class Core:
                 self._order_command(item)
             elif isinstance(item, CutDone):
                 self._cut_done(item)
+            elif isinstance(item, CoreCall):
+                item.fn(self)
         self.run_timers()
 
     def _next_wakeup(self) -> float | None:
@@ -431,7 +441,7 @@ class Core:
         """Phase one of a changeover: read every counter of the machine, and hand the result to the core. A
         connector that cannot answer is retried (with backoff) until it can: the changeover is held until the
         first good read, so parts made before it are never booked to the new order."""
-        from connectors.base import Backoff
+        from gateway.component import Backoff
 
         samples: list[Sample] = []
         for cid, keys in list(self.routes.cut_keys[machine].items()):

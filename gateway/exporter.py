@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from connectors.base import ComponentState
+from gateway.component import ComponentState
 
 if TYPE_CHECKING:
     from gateway.dispatch import ErpAck

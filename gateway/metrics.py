@@ -20,3 +20,9 @@ MACHINE_FAULTS = Counter("edge_gateway_machine_faults_total", "Machines stopped 
 COMMIT_FAILURES = Counter("edge_gateway_store_commit_failures_total", "Failed group commits (retried)", ["kind"])
 ACKS_REJECTED = Counter("edge_gateway_erp_acks_rejected_total", "ERP acknowledgements refused (malformed, foreign)",
                         ["reason"])
+
+# --- OPC UA certificates (connectors/opcua/connector.py) ---
+OPCUA_CERTIFICATE_EXPIRY_DAYS = Gauge(
+    "edge_gateway_opcua_certificate_expiry_days",
+    "Days until a certificate of an OPC UA session expires (negative: expired): which=own (our application "
+    "certificate) or server", ["connector", "endpoint", "which"])

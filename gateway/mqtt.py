@@ -64,7 +64,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from connectors.base import Backoff, ComponentState, ComponentStatus
+from gateway.component import Backoff, ComponentState, ComponentStatus
 from gateway.config import MqttConfig
 from gateway.faults import crash_point
 from gateway.store import PendingRow, Store, StoreError

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from connectors import REGISTRY
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 if TYPE_CHECKING:
@@ -108,6 +107,11 @@ def _tag_bindings(cfg: GatewayConfig) -> dict[str, dict[str, tuple[Any, ...]]]:
     return out
 
 
+def _connectors_of(m: Any) -> set[str]:
+    used = {b.connector for b in [*m.counters.values(), *m.materials.values()]}
+    return used | {t.connector for t in (m.state, m.order_tag, m.operation_tag, m.complete_tag) if t is not None}
+
+
 def plan(old: GatewayConfig, new: GatewayConfig) -> Plan:
     """The difference between the running and the new config (raises ReloadRefused for restart-only changes)."""
     keys = [k for section in RESTART_ONLY for k in changed_keys(getattr(old, section), getattr(new, section), section)]
@@ -130,7 +134,11 @@ def plan(old: GatewayConfig, new: GatewayConfig) -> Plan:
     ob, nb = _tag_bindings(old), _tag_bindings(new)
     p.connectors_added = [i for i in nc if i not in oc]
     p.connectors_removed = [i for i in oc if i not in nc]
-    p.connectors_restarted = [i for i in nc if i in oc and (nc[i] != oc[i] or ob.get(i, {}) != nb.get(i, {}))]
+    # a changed machine's connectors restart too: at connect they tell its new engine the counter widths found on
+    # the server (a counter without configured bits), which a fresh engine would not know
+    of_changed = {cid for i in p.machines_changed for cid in _connectors_of(nm[i])}
+    p.connectors_restarted = [i for i in nc if i in oc and (nc[i] != oc[i] or ob.get(i, {}) != nb.get(i, {})
+                                                            or i in of_changed)]
     return p
 
 
@@ -190,7 +198,7 @@ class Reloader:
         # (the core is in here, so no sample reaches the engines meanwhile)
         routes = Routes()
         bindings = gw._bind(new, routes)
-        starting = {c.id: REGISTRY[c.type].load()(c, bindings.get(c.id, []), core.on_samples) for c in new.connectors
+        starting = {c.id: gw._make_connector(c, bindings.get(c.id, [])) for c in new.connectors
                     if c.id in p.connectors_added or c.id in p.connectors_restarted}
         old_specs, old_cfg = core.specs, gw.cfg
         new_specs = {s.id: s for s in machine_specs(new)}

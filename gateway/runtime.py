@@ -19,17 +19,20 @@ from typing import Any
 import structlog
 
 from connectors import REGISTRY
-from connectors.base import ComponentState, Connector, TagBinding
+from connectors.base import Connector, TagBinding, TagType
 from gateway import metrics
 from gateway.alarms import Alarms
-from gateway.config import GatewayConfig, counter_modulus
+from gateway.component import ComponentState
+from gateway.config import GatewayConfig
 from gateway.core import (  # noqa: F401 - re-exported (tests, bench)
     CHECKPOINT_S,
     Core,
+    CoreCall,
     Routes,
     Stats,
     checkpoint_interval,
 )
+from gateway.counter_specs import apply_tag_types, counter_binding, counter_type
 from gateway.dispatch import DispatchRejected, parse_erp_ack
 from gateway.events import EventEncoder, Topics
 from gateway.exporter import GatewayMetrics
@@ -42,9 +45,7 @@ from gateway.orders import (
 )
 from gateway.statuspage import Activity, identity
 from gateway.store import PendingRow, Store, StoreError
-from mappings.counters import CounterSpec
 from mappings.machine import (
-    CounterBinding,
     MachineEngine,
     MachineSpec,
     MaterialMeter,
@@ -60,16 +61,11 @@ def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
     for m in cfg.machines:
         counters = {}
         for name, b in m.counters.items():
-            modulus, signed = counter_modulus(b, cfg.tag_address(m.id, name))
-            counters[name] = CounterBinding(
-                CounterSpec(name=name, mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate), b.scale
-            )
+            counters[name] = counter_binding(name, b, cfg.tag_address(m.id, name))
         materials = {}
         for name, b in m.materials.items():
-            modulus, signed = counter_modulus(b, cfg.tag_address(m.id, f"material:{name}"))
-            materials[name] = MaterialMeter(CounterBinding(
-                CounterSpec(name=f"material:{name}", mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate),
-                b.scale), b.unit)
+            materials[name] = MaterialMeter(  # float meters (resolution) too: see gateway/counter_specs.py
+                counter_binding(f"material:{name}", b, cfg.tag_address(m.id, f"material:{name}")), b.unit)
         specs.append(MachineSpec(
             id=m.id, counters=counters, unit=m.unit, materials=materials,
             state_values=None if m.state is None else dict(m.state.values),
@@ -200,8 +196,7 @@ class Gateway:
     def _build_connectors(self, routes: Routes) -> None:
         bindings = self._bind(self.cfg, routes)
         for c in self.cfg.connectors:
-            cls = REGISTRY[c.type].load()
-            self.connectors[c.id] = cls(c, bindings.get(c.id, []), self.core.on_samples)
+            self.connectors[c.id] = self._make_connector(c, bindings.get(c.id, []))
 
     def _bind(self, cfg: GatewayConfig, routes: Routes) -> dict[str, list[TagBinding]]:
         """Fill ``routes`` from ``cfg``; return each connector's tag bindings (also used by a reload: gateway/reload.py)."""
@@ -217,7 +212,9 @@ class Gateway:
                 key = f"{m.id}/{signal}"
                 every = signal not in ("state", "order", "operation", "complete") and \
                     getattr(b, "mode", "cumulative") != "cumulative"
-                bindings[b.connector].append(TagBinding(key, cfg.tag_address(m.id, signal), every))
+                bindings[b.connector].append(TagBinding(key, cfg.tag_address(m.id, signal), every,
+                                                        counter_type(b) if signal in m.counters or
+                                                        signal.startswith("material:") else None))
                 routes.signal[key] = (m.id, signal)
                 if signal in ("order", "operation", "complete"):
                     routes.control.add(key)
@@ -228,6 +225,18 @@ class Gateway:
                 if signal not in ("state", "complete", "order", "operation"):  # the cut reads the counters
                     routes.cut_keys[m.id][b.connector].append(key)
         return bindings
+
+    def _make_connector(self, c: Any, bindings: list[TagBinding]) -> Connector:
+        """One connector of the config with its tag bindings, wired to the core (also used by a reload)."""
+        conn = REGISTRY[c.type].load()(c, bindings, self.core.on_samples)
+        conn.alarms = self.alarms  # connector alarms (refused tags, certificates) in /status
+        conn.on_tag_types = self._on_tag_types
+        return conn
+
+    def _on_tag_types(self, types: dict[str, TagType]) -> None:
+        """Counter types a connector found on its server at connect: applied by the core, in order, before the
+        samples of that connection (a counter without configured bits takes its node's width)."""
+        self.core.put(CoreCall(lambda core: apply_tag_types(self.cfg, self.specs, core, types)))
 
     async def _cut_read(self, connector: str, keys: list[str], timeout: float) -> list[Sample]:
         return await self.connectors[connector].read(keys, timeout=timeout)
@@ -360,7 +369,7 @@ class Gateway:
     async def _supervise(self, name: str, run: Any) -> None:
         """Restart a component whose loop died of an unexpected error (a bug or a library surprise), with backoff;
         the rest of the gateway keeps counting. The core loop is not supervised: its state is the engines'."""
-        from connectors.base import Backoff
+        from gateway.component import Backoff
 
         backoff = Backoff(0.5, 30.0)
         while True:

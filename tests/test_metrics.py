@@ -70,7 +70,7 @@ def settled(gw: Gateway) -> bool:
     """Machines idle (the state change seen), no reporting window open, nothing staged, in the outbox or in flight:
     no event can appear before the next scrape."""
     return (all(e.machine_state == "idle" and e.next_deadline() is None for e in gw.engines.values())
-            and not gw._uncommitted and gw.store.pending == 0 and gw.publisher.inflight == 0)
+            and not gw.core.uncommitted and gw.store.pending == 0 and gw.publisher.inflight == 0)
 
 
 def val(samples: Samples, name: str, **labels: str) -> float:

@@ -252,6 +252,12 @@ def test_plan_restarts_a_connector_whose_tags_changed_and_names_restart_only_key
     p = plan(cfg(0), cfg(0, extra_machine=True))
     assert (p.machines_added, p.machines_changed, p.connectors_restarted) == (["m3"], [], ["plc"])
     assert plan(cfg(0), cfg(0)).empty
+    # a machine changed without touching its tags (another reporting interval): its connector restarts all the same,
+    # so its new engine learns the counter widths on the server at connect
+    changed = cfg(0)
+    changed.machines[0].reporting.interval_s = 9
+    p = plan(cfg(0), changed)
+    assert (p.machines_changed, p.connectors_restarted) == (["m1"], ["plc"])
     try:
         plan(cfg(0), cfg(0, keepalive=9))
     except ReloadRefused as exc:

@@ -38,12 +38,19 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
-from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
+from connectors.base import Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
+from gateway.component import Backoff, ComponentState
 
 HEARTBEAT_S = 10.0
 """Unchanged tags are reported at least this often (the counter engine measures plausibility between readings)."""
-from connectors.modbus.config import BIT_TABLES, FUNCTION_CODES, MAX_GAP, ModbusConnectorConfig, ModbusTagConfig
+from connectors.modbus.config import (
+    BIT_TABLES,
+    FUNCTION_CODES,
+    MAX_GAP,
+    ModbusConnectorConfig,
+    ModbusTagConfig,
+)
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
