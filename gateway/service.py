@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from connectors.base import ComponentState
+from gateway.component import ComponentState
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
