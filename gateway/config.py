@@ -250,8 +250,21 @@ class HttpConfig(_Model):
     host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose it.")
     port: int = Field(8780, ge=1, le=65535)
     token_env: str | None = Field(
-        None, description="Environment variable with a bearer token required for POST requests (order commands)."
+        None, description="Environment variable with a bearer token required for POST requests (order commands). "
+        "Required when host is not a loopback address.",
     )
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP addresses (127.0.0.0/8, ::1); a name or any other address is not."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class LoggingConfig(_Model):
@@ -439,6 +452,7 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
             problems.append((("connectors", i, "id"), f"duplicate connector id {c['id']!r}; connector ids must be unique"))
         if c.get("type") in REGISTRY:
             by_id.setdefault(c["id"], c["type"])
+    problems.extend(_check_http_exposure(data.get("http")))
     mids = _Counter(m.get("id") for m in machines if isinstance(m, dict) and isinstance(m.get("id"), str))
     for i, m in enumerate(machines):
         if isinstance(m, dict) and isinstance(m.get("id"), str) and mids[m["id"]] > 1:
@@ -505,6 +519,18 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
                 problems.extend(_check_counter_type(base, b, addr, ctype))
     problems.extend(_check_nats_topics(data))
     return problems, addresses
+
+
+def _check_http_exposure(http: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """The local API on an address other than loopback needs a token (``http.token_env``)."""
+    if not isinstance(http, dict) or http.get("enabled") is not True or http.get("token_env"):
+        return []
+    host = http.get("host", HttpConfig.model_fields["host"].default)
+    if not isinstance(host, str) or is_loopback(host):
+        return []
+    return [(("http", "host"), (f"{host!r} is not a loopback address, and without a token anyone on that network could "
+                                "post order changes: set http.token_env (an environment variable holding a bearer "
+                                "token), or listen on host: 127.0.0.1"))]
 
 
 def _check_nats_topics(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:

@@ -37,7 +37,7 @@ from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.events import EventEncoder
-from gateway.faults import crash_point
+from gateway.faults import crash_point, freeze_point
 from gateway.orders import CompleteCommand, OrderCommand, PlcTagOrders
 from gateway.store import OutboxRow, PendingRow, Store, StoreError
 from mappings.machine import EventDraft, MachineEngine, MachineSpec, OrderRefused
@@ -178,6 +178,7 @@ class Core:
         # gateway/health.Health: ``evaluate()`` when its ``next_due`` (monotonic) has come, about once a second (also
         # when idle: the heartbeat of liveness); ``committed(rows)`` after each commit with rows
         self.ticker: Any = None
+        self.tick_s: float | None = None  # the loop wakes at least this often, idle or not (the watchdog sets it)
 
     def restore(self, snapshots: dict[str, Any], next_seq: int, encoder: EventEncoder) -> None:
         """The engines from their committed snapshots (a machine without one starts fresh)."""
@@ -252,11 +253,14 @@ class Core:
         while True:
             if not self.inbox:
                 timeout = self._next_wakeup()
+                if self.tick_s is not None and (timeout is None or timeout > self.tick_s):
+                    timeout = self.tick_s
                 self._inbox_ready.clear()
                 if timeout is None or timeout > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(timeout):
                             await self._inbox_ready.wait()
+            await freeze_point("core.round")
             self.heartbeat = time.monotonic()
             self.round()
             if self.ticker is not None and self.heartbeat >= self.ticker.next_due:

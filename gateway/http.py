@@ -14,14 +14,18 @@ GET  /status                      component states, outbox, per-machine order an
 GET  /metrics                     Prometheus text format (docs/metrics.md)
 POST /machines/{machine}/order    local order command: {"order", "operation", "status"?} or {"clear": true}
                                   (machines with order_source: local; bearer token when http.token_env is set)
+
+Every POST must carry ``Content-Type: application/json`` (415 otherwise: no cross-site form post from a browser). A
+listener on an address other than loopback needs ``http.token_env`` (refused at config validation otherwise).
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -37,6 +41,36 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+class HttpListenError(Exception):
+    """The local HTTP API cannot listen (the port is taken, the address is not on this host): one line for the user."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            fix = "another process listens there (stop it, or choose another http.port)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "this host has no such address (fix http.host)"
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges (choose http.port 1024 or above)"
+        else:
+            fix = "check http.host and http.port"
+        super().__init__(f"http.port: cannot listen on {host}:{port}: {why}; {fix}")
+        self.host, self.port, self.errno = host, port, exc.errno
+
+
+@web.middleware
+async def require_json_body(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every request that changes something must say ``Content-Type: application/json``, else 415. A web page cannot
+    send that header cross-site without a CORS preflight (which this API never grants), so a browser on the HMI PC
+    that visits a hostile page cannot post an order change to the gateway (a plain form or ``fetch`` with a
+    ``text/plain`` body could)."""
+    if request.method not in ("GET", "HEAD", "OPTIONS") and request.content_type != "application/json":
+        log.warning("http.unsupported_media_type", path=request.path, method=request.method,
+                    content_type=request.headers.get("Content-Type"), peer=request.remote)
+        return _json({"error": "Content-Type must be application/json"}, 415)
+    return await handler(request)
+
+
 def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, default=str), status=status, content_type="application/json")
 
@@ -48,7 +82,7 @@ class HttpApi:
         self._token = os.environ.get(cfg.token_env) if cfg.token_env else None
         if cfg.token_env and not self._token:
             raise ValueError(f"http.token_env: environment variable {cfg.token_env} is not set")
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=64 * 1024, middlewares=[require_json_body])
         app.router.add_get("/health", self.health)
         app.router.add_get("/livez", self.livez)
         app.router.add_get("/readyz", self.readyz)
@@ -63,7 +97,12 @@ class HttpApi:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise HttpListenError(self.cfg.host, self.cfg.port, exc) from None
         log.info("http.listening", host=self.cfg.host, port=self.cfg.port, auth=bool(self._token))
 
     async def stop(self) -> None:

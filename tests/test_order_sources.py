@@ -158,7 +158,8 @@ async def test_local_order_command_and_health(tmp_path, mqtt_broker, erp, monkey
             r = await asyncio.to_thread(order_cmd, "set", "press-9", "L-2", "0010")
             assert r.returncode == 1 and "404" in r.stderr
             req = urllib.request.Request(f"http://127.0.0.1:{port}/machines/press-3/order", method="POST",
-                                         data=b'{"order": "Z", "operation": "1"}', headers={"Authorization": "Bearer nope"})
+                                         data=b'{"order": "Z", "operation": "1"}', headers={"Authorization": "Bearer nope",
+                                                                                              "Content-Type": "application/json"})
             with pytest.raises(urllib.error.HTTPError) as exc:
                 await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
             assert exc.value.code == 401
