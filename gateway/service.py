@@ -71,15 +71,30 @@ def watchdog_interval() -> float | None:
     return int(usec) / 1e6
 
 
+_SETS: dict[int, tuple[Any, dict[frozenset[str], int]]] = {}
+
+
+def _connector_sets(cfg: Any) -> dict[frozenset[str], int]:
+    """How many machines use each set of connectors (once per config object: 3,333 machines share a few sets)."""
+    cached = _SETS.get(id(cfg))
+    if cached is not None and cached[0] is cfg:
+        return cached[1]
+    sets: dict[frozenset[str], int] = {}
+    for m in cfg.machines:
+        used = {b.connector for b in [*m.counters.values(), *m.materials.values()]}
+        used |= {t.connector for t in (m.state, m.order_tag, m.operation_tag, m.complete_tag) if t is not None}
+        key = frozenset(used)
+        sets[key] = sets.get(key, 0) + 1
+    _SETS.clear()
+    _SETS[id(cfg)] = (cfg, sets)
+    return sets
+
+
 def status_line(gw: Gateway) -> str:
     """One line for ``systemctl status``: machines connected, MQTT, outbox depth, alarms."""
     connected = {cid for cid, c in gw.connectors.items() if c.status.state == ComponentState.CONNECTED}
     machines = gw.cfg.machines
-    up = 0
-    for m in machines:
-        used = {b.connector for b in [*m.counters.values(), *m.materials.values()]}
-        used |= {t.connector for t in (m.state, m.order_tag, m.operation_tag, m.complete_tag) if t is not None}
-        up += used <= connected
+    up = sum(n for used, n in _connector_sets(gw.cfg).items() if used <= connected)
     mqtt = "connected" if gw.link.status.state == ComponentState.CONNECTED else gw.link.status.state.value
     alarms = gw.alarms.ids()
     shown = ", ".join(alarms[:3]) + (f" (+{len(alarms) - 3})" if len(alarms) > 3 else "")
@@ -136,6 +151,8 @@ class Service:
         if self.enabled:
             notify(f"READY=1\nSTATUS={line}\nMAINPID={os.getpid()}")
         log.info("service.ready", notify=self.enabled, watchdog_s=self.watchdog_s, status=line)
+        if not self.enabled and self.watchdog_s is None:
+            return  # not under systemd: nobody reads the status line (computing it walks every machine)
         period = self.watchdog_s / 4 if self.watchdog_s is not None else STATUS_EVERY_S
         while True:
             await asyncio.sleep(period)

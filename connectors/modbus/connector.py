@@ -143,6 +143,11 @@ class TagSlot:
     tag: ModbusTagConfig
     offset: int  # registers from the block start
     decode: Decoder = field(repr=False, compare=False)
+    count: int = field(default=0, compare=False)  # registers / bits: ``tag.count`` read once (a property per poll)
+
+    def __post_init__(self) -> None:
+        if not self.count:
+            object.__setattr__(self, "count", self.tag.count)
 
 
 @dataclass(frozen=True)
@@ -438,7 +443,7 @@ class ModbusConnector(Connector):
         for slot in block.slots:
             if prev is not None:
                 o = slot.offset
-                n = slot.tag.count
+                n = slot.count
                 if (regs[o] == prev[o]) if n == 1 else (regs[o:o + n] == prev[o:o + n]):
                     continue
             try:
