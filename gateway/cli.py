@@ -217,6 +217,7 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
     write, so they take the store's lock and refuse (exit 2, naming the process) while a gateway runs on it."""
     from gateway import logs
     from gateway.config import ConfigError, load_config
+    from connectors.base import rfc3339
     from gateway.store import Store, StoreError, StoreLocked
 
     logs.configure("console", "warning")  # stdout carries the data
@@ -236,6 +237,10 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         async with Store(cfg.store.path, synchronous=cfg.store.synchronous, readonly=readonly) as store:
             if args.action == "list":
                 rows = await store.list_rows(table, limit=args.limit)
+                for r in rows:  # times for people: RFC 3339 UTC, not epoch floats
+                    for k in ("created", "at"):
+                        if isinstance(r.get(k), (int, float)):
+                            r[k] = rfc3339(r[k])
                 print(json.dumps({"table": table, "pending": store.pending, "quarantined": store.quarantined,
                                   "rows": rows}, indent=2, default=str))
             elif args.action == "export":
