@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from connectors import REGISTRY
-from connectors.base import ComponentState, Connector, TagBinding
+from connectors.base import ComponentState, Connector, TagBinding, rfc3339
 from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.alarms import Alarms
@@ -194,12 +194,14 @@ class Gateway:
         self._rejections: list[_ErpRejection] = []
         self.connectors: dict[str, Connector] = {}
         status_topic = self.topics.status()
+        self._started_at = time.time()
         self.link = MqttLink(
             cfg.mqtt,
             client_id=cfg.mqtt.client_id or cfg.gateway.id,
             password=password,
-            will=(status_topic, self._status_payload("offline")),
-            online=(status_topic, self._status_payload("online")),
+            will=(status_topic, self._status_payload("offline", will=True)),
+            online=(status_topic, lambda: self._status_payload("online")),
+            offline=lambda: self._status_payload("offline"),
             subscriptions=[self.topics.dispatch_filter(), self.topics.acks_filter()],
             on_message=self._on_message,
         )
@@ -249,8 +251,19 @@ class Gateway:
             cls = REGISTRY[c.type].load()
             self.connectors[c.id] = cls(c, bindings.get(c.id, []), self._on_samples)
 
-    def _status_payload(self, state: str) -> bytes:
-        return json.dumps({"gateway": self.cfg.gateway.id, "state": state, "time": time.time()}).encode()
+    def _status_payload(self, state: str, *, will: bool = False) -> bytes:
+        """The retained status topic. ``time`` is when the message was made (RFC 3339): at each connect for
+        'online', at a clean stop for 'offline'. The last will is made at start-up and published by the broker
+        when the connection dies, so it carries no time (the time of death is when it arrives), only ``cause``."""
+        body: dict[str, Any] = {"gateway": self.cfg.gateway.id, "state": state}
+        if will:
+            body["cause"] = "connection_lost"
+        else:
+            body["time"] = rfc3339(time.time())
+            if state == "offline":
+                body["cause"] = "stopped"
+        body["started"] = rfc3339(self._started_at)
+        return json.dumps(body).encode()
 
     # ------------------------------------------------------------------ inbox (event loop callbacks, non-blocking)
     def _put(self, item: Any) -> None:
@@ -763,11 +776,13 @@ class Gateway:
             for e in self.engines.values():
                 e.hold_reports = full
             if full:
+                self._full_since = time.monotonic()
                 log.error("store.full", pending_bytes=self.store.pending_bytes, max_bytes=self.store.max_bytes,
                           disk_full=self.store.disk_full,
                           action="quantities accumulate in machine state; state-change events are dropped")
             else:
                 log.info("store.space_recovered", pending_bytes=self.store.pending_bytes,
+                         downtime_s=round(time.monotonic() - self._full_since, 3),
                          dropped=dict(self.stats.dropped_while_full))
                 for mid in self.engines:
                     self._schedule(mid)
@@ -862,6 +877,7 @@ class Gateway:
         metrics.OUTBOX_PENDING.set(self.store.pending)
 
     _commit_failing: str | None = None
+    _full_since = 0.0  # monotonic time the store became full (the downtime in store.space_recovered)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
