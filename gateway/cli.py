@@ -302,7 +302,7 @@ def _row_ids(text: str) -> list[int]:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(duration=args.duration, workdir=args.workdir, seed=args.seed)
+    return run_demo(duration=args.duration, workdir=args.workdir, seed=args.seed, outage=args.outage)
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -551,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS and compare ledger to truth")
     d.add_argument("--workdir", default=None, help="where to keep the demo's files (default: a temp dir)")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--outage", type=float, default=None, metavar="S",
+                   help="stop the demo's broker for S seconds mid-run (needs mosquitto): watch the gateway buffer the "
+                        "events, then deliver them")
     d.set_defaults(fn=_cmd_demo)
 
     sc = sub.add_parser("schema", help="event contract: AsyncAPI document (stdout) or all JSON Schemas (--out DIR)")
