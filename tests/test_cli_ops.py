@@ -139,3 +139,14 @@ def test_buffer_list_shows_rfc3339_times(tmp_path):
     assert out["rows"] and all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", r["created"]) for r in out["rows"])
     q = json.loads(run("buffer", "list", "--quarantine", "--config", str(cfg)).stdout)
     assert q["rows"] and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", q["rows"][0]["at"])
+
+
+def test_license_file_matches_pyproject():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
+    # the full text: all nine sections and the appendix
+    for section in ("1. Definitions.", "4. Redistribution.", "9. Accepting Warranty or Additional Liability.",
+                    "END OF TERMS AND CONDITIONS", "APPENDIX: How to apply the Apache License to your work."):
+        assert section in text, section
