@@ -14,17 +14,18 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from mappings.samples import Sample
+
 
 def rfc3339(ts: float | None) -> str | None:
     """Wall-clock epoch seconds as RFC 3339 UTC with milliseconds (``2026-12-04T05:12:03.123Z``): the one format of
     times people read (``/status``, ``buffer list``, the status topic). None stays None."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 SampleSink = Callable[[list[Sample]], None]

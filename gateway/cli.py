@@ -84,8 +84,8 @@ async def _validate_online(cfg: object) -> int:
                 problems += 1
                 print(f"connector {c.id} ({c.endpoint}): PROBLEM: {_opcua_failure(exc, c)}")
         elif c.type == "modbus":
-            from connectors.modbus.probe import ProbeError, ProbeRequest, read_raw
             from connectors.modbus.connector import decode_registers
+            from connectors.modbus.probe import ProbeError, ProbeRequest, read_raw
 
             print(f"connector {c.id} ({c.host}:{c.port} unit {c.unit_id})")
             for label, kind, b, addr in items:
@@ -215,9 +215,9 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
 
     ``list`` and ``export`` open the store read-only and work next to a running gateway; ``retry`` and ``purge``
     write, so they take the store's lock and refuse (exit 2, naming the process) while a gateway runs on it."""
+    from connectors.base import rfc3339
     from gateway import logs
     from gateway.config import ConfigError, load_config
-    from connectors.base import rfc3339
     from gateway.store import Store, StoreError, StoreLocked
 
     logs.configure("console", "warning")  # stdout carries the data

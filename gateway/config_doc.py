@@ -188,42 +188,34 @@ def _anchor(key: str) -> str:
     return "".join(ch for ch in key.lower() if ch.isalnum() or ch in "-_ ").replace(" ", "-")
 
 
+_INTRO = """\
+# Configuration reference
+
+<!-- generated from the pydantic models by `{regenerate}`; do not edit by hand (tests/test_config_reference.py fails when a key is missing) -->
+
+One YAML file describes the gateway: its identity, the MQTT broker, the store, logging, the local HTTP API, the connectors (one per PLC or device) and the machines with their counter bindings. Unknown keys are errors. `edge-gateway validate FILE` checks a file and names file, line, key and fix for every problem; `edge-gateway init` writes an annotated starter config; a worked example with two machines is [config/examples/two-machines.yaml](../config/examples/two-machines.yaml).
+
+**Editor support**: `edge-gateway schema --config > edge-gateway.schema.json` writes a JSON Schema of this file. With the YAML language server (VS Code's YAML extension, neovim, ...) the first line
+
+```yaml
+# yaml-language-server: $schema=./edge-gateway.schema.json
+```
+
+gives completion, these descriptions on hover and errors as you type (the schema is looser than `validate`: cross-field rules and the connector-specific address keys are checked by `validate` only).
+
+**Secrets** are never written in the file: passwords come from `*_env` (an environment variable) or `*_file` (a file's first line); a `password:` key is rejected.
+
+**Tag bindings** (`counters`, `materials`, `state`, `order_tag`, `operation_tag`, `complete_tag`) name a connector and hold that connector type's address keys: `node_id` for OPC UA; `address`, `table`, `data_type`, `word_order`, `length` for Modbus.
+"""
+
+
 def config_markdown() -> str:
     """docs/configuration.md: every key of the config, generated from the models."""
     schema = config_json_schema()
     defs = schema["$defs"]
     s = _Sections(defs)
     s.model("", schema)
-    out = [
-        "# Configuration reference",
-        "",
-        f"<!-- generated from the pydantic models by `{REGENERATE}`; do not edit by hand "
-        "(tests/test_config_reference.py fails when a key is missing) -->",
-        "",
-        "One YAML file describes the gateway: its identity, the MQTT broker, the store, logging, the local HTTP API, "
-        "the connectors (one per PLC or device) and the machines with their counter bindings. Unknown keys are "
-        "errors. `edge-gateway validate FILE` checks a file and names file, line, key and fix for every problem; "
-        "`edge-gateway init` writes an annotated starter config; a worked example with two machines is "
-        "[config/examples/two-machines.yaml](../config/examples/two-machines.yaml).",
-        "",
-        "**Editor support**: `edge-gateway schema --config > edge-gateway.schema.json` writes a JSON Schema of this "
-        "file. With the YAML language server (VS Code's YAML extension, neovim, ...) the first line",
-        "",
-        "```yaml",
-        "# yaml-language-server: $schema=./edge-gateway.schema.json",
-        "```",
-        "",
-        "gives completion, these descriptions on hover and errors as you type (the schema is looser than `validate`: "
-        "cross-field rules and the connector-specific address keys are checked by `validate` only).",
-        "",
-        "**Secrets** are never written in the file: passwords come from `*_env` (an environment variable) or "
-        "`*_file` (a file's first line); a `password:` key is rejected.",
-        "",
-        "**Tag bindings** (`counters`, `materials`, `state`, `order_tag`, `operation_tag`, `complete_tag`) name a "
-        "connector and hold that connector type's address keys: `node_id` for OPC UA; `address`, `table`, "
-        "`data_type`, `word_order`, `length` for Modbus.",
-        "",
-    ]
+    out = [*_INTRO.format(regenerate=REGENERATE).splitlines(), ""]
     for path, desc, rows in s.sections:
         title = f"`{path}`" if path else "Top level"
         out += [f"## {title}" if path.count(".") == 0 and "[" not in path else f"### {title}", ""]

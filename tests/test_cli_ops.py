@@ -23,7 +23,7 @@ EXE = [sys.executable, "-m", "gateway.cli"]
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(EXE + list(args), cwd=ROOT, capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run(EXE + list(args), cwd=ROOT, capture_output=True, text=True, timeout=60, check=False, **kw)
 
 
 def closed_pipe(*args: str) -> tuple[int, str]:

@@ -16,7 +16,12 @@ from pydantic import BaseModel
 from connectors import REGISTRY
 from gateway import config as gwconfig
 from gateway.cli import main
-from gateway.config_doc import REGENERATE, config_json_schema, config_markdown, starter_config
+from gateway.config_doc import (
+    REGENERATE,
+    config_json_schema,
+    config_markdown,
+    starter_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"

@@ -14,7 +14,7 @@ EXE = [sys.executable, "-m", "gateway.cli"]
 
 def test_demo_with_a_broker_outage_buffers_then_delivers_and_stays_exact(tmp_path):
     proc = subprocess.run(EXE + ["demo", "--duration", "12", "--outage", "3", "--workdir", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, check=False)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-3000:]
     assert "RESULT: ledger == truth for both machines" in out
@@ -36,7 +36,7 @@ def test_demo_with_a_broker_outage_buffers_then_delivers_and_stays_exact(tmp_pat
 
 def test_demo_outage_needs_room_in_the_run():
     proc = subprocess.run(EXE + ["demo", "--duration", "6", "--outage", "5"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
     assert proc.returncode == 2
     assert "--outage 5: give a positive number of seconds, and a --duration of at least 13 s" in proc.stderr
     assert "Traceback" not in proc.stderr

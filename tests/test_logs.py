@@ -48,13 +48,14 @@ def test_third_party_records_come_out_as_json_lines_with_one_record_per_tracebac
         logs.configure("json", "info")  # configuring again must not duplicate lines
         structlog.get_logger("gateway.x").warning("x.again")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     records = [json.loads(ln) for ln in lines]  # every line is one JSON object
     assert [r["event"] for r in records] == ["x.happened", "Error in watchdog loop",
                                              "Error handling request from 10.0.0.9", "slow 120 ms", "x.again"], lines
-    ours, ua, web, sql, again = records
+    ours, ua, web, sql, _again = records
     assert ours["level"] == "info" and ours["n"] == 1 and RFC3339.fullmatch(ours["timestamp"])
     assert ua["level"] == "error" and ua["logger"] == "asyncua.client.ua_client"
     assert ua["exception"].startswith("Traceback (most recent call last)") and "ZeroDivisionError" in ua["exception"]
@@ -72,8 +73,7 @@ def test_gateway_run_logs_paho_and_its_own_events_as_json(tmp_path, mqtt_broker)
     lines: list[str] = []
 
     def read() -> None:
-        for ln in proc.stderr:  # type: ignore[union-attr]
-            lines.append(ln)
+        lines.extend(proc.stderr)  # type: ignore[arg-type]
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -97,7 +97,8 @@ def test_gateway_run_logs_paho_and_its_own_events_as_json(tmp_path, mqtt_broker)
 
 async def test_broker_refusing_our_login_is_logged_as_such(tmp_path):
     passwd = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gw", "right"], check=True, capture_output=True)
+    await asyncio.to_thread(subprocess.run, ["mosquitto_passwd", "-b", "-c", str(passwd), "gw", "right"], check=True,
+                            capture_output=True)
     extra = f"password_file {passwd}\n"
     broker = MosquittoBroker(tmp_path / "mq", extra_config=extra)
     broker.config_text = lambda orig=broker.config_text: orig().replace("allow_anonymous true", "allow_anonymous false")
@@ -114,7 +115,7 @@ async def test_broker_refusing_our_login_is_logged_as_such(tmp_path):
                 task = asyncio.create_task(link.run())
                 try:
                     # it keeps retrying; the refusal is logged once, not at each attempt
-                    await wait_until(lambda: len(attempts) >= 3, 20)
+                    await wait_until(lambda attempts=attempts: len(attempts) >= 3, 20)
                 finally:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -208,8 +209,8 @@ def test_status_topic_times_and_a_last_will_without_the_start_time(tmp_path, mqt
         assert "time" not in will and will["cause"] == "connection_lost", will
         assert will["started"] == online["started"]
 
-        err = open(tmp_path / "second.log", "w")
-        proc = subprocess.Popen(run, cwd=ROOT, stderr=err)
+        with open(tmp_path / "second.log", "w") as err:
+            proc = subprocess.Popen(run, cwd=ROOT, stderr=err)
         wait(lambda: got[-1]["state"] == "online", "online again")
         proc.send_signal(signal.SIGTERM)  # a clean stop says so, with the time it stopped
         proc.wait(30)

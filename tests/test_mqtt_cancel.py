@@ -52,7 +52,7 @@ async def test_clean_stop_right_after_connect_does_not_trigger_the_last_will(mqt
             # the last message of this round must stay 'stopped': a will would arrive right after it
             marker = f"round-{i}".encode()
             sub.publish("gw/status", marker, qos=1)
-            await wait_until(lambda: got[-1] == marker, 10)
+            await wait_until(lambda marker=marker: got[-1] == marker, 10)
             assert got[-2] == json.dumps(["stopped", i]).encode(), got[-4:]
     finally:
         sub.loop_stop()
