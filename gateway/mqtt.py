@@ -355,6 +355,7 @@ class MqttLink:
             raise ConnectionError(self._last_reason or "connection refused")
 
     _last_reason: str | None = None
+    _refused: Connection | None = None  # the connection whose CONNACK refused us
     _misc: asyncio.Task[None] | None = None
 
     async def _misc_loop(self, client: paho.Client) -> None:
@@ -380,6 +381,7 @@ class MqttLink:
                 self.auth_refused = self._last_reason
             else:
                 self._last_reason = f"broker refused the connection: {reason} (0x{code:02X})"
+            self._refused = conn  # its socket closing next is not news: keep the refusal as the reason
             self._mark_lost(self._last_reason)
             return
         self.auth_refused = None
@@ -423,7 +425,7 @@ class MqttLink:
         self.on_subscriptions_changed()
 
     def _on_disconnect(self, client: paho.Client, conn: Connection, flags: Any, reason: Any, props: Any) -> None:
-        if conn is self._current:
+        if conn is self._current and conn is not self._refused:
             from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
             self._mark_lost(describe_disconnect(reason, from_broker, self.cfg.keepalive_s))
 
