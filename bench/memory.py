@@ -93,7 +93,7 @@ def child(args: argparse.Namespace) -> None:
                 if task.done():
                     task.result()
             out["hold"] = {**rss_mb(), "max_VmRSS": peak1, "samples": gw.stats.samples, "pending": gw.store.pending,
-                           "skipped_polls": gw.connectors["mb"].skipped_polls, "tags": len(gw._routes)}
+                           "skipped_polls": gw.connectors["mb"].skipped_polls, "tags": len(gw.core.routes.signal)}
             broker = BenchBroker(os.path.join(os.path.dirname(args.store), "broker"), port=broker_port)
             await broker.astart()
             t0 = time.monotonic()

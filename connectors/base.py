@@ -9,68 +9,47 @@ Connectors never interpret values: they hand raw, typed values with their qualit
 from __future__ import annotations
 
 import abc
-import enum
-import random
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
+from gateway.alarms import Alarms
+from gateway.component import ComponentStatus
 from mappings.samples import Sample
-
-
-def rfc3339(ts: float | None) -> str | None:
-    """Wall-clock epoch seconds as RFC 3339 UTC with milliseconds (``2026-12-04T05:12:03.123Z``): the one format of
-    times people read (``/status``, ``buffer list``, the status topic). None stays None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
 
 SampleSink = Callable[[list[Sample]], None]
 """Called from the event loop with a batch of samples; must not block."""
 
 
-class ComponentState(str, enum.Enum):
-    STARTING = "starting"
-    CONNECTED = "connected"
-    DEGRADED = "degraded"
-    DISCONNECTED = "disconnected"
-    STOPPED = "stopped"
+@dataclass(frozen=True)
+class CounterType:
+    """What the config says about a counter's (or meter's) register, for the check against the server's DataType at
+    connect. None: not configured (the width is taken from the server)."""
+
+    bits: int | None = None
+    signed: bool | None = None
+    max_value: bool = False  # an explicit max_value: the width does not matter
+    float_meter: bool = False  # a resolution is configured: the node should be Float/Double
 
 
-@dataclass
-class ComponentStatus:
-    state: ComponentState = ComponentState.STARTING
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-    #: seconds the last outage lasted (from leaving CONNECTED to CONNECTED again); None before the first one
-    downtime_s: float | None = field(default=None, compare=False)
-    _down_mono: float | None = field(default=None, repr=False, compare=False)
+@dataclass(frozen=True)
+class TagType:
+    """What the server says a counter's node holds (OPC UA DataType), reported to the runtime at every connect."""
 
-    def set(self, state: ComponentState, error: str | None = None) -> bool:
-        """Set the state; returns True when it changed (log state changes, not repeats)."""
-        changed = state != self.state
-        if changed:
-            if self.state == ComponentState.CONNECTED:
-                self._down_mono = time.monotonic()
-            elif state == ComponentState.CONNECTED and self._down_mono is not None:
-                self.downtime_s = round(time.monotonic() - self._down_mono, 3)
-                self._down_mono = None
-            self.state = state
-            self.since = time.time()
-        if error is not None or state == ComponentState.CONNECTED:
-            self.last_error = error
-        return changed
+    data_type: str  # e.g. "UInt16", "Float"
+    kind: str  # "integer", "float" or "other"
+    bits: int | None = None
+    signed: bool = False
 
-    def down_for(self) -> float | None:
-        """Seconds since it left CONNECTED (None while connected, or before it ever was): for 'recovered' lines."""
-        return None if self._down_mono is None else round(time.monotonic() - self._down_mono, 3)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state.value, "since": rfc3339(self.since), "last_error": self.last_error, **self.detail}
+TagTypesSink = Callable[[dict[str, TagType]], None]
+"""Called with tag key -> TagType once per connect, before the first sample of that connection."""
+
+
+class AlarmSink(Protocol):
+    """The runtime's Alarms (gateway/alarms.py): connectors raise and clear conditions an operator must act on."""
+
+    def set(self, id: str, active: bool, severity: Any, message: str, **evidence: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -82,22 +61,11 @@ class TagBinding:
     # every value is a count of its own (delta / reset-on-read counters): the connector must deliver each value, also
     # the same value again with a new source timestamp, and never merge or discard queued values
     every_value: bool = False
+    counter: CounterType | None = None  # set for counters and material meters
 
 
-class Backoff:
-    """Capped, jittered exponential backoff."""
-
-    def __init__(self, initial: float = 0.2, maximum: float = 10.0, factor: float = 2.0) -> None:
-        self.initial, self.maximum, self.factor = initial, maximum, factor
-        self._current = initial
-
-    def reset(self) -> None:
-        self._current = self.initial
-
-    def next(self) -> float:
-        delay = self._current
-        self._current = min(self.maximum, self._current * self.factor)
-        return delay * random.uniform(0.8, 1.2)
+def _no_observer(op: str, seconds: float) -> None:
+    pass
 
 
 class Connector(abc.ABC):
@@ -109,8 +77,21 @@ class Connector(abc.ABC):
         self.config = config
         self.id: str = config.id
         self.tags = list(tags)
-        self.sink = sink
         self.status = ComponentStatus()
+        self.samples = 0  # samples delivered to the sink (a plain int: exported at scrape time, gateway/exporter.py)
+        # called with (op, seconds) after each poll / read: "poll", "read", "watchdog"; the gateway wires it to a
+        # histogram (no-op by default, so a connector works without the gateway)
+        self.observe_read: Callable[[str, float], None] = _no_observer
+
+        def counted(samples: list[Sample]) -> None:
+            self.samples += len(samples)
+            sink(samples)
+
+        self.sink: SampleSink = counted
+        # hooks the runtime sets (gateway/runtime.py): its Alarms, so a connector's alarms show in /status and metrics,
+        # and a sink for the counter types found on the server. Standalone (tests, tools): a private Alarms, no sink.
+        self.alarms: AlarmSink = Alarms()
+        self.on_tag_types: TagTypesSink | None = None
 
     @abc.abstractmethod
     async def run(self) -> None:

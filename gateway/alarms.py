@@ -6,7 +6,10 @@ An alarm is raised once and cleared once: the log gets one line at each edge (``
 evidence.
 
 Ids are stable strings an alerting rule can match: ``store_full``, ``store_commit_failing``, ``input_overflow``,
-``machine_faulted:<machine>``, ``subscription_refused:<topic filter>``.
+``machine_faulted:<machine>``, ``subscription_refused:<topic filter>``, ``erp_rejected`` (the ERP service answered
+a rejection on the acks topic: the event is quarantined; raised again at start while such rows are quarantined);
+raised by connectors (which report to the runtime's Alarms, ``Connector.alarms``): ``tag_refused:<machine>/<signal>``
+(a monitored item the OPC UA server refused), ``certificate_expiring:<connector>:own|server``.
 """
 
 from __future__ import annotations

@@ -54,6 +54,8 @@ def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
         for signal, label, kind, b in items:
             if kind in ("counter", "material") and b.max_value is not None:
                 kind = "integer"
+            if kind == "material" and getattr(b, "resolution", None) is not None:
+                kind = "float"
             out.setdefault(b.connector, []).append((f"{m.id} {label}", kind, b, cfg.tag_address(m.id, signal)))  # type: ignore[attr-defined]
     return out
 
@@ -215,8 +217,8 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
 
     ``list`` and ``export`` open the store read-only and work next to a running gateway; ``retry`` and ``purge``
     write, so they take the store's lock and refuse (exit 2, naming the process) while a gateway runs on it."""
-    from connectors.base import rfc3339
     from gateway import logs
+    from gateway.component import rfc3339
     from gateway.config import ConfigError, load_config
     from gateway.store import Store, StoreError, StoreLocked
 
@@ -300,6 +302,11 @@ def _row_ids(text: str) -> list[int]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from gateway.demo_fleet import run_fleet_demo
+
+        return run_fleet_demo(duration=args.duration, workdir=args.workdir, chaos=args.chaos,
+                              admin_dsn=args.postgres_dsn)
     from gateway.demo import run_demo
 
     return run_demo(duration=args.duration, workdir=args.workdir, seed=args.seed, outage=args.outage)
@@ -554,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--outage", type=float, default=None, metavar="S",
                    help="stop the demo's broker for S seconds mid-run (needs mosquitto): watch the gateway buffer the "
                         "events, then deliver them")
+    d.add_argument("--fleet", action="store_true", help="the small fleet instead: 2 gateways, a 3-node NATS cluster, "
+                   "2 ERP workers, PostgreSQL (needs nats-server and a PostgreSQL server; default 20 s)")
+    d.add_argument("--chaos", action="store_true", help="with --fleet: kill a NATS node, a worker and a gateway")
+    d.add_argument("--postgres-dsn", default=None, help="with --fleet: admin DSN used to create and drop a "
+                   "throwaway database (default postgresql://postgres@127.0.0.1:5432/postgres)")
     d.set_defaults(fn=_cmd_demo)
 
     sc = sub.add_parser("schema", help="event contract: AsyncAPI document (stdout) or all JSON Schemas (--out DIR)")

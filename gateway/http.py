@@ -1,8 +1,9 @@
 """Local HTTP API (off unless ``http.enabled``; binds to loopback by default).
 
+GET  /                            the status page (read-only, no token; gateway/statuspage.py)
 GET  /health                      200 when every component is connected, else 503 (JSON body either way)
 GET  /status                      component states, outbox, per-machine order and totals
-GET  /metrics                     Prometheus text format
+GET  /metrics                     Prometheus text format (docs/metrics.md)
 POST /machines/{machine}/order    local order command: {"order", "operation", "status"?} or {"clear": true}
                                   (machines with order_source: local; bearer token when http.token_env is set)
 """
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from gateway import statuspage
 from gateway.config import HttpConfig
 from gateway.dispatch import DispatchRejected, parse_local_order
 
@@ -42,6 +44,7 @@ class HttpApi:
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/machines/{machine}/order", self.order)
+        statuspage.add_routes(app)
         self.app = app
         self._runner: web.AppRunner | None = None
 
@@ -64,10 +67,15 @@ class HttpApi:
         return _json(body, 200 if st["healthy"] else 503)
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(self.gw.status())
+        st = self.gw.status()
+        if "outbox_oldest_age_s" not in st:  # needs a store read (async): added here, not in Gateway.status()
+            st["outbox_oldest_age_s"] = await statuspage.oldest_unsent_age_s(self.gw.store)
+        return _json(st)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # the process-wide registry (alarms, dispatches, process_*) and this gateway's own (gateway/exporter.py)
+        body = generate_latest() + generate_latest(self.gw.exporter.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def order(self, request: web.Request) -> web.Response:
         if self._token is not None:

@@ -65,7 +65,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from connectors.base import Backoff, ComponentState, ComponentStatus
+from gateway.component import Backoff, ComponentState, ComponentStatus
 from gateway.config import MqttConfig
 from gateway.faults import crash_point
 from gateway.store import PendingRow, Store, StoreError
@@ -271,7 +271,9 @@ class MqttLink:
         else:
             c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
                             protocol=paho.MQTTv311, userdata=conn)
-        c.max_inflight_messages_set(max(self.cfg.max_inflight, 20))  # the publisher keeps its own, smaller window
+        # the publisher keeps its own window (mqtt.max_inflight): paho's would only repeat it, at a cost: with a limit
+        # paho walks every in-flight message after each PUBACK (O(window) per acknowledgement); 0 = no limit of its own
+        c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
         if self.cfg.username:
             c.username_pw_set(self.cfg.username, self._password)

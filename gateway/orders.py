@@ -1,31 +1,48 @@
 """Order sources: where a machine's production-order context comes from, as commands for the core.
 
-Four sources, one per machine (``order_source``), plus the optional PLC completion flag:
+Four sources, one per machine (``order_source``), plus the optional PLC completion flag. Each is a small plugin
+that turns its input into :class:`OrderCommand` / :class:`CompleteCommand` values for the core (gateway/core.py),
+which applies them; none of them touches machine state.
 
-- ``mqtt``  – the ERP's retained dispatch on ``.../{machine}/dispatch`` (parsed in gateway/dispatch.py);
-- ``local`` – the local order command (CLI → HTTP API);
-- ``tag``   – the PLC's order and operation tags, read by a connector like any other tag;
-- ``complete_tag`` – the PLC's "operation complete" flag (rising edge), with any of the above.
+- ``mqtt``  – :class:`MqttDispatchSource`: the ERP's retained dispatch on ``.../{machine}/dispatch`` (parsed in
+  gateway/dispatch.py). A dispatch that is refused (malformed, unknown machine, another order source, an operation
+  already completed) is answered on ``.../{machine}/dispatch/rejected`` with the reason, so the ERP can see it;
+- ``local`` – :class:`LocalOrderSource`: the local order command (CLI → HTTP API), answered synchronously;
+- ``tag``   – :class:`PlcTagOrders`: the PLC's order and operation tags, read by a connector like any other tag;
+- ``complete_tag`` – the PLC's "operation complete" flag (rising edge), with any of the above (also
+  :class:`PlcTagOrders`).
 
-Each emits :class:`OrderCommand` values; the core applies them. Dispatches from MQTT or the local command need a
-*cut* (a fresh read of the machine's counters, so counts up to the change go to the old order); the core asks the
-connectors for it and applies the command when the read comes back (two-phase, so a slow PLC delays only its own
-machine). Changes seen in the PLC's own tags need no extra read: the scan that shows the new order *is* the cut.
+Dispatches from MQTT or the local command need a *cut* (a fresh read of the machine's counters, so counts up to the
+change go to the old order); the core asks the connectors for it and applies the command when the read comes back
+(two-phase, so a slow PLC delays only its own machine). Changes seen in the PLC's own tags need no extra read: the
+scan that shows the new order *is* the cut.
 
 The tag tracker below is pure (no I/O, no clock): it is handed samples in time order and says when to switch.
 Rule at the sample boundary: counter samples and a completion flag seen in the same scan as the order-tag change
 (same sample time) belong to the *old* order — a PLC finishes the part and the operation, then shows the next
-order —, and the switch happens before the first sample of the machine with a later time (or when the core's
-settle timer fires, for a machine that makes nothing after the change). Order and operation tags that change in
-the same scan are applied together as one changeover.
+order —, and the switch happens before the first sample of the machine with a later time (or when the settle time
+has passed, for a machine that makes nothing after the change). Order and operation tags that change in the same
+scan are applied together as one changeover.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from mappings.machine import OrderContext
+import structlog
+
+from gateway.dispatch import DispatchRejected, parse_dispatch
+from mappings.events import rfc3339
+from mappings.machine import OrderContext, OrderRefused
 from mappings.samples import Sample
+
+log = structlog.get_logger(__name__)
+
+ORDER_TAG_SETTLE_S = 0.2  # a pending PLC-tag order switch of a machine that makes nothing is applied after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +55,14 @@ class OrderCommand:
     needs_cut: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class CompleteCommand:
+    """Complete the operation active on the machine when the core applies it (the PLC's completion flag)."""
+
+    machine: str
+    source: str = "complete_tag"
+
+
 def _flag(value: object) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("", "0", "false", "no")
@@ -47,7 +72,7 @@ def _flag(value: object) -> bool:
 class TagOrderTracker:
     """Order/operation tags and the completion flag of one machine."""
 
-    __slots__ = ("machine", "values", "pending_since", "complete_level")
+    __slots__ = ("complete_level", "machine", "pending_since", "values")
 
     def __init__(self, machine: str) -> None:
         self.machine = machine
@@ -89,3 +114,147 @@ class TagOrderTracker:
         up = _flag(s.value)
         prev, self.complete_level = self.complete_level, up
         return up and prev is False
+
+
+class PlcTagOrders:
+    """The ``tag`` order source and the completion flag, for every machine that has such tags. The core hands it
+    the control samples (and asks before each sample of such a machine) in sample-time order; it answers with the
+    command to apply at that boundary."""
+
+    def __init__(self, machines: dict[str, bool], settle_s: float = ORDER_TAG_SETTLE_S) -> None:
+        """``machines``: machine id -> True when its order comes from the tags (False: completion flag only)."""
+        self.trackers = {m: TagOrderTracker(m) for m in machines}
+        self.from_tags = {m for m, tags in machines.items() if tags}
+        self.pending: set[str] = set()  # machines with an order-tag switch not yet applied
+        self.settle_s = settle_s
+        self._settle_since: dict[str, float] = {}
+
+    def before_sample(self, machine: str, t: float) -> OrderCommand | None:
+        """A sample of ``machine`` with time ``t`` comes next: the pending switch to apply before it, if due."""
+        tracker = self.trackers.get(machine)
+        if tracker is None or not tracker.due(t):
+            return None
+        return self._take(machine)
+
+    def control_sample(self, machine: str, signal: str, s: Sample) -> OrderCommand | CompleteCommand | None:
+        tracker = self.trackers.get(machine)
+        if tracker is None:
+            return None
+        if signal == "complete":
+            return CompleteCommand(machine) if tracker.complete_flag(s) else None
+        if machine in self.from_tags and tracker.order_tag(signal, s):
+            self.pending.add(machine)
+        return None
+
+    def _take(self, machine: str) -> OrderCommand | None:
+        ctx = self.trackers[machine].take_switch()
+        if ctx is False:
+            return None
+        self.pending.discard(machine)
+        self._settle_since.pop(machine, None)
+        return OrderCommand(machine, ctx, "tag", needs_cut=False)  # type: ignore[arg-type]
+
+    def next_settle(self) -> float | None:
+        """Monotonic time by which the core should look at pending switches again (None: nothing pending)."""
+        if not self.pending:
+            return None
+        if len(self._settle_since) < len(self.pending):
+            return 0.0  # not yet timed: look now (starts their settle time)
+        return min(self._settle_since.values()) + self.settle_s
+
+    def settled(self, now: float) -> Iterator[OrderCommand]:
+        """Pending switches of machines that sent nothing after the change for ``settle_s``."""
+        for machine in list(self.pending):
+            first = self._settle_since.setdefault(machine, now)
+            if now - first >= self.settle_s:
+                del self._settle_since[machine]
+                cmd = self._take(machine)
+                if cmd is not None:
+                    yield cmd
+
+
+Publish = Callable[[str, bytes], Any]
+
+
+class MqttDispatchSource:
+    """The ``mqtt`` order source: the ERP's retained dispatches. A dispatch that cannot be taken is counted, logged
+    and answered on ``.../{machine}/dispatch/rejected`` (QoS 1, not retained) with the reason and what was received,
+    so the ERP sees why its dispatch is not in force."""
+
+    def __init__(self, topics: Any, order_source: dict[str, str], emit: Callable[[OrderCommand], None],
+                 count: Callable[[DispatchRejected, dict[str, Any]], None], publish: Publish) -> None:
+        self.topics = topics
+        self.order_source = order_source
+        self._emit = emit
+        self._count = count
+        self._publish = publish
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        machine = self.topics.machine_of_dispatch(topic)
+        try:
+            if machine is None:
+                raise DispatchRejected("topic", f"not a dispatch topic: {topic}")
+            if machine not in self.order_source:
+                raise DispatchRejected("unknown_machine", f"machine {machine!r} is not configured on this gateway")
+            if self.order_source[machine] != "mqtt":
+                raise DispatchRejected("order_source", f"machine {machine!r} takes its order from "
+                                                       f"{self.order_source[machine]!r}, not from MQTT dispatch")
+            ctx = parse_dispatch(payload)
+        except DispatchRejected as exc:
+            self.reject(topic, exc, payload)
+            return
+        self._emit(OrderCommand(machine, ctx, "mqtt"))
+
+    def refused(self, cmd: OrderCommand, exc: OrderRefused) -> None:
+        """The machine refused a parsed dispatch (e.g. an operation it already completed)."""
+        ctx = cmd.context
+        self.reject(self.topics.dispatch(cmd.machine), DispatchRejected(exc.reason, exc.detail), None,
+                    received={"order": ctx.order, "operation": ctx.operation, "status": ctx.status} if ctx else None)
+
+    def reject(self, topic: str, exc: DispatchRejected, payload: bytes | None,
+               received: dict[str, Any] | None = None) -> None:
+        self._count(exc, {"topic": topic, "size": None if payload is None else len(payload)})
+        if not topic.endswith("/dispatch") or "+" in topic or "#" in topic:
+            return  # nowhere sensible to answer
+        if received is None and payload is not None:
+            received = _received(payload)
+        body = {"topic": topic, "reason": exc.reason, "detail": exc.detail[:500], "received": received,
+                "time": rfc3339(time.time())}
+        try:
+            self._publish(topic + "/rejected", json.dumps(body, separators=(",", ":")).encode())
+        except ValueError:  # a topic paho refuses: counted and logged above, nothing to answer on
+            pass
+
+
+def _received(payload: bytes) -> Any:
+    """What was received, for the answer: the order and operation when the payload is a JSON object, else its size."""
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {"size": len(payload)}
+    if isinstance(doc, dict):
+        return {k: str(doc[k])[:64] for k in ("order", "operation", "status") if k in doc}
+    return {"size": len(payload)}
+
+
+class LocalOrderSource:
+    """The ``local`` order source: the local order command (CLI → HTTP API), answered synchronously."""
+
+    def __init__(self, order_source: dict[str, str], emit: Callable[[OrderCommand], None],
+                 refusal: Callable[[OrderCommand], OrderRefused | None]) -> None:
+        self.order_source = order_source
+        self._emit = emit
+        self._refusal = refusal
+
+    def command(self, machine: str, ctx: OrderContext | None) -> None:
+        """Raises ValueError for an unknown machine, another order source or an order the machine refuses."""
+        if machine not in self.order_source:
+            raise ValueError(f"unknown machine {machine!r}")
+        if self.order_source[machine] != "local":
+            raise ValueError(f"machine {machine!r} takes its order from {self.order_source[machine]!r}; "
+                             "set order_source: local to use the local command")
+        cmd = OrderCommand(machine, ctx, "local")
+        refused = self._refusal(cmd)
+        if refused is not None:
+            raise ValueError(refused.detail)
+        self._emit(cmd)

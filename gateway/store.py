@@ -137,6 +137,7 @@ class OutboxRow:
     type: str
     topic: str
     payload: bytes
+    time: float = 0.0  # the event's time (Unix seconds): not stored (it is in the payload); for the sync latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,6 +614,11 @@ class Store:
         rows = await self._read(
             "SELECT id, seq, machine, type, topic, LENGTH(payload), created FROM outbox ORDER BY id LIMIT ?", (limit,))
         return [dict(zip(("id", "seq", "machine", "type", "topic", "bytes", "created"), r)) for r in rows]
+
+    async def count_quarantined_by_erp(self) -> int:
+        """Quarantined rows the ERP rejected (``quarantine_external`` with a reason starting ``ERP:``)."""
+        rows = await self._read("SELECT count(*) FROM quarantine WHERE reason LIKE 'ERP:%'")
+        return int(rows[0][0])
 
     async def export_rows(self, table: str) -> list[dict[str, Any]]:
         if table == "quarantine":

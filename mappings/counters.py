@@ -26,6 +26,14 @@ Rules (see ../shared/domain.md section 3 and docs/counting.md, which has the exa
   counted once. Without a source time there is no identity: a ``reread`` sample (the cut read) of a ``delta``
   counter is not counted; a ``reset_on_read`` device cleared the register when it was read, so its reread counts.
 
+- Float meters (``resolution`` set: a flow or weight totaliser read as float32/float64): each reading is rounded
+  (half-even, from its exact binary value) to a whole number of ``resolution`` steps, and the engine counts steps
+  like an integer counter without a modulus: quantities are exact decimals (steps x resolution), the sum of the deltas
+  telescopes to last - first, so float noise creates no quantity. A float meter does not wrap: a decrease is a reset
+  (a zero is held as a glitch candidate, as for integers), except a decrease of at most ``jitter`` steps, which is
+  float noise: ignored, the baseline keeps the higher value (so the noise cannot be counted twice). A baseline taken
+  with another resolution (the config changed across a restart) is dropped: the next reading is a new baseline.
+
 The state is a small dict-friendly dataclass so it can be persisted with the events derived from it. An unchanged
 value updates only in-memory times: the engine need not be snapshotted for it, except once per ``IDLE_PERSIST_S``
 (outcome ``seen``), so that the gap measured after a crash is not the machine's whole idle time.
@@ -33,7 +41,9 @@ value updates only in-memory times: the engine need not be snapshotted for it, e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Literal
 
 from mappings.samples import Sample
@@ -60,7 +70,18 @@ class CounterSpec:
     mode: Mode = "cumulative"
     modulus: int | None = 2**32
     signed: bool = False
-    max_rate: float = 50.0
+    max_rate: float = 50.0  # counts (float meters: resolution steps) per second
+    resolution: Decimal | None = None  # float meter: the quantity step a reading is rounded to; None: integer counter
+    jitter: int = 1  # float meter: a decrease of at most this many steps is noise, not a reset
+
+    def steps(self, raw: object) -> int | None:
+        """A float meter's reading as a whole number of resolution steps (None: not a finite number)."""
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            return None
+        if isinstance(raw, float) and not math.isfinite(raw):
+            return None
+        assert self.resolution is not None
+        return int((Decimal(raw) / self.resolution).to_integral_value(ROUND_HALF_EVEN))
 
     def normalize(self, raw: int) -> int:
         """Map a raw register value to its position in [0, modulus): two's complement for signed counters."""
@@ -89,16 +110,20 @@ class CounterState:
     held_zero: bool = False  # a zero was seen that may be a glitch or a reset
     last_mono: float | None = None  # its monotonic receive time; not persisted (meaningless in another process)
     marked_wall: float | None = None  # wall time an unchanged reading last asked for a snapshot; not persisted
+    resolution: str | None = None  # float meter: the resolution ``last`` is counted in (None: integer counter)
 
     def to_dict(self) -> dict:
-        return {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall,
-                "held_zero": self.held_zero}
+        d = {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall, "held_zero": self.held_zero}
+        if self.resolution is not None:
+            d["resolution"] = self.resolution
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CounterState":
         """Restore a persisted state; the monotonic time is unknown after a restart."""
         return cls(last=d.get("last"), last_time=d.get("last_time"),
-                   last_wall=d.get("last_wall", d.get("last_time")), held_zero=bool(d.get("held_zero", False)))
+                   last_wall=d.get("last_wall", d.get("last_time")), held_zero=bool(d.get("held_zero", False)),
+                   resolution=d.get("resolution"))
 
 
 Outcome = Literal["none", "seen", "baseline", "increase", "rollover", "reset", "ambiguous", "glitch", "held_zero",
@@ -130,11 +155,13 @@ _DUPLICATE = CounterResult("duplicate")
 _INVALID = CounterResult("invalid")
 
 
-def step(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
+def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False) -> CounterResult:
     """Apply one sample to ``state`` (mutated in place) and return what it meant."""
     if not s.good:
         return _BAD
     value = s.value
+    if not _float and (spec.resolution is not None or state.resolution is not None):
+        return _step_float(spec, state, s)
     if type(value) is not int:
         if isinstance(value, float) and value.is_integer():  # False for nan and inf
             value = int(value)
@@ -195,6 +222,8 @@ def step(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
 
     # decrease: rollover, glitch candidate, reset, or (after a gap longer than one wrap period) ambiguous
     ambiguous = False
+    if spec.resolution is not None and prev - u <= spec.jitter:
+        return _NONE  # float noise below the baseline: ignored, the baseline keeps the higher value
     if modulus is not None:
         wrapped = u + modulus - prev
         if elapsed is None or elapsed > spec.wrap_period():
@@ -209,6 +238,25 @@ def step(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
     if ambiguous:
         return CounterResult("ambiguous", delta=u, previous=prev, value=u, possible=wrapped, elapsed=elapsed)
     return CounterResult("reset", delta=u, previous=prev, value=u)
+
+
+def _step_float(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
+    """A float meter's reading in resolution steps, then the integer rules (a float meter has no modulus)."""
+    res = None if spec.resolution is None else str(spec.resolution)
+    if state.resolution != res:  # counted in another unit (config changed): that baseline means nothing now
+        state.last, state.held_zero, state.resolution = None, False, res
+    if res is None:
+        return step(spec, state, s)
+    value = spec.steps(s.value)
+    if value is None:
+        return _INVALID
+    if spec.mode != "cumulative":
+        return _step_delta(spec, state, s, value)
+    return step(spec, state, _as_steps(s, value), _float=True)
+
+
+def _as_steps(s: Sample, value: int) -> Sample:
+    return Sample(s.key, value, s.good, s.recv_time, s.source_time, s.status, s.mono, s.reread)
 
 
 def _accept(state: CounterState, s: Sample, u: int) -> None:

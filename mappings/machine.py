@@ -211,6 +211,16 @@ class MachineEngine:
         self._signals.update({MATERIAL_PREFIX + m: (mm.binding.spec, self.counters[MATERIAL_PREFIX + m], mm.binding, m)
                               for m, mm in spec.materials.items()})
 
+    def set_counter_spec(self, signal: str, counter: CounterSpec) -> bool:
+        """Replace the spec of a counter / meter signal (its width found on the server at connect); the state is
+        kept. Returns True when it changed."""
+        route = self._signals.get(signal)
+        if route is None or route[0] == counter:
+            return False
+        binding = CounterBinding(counter, route[2].scale)
+        self._signals[signal] = (counter, route[1], binding, route[3])
+        return True
+
     # ------------------------------------------------------------------ persistence
     def snapshot(self) -> dict[str, Any]:
         w = self.window

@@ -230,6 +230,9 @@ class ErpConsumer:
         #: business rule of the ERP: returns a reason to refuse an event (it is then not posted and a rejection with
         #: the event goes back to the gateway on ``.../{machine}/acks``), or None to post it
         self.reject_rule: Callable[[dict[str, Any]], str | None] | None = None
+        #: also answer every posted (or duplicate) event with ``{"status": "accepted", "id", "source"}`` on
+        #: ``.../{machine}/acks``, as the ERP service does with ``acks: all``
+        self.ack_accepted = False
 
     @staticmethod
     def _fresh_stats() -> dict[str, Any]:
@@ -485,6 +488,9 @@ class ErpConsumer:
                 log.warning("erp.event_rejected", topic=topic, reason=exc.reason, detail=exc.detail,
                             payload=payload[:200].decode("utf-8", "replace"))
                 return
+            if self.ack_accepted and outcome in ("accepted", "duplicate") and self._client is not None:
+                body = json.dumps({"status": "accepted", "id": ev["id"], "source": ev["source"]})
+                self._client.publish(f"{topic.partition('/events/')[0]}/acks", body.encode(), qos=1)
             if outcome == "duplicate":
                 self.stats["duplicates"] += 1
                 log.debug("erp.duplicate", source=ev["source"], id=ev["id"], type=ev["type"])

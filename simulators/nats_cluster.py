@@ -28,7 +28,14 @@ INSTALL_HINT = "install it with `apt-get install nats-server` (Debian/Ubuntu)"
 
 
 def find_nats_server() -> str:
-    """Path of the nats-server binary; raises (never skips) when it is missing."""
+    """Path of the nats-server binary (``$EDGE_NATS_SERVER`` when set, else PATH, else the usual places); raises
+    (never skips) when it is missing."""
+    explicit = os.environ.get("EDGE_NATS_SERVER")
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return explicit
+        raise RuntimeError(f"nats-server binary not found at EDGE_NATS_SERVER={explicit!r}: {INSTALL_HINT}, or point "
+                           "EDGE_NATS_SERVER at it")
     found = shutil.which("nats-server")
     if found:
         return found

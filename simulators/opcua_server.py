@@ -8,6 +8,7 @@ Nodes (string node ids in the simulator namespace, index 2 on a fresh server)::
     ns=2;s={name}.State            String   "idle" | "running" | "stopped"
     ns=2;s={name}.OrderNumber      String   "" when no order is active
     ns=2;s={name}.OperationNumber  String   "" when no order is active
+    ns=2;s={name}.Material         Float    a material totaliser: good parts made x material_per_part (float32)
 
 Values are published from a model listener through one writer task, so the server sees the model's
 changes complete and in order, each with the time of the change as source timestamp.
@@ -35,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -57,6 +59,7 @@ SIGNALS: dict[str, str] = {
 }
 
 DELTA_NODE = "GoodDelta"
+MATERIAL_NODE = "Material"
 
 _COUNTER_TYPES = {
     (16, False): ua.VariantType.UInt16,
@@ -115,6 +118,7 @@ class OpcUaMachineServer:
         extra_namespaces: list[str] | None = None,
         max_monitored_items_per_call: int | None = None,
         max_nodes_per_read: int | None = None,
+        material_per_part: float = 0.1,
     ) -> None:
         key = (model.counter_bits, bool(model.signed))
         if key not in _COUNTER_TYPES:
@@ -132,6 +136,7 @@ class OpcUaMachineServer:
         self.extra_namespaces = list(extra_namespaces or [])
         self.max_monitored_items_per_call = max_monitored_items_per_call
         self.max_nodes_per_read = max_nodes_per_read
+        self.material_per_part = material_per_part
         #: (service, number of operations) of every Read / CreateMonitoredItems a client sent, when limits are set
         self.requests: list[tuple[str, int]] = []
         self._server: Server | None = None
@@ -204,6 +209,8 @@ class OpcUaMachineServer:
         return self._server is not None
 
     def _ua_node_id(self, signal: str) -> ua.NodeId:
+        if signal == "material":
+            return ua.NodeId(f"{self.model.name}.{MATERIAL_NODE}", self._ns)
         if signal == "good_delta":
             return ua.NodeId(f"{self.model.name}.{DELTA_NODE}", self._ns)
         return ua.NodeId(f"{self.model.name}.{SIGNALS[signal]}", self._ns)
@@ -214,6 +221,18 @@ class OpcUaMachineServer:
         as source timestamp) after every good part — the same value again with a new timestamp is a new count. It
         is 0 after a (re)start. For ``mode: delta`` counters; tests count it against the ground truth."""
         return f"ns={self._ns};s={self.model.name}.{DELTA_NODE}"
+
+    @property
+    def material_node_id(self) -> str:
+        """``{name}.Material`` (Float): a totaliser of the material used (see :meth:`material_value`), a float32
+        like a PLC's REAL. For float material meters (``resolution``)."""
+        return f"ns={self._ns};s={self.model.name}.{MATERIAL_NODE}"
+
+    def material_value(self) -> float:
+        """The totaliser: every good part made since the model was created x ``material_per_part`` (it does not
+        wrap with the 16-bit counter), rounded to float32."""
+        raw = self.model.truth_totals()["good"] * self.material_per_part
+        return struct.unpack("<f", struct.pack("<f", raw))[0]
 
     def _variant(self, signal: str, value: Any) -> ua.Variant:
         if signal == "good_delta":
@@ -271,6 +290,8 @@ class OpcUaMachineServer:
             )
         await obj.add_variable(self._ua_node_id("good_delta"), ua.QualifiedName(DELTA_NODE, self._ns),
                                ua.Variant(0, ua.VariantType.UInt32), varianttype=ua.VariantType.UInt32)
+        await obj.add_variable(self._ua_node_id("material"), ua.QualifiedName(MATERIAL_NODE, self._ns),
+                               ua.Variant(self.material_value(), ua.VariantType.Float), varianttype=ua.VariantType.Float)
         self._delta_base = self.model.truth_totals()["good"]
         self._server = server
         self._published = {}
@@ -440,3 +461,9 @@ class OpcUaMachineServer:
                 )
             await server.write_attribute_value(self._ua_node_id(signal), dv)
             self._published[signal] = current
+        material = self.material_value()
+        if self._published.get("material") != material:
+            await server.write_attribute_value(self._ua_node_id("material"), ua.DataValue(
+                Value=ua.Variant(material, ua.VariantType.Float), StatusCode=ua.StatusCode(ua.StatusCodes.Good),
+                SourceTimestamp=ts, ServerTimestamp=datetime.now(timezone.utc)))
+            self._published["material"] = material

@@ -98,6 +98,7 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
             f"Press1  {ns}  Object",
             f"├─ GoodCount  {ns}.GoodCount  Variable UInt32 r- = 42",
             f"├─ GoodDelta  {ns}.GoodDelta  Variable UInt32 r- = 0",
+            f"├─ Material  {ns}.Material  Variable Float r- = 0.0",
             f"├─ OperationComplete  {ns}.OperationComplete  Variable Boolean r- = False",
             f"├─ OperationNumber  {ns}.OperationNumber  Variable String r- = ''",
             f"├─ OrderNumber  {ns}.OrderNumber  Variable String r- = ''",
@@ -108,10 +109,12 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
 
         rc, out, _ = await edge_gateway(*args, "--config-lines", "press1-opc")
         assert rc == 0
-        assert out.splitlines()[9:] == [
+        assert out.splitlines()[10:] == [
             "# config lines (connector press1-opc); pick the ones you need:",
             f'GoodCount: {{connector: press1-opc, node_id: "{ns}.GoodCount", bits: 32}}',
             f'GoodDelta: {{connector: press1-opc, node_id: "{ns}.GoodDelta", bits: 32}}',
+            f'Material: {{connector: press1-opc, node_id: "{ns}.Material", resolution: 0.01}}  # Float: a material '
+            "meter (under materials:, with its unit); set the resolution",
             f'OperationComplete: {{connector: press1-opc, node_id: "{ns}.OperationComplete"}}',
             f'OperationNumber: {{connector: press1-opc, node_id: "{ns}.OperationNumber"}}',
             f'OrderNumber: {{connector: press1-opc, node_id: "{ns}.OrderNumber"}}',
@@ -147,9 +150,14 @@ machines:
   - id: press-1
     counters:
       good: {{connector: opc, node_id: "{ns}.GoodCount", bits: 16}}
-      scrap: {{connector: opc, node_id: "{ns}.ScrapCount"}}
+      scrap: {{connector: opc, node_id: "{ns}.ScrapCount", bits: 32}}
       rework: {{connector: opc, node_id: "{ns}.Rework"}}
     state: {{connector: opc, node_id: "{ns}.State"}}
+    materials:
+      RM-OIL: {{connector: opc, node_id: "{ns}.Material", unit: L, resolution: 0.01}}
+  - id: press-3
+    counters:
+      total: {{connector: opc, node_id: "{ns}.GoodDelta"}}
   - id: press-2
     counters:
       good: {{connector: mb, address: 0, data_type: uint32}}
@@ -160,13 +168,15 @@ machines:
         rc, out, err = await edge_gateway("validate", "--online", str(cfg), env=env)
         assert rc == 1
         assert out.splitlines() == [
-            f"{cfg}: OK (2 connectors, 2 machines)",
+            f"{cfg}: OK (2 connectors, 3 machines)",
             f"connector opc ({opc.endpoint}): connected, Basic256Sha256/SignAndEncrypt, username",
             f"  press-1 counter good: {ns}.GoodCount: ok, UInt16 = 0",
-            f"  press-1 counter scrap: {ns}.ScrapCount: PROBLEM: the counter defaults to 32 bits but the node is "
-            "UInt16 (16 bits): it would wrap at a different value; set bits: 16",
+            f"  press-1 counter scrap: {ns}.ScrapCount: PROBLEM: bits: 32 is configured but the node is "
+            "UInt16 (16 bits): it would wrap at a different value; set bits: 16 or remove it",
             f"  press-1 counter rework: {ns}.Rework: PROBLEM: node does not exist (BadNodeIdUnknown)",
+            f"  press-1 material RM-OIL: {ns}.Material: ok, Float = 0.0",
             f"  press-1 state: {ns}.State: ok, String = 'idle'",
+            f"  press-3 counter total: {ns}.GoodDelta: ok, UInt32 = 0 (wraps at 2^32, from the node's data type)",
             f"connector mb (127.0.0.1:{mb.port} unit 1)",
             "  press-2 counter good: holding 0 uint32: ok, = 74565",
             "  press-2 counter scrap: holding 50 uint32: PROBLEM: exception 2 (ILLEGAL_ADDRESS) for FC3 (holding) "

@@ -12,15 +12,21 @@ import pytest
 import structlog
 from pymodbus.constants import ExcCodes
 
-from connectors.base import Backoff, ComponentState, TagBinding
+import connectors.modbus.connector as modbus_connector
+from connectors.base import TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.modbus.config import ModbusConnectorConfig, ModbusTagConfig
-from connectors.modbus.connector import MAX_GAP, ModbusConnector, decode_registers, plan_blocks
-from simulators.ports import free_port
-import connectors.modbus.connector as modbus_connector
-from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
+from connectors.modbus.connector import (
+    MAX_GAP,
+    ModbusConnector,
+    decode_registers,
+    plan_blocks,
+)
+from gateway.component import Backoff, ComponentState
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
+from simulators.ports import free_port
+from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
 
 # ---------------------------------------------------------------------- decoding (pure)
 

@@ -12,14 +12,15 @@ import pytest
 import structlog
 from asyncua import ua
 
-from connectors.base import Backoff, ComponentState, TagBinding
+from connectors.base import CounterType, TagBinding, TagType
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
 from connectors.opcua.connector import OpcUaConnector, datavalue_to_sample
-from simulators.ports import free_port
-from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
+from gateway.component import Backoff, ComponentState
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
+from simulators.ports import free_port
+from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
 
 SIGNALS = ("good", "scrap", "state", "order", "operation")
 
@@ -172,11 +173,55 @@ async def test_unknown_node_is_reported_not_fatal(model: MachineModel, server: O
             await eventually(lambda: "press-1/ghost" in sink.last and "press-1/good" in sink.last, what="samples")
             ghost = sink.last["press-1/ghost"]
             assert (ghost.good, ghost.value, ghost.status) == (False, None, "BadNodeIdUnknown")
-            assert conn.status.state == ComponentState.DEGRADED
+            # the refused item's samples are delivered while connecting, before the state is set: wait for the state
+            await eventually(lambda: conn.status.state == ComponentState.DEGRADED, what="DEGRADED")
+            assert conn.status.detail["refused_items"] == {"press-1/ghost": f"{nodes['ghost']}: BadNodeIdUnknown"}
+            assert conn.alarms.ids() == ["tag_refused:press-1/ghost"]
+            alarm = conn.alarms.active()[0]
+            assert alarm.severity == "critical" and "machine press-1 ghost" in alarm.message
+            assert (alarm.evidence["machine"], alarm.evidence["counter"]) == ("press-1", "ghost")
             await model.produce(3)
             await server.flush()
             await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="the good node to work")
-    assert [e["node_id"] for e in logs if e["event"] == "opcua.monitor_failed"] == [nodes["ghost"]]
+    failed = [e for e in logs if e["event"] == "opcua.monitor_failed"]
+    assert [(e["node_id"], e["machine"], e["counter"]) for e in failed] == [(nodes["ghost"], "press-1", "ghost")]
+
+
+async def test_counter_types_from_the_server_and_mismatches() -> None:
+    """At connect the connector reads every counter's DataType: the runtime gets the types (a counter without
+    configured bits wraps where its node does), a mismatch with the config is logged and in status, naming machine
+    and counter."""
+    model = MachineModel("Press1", cycle_time=0.005, counter_bits=16, seed=3)
+    server = await start_server(model)
+    sink = Recorder()
+    config = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "line1-opc", "endpoint": server.endpoint,
+                                                  "security": "none", "watchdog_interval_s": 0.3, "timeout_s": 1.0})
+    tags = [TagBinding("press-1/good", OpcUaTagConfig(node_id=server.node_ids["good"]), counter=CounterType()),
+            TagBinding("press-1/scrap", OpcUaTagConfig(node_id=server.node_ids["scrap"]), counter=CounterType(bits=32)),
+            TagBinding("press-1/material:RM-OIL", OpcUaTagConfig(node_id=server.material_node_id),
+                       counter=CounterType(float_meter=True)),
+            TagBinding("press-1/material:RM-GAS", OpcUaTagConfig(node_id=server.material_node_id), counter=CounterType()),
+            TagBinding("press-1/state", OpcUaTagConfig(node_id=server.node_ids["state"]))]
+    conn = OpcUaConnector(config, tags, sink, backoff=Backoff(initial=0.1, maximum=0.5))
+    seen: list[dict[str, TagType]] = []
+    conn.on_tag_types = seen.append
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: bool(seen) and "press-1/good" in sink.last, what="types and samples")
+    finally:
+        await server.stop()
+    assert seen[0] == {"press-1/good": TagType("UInt16", "integer", 16, False),
+                       "press-1/scrap": TagType("UInt16", "integer", 16, False),
+                       "press-1/material:RM-OIL": TagType("Float", "float"),
+                       "press-1/material:RM-GAS": TagType("Float", "float")}
+    assert conn.status.detail["type_mismatches"] == {
+        "press-1/material:RM-GAS": "the node is Float: a float totaliser needs a resolution (e.g. resolution: 0.01)",
+        "press-1/scrap": "bits: 32 is configured but the node is UInt16 (16 bits): the configured width is used and "
+                         "would wrap at the wrong value; set bits: 16 or remove it"}
+    mismatches = [(e["machine"], e["counter"], e["data_type"]) for e in logs if e["event"] == "opcua.counter_type_mismatch"]
+    assert sorted(mismatches) == [("press-1", "material:RM-GAS", "Float"), ("press-1", "scrap", "UInt16")]
+    assert isinstance(sink.value("press-1/material:RM-OIL"), float)
 
 
 async def test_server_restart_recreates_subscription(model: MachineModel) -> None:

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway import runtime
+from gateway import core
 from gateway.config import parse_config
 from gateway.events import EventEncoder
 from gateway.runtime import Gateway
-from mappings.machine import MachineEngine
 from mappings.samples import Sample
 from tests.e2e import IDENT
 
@@ -42,8 +41,7 @@ def make_gateway(tmp_path, *, order_source: str = "tag", complete: bool = True, 
                         "connectors": [{"type": "opcua", "id": "opc", "endpoint": "opc.tcp://127.0.0.1:1"}],
                         "machines": ms}, "<test>")
     gw = Gateway(cfg)
-    gw.engines = {mid: MachineEngine(spec) for mid, spec in gw.specs.items()}
-    gw.encoder = EventEncoder(cfg.gateway, gw.topics, "e" * 32)
+    gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
     return gw
 
 
@@ -53,11 +51,11 @@ def s(key: str, value: Any, t: float) -> Sample:
 
 def feed(gw: Gateway, *batches: list[Sample]) -> None:
     for b in batches:
-        gw._stage(gw._apply_samples(b))
+        gw.core.stage(gw.core.apply_samples(b))
 
 
 def staged(gw: Gateway) -> list[dict[str, Any]]:
-    return [json.loads(r.payload) for r in gw._uncommitted]
+    return [json.loads(r.payload) for r in gw.core.uncommitted]
 
 
 def booked(gw: Gateway) -> dict[tuple[str | None, str | None], int]:
@@ -81,7 +79,7 @@ def test_tag_changeover_same_scan_counters_and_complete_go_to_the_old_order(tmp_
     # same scan: counter +5, complete rises, order tags switch to B/20 (in any order inside the batch)
     feed(gw, [s("m1/order", "B", 11), s("m1/complete", 1, 11), s("m1/operation", "20", 11), s("m1/good", 105, 11)])
     feed(gw, [s("m1/good", 107, 12)])
-    gw._stage(gw.engines["m1"].flush("test", 13))
+    gw.core.stage(gw.engines["m1"].flush("test", 13))
     assert booked(gw) == {("A", "10"): 5, ("completed", "A"): 5, ("B", "20"): 2}
     started = [e["data"]["order"] for e in staged(gw) if e["type"] == "operation.started"]
     assert started == ["A", "B"]
@@ -97,7 +95,7 @@ def test_tag_changeover_with_source_times_switches_at_the_exact_sample(tmp_path)
     # one notification batch, out of time order: 13 @2.5 (old), tags @3.0, 20 @3.5 (new), 25 @4.0 (new)
     feed(gw, [s("m1/good", 25, 4.0), s("m1/order", "B", 3.0), s("m1/good", 13, 2.5), s("m1/operation", "20", 3.0),
               s("m1/good", 20, 3.5)])
-    gw._stage(gw.engines["m1"].flush("test", 5))
+    gw.core.stage(gw.engines["m1"].flush("test", 5))
     assert booked(gw) == {("A", "10"): 13, ("B", "20"): 12}
 
 
@@ -109,9 +107,9 @@ def test_half_written_tag_pair_waits_and_settles_without_samples(tmp_path, monke
     feed(gw, [s("m1/order", "B", 2)])
     feed(gw, [s("m1/operation", "20", 2)])
     assert gw.engines["m1"].context.ref == ("A", "10")  # no later sample yet: still pending
-    monkeypatch.setattr(runtime, "ORDER_TAG_SETTLE_S", 0.0)
-    gw._settle_order_tags()
-    gw._settle_order_tags()
+    monkeypatch.setattr(gw.core.tags, "settle_s", 0.0)
+    gw.core.settle_order_tags()
+    gw.core.settle_order_tags()
     assert gw.engines["m1"].context.ref == ("B", "20")
     assert [e["data"]["order"] for e in staged(gw) if e["type"] == "operation.started"] == ["A", "B"]
 
@@ -125,7 +123,7 @@ def test_a_faulting_engine_stops_its_machine_only(tmp_path):
 
     gw.engines["m1"].apply = boom  # type: ignore[method-assign]
     feed(gw, [s("m1/good", 5, 2), s("m2/good", 7, 2)], [s("m1/good", 9, 3), s("m2/good", 9, 3)])
-    gw._stage(gw.engines["m2"].flush("test", 4))
+    gw.core.stage(gw.engines["m2"].flush("test", 4))
     assert booked(gw) == {(None, None): 9}
     assert [e["subject"] for e in staged(gw)] == ["m2"]
     st = gw.status()
@@ -137,32 +135,32 @@ def test_a_faulting_engine_stops_its_machine_only(tmp_path):
 def test_bounded_inbox_coalesces_cumulative_samples_only(tmp_path, monkeypatch):
     """Under overload the inbox keeps only the latest value of each cumulative counter (it carries the delta);
     nothing is lost: the quantities booked are the same as without coalescing."""
-    monkeypatch.setattr(runtime, "MAX_QUEUED_SAMPLES", 50)
+    monkeypatch.setattr(core, "MAX_QUEUED_SAMPLES", 50)
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
     for i in range(200):
-        gw._on_samples([s("m1/good", i, 1 + i * 0.01), s("m2/good", 2 * i, 1 + i * 0.01)])
-    assert gw._queued_samples <= 50 + 2
+        gw.core.on_samples([s("m1/good", i, 1 + i * 0.01), s("m2/good", 2 * i, 1 + i * 0.01)])
+    assert gw.core.queued_samples <= 50 + 2
     assert gw.stats.samples_coalesced > 300
-    while gw._inbox:
-        item = gw._inbox.popleft()
-        gw._queued_samples -= len(item)
+    while gw.core.inbox:
+        item = gw.core.inbox.popleft()
+        gw.core.queued_samples -= len(item)
         feed(gw, item)
-    gw._stage(gw.engines["m1"].flush("test", 9))
-    gw._stage(gw.engines["m2"].flush("test", 9))
+    gw.core.stage(gw.engines["m1"].flush("test", 9))
+    gw.core.stage(gw.engines["m2"].flush("test", 9))
     totals = {e["subject"]: int(e["data"]["quantities"]["yield"]) for e in staged(gw)}
     # the first sample of each counter is its baseline
     assert totals == {"m1": 199, "m2": 398}
 
 
 def test_bounded_inbox_keeps_every_delta_value(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "MAX_QUEUED_SAMPLES", 50)
+    monkeypatch.setattr(core, "MAX_QUEUED_SAMPLES", 50)
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, mode="delta")
     for i in range(100):
-        gw._on_samples([s("m1/good", 1, 1 + i)])
-    assert gw._queued_samples == 100  # nothing to coalesce: every delta value counts
-    while gw._inbox:
-        feed(gw, gw._inbox.popleft())
-    gw._stage(gw.engines["m1"].flush("test", 999))
+        gw.core.on_samples([s("m1/good", 1, 1 + i)])
+    assert gw.core.queued_samples == 100  # nothing to coalesce: every delta value counts
+    while gw.core.inbox:
+        feed(gw, gw.core.inbox.popleft())
+    gw.core.stage(gw.engines["m1"].flush("test", 999))
     assert booked(gw) == {(None, None): 100}
 
 
@@ -171,10 +169,10 @@ def test_idle_machines_have_no_timer_and_cost_no_commit(tmp_path, batches):
     """A machine whose counters do not change gets no timer and no snapshot."""
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
     feed(gw, [s("m1/good", 0, 1), s("m2/good", 0, 1)])
-    gw._dirty.clear()
+    gw.core.dirty.clear()
     for e in gw.engines.values():
         e.dirty = False
     for i in range(batches):
         feed(gw, [s("m1/good", 0, 2 + i), s("m2/good", 3 + i, 2 + i)])
-    assert "m1" not in gw._scheduled and "m2" in gw._scheduled
-    assert "m2" in gw._dirty
+    assert "m1" not in gw.core.scheduled and "m2" in gw.core.scheduled
+    assert "m2" in gw.core.dirty

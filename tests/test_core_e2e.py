@@ -218,6 +218,7 @@ async def test_completed_operation_is_not_reopened_by_the_retained_dispatch(tmp_
         await erp.start()
         cfg = press_on_opcua(tmp_path, mqtt_broker, opc, complete_tag={"connector": "opc", "node_id": n["complete"]})
         rgw = RunningGateway(cfg)
+        answers = Answers(mqtt_broker.port, rejected_topic(cfg, "press-1"))
         try:
             await rgw.start()
             await dispatch_order(erp, rgw, "press-1", m, "900100", "0010")
@@ -229,11 +230,84 @@ async def test_completed_operation_is_not_reopened_by_the_retained_dispatch(tmp_
             gw = await rgw.start()  # the retained 'active' dispatch of 900100 arrives again
             await wait_until(lambda: gw.stats.dispatch_rejected_by_reason["completed"] >= 1, 15)
             assert gw.engines["press-1"].context is None
+            # the ERP is told why its retained dispatch is not in force
+            await wait_until(lambda: answers.get(), 10)
+            assert answers.get()[-1]["reason"] == "completed"
+            assert answers.get()[-1]["received"] == {"order": "900100", "operation": "0010", "status": "active"}
             await m.produce(30, timeout=20)
             await assert_ledger_matches(erp, {"press-1": m})
             assert len(erp.events("operation.completed")) == 1
             assert not [e for e in erp.events("operation.started") if e["time"] > erp.events("operation.completed")[0]["time"]]
         finally:
+            answers.close()
+            await rgw.stop()
+            await erp.stop()
+
+
+def rejected_topic(cfg, machine: str) -> str:
+    from gateway.events import Topics
+
+    return Topics(cfg.mqtt.topic_root, cfg.gateway).dispatch(machine) + "/rejected"
+
+
+class Answers:
+    """The ERP's side of the dispatch answers: a subscriber on ``.../{machine}/dispatch/rejected``."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import json
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self._got: list[dict] = []
+        subscribed = threading.Event()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"erp-answers-{port}")
+        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.c.on_subscribe = lambda *a: subscribed.set()
+        self.c.on_message = lambda c, u, m: self._got.append(json.loads(m.payload))
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        assert subscribed.wait(10), "answer subscription not acknowledged"
+
+    def get(self) -> list[dict]:
+        return list(self._got)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+async def test_a_rejected_dispatch_is_answered_with_the_reason(tmp_path, mqtt_broker):
+    """A dispatch the gateway cannot take is not only counted and logged: the ERP reads why on
+    ``.../{machine}/dispatch/rejected`` (an out-of-range quantity, a machine on another order source, JSON that is
+    not a dispatch), and the gateway keeps running."""
+    m = MachineModel("Press1", cycle_time=0.05, seed=5, counter_bits=32)
+    async with OpcUaMachineServer(m, host="127.0.0.1", port=free_port()) as opc:
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-answers")
+        await erp.start()
+        cfg = press_on_opcua(tmp_path, mqtt_broker, opc)
+        rgw = RunningGateway(cfg)
+        answers = Answers(mqtt_broker.port, rejected_topic(cfg, "+"))
+        try:
+            gw = await rgw.start()
+            topic = rejected_topic(cfg, "press-1")[:-len("/rejected")]
+            erp.publish_raw(topic, b'{"order":"1","operation":"1","planned_quantity":"1e100"}')
+            erp.publish_raw(topic, b"[1, 2, 3]")
+            erp.publish_raw(rejected_topic(cfg, "press-9")[:-len("/rejected")], b'{"order":"1","operation":"1"}')
+            await wait_until(lambda: len(answers.get()) == 3, 10)
+            got = sorted(answers.get(), key=lambda a: (a["topic"], a["received"].get("size", 0)))
+
+            assert [(a["topic"], a["reason"], a["received"]) for a in got] == [
+                (topic, "schema", {"order": "1", "operation": "1"}),
+                (topic, "schema", {"size": 9}),
+                (topic.replace("press-1", "press-9"), "unknown_machine", {"order": "1", "operation": "1"})]
+            assert "planned_quantity" in got[0]["detail"]
+            assert gw.stats.dispatch_rejected == 3
+            # still running: a valid dispatch is applied
+            await dispatch_order(erp, rgw, "press-1", m, "900200", "0010")
+        finally:
+            answers.close()
             await rgw.stop()
             await erp.stop()
 
@@ -354,7 +428,7 @@ async def test_delta_counter_through_opcua_with_changeovers_and_resubscriptions(
         rgw = RunningGateway(cfg)
         try:
             gw = await rgw.start()
-            connected = lambda: gw.status()["components"]["connector.opc"]["state"] == "connected"  # noqa: E731
+            connected = lambda: gw.status()["components"]["connector.opc"]["state"] == "connected"
             await wait_until(connected, 15)
             for i, order in enumerate(("D1", "D2", "D3")):
                 await dispatch_order(erp, rgw, "press-1", m, order, "0010")  # the cut re-reads GoodDelta

@@ -161,15 +161,18 @@ async def test_mqtt_worker_away_its_share_waits_in_its_session(mqtt_broker, dsn,
 async def test_nats_cluster_durable_consumer_shared_by_workers(nats_cluster, dsn, endpoint):
     """Gateway → NATS MQTT endpoint (3.1.1) → $MQTT_msgs (R3) → one durable pull consumer, 2 processes' worth of
     workers (two services) → PostgreSQL → ERP. Acks reach the gateway over MQTT."""
+    from erp_service.consumers import NatsSource
+    from erp_service.metrics import Metrics
+
     ncfg = NatsSourceConfig(servers=nats_cluster.urls,
                             mqtt_endpoints=[f"{h}:{p}" for h, p in nats_cluster.mqtt_endpoints])
-    s1 = await ErpService(_cfg(dsn, endpoint, source="nats", workers=2, nats=ncfg)).start()
-    s2 = await ErpService(_cfg(dsn, endpoint, source="nats", workers=2, nats=ncfg)).start()
+    # the durable consumer exists before the gateway publishes (interest retention); no worker runs yet
+    probe = NatsSource(ncfg, "edge", Metrics(), "none")
+    await probe.connect()
     h, p = nats_cluster.mqtt_endpoints[0]
     gw = Client(h, p, "gw-01")
+    s1 = s2 = None
     try:
-        await s1.wait_ready()
-        await s2.wait_ready()
         gw.subscribe("edge/v1/+/+/+/+/+/acks")
         f = EventFactory()
         evs = [f.started("press-1", "1000123", "0010")]
@@ -178,6 +181,12 @@ async def test_nats_cluster_durable_consumer_shared_by_workers(nats_cluster, dsn
                                                                                                "0010")]
         for i in range(0, len(evs), 4):
             gw.publish(f.topic("press-1"), evs[i:i + 4])
+        assert await probe.lag() == 6  # the consumer lag of /status and edge_erp_consumer_lag: 6 messages waiting
+        await probe.close()
+        s1 = await ErpService(_cfg(dsn, endpoint, source="nats", workers=2, nats=ncfg)).start()
+        s2 = await ErpService(_cfg(dsn, endpoint, source="nats", workers=2, nats=ncfg)).start()
+        await s1.wait_ready()
+        await s2.wait_ready()
         await wait_until(lambda: len(endpoint.by_external) == 22, timeout=30,
                          message=f"posted {len(endpoint.by_external)}")
         assert endpoint.totals() == {("1000123", "0010"): {"yield": Decimal(62), "scrap": Decimal(20),
@@ -191,8 +200,10 @@ async def test_nats_cluster_durable_consumer_shared_by_workers(nats_cluster, dsn
         assert await s1.nats.lag() == 0
     finally:
         gw.close()
-        await s1.stop()
-        await s2.stop()
+        await probe.close()
+        for s in (s1, s2):
+            if s is not None:
+                await s.stop()
 
 
 async def test_poison_message_dead_lettered_after_retries_stream_goes_on(mqtt_broker, dsn, endpoint):

@@ -1,11 +1,11 @@
 """The fleet end to end on one machine: 2 gateways (subprocesses) x 2 Modbus machines → 3-node NATS cluster →
-2 ERP worker processes → PostgreSQL → simulated SAP. During production a NATS node, a worker and a gateway are
-SIGKILLed and the ERP answers 503 for a while. At the end the ERP's confirmations per order/operation equal the
+2 ERP worker processes → PostgreSQL → simulated SAP. During production a NATS node, a worker and both gateways
+(one after the other) are SIGKILLed and the ERP answers 503 for a while. At the end the ERP's confirmations per order/operation equal the
 machines' ground truth exactly (final confirmations included), no document was posted twice, no conflict."""
 
 from __future__ import annotations
 
-from bench.fleet import run_fleet
+from simulators.fleet import run_fleet
 
 
 async def test_fleet_with_chaos(tmp_path, record_property):

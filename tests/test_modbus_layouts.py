@@ -12,9 +12,10 @@ import pytest
 import structlog
 from pymodbus.constants import ExcCodes
 
-from connectors.base import Backoff, ComponentState, TagBinding
+from connectors.base import TagBinding
 from connectors.modbus.config import ModbusConnectorConfig, ModbusTagConfig
 from connectors.modbus.connector import ModbusConnector, decode_registers
+from gateway.component import Backoff, ComponentState
 from simulators.machine import MachineModel
 from simulators.modbus_server import ADDRESSES, ModbusMachineServer, layout_words
 from tests.faults import Recorder, eventually, start_on_free_port

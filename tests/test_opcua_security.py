@@ -14,10 +14,11 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from connectors.base import Backoff, ComponentState, TagBinding
+from connectors.base import TagBinding
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
 from connectors.opcua.connector import OpcUaConnector
 from connectors.opcua.pki import Pki, san_uris, thumbprint
+from gateway.component import Backoff, ComponentState
 from gateway.config import ConfigError, load_config
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
@@ -278,7 +279,13 @@ async def test_end_to_end_over_sign_and_encrypt_ledger_equals_truth(tmp_path: Pa
     with a server restart in the middle of the run: the ledger equals the machine's truth exactly."""
     from gateway.config import parse_config
     from simulators.erp import ErpConsumer
-    from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, dispatch_order, workdir
+    from tests.e2e import (
+        IDENT,
+        RunningGateway,
+        assert_ledger_matches,
+        dispatch_order,
+        workdir,
+    )
     from tests.faults import restart
 
     monkeypatch.setenv("PRESS1_OPC_PASSWORD", PASSWORD)
@@ -414,3 +421,37 @@ async def test_connectors_sharing_a_pki_folder_generate_one_certificate(tmp_path
                                      for _ in range(4)))
     assert [generated for _, generated in results].count(True) == 1
     assert len({own.thumbprint for own, _ in results}) == 1
+
+
+async def test_certificate_expiry_in_status_metrics_and_alarms(model: MachineModel, tmp_path: Path) -> None:
+    """Days to expiry of our own and the server's certificate: in status and the gauge; within
+    certificate_expiry_days a log line and an alarm per certificate, cleared when no longer within."""
+    from prometheus_client import REGISTRY
+
+    pki = tmp_path / "pki"
+    async with simulator(model, security_policies=["Basic256Sha256_SignAndEncrypt"]) as srv:
+        trust(pki, srv)
+        conn = make_connector(srv, Recorder(), pki, certificate_expiry_days=60, certificate_validity_days=45)
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 15, "connected")
+                st = conn.status.as_dict()
+                own, server = st["own_certificate_days_left"], st["server_certificate_days_left"]
+                assert 44 < own <= 45 and server > 60  # our certificate: 45 days, the simulator's: a year or more
+                for which, days in (("own", own), ("server", server)):
+                    assert REGISTRY.get_sample_value("edge_gateway_opcua_certificate_expiry_days", {
+                        "connector": "press-opc", "endpoint": srv.endpoint, "which": which}) == pytest.approx(days, abs=0.1)
+                assert conn.alarms.ids() == ["certificate_expiring:press-opc:own"]  # 45 days <= 60: warned
+                alarm = conn.alarms.active()[0]
+                assert alarm.severity == "warning" and "our own application certificate expires in" in alarm.message
+                # time passes (the check runs with every watchdog round): the server's certificate comes within 60 days
+                later = __import__("time").time() + (server - 30) * 86400
+                conn._check_expiry(now=later)
+                assert conn.alarms.ids() == ["certificate_expiring:press-opc:own", "certificate_expiring:press-opc:server"]
+                assert conn.status.detail["server_certificate_days_left"] == pytest.approx(30, abs=0.2)
+                conn._check_expiry()  # back to now (as after a renewal): the server's alarm clears
+                assert conn.alarms.ids() == ["certificate_expiring:press-opc:own"]
+    warned = [(e["certificate"], e["warn_days"]) for e in logs if e["event"] == "opcua.certificate_expiring"]
+    assert warned == [("own", 60), ("server", 60)]
+    own_line = next(e for e in logs if e["event"] == "opcua.certificate_expiring")
+    assert own_line["endpoint"] == srv.endpoint and str(pki / "own") in own_line["action"]

@@ -190,7 +190,7 @@ async def quiesce_and_check(p, what: str) -> dict[str, Any]:
                      message=f"{what}: outbox not drained: {gw.store.pending} rows pending")
     settle_s = time.monotonic() - t0
     assert await gw.store.count_pending() == 0
-    committed = gw._next_seq - 1
+    committed = gw.core.next_seq - 1
     seqs = sorted(s for v in p.erp.seqs().values() for s in v)
     assert not p.erp.gaps(), f"{what}: sequence gaps at the ERP: {p.erp.gaps()}"
     assert seqs == list(range(1, committed + 1)), (
@@ -232,7 +232,7 @@ async def test_broker_outage_under_load(plant, mode, down_s, record_property):
     gw = p.gw.gw
 
     # --- the outage
-    committed_at_down = gw._next_seq - 1
+    committed_at_down = gw.core.next_seq - 1
     unnoticed: list[int] = []
     if mode == "stop":
         await p.broker.astop()
@@ -253,7 +253,7 @@ async def test_broker_outage_under_load(plant, mode, down_s, record_property):
         assert unnoticed, "no events were committed while the broker was frozen"
     arrivals_at_down = len(p.erp.events())
     await asyncio.sleep(down_s)
-    committed_during = gw._next_seq - 1 - committed_at_down
+    committed_during = gw.core.next_seq - 1 - committed_at_down
     assert committed_during > 0, "the gateway committed nothing while the broker was down"
     await p.broker.astart()
     t_back = time.time()

@@ -160,6 +160,14 @@ async def test_puback_of_a_new_connection_never_deletes_rows_of_the_old_one(tmp_
         link.publish("warmup", b"marker", qos=1)
         await asyncio.wait_for(marker.wait(), 20)
         pub = Publisher(store, link, window=10, fetch_size=5)
+        pubacks: list[tuple[int, int]] = []
+        publisher_ack = link.on_puback
+
+        def spy(connection_id: int, mid: int, code: int) -> None:
+            pubacks.append((connection_id, mid))
+            publisher_ack(connection_id, mid, code)
+
+        link.on_puback = spy
         store.gated_when = lambda: pub.published >= 5  # the 2nd page waits: the old session is inside fetch
         freeze(mqtt_broker)  # rows 1..5 go to a broker that reads nothing
         tasks += await run_all(pub.run())
@@ -168,7 +176,9 @@ async def test_puback_of_a_new_connection_never_deletes_rows_of_the_old_one(tmp_
         await mqtt_broker.akill()
         await mqtt_broker.astart()
         await wait_until(lambda: link.connections >= 2 and col.subscribed >= 2, 15)
-        await asyncio.sleep(0.3)  # the new connection's status PUBACK (mid 3) has arrived
+        new_conn = link.connection.id
+        # the new connection's status PUBACK (mid 3) has arrived: the mid the old session's row 3 had
+        await wait_until(lambda: (new_conn, 3) in pubacks, 10)
         store.release()
         try:
             await wait_until(lambda: store.pending == 0, 8)
@@ -432,10 +442,12 @@ async def test_refused_subscription_is_exposed_and_logged_once(tmp_path, protoco
             await wait_until(lambda: link.refused_subscriptions, 10)
             assert link.refused_subscriptions == {"edge/+/dispatch": reason}
             assert link.status.as_dict()["refused_subscriptions"] == {"edge/+/dispatch": reason}
+            first = link.connection
             await broker.astop()
             await broker.astart()
             await wait_until(lambda: link.connections >= 2, 15)
-            await asyncio.sleep(0.3)
+            # both SUBACKs of the new connection handled (each one pops its mid)
+            await wait_until(lambda: link.connection not in (None, first) and not link.connection.sub_mids, 10)
             assert link.refused_subscriptions == {"edge/+/dispatch": reason}
             await cancel(tasks)
         refused = [e for e in logs if e["event"] == "mqtt.subscription_refused"]

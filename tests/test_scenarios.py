@@ -17,8 +17,7 @@ from decimal import Decimal
 import pytest
 from pymodbus.constants import ExcCodes
 
-from connectors.base import ComponentState
-
+from gateway.component import ComponentState
 from simulators.erp import ErpConsumer
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer

@@ -416,3 +416,24 @@ async def test_a_corrupt_file_is_reported_as_corrupt(tmp_path):
         pass
     with pytest.raises(StoreError):
         await Store(str(path)).open()  # still corrupt, still not locked by the failed attempt above
+
+
+def test_relative_secret_and_certificate_files_resolve_against_the_config_file(tmp_path, monkeypatch):
+    """Like the store: a password file or TLS file named relative to the config is found from any working dir."""
+    conf = tmp_path / "etc" / "gw.yaml"
+    (tmp_path / "etc" / "secrets").mkdir(parents=True)
+    (tmp_path / "etc" / "secrets" / "mqtt.pw").write_text("s3cret\n")
+    conf.write_text(yaml.safe_dump({
+        "gateway": IDENT,
+        "mqtt": {"username": "gw", "password_file": "secrets/mqtt.pw",
+                 "tls": {"enabled": True, "ca_file": "pki/ca.pem", "cert_file": "/abs/c.pem", "key_file": "k.pem"}},
+        "connectors": [{"type": "opcua", "id": "opc", "endpoint": "opc.tcp://127.0.0.1:4840", "security": "none",
+                        "username": "op", "password_file": "secrets/opc.pw"}]}))
+    monkeypatch.chdir("/")
+    cfg = load_config(conf)
+    etc = tmp_path / "etc"
+    assert cfg.mqtt.password_file == str(etc / "secrets" / "mqtt.pw")
+    assert cfg.mqtt.password() == "s3cret"
+    assert (cfg.mqtt.tls.ca_file, cfg.mqtt.tls.cert_file, cfg.mqtt.tls.key_file) == (
+        str(etc / "pki" / "ca.pem"), "/abs/c.pem", str(etc / "k.pem"))
+    assert cfg.connectors[0].password_file == str(etc / "secrets" / "opc.pw")

@@ -38,12 +38,19 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
-from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
+from connectors.base import Connector, SampleSink, TagBinding
 from connectors.errors import ConnectorUnavailable, ReadFailed
+from gateway.component import Backoff, ComponentState
 
 HEARTBEAT_S = 10.0
 """Unchanged tags are reported at least this often (the counter engine measures plausibility between readings)."""
-from connectors.modbus.config import BIT_TABLES, FUNCTION_CODES, MAX_GAP, ModbusConnectorConfig, ModbusTagConfig
+from connectors.modbus.config import (
+    BIT_TABLES,
+    FUNCTION_CODES,
+    MAX_GAP,
+    ModbusConnectorConfig,
+    ModbusTagConfig,
+)
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
@@ -302,6 +309,7 @@ class ModbusConnector(Connector):
         errors: dict[str, str] = {}
         failed_blocks: dict[str, Block] = {}
         any_ok = False
+        started = time.monotonic() if client is not None else None
         for block in list(self.blocks):
             client = self._client
             if client is None:
@@ -327,6 +335,8 @@ class ModbusConnector(Connector):
 
         self.polls += 1
         self.status.detail["polls"] = self.polls
+        if started is not None:  # a poll that talked to the device (not one that only found it unreachable)
+            self.observe_read("poll", time.monotonic() - started)
         if any_ok:
             self._backoff.reset()
         self._report(errors, failed_blocks)
@@ -527,8 +537,10 @@ class ModbusConnector(Connector):
                 by_key.update((s.key, s) for s in batch)
             return by_key
 
+        started = time.monotonic()
         try:
             by_key = await asyncio.wait_for(read_all(), timeout)
+            self.observe_read("read", time.monotonic() - started)
         except asyncio.TimeoutError as exc:
             self._drop(client, f"read timed out after {timeout}s")
             raise ConnectorUnavailable(

@@ -69,6 +69,10 @@ class OpcUaConnectorConfig(BaseModel):
     )
     certificate_key_size: Literal[2048, 3072, 4096] = Field(2048, description="RSA key size of a generated certificate.")
     certificate_validity_days: int = Field(730, ge=1, le=7300, description="Validity of a generated certificate.")
+    certificate_expiry_days: int = Field(
+        30, ge=0, le=3650, description="Warn (log line and alarm 'certificate_expiring:<connector>:own|server') when our "
+        "own or the server's certificate expires within this many days; 0: only once expired.",
+    )
     server_certificate_thumbprint: str | None = Field(
         None, pattern=r"^[0-9A-Fa-f:]{40,59}$",
         description="Pin: accept only the server certificate with this SHA-1 thumbprint (the trusted/ folder is then not consulted).",

@@ -40,11 +40,14 @@ import structlog
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
 
-from connectors.base import Backoff, ComponentState, Connector, SampleSink, TagBinding
+from connectors.base import Connector, CounterType, SampleSink, TagBinding, TagType
 from connectors.errors import ConnectorUnavailable, ReadFailed
 from connectors.opcua.config import OpcUaConnectorConfig, OpcUaTagConfig
-from connectors.opcua.pki import EXPIRY_WARNING_DAYS, CertificateRefused, Pki
+from connectors.opcua.inspect import INTEGER_TYPES, type_name
+from connectors.opcua.pki import CertificateRefused, Pki
 from connectors.opcua.session import SessionSecurity, prepare_client
+from gateway import metrics
+from gateway.component import Backoff, ComponentState
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
@@ -146,7 +149,10 @@ class OpcUaConnector(Connector):
         self._node_keys: dict[str, list[str]] = {}
         self._every_value: set[str] = set()  # nodes whose every value counts (delta / reset-on-read counters)
         self._key_node: dict[str, str] = {}  # tag key -> configured node id (string, possibly nsu=)
+        self._counter_types: dict[str, CounterType] = {}  # counter / meter keys -> what the config says of the type
         for b in self.tags:
+            if b.counter is not None:
+                self._counter_types[b.key] = b.counter
             addr = b.address if isinstance(b.address, OpcUaTagConfig) else OpcUaTagConfig.model_validate(b.address)
             self._node_keys.setdefault(addr.node_id, []).append(b.key)
             self._key_node[b.key] = addr.node_id
@@ -170,6 +176,9 @@ class OpcUaConnector(Connector):
         self._failed_items: set[str] = set()  # node ids whose monitored item failed (logged once)
         self._logged_refusal: str | None = None  # the security refusal last logged (logged once per cause)
         self._warned: set[str] = set()
+        self._refused: dict[str, str] = {}  # tag key -> why the server refused its monitored item (alarm raised)
+        self._type_problems: dict[str, str] = {}  # tag key -> config/server type mismatch (logged once)
+        self._cert_not_after: dict[str, float | None] = {}  # "own" / "server" -> expiry (POSIX seconds)
         self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0)
 
     # ------------------------------------------------------------------ run loop
@@ -257,11 +266,35 @@ class OpcUaConnector(Connector):
             if w not in self._warned:
                 self._warned.add(w)
                 log.warning("opcua.security_warning", connector=self.id, endpoint=self.endpoint, warning=w)
-        for which, days in (("own", sec.own_cert_days_left), ("server", sec.server_cert_days_left)):
-            if days is not None and days < EXPIRY_WARNING_DAYS and f"expiry:{which}" not in self._warned:
-                self._warned.add(f"expiry:{which}")
+        self._cert_not_after = {"own": sec.own_cert_not_after, "server": sec.server_cert_not_after}
+        self._check_expiry()
+
+    def _check_expiry(self, now: float | None = None) -> None:
+        """Days to expiry of our own and the server's certificate: status detail, gauge, and within
+        ``certificate_expiry_days`` one log line and an alarm (cleared when a renewed certificate is seen)."""
+        now = time.time() if now is None else now
+        limit = self.config.certificate_expiry_days
+        for which, not_after in self._cert_not_after.items():
+            alarm = f"certificate_expiring:{self.id}:{which}"
+            if not_after is None:  # security none: no certificate
+                self.alarms.set(alarm, False, "warning", "")
+                continue
+            days = round((not_after - now) / 86400, 1)
+            self.status.detail[f"{which}_certificate_days_left"] = days
+            metrics.OPCUA_CERTIFICATE_EXPIRY_DAYS.labels(self.id, self.endpoint, which).set(days)
+            expiring = days <= limit
+            whose = "our own application certificate" if which == "own" else "the server's certificate"
+            if expiring and alarm not in self._warned:
+                self._warned.add(alarm)
                 log.warning("opcua.certificate_expiring", connector=self.id, endpoint=self.endpoint, certificate=which,
-                            days_left=days)
+                            days_left=days, warn_days=limit,
+                            action="renew it: " + (f"replace the files in {Pki(self.config.pki_dir).dir('own')} "
+                                                   "(or delete them: a new one is generated; the server must trust it)"
+                                                   if which == "own" else "ask the server's owner"))
+            elif not expiring:
+                self._warned.discard(alarm)
+            self.alarms.set(alarm, expiring, "warning", f"connector {self.id} ({self.endpoint}): {whose} expires in "
+                            f"{days} days", connector=self.id, endpoint=self.endpoint, certificate=which, days_left=days)
 
     async def _subscribe(self, client: Client, gen: int) -> None:
         cfg = self.config
@@ -289,6 +322,7 @@ class OpcUaConnector(Connector):
         items: list[ua.MonitoredItemCreateRequest] = []
         handles: dict[int, tuple[str, ...]] = {}
         node_ids = [n for n in self._node_keys if self._resolved.get(n) is not None]
+        await self._check_types(client, node_ids)
         for handle, node_id in enumerate(node_ids, start=1):
             handles[handle] = tuple(self._node_keys[node_id])
             every = node_id in self._every_value
@@ -323,23 +357,79 @@ class OpcUaConnector(Connector):
             results.extend(part)
         failed: list[Sample] = []
         now = time.time()
+        refused: dict[str, str] = {}  # node id -> status
         unresolved = [n for n in self._node_keys if self._resolved.get(n) is None]
         for node_id in unresolved:
             self._failed_items.add(node_id)
+            refused[node_id] = f"{_UNKNOWN_NODE} (namespace URI not in the server's namespace array)"
             failed.extend(Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in self._node_keys[node_id])
         for node_id, res in zip(node_ids, results):
             if res.StatusCode.is_good():
                 self._failed_items.discard(node_id)
                 continue
             name = status_name(res.StatusCode.value)
+            refused[node_id] = name
             if node_id not in self._failed_items:
                 self._failed_items.add(node_id)
-                log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, node_id=node_id, status=name,
-                          keys=self._node_keys[node_id])  # keys are machine/signal: who is affected
+                for k in self._node_keys[node_id]:
+                    machine, _, signal = k.partition("/")
+                    log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, machine=machine,
+                              counter=signal, node_id=node_id, status=name)
             failed.extend(Sample(k, None, False, now, None, name) for k in self._node_keys[node_id])
+        self._report_refused(refused)
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
             self._deliver(failed)
+
+    def _report_refused(self, refused: dict[str, str]) -> None:
+        """Monitored items the server refused (BadNodeIdUnknown, ...): one alarm per machine signal, listed in status
+        (``refused_items``); cleared when a later connection monitors it."""
+        now: dict[str, str] = {}
+        for node_id, why in refused.items():
+            for k in self._node_keys[node_id]:
+                now[k] = f"{node_id}: {why}"
+        for k in set(self._refused) | set(now):
+            machine, _, signal = k.partition("/")
+            self.alarms.set(f"tag_refused:{k}", k in now, "critical",
+                            f"machine {machine} {signal}: the server refused the monitored item {now.get(k, '')}; "
+                            "this tag is not read", connector=self.id, endpoint=self.endpoint, machine=machine,
+                            counter=signal, node_id=self._key_node[k], status=now.get(k, "").partition(": ")[2])
+        self._refused = now
+        self.status.detail["refused_items"] = dict(sorted(now.items()))
+
+    async def _check_types(self, client: Client, node_ids: list[str]) -> None:
+        """Read the DataType of every counter / meter node: report a mismatch with the config (log once, status
+        ``type_mismatches``, naming machine and counter) and hand the types to the runtime (``on_tag_types``), which
+        takes a counter's width from the server unless it is configured."""
+        wanted = [n for n in node_ids if any(k in self._counter_types for k in self._node_keys[n])]
+        if not wanted:
+            return
+        dvs: list[ua.DataValue] = []
+        for chunk in _chunks([self._resolved[n] for n in wanted], self._limits.get("max_nodes_per_read", 0)):
+            dvs.extend(await client.uaclient.read_attributes(chunk, ua.AttributeIds.DataType))
+        found: dict[str, TagType] = {}
+        problems: dict[str, str] = {}
+        for node_id, dv in zip(wanted, dvs):
+            if not dv.StatusCode.is_good() or dv.Value is None:
+                continue  # the monitored item reports the node (refused)
+            dt = type_name(dv.Value.Value)
+            for k in self._node_keys[node_id]:
+                want = self._counter_types.get(k)
+                if want is None:
+                    continue
+                found[k], problem = _judge_type(dt, want, material=k.partition("/")[2].startswith("material:"))
+                if problem:
+                    problems[k] = problem
+        self.status.detail["counter_types"] = {k: t.data_type for k, t in sorted(found.items())}
+        self.status.detail["type_mismatches"] = dict(sorted(problems.items()))
+        for k, problem in problems.items():
+            if self._type_problems.get(k) != problem:
+                machine, _, signal = k.partition("/")
+                log.warning("opcua.counter_type_mismatch", connector=self.id, endpoint=self.endpoint, machine=machine,
+                            counter=signal, node_id=self._key_node[k], data_type=found[k].data_type, problem=problem)
+        self._type_problems = problems
+        if found and self.on_tag_types is not None:
+            self.on_tag_types(found)
 
     async def _operation_limits(self, client: Client) -> dict[str, int]:
         """The server's OperationLimits this connector must respect (0 = no limit). Read one node per request,
@@ -436,14 +526,17 @@ class OpcUaConnector(Connector):
                 raise _ConnectionLost(self._lost_reason or "connection lost")
             if client.uaclient.state is not UaClientState.CONNECTED:
                 raise _ConnectionLost(f"transport {client.uaclient.state.value}")
+            started = time.monotonic()
             try:
                 await asyncio.wait_for(client.uaclient.read_attributes([_CURRENT_TIME], ua.AttributeIds.Value), cfg.timeout_s)
             except asyncio.TimeoutError:
                 raise _ConnectionLost(f"watchdog read timed out after {cfg.timeout_s}s") from None
+            self.observe_read("watchdog", time.monotonic() - started)
             silent = time.monotonic() - self._last_publish
             if silent > self._stale_after:
                 raise _ConnectionLost(f"subscription silent for {silent:.1f}s (no data, no keep-alive)")
             healthy_checks += 1
+            self._check_expiry()
             if healthy_checks == 1:
                 # reset only once the connection has proven itself: a server that accepts and then drops
                 # every connection must not be hammered at the initial delay
@@ -514,8 +607,10 @@ class OpcUaConnector(Connector):
             if nid is not None and text not in index:
                 index[text] = len(node_ids)
                 node_ids.append(nid)
+        started = time.monotonic()
         try:
             results = await asyncio.wait_for(self._read_chunked(client, node_ids), timeout)
+            self.observe_read("read", time.monotonic() - started)
         except asyncio.TimeoutError as exc:
             raise ConnectorUnavailable(f"read timed out after {timeout}s", connector=self.id, endpoint=self.endpoint) from exc
         except (ua.UaError, ConnectionError, OSError) as exc:
@@ -538,6 +633,31 @@ class OpcUaConnector(Connector):
                 NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value) for nid in chunk],
             )))
         return results
+
+
+def _judge_type(dt: str, want: CounterType, *, material: bool) -> tuple[TagType, str | None]:
+    """The server's DataType of a counter / meter node against the config: (type found, mismatch or None)."""
+    if dt in INTEGER_TYPES:
+        bits, signed = INTEGER_TYPES[dt], dt.startswith("Int") or dt == "SByte"
+        found = TagType(dt, "integer", bits, signed)
+        if want.float_meter:
+            return found, f"resolution is configured (a float meter) but the node is {dt}, an integer: remove resolution"
+        if want.max_value:
+            return found, None
+        if want.bits is not None and want.bits != bits:
+            return found, (f"bits: {want.bits} is configured but the node is {dt} ({bits} bits): the configured width "
+                           f"is used and would wrap at the wrong value; set bits: {bits} or remove it")
+        if want.signed is not None and want.signed != signed:
+            return found, f"signed: {str(want.signed).lower()} is configured but the node is {dt}"
+        return found, None
+    if dt in ("Float", "Double"):
+        found = TagType(dt, "float")
+        if want.float_meter:
+            return found, None
+        if material:
+            return found, f"the node is {dt}: a float totaliser needs a resolution (e.g. resolution: 0.01)"
+        return found, f"the node is {dt}: a piece counter needs an integer node (a float totaliser is a material meter)"
+    return TagType(dt, "other"), f"the node is {dt}, not a number: it cannot be counted"
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:

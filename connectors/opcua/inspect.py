@@ -152,7 +152,11 @@ def config_line(connector: str, name: str, node_id: str, data_type: str | None) 
         extra = f", bits: {width}" + (", signed: true" if (data_type or "").startswith("Int") else "")
     elif data_type == "Byte":
         extra = ", max_value: 255"
-    return f'{name}: {{connector: {connector}, node_id: "{node_id}"{extra}}}'
+    line = f'{name}: {{connector: {connector}, node_id: "{node_id}"{extra}}}'
+    if data_type in ("Float", "Double"):
+        line = (f'{name}: {{connector: {connector}, node_id: "{node_id}", resolution: 0.01}}  # {data_type}: a material '
+                "meter (under materials:, with its unit); set the resolution")
+    return line
 
 
 async def check_tag(client: Client, namespaces: list[str], node_id: str, kind: str, bits: int | None) -> tuple[bool, str]:
@@ -172,16 +176,23 @@ async def check_tag(client: Client, namespaces: list[str], node_id: str, kind: s
         return False, "variable is not readable"
     dt = info.data_type or "?"
     found = f"{dt} = {_show(info.value)}" if info.status == "Good" else f"{dt} ({info.status})"
+    if kind == "float":  # a float meter (resolution configured)
+        if dt not in ("Float", "Double"):
+            return False, f"resolution is configured (a float meter) but the node is {dt}: remove resolution"
+        return True, found
     if kind in ("counter", "material", "integer"):
         width = INTEGER_TYPES.get(dt)
         if width is None:
+            if kind == "material" and dt in ("Float", "Double"):
+                return False, f"the node is {dt}: a float totaliser needs a resolution (e.g. resolution: 0.01)"
             return False, f"a counter needs an integer node, this one is {dt}"
         if kind == "integer":  # max_value given: the width does not matter
             return True, found
-        configured = bits or 32
-        if width != configured:
-            how = f"bits: {bits} is configured" if bits else "the counter defaults to 32 bits"
-            return False, f"{how} but the node is {dt} ({width} bits): it would wrap at a different value; set bits: {width}"
+        if bits is None:  # the gateway takes the width from the node at every connect
+            return True, f"{found} (wraps at 2^{width}, from the node's data type)"
+        if width != bits:
+            return False, (f"bits: {bits} is configured but the node is {dt} ({width} bits): it would wrap at a "
+                           f"different value; set bits: {width} or remove it")
     elif kind == "flag" and dt != "Boolean" and dt not in INTEGER_TYPES:
         return False, f"a flag needs a Boolean or integer node, this one is {dt}"
     elif kind == "text" and dt != "String" and dt not in INTEGER_TYPES:

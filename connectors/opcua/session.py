@@ -106,6 +106,8 @@ class SessionSecurity:
     own_generated: bool = False
     user_token: str = "anonymous"
     warnings: list[str] = field(default_factory=list)
+    own_cert_not_after: float | None = None  # POSIX seconds: days left are recomputed while the session lives
+    server_cert_not_after: float | None = None
 
     def as_status(self) -> dict[str, Any]:
         return {"security_policy": self.policy, "security_mode": self.mode, "user_token": self.user_token,
@@ -143,11 +145,13 @@ async def prepare_client(client: Client, cfg: OpcUaConnectorConfig, timeout: flo
     if ep.SecurityPolicyUri != NONE_URI:
         pki, own, generated = await asyncio.to_thread(own_certificate, cfg)
         info.own_thumbprint, info.own_cert_days_left, info.own_generated = own.thumbprint, days_left(own.certificate), generated
+        info.own_cert_not_after = own.certificate.not_valid_after_utc.timestamp()
         if not ep.ServerCertificate:
             raise SecurityRefused(f"the server's {info.policy} endpoint carries no certificate")
         server_cert = first_certificate(ep.ServerCertificate)
         info.server_thumbprint = thumbprint(server_cert)
         info.server_cert_days_left = days_left(server_cert)
+        info.server_cert_not_after = server_cert.not_valid_after_utc.timestamp()
         pki.check_server(server_cert, application_uri=ep.Server.ApplicationUri if ep.Server else None,
                          pin=cfg.server_certificate_thumbprint)
         client.application_uri = own.application_uri

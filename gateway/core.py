@@ -1,0 +1,668 @@
+"""The core: the only writer of machine state.
+
+It takes commands from one inbox — sample batches from connectors, order commands from the order sources
+(gateway/orders.py), cut results — applies each synchronously to the pure engines (mappings/machine.py) and stages
+the resulting event drafts (sequence number, id, payload) in the same step: it never awaits while it holds work that
+is not staged. The only await of a round is the group commit of staged rows and the snapshots of the machines they
+came from; a commit that fails keeps both staged and is retried. Changeover cuts are two-phase: the core asks the
+connectors for a read in a task of its own and goes on; the read comes back through the inbox as a tagged batch, so
+a slow PLC delays only its own machine.
+
+Cost is proportional to change: a machine whose counters do not move costs its sample's decode and a comparison;
+reporting windows run on a timer heap (``MachineEngine.next_deadline``, monotonic clock), snapshots are taken only of
+machines whose state changed (the dirty set), at the checkpoint or with the events they produced.
+
+The core knows no protocol and no broker: it is handed a ``read`` function for cut reads and a ``notify`` function
+that takes the rows of each commit (the publisher's input).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import heapq
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from connectors.errors import ConnectorError, ConnectorUnavailable
+from gateway import metrics
+from gateway.alarms import Alarms
+from gateway.events import EventEncoder
+from gateway.faults import crash_point
+from gateway.orders import CompleteCommand, OrderCommand, PlcTagOrders
+from gateway.store import OutboxRow, PendingRow, Store, StoreError
+from mappings.machine import EventDraft, MachineEngine, MachineSpec, OrderRefused
+from mappings.samples import Sample
+
+log = structlog.get_logger("gateway.runtime")
+
+CHECKPOINT_S = 30.0
+"""How often the state of machines whose only change is counted production is snapshotted. Their counters are the
+durable log: a crash re-derives the quantities since the last snapshot from the counter, so a snapshot is needed only
+before a counter can wrap twice (the interval is capped at half the shortest wrap period at max_rate) — state that
+exists nowhere else (an order change, reset-on-read and delta values, a counter reset or rollover seen, a held zero)
+is committed at once (``urgent``), and every event is committed with the state that produced it."""
+CUT_READ_TIMEOUT_S = 3.0  # one attempt of a cut read
+CUT_RETRY_MAX_S = 1.0  # a cut read of a connector that is not connected is retried, with backoff up to this
+MAX_QUEUED_SAMPLES = 200_000  # above this, queued cumulative samples are coalesced (the latest carries the delta)
+CORE_BATCH = 10_000  # inbox items handled per round before a commit
+TIMER_SLOT_S = 0.1
+"""Reporting windows close at the end of the timer slot their deadline falls in: at most this much later than
+``interval_s`` after their first count, and all windows of one slot in one round and one group commit."""
+
+
+def checkpoint_interval(specs: Any) -> float:
+    """CHECKPOINT_S, or half the shortest wrap period (modulus / max_rate) of any cumulative counter, at least 1 s."""
+    wraps = [b.spec.modulus / b.spec.max_rate
+             for spec in specs for b in [*spec.counters.values(), *(m.binding for m in spec.materials.values())]
+             if b.spec.mode == "cumulative" and b.spec.modulus and b.spec.max_rate > 0]
+    return max(1.0, min([CHECKPOINT_S, *(w / 2 for w in wraps)]))
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): the start time an operator sees."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class Routes:
+    """How tag keys reach machines, built by the wiring from the config (gateway/runtime.py)."""
+
+    signal: dict[str, tuple[str, str]] = field(default_factory=dict)  # tag key -> (machine, signal)
+    control: set[str] = field(default_factory=set)  # order / operation / complete tags
+    rank: dict[str, int] = field(default_factory=dict)  # same sample time: counters, then complete, then order tags
+    coalescable: set[str] = field(default_factory=set)  # cumulative counter keys: the latest value carries the delta
+    # machine -> connector id -> counter keys (what a cut reads)
+    cut_keys: dict[str, dict[str, list[str]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+
+@dataclass
+class CoreCall:
+    """A change the wiring asks the core to make in inbox order (before the samples queued after it), e.g. a
+    counter's width found on the server at connect (gateway/counter_specs.py ``apply_tag_types``)."""
+
+    fn: Callable[[Core], None]
+
+
+@dataclass
+class CutDone:
+    """The cut read of one machine came back (a tagged sample batch)."""
+
+    machine: str
+    samples: list[Sample]
+
+
+@dataclass
+class _Cut:
+    """A changeover waiting for its cut read; commands that arrive meanwhile queue behind it, in order."""
+
+    machine: str
+    commands: list[OrderCommand | CompleteCommand]
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Stats:
+    samples: int = 0
+    events_committed: int = 0
+    commits: int = 0
+    dispatch_accepted: int = 0
+    dispatch_rejected: int = 0
+    dispatch_rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    cut_read_failures: int = 0
+    commit_failures: int = 0
+    dropped_while_full: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    erp_rejections: int = 0
+    acks_malformed: int = 0
+    acks_rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    samples_coalesced: int = 0
+    machine_faults: int = 0
+
+
+CutReader = Callable[[str, list[str], float], Awaitable[list[Sample]]]  # (connector id, keys, timeout) -> samples
+
+
+class Core:
+    def __init__(self, specs: dict[str, MachineSpec], routes: Routes, store: Store, *, stats: Stats, alarms: Alarms,
+                 tags: PlcTagOrders, read: CutReader, notify: Callable[[list[PendingRow]], None],
+                 on_refused: Callable[[OrderCommand, OrderRefused], None]) -> None:
+        self.specs = specs
+        self.routes = routes
+        self.store = store
+        self.stats = stats
+        self.alarms = alarms
+        self.tags = tags
+        self._read = read
+        self._notify = notify
+        self._on_refused = on_refused
+        self.engines: dict[str, MachineEngine] = {}
+        self.encoder: EventEncoder | None = None
+        self.inbox: collections.deque[Any] = collections.deque()
+        self._inbox_ready = asyncio.Event()
+        self.queued_samples = 0
+        self.cuts: dict[str, _Cut] = {}
+        self.dirty: set[str] = set()  # machines whose engine state is not committed
+        self._timers: list[tuple[float, str]] = []  # heap of (deadline, machine): reporting windows
+        self.scheduled: dict[str, float] = {}
+        self.faulted: dict[str, str] = {}  # machine -> error: its engine raised; its samples are ignored
+        self.after_commit: list[Callable[[], Awaitable[None]]] = []  # awaited by the core after its commit
+        # told of every successful commit: its rows (with their event times) and how long the store took (metrics)
+        self.on_commit: Callable[[list[OutboxRow], float], None] | None = None
+        self.on_staged: Callable[[list[EventDraft]], None] | None = None  # sees the drafts staged (the status page)
+        self.next_seq = 1
+        self.uncommitted: list[OutboxRow] = []
+        self._last_checkpoint = 0.0
+        self.checkpoint_s = checkpoint_interval(specs.values())
+        self._commit_backoff_until = 0.0
+        self._commit_failing: str | None = None
+        self._full_since = 0.0  # monotonic time the store became full (the downtime in store.space_recovered)
+        self._full = False
+        self._first_samples = False
+        self.heartbeat = 0.0  # monotonic time of the core loop's last round
+
+    def restore(self, snapshots: dict[str, Any], next_seq: int, encoder: EventEncoder) -> None:
+        """The engines from their committed snapshots (a machine without one starts fresh)."""
+        self.engines = {mid: MachineEngine(spec, snapshots.get(mid)) for mid, spec in self.specs.items()}
+        for mid in self.engines:
+            self._schedule(mid)
+        self.next_seq = next_seq
+        self.encoder = encoder
+
+    # ------------------------------------------------------------------ inbox (event loop callbacks, non-blocking)
+    def put(self, item: Any) -> None:
+        self.inbox.append(item)
+        self._inbox_ready.set()
+
+    def wake(self) -> None:
+        self._inbox_ready.set()
+
+    def on_samples(self, samples: list[Sample]) -> None:
+        """The connectors' sink."""
+        self.inbox.append(samples)
+        self._inbox_ready.set()
+        self.queued_samples += len(samples)
+        if self.queued_samples > MAX_QUEUED_SAMPLES:
+            self._coalesce()
+
+    def _coalesce(self) -> None:
+        """Bound the inbox under overload: merge runs of queued sample batches, keeping only the latest sample of
+        each cumulative counter (its value carries every delta before it). Delta / reset-on-read counters, state
+        and order tags are kept in full and in order; a batch with order tags is a barrier nothing moves across."""
+        out: collections.deque[Any] = collections.deque()
+        run: dict[str, Sample] = {}
+        first: dict[str, Sample] = {}
+        rest: list[Sample] = []
+        before = self.queued_samples
+        coalescable, control = self.routes.coalescable, self.routes.control
+
+        def close_run() -> None:
+            if run or rest:
+                out.append(rest + list(run.values()))
+
+        for item in self.inbox:
+            if isinstance(item, list) and not any(s.key in control for s in item):
+                for s in item:
+                    if s.key in coalescable and s.good:
+                        if s.key in first:
+                            run.pop(s.key, None)
+                            run[s.key] = s
+                        else:
+                            first[s.key] = s  # kept: it may be the engine's first value (a baseline)
+                            rest.append(s)
+                    else:
+                        rest.append(s)
+                continue
+            close_run()
+            run, rest, first = {}, [], {}
+            out.append(item)
+        close_run()
+        self.inbox = out
+        self.queued_samples = sum(len(i) for i in out if isinstance(i, list))
+        dropped = before - self.queued_samples
+        if dropped > 0:
+            self.stats.samples_coalesced += dropped
+            metrics.INPUT_COALESCED.inc(dropped)
+        self.alarms.raise_("input_overflow", "warning",
+                           "the core cannot keep up with the connectors: queued counter samples are coalesced "
+                           "(no quantity is lost; windows get coarser)",
+                           queued_before=before, queued_after=self.queued_samples,
+                           coalesced_total=self.stats.samples_coalesced)
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        while True:
+            if not self.inbox:
+                timeout = self._next_wakeup()
+                self._inbox_ready.clear()
+                if timeout is None or timeout > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout):
+                            await self._inbox_ready.wait()
+            self.heartbeat = time.monotonic()
+            self.round()
+            await self.commit()
+            if self.after_commit:
+                jobs, self.after_commit = self.after_commit, []
+                for job in jobs:
+                    await job()
+
+    def round(self) -> None:
+        """One synchronous round: drain (a bounded part of) the inbox, run due timers. Everything it produces is
+        staged before it returns."""
+        if self.queued_samples < MAX_QUEUED_SAMPLES // 2 and "input_overflow" in self.alarms:
+            self.alarms.clear("input_overflow", coalesced_total=self.stats.samples_coalesced)
+        inbox = self.inbox
+        if not self._first_samples and self.queued_samples:
+            self._first_samples = True
+            log.info("core.first_samples", process_age_s=process_age_s(), samples=self.queued_samples)
+        n = 0
+        while inbox and n < CORE_BATCH:
+            item = inbox.popleft()
+            n += 1
+            if isinstance(item, list):
+                self.queued_samples -= len(item)
+                self.stage(self.apply_samples(item))
+            elif isinstance(item, (OrderCommand, CompleteCommand)):
+                self._order_command(item)
+            elif isinstance(item, CutDone):
+                self._cut_done(item)
+            elif isinstance(item, CoreCall):
+                item.fn(self)
+        self.run_timers()
+
+    def _next_wakeup(self) -> float | None:
+        """Seconds until the core has timed work: the next reporting window, a settling order switch, the
+        checkpoint of dirty machines, a commit retry. None: nothing timed (idle costs nothing)."""
+        now = time.monotonic()
+        due: list[float] = []
+        if self._timers:
+            due.append(self._timers[0][0])
+        if self.dirty or self.uncommitted or self.after_commit:
+            due.append(max(self._last_checkpoint + self.checkpoint_s, self._commit_backoff_until))
+        settle = self.tags.next_settle()
+        if settle is not None:
+            due.append(settle)
+        if self.after_commit:
+            due.append(now)
+        if not due:
+            return None
+        return max(0.0, min(due) - now)
+
+    @staticmethod
+    def now() -> float:
+        """Reporting windows run on the monotonic clock (a wall-clock step neither closes nor stretches them)."""
+        return time.monotonic()
+
+    # ------------------------------------------------------------------ samples
+    def apply_samples(self, samples: list[Sample]) -> list[EventDraft]:
+        routes = self.routes.signal
+        if self.routes.control:
+            if self.tags.pending:
+                return self._apply_samples_ordered(samples)
+            control = self.routes.control
+            for s in samples:
+                if s.key in control:
+                    return self._apply_samples_ordered(samples)
+        out: list[EventDraft] = []
+        engines = self.engines
+        dirty = self.dirty
+        scheduled = self.scheduled
+        unscheduled: list[str] = []
+        for s in samples:
+            route = routes.get(s.key)
+            if route is None:
+                continue
+            machine, signal = route
+            eng = engines[machine]
+            try:
+                drafts = eng.apply(s, signal)
+            except Exception as exc:  # noqa: BLE001 - one machine's fault must not stop the others
+                self.fault(machine, exc, s)
+                continue
+            if drafts:
+                out.extend(drafts)
+            if eng.dirty:
+                dirty.add(machine)
+                if machine not in scheduled:
+                    unscheduled.append(machine)
+        self.stats.samples += len(samples)
+        for machine in unscheduled:  # only machines whose window may just have opened
+            self._schedule(machine)
+        return out
+
+    def _apply_samples_ordered(self, samples: list[Sample]) -> list[EventDraft]:
+        """A batch with order tags or a completion flag: applied in sample-time order, so a PLC-tag changeover
+        switches at the exact sample boundary (see gateway/orders.py for the rule)."""
+        out: list[EventDraft] = []
+        routes, engines, tags = self.routes.signal, self.engines, self.tags
+        touched: set[str] = set()
+        rank = self.routes.rank
+        for s in sorted(samples, key=lambda s: (s.time, rank.get(s.key, 0))):
+            route = routes.get(s.key)
+            if route is None:
+                continue
+            machine, signal = route
+            cmd = tags.before_sample(machine, s.time)
+            if cmd is not None:
+                out.extend(self.apply_order(cmd))
+            if signal == "order" or signal == "operation" or signal == "complete":
+                cmd = tags.control_sample(machine, signal, s)
+                if cmd is not None:
+                    out.extend(self.apply_order(cmd))
+                continue
+            eng = engines[machine]
+            try:
+                out.extend(eng.apply(s, signal))
+            except Exception as exc:  # noqa: BLE001
+                self.fault(machine, exc, s)
+                continue
+            if eng.dirty:
+                self.dirty.add(machine)
+                touched.add(machine)
+        self.stats.samples += len(samples)
+        for machine in touched:
+            self._schedule(machine)
+        return out
+
+    def fault(self, machine: str, exc: BaseException, sample: Sample | None = None) -> None:
+        """An engine raised (a bug, or input nothing validated): this machine stops counting, the others go on.
+        Its last committed state stays; the parts it makes meanwhile are still in its counters."""
+        if machine in self.faulted:
+            return
+        self.faulted[machine] = f"{type(exc).__name__}: {exc}"[:500]
+        self.stats.machine_faults += 1
+        metrics.MACHINE_FAULTS.inc()
+        self.alarms.raise_(f"machine_faulted:{machine}", "critical",
+                           "the machine's engine raised; it stops counting until the gateway is restarted (its "
+                           "counter keeps the parts)", machine=machine, error=self.faulted[machine])
+        routes = self.routes.signal
+        for key in [k for k, (m, _) in routes.items() if m == machine]:
+            del routes[key]
+        # what it staged before the fault is committed with its state as it is: never rows without their state
+        log.error("machine.faulted", machine=machine, error=self.faulted[machine],
+                  sample=None if sample is None else {"key": sample.key, "value": repr(sample.value)[:100]},
+                  exc_info=exc)
+
+    # ------------------------------------------------------------------ order commands
+    def refusal(self, cmd: OrderCommand) -> OrderRefused | None:
+        """Would the machine refuse this command (e.g. an operation it already completed)? For the local command's
+        synchronous answer; the core checks again when it applies the command."""
+        eng = self.engines.get(cmd.machine)
+        return eng.refusal(cmd.context) if eng is not None else None
+
+    def _order_command(self, cmd: OrderCommand | CompleteCommand) -> None:
+        """An order command from an order source: apply now, or after the machine's cut read."""
+        machine = cmd.machine
+        if machine in self.faulted:
+            log.warning("order.ignored_machine_faulted", machine=machine, source=cmd.source)
+            return
+        cut = self.cuts.get(machine)
+        if cut is not None:
+            cut.commands.append(cmd)
+            return
+        if isinstance(cmd, CompleteCommand):
+            self.stage(self.apply_order(cmd))
+            return
+        eng = self.engines[machine]
+        refused = eng.refusal(cmd.context)
+        if refused is not None:  # no cut read for an order that will not be applied
+            self._on_refused(cmd, refused)
+            return
+        cur, new = eng.context, cmd.context
+        changes = (cur is None) != (new is None) or (
+            cur is not None and new is not None and (cur.ref != new.ref or new.status != cur.status))
+        if changes and cmd.needs_cut and self.routes.cut_keys.get(machine):
+            cut = self.cuts[machine] = _Cut(machine, [cmd])
+            cut.task = asyncio.get_running_loop().create_task(self._cut_read(machine), name=f"cut.{machine}")
+            return
+        self.stage(self.apply_order(cmd))
+
+    async def _cut_read(self, machine: str) -> None:
+        """Phase one of a changeover: read every counter of the machine, and hand the result to the core. A
+        connector that cannot answer is retried (with backoff) until it can: the changeover is held until the
+        first good read, so parts made before it are never booked to the new order."""
+        from gateway.component import Backoff
+
+        samples: list[Sample] = []
+        for cid, keys in list(self.routes.cut_keys[machine].items()):
+            backoff = Backoff(0.05, CUT_RETRY_MAX_S)
+            started = time.monotonic()
+            reported = False
+            while True:
+                try:
+                    read = await self._read(cid, keys, CUT_READ_TIMEOUT_S)
+                    # a re-read: the current value again (a delta register re-read at the cut is not new production)
+                    samples.extend(dataclasses.replace(s, reread=True) for s in read)
+                    break
+                except (TimeoutError, ConnectorError) as exc:
+                    # a connector still connecting (typically right after a restart) is waited for quietly
+                    if not reported and (not isinstance(exc, ConnectorUnavailable)
+                                         or time.monotonic() - started >= CUT_READ_TIMEOUT_S):
+                        reported = True
+                        self.stats.cut_read_failures += 1
+                        log.warning("changeover.cut_read_failed", machine=machine, connector=cid,
+                                    error=str(exc) or type(exc).__name__, action="held until the first good read")
+                await asyncio.sleep(backoff.next())
+            if reported:
+                log.info("changeover.cut_read_recovered", machine=machine, connector=cid,
+                         held_s=round(time.monotonic() - started, 3))
+        self.put(CutDone(machine, samples))
+
+    def _cut_done(self, done: CutDone) -> None:
+        """Phase two: the read is the cut — apply it, then the commands that waited for it, in order."""
+        cut = self.cuts.pop(done.machine, None)
+        self.stage(self.apply_samples(done.samples))
+        if cut is None:
+            return
+        for cmd in cut.commands:
+            self.stage(self.apply_order(cmd))
+
+    def apply_order(self, cmd: OrderCommand | CompleteCommand) -> list[EventDraft]:
+        machine = cmd.machine
+        if machine in self.faulted:
+            return []
+        eng = self.engines[machine]
+        if isinstance(cmd, CompleteCommand):
+            cur = eng.context  # the operation active at that sample
+            if cur is None:
+                log.warning("order.complete_without_order", machine=machine)
+                return []
+            cmd = OrderCommand(machine, dataclasses.replace(cur, status="completed"), cmd.source, needs_cut=False)
+        try:
+            out = eng.dispatch(cmd.context, time.time())
+        except OrderRefused as exc:
+            self._on_refused(cmd, exc)
+            return []
+        except Exception as exc:  # noqa: BLE001 - e.g. a value nothing validated: this machine faults, not all
+            self.fault(machine, exc)
+            return []
+        if eng.dirty:
+            self.dirty.add(machine)
+            eng.urgent = True  # an order change is persisted now, not at the next checkpoint
+        self.stats.dispatch_accepted += 1
+        metrics.DISPATCH_ACCEPTED.inc()
+        ctx = cmd.context
+        log.info("order.applied", machine=machine, source=cmd.source,
+                 order=ctx.order if ctx else None, operation=ctx.operation if ctx else None,
+                 status=ctx.status if ctx else "cleared")
+        self._schedule(machine)
+        return out
+
+    # ------------------------------------------------------------------ reporting windows (timer heap)
+    def _schedule(self, machine: str) -> None:
+        eng = self.engines.get(machine)
+        if eng is None:
+            return
+        d = eng.next_deadline()
+        if d is None:
+            return
+        if d > -math.inf:
+            # timer slots: windows that close within one slot close together, in one round and one group commit
+            # (3,333 machines reporting every 5 s would otherwise mean ~670 commits - and fsyncs - per second)
+            d = math.ceil(d / TIMER_SLOT_S) * TIMER_SLOT_S
+        if self.scheduled.get(machine) == d:
+            return
+        self.scheduled[machine] = d
+        heapq.heappush(self._timers, (d, machine))
+
+    def run_timers(self) -> None:
+        timers = self._timers
+        if timers:
+            now = self.now()
+            while timers and timers[0][0] <= now:
+                d, machine = heapq.heappop(timers)
+                if self.scheduled.get(machine) != d:
+                    continue  # superseded
+                del self.scheduled[machine]
+                eng = self.engines[machine]
+                if machine in self.faulted:
+                    continue
+                try:
+                    drafts = eng.tick(now)
+                except Exception as exc:  # noqa: BLE001
+                    self.fault(machine, exc)
+                    continue
+                if eng.dirty:
+                    self.dirty.add(machine)
+                self.stage(drafts)
+                self._schedule(machine)
+        self.settle_order_tags()
+
+    def settle_order_tags(self) -> None:
+        """A pending PLC-tag switch of a machine that sends nothing after it is applied once it has settled."""
+        for cmd in self.tags.settled(time.monotonic()):
+            self.stage(self.apply_order(cmd))
+
+    # ------------------------------------------------------------------ staging and the group commit
+    def _update_full(self) -> None:
+        full = self.store.full
+        if full != self._full:
+            self._full = full
+            for e in self.engines.values():
+                e.hold_reports = full
+            if full:
+                self._full_since = time.monotonic()
+                log.error("store.full", pending_bytes=self.store.pending_bytes, max_bytes=self.store.max_bytes,
+                          disk_full=self.store.disk_full,
+                          action="quantities accumulate in machine state; state-change events are dropped")
+            else:
+                log.info("store.space_recovered", pending_bytes=self.store.pending_bytes,
+                         downtime_s=round(time.monotonic() - self._full_since, 3),
+                         dropped=dict(self.stats.dropped_while_full))
+                for mid in self.engines:
+                    self._schedule(mid)
+            metrics.STORE_FULL.set(1 if full else 0)
+            self.alarms.set("store_full", full, "critical",
+                            "the store is at its size cap or the disk is full: quantities accumulate in machine "
+                            "state, state-change events are dropped (counted)",
+                            pending_bytes=self.store.pending_bytes, max_bytes=self.store.max_bytes,
+                            disk_full=self.store.disk_full)
+
+    def stage(self, events: list[EventDraft]) -> None:
+        """Give drafts their sequence numbers and payloads, in the same synchronous step as the engine change that
+        made them: from here on they are committed with that state, or not at all (never one without the other)."""
+        if not events:
+            return
+        assert self.encoder is not None
+        if self._full:
+            kept = []
+            for ev in events:
+                if ev.droppable:
+                    self.stats.dropped_while_full[ev.type] += 1
+                    metrics.DROPPED.labels(ev.type).inc()
+                else:
+                    kept.append(ev)
+            events = kept
+        if self.on_staged is not None:
+            self.on_staged(events)
+        encode = self.encoder.encode
+        for ev in events:
+            seq = self.next_seq
+            try:
+                topic, payload = encode(ev, seq)
+            except Exception as exc:  # noqa: BLE001 - a draft that cannot be encoded is a bug in one machine
+                log.error("event.encode_failed", machine=ev.subject, type=ev.type, data=repr(ev.data)[:2000])
+                self.fault(ev.subject, exc)
+                continue
+            self.next_seq = seq + 1
+            self.uncommitted.append(OutboxRow(seq, ev.subject, ev.type, topic, payload, ev.time))
+            self.dirty.add(ev.subject)
+
+    async def commit(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if now < self._commit_backoff_until and not force:
+            return
+        self._update_full()
+        dirty = self.dirty
+        rows = self.uncommitted
+        checkpoint = force or now - self._last_checkpoint >= self.checkpoint_s
+        engines = self.engines
+        if not rows and not (dirty and (checkpoint or any(engines[m].urgent for m in dirty))):
+            return
+        # The snapshot of a machine goes with the events derived from it (and urgent state: reset-on-read deltas, an
+        # order change). Other machines' counters are their own durable log: their snapshots wait for the checkpoint,
+        # so a commit does not serialise every engine of a large gateway.
+        with_rows = {r.machine for r in rows}
+        committed = [m for m in dirty if checkpoint or m in with_rows or engines[m].urgent]
+        states = {m: engines[m].snapshot() for m in committed}
+        started = time.monotonic()
+        try:
+            committed_rows = await self.store.commit(states, rows, self.next_seq)
+        except StoreError as exc:
+            self.stats.commit_failures += 1
+            kind = getattr(exc, "kind", "disk_full" if exc.disk_full else "other")
+            metrics.COMMIT_FAILURES.labels(kind).inc()
+            if self._commit_failing is None:
+                self._commit_failing = str(exc)
+                log.error("store.commit_failed", error=str(exc), pending_rows=len(rows), kind=kind,
+                          action="events and state stay staged; retried every 0.5 s")
+                self.alarms.raise_("store_commit_failing", "critical",
+                                   "commits to the store fail: events are held in memory, nothing is published",
+                                   error=str(exc)[:300], kind=kind)
+            self._update_full()
+            # rows stay staged with their sequence numbers and the state with them; retried after a pause
+            self._commit_backoff_until = time.monotonic() + 0.5
+            return
+        if self._commit_failing is not None:
+            self._commit_failing = None
+            self.alarms.clear("store_commit_failing", failures=self.stats.commit_failures)
+        for m in committed:
+            e = engines[m]
+            e.dirty = e.urgent = False
+            dirty.discard(m)
+        self.uncommitted = []
+        if checkpoint:
+            self._last_checkpoint = now
+        self.stats.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(rows, time.monotonic() - started)
+        if rows:
+            self.stats.events_committed += len(rows)
+            self._notify(committed_rows)
+            crash_point("core.handed_over")
+
+    @property
+    def commit_failing(self) -> str | None:
+        return self._commit_failing
+
+    def cancel_cuts(self) -> None:
+        for cut in self.cuts.values():
+            if cut.task is not None:
+                cut.task.cancel()

@@ -1,0 +1,69 @@
+"""Config bindings → counter-engine specs (the one place that turns a counter/meter config into a CounterSpec).
+
+An integer counter wraps at its modulus (``counter_modulus``: max_value, bits, the Modbus data type, or 32-bit). A
+float meter (``resolution`` set) has no modulus: the engine counts whole resolution steps, so its rate limit and
+noise band are converted to steps here and its quantity per step is ``resolution x scale``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import structlog
+
+from connectors.base import CounterType, TagType
+from gateway.config import CounterConfig, counter_modulus
+from mappings.counters import CounterSpec
+from mappings.machine import CounterBinding, MachineSpec
+
+log = structlog.get_logger(__name__)
+
+
+def counter_binding(name: str, b: CounterConfig, addr: Any) -> CounterBinding:
+    resolution = getattr(b, "resolution", None)
+    if resolution is None:
+        modulus, signed = counter_modulus(b, addr)
+        return CounterBinding(CounterSpec(name=name, mode=b.mode, modulus=modulus, signed=signed, max_rate=b.max_rate),
+                              b.scale)
+    noise = getattr(b, "noise", None)
+    jitter = 1 if noise is None else int(noise / resolution)
+    spec = CounterSpec(name=name, mode=b.mode, modulus=None, signed=True, max_rate=b.max_rate / float(resolution),
+                       resolution=resolution, jitter=jitter)
+    return CounterBinding(spec, b.scale * resolution)
+
+
+def counter_type(b: Any) -> CounterType:
+    """What the config says about a counter's register, for the connector's check against the server."""
+    return CounterType(bits=b.bits, signed=b.signed, max_value=b.max_value is not None,
+                       float_meter=getattr(b, "resolution", None) is not None)
+
+
+def width_from_server(b: CounterConfig, current: CounterSpec, t: TagType) -> CounterSpec | None:
+    """The spec of an integer counter whose width is not configured (no bits, no max_value), with the width and
+    signedness of its node on the server; None when the config decides (or the node is not an integer)."""
+    if t.kind != "integer" or t.bits is None or b.bits is not None or b.max_value is not None \
+            or getattr(b, "resolution", None) is not None:
+        return None
+    signed = b.signed if b.signed is not None else t.signed
+    return dataclasses.replace(current, modulus=2**t.bits, signed=signed)
+
+
+def apply_tag_types(cfg: Any, specs: dict[str, MachineSpec], core: Any, types: dict[str, TagType]) -> None:
+    """In the core (``CoreCall``): give each counter whose width is not configured the width of its node on the
+    server (a UInt16 counter wraps at 2**16). The engine's counter state is kept."""
+    machines = {m.id: m for m in cfg.machines}
+    for key, t in types.items():
+        route = core.routes.signal.get(key)
+        eng = core.engines.get(route[0]) if route else None
+        if eng is None:
+            continue
+        machine, signal = route
+        m, spec = machines[machine], specs[machine]
+        material = signal.removeprefix("material:") if signal.startswith("material:") else None
+        b = m.materials.get(material) if material is not None else m.counters.get(signal)
+        current = (spec.materials[material].binding if material is not None else spec.counters[signal]).spec \
+            if b is not None else None
+        new = width_from_server(b, current, t) if b is not None and current is not None else None
+        if new is not None and eng.set_counter_spec(signal, new):
+            log.info("counter.width_from_server", machine=machine, counter=signal, data_type=t.data_type,
+                     modulus=new.modulus, signed=new.signed)

@@ -1,0 +1,75 @@
+"""``mqtt.broker_kind: nats``: nats-server 2.9 closes the MQTT connection on a topic containing '.'
+(tests/test_nats_cluster.py::test_topic_with_a_dot_is_refused), so a config that would publish or subscribe to such a
+topic is refused by validate and by start-up, naming the field and the fix. The accepted shape (3.1.1, batch mode)
+is what the fleet test and `edge-gateway demo --fleet` run against a real NATS cluster."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config" / "examples" / "nats-cluster.yaml"
+
+
+def _doc() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def _problems(doc: dict) -> dict[str, str]:
+    try:
+        parse_config(doc, "nats.yaml")
+    except ConfigError as exc:
+        return {p.path: p.message for p in exc.problems}
+    return {}
+
+
+def _set(doc: dict, path: tuple, value) -> dict:
+    doc = copy.deepcopy(doc)
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return doc
+
+
+def test_the_example_is_accepted():
+    assert _problems(_doc()) == {}
+
+
+@pytest.mark.parametrize("path,value,field", [
+    (("mqtt", "batch_max_events"), 0, "mqtt.batch_max_events"),
+    (("mqtt", "batch_max_events"), 1, "mqtt.batch_max_events"),  # 1 publishes on the per-type topics
+    (("mqtt", "protocol"), "5", "mqtt.protocol"),
+    (("mqtt", "topic_root"), "edge.v2", "mqtt.topic_root"),
+    (("gateway", "line"), "line.1", "gateway.line"),
+    (("gateway", "id"), "gw.01", "gateway.id"),
+    (("machines", 0, "id"), "press.1", "machines[0].id"),
+])
+def test_each_dotted_topic_is_refused_for_nats(path, value, field):
+    problems = _problems(_set(_doc(), path, value))
+    assert list(problems) == [field], problems
+
+
+def test_a_plain_mqtt_broker_keeps_accepting_dots():
+    doc = _set(_set(_doc(), ("mqtt", "broker_kind"), "mqtt"), ("machines", 0, "id"), "press.1")
+    doc = _set(_set(doc, ("mqtt", "batch_max_events"), 0), ("mqtt", "protocol"), "5")
+    assert _problems(doc) == {}
+
+
+def test_start_up_refuses_it_too(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(_set(_doc(), ("mqtt", "batch_max_events"), 0)))
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{cfg}" in proc.stderr and "mqtt.batch_max_events: is 0" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # refused before opening the store
