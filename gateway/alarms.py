@@ -9,12 +9,16 @@ Ids are stable strings an alerting rule can match: ``store_full``, ``store_commi
 ``machine_faulted:<machine>``, ``subscription_refused:<topic filter>``, ``erp_rejected`` (the ERP service answered
 a rejection on the acks topic: the event is quarantined; raised again at start while such rows are quarantined);
 raised by connectors (which report to the runtime's Alarms, ``Connector.alarms``): ``tag_refused:<machine>/<signal>``
-(a monitored item the OPC UA server refused), ``certificate_expiring:<connector>:own|server``.
+(a monitored item the OPC UA server refused), ``certificate_expiring:<connector>:own|server``; and those evaluated
+by gateway/health.py (``broker_unreachable``, ``connector_down:<connector>``, ``quarantine_not_empty``,
+``oldest_unsent_event``, ``completion_unacked:<machine>``, ``counter_anomaly:<machine>``; the table with thresholds is
+in docs/operations.md).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -47,6 +51,7 @@ class Alarms:
     def __init__(self) -> None:
         self._active: dict[str, Alarm] = {}
         self._mono: dict[str, float] = {}
+        self.on_change: Callable[[], None] | None = None  # after a raise or a clear (the retained status topic)
 
     def raise_(self, id: str, severity: Severity, message: str, **evidence: Any) -> None:
         a = self._active.get(id)
@@ -58,6 +63,7 @@ class Alarms:
         (log.error if severity == "critical" else log.warning)("alarm.raised", alarm=id, severity=severity,
                                                                 message=message, **evidence)
         self._gauge()
+        self._changed()
 
     def clear(self, id: str, **evidence: Any) -> None:
         a = self._active.pop(id, None)
@@ -66,6 +72,7 @@ class Alarms:
         lasted = time.monotonic() - self._mono.pop(id)
         log.info("alarm.cleared", alarm=id, lasted_s=round(lasted, 3), **evidence)
         self._gauge()
+        self._changed()
 
     def set(self, id: str, active: bool, severity: Severity, message: str, **evidence: Any) -> None:
         if active:
@@ -81,6 +88,13 @@ class Alarms:
 
     def __contains__(self, id: str) -> bool:
         return id in self._active
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # a listener's failure must not stop the alarm's own bookkeeping
+                log.exception("alarm.listener_failed")
 
     def _gauge(self) -> None:
         for sev in ("critical", "warning"):

@@ -1,4 +1,4 @@
-"""Command line: ``edge-gateway run|validate|init|order|buffer|demo|schema|pki|browse|probe``."""
+"""Command line: ``edge-gateway run|validate|reload|init|order|buffer|demo|schema|pki|browse|probe``."""
 
 from __future__ import annotations
 
@@ -131,15 +131,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.runtime import Gateway
 
     async def main() -> None:
-        gw = Gateway(cfg, password=password)
-        await run_until_signal(gw.run)
+        # systemd notifications and SIGHUP reload (deploy/edge-gateway.service)
+        from gateway.service import Service
 
+        gw = Gateway(cfg, password=password)
+        await run_until_signal(Service(gw, config_path=args.config, log_overrides=(args.log_format, args.log_level)).run)
+
+    from gateway.http import HttpListenError
     from gateway.store import StoreError, StoreLocked
 
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    except HttpListenError as exc:  # e.g. the port is taken: one line, no traceback
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except StoreLocked as exc:  # another gateway runs on this store
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -299,6 +306,40 @@ def _row_ids(text: str) -> list[int]:
     if not ids or any(i < 0 for i in ids):
         raise argparse.ArgumentTypeError(f"expected comma-separated row ids (whole numbers) such as 3,7,12, got {text!r}")
     return ids
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the config, then SIGHUP the gateway that runs on its store: it re-reads the file (gateway/reload.py)."""
+    from gateway.config import ConfigError, load_config
+    from gateway.reload import NotRunning, gateway_pid, started_with
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        print(f"{args.config}: not reloaded (the gateway keeps its running configuration)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        pid = gateway_pid(cfg.store.path)
+    except NotRunning as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    started = started_with(pid, cfg.store.path)
+    if started is not None and started != os.path.realpath(args.config):
+        print(f"{args.config}: note: the gateway (process {pid}) was started with {started}; it re-reads that file, "
+              "not this one", file=sys.stderr)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        print(f"{args.config}: not allowed to signal the gateway (process {pid}); run as its user or root, or "
+              "`systemctl reload edge-gateway`", file=sys.stderr)
+        return EXIT_FAILED
+    except ProcessLookupError:
+        print(f"{args.config}: the gateway (process {pid}) has just ended", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"sent SIGHUP to the gateway (process {pid}); it re-reads {args.config}: the outcome is in its log "
+          "(config.reloaded, or config.reload_failed with the field)")
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -553,6 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="export to this file (JSON lines) instead of stdout")
     b.add_argument("--yes", action="store_true", help="confirm purge")
     b.set_defaults(fn=_cmd_buffer)
+
+    rl = sub.add_parser("reload", help="validate the config and make the running gateway re-read it (SIGHUP)")
+    rl.add_argument("--config", "-c", required=True, metavar="FILE",
+                    help="the config the gateway was started with (its store.path finds the gateway)")
+    rl.set_defaults(fn=_cmd_reload)
 
     d = sub.add_parser("demo", help="simulated machines + broker + gateway + ERP consumer in one process")
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS and compare ledger to truth")

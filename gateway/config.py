@@ -256,8 +256,21 @@ class HttpConfig(_Model):
     host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose it.")
     port: int = Field(8780, ge=1, le=65535, description="Listen port.")
     token_env: str | None = Field(
-        None, description="Environment variable with a bearer token required for POST requests (order commands)."
+        None, description="Environment variable with a bearer token required for POST requests (order commands). "
+        "Required when host is not a loopback address.",
     )
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP addresses (127.0.0.0/8, ::1); a name or any other address is not."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class LoggingConfig(_Model):
@@ -265,6 +278,30 @@ class LoggingConfig(_Model):
 
     format: Literal["console", "json"] = Field("console", description="'json' in production.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+
+
+class AlarmsConfig(_Model):
+    """Alarm thresholds, in seconds: a condition raises its alarm once it has lasted this long, and clears it when it
+    ends (see docs/operations.md, the alarm table). Evaluated once a second."""
+
+    broker_unreachable_s: float = Field(
+        60, gt=0, description="Raise broker_unreachable when the MQTT broker has been unreachable this long (events "
+        "are buffered meanwhile).")
+    connector_down_s: float = Field(
+        60, gt=0, description="Raise connector_down:<connector> when a connector has not been connected this long.")
+    machine_unreachable_s: float = Field(
+        30, gt=0, description="A machine one of whose connectors has been down this long emits machine.state_changed "
+        "with state 'unreachable' (its figures are stale); the state is reported again when it comes back.")
+    oldest_unsent_s: float = Field(
+        300, gt=0, description="Raise oldest_unsent_event when the oldest event not yet acknowledged by the broker was "
+        "committed longer ago than this.")
+    completion_unacked_s: float | None = Field(
+        600, gt=0, description="Raise completion_unacked:<machine> when an operation.completed event has not been "
+        "acknowledged by the ERP (status accepted on .../{machine}/acks) within this time. null: off (an ERP that "
+        "sends no positive acknowledgements).")
+    anomaly_hold_s: float = Field(
+        3600, gt=0, description="counter_anomaly:<machine> stays raised this long after the machine's last "
+        "counter.anomaly event with a quantity held (not counted).")
 
 
 # every registered connector contributes its config model (adding a protocol: one folder + one REGISTRY line)
@@ -277,6 +314,7 @@ class GatewayConfig(_Model):
     store: StoreConfig = Field(default_factory=StoreConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     connectors: list[ConnectorConfig] = Field(
         default_factory=list, description="The PLCs and devices read, one entry per connection; 'type' selects the protocol")
     machines: list[MachineConfig] = Field(default_factory=list, description="The machines whose counters are posted")
@@ -424,6 +462,7 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
             problems.append((("connectors", i, "id"), f"duplicate connector id {c['id']!r}; connector ids must be unique"))
         if c.get("type") in REGISTRY:
             by_id.setdefault(c["id"], c["type"])
+    problems.extend(_check_http_exposure(data.get("http")))
     mids = _Counter(m.get("id") for m in machines if isinstance(m, dict) and isinstance(m.get("id"), str))
     for i, m in enumerate(machines):
         if isinstance(m, dict) and isinstance(m.get("id"), str) and mids[m["id"]] > 1:
@@ -490,6 +529,18 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
                 problems.extend(_check_counter_type(base, b, addr, ctype))
     problems.extend(_check_nats_topics(data))
     return problems, addresses
+
+
+def _check_http_exposure(http: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """The local API on an address other than loopback needs a token (``http.token_env``)."""
+    if not isinstance(http, dict) or http.get("enabled") is not True or http.get("token_env"):
+        return []
+    host = http.get("host", HttpConfig.model_fields["host"].default)
+    if not isinstance(host, str) or is_loopback(host):
+        return []
+    return [(("http", "host"), (f"{host!r} is not a loopback address, and without a token anyone on that network could "
+                                "post order changes: set http.token_env (an environment variable holding a bearer "
+                                "token), or listen on host: 127.0.0.1"))]
 
 
 def _check_nats_topics(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:

@@ -37,7 +37,7 @@ from connectors.errors import ConnectorError, ConnectorUnavailable
 from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.events import EventEncoder
-from gateway.faults import crash_point
+from gateway.faults import crash_point, freeze_point
 from gateway.orders import CompleteCommand, OrderCommand, PlcTagOrders
 from gateway.store import OutboxRow, PendingRow, Store, StoreError
 from mappings.machine import EventDraft, MachineEngine, MachineSpec, OrderRefused
@@ -176,6 +176,10 @@ class Core:
         self._full = False
         self._first_samples = False
         self.heartbeat = 0.0  # monotonic time of the core loop's last round
+        # gateway/health.Health: ``evaluate()`` when its ``next_due`` (monotonic) has come, about once a second (also
+        # when idle: the heartbeat of liveness); ``committed(rows)`` after each commit with rows
+        self.ticker: Any = None
+        self.tick_s: float | None = None  # the loop wakes at least this often, idle or not (the watchdog sets it)
 
     def restore(self, snapshots: dict[str, Any], next_seq: int, encoder: EventEncoder) -> None:
         """The engines from their committed snapshots (a machine without one starts fresh)."""
@@ -250,13 +254,18 @@ class Core:
         while True:
             if not self.inbox:
                 timeout = self._next_wakeup()
+                if self.tick_s is not None and (timeout is None or timeout > self.tick_s):
+                    timeout = self.tick_s
                 self._inbox_ready.clear()
                 if timeout is None or timeout > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(timeout):
                             await self._inbox_ready.wait()
+            await freeze_point("core.round")
             self.heartbeat = time.monotonic()
             self.round()
+            if self.ticker is not None and self.heartbeat >= self.ticker.next_due:
+                self.stage(await self.ticker.evaluate())
             await self.commit()
             if self.after_commit:
                 jobs, self.after_commit = self.after_commit, []
@@ -289,11 +298,13 @@ class Core:
 
     def _next_wakeup(self) -> float | None:
         """Seconds until the core has timed work: the next reporting window, a settling order switch, the
-        checkpoint of dirty machines, a commit retry. None: nothing timed (idle costs nothing)."""
+        checkpoint of dirty machines, a commit retry, the health evaluation (``ticker``). None: nothing timed."""
         now = time.monotonic()
         due: list[float] = []
         if self._timers:
             due.append(self._timers[0][0])
+        if self.ticker is not None:
+            due.append(self.ticker.next_due)
         if self.dirty or self.uncommitted or self.after_commit:
             due.append(max(self._last_checkpoint + self.checkpoint_s, self._commit_backoff_until))
         settle = self.tags.next_settle()
@@ -656,6 +667,8 @@ class Core:
         if rows:
             self.stats.events_committed += len(rows)
             self._notify(committed_rows)
+            if self.ticker is not None:
+                self.ticker.committed(rows)
             crash_point("core.handed_over")
 
     @property

@@ -45,3 +45,46 @@ def crash_point(name: str) -> None:
     _hits += 1
     if _hits >= _ARMED[1]:
         os._exit(CRASH_EXIT_CODE)
+
+
+# --- freeze points: a core that stops making progress (the watchdog test) ------------------------------------------
+#
+# ``EDGE_GATEWAY_FREEZE_AT=<point>:<mode>`` freezes the code at ``await freeze_point("<point>")``, from the first pass
+# after the file named by ``EDGE_GATEWAY_FREEZE_FILE`` exists (at the first pass when that variable is not set):
+#
+# - ``hang``  the task awaits forever; the rest of the process runs on (a core stuck in an await, e.g. a hung commit)
+# - ``block`` the thread sleeps forever, synchronously: the whole event loop stops (a core stuck in a computation)
+#
+# Points: ``core.round`` (the top of each round of the core loop, before its heartbeat).
+
+FREEZE_POINTS = ("core.round",)
+FREEZE_MODES = ("hang", "block")
+
+
+def _parse_freeze(spec: str | None) -> tuple[str, str] | None:
+    if not spec:
+        return None
+    name, _, mode = spec.partition(":")
+    if name not in FREEZE_POINTS or (mode or "hang") not in FREEZE_MODES:
+        raise SystemExit(f"EDGE_GATEWAY_FREEZE_AT: expected <point>:<mode> with point one of {', '.join(FREEZE_POINTS)}"
+                         f" and mode one of {', '.join(FREEZE_MODES)}, got {spec!r}")
+    return name, mode or "hang"
+
+
+_FREEZE = _parse_freeze(os.environ.get("EDGE_GATEWAY_FREEZE_AT"))
+_FREEZE_FILE = os.environ.get("EDGE_GATEWAY_FREEZE_FILE")
+
+
+async def freeze_point(name: str) -> None:
+    """Freeze here if this is the armed freeze point (and its trigger file exists). Unarmed: returns at once."""
+    if _FREEZE is None or _FREEZE[0] != name or (_FREEZE_FILE and not os.path.exists(_FREEZE_FILE)):
+        return
+    import asyncio
+    import sys
+    import time
+
+    print(f"EDGE_GATEWAY_FREEZE_AT: frozen at {name} ({_FREEZE[1]})", file=sys.stderr, flush=True)
+    if _FREEZE[1] == "block":
+        while True:
+            time.sleep(3600)  # noqa: ASYNC251 - on purpose: this freeze blocks the event loop
+    await asyncio.Event().wait()

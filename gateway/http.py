@@ -1,24 +1,37 @@
 """Local HTTP API (off unless ``http.enabled``; binds to loopback by default).
 
 GET  /                            the status page (read-only, no token; gateway/statuspage.py)
-GET  /health                      200 when every component is connected, else 503 (JSON body either way)
+GET  /livez                       liveness: 200 {"live": true, ...} while the core loop runs rounds (at least one a
+                                  second; none for 10 s: 503). For a restart policy: not live = restart the process
+GET  /readyz                      readiness: 200 {"ready": true, ...} when events can be taken and durably buffered:
+                                  core loop running, store open, its last commit not failed, not full; else 503 with
+                                  "reasons". The broker is not part of it (buffering through an outage is the point)
+GET  /health                      {"status": "ok" | "degraded" | "failed", "live", "ready", "reasons", "components":
+                                  {name: {"state", "since", "last_error"}}, "alarms", "outbox_pending",
+                                  "oldest_unsent_age_s"}: failed (503) when not live or not ready; degraded (200) when
+                                  a component (a PLC connector, the broker) is not connected or an alarm is active
 GET  /status                      component states, outbox, per-machine order and totals
 GET  /metrics                     Prometheus text format (docs/metrics.md)
 POST /machines/{machine}/order    local order command: {"order", "operation", "status"?} or {"clear": true}
                                   (machines with order_source: local; bearer token when http.token_env is set)
+
+Every POST must carry ``Content-Type: application/json`` (415 otherwise: no cross-site form post from a browser). A
+listener on an address other than loopback needs ``http.token_env`` (refused at config validation otherwise).
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from gateway import statuspage
+
+from gateway import health, statuspage
 from gateway.config import HttpConfig
 from gateway.dispatch import DispatchRejected, parse_local_order
 
@@ -26,6 +39,36 @@ if TYPE_CHECKING:
     from gateway.runtime import Gateway
 
 log = structlog.get_logger(__name__)
+
+
+class HttpListenError(Exception):
+    """The local HTTP API cannot listen (the port is taken, the address is not on this host): one line for the user."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            fix = "another process listens there (stop it, or choose another http.port)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "this host has no such address (fix http.host)"
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges (choose http.port 1024 or above)"
+        else:
+            fix = "check http.host and http.port"
+        super().__init__(f"http.port: cannot listen on {host}:{port}: {why}; {fix}")
+        self.host, self.port, self.errno = host, port, exc.errno
+
+
+@web.middleware
+async def require_json_body(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every request that changes something must say ``Content-Type: application/json``, else 415. A web page cannot
+    send that header cross-site without a CORS preflight (which this API never grants), so a browser on the HMI PC
+    that visits a hostile page cannot post an order change to the gateway (a plain form or ``fetch`` with a
+    ``text/plain`` body could)."""
+    if request.method not in ("GET", "HEAD", "OPTIONS") and request.content_type != "application/json":
+        log.warning("http.unsupported_media_type", path=request.path, method=request.method,
+                    content_type=request.headers.get("Content-Type"), peer=request.remote)
+        return _json({"error": "Content-Type must be application/json"}, 415)
+    return await handler(request)
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -39,8 +82,10 @@ class HttpApi:
         self._token = os.environ.get(cfg.token_env) if cfg.token_env else None
         if cfg.token_env and not self._token:
             raise ValueError(f"http.token_env: environment variable {cfg.token_env} is not set")
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=64 * 1024, middlewares=[require_json_body])
         app.router.add_get("/health", self.health)
+        app.router.add_get("/livez", self.livez)
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/machines/{machine}/order", self.order)
@@ -52,7 +97,12 @@ class HttpApi:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise HttpListenError(self.cfg.host, self.cfg.port, exc) from None
         log.info("http.listening", host=self.cfg.host, port=self.cfg.port, auth=bool(self._token))
 
     async def stop(self) -> None:
@@ -61,10 +111,16 @@ class HttpApi:
             self._runner = None
 
     async def health(self, request: web.Request) -> web.Response:
-        st = self.gw.status()
-        body = {"healthy": st["healthy"], "components": {k: v["state"] for k, v in st["components"].items()},
-                "outbox_pending": st["outbox_pending"]}
-        return _json(body, 200 if st["healthy"] else 503)
+        body = health.report(self.gw)
+        return _json(body, 503 if body["status"] == "failed" else 200)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        body = health.liveness(self.gw)
+        return _json(body, 200 if body["live"] else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        body = health.readiness(self.gw)
+        return _json(body, 200 if body["ready"] else 503)
 
     async def status(self, request: web.Request) -> web.Response:
         st = self.gw.status()

@@ -36,6 +36,7 @@ from gateway.counter_specs import apply_tag_types, counter_binding, counter_type
 from gateway.dispatch import DispatchRejected, parse_erp_ack
 from gateway.events import EventEncoder, Topics
 from gateway.exporter import GatewayMetrics
+from gateway.health import Health
 from gateway.mqtt import MqttLink, Publisher
 from gateway.orders import (
     LocalOrderSource,
@@ -156,6 +157,8 @@ class Gateway:
         self._build_connectors(routes)
         self.exporter = GatewayMetrics(self)  # this gateway's metrics registry, read at scrape time
         self.core.on_commit = self.exporter.committed
+        self.health = Health(self)  # alarms evaluated once a second by the core (gateway/health.py)
+        self.core.ticker = self.health
 
     def _committed(self, rows: list[PendingRow]) -> None:
         """The core committed rows: the publisher takes them; the status page notes them."""
@@ -175,10 +178,35 @@ class Gateway:
     def core_heartbeat(self) -> float:
         return self.core.heartbeat
 
+    def call_in_core(self, fn: Any) -> asyncio.Future[Any]:
+        """Run ``await fn()`` in the core task right after its next commit: the one place where machine wiring may
+        change (no round half done, no commit in flight). Returns a future of its result (gateway/reload.py)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def job() -> None:
+            try:
+                result = await fn()
+            except Exception as exc:  # noqa: BLE001 - the caller gets the error; the core goes on
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+
+        self.core.after_commit.append(job)
+        self.core.wake()
+        return fut
+
     # ------------------------------------------------------------------ wiring
     def _build_connectors(self, routes: Routes) -> None:
+        bindings = self._bind(self.cfg, routes)
+        for c in self.cfg.connectors:
+            self.connectors[c.id] = self._make_connector(c, bindings.get(c.id, []))
+
+    def _bind(self, cfg: GatewayConfig, routes: Routes) -> dict[str, list[TagBinding]]:
+        """Fill ``routes`` from ``cfg``; return each connector's tag bindings (also used by a reload: gateway/reload.py)."""
         bindings: dict[str, list[TagBinding]] = defaultdict(list)
-        for m in self.cfg.machines:
+        for m in cfg.machines:
             signals: list[tuple[str, Any]] = list(m.counters.items())
             signals += [(f"material:{name}", b) for name, b in m.materials.items()]
             for name, tag in (("state", m.state), ("order", m.order_tag), ("operation", m.operation_tag),
@@ -189,7 +217,7 @@ class Gateway:
                 key = f"{m.id}/{signal}"
                 every = signal not in ("state", "order", "operation", "complete") and \
                     getattr(b, "mode", "cumulative") != "cumulative"
-                bindings[b.connector].append(TagBinding(key, self.cfg.tag_address(m.id, signal), every,
+                bindings[b.connector].append(TagBinding(key, cfg.tag_address(m.id, signal), every,
                                                         counter_type(b) if signal in m.counters or
                                                         signal.startswith("material:") else None))
                 routes.signal[key] = (m.id, signal)
@@ -201,11 +229,14 @@ class Gateway:
                     routes.coalescable.add(key)
                 if signal not in ("state", "complete", "order", "operation"):  # the cut reads the counters
                     routes.cut_keys[m.id][b.connector].append(key)
-        for c in self.cfg.connectors:
-            cls = REGISTRY[c.type].load()
-            self.connectors[c.id] = cls(c, bindings.get(c.id, []), self.core.on_samples)
-            self.connectors[c.id].alarms = self.alarms  # connector alarms (refused tags, certificates) in /status
-            self.connectors[c.id].on_tag_types = self._on_tag_types
+        return bindings
+
+    def _make_connector(self, c: Any, bindings: list[TagBinding]) -> Connector:
+        """One connector of the config with its tag bindings, wired to the core (also used by a reload)."""
+        conn = REGISTRY[c.type].load()(c, bindings, self.core.on_samples)
+        conn.alarms = self.alarms  # connector alarms (refused tags, certificates) in /status
+        conn.on_tag_types = self._on_tag_types
+        return conn
 
     def _on_tag_types(self, types: dict[str, TagType]) -> None:
         """Counter types a connector found on its server at connect: applied by the core, in order, before the
@@ -227,7 +258,9 @@ class Gateway:
             if state == "offline":
                 body["cause"] = "stopped"
         body["started"] = rfc3339(self._started_at)
-        return json.dumps(body).encode()
+        if state == "online":  # the active alarms (gateway/health.py republishes when they change)
+            body["alarms"] = [a.as_dict() for a in self.alarms.active()]
+        return json.dumps(body, default=str).encode()
 
     # ------------------------------------------------------------------ order sources, acks (event loop callbacks)
     def set_local_order(self, machine: str, ctx: OrderContext | None) -> None:
@@ -283,7 +316,8 @@ class Gateway:
         self.activity.erp_ack(ack.machine or topic.rsplit("/", 2)[-2], ack)
         self.exporter.erp_ack(ack)  # counted; an accepted one is timed (sync latency)
         if ack.status != "rejected":
-            return  # positive acknowledgements carry no other action here
+            self.health.erp_accepted(ack.event_id)  # a completion it acknowledged no longer waits (an alarm)
+            return
         rejection = _ErpRejection(ack.event, ack.reason or "rejected by the ERP")
         self.core.after_commit.append(lambda: self._quarantine_rejection(rejection))
         self.core.wake()
@@ -331,6 +365,7 @@ class Gateway:
                 for cid, conn in self.connectors.items():
                     tasks.append(tg.create_task(self._supervise(f"connector.{cid}", conn.run), name=f"connector.{cid}"))
                 self._tasks = tasks
+                self._tg = tg  # a reload starts the tasks of new connectors in it
                 self.started.set()
         finally:
             await self._shutdown()

@@ -83,6 +83,16 @@ EVENT_MODELS: dict[str, type[CloudEventEnvelope]] = {
 }
 
 
+class StatusAlarm(_Model):
+    """An active alarm (gateway/alarms.py, gateway/health.py; the table is in docs/operations.md)."""
+
+    id: str = Field(min_length=1, description="Stable alarm id, e.g. broker_unreachable, connector_down:<connector>.")
+    severity: Literal["critical", "warning"] = Field(description="critical or warning.")
+    message: str = Field(description="What it means and what to do, for people.")
+    since: str = Field(description="When it was raised (RFC 3339 UTC).")
+    evidence: dict[str, Any] = Field(description="Values that show it (durations, counts, last error...).")
+
+
 class GatewayStatus(_Model):
     """Retained gateway status; the broker publishes the offline variant as the gateway's last will."""
 
@@ -95,6 +105,9 @@ class GatewayStatus(_Model):
     cause: Literal["stopped", "connection_lost"] | None = Field(
         None, description="offline only: 'stopped' (a clean stop) or 'connection_lost' (the last will).")
     started: str | None = Field(None, description="When the gateway process started (RFC 3339, UTC).")
+    alarms: list[StatusAlarm] = Field(
+        default_factory=list, description="Active alarms, republished (retained) whenever one is raised or cleared; "
+                                          "absent in the offline variant.")
 
 
 class ErpAck(BaseModel):

@@ -382,13 +382,20 @@ class MaterialConsumedData(EventData):
 
 @event_data
 class MachineStateChangedData(EventData):
-    """The machine's state tag changed."""
+    """The machine's state changed: its state tag, or the gateway lost or regained its PLC."""
 
     machine: Machine
-    state: Annotated[str, Field(description="New state (mapped through state_values, else the raw value as text).")]
+    state: Annotated[str, Field(description="New state (mapped through state_values, else the raw value as text); "
+                                            "'unreachable' when the gateway has lost the machine's PLC for longer "
+                                            "than alarms.machine_unreachable_s (its figures are stale), 'reachable' "
+                                            "when it is back, for a machine without a state tag (with one, the tag's "
+                                            "state is reported again).")]
     previous: Annotated[str | None, Field(description="Previous state; null for the first state seen.")]
-    raw: Annotated[bool | int | float | str, Field(description="Raw tag value as read from the device.")]
-    reason: Annotated[Literal["tag"], Field(description="What reported the change: tag (the machine's state tag).")]
+    raw: Annotated[bool | int | float | str | None, Field(description="Raw tag value as read from the device; null "
+                                                                       "when reason is connection.")]
+    reason: Annotated[Literal["tag", "connection"], Field(
+        description="What reported the change: tag (the machine's state tag), connection (the gateway lost or "
+                    "regained the PLC: state unreachable / reachable).")]
 
 
 @event_data

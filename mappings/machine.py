@@ -144,6 +144,10 @@ class OrderRefused(Exception):
         self.detail = detail
 
 
+UNREACHABLE = "unreachable"  # machine.state_changed state: the PLC has been unreachable (alarms.machine_unreachable_s)
+REACHABLE = "reachable"  # ... and is back, for a machine without a state tag
+
+
 @dataclass(slots=True)
 class EventDraft:
     """An event before the store gives it a sequence number and an id. ``data`` is the typed data of ``type``
@@ -351,6 +355,23 @@ class MachineEngine:
         return [EventDraft("machine.state_changed", self.spec.id, sample.time,
                            MachineStateChangedData(machine=self.spec.id, state=new, previous=prev, raw=sample.value,
                                                    reason="tag"), droppable=True)]
+
+    def set_reachable(self, reachable: bool, t: float) -> list[EventDraft]:
+        """The gateway lost (``reachable=False``) or regained the machine's PLC: ``t`` is the wall-clock time of the
+        change. Lost: state ``unreachable`` (the ERP knows the figures are stale). Regained: a machine with a state tag
+        reports its state again from the tag's next sample (the state stays ``unreachable`` until then, so that sample
+        is a change); one without a state tag reports ``reachable``. Not droppable: one event per outage edge."""
+        if not reachable and self.machine_state != UNREACHABLE:
+            new = UNREACHABLE
+        elif reachable and self.machine_state == UNREACHABLE and self.spec.state_values is None:
+            new = REACHABLE
+        else:
+            return []
+        prev, self.machine_state = self.machine_state, new
+        self.dirty = self.urgent = True
+        return [EventDraft("machine.state_changed", self.spec.id, t,
+                           MachineStateChangedData(machine=self.spec.id, state=new, previous=prev, raw=None,
+                                                   reason="connection"))]
 
     def tick(self, now: float) -> list[EventDraft]:
         """Periodic flush; ``now`` is the gateway's MONOTONIC clock (``time.monotonic()``), the clock of

@@ -158,14 +158,18 @@ async def test_local_order_command_and_health(tmp_path, mqtt_broker, erp, monkey
             r = await asyncio.to_thread(order_cmd, "set", "press-9", "L-2", "0010")
             assert r.returncode == 1 and "404" in r.stderr
             req = urllib.request.Request(f"http://127.0.0.1:{port}/machines/press-3/order", method="POST",
-                                         data=b'{"order": "Z", "operation": "1"}', headers={"Authorization": "Bearer nope"})
+                                         data=b'{"order": "Z", "operation": "1"}', headers={"Authorization": "Bearer nope",
+                                                                                              "Content-Type": "application/json"})
             with pytest.raises(urllib.error.HTTPError) as exc:
                 await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
             assert exc.value.code == 401
             status, text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
             assert status == 200 and "edge_gateway_events_committed_total" in text
-            # the broker goes away: health turns 503
+            # the broker goes away: degraded (200), not failed: still ready, it buffers
             await mqtt_broker.astop()
-            await wait_http_status(f"http://127.0.0.1:{port}/health", 503)
+            await wait_until(lambda: gw.gw.link.status.state.value != "connected", 10)
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/health")
+            assert status == 200 and json.loads(body)["status"] == "degraded"
+            await wait_http_status(f"http://127.0.0.1:{port}/readyz", 200)
         finally:
             await gw.stop()

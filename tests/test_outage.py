@@ -79,11 +79,12 @@ class InstrumentedGateway(RunningGateway):
         self.gw = gw = Gateway(self.cfg)
         store_commit = gw.store.commit
 
-        async def commit(states: Any, rows: Any, next_seq: int) -> None:
-            await store_commit(states, rows, next_seq)
+        async def commit(states: Any, rows: Any, next_seq: int) -> Any:
+            committed = await store_commit(states, rows, next_seq)
             now = time.time()
             for r in rows:
                 self.commit_times[r.seq] = now
+            return committed
 
         gw.store.commit = commit  # type: ignore[method-assign]
         self.task = asyncio.create_task(gw.run(), name="gateway")
