@@ -150,3 +150,20 @@ def test_license_file_matches_pyproject():
     for section in ("1. Definitions.", "4. Redistribution.", "9. Accepting Warranty or Additional Liability.",
                     "END OF TERMS AND CONDITIONS", "APPENDIX: How to apply the Apache License to your work."):
         assert section in text, section
+
+
+def test_readme_leads_with_what_a_user_does():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert block[1] == ("python3 -m venv .venv && .venv/bin/pip install -q -e '.[demo]' && .venv/bin/edge-gateway "
+                        "demo --duration 30")
+    assert block[4] == "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/pytest"
+    heads = re.findall(r"(?m)^## (.+)$", text)
+    user = ["Quick start with your machines", "Configure", "Run as a service", "Monitor", "Integrate with the ERP"]
+    assert [h for h in heads if h in user] == user
+    assert heads.index("Integrate with the ERP") < heads.index("Commands") < heads.index("How it works") \
+        < heads.index("Performance")
+    assert "docs/configuration.md" in text and "# yaml-language-server: $schema=" in text
+    # the profiling notes live with the benchmarks; the performance table stays
+    assert "| `throughput.one_event_per_message` |" in text
+    assert "## The last measurement, in short" in (ROOT / "bench" / "README.md").read_text()
