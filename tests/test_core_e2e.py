@@ -291,6 +291,8 @@ async def test_a_rejected_dispatch_is_answered_with_the_reason(tmp_path, mqtt_br
         answers = Answers(mqtt_broker.port, rejected_topic(cfg, "+"))
         try:
             gw = await rgw.start()
+            # the gateway's dispatch subscription is acknowledged (SUBACKs handled) before the ERP publishes
+            await wait_until(lambda: gw.link.connection is not None and not gw.link.connection.sub_mids, 10)
             topic = rejected_topic(cfg, "press-1")[:-len("/rejected")]
             erp.publish_raw(topic, b'{"order":"1","operation":"1","planned_quantity":"1e100"}')
             erp.publish_raw(topic, b"[1, 2, 3]")
