@@ -132,6 +132,14 @@ def describe_disconnect(reason: Any, from_broker: bool, keepalive_s: int) -> str
             f"dropped the TCP connection, or nothing came back within the keepalive ({keepalive_s} s)")
 
 
+def _raise_if_cancelling() -> None:
+    """asyncio.wait_for (Python 3.11) can swallow a cancel that arrives just as the awaited thing completes (a
+    CONNACK, a refusal): the task is then 'cancelling' but nothing raises any more. Honour such a cancel here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Connection:
     """One MQTT connection: one paho client, its CONNACK properties, and whether it is lost.
 
@@ -238,10 +246,7 @@ class MqttLink:
         while True:
             try:
                 await self._connect_once()
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # asyncio.wait_for (3.11) can swallow a cancel that arrives with the CONNACK: honour it here
-                    raise asyncio.CancelledError
+                _raise_if_cancelling()
                 backoff.reset()
                 await self._lost.wait()
             except asyncio.CancelledError:
@@ -254,6 +259,7 @@ class MqttLink:
                     log.error("mqtt.connect_failed", host=self.host, port=self.port,
                               error=str(exc) or type(exc).__name__)
             await self._close(graceful=False)
+            _raise_if_cancelling()
             if len(endpoints) > 1:
                 # a clustered broker: the next node at once, with the same client id; back off after a full round
                 self._endpoint = (self._endpoint + 1) % len(endpoints)
