@@ -159,6 +159,9 @@ class Core:
         self.queued_samples = 0
         self.cuts: dict[str, _Cut] = {}
         self.dirty: set[str] = set()  # machines whose engine state is not committed
+        # dirty machines whose engine said ``urgent`` after a call of the core (their state exists nowhere else: it is
+        # committed now, not at the checkpoint). Whoever changes an engine outside the core's own calls adds it here.
+        self.urgent: set[str] = set()
         self._timers: list[tuple[float, str]] = []  # heap of (deadline, machine): reporting windows
         self.scheduled: dict[str, float] = {}
         self.faulted: dict[str, str] = {}  # machine -> error: its engine raised; its samples are ignored
@@ -334,6 +337,7 @@ class Core:
         out: list[EventDraft] = []
         engines = self.engines
         dirty = self.dirty
+        urgent = self.urgent
         scheduled = self.scheduled
         unscheduled: list[str] = []
         for s in samples:
@@ -351,6 +355,8 @@ class Core:
                 out.extend(drafts)
             if eng.dirty:
                 dirty.add(machine)
+                if eng.urgent:
+                    urgent.add(machine)
                 if machine not in scheduled:
                     unscheduled.append(machine)
         self.stats.samples += len(samples)
@@ -386,6 +392,8 @@ class Core:
                 continue
             if eng.dirty:
                 self.dirty.add(machine)
+                if eng.urgent:
+                    self.urgent.add(machine)
                 touched.add(machine)
         self.stats.samples += len(samples)
         for machine in touched:
@@ -507,6 +515,7 @@ class Core:
         if eng.dirty:
             self.dirty.add(machine)
             eng.urgent = True  # an order change is persisted now, not at the next checkpoint
+            self.urgent.add(machine)
         self.stats.dispatch_accepted += 1
         metrics.DISPATCH_ACCEPTED.inc()
         ctx = cmd.context
@@ -552,6 +561,8 @@ class Core:
                     continue
                 if eng.dirty:
                     self.dirty.add(machine)
+                    if eng.urgent:
+                        self.urgent.add(machine)
                 self.stage(drafts)
                 self._schedule(machine)
         self.settle_order_tags()
@@ -614,7 +625,7 @@ class Core:
                 continue
             self.next_seq = seq + 1
             self.uncommitted.append(OutboxRow(seq, ev.subject, ev.type, topic, payload, ev.time))
-            self.dirty.add(ev.subject)
+            self.dirty.add(ev.subject)  # committed with its rows (whatever else made the engine urgent, too)
 
     async def commit(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -625,13 +636,17 @@ class Core:
         rows = self.uncommitted
         checkpoint = force or now - self._last_checkpoint >= self.checkpoint_s
         engines = self.engines
-        if not rows and not (dirty and (checkpoint or any(engines[m].urgent for m in dirty))):
+        urgent = self.urgent
+        if not rows and not (dirty and (checkpoint or urgent)):
             return
         # The snapshot of a machine goes with the events derived from it (and urgent state: reset-on-read deltas, an
         # order change). Other machines' counters are their own durable log: their snapshots wait for the checkpoint,
-        # so a commit does not serialise every engine of a large gateway.
-        with_rows = {r.machine for r in rows}
-        committed = [m for m in dirty if checkpoint or m in with_rows or engines[m].urgent]
+        # so a commit does not serialise every engine of a large gateway (nor look at each of them: ``urgent`` is
+        # the set of machines seen urgent after an engine call, kept by the core).
+        if checkpoint:
+            committed = list(dirty)
+        else:
+            committed = [m for m in {r.machine for r in rows} | urgent if m in dirty]
         states = {m: engines[m].snapshot() for m in committed}
         started = time.monotonic()
         try:
@@ -658,6 +673,7 @@ class Core:
             e = engines[m]
             e.dirty = e.urgent = False
             dirty.discard(m)
+        urgent.difference_update(committed)
         self.uncommitted = []
         if checkpoint:
             self._last_checkpoint = now

@@ -265,6 +265,9 @@ class Reloader:
         core.routes = routes
         core.specs = gw.specs = new_specs
         core.engines = engines
+        core.urgent.intersection_update(engines)
+        core.urgent.update(m for m, e in engines.items() if e.urgent and e.dirty)
+        core.dirty.update(m for m, e in engines.items() if e.dirty)
         core.checkpoint_s = checkpoint_interval(new_specs.values())
         gw._order_source.clear()  # shared with the MQTT and local order sources
         gw._order_source.update({m.id: m.order_source for m in new.machines})

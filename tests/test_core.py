@@ -176,3 +176,31 @@ def test_idle_machines_have_no_timer_and_cost_no_commit(tmp_path, batches):
         feed(gw, [s("m1/good", 0, 2 + i), s("m2/good", 3 + i, 2 + i)])
     assert "m1" not in gw.core.scheduled and "m2" in gw.core.scheduled
     assert "m2" in gw.core.dirty
+
+
+async def test_urgent_state_is_committed_at_once_without_a_checkpoint(tmp_path):
+    """A delta value exists nowhere else once read (the device forgot it): the machine's state is committed by the
+    next commit, not at the checkpoint; a machine whose plain counter moved waits for the checkpoint. The core finds
+    them through its ``urgent`` set, without looking at every dirty engine."""
+    import time as _time
+
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, mode="delta", machines=("m1",))
+    gw2 = make_gateway(tmp_path / "b", order_source="mqtt", complete=False, machines=("m2",))
+    for g in (gw, gw2):
+        await g.store.open()
+        g.core._last_checkpoint = _time.monotonic()  # no checkpoint due in this test
+    try:
+        feed(gw2, [s("m2/good", 0, 1)])  # a first value (baseline) is urgent too
+        await gw2.core.commit()
+        before = (await gw2.store.load_states())["m2"]
+        feed(gw, [s("m1/good", 5, 1)])
+        feed(gw2, [s("m2/good", 7, 2)])
+        assert gw.core.urgent == {"m1"} and not gw2.core.urgent
+        await gw.core.commit()
+        await gw2.core.commit()
+        assert "m1" in await gw.store.load_states()
+        assert (await gw2.store.load_states())["m2"] == before and "m2" in gw2.core.dirty
+        assert not gw.core.urgent and not gw.core.dirty
+    finally:
+        await gw.store.close()
+        await gw2.store.close()
