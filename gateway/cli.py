@@ -1,4 +1,4 @@
-"""Command line: ``edge-gateway run|validate|reload|order|buffer|demo|schema|pki|browse|probe``."""
+"""Command line: ``edge-gateway run|validate|reload|init|order|buffer|demo|schema|pki|browse|probe``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away (`... | head`)
+REFERENCE_HINT = "docs/configuration.md (or `edge-gateway schema --config --markdown`)"
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -25,6 +27,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             print(exc.render(), file=sys.stderr)
             n = len(exc.problems)
             print(f"{path}: {n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
+            print(f"{path}: every key, its type, default and allowed values: {REFERENCE_HINT}", file=sys.stderr)
             continue
         print(f"{path}: OK ({len(cfg.connectors)} connectors, {len(cfg.machines)} machines)")
         if args.online:
@@ -83,8 +86,8 @@ async def _validate_online(cfg: object) -> int:
                 problems += 1
                 print(f"connector {c.id} ({c.endpoint}): PROBLEM: {_opcua_failure(exc, c)}")
         elif c.type == "modbus":
-            from connectors.modbus.probe import ProbeError, ProbeRequest, read_raw
             from connectors.modbus.connector import decode_registers
+            from connectors.modbus.probe import ProbeError, ProbeRequest, read_raw
 
             print(f"connector {c.id} ({c.host}:{c.port} unit {c.unit_id})")
             for label, kind, b, addr in items:
@@ -222,6 +225,7 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
     ``list`` and ``export`` open the store read-only and work next to a running gateway; ``retry`` and ``purge``
     write, so they take the store's lock and refuse (exit 2, naming the process) while a gateway runs on it."""
     from gateway import logs
+    from gateway.component import rfc3339
     from gateway.config import ConfigError, load_config
     from gateway.store import Store, StoreError, StoreLocked
 
@@ -235,13 +239,17 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         print(f"no store at {cfg.store.path} (store.path in {args.config})", file=sys.stderr)
         return EXIT_FAILED
     table = "quarantine" if args.quarantine else "outbox"
-    ids = [int(x) for x in args.ids.split(",")] if args.ids else None
+    ids = args.ids
     readonly = args.action in ("list", "export")
 
     async def go() -> int:
         async with Store(cfg.store.path, synchronous=cfg.store.synchronous, readonly=readonly) as store:
             if args.action == "list":
                 rows = await store.list_rows(table, limit=args.limit)
+                for r in rows:  # times for people: RFC 3339 UTC, not epoch floats
+                    for k in ("created", "at"):
+                        if isinstance(r.get(k), (int, float)):
+                            r[k] = rfc3339(r[k])
                 print(json.dumps({"table": table, "pending": store.pending, "quarantined": store.quarantined,
                                   "rows": rows}, indent=2, default=str))
             elif args.action == "export":
@@ -250,17 +258,29 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
                 try:
                     for r in rows:
                         out.write(json.dumps(r, default=str) + "\n")
+                    out.flush()  # a closed pipe shows here, inside main()'s BrokenPipeError handling
                 finally:
                     if args.out:
                         out.close()
                 print(f"exported {len(rows)} {table} rows" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
             elif args.action == "retry":
+                missing = await store.missing_ids("quarantine", ids) if ids else []
+                if missing:
+                    print(f"buffer retry: no quarantined event with id {', '.join(map(str, missing))}; nothing changed "
+                          "(`edge-gateway buffer list --quarantine` shows the quarantined ids)", file=sys.stderr)
+                    return EXIT_FAILED
                 n = await store.retry_quarantined(ids)
                 print(f"moved {n} quarantined events back to the outbox (sent when the gateway starts; rows from the "
                       "outbox keep their original place)")
             elif args.action == "purge":
                 if not args.yes:
                     print(f"purge deletes {table} rows for good: add --yes", file=sys.stderr)
+                    return EXIT_FAILED
+                missing = await store.missing_ids(table, ids) if ids else []
+                if missing:
+                    print(f"buffer purge: no {table} row with id {', '.join(map(str, missing))}; nothing changed "
+                          f"(`edge-gateway buffer list{' --quarantine' if args.quarantine else ''}` shows the ids)",
+                          file=sys.stderr)
                     return EXIT_FAILED
                 n = await store.purge(table, ids)
                 print(f"purged {n} {table} rows")
@@ -274,6 +294,18 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"store error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _row_ids(text: str) -> list[int]:
+    """``--ids 3,7,12``: argparse type (a clear usage error, exit 2, for anything else)."""
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated row ids (whole numbers) such as 3,7,12, got {text!r}") from None
+    if not ids or any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated row ids (whole numbers) such as 3,7,12, got {text!r}")
+    return ids
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -318,12 +350,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                               admin_dsn=args.postgres_dsn)
     from gateway.demo import run_demo
 
-    return run_demo(duration=args.duration, workdir=args.workdir, seed=args.seed)
+    return run_demo(duration=args.duration, workdir=args.workdir, seed=args.seed, outage=args.outage)
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     from gateway import schema
 
+    if args.config or args.markdown:
+        from gateway import config_doc
+
+        text = config_doc.config_markdown() if args.markdown else \
+            json.dumps(config_doc.config_json_schema(), indent=2, ensure_ascii=False) + "\n"
+        if args.out is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            with open(args.out, "w") as f:
+                f.write(text)
+            print(args.out)
+        return EXIT_OK
     if args.out is None:
         print(json.dumps(schema.asyncapi_document(args.topic_root), indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -511,7 +556,13 @@ def _cmd_browse(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-gateway", description="Machine counters → production-order events → MQTT.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    it = sub.add_parser("init", help="write an annotated starter config (refuses to overwrite)")
+    it.add_argument("path", nargs="?", default="edge-gateway.yaml", metavar="PATH",
+                    help="file to write (default: edge-gateway.yaml)")
+    it.set_defaults(fn=_cmd_init)
 
     v = sub.add_parser("validate", help="check config files; every problem with file, line and field path")
     v.add_argument("files", nargs="+", metavar="CONFIG")
@@ -538,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("action", choices=["list", "export", "retry", "purge"])
     b.add_argument("--config", "-c", required=True, metavar="FILE")
     b.add_argument("--quarantine", action="store_true", help="act on the quarantine (retry always does)")
-    b.add_argument("--ids", help="comma-separated row ids (default: all)")
+    b.add_argument("--ids", type=_row_ids, help="comma-separated row ids, e.g. 3,7,12 (default: all)")
     b.add_argument("--limit", type=int, default=100, help="rows shown by list")
     b.add_argument("--out", help="export to this file (JSON lines) instead of stdout")
     b.add_argument("--yes", action="store_true", help="confirm purge")
@@ -553,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS and compare ledger to truth")
     d.add_argument("--workdir", default=None, help="where to keep the demo's files (default: a temp dir)")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--outage", type=float, default=None, metavar="S",
+                   help="stop the demo's broker for S seconds mid-run (needs mosquitto): watch the gateway buffer the "
+                        "events, then deliver them")
     d.add_argument("--fleet", action="store_true", help="the small fleet instead: 2 gateways, a 3-node NATS cluster, "
                    "2 ERP workers, PostgreSQL (needs nats-server and a PostgreSQL server; default 20 s)")
     d.add_argument("--chaos", action="store_true", help="with --fleet: kill a NATS node, a worker and a gateway")
@@ -563,6 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("schema", help="event contract: AsyncAPI document (stdout) or all JSON Schemas (--out DIR)")
     sc.add_argument("--out", "-o", default=None, metavar="DIR", help="write the schema files into DIR and list them")
     sc.add_argument("--topic-root", default="edge", help="first topic level in the AsyncAPI addresses (default: edge)")
+    sc.add_argument("--config", action="store_true",
+                    help="the JSON Schema of the config file instead (for editors: `# yaml-language-server: "
+                         "$schema=./edge-gateway.schema.json`); with --out, the FILE to write")
+    sc.add_argument("--markdown", action="store_true",
+                    help="with --config: the reference of every config key as Markdown (docs/configuration.md)")
     sc.set_defaults(fn=_cmd_schema)
 
     k = sub.add_parser("pki", help="OPC UA certificates: list, trust, reject or show (own/ trusted/ rejected/ issuer/)")
@@ -621,9 +680,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version("edge-gateway")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from gateway.config_doc import starter_config
+
+    path = args.path
+    if os.path.isdir(path):
+        path = os.path.join(path, "edge-gateway.yaml")
+    try:
+        with open(path, "x") as f:  # "x": never overwrite
+            f.write(starter_config(os.path.basename(path)))
+    except FileExistsError:
+        print(f"init: {path} exists; not overwritten (remove it, or give another PATH)", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"init: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {path}: edit the connectors and machines, then `edge-gateway validate {path}`")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args))
+    try:
+        rc = int(args.fn(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return rc
+    except BrokenPipeError:
+        # the reader of our stdout went away (`edge-gateway schema | head`): stop quietly, like any Unix filter.
+        # stdout is pointed at /dev/null so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -8,7 +8,16 @@ import enum
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Wall-clock epoch seconds as RFC 3339 UTC with milliseconds (``2026-12-04T05:12:03.123Z``): the one format of
+    times people read (``/status``, ``buffer list``, the status topic). None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ComponentState(str, enum.Enum):
@@ -25,19 +34,31 @@ class ComponentStatus:
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    #: seconds the last outage lasted (from leaving CONNECTED to CONNECTED again); None before the first one
+    downtime_s: float | None = field(default=None, compare=False)
+    _down_mono: float | None = field(default=None, repr=False, compare=False)
 
     def set(self, state: ComponentState, error: str | None = None) -> bool:
         """Set the state; returns True when it changed (log state changes, not repeats)."""
         changed = state != self.state
         if changed:
+            if self.state == ComponentState.CONNECTED:
+                self._down_mono = time.monotonic()
+            elif state == ComponentState.CONNECTED and self._down_mono is not None:
+                self.downtime_s = round(time.monotonic() - self._down_mono, 3)
+                self._down_mono = None
             self.state = state
             self.since = time.time()
         if error is not None or state == ComponentState.CONNECTED:
             self.last_error = error
         return changed
 
+    def down_for(self) -> float | None:
+        """Seconds since it left CONNECTED (None while connected, or before it ever was): for 'recovered' lines."""
+        return None if self._down_mono is None else round(time.monotonic() - self._down_mono, 3)
+
     def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state.value, "since": self.since, "last_error": self.last_error, **self.detail}
+        return {"state": self.state.value, "since": rfc3339(self.since), "last_error": self.last_error, **self.detail}
 
 
 class Backoff:

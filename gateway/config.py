@@ -38,6 +38,8 @@ class GatewayIdentity(_Model):
 
 
 class TlsConfig(_Model):
+    """TLS to the broker (server verification, optionally a client certificate)."""
+
     enabled: bool = Field(False, description="Connect with TLS.")
     ca_file: str | None = Field(None, description="CA bundle to verify the broker; system CAs when omitted.")
     cert_file: str | None = Field(None, description="Client certificate (mutual TLS).")
@@ -117,6 +119,8 @@ class MqttConfig(_Model):
 
 
 class StoreConfig(_Model):
+    """The local SQLite store: outbox of unsent events, quarantine and the machines' counter state."""
+
     path: str = Field(
         "./data/edge-gateway.db",
         description="SQLite file of the outbox and counter state. A relative path is relative to the directory of the "
@@ -193,6 +197,8 @@ class TagConfig(BaseModel):
 
 
 class ReportingConfig(_Model):
+    """When a machine's accumulated quantities are reported (a window closes)."""
+
     interval_s: float = Field(5.0, gt=0, le=86400, description="Send a quantity report at least this often.")
     max_units: int | None = Field(None, ge=1, description="Also send a report once this many units accumulate.")
 
@@ -248,7 +254,7 @@ class HttpConfig(_Model):
 
     enabled: bool = Field(False, description="Serve the local HTTP API.")
     host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose it.")
-    port: int = Field(8780, ge=1, le=65535)
+    port: int = Field(8780, ge=1, le=65535, description="Listen port.")
     token_env: str | None = Field(
         None, description="Environment variable with a bearer token required for POST requests (order commands). "
         "Required when host is not a loopback address.",
@@ -268,8 +274,10 @@ def is_loopback(host: str) -> bool:
 
 
 class LoggingConfig(_Model):
+    """Structured logs (structlog) on stderr; third-party libraries' logs come out in the same format."""
+
     format: Literal["console", "json"] = Field("console", description="'json' in production.")
-    level: Literal["debug", "info", "warning", "error"] = Field("info")
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
 
 
 class AlarmsConfig(_Model):
@@ -307,8 +315,9 @@ class GatewayConfig(_Model):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
-    connectors: list[ConnectorConfig] = Field(default_factory=list)
-    machines: list[MachineConfig] = Field(default_factory=list)
+    connectors: list[ConnectorConfig] = Field(
+        default_factory=list, description="The PLCs and devices read, one entry per connection; 'type' selects the protocol")
+    machines: list[MachineConfig] = Field(default_factory=list, description="The machines whose counters are posted")
 
     # filled by load_config after cross-checks: (machine, signal) -> validated tag address model
     _tag_addresses: dict[tuple[str, str], Any] = PrivateAttr(default_factory=dict)
@@ -357,7 +366,8 @@ def format_path(loc: tuple[Any, ...]) -> str:
 
 
 _HINTS = {
-    "extra_forbidden": "unknown key; check the spelling (see config/examples/ for every key)",
+    "extra_forbidden": "unknown key; check the spelling (every key: docs/configuration.md, or "
+                       "`edge-gateway schema --config --markdown`)",
     "missing": "required field is missing",
 }
 

@@ -175,6 +175,7 @@ class Core:
         self.checkpoint_s = checkpoint_interval(specs.values())
         self._commit_backoff_until = 0.0
         self._commit_failing: str | None = None
+        self._full_since = 0.0  # monotonic time the store became full (the downtime in store.space_recovered)
         self._full = False
         self._first_samples = False
         self.heartbeat = 0.0  # monotonic time of the core loop's last round
@@ -579,11 +580,13 @@ class Core:
             for e in self.engines.values():
                 e.hold_reports = full
             if full:
+                self._full_since = time.monotonic()
                 log.error("store.full", pending_bytes=self.store.pending_bytes, max_bytes=self.store.max_bytes,
                           disk_full=self.store.disk_full,
                           action="quantities accumulate in machine state; state-change events are dropped")
             else:
                 log.info("store.space_recovered", pending_bytes=self.store.pending_bytes,
+                         downtime_s=round(time.monotonic() - self._full_since, 3),
                          dropped=dict(self.stats.dropped_while_full))
                 for mid in self.engines:
                     self._schedule(mid)

@@ -4,6 +4,11 @@ An embedded MQTT broker (mosquitto when it is on PATH, else the pure-Python amqt
 one simulated Modbus press (16-bit counters, so a rollover happens during the demo), the gateway, and the ERP-side
 consumer. Orders are dispatched over MQTT; halfway through, press-1 changes over to a new order. The terminal shows
 what each machine made (simulator ground truth) next to what the ERP ledger holds.
+
+With ``--outage S`` the broker is stopped for S seconds early in the run (mosquitto only: it saves the ERP's session
+on a clean stop): the machines keep producing, the gateway keeps counting into its outbox (the live table shows the
+events buffered in the gateway), and when the broker is back the backlog is delivered; the final comparison is
+still exact.
 """
 
 from __future__ import annotations
@@ -56,9 +61,12 @@ def demo_config(*, broker_port: int, opc_endpoint: str, opc_nodes: dict[str, str
 
 
 class Demo:
-    def __init__(self, workdir: Path, seed: int) -> None:
+    def __init__(self, workdir: Path, seed: int, outage: float | None = None) -> None:
         self.workdir = workdir
         self.seed = seed
+        self.outage = outage
+        self.broker_down = False
+        self.outage_report: dict[str, float] = {}
         self.orders: dict[str, list[tuple[str, str]]] = {"press-1": [], "press-2": []}
         self.header: list[str] = []
 
@@ -71,7 +79,12 @@ class Demo:
         from simulators.ports import free_port
 
         async with contextlib.AsyncExitStack() as stack:
-            broker = EmbeddedBroker(workdir=self.workdir)
+            broker = EmbeddedBroker(workdir=self.workdir, persistence=bool(self.outage))
+            if self.outage and not broker.can_restart:
+                print("--outage needs mosquitto (the broker is stopped and started again with the ERP's session "
+                      "saved): install it, e.g. `apt-get install mosquitto`", file=sys.stderr)
+                return 2
+            self.broker = broker
             await broker.start()
             stack.push_async_callback(broker.stop)
             self._say(f"broker      {broker.kind} on 127.0.0.1:{broker.port}")
@@ -86,7 +99,9 @@ class Demo:
             self._say(f"press-1     OPC UA  {opc.endpoint}  (32-bit counters)")
             self._say(f"press-2     Modbus  127.0.0.1:{mb.port}  (16-bit counters starting at 65500: watch the rollover)")
 
-            erp = ErpConsumer("127.0.0.1", broker.port, db_path=str(self.workdir / "erp.db"))
+            # with an outage the ERP keeps a persistent session (fixed client id), as a production consumer must
+            erp = ErpConsumer("127.0.0.1", broker.port, db_path=str(self.workdir / "erp.db"),
+                              client_id="demo-erp" if self.outage else None)
             await stack.enter_async_context(erp)
             self.erp = erp
 
@@ -112,20 +127,27 @@ class Demo:
             t0 = time.monotonic()
             changed = False
             next_render = 0.0
+            outage_at = (duration * 0.2 if duration is not None else 10.0) if self.outage else None
             try:
                 while (duration is None or time.monotonic() - t0 < duration) and not stop.is_set():
-                    if not changed and duration is not None and time.monotonic() - t0 >= duration / 2:
+                    if outage_at is not None:
+                        await self._outage_step(time.monotonic() - t0, outage_at)
+                    if not changed and duration is not None and time.monotonic() - t0 >= duration / 2 \
+                            and not self.broker_down:
                         changed = True
                         self._say("--> changeover: press-1 switches to order 1000003 / 0010")
                         self.m1.pause()
+                        await erp.wait_connected(30)  # after an outage the ERP may still be reconnecting
                         await self._dispatch("press-1", self.m1, "1000003", "0010")
                         self.m1.start()
                     if time.monotonic() >= next_render:
                         self.render(final=False)
-                        next_render = time.monotonic() + 2.0
-                    await asyncio.sleep(0.2)
+                        next_render = time.monotonic() + 1.0
+                    await asyncio.sleep(0.1)
             except (KeyboardInterrupt, asyncio.CancelledError):
                 pass
+            if self.broker_down:  # stopped during the outage: bring the broker back so the backlog is delivered
+                await self._outage_step(float("inf"), 0.0)
             self.m1.pause()
             self.m2.pause()
             print("\nmachines stopped; waiting for the ERP ledger to settle ...")
@@ -134,8 +156,37 @@ class Demo:
             st = self.gw.status()
             print(f"\nevents committed {st['stats']['events_committed']}, acked {st['acked']}, "
                   f"outbox pending {st['outbox_pending']}, ERP duplicates dropped {erp.stats['duplicates']}")
+            if self.outage_report:
+                r = self.outage_report
+                delivered = (f"all delivered {r['drained_s']:.1f} s after the broker came back" if "drained_s" in r
+                             else "not all delivered yet")
+                print(f"broker outage {r['lasted_s']:.1f} s: up to {int(r['peak_buffered'])} events buffered in the "
+                      f"gateway, {delivered}")
             print("RESULT: ledger == truth for both machines" if ok else "RESULT: MISMATCH between ledger and truth")
             return 0 if ok else 1
+
+    async def _outage_step(self, elapsed: float, outage_at: float) -> None:
+        """--outage: stop the broker at ``outage_at`` for ``self.outage`` seconds, then track the backlog's delivery."""
+        r = self.outage_report
+        pending = self.gw.store.pending
+        if not r and elapsed >= outage_at:
+            self._say(f"--> broker stopped for {self.outage:g} s: the machines keep producing, the gateway buffers "
+                      "their events in its outbox")
+            await self.broker.outage_begin()
+            self.broker_down = True
+            r.update(down_at=time.monotonic(), peak_buffered=pending)
+        elif self.broker_down:
+            r["peak_buffered"] = max(r["peak_buffered"], pending)
+            if time.monotonic() - r["down_at"] >= self.outage:  # type: ignore[operator]
+                await self.broker.outage_end()
+                self.broker_down = False
+                r.update(up_at=time.monotonic(), lasted_s=time.monotonic() - r["down_at"])
+                self._say(f"--> broker back after {r['lasted_s']:.1f} s: {pending} events buffered in the gateway, "
+                          "delivering them")
+        elif "up_at" in r and "drained_s" not in r and pending == 0:
+            r["drained_s"] = time.monotonic() - r["up_at"]
+            self._say(f"--> backlog delivered {r['drained_s']:.1f} s after the broker came back "
+                      f"(peak {int(r['peak_buffered'])} events buffered)")
 
     def _say(self, line: str) -> None:
         self.header.append(line)
@@ -189,7 +240,11 @@ class Demo:
     def render(self, *, final: bool) -> None:
         rows = self.comparison()
         head = f"{'machine':<9} {'order':<9} {'op':<5} {'made good':>10} {'made scrap':>10} {'ERP yield':>10} {'ERP scrap':>10}  "
-        lines = ["", time.strftime("%H:%M:%S") + ("  FINAL" if final else ""), head, "-" * len(head)]
+        st = self.gw.status()
+        link = "DOWN (outage)" if self.broker_down else st["components"]["mqtt"]["state"]
+        gw_line = (f"broker {link}; buffered in the gateway: {st['outbox_pending']} events; "
+                   f"delivered to the broker (PUBACKed): {st['acked']}")
+        lines = ["", time.strftime("%H:%M:%S") + ("  FINAL" if final else ""), gw_line, head, "-" * len(head)]
         for machine, order, op, g, s, y, sc in rows:
             same = Decimal(g) == y and Decimal(s) == sc
             mark = "ok" if same else ("MISMATCH" if final else "in transit")
@@ -200,7 +255,12 @@ class Demo:
             print("\n".join(lines), flush=True)
 
 
-def run_demo(*, duration: float | None, workdir: str | None, seed: int) -> int:
+def run_demo(*, duration: float | None, workdir: str | None, seed: int, outage: float | None = None) -> int:
+    if outage is not None and (outage <= 0 or (duration is not None and duration < outage + 8)):
+        print(f"--outage {outage:g}: give a positive number of seconds"
+              + (f", and a --duration of at least {outage + 8:g} s (the outage starts at 20 % of the run)"
+                 if duration is not None else ""), file=sys.stderr)
+        return 2
     logs.configure("console", os.environ.get("EDGE_GATEWAY_LOG_LEVEL", "warning"))
     with contextlib.ExitStack() as stack:
         if workdir:
@@ -210,7 +270,7 @@ def run_demo(*, duration: float | None, workdir: str | None, seed: int) -> int:
             wd = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-gateway-demo-")))
         print(f"edge-gateway demo (files in {wd}); Ctrl-C to stop" + (f"; runs {duration:g} s" if duration else ""))
         try:
-            return asyncio.run(Demo(wd, seed).run(duration))
+            return asyncio.run(Demo(wd, seed, outage).run(duration))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -229,11 +229,8 @@ class Health:
     def publish_status(self) -> None:
         """Alarms changed: the retained status (online) carries them; also the payload sent at the next connect."""
         gw = self.gw
-        doc = json.loads(gw._status_payload("online"))
-        doc["alarms"] = [a.as_dict() for a in gw.alarms.active()]
-        payload = json.dumps(doc, default=str).encode()
+        payload = gw._status_payload("online")  # with the alarms; link.online makes a fresh one at each connect
         topic = gw.topics.status()
-        gw.link.online = (topic, payload)
         try:
             gw.link.publish(topic, payload, retain=True)
         except Exception as exc:  # noqa: BLE001 - the status is best effort; the next change or connect sends it

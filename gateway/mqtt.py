@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import socket
 import ssl
 import threading
@@ -91,6 +92,52 @@ def reason_text(code: int, packet: int = PacketTypes.PUBACK) -> str:
     except ValueError:
         name = "unknown reason"
     return f"0x{code:02X} {name}"
+
+
+# CONNACK refusals about who we are (credentials, client id, ACL): retrying as is will not help, a person must act
+AUTH_REFUSALS = {
+    0x84: "the broker does not speak this MQTT version (mqtt.protocol)",
+    0x85: "the client id is not accepted (mqtt.client_id)",
+    0x86: "bad user name or password (mqtt.username, mqtt.password_env / mqtt.password_file)",
+    0x87: "not authorized: the broker refuses this client (anonymous not allowed, or the user's ACL)",
+    0x8A: "this client is banned by the broker",
+    0x8C: "bad authentication method",
+}
+
+# what a DISCONNECT sent by the broker (MQTT 5) means for an operator
+DISCONNECT_HINTS = {
+    0x87: "not authorized any more (credentials or ACL changed)",
+    0x89: "the broker is busy",
+    0x8B: "the broker is shutting down",
+    0x8D: "the broker saw nothing from us within the keepalive",
+    0x8E: "another client connected with the same client id (two gateways with one mqtt.client_id take the "
+          "session from each other)",
+    0x93: "we exceeded the broker's receive maximum (in-flight window)",
+    0x95: "a packet was larger than the broker's maximum packet size",
+    0x97: "quota exceeded",
+    0x98: "an administrator disconnected this client",
+    0x9C: "the broker asks us to use another server",
+    0x9D: "the broker moved to another server",
+}
+
+
+def describe_disconnect(reason: Any, from_broker: bool, keepalive_s: int) -> str:
+    """One line for a lost connection, saying what happened (paho's reason alone is often 'Unspecified error')."""
+    code = getattr(reason, "value", None)
+    tail = f" (0x{code:02X})" if isinstance(code, int) else ""
+    if from_broker:
+        hint = DISCONNECT_HINTS.get(code) if isinstance(code, int) else None
+        return f"the broker closed the connection: {reason}{tail}" + (f": {hint}" if hint else "")
+    return (f"connection lost without a DISCONNECT from the broker{tail}: the broker stopped or crashed, the network "
+            f"dropped the TCP connection, or nothing came back within the keepalive ({keepalive_s} s)")
+
+
+def _raise_if_cancelling() -> None:
+    """asyncio.wait_for (Python 3.11) can swallow a cancel that arrives just as the awaited thing completes (a
+    CONNACK, a refusal): the task is then 'cancelling' but nothing raises any more. Honour such a cancel here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Connection:
@@ -140,7 +187,8 @@ class MqttLink:
         client_id: str,
         password: str | None = None,
         will: tuple[str, bytes] | None = None,
-        online: tuple[str, bytes] | None = None,
+        online: tuple[str, bytes | Callable[[], bytes]] | None = None,
+        offline: Callable[[], bytes] | None = None,
         subscriptions: list[str] | None = None,
         on_message: MessageHandler | None = None,
     ) -> None:
@@ -148,7 +196,9 @@ class MqttLink:
         self.client_id = client_id
         self._password = password
         self.will = will
-        self.online = online
+        self.online = online  # (topic, payload or a function making it at each connect)
+        self.offline = offline  # the offline status published on a clean stop (the will's payload when None)
+        self.auth_refused: str | None = None  # why the broker refused our login, until a connect succeeds
         self.subscriptions = subscriptions or []
         self.on_message = on_message
         self.on_puback: PubackHandler = lambda connection_id, mid, reason_code: None
@@ -196,15 +246,20 @@ class MqttLink:
         while True:
             try:
                 await self._connect_once()
+                _raise_if_cancelling()
                 backoff.reset()
                 await self._lost.wait()
             except asyncio.CancelledError:
                 await self._close(graceful=True)
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: not connected, retry
-                if self.status.set(ComponentState.DISCONNECTED, str(exc)):
-                    log.error("mqtt.connect_failed", host=self.host, port=self.port, error=str(exc))
+                # an authentication refusal was logged as such (mqtt.auth_refused) when the CONNACK came
+                if self.status.set(ComponentState.DISCONNECTED, str(exc) or type(exc).__name__) and \
+                        not self.auth_refused:
+                    log.error("mqtt.connect_failed", host=self.host, port=self.port,
+                              error=str(exc) or type(exc).__name__)
             await self._close(graceful=False)
+            _raise_if_cancelling()
             if len(endpoints) > 1:
                 # a clustered broker: the next node at once, with the same client id; back off after a full round
                 self._endpoint = (self._endpoint + 1) % len(endpoints)
@@ -235,6 +290,7 @@ class MqttLink:
             c.tls_set_context(ctx)
         if self.will:
             c.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        c.enable_logger(logging.getLogger("paho.mqtt.client"))  # paho's own lines through structlog (gateway/logs.py)
         loop = self._loop
         assert loop is not None
 
@@ -307,21 +363,36 @@ class MqttLink:
             raise ConnectionError(self._last_reason or "connection refused")
 
     _last_reason: str | None = None
+    _refused: Connection | None = None  # the connection whose CONNACK refused us
     _misc: asyncio.Task[None] | None = None
 
     async def _misc_loop(self, client: paho.Client) -> None:
         while True:
             await asyncio.sleep(0.5)
             if client.loop_misc() != paho.MQTT_ERR_SUCCESS and not self._lost.is_set():
-                self._mark_lost("keepalive or socket failure")
+                self._mark_lost(f"no answer from the broker within the keepalive ({self.cfg.keepalive_s} s), or the "
+                                "socket failed")
 
     def _on_connect(self, client: paho.Client, conn: Connection, flags: Any, reason: Any, props: Any) -> None:
         if conn is not self._current:
             return
         if reason.is_failure:
-            self._last_reason = f"broker refused the connection: {reason} (0x{reason.value:02X})"
+            code = reason.value
+            if code in AUTH_REFUSALS:
+                who = f"user {self.cfg.username!r}" if self.cfg.username else "anonymous (no mqtt.username)"
+                self._last_reason = (f"broker refused the login of {who}: {reason} (0x{code:02X}): "
+                                     f"{AUTH_REFUSALS[code]}")
+                if self.auth_refused != self._last_reason:  # once per refusal streak, not at every retry
+                    log.error("mqtt.auth_refused", host=self.host, port=self.port, client_id=self.client_id,
+                              username=self.cfg.username, reason=str(reason), reason_code=f"0x{code:02X}",
+                              hint=AUTH_REFUSALS[code])
+                self.auth_refused = self._last_reason
+            else:
+                self._last_reason = f"broker refused the connection: {reason} (0x{code:02X})"
+            self._refused = conn  # its socket closing next is not news: keep the refusal as the reason
             self._mark_lost(self._last_reason)
             return
+        self.auth_refused = None
         self.connections += 1
         conn.max_packet_size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         for topic in self.subscriptions:
@@ -329,13 +400,15 @@ class MqttLink:
             if rc == paho.MQTT_ERR_SUCCESS:
                 conn.sub_mids[mid] = topic
         if self.online:
-            client.publish(self.online[0], self.online[1], qos=1, retain=True)
+            payload = self.online[1]() if callable(self.online[1]) else self.online[1]
+            client.publish(self.online[0], payload, qos=1, retain=True)
         self.connection = conn
         self.connected.set()
+        down_s = self.status.down_for()  # how long the broker was unreachable (None at the first connect)
         if self.status.set(ComponentState.CONNECTED):
             log.info("mqtt.connected", host=self.host, port=self.port, client_id=self.client_id,
                      reason=str(reason), connection=conn.id, session_present=bool(getattr(flags, "session_present", False)),
-                     max_packet_size=conn.max_packet_size)
+                     max_packet_size=conn.max_packet_size, **({"downtime_s": down_s} if down_s is not None else {}))
 
     def _on_subscribe(self, client: paho.Client, conn: Connection, mid: int, reason_codes: Any, props: Any) -> None:
         topic = conn.sub_mids.pop(mid, None)
@@ -360,9 +433,9 @@ class MqttLink:
         self.on_subscriptions_changed()
 
     def _on_disconnect(self, client: paho.Client, conn: Connection, flags: Any, reason: Any, props: Any) -> None:
-        if conn is self._current:
-            code = getattr(reason, "value", None)
-            self._mark_lost(f"disconnected: {reason}" + (f" (0x{code:02X})" if isinstance(code, int) else ""))
+        if conn is self._current and conn is not self._refused:
+            from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+            self._mark_lost(describe_disconnect(reason, from_broker, self.cfg.keepalive_s))
 
     def _mark_lost(self, why: str) -> None:
         was = self.connected.is_set()
@@ -401,7 +474,14 @@ class MqttLink:
             if graceful:
                 # publish the offline status ourselves: the will is only sent on an unclean disconnect
                 if self.will and client.is_connected():
-                    client.publish(self.will[0], self.will[1], qos=1, retain=True)
+                    payload = self.offline() if self.offline is not None else self.will[1]
+                    info = client.publish(self.will[0], payload, qos=1, retain=True)
+                    # wait (bounded) for its PUBACK: by then everything the broker sent before is read too, so
+                    # closing the socket sends a FIN, not a RST that can make the broker drop our DISCONNECT
+                    # unread and publish the last will after all ("offline, stopped" then "connection_lost")
+                    deadline = time.monotonic() + 1.0
+                    while not info.is_published() and client.is_connected() and time.monotonic() < deadline:
+                        await asyncio.sleep(0.005)
                 client.disconnect()
                 client.loop_write()
             sock = client.socket()
@@ -620,6 +700,7 @@ class Publisher:
         self.backlog_remaining = 0
         self.last_ack_time: float | None = None
         self._ack_error_logged = False
+        self._ack_failing_since = 0.0
         link.on_puback = self._on_puback
 
     # ----------------------------------------------------------------- API
@@ -997,10 +1078,11 @@ class Publisher:
             self._acked = acked + self._acked
             if not self._ack_error_logged:
                 self._ack_error_logged = True
+                self._ack_failing_since = time.monotonic()
                 log.error("publisher.ack_failed", error=str(exc), pending_acks=len(self._acked))
             return
         if self._ack_error_logged:
             self._ack_error_logged = False
-            log.info("publisher.ack_recovered")
+            log.info("publisher.ack_recovered", downtime_s=round(time.monotonic() - self._ack_failing_since, 3))
         self.acked += len(acked)
         self.last_ack_time = time.time()

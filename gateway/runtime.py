@@ -22,7 +22,7 @@ from connectors import REGISTRY
 from connectors.base import Connector, TagBinding, TagType
 from gateway import metrics
 from gateway.alarms import Alarms
-from gateway.component import ComponentState
+from gateway.component import ComponentState, rfc3339
 from gateway.config import GatewayConfig
 from gateway.core import (  # noqa: F401 - re-exported (tests, bench)
     CHECKPOINT_S,
@@ -126,12 +126,14 @@ class Gateway:
         self._order_source = {m.id: m.order_source for m in cfg.machines}
         self.connectors: dict[str, Connector] = {}
         status_topic = self.topics.status()
+        self._started_at = time.time()
         self.link = MqttLink(
             cfg.mqtt,
             client_id=cfg.mqtt.client_id or cfg.gateway.id,
             password=password,
-            will=(status_topic, self._status_payload("offline")),
-            online=(status_topic, self._status_payload("online")),
+            will=(status_topic, self._status_payload("offline", will=True)),
+            online=(status_topic, lambda: self._status_payload("online")),
+            offline=lambda: self._status_payload("offline"),
             subscriptions=[self.topics.dispatch_filter(), self.topics.acks_filter()],
             on_message=self._on_message,
         )
@@ -244,8 +246,21 @@ class Gateway:
     async def _cut_read(self, connector: str, keys: list[str], timeout: float) -> list[Sample]:
         return await self.connectors[connector].read(keys, timeout=timeout)
 
-    def _status_payload(self, state: str) -> bytes:
-        return json.dumps({"gateway": self.cfg.gateway.id, "state": state, "time": time.time()}).encode()
+    def _status_payload(self, state: str, *, will: bool = False) -> bytes:
+        """The retained status topic. ``time`` is when the message was made (RFC 3339): at each connect for
+        'online', at a clean stop for 'offline'. The last will is made at start-up and published by the broker
+        when the connection dies, so it carries no time (the time of death is when it arrives), only ``cause``."""
+        body: dict[str, Any] = {"gateway": self.cfg.gateway.id, "state": state}
+        if will:
+            body["cause"] = "connection_lost"
+        else:
+            body["time"] = rfc3339(time.time())
+            if state == "offline":
+                body["cause"] = "stopped"
+        body["started"] = rfc3339(self._started_at)
+        if state == "online":  # the active alarms (gateway/health.py republishes when they change)
+            body["alarms"] = [a.as_dict() for a in self.alarms.active()]
+        return json.dumps(body, default=str).encode()
 
     # ------------------------------------------------------------------ order sources, acks (event loop callbacks)
     def set_local_order(self, machine: str, ctx: OrderContext | None) -> None:

@@ -98,7 +98,13 @@ class GatewayStatus(_Model):
 
     gateway: str = Field(min_length=1, description="Gateway id.")
     state: Literal["online", "offline"] = Field(description="online after connect; offline as last will / on stop.")
-    time: float = Field(description="Gateway clock when the status was built (POSIX seconds).")
+    time: str | None = Field(
+        None, description="When the gateway built this status (RFC 3339, UTC): at each connect for online, at a clean "
+        "stop for offline. Absent in the last will, which is built at start-up and published by the broker when the "
+        "connection dies: the time of death is when it arrives.")
+    cause: Literal["stopped", "connection_lost"] | None = Field(
+        None, description="offline only: 'stopped' (a clean stop) or 'connection_lost' (the last will).")
+    started: str | None = Field(None, description="When the gateway process started (RFC 3339, UTC).")
     alarms: list[StatusAlarm] = Field(
         default_factory=list, description="Active alarms, republished (retained) whenever one is raised or cleared; "
                                           "absent in the offline variant.")

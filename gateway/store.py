@@ -694,3 +694,16 @@ class Store:
             return apply
 
         return int(await self._write(tx, "purge"))
+
+    async def missing_ids(self, table: str, ids: list[int]) -> list[int]:
+        """The ids of ``ids`` that are not rows of ``table`` ("outbox" ids, or "quarantine" ids), in the given
+        order: ``buffer retry|purge --ids`` refuses them by name instead of silently changing nothing."""
+        if table not in ("outbox", "quarantine"):
+            raise ValueError(f"unknown table {table!r}")
+        key = "qid" if table == "quarantine" else "id"
+        have: set[int] = set()
+        for chunk in _chunks(sorted(set(ids))):
+            rows = await self._read(f"SELECT {key} FROM {table} WHERE {key} IN ({','.join('?' * len(chunk))})",
+                                    tuple(chunk))
+            have.update(int(r[0]) for r in rows)
+        return [i for i in ids if i not in have]

@@ -197,8 +197,9 @@ def _has_mosquitto() -> bool:
 class EmbeddedBroker:
     """For the demo: mosquitto when it is on PATH, else amqtt in this process."""
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike[str] | None = None, *, persistence: bool = False) -> None:
         self.workdir = workdir
+        self.persistence = persistence  # mosquitto saves sessions on a clean stop (the demo's --outage)
         self.port = free_port()
         forced = os.environ.get("EDGE_GATEWAY_DEMO_BROKER")  # "mosquitto" | "amqtt"
         self.kind = forced or ("mosquitto" if _has_mosquitto() else "amqtt")
@@ -207,7 +208,7 @@ class EmbeddedBroker:
 
     async def start(self) -> None:
         if self.kind == "mosquitto":
-            self._mosq = MosquittoBroker(self.workdir, port=self.port)
+            self._mosq = MosquittoBroker(self.workdir, port=self.port, persistence=self.persistence)
             await self._mosq.astart()
             return
         try:
@@ -219,6 +220,20 @@ class EmbeddedBroker:
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         })
         await self._amqtt.start()
+
+    @property
+    def can_restart(self) -> bool:
+        """An outage (stop, then start on the same port with the sessions saved) needs mosquitto."""
+        return self.kind == "mosquitto"
+
+    async def outage_begin(self) -> None:
+        """Stop the broker (SIGTERM: it saves its sessions), keeping its port for outage_end()."""
+        assert self._mosq is not None, "outages need mosquitto"
+        await self._mosq.astop()
+
+    async def outage_end(self) -> None:
+        assert self._mosq is not None, "outages need mosquitto"
+        await self._mosq.astart()
 
     async def stop(self) -> None:
         if self._mosq is not None:

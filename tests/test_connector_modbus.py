@@ -298,6 +298,8 @@ async def test_server_restart(model: MachineModel) -> None:
         await server.stop()
     events = [e["event"] for e in logs]
     assert events == ["modbus.connected", "modbus.read_failed", "modbus.recovered"]  # not one per poll
+    recovered = next(e for e in logs if e["event"] == "modbus.recovered")
+    assert recovered["downtime_s"] > 0  # the recovery line says how long the device was unreachable
 
 
 async def test_read_current_values(model: MachineModel, server: ModbusMachineServer) -> None:

@@ -499,7 +499,8 @@ class ModbusConnector(Connector):
                 error=first,
             )
         if recovered:
-            log.info("modbus.recovered", connector=self.id, endpoint=self.endpoint, blocks=sorted(recovered))
+            log.info("modbus.recovered", connector=self.id, endpoint=self.endpoint, blocks=sorted(recovered),
+                     downtime_s=self.status.down_for())
         if self._client is None:
             self.status.set(ComponentState.DISCONNECTED, self._down_reason)
         elif errors:
