@@ -74,6 +74,8 @@ log = structlog.get_logger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]
 PubackHandler = Callable[[int, int, int], None]  # (connection id, mid, reason code)
+SUBSCRIBE_RETRY_S = 1.0  # first retry of a refused subscription; doubles up to SUBSCRIBE_RETRY_MAX_S
+SUBSCRIBE_RETRY_MAX_S = 60.0
 
 PUBACK_PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99})
 
@@ -146,7 +148,7 @@ class Connection:
     ``id`` is unique per link (1, 2, ...). ``max_packet_size`` is the broker's Maximum Packet Size from the MQTT 5
     CONNACK (None when not announced). ``lost`` is set once, when the connection is gone; it is never reused."""
 
-    __slots__ = ("id", "client", "protocol5", "max_packet_size", "lost", "sub_mids")
+    __slots__ = ("id", "client", "protocol5", "max_packet_size", "lost", "sub_mids", "sub_retry")
 
     def __init__(self, conn_id: int, protocol5: bool) -> None:
         self.id = conn_id
@@ -155,6 +157,7 @@ class Connection:
         self.max_packet_size: int | None = None
         self.lost = asyncio.Event()
         self.sub_mids: dict[int, str] = {}
+        self.sub_retry: dict[str, float] = {}  # refused subscription -> its current retry delay (s)
 
     @property
     def alive(self) -> bool:
@@ -214,6 +217,7 @@ class MqttLink:
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections = 0
+        self.resubscribes = 0  # refused subscriptions asked for again (see _retry_subscription)
 
     # ----------------------------------------------------------------- public
     @property
@@ -417,10 +421,11 @@ class MqttLink:
         rc = reason_codes[0] if reason_codes else None
         if rc is not None and rc.is_failure:
             reason = str(rc)
+            self._retry_subscription(client, conn, topic)
             if self.refused_subscriptions.get(topic) != reason:
                 self.refused_subscriptions[topic] = reason
                 log.error("mqtt.subscription_refused", topic=topic, reason=reason, reason_code=f"0x{rc.value:02X}",
-                          host=self.host, port=self.port)
+                          host=self.host, port=self.port, action=f"asked again every {SUBSCRIBE_RETRY_MAX_S:.0f} s at most")
         elif topic in self.refused_subscriptions:
             del self.refused_subscriptions[topic]
             log.info("mqtt.subscription_granted", topic=topic)
@@ -431,6 +436,26 @@ class MqttLink:
         else:
             self.status.detail.pop("refused_subscriptions", None)
         self.on_subscriptions_changed()
+
+    def _retry_subscription(self, client: paho.Client, conn: Connection, topic: str) -> None:
+        """A refused subscription is asked for again on the same connection, with backoff: an ACL fixed by the
+        broker's administrator, or a clustered broker that could not create the subscription while it was electing
+        new leaders after a node died (nats-server answers 0x80 then), starts working without a reconnect."""
+        delays = conn.sub_retry
+        delay = delays[topic] = min(SUBSCRIBE_RETRY_MAX_S, delays.get(topic, SUBSCRIBE_RETRY_S / 2) * 2)
+        loop = self._loop
+        if loop is None:
+            return
+
+        def again() -> None:
+            if conn is not self.connection or not conn.alive:
+                return
+            rc, mid = client.subscribe(topic, qos=1)
+            if rc == paho.MQTT_ERR_SUCCESS:
+                conn.sub_mids[mid] = topic
+                self.resubscribes += 1
+
+        loop.call_later(delay, again)
 
     def _on_disconnect(self, client: paho.Client, conn: Connection, flags: Any, reason: Any, props: Any) -> None:
         if conn is self._current and conn is not self._refused:

@@ -423,7 +423,13 @@ async def test_live_rows_wait_for_their_machines_backlog_in_flight(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- 3. SUBACK
 @pytest.mark.parametrize("protocol,reason", [("5", "Not authorized"), ("3.1.1", "Unspecified error")])
-async def test_refused_subscription_is_exposed_and_logged_once(tmp_path, protocol, reason):
+async def test_refused_subscription_is_exposed_and_logged_once(tmp_path, protocol, reason, monkeypatch):
+    """A refused subscription is an alarm-worthy state, logged once, and asked for again with backoff on the same
+    connection (an ACL fixed later, or a clustered broker electing leaders, starts working without a reconnect)."""
+    import gateway.mqtt as mqtt_module
+
+    monkeypatch.setattr(mqtt_module, "SUBSCRIBE_RETRY_S", 0.1)
+    monkeypatch.setattr(mqtt_module, "SUBSCRIBE_RETRY_MAX_S", 0.2)
     if not Path(DYNSEC).exists():
         pytest.fail(f"mosquitto dynamic security plugin not found at {DYNSEC} (it ships with mosquitto 2.0)")
     dyn = tmp_path / "dynsec.json"
@@ -448,6 +454,9 @@ async def test_refused_subscription_is_exposed_and_logged_once(tmp_path, protoco
             await wait_until(lambda: link.connections >= 2, 15)
             # both SUBACKs of the new connection handled (each one pops its mid)
             await wait_until(lambda: link.connection not in (None, first) and not link.connection.sub_mids, 10)
+            assert link.refused_subscriptions == {"edge/+/dispatch": reason}
+            asked = link.resubscribes
+            await wait_until(lambda: link.resubscribes >= asked + 3, 10)  # asked again, refused again
             assert link.refused_subscriptions == {"edge/+/dispatch": reason}
             await cancel(tasks)
         refused = [e for e in logs if e["event"] == "mqtt.subscription_refused"]
