@@ -20,12 +20,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 import structlog
 
 from gateway import metrics
+from gateway.component import rfc3339
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +42,7 @@ class Alarm:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "severity": self.severity, "message": self.message,
-                "since": datetime.fromtimestamp(self.since, tz=timezone.utc).isoformat(timespec="seconds")
-                .replace("+00:00", "Z"),
+                "since": rfc3339(self.since),
                 "evidence": self.evidence}
 
 
