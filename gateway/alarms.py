@@ -2,7 +2,8 @@
 
 An alarm is raised once and cleared once: the log gets one line at each edge (``alarm.raised`` at error or warning,
 ``alarm.cleared`` at info, with how long it lasted), ``/status`` and the status topic list the active ones, and the
-``edge_gateway_alarms_active`` gauge counts them per severity. Raising an active alarm again only refreshes its
+``edge_gateway_alarms_active`` gauge counts them per severity (``edge_gateway_alarms_by_kind`` per kind: the id up to
+``:``). Raising an active alarm again only refreshes its
 evidence.
 
 Ids are stable strings an alerting rule can match: ``store_full``, ``store_commit_failing``, ``input_overflow``,
@@ -18,14 +19,15 @@ in docs/operations.md).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 import structlog
 
 from gateway import metrics
+from gateway.component import rfc3339
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +44,7 @@ class Alarm:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "severity": self.severity, "message": self.message,
-                "since": datetime.fromtimestamp(self.since, tz=timezone.utc).isoformat(timespec="seconds")
-                .replace("+00:00", "Z"),
+                "since": rfc3339(self.since),
                 "evidence": self.evidence}
 
 
@@ -52,6 +53,7 @@ class Alarms:
         self._active: dict[str, Alarm] = {}
         self._mono: dict[str, float] = {}
         self.on_change: Callable[[], None] | None = None  # after a raise or a clear (the retained status topic)
+        self._kinds: set[str] = set()  # alarm kinds seen (their gauge goes back to 0, it is not removed)
 
     def raise_(self, id: str, severity: Severity, message: str, **evidence: Any) -> None:
         a = self._active.get(id)
@@ -99,3 +101,9 @@ class Alarms:
     def _gauge(self) -> None:
         for sev in ("critical", "warning"):
             metrics.ALARMS_ACTIVE.labels(sev).set(sum(1 for a in self._active.values() if a.severity == sev))
+        # per kind, so that an alerting rule can match one ("completed on the machine, not posted in the ERP"):
+        # the id up to ':' (completion_unacked, connector_down, ...): a few series, not one per machine
+        kinds = Counter(a.split(":", 1)[0] for a in self._active)
+        self._kinds |= kinds.keys()
+        for kind in self._kinds:
+            metrics.ALARMS_BY_KIND.labels(kind).set(kinds.get(kind, 0))

@@ -38,13 +38,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway.component import ComponentState
+from gateway.component import ComponentState, rfc3339
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
@@ -58,12 +57,6 @@ EVALUATE_EVERY_S = 1.0
 CORE_STALL_S = 10.0  # no core round for this long: not live
 MAX_TRACKED_COMPLETIONS = 10_000  # unacknowledged completions remembered (the oldest are forgotten beyond this)
 _DOWN = (ComponentState.STARTING, ComponentState.DISCONNECTED, ComponentState.STOPPED)
-
-
-def rfc3339(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)

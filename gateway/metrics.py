@@ -14,6 +14,8 @@ DISPATCH_ACCEPTED = Counter("edge_gateway_dispatch_accepted_total", "Dispatch me
 STORE_FULL = Gauge("edge_gateway_store_full", "1 while the store is at its size cap or the disk is full")
 DROPPED = Counter("edge_gateway_events_dropped_total", "Low-value events dropped while the store was full", ["type"])
 ALARMS_ACTIVE = Gauge("edge_gateway_alarms_active", "Active alarms", ["severity"])
+ALARMS_BY_KIND = Gauge("edge_gateway_alarms_by_kind",
+                       "Active alarms of each kind (the alarm id up to ':', e.g. completion_unacked)", ["alarm"])
 INPUT_COALESCED = Counter("edge_gateway_input_coalesced_samples_total",
                           "Queued cumulative samples merged into a later one under overload (their delta is kept)")
 MACHINE_FAULTS = Counter("edge_gateway_machine_faults_total", "Machines stopped because their engine raised")

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.component import rfc3339
+
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from gateway.dispatch import ErpAck
@@ -185,14 +187,16 @@ class Activity:
         if now > points[-1][0]:
             points.append([now, points[-1][1]])  # nothing reported since: the rate falls as time passes
         series = _rates(points, now)
+        last_ack = m.acks["last"]
         return {
             "connectors": {cid: connectors.get(cid, {}) for cid in m.connectors},
-            "last_event": m.last_event,
-            "erp_acks": {**m.acks, "last": {k: v for k, v in m.acks["last"].items() if k != "resolved"}
-                         if m.acks["last"] else None},
+            "last_event": {**m.last_event, "time": rfc3339(m.last_event["time"])} if m.last_event else None,
+            "erp_acks": {**m.acks, "last": {**{k: v for k, v in last_ack.items() if k != "resolved"},
+                                            "time": rfc3339(last_ack["time"])} if last_ack else None},
             "parts_produced": float(m.produced),
             "parts_per_minute": series[-1][1] if series else 0.0,
-            "parts_per_minute_history": series,
+            # [seconds before identity.time, parts per minute]: an age, not a time (times here are RFC 3339)
+            "parts_per_minute_history": [[round(now - t, 3), r] for t, r in series],
         }
 
 
@@ -218,7 +222,7 @@ def identity(cfg: GatewayConfig, started: float) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         version = "unknown"
     return {"id": g.id, "enterprise": g.enterprise, "site": g.site, "area": g.area, "line": g.line,
-            "version": version, "started": started, "time": time.time()}
+            "version": version, "started": rfc3339(started), "time": rfc3339(time.time())}
 
 
 async def oldest_unsent_age_s(store: Store) -> float | None:

@@ -38,6 +38,27 @@ def test_listener_is_told_at_each_edge_only():
     assert a.active()[0].evidence == {"quarantined": 1}
 
 
+def test_alarms_per_kind_for_alerting_rules():
+    """An alerting rule can match one kind of alarm (the id up to ':'): two machines with a completion the ERP has not
+    acknowledged count 2 in one series; cleared, it goes back to 0 (the series stays, a rule sees the edge)."""
+    from prometheus_client import REGISTRY
+
+    def kind(k: str) -> float | None:
+        return REGISTRY.get_sample_value("edge_gateway_alarms_by_kind", {"alarm": k})
+
+    a = Alarms()
+    a.raise_("completion_unacked:press-1", "critical", "not posted", unacknowledged=1)
+    a.raise_("completion_unacked:press-2", "critical", "not posted", unacknowledged=3)
+    a.raise_("quarantine_not_empty", "warning", "one", quarantined=1)
+    assert kind("completion_unacked") == 2 and kind("quarantine_not_empty") == 1
+    assert kind("completion_unacked:press-1") is None  # no series per machine
+    a.clear("completion_unacked:press-1")
+    assert kind("completion_unacked") == 1
+    a.clear("completion_unacked:press-2")
+    a.clear("quarantine_not_empty")
+    assert kind("completion_unacked") == 0 and kind("quarantine_not_empty") == 0
+
+
 def test_a_failing_listener_does_not_stop_the_alarm():
     a = Alarms()
 

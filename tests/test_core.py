@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway import core
 from gateway.config import parse_config
@@ -116,6 +117,7 @@ def test_half_written_tag_pair_waits_and_settles_without_samples(tmp_path, monke
 
 def test_a_faulting_engine_stops_its_machine_only(tmp_path):
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
+    faults0 = REGISTRY.get_sample_value("edge_gateway_machine_faults_total")
     feed(gw, [s("m1/good", 0, 1), s("m2/good", 0, 1)])
 
     def boom(sample, signal):
@@ -130,6 +132,7 @@ def test_a_faulting_engine_stops_its_machine_only(tmp_path):
     assert "machine_faulted:m1" in st["alarms"] and not st["healthy"]
     assert st["machines"]["m1"]["faulted"] == "ArithmeticError: engine bug"
     assert st["machines"]["m2"]["faulted"] is None
+    assert REGISTRY.get_sample_value("edge_gateway_machine_faults_total") - faults0 == 1
 
 
 def test_bounded_inbox_coalesces_cumulative_samples_only(tmp_path, monkeypatch):
@@ -137,10 +140,13 @@ def test_bounded_inbox_coalesces_cumulative_samples_only(tmp_path, monkeypatch):
     nothing is lost: the quantities booked are the same as without coalescing."""
     monkeypatch.setattr(core, "MAX_QUEUED_SAMPLES", 50)
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
+    coalesced0 = REGISTRY.get_sample_value("edge_gateway_input_coalesced_samples_total")
     for i in range(200):
         gw.core.on_samples([s("m1/good", i, 1 + i * 0.01), s("m2/good", 2 * i, 1 + i * 0.01)])
     assert gw.core.queued_samples <= 50 + 2
     assert gw.stats.samples_coalesced > 300
+    assert REGISTRY.get_sample_value("edge_gateway_input_coalesced_samples_total") - coalesced0 == \
+        gw.stats.samples_coalesced
     while gw.core.inbox:
         item = gw.core.inbox.popleft()
         gw.core.queued_samples -= len(item)

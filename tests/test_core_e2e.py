@@ -119,11 +119,13 @@ async def test_commit_failures_raise_an_alarm_and_recover_without_loss(tmp_path,
             async with Production(m1):
                 m1.start()
                 await wait_until(lambda: reports_of(erp, "press-1") >= 2, 15)
+                failed0 = metric_sum("edge_gateway_store_commit_failures_total")
                 await gw.store.db.execute("PRAGMA query_only=1")  # every write now fails with SQLITE_READONLY
                 await wait_until(lambda: "store_commit_failing" in gw.status()["alarms"], 10)
                 assert gw.status()["healthy"] is False
                 failures = gw.stats.commit_failures
                 await wait_until(lambda: gw.stats.commit_failures >= failures + 2, 10)  # retried, with a pause
+                assert metric_sum("edge_gateway_store_commit_failures_total") - failed0 == gw.stats.commit_failures
                 await gw.store.db.execute("PRAGMA query_only=0")
                 await wait_until(lambda: "store_commit_failing" not in gw.status()["alarms"], 10)
                 made = m1.parts_made
@@ -250,6 +252,15 @@ def rejected_topic(cfg, machine: str) -> str:
     return Topics(cfg.mqtt.topic_root, cfg.gateway).dispatch(machine) + "/rejected"
 
 
+def metric_sum(name: str, **labels: str) -> float:
+    """The process-wide Prometheus registry (the counters of rare events, gateway/metrics.py): the sum of the
+    samples of ``name`` whose labels include ``labels``."""
+    from prometheus_client import REGISTRY
+
+    return sum(s.value for fam in REGISTRY.collect() for s in fam.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
 class Answers:
     """The ERP's side of the dispatch answers: a subscriber on ``.../{machine}/dispatch/rejected``."""
 
@@ -293,6 +304,8 @@ async def test_a_rejected_dispatch_is_answered_with_the_reason(tmp_path, mqtt_br
             gw = await rgw.start()
             # the gateway's dispatch subscription is acknowledged (SUBACKs handled) before the ERP publishes
             await wait_until(lambda: gw.link.connection is not None and not gw.link.connection.sub_mids, 10)
+            schema0 = metric_sum("edge_gateway_dispatch_rejected_total", reason="schema")
+            unknown0 = metric_sum("edge_gateway_dispatch_rejected_total", reason="unknown_machine")
             topic = rejected_topic(cfg, "press-1")[:-len("/rejected")]
             erp.publish_raw(topic, b'{"order":"1","operation":"1","planned_quantity":"1e100"}')
             erp.publish_raw(topic, b"[1, 2, 3]")
@@ -306,6 +319,8 @@ async def test_a_rejected_dispatch_is_answered_with_the_reason(tmp_path, mqtt_br
                 (topic.replace("press-1", "press-9"), "unknown_machine", {"order": "1", "operation": "1"})]
             assert "planned_quantity" in got[0]["detail"]
             assert gw.stats.dispatch_rejected == 3
+            assert metric_sum("edge_gateway_dispatch_rejected_total", reason="schema") - schema0 == 2
+            assert metric_sum("edge_gateway_dispatch_rejected_total", reason="unknown_machine") - unknown0 == 1
             # still running: a valid dispatch is applied
             await dispatch_order(erp, rgw, "press-1", m, "900200", "0010")
         finally:
@@ -338,11 +353,13 @@ async def test_acks_from_outside_this_gateway_are_refused(tmp_path, mqtt_broker)
             def rejection(**changes):
                 return json.dumps({"status": "rejected", "reason": "locked", "event": {**genuine, **changes}})
 
+            refused0 = metric_sum("edge_gateway_erp_acks_rejected_total")
             forged = [rejection(source="/acme/p1/a1/l1/other-gw"), rejection(epoch="0" * 32),
                       rejection(subject="press-1/#"), b"{not json", json.dumps({"status": "rejected"})]
             for payload in forged:
                 await asyncio.to_thread(erp.publish_raw, topic, payload)
             await wait_until(lambda: gw.stats.acks_malformed == len(forged), 10)
+            assert metric_sum("edge_gateway_erp_acks_rejected_total") - refused0 == len(forged)
             assert dict(gw.stats.acks_rejected_by_reason) == {"foreign_source": 1, "foreign_epoch": 1, "schema": 2,
                                                                "invalid_json": 1}
             assert gw.store.quarantined == 0 and gw.stats.erp_rejections == 0

@@ -233,6 +233,8 @@ async def test_erp_side_alarms_quarantine_unacknowledged_completion_and_anomaly(
             body = await Probe(port).wait("/health", lambda code, b: code == 200 and b["status"] == "degraded")
             # every component connected: the alarms degrade it (erp_rejected: the runtime's, raised with the rejection)
             assert body["alarms"] == ["erp_rejected", "quarantine_not_empty"]
+            # an alarm never makes the gateway not live or not ready (a liveness probe must not restart it for one)
+            assert (await Probe(port).get("/livez"))[0] == 200 and (await Probe(port).get("/readyz"))[0] == 200
             assert next(a for a in gw.alarms.active() if a.id == "quarantine_not_empty").evidence["quarantined"] == 1
             await gw.store.purge("quarantine")
             await wait_until(lambda: not {"quarantine_not_empty", "erp_rejected"} & set(gw.alarms.ids()), 10)

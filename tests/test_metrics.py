@@ -180,6 +180,7 @@ async def test_metrics_move_under_production(tmp_path, mqtt_broker):
     # ERP: acknowledgements and the sync latency (event time -> ERP ack), per machine
     assert moved("edge_gateway_erp_acks_received_total", status="accepted") >= 30
     assert val(after, "edge_gateway_erp_acks_received_total", status="rejected") == 1
+    assert 0 <= time.time() - val(after, "edge_gateway_erp_last_ack_timestamp_seconds") < 30
     for machine in ("press-1", "press-2"):
         n = val(after, "edge_gateway_erp_sync_latency_seconds_count", machine=machine)
         total = val(after, "edge_gateway_erp_sync_latency_seconds_sum", machine=machine)

@@ -57,7 +57,8 @@ for (const card of document.querySelectorAll('[data-machine]')) {
 return JSON.stringify({updated: document.body.dataset.updated || null, stale: document.body.classList.contains('stale'),
   gateway: txt(document, '#gw-id'), version: txt(document, '#gw-version'), overall: txt(document, '#overall'),
   broker: txt(document, '#broker-state'), broker_error: txt(document, '#broker-error'),
-  outbox: txt(document, '#outbox-depth'), oldest: txt(document, '#outbox-oldest'), machines});
+  outbox: txt(document, '#outbox-depth'), oldest: txt(document, '#outbox-oldest'), uptime: txt(document, '#gw-uptime'),
+  machines});
 """
 
 
@@ -137,6 +138,22 @@ async def _erp_accepts(broker_port: int, gw: Any, erp: ErpConsumer, machine: str
     return ev["type"]
 
 
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+TIME_KEYS = {"time", "since", "started", "committed"}
+
+
+def assert_times_are_rfc3339(obj: Any, path: str = "status") -> None:
+    """Every point in time of /status (keys named time, since, started, committed) is an RFC 3339 UTC string."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in TIME_KEYS and v is not None:
+                assert isinstance(v, str) and RFC3339.fullmatch(v), f"{path}.{k} is {v!r}, not RFC 3339"
+            assert_times_are_rfc3339(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            assert_times_are_rfc3339(v, f"{path}[{i}]")
+
+
 async def test_status_page_shows_plant_plc_outage_and_broker_outage(tmp_path, mqtt_broker):
     broker = mqtt_broker
     m1 = MachineModel("Press1", cycle_time=0.08, scrap_rate=0.04, seed=21, counter_bits=32)
@@ -182,6 +199,13 @@ async def test_status_page_shows_plant_plc_outage_and_broker_outage(tmp_path, mq
                 "1 accepted · 0 rejected · last: accepted " + acked_type))
             await page.wait_for("a chart of parts per minute", lambda s: all(
                 len(s["machines"][m]["chart_points"].split()) >= 3 for m in ("press-1", "press-2")))
+            # /status gives every time as RFC 3339 (issue 9: human outputs), and the page reads them as times
+            assert_times_are_rfc3339(gw.status())
+            shown = page.last
+            for m in ("press-1", "press-2"):
+                assert re.search(r"#\d+ · \d\d:\d\d:\d\d \(\d+ s ago\)$", shown["machines"][m]["last_event"]), shown
+            assert re.search(r" · \d+ s ago$", shown["machines"]["press-1"]["erp"]), shown["machines"]["press-1"]["erp"]
+            assert re.fullmatch(r"\d+ (min \d+ )?s", shown["uptime"]), shown["uptime"]
 
             # --- PLC outage: the Modbus PLC of press-2 goes away; the page shows it disconnected with its error
             await mb.stop()
@@ -254,6 +278,7 @@ def test_parts_per_minute_and_erp_ack_from_the_commits(monkeypatch):
     reports (staged but uncommitted parts do not count), falling when nothing more is reported; the last committed
     event; an ERP acceptance (which carries only the event id) named by type and sequence number."""
     from gateway import statuspage
+    from gateway.component import rfc3339
     from gateway.config import parse_config
     from gateway.dispatch import ErpAck
     from gateway.events import EventEncoder, Topics
@@ -280,10 +305,10 @@ def test_parts_per_minute_and_erp_ack_from_the_commits(monkeypatch):
     m = act.machine("m1", {"opc": {"state": "connected"}})
     assert m["parts_per_minute"] == 300 and m["parts_produced"] == 900
     assert m["connectors"] == {"opc": {"state": "connected"}}
-    assert m["last_event"] == {"type": report.type, "seq": 90, "time": clock[0]}
-    series = m["parts_per_minute_history"]
-    assert series[-1][0] == clock[0] and clock[0] - series[0][0] <= statuspage.CHART_SPAN_S
-    assert all(p[1] == 300 for p in series if p[0] >= 1000 + 62)  # after the first minute, steady
+    assert m["last_event"] == {"type": report.type, "seq": 90, "time": rfc3339(clock[0])}
+    series = m["parts_per_minute_history"]  # [seconds before now, parts per minute]: an age, not a time
+    assert series[-1][0] == 0 and 0 < series[0][0] <= statuspage.CHART_SPAN_S
+    assert all(p[1] == 300 for p in series if p[0] <= clock[0] - 1000 - 62)  # after the first minute, steady
     clock[0] += 30  # nothing reported for 30 s: half the trailing minute is empty
     assert act.machine("m1", {})["parts_per_minute"] == 150
 
@@ -291,5 +316,6 @@ def test_parts_per_minute_and_erp_ack_from_the_commits(monkeypatch):
     act.erp_ack("m1", ErpAck("accepted", enc.event_id(88)))
     act.erp_ack("unknown-machine", ErpAck("accepted", enc.event_id(89)))  # ignored
     acks = act.machine("m1", {})["erp_acks"]
-    assert acks["accepted"] == 1 and acks["last"] == {"status": "accepted", "id": enc.event_id(88), "time": clock[0],
+    assert acks["accepted"] == 1 and acks["last"] == {"status": "accepted", "id": enc.event_id(88),
+                                                       "time": rfc3339(clock[0]),
                                                        "type": report.type, "seq": 88}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from gateway.config import parse_config
 from gateway.store import OutboxRow, Store
@@ -180,6 +181,7 @@ async def test_size_cap_keeps_quantities_and_counts_drops(tmp_path, mqtt_broker,
     doc = doc_for(mb, mqtt_broker.port, tmp_path / "gw.db")
     doc["store"]["max_size_mb"] = 0.004  # ~4 KB: a handful of events
     gw = RunningGateway(parse_config(doc))
+    dropped_before = REGISTRY.get_sample_value("edge_gateway_events_dropped_total", {"type": "machine.state_changed"})
     await gw.start()
     try:
         await start_order(gw, erp, model, "C-1")
@@ -192,6 +194,11 @@ async def test_size_cap_keeps_quantities_and_counts_drops(tmp_path, mqtt_broker,
         assert "store_full" in status["alarms"] and status["healthy"] is False
         assert sum(gw.gw.stats.dropped_while_full.values()) > 0
         assert set(gw.gw.stats.dropped_while_full) == {"machine.state_changed"}
+        # the metrics an operator alerts on move with it (issue 9: dropped-while-full, store full, alarms active)
+        dropped = REGISTRY.get_sample_value("edge_gateway_events_dropped_total", {"type": "machine.state_changed"}) or 0
+        assert dropped - (dropped_before or 0) == gw.gw.stats.dropped_while_full["machine.state_changed"] > 0
+        assert REGISTRY.get_sample_value("edge_gateway_store_full") == 1
+        assert REGISTRY.get_sample_value("edge_gateway_alarms_active", {"severity": "critical"}) >= 1
         await mqtt_broker.astart()
         await assert_ledger_matches(erp, {"press-2": model}, timeout=30)
         await wait_until(lambda: not gw.gw.store.full, 10)
