@@ -222,6 +222,8 @@ class GatewayCollector(Collector):
         yield from m.commit_seconds.collect()
         yield GaugeMetricFamily("edge_gateway_outbox_pending", "Events in the outbox (not yet acknowledged by the "
                                                                "broker)", value=store.pending)
+        yield GaugeMetricFamily("edge_gateway_outbox_bytes", "Payload bytes of the events in the outbox (not yet "
+                                "acknowledged by the broker)", value=store.pending_bytes - store.quarantined_bytes)
         yield GaugeMetricFamily("edge_gateway_store_payload_bytes", "Payload bytes held in the store (outbox + "
                                                                     "quarantine): what store.max_size_mb caps",
                                 value=store.pending_bytes)

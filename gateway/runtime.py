@@ -419,7 +419,8 @@ class Gateway:
             "healthy": healthy,
             "components": comps,
             "outbox_pending": self.store.pending,
-            "outbox_bytes": self.store.pending_bytes,
+            "outbox_bytes": self.store.pending_bytes - self.store.quarantined_bytes,
+            "stored_bytes": self.store.pending_bytes,  # outbox + quarantine: what store.max_size_mb caps
             "quarantined": self.store.quarantined,
             "backlog_remaining": self.publisher.backlog_remaining,
             "alarms": alarms,

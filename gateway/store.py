@@ -258,6 +258,7 @@ class Store:
         self.next_seq: int = 1
         self.pending: int = 0
         self.pending_bytes: int = 0
+        self.quarantined_bytes: int = 0  # the part of pending_bytes in the quarantine
         self.quarantined: int = 0
         self.disk_full = False  # the last write failed for lack of space
         self.last_error: StoreError | None = None  # the error of the last write if it failed, else None
@@ -375,6 +376,7 @@ class Store:
         (self.quarantined, qsize) = (await db.execute_fetchall(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))[0]
         self.pending_bytes = int(size) + int(qsize)
+        self.quarantined_bytes = int(qsize)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -579,6 +581,7 @@ class Store:
             def apply() -> bool:
                 self.pending -= len(gone)
                 self.quarantined += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
+                self.quarantined_bytes += sum(len(g[4]) for g in gone)
                 return bool(gone)
 
             return apply
@@ -598,6 +601,7 @@ class Store:
             def apply() -> None:
                 self.quarantined += 1
                 self.pending_bytes += len(payload)
+                self.quarantined_bytes += len(payload)
 
             return apply
 
@@ -665,6 +669,7 @@ class Store:
             def apply() -> int:
                 self.quarantined -= len(gone)
                 self.pending += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
+                self.quarantined_bytes -= sum(len(g[5]) for g in gone)
                 return len(gone)
 
             return apply
@@ -686,6 +691,7 @@ class Store:
             def apply() -> int:
                 if table == "quarantine":
                     self.quarantined -= n
+                    self.quarantined_bytes -= size
                 else:
                     self.pending -= n
                 self.pending_bytes -= size

@@ -273,6 +273,7 @@ async def test_oldest_unsent_age_rises_during_broker_outage_and_falls_after(tmp_
             age2 = val(second, "edge_gateway_outbox_oldest_age_seconds")
             assert age2 >= 2
             assert val(second, "edge_gateway_outbox_pending") > val(first, "edge_gateway_outbox_pending") > 0
+            assert val(second, "edge_gateway_outbox_bytes") > val(first, "edge_gateway_outbox_bytes") > 0
             assert val(second, "edge_gateway_store_payload_bytes") > 0
 
             await asyncio.to_thread(mqtt_broker.start)

@@ -213,6 +213,7 @@ class StoreModel(RuleBasedStateMachine):
         ((qn, qsize),) = self.run(db.execute_fetchall(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))
         assert (self.store.pending, self.store.pending_bytes, self.store.quarantined) == (n, size + qsize, qn)
+        assert self.store.quarantined_bytes == qsize
 
 
 TestStoreModel = StoreModel.TestCase
