@@ -386,6 +386,7 @@ async def test_transient_puback_refusal_is_retried_in_order_not_quarantined(tmp_
         assert fb.refused == [(3, 0x97), (3, 0x97), (7, 0x80)]
         assert set(fb.accepted) == set(range(1, 21))
         assert link.connections == 1
+        assert pub.retried == 3  # exported as edge_gateway_mqtt_retried_events_total (gateway/exporter.py)
         # the retry restarts from the oldest unacknowledged row: seq 3 before any row sent after its refusal
         first = []
         for s in fb.accepted:
