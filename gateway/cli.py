@@ -520,6 +520,23 @@ def _opcua_failure(exc: BaseException, cfg: object) -> str:
     return f"cannot connect to {cfg.endpoint}: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
 
 
+def _browse_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with browse's arguments before connecting (None: nothing)."""
+    if not args.endpoint and not args.config:
+        return "give the server's endpoint URL (opc.tcp://HOST:PORT), or --config FILE to use a connector's"
+    if args.depth < 0:
+        return f"--depth must be 0 or more, not {args.depth}"
+    if args.node:
+        from asyncua import ua
+
+        try:
+            ua.NodeId.from_string(args.node)
+        except Exception:  # noqa: BLE001 - asyncua raises several types for a bad string
+            return (f"--node {args.node!r} is not a node id; expected e.g. 'nsu=urn:vendor:machine;s=Press1' or "
+                    "'ns=2;s=Press1' or 'i=85'")
+    return None
+
+
 def _cmd_browse(args: argparse.Namespace) -> int:
     """Print an OPC UA server's address space as a tree with nsu= node ids, data types, access and values."""
     import logging
@@ -527,6 +544,10 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     from connectors.opcua import inspect
 
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    problem = _browse_args_problem(args)
+    if problem:
+        print(f"browse: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     cfg = _opcua_tool_config(args, args.endpoint)
     if isinstance(cfg, int):
         return cfg
@@ -534,6 +555,9 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     async def go() -> list[str]:
         async with inspect.session(cfg) as (client, security, namespaces):  # type: ignore[arg-type]
             start = inspect.resolve(args.node, namespaces) if args.node else client.nodes.objects.nodeid
+            if args.node and (await inspect.read_info(client, start)).node_class == "?":
+                raise KeyError(f"node {args.node} does not exist on {cfg.endpoint}; browse without --node, or "  # type: ignore[attr-defined]
+                               "from a parent node, to find its id")
             head = f"# {cfg.endpoint} ({security.policy}/{security.mode}, {security.user_token})"  # type: ignore[attr-defined]
             found: list[tuple[str, str, str | None]] = []
             lines = [head] + await inspect.browse(client, namespaces, start, args.depth, found)
@@ -548,7 +572,11 @@ def _cmd_browse(args: argparse.Namespace) -> int:
         print(f"browse failed: {exc.args[0]}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
-        print(f"browse failed: {_opcua_failure(exc, cfg)}", file=sys.stderr)
+        text = _opcua_failure(exc, cfg)
+        if not args.config:  # the settings came from flags: name the flag, not the config key
+            text = text.replace("set security: none", "use --security none").replace(
+                "set allow_deprecated_policies: true", "use --allow-deprecated-policies")
+        print(f"browse failed: {text}", file=sys.stderr)
         return EXIT_FAILED
     print("\n".join(lines))
     return EXIT_OK

@@ -69,6 +69,12 @@ async def test_probe_modbus(model: MachineModel) -> None:
         assert err == "probe failed: exception 2 (ILLEGAL_ADDRESS) for FC3 (holding) address 50 count 2, unit 1\n"
         rc, _, err = await edge_gateway(*host, "--address", "0", "--count", "3", "--type", "uint32")
         assert rc == 1 and err == "probe failed: uint32 takes 2 registers: --count must be a multiple of 2\n"
+        # out-of-range arguments are refused before any I/O (an address of -1 was a pymodbus traceback)
+        rc, out, err = await edge_gateway("probe", "modbus", "127.0.0.1", "--port", str(srv.port), "--address", "-1")
+        assert (rc, out) == (1, "")
+        assert err == "probe failed: --address must be 0..65535 (0-based: register 40001 is 0), not -1\n"
+        rc, _, err = await edge_gateway(*host[:-1], "300", "--address", "65535", "--count", "2")
+        assert rc == 1 and err == "probe failed: --unit must be 0..255, not 300\n"
     finally:
         await srv.stop()
     rc, _, err = await edge_gateway("probe", "modbus", "127.0.0.1", "--port", str(srv.port), "--address", "0",
@@ -125,6 +131,15 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
         assert rc == 0 and f"├─ Press1  {ns}  Object" in out.splitlines() and "└─ Server  i=2253  Object" in out
         rc, _, err = await edge_gateway("browse", srv.endpoint, "--security", "none", "--depth", "1")
         assert rc == 1 and "security: none, but the server offers no unsecured endpoint" in err
+        # bad input: one line naming what is wrong, no traceback (these said "cannot connect" or were tracebacks)
+        rc, out, err = await edge_gateway("browse", srv.endpoint, "--pki-dir", str(pki), "--node", "ns=3;s=Nope")
+        assert (rc, out) == (1, "")
+        assert err == (f"browse failed: node ns=3;s=Nope does not exist on {srv.endpoint}; browse without --node, "
+                       "or from a parent node, to find its id\n")
+        rc, _, err = await edge_gateway("browse", srv.endpoint, "--node", "Press1.GoodCount")
+        assert rc == 2 and err.startswith("browse: --node 'Press1.GoodCount' is not a node id; expected e.g.")
+        rc, _, err = await edge_gateway("browse")
+        assert rc == 2 and err.startswith("browse: give the server's endpoint URL (opc.tcp://HOST:PORT)")
     finally:
         await srv.stop()
 

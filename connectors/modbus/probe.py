@@ -89,6 +89,12 @@ def render(req: ProbeRequest, raw: list[int] | list[bool]) -> list[str]:
 
 def check(req: ProbeRequest) -> None:
     """Argument problems, before any I/O."""
+    if not 0 <= req.unit <= 255:
+        raise ProbeError(f"--unit must be 0..255, not {req.unit}")
+    if not 0 <= req.address <= 65535:
+        raise ProbeError(f"--address must be 0..65535 (0-based: register 40001 is 0), not {req.address}")
+    if req.address + req.count > 65536:
+        raise ProbeError(f"--address {req.address} + --count {req.count} runs past the last address 65535")
     if req.table in BIT_TABLES:
         if req.data_type not in (None, "bool"):
             raise ProbeError(f"a {req.table.replace('_', ' ')} is one bit: --type does not apply (or use bool)")
