@@ -493,7 +493,7 @@ def _opcua_tool_config(args: argparse.Namespace, endpoint: str | None) -> object
             "allow_deprecated_policies": args.allow_deprecated_policies, "pki_dir": args.pki_dir,
             "timeout_s": args.timeout}
     if args.username:
-        data.update(username=args.username, password_env=args.password_env)
+        data.update(username=args.username, password_env=args.password_env, password_file=args.password_file)
     try:
         return OpcUaConnectorConfig.model_validate(data)
     except ValidationError as exc:
@@ -520,12 +520,27 @@ def _opcua_failure(exc: BaseException, cfg: object) -> str:
     return f"cannot connect to {cfg.endpoint}: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
 
 
+_BROWSE_FLAG_HINTS = (
+    ("set security: none", "use --security none"),
+    ("set allow_deprecated_policies: true", "use --allow-deprecated-policies"),
+    ("set username and password_env or password_file, or user_certificate_file and user_private_key_file",
+     ("give --username with --password-env or --password-file (or --config FILE for a connector with a user "
+      "certificate)")),
+    ("username is set but neither password_env nor password_file", "--username needs --password-env or --password-file"),
+    ("connectors[browse].password_env", "--password-env"),
+    ("connectors[browse].password_file", "--password-file"),
+)
+"""Connector config keys in session errors -> the browse flags that set them (when no --config is used)."""
+
+
 def _browse_args_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with browse's arguments before connecting (None: nothing)."""
     if not args.endpoint and not args.config:
         return "give the server's endpoint URL (opc.tcp://HOST:PORT), or --config FILE to use a connector's"
     if args.depth < 0:
         return f"--depth must be 0 or more, not {args.depth}"
+    if (args.password_env or args.password_file) and not args.username and not args.config:
+        return "--password-env / --password-file go with --username"
     if args.node:
         from asyncua import ua
 
@@ -574,8 +589,8 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     except Exception as exc:
         text = _opcua_failure(exc, cfg)
         if not args.config:  # the settings came from flags: name the flag, not the config key
-            text = text.replace("set security: none", "use --security none").replace(
-                "set allow_deprecated_policies: true", "use --allow-deprecated-policies")
+            for key, flag in _BROWSE_FLAG_HINTS:
+                text = text.replace(key, flag)
         print(f"browse failed: {text}", file=sys.stderr)
         return EXIT_FAILED
     print("\n".join(lines))
@@ -701,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--pki-dir", default="pki", help="PKI folder (default ./pki)")
     bw.add_argument("--username")
     bw.add_argument("--password-env", help="environment variable with the password")
+    bw.add_argument("--password-file", help="file holding the password (first line)")
     bw.add_argument("--timeout", type=float, default=5.0)
     bw.add_argument("--config-lines", metavar="CONNECTOR_ID",
                     help="also print a config binding for every variable listed, for this connector id")

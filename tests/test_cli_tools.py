@@ -140,6 +140,9 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
         assert rc == 2 and err.startswith("browse: --node 'Press1.GoodCount' is not a node id; expected e.g.")
         rc, _, err = await edge_gateway("browse")
         assert rc == 2 and err.startswith("browse: give the server's endpoint URL (opc.tcp://HOST:PORT)")
+        # the hints name the flags the user typed, not config keys
+        rc, _, err = await edge_gateway("browse", srv.endpoint, "--pki-dir", str(pki), "--username", "gw")
+        assert (rc, err) == (1, "browse failed: --username needs --password-env or --password-file\n")
     finally:
         await srv.stop()
 
