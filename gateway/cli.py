@@ -18,7 +18,7 @@ REFERENCE_HINT = "docs/configuration.md (or `edge-gateway schema --config --mark
 def _cmd_validate(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_config
 
-    ok = True
+    ok = online_ok = True
     for path in args.files:
         try:
             cfg = load_config(path)
@@ -34,9 +34,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             problems = asyncio.run(_validate_online(cfg))
             if problems:
                 print(f"{path}: {problems} problem{'s' if problems != 1 else ''} found online", file=sys.stderr)
-                return EXIT_FAILED
+                online_ok = False  # the next files are checked too
+                continue
             print(f"{path}: online OK (every endpoint, device, node and register checked)")
-    return EXIT_OK if ok else EXIT_CONFIG
+    return EXIT_CONFIG if not ok else EXIT_OK if online_ok else EXIT_FAILED
 
 
 def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
@@ -63,49 +64,16 @@ def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
 async def _validate_online(cfg: object) -> int:
     """Connect to every endpoint and device of ``cfg``; check every node / register. Prints one line per tag;
     returns the number of problems."""
-    import logging
+    from connectors import REGISTRY
 
-    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     problems = 0
     tags = _bindings(cfg)
     for c in cfg.connectors:  # type: ignore[attr-defined]
-        items = tags.get(c.id, [])
-        if c.type == "opcua":
-            from connectors.opcua import inspect
-
-            try:
-                async with inspect.session(c) as (client, security, namespaces):
-                    print(f"connector {c.id} ({c.endpoint}): connected, {security.policy}/{security.mode}, "
-                          f"{security.user_token}")
-                    for label, kind, b, addr in items:
-                        ok, what = await inspect.check_tag(client, namespaces, addr.node_id, kind, getattr(b, "bits", None))
-                        problems += not ok
-                        print(f"  {label}: {addr.node_id}: {'ok, ' if ok else 'PROBLEM: '}{what}")
-            except Exception as exc:
-                problems += 1
-                print(f"connector {c.id} ({c.endpoint}): PROBLEM: {_opcua_failure(exc, c)}")
-        elif c.type == "modbus":
-            from connectors.modbus.connector import decode_registers
-            from connectors.modbus.probe import ProbeError, ProbeRequest, read_raw
-
-            print(f"connector {c.id} ({c.host}:{c.port} unit {c.unit_id})")
-            for label, kind, b, addr in items:
-                req = ProbeRequest(c.host, c.port, c.unit_id, addr.address, addr.count, addr.table, timeout_s=c.timeout_s,
-                                   framing=c.framing)
-                where = f"{addr.table} {addr.address} {addr.data_type}"
-                try:
-                    raw = await read_raw(req)
-                except ProbeError as exc:
-                    problems += 1
-                    print(f"  {label}: {where}: PROBLEM: {exc}")
-                    if str(exc).startswith("cannot connect"):
-                        print(f"  (the other tags of {c.id} not checked)")
-                        break
-                    continue
-                value = bool(raw[0]) if addr.data_type == "bool" else decode_registers(
-                    [int(r) for r in raw], addr.data_type, addr.word_order, addr.length)
-                print(f"  {label}: {where}: ok, = {value!r}")
+        check = REGISTRY[c.type].load_online_check()
+        if check is None:
+            print(f"connector {c.id}: {c.type} connectors have no online check (not checked)")
+            continue
+        problems += await check(c, tags.get(c.id, []))
     return problems
 
 
@@ -505,19 +473,9 @@ def _opcua_tool_config(args: argparse.Namespace, endpoint: str | None) -> object
 
 def _opcua_failure(exc: BaseException, cfg: object) -> str:
     """One line for a failed OPC UA tool session (no traceback)."""
-    from connectors.opcua.pki import CertificateRefused, Pki
-    from connectors.opcua.session import SecurityRefused
+    from connectors.opcua.inspect import failure_text
 
-    if isinstance(exc, CertificateRefused):
-        if exc.reason == "untrusted":
-            root = Pki(cfg.pki_dir).root  # type: ignore[attr-defined]
-            return f"{exc}\ntrust it with: edge-gateway pki trust --pki-dir {root} {exc.thumbprint}"
-        return str(exc)
-    if isinstance(exc, SecurityRefused):
-        return str(exc)
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"no answer from {cfg.endpoint} within {cfg.timeout_s}s"  # type: ignore[attr-defined]
-    return f"cannot connect to {cfg.endpoint}: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
+    return failure_text(exc, cfg)  # type: ignore[arg-type]
 
 
 _BROWSE_FLAG_HINTS = (

@@ -208,6 +208,20 @@ machines:
         rc, out, _ = await edge_gateway("validate", "--online", str(cfg), env=env)
         assert rc == 1 and f"connector opc ({opc.endpoint}): PROBLEM: cannot connect to {opc.endpoint}: " in out
         assert "BadUserAccessDenied" in out and "wrong" not in out
+        # several files: a problem in one does not stop the check of the next
+        ok_cfg = tmp_path / "ok.yaml"
+        ok_cfg.write_text(f"""
+gateway: {{id: gw-2, enterprise: acme, site: p1, area: a1, line: l1}}
+connectors:
+  - {{type: modbus, id: mb, host: 127.0.0.1, port: {mb.port}, unit_id: 1}}
+machines:
+  - id: press-2
+    counters:
+      good: {{connector: mb, address: 0, data_type: uint32}}
+""")
+        rc, out, err = await edge_gateway("validate", "--online", str(cfg), str(ok_cfg), env=env)
+        assert rc == 1 and err.endswith(f"{cfg}: 2 problems found online\n")
+        assert out.endswith(f"{ok_cfg}: online OK (every endpoint, device, node and register checked)\n")
     finally:
         await opc.stop()
         await mb.stop()

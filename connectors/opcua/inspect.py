@@ -14,7 +14,8 @@ from typing import Any
 from asyncua import Client, ua
 
 from connectors.opcua.config import OpcUaConnectorConfig
-from connectors.opcua.session import SessionSecurity, prepare_client
+from connectors.opcua.pki import CertificateRefused, Pki
+from connectors.opcua.session import SecurityRefused, SessionSecurity, prepare_client
 
 INTEGER_TYPES = {"SByte": 8, "Byte": 8, "Int16": 16, "UInt16": 16, "Int32": 32, "UInt32": 32, "Int64": 64, "UInt64": 64}
 _SERVER_OBJECT = ua.NodeId(ua.ObjectIds.Server)
@@ -198,3 +199,37 @@ async def check_tag(client: Client, namespaces: list[str], node_id: str, kind: s
     elif kind == "text" and dt != "String" and dt not in INTEGER_TYPES:
         return False, f"an order/operation number needs a String or integer node, this one is {dt}"
     return True, found
+
+
+def failure_text(exc: BaseException, cfg: OpcUaConnectorConfig) -> str:
+    """One line (two for an untrusted certificate: the command that trusts it) for a failed tool session."""
+    if isinstance(exc, CertificateRefused):
+        if exc.reason == "untrusted":
+            return f"{exc}\ntrust it with: edge-gateway pki trust --pki-dir {Pki(cfg.pki_dir).root} {exc.thumbprint}"
+        return str(exc)
+    if isinstance(exc, SecurityRefused):
+        return str(exc)
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer from {cfg.endpoint} within {cfg.timeout_s}s"
+    return f"cannot connect to {cfg.endpoint}: {type(exc).__name__}: {exc}"
+
+
+async def check_online(c: OpcUaConnectorConfig, items: list[tuple[str, str, Any, Any]]) -> int:
+    """``validate --online`` for one OPC UA connector (see connectors/__init__.py): connect like the connector, check
+    every tag with :func:`check_tag`, one line each; returns the number of problems."""
+    import logging
+
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    problems = 0
+    try:
+        async with session(c) as (client, security, namespaces):
+            print(f"connector {c.id} ({c.endpoint}): connected, {security.policy}/{security.mode}, "
+                  f"{security.user_token}")
+            for label, kind, b, addr in items:
+                ok, what = await check_tag(client, namespaces, addr.node_id, kind, getattr(b, "bits", None))
+                problems += not ok
+                print(f"  {label}: {addr.node_id}: {'ok, ' if ok else 'PROBLEM: '}{what}")
+    except Exception as exc:  # noqa: BLE001 - every failure is one line for the engineer, never a traceback
+        problems += 1
+        print(f"connector {c.id} ({c.endpoint}): PROBLEM: {failure_text(exc, c)}")
+    return problems
