@@ -225,3 +225,32 @@ machines:
     finally:
         await opc.stop()
         await mb.stop()
+
+
+async def test_browse_and_validate_online_against_a_strict_server(tmp_path: Path) -> None:
+    """A server with MaxNodesPerRead=2 refuses a Read of a node's four attributes (BadTooManyOperations): the tools
+    read in chunks of the server's limit, like the connector."""
+    model = MachineModel("Press1", seed=1)
+    model.set_counters(good=42, scrap=3)
+    srv = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, max_nodes_per_read=2))
+    ns = "nsu=urn:edge-gateway:simulator;s=Press1"
+    try:
+        rc, out, err = await edge_gateway("browse", srv.endpoint, "--security", "none", "--node", f"{ns}.GoodCount")
+        assert (rc, err) == (0, "")
+        assert out.splitlines()[1] == f"GoodCount  {ns}.GoodCount  Variable UInt32 r- = 42"
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(f"""
+gateway: {{id: gw-1, enterprise: acme, site: p1, area: a1, line: l1}}
+connectors:
+  - {{type: opcua, id: opc, endpoint: "{srv.endpoint}", security: none}}
+machines:
+  - id: press-1
+    counters:
+      good: {{connector: opc, node_id: "{ns}.GoodCount"}}
+""")
+        rc, out, err = await edge_gateway("validate", "--online", str(cfg))
+        assert rc == 0, out + err
+        assert f"  press-1 counter good: {ns}.GoodCount: ok, UInt32 = 42 (wraps at 2^32, from the node's data type)" in out
+        assert max(n for service, n in srv.requests if service == "Read") <= 2
+    finally:
+        await srv.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from connectors.opcua.session import SecurityRefused, SessionSecurity, prepare_c
 
 INTEGER_TYPES = {"SByte": 8, "Byte": 8, "Int16": 16, "UInt16": 16, "Int32": 32, "UInt32": 32, "Int64": 64, "UInt64": 64}
 _SERVER_OBJECT = ua.NodeId(ua.ObjectIds.Server)
+_MAX_NODES_PER_READ = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+#: client of an open tool session -> the server's MaxNodesPerRead (0: no limit)
+_read_limits: weakref.WeakKeyDictionary[Client, int] = weakref.WeakKeyDictionary()
 
 
 @contextlib.asynccontextmanager
@@ -31,8 +35,12 @@ async def session(cfg: OpcUaConnectorConfig) -> AsyncIterator[tuple[Client, Sess
     await asyncio.wait_for(client.connect(), cfg.timeout_s)
     try:
         namespaces = list(await client.get_namespace_array())
+        dv = (await client.uaclient.read_attributes([_MAX_NODES_PER_READ], ua.AttributeIds.Value))[0]
+        limit = dv.Value.Value if dv.StatusCode.is_good() and dv.Value is not None else None
+        _read_limits[client] = int(limit) if isinstance(limit, int) and limit > 0 else 0
         yield client, security, namespaces
     finally:
+        _read_limits.pop(client, None)
         with contextlib.suppress(Exception, asyncio.TimeoutError):
             await asyncio.wait_for(client.disconnect(), 3)
 
@@ -92,7 +100,12 @@ class VariableInfo:
 async def read_info(client: Client, nid: ua.NodeId) -> VariableInfo:
     """Node class, and for a variable its data type, access level and current value (one Read)."""
     attrs = [ua.AttributeIds.NodeClass, ua.AttributeIds.DataType, ua.AttributeIds.AccessLevel, ua.AttributeIds.Value]
-    dvs = await client.get_node(nid).read_attributes(attrs)
+    # one Read, or several when the server's MaxNodesPerRead is smaller (a strict server refuses the request whole)
+    size = _read_limits.get(client) or len(attrs)
+    dvs: list[ua.DataValue] = []
+    for i in range(0, len(attrs), size):
+        dvs.extend(await client.uaclient.read(ua.ReadParameters(
+            NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=a) for a in attrs[i:i + size]])))
     if not dvs[0].StatusCode.is_good():
         return VariableInfo("?", status=dvs[0].StatusCode.name)
     node_class = ua.NodeClass(dvs[0].Value.Value).name
