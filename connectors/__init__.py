@@ -1,4 +1,10 @@
-"""Protocol adapters. Adding a protocol: one folder plus one line in REGISTRY (no import-time magic)."""
+"""Protocol adapters. Adding a protocol: one folder plus one line in REGISTRY (no import-time magic).
+
+The line names the connector's config model (joins the config's ``connectors`` union), its tag model (the address
+keys of a binding), the connector class and, optionally, its ``validate --online`` check. gateway/config.py asks a tag
+model about counters through optional methods: ``counter_width()`` (bits, signed) implied by the address,
+``counter_problems(bits)``, ``float_meter_problems(resolution_set)`` and ``holds_float`` (see connectors/modbus/config.py);
+a protocol whose widths come from the server (OPC UA) has none of them."""
 
 from __future__ import annotations
 

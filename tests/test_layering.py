@@ -45,3 +45,13 @@ def test_shared_infrastructure_comes_from_gateway_component() -> None:
             if module == "connectors.base":
                 shared = {"Backoff", "ComponentState", "ComponentStatus"} & set(names)
                 assert not shared, f"{path.relative_to(ROOT)} imports {shared} from connectors.base"
+
+
+def test_gateway_config_names_no_protocol() -> None:
+    """gateway/config.py builds the connector union from the registry and asks the tag models about counters: no
+    branch on a protocol's name (``ctype == "modbus"``) and no table of a protocol's data types."""
+    tree = ast.parse((ROOT / "gateway" / "config.py").read_text())
+    names = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in PROTOCOLS]
+    assert names == []
+    types = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in ("uint16", "float32")]
+    assert types == []
