@@ -18,7 +18,7 @@ REFERENCE_HINT = "docs/configuration.md (or `edge-gateway schema --config --mark
 def _cmd_validate(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_config
 
-    ok = True
+    ok = online_ok = True
     for path in args.files:
         try:
             cfg = load_config(path)
@@ -34,9 +34,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             problems = asyncio.run(_validate_online(cfg))
             if problems:
                 print(f"{path}: {problems} problem{'s' if problems != 1 else ''} found online", file=sys.stderr)
-                return EXIT_FAILED
+                online_ok = False  # the next files are checked too
+                continue
             print(f"{path}: online OK (every endpoint, device, node and register checked)")
-    return EXIT_OK if ok else EXIT_CONFIG
+    return EXIT_CONFIG if not ok else EXIT_OK if online_ok else EXIT_FAILED
 
 
 def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
@@ -63,49 +64,16 @@ def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
 async def _validate_online(cfg: object) -> int:
     """Connect to every endpoint and device of ``cfg``; check every node / register. Prints one line per tag;
     returns the number of problems."""
-    import logging
+    from connectors import REGISTRY
 
-    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     problems = 0
     tags = _bindings(cfg)
     for c in cfg.connectors:  # type: ignore[attr-defined]
-        items = tags.get(c.id, [])
-        if c.type == "opcua":
-            from connectors.opcua import inspect
-
-            try:
-                async with inspect.session(c) as (client, security, namespaces):
-                    print(f"connector {c.id} ({c.endpoint}): connected, {security.policy}/{security.mode}, "
-                          f"{security.user_token}")
-                    for label, kind, b, addr in items:
-                        ok, what = await inspect.check_tag(client, namespaces, addr.node_id, kind, getattr(b, "bits", None))
-                        problems += not ok
-                        print(f"  {label}: {addr.node_id}: {'ok, ' if ok else 'PROBLEM: '}{what}")
-            except Exception as exc:
-                problems += 1
-                print(f"connector {c.id} ({c.endpoint}): PROBLEM: {_opcua_failure(exc, c)}")
-        elif c.type == "modbus":
-            from connectors.modbus.connector import decode_registers
-            from connectors.modbus.probe import ProbeError, ProbeRequest, read_raw
-
-            print(f"connector {c.id} ({c.host}:{c.port} unit {c.unit_id})")
-            for label, kind, b, addr in items:
-                req = ProbeRequest(c.host, c.port, c.unit_id, addr.address, addr.count, addr.table, timeout_s=c.timeout_s,
-                                   framing=c.framing)
-                where = f"{addr.table} {addr.address} {addr.data_type}"
-                try:
-                    raw = await read_raw(req)
-                except ProbeError as exc:
-                    problems += 1
-                    print(f"  {label}: {where}: PROBLEM: {exc}")
-                    if str(exc).startswith("cannot connect"):
-                        print(f"  (the other tags of {c.id} not checked)")
-                        break
-                    continue
-                value = bool(raw[0]) if addr.data_type == "bool" else decode_registers(
-                    [int(r) for r in raw], addr.data_type, addr.word_order, addr.length)
-                print(f"  {label}: {where}: ok, = {value!r}")
+        check = REGISTRY[c.type].load_online_check()
+        if check is None:
+            print(f"connector {c.id}: {c.type} connectors have no online check (not checked)")
+            continue
+        problems += await check(c, tags.get(c.id, []))
     return problems
 
 
@@ -493,7 +461,7 @@ def _opcua_tool_config(args: argparse.Namespace, endpoint: str | None) -> object
             "allow_deprecated_policies": args.allow_deprecated_policies, "pki_dir": args.pki_dir,
             "timeout_s": args.timeout}
     if args.username:
-        data.update(username=args.username, password_env=args.password_env)
+        data.update(username=args.username, password_env=args.password_env, password_file=args.password_file)
     try:
         return OpcUaConnectorConfig.model_validate(data)
     except ValidationError as exc:
@@ -505,19 +473,41 @@ def _opcua_tool_config(args: argparse.Namespace, endpoint: str | None) -> object
 
 def _opcua_failure(exc: BaseException, cfg: object) -> str:
     """One line for a failed OPC UA tool session (no traceback)."""
-    from connectors.opcua.pki import CertificateRefused, Pki
-    from connectors.opcua.session import SecurityRefused
+    from connectors.opcua.inspect import failure_text
 
-    if isinstance(exc, CertificateRefused):
-        if exc.reason == "untrusted":
-            root = Pki(cfg.pki_dir).root  # type: ignore[attr-defined]
-            return f"{exc}\ntrust it with: edge-gateway pki trust --pki-dir {root} {exc.thumbprint}"
-        return str(exc)
-    if isinstance(exc, SecurityRefused):
-        return str(exc)
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"no answer from {cfg.endpoint} within {cfg.timeout_s}s"  # type: ignore[attr-defined]
-    return f"cannot connect to {cfg.endpoint}: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
+    return failure_text(exc, cfg)  # type: ignore[arg-type]
+
+
+_BROWSE_FLAG_HINTS = (
+    ("set security: none", "use --security none"),
+    ("set allow_deprecated_policies: true", "use --allow-deprecated-policies"),
+    ("set username and password_env or password_file, or user_certificate_file and user_private_key_file",
+     ("give --username with --password-env or --password-file (or --config FILE for a connector with a user "
+      "certificate)")),
+    ("username is set but neither password_env nor password_file", "--username needs --password-env or --password-file"),
+    ("connectors[browse].password_env", "--password-env"),
+    ("connectors[browse].password_file", "--password-file"),
+)
+"""Connector config keys in session errors -> the browse flags that set them (when no --config is used)."""
+
+
+def _browse_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with browse's arguments before connecting (None: nothing)."""
+    if not args.endpoint and not args.config:
+        return "give the server's endpoint URL (opc.tcp://HOST:PORT), or --config FILE to use a connector's"
+    if args.depth < 0:
+        return f"--depth must be 0 or more, not {args.depth}"
+    if (args.password_env or args.password_file) and not args.username and not args.config:
+        return "--password-env / --password-file go with --username"
+    if args.node:
+        from asyncua import ua
+
+        try:
+            ua.NodeId.from_string(args.node)
+        except Exception:  # noqa: BLE001 - asyncua raises several types for a bad string
+            return (f"--node {args.node!r} is not a node id; expected e.g. 'nsu=urn:vendor:machine;s=Press1' or "
+                    "'ns=2;s=Press1' or 'i=85'")
+    return None
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
@@ -527,6 +517,10 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     from connectors.opcua import inspect
 
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    problem = _browse_args_problem(args)
+    if problem:
+        print(f"browse: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     cfg = _opcua_tool_config(args, args.endpoint)
     if isinstance(cfg, int):
         return cfg
@@ -534,6 +528,9 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     async def go() -> list[str]:
         async with inspect.session(cfg) as (client, security, namespaces):  # type: ignore[arg-type]
             start = inspect.resolve(args.node, namespaces) if args.node else client.nodes.objects.nodeid
+            if args.node and (await inspect.read_info(client, start)).node_class == "?":
+                raise KeyError(f"node {args.node} does not exist on {cfg.endpoint}; browse without --node, or "  # type: ignore[attr-defined]
+                               "from a parent node, to find its id")
             head = f"# {cfg.endpoint} ({security.policy}/{security.mode}, {security.user_token})"  # type: ignore[attr-defined]
             found: list[tuple[str, str, str | None]] = []
             lines = [head] + await inspect.browse(client, namespaces, start, args.depth, found)
@@ -548,7 +545,11 @@ def _cmd_browse(args: argparse.Namespace) -> int:
         print(f"browse failed: {exc.args[0]}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
-        print(f"browse failed: {_opcua_failure(exc, cfg)}", file=sys.stderr)
+        text = _opcua_failure(exc, cfg)
+        if not args.config:  # the settings came from flags: name the flag, not the config key
+            for key, flag in _BROWSE_FLAG_HINTS:
+                text = text.replace(key, flag)
+        print(f"browse failed: {text}", file=sys.stderr)
         return EXIT_FAILED
     print("\n".join(lines))
     return EXIT_OK
@@ -673,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--pki-dir", default="pki", help="PKI folder (default ./pki)")
     bw.add_argument("--username")
     bw.add_argument("--password-env", help="environment variable with the password")
+    bw.add_argument("--password-file", help="file holding the password (first line)")
     bw.add_argument("--timeout", type=float, default=5.0)
     bw.add_argument("--config-lines", metavar="CONNECTOR_ID",
                     help="also print a config binding for every variable listed, for this connector id")

@@ -441,9 +441,6 @@ class _LineIndex:
         return best
 
 
-_DATA_TYPE_BITS = {"uint16": (16, False), "int16": (16, True), "uint32": (32, False), "int32": (32, True),
-                   "uint64": (64, False), "int64": (64, True)}
-
 
 def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]], dict[tuple[str, str], Any]]:
     """Checks across sections, on the raw document so they run even when other fields are invalid.
@@ -571,40 +568,29 @@ def _check_nats_topics(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]
 
 
 def _check_counter_type(base: tuple[Any, ...], b: dict[str, Any], addr: Any, ctype: str) -> list[tuple[tuple[Any, ...], str]]:
+    """Counter / meter checks; what depends on the protocol the tag model answers (``counter_problems``,
+    ``float_meter_problems``, ``holds_float``: optional methods of a connector's tag model, see connectors/modbus)."""
     out: list[tuple[tuple[Any, ...], str]] = []
     bits = b.get("bits") if isinstance(b.get("bits"), int) else None
     meter = len(base) > 2 and base[2] == "materials"
-    dt = getattr(addr, "data_type", None)
-    if meter and (b.get("resolution") is not None or dt in _FLOAT_TYPES):
-        return _check_float_meter(base, b, dt)
+    if meter and (b.get("resolution") is not None or getattr(addr, "holds_float", False)):
+        return _check_float_meter(base, b, addr)
     if meter and b.get("noise") is not None:
         out.append((base + ("noise",), "noise is for float meters (with a resolution): remove it or set resolution"))
-    if ctype == "modbus":
-        if dt in _FLOAT_TYPES:
-            out.append((base + ("data_type",), f"a piece counter must be an integer type (uint16, int16, uint32, "
-                        f"int32, uint64, int64), got {dt!r}; a float totaliser is a material meter (materials:) "
-                        "with a resolution"))
-        elif dt not in _DATA_TYPE_BITS:
-            out.append((base + ("data_type",), f"a counter must be an integer type (uint16, int16, uint32, int32, uint64, int64), got {dt!r}"))
-        elif bits is not None and bits != _DATA_TYPE_BITS[dt][0]:
-            out.append((base + ("bits",), f"bits={bits} contradicts data_type {dt} ({_DATA_TYPE_BITS[dt][0]} bits); remove 'bits'"))
+    counter_problems = getattr(addr, "counter_problems", None)
+    if counter_problems is not None:
+        out += [(base + (field,), msg) for field, msg in counter_problems(bits)]
     max_value = b.get("max_value")
     if isinstance(max_value, int) and bits is not None and max_value >= 2**bits:
         out.append((base + ("max_value",), f"max_value {max_value} does not fit in {bits} bits"))
     return out
 
 
-_FLOAT_TYPES = ("float32", "float64")
-
-
-def _check_float_meter(base: tuple[Any, ...], b: dict[str, Any], dt: str | None) -> list[tuple[tuple[Any, ...], str]]:
+def _check_float_meter(base: tuple[Any, ...], b: dict[str, Any], addr: Any) -> list[tuple[tuple[Any, ...], str]]:
     out: list[tuple[tuple[Any, ...], str]] = []
-    if dt is not None and dt not in _FLOAT_TYPES:
-        out.append((base + ("resolution",), f"resolution is for float meters (data_type float32/float64), not {dt}: "
-                    "remove it, or set data_type"))
-    elif b.get("resolution") is None:
-        out.append((base + ("resolution",), f"a {dt} meter needs a resolution: the quantity step its reading is "
-                    "rounded to, e.g. resolution: 0.01"))
+    meter_problems = getattr(addr, "float_meter_problems", None)
+    if meter_problems is not None:
+        out += [(base + (field,), msg) for field, msg in meter_problems(b.get("resolution") is not None)]
     for key in ("bits", "max_value", "signed"):
         if b.get(key) is not None:
             out.append((base + (key,), f"a float meter does not wrap and has no width: remove '{key}'"))
@@ -618,9 +604,10 @@ def _check_float_meter(base: tuple[Any, ...], b: dict[str, Any], dt: str | None)
 
 
 def counter_modulus(binding: CounterConfig, addr: Any) -> tuple[int | None, bool]:
-    """(modulus, signed) of a counter: explicit max_value, else bits, else the Modbus data type, else 32-bit unsigned."""
-    dt = getattr(addr, "data_type", None)
-    bits, signed = _DATA_TYPE_BITS.get(dt, (32, False)) if dt else (32, False)
+    """(modulus, signed) of a counter: explicit max_value, else bits, else the width of the address (the tag model's
+    ``counter_width``: a Modbus data type), else 32-bit unsigned."""
+    width = getattr(addr, "counter_width", None)
+    bits, signed = (width() if width is not None else None) or (32, False)
     if binding.bits is not None:
         bits = binding.bits
     if binding.signed is not None:

@@ -408,8 +408,11 @@ class CounterAnomalyData(EventData):
         description="implausible_jump: an increase larger than max_rate x elapsed time; not counted, baseline moved. "
                     "ambiguous_decrease: a decrease after a gap longer than one wrap period (modulus / max_rate) or "
                     "an unknown gap; counted as a reset (counted), it may have been a rollover (possible_rollover).")]
-    from_: Annotated[int | None, Field(alias="from", description="Counter value before the change.")]
-    to: Annotated[int | None, Field(description="Counter value after the change (the new baseline).")]
+    from_: Annotated[int | DecimalStr | None, Field(alias="from", description="Counter value before the change; for "
+                                                        "a float meter (resolution set) its reading as a decimal string "
+                                                        "rounded to the resolution, e.g. \"1234.56\".")]
+    to: Annotated[int | DecimalStr | None, Field(description="Counter value after the change (the new baseline); a "
+                                                           "float meter's reading as a decimal string.")]
     order: Annotated[str | None, Field(description="Active production order; null when none.")]
     operation: Annotated[str | None, Field(description="Active operation; null when none.")]
     held: Annotated[DecimalStr, Field(description="Quantity not counted that may have been produced (scaled like the "

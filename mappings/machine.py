@@ -302,10 +302,17 @@ class MachineEngine:
         scale = binding.scale
         if outcome == "jump":
             self.anomalies += 1
-            out.append(self._anomaly(signal, "implausible_jump", res.previous, res.value, sample.time,
+            res_step = binding.spec.resolution
+            if res_step is None:
+                prev_v, value_v, jump, rate = res.previous, res.value, str(res.held), binding.spec.max_rate
+            else:  # a float meter counts resolution steps: report its readings and rate in the meter's unit
+                prev_v = None if res.previous is None else dec_str(res.previous * res_step)
+                value_v = None if res.value is None else dec_str(res.value * res_step)
+                jump, rate = dec_str(res.held * res_step), f"{binding.spec.max_rate * float(res_step):g}"
+            out.append(self._anomaly(signal, "implausible_jump", prev_v, value_v, sample.time,  # type: ignore[arg-type]
                                      held=dec_str(res.held * scale), counted="0", possible_rollover=None,
                                      elapsed_s=_secs(res.elapsed),
-                                     detail=f"increase of {res.held} exceeds max_rate {binding.spec.max_rate}/s for "
+                                     detail=f"increase of {jump} exceeds max_rate {rate}/s for "
                                             f"the elapsed time; not counted, baseline moved"))
             return out
         if outcome == "ambiguous":
@@ -557,7 +564,7 @@ class MachineEngine:
         t = self.totals
         return Totals(yield_=dec_str(t["yield"]), scrap=dec_str(t["scrap"]), rework=dec_str(t["rework"]))
 
-    def _anomaly(self, counter: str, kind: str, prev: int | None, value: int | None, t: float, *, held: str,
+    def _anomaly(self, counter: str, kind: str, prev: int | str | None, value: int | str | None, t: float, *, held: str,
                  counted: str, possible_rollover: str | None, elapsed_s: float | None, detail: str) -> EventDraft:
         ctx = self.context
         return EventDraft("counter.anomaly", self.spec.id, t, CounterAnomalyData(

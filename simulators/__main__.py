@@ -103,14 +103,43 @@ async def serve_machine(model: MachineModel, server: Any, info: dict[str, Any]) 
 def configure_opcua(p: argparse.ArgumentParser) -> None:
     add_machine_args(p, default_port=4840)
     p.add_argument("--namespace", default="urn:edge-gateway:simulator", help="namespace URI of the machine nodes")
+    p.add_argument("--security", action="append", metavar="POLICY_MODE",
+                   help="an endpoint to offer, e.g. Basic256Sha256_SignAndEncrypt, Aes256Sha256RsaPss_Sign, "
+                        "Basic256_SignAndEncrypt (deprecated), NoSecurity; repeat for several (default: NoSecurity only). "
+                        "The server certificate is generated at start: its thumbprint is printed")
+    p.add_argument("--user", metavar="NAME", help="require user name login (anonymous refused); the password is read "
+                   "from the environment variable named by --password-env")
+    p.add_argument("--password-env", metavar="VAR", help="with --user: environment variable holding the password")
 
 
 async def run_opcua(args: argparse.Namespace) -> int:
+    import os
+
+    from asyncua import ua
+
     from .opcua_server import OpcUaMachineServer
 
+    policies = args.security or ["NoSecurity"]
+    unknown = [p for p in policies if p not in ua.SecurityPolicyType.__members__]
+    if unknown:
+        print(f"--security: unknown {', '.join(unknown)}; one of {', '.join(ua.SecurityPolicyType.__members__)}",
+              file=sys.stderr)
+        return 2
+    users = None
+    if args.user:
+        password = os.environ.get(args.password_env or "")
+        if not password:
+            print("--user needs --password-env VAR naming a set environment variable (no default password)",
+                  file=sys.stderr)
+            return 2
+        users = {args.user: password}
     model = build_model(args)
-    server = OpcUaMachineServer(model, host=args.host, port=args.port, namespace=args.namespace)
-    info = {"protocol": "opcua", "endpoint": server.endpoint, "node_ids": server.node_ids}
+    server = OpcUaMachineServer(model, host=args.host, port=args.port, namespace=args.namespace,
+                                security_policies=policies, users=users)
+    info = {"protocol": "opcua", "endpoint": server.endpoint, "node_ids": server.node_ids, "security": policies,
+            "login": "username" if users else "anonymous"}
+    if server.secured:
+        info["certificate_thumbprint"] = server.thumbprint
     return await serve_machine(model, server, info)
 
 

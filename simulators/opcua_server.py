@@ -309,6 +309,16 @@ class OpcUaMachineServer:
         await self.flush()
         _log.info("OPC UA simulator %s listening on %s", name, self.endpoint)
 
+    async def add_node(self, name: str, value: int) -> str:
+        """Add a UInt32 variable ``<machine>.<name>`` to the running server (a PLC program loaded while clients are
+        connected); returns its node id. Gone again at the next restart."""
+        assert self._server is not None, "server not started"
+        machine = self.model.name
+        parent = self._server.get_node(ua.NodeId(machine, self._ns))
+        await parent.add_variable(ua.NodeId(f"{machine}.{name}", self._ns), ua.QualifiedName(name, self._ns),
+                                  ua.Variant(value, ua.VariantType.UInt32), varianttype=ua.VariantType.UInt32)
+        return f"ns={self._ns};s={machine}.{name}"
+
     async def _enforce_limits(self, server: Server) -> None:
         """Publish the OperationLimits and refuse larger requests with BadTooManyOperations, as strict servers do."""
         from asyncua.common.utils import ServiceError

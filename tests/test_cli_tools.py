@@ -69,6 +69,12 @@ async def test_probe_modbus(model: MachineModel) -> None:
         assert err == "probe failed: exception 2 (ILLEGAL_ADDRESS) for FC3 (holding) address 50 count 2, unit 1\n"
         rc, _, err = await edge_gateway(*host, "--address", "0", "--count", "3", "--type", "uint32")
         assert rc == 1 and err == "probe failed: uint32 takes 2 registers: --count must be a multiple of 2\n"
+        # out-of-range arguments are refused before any I/O (an address of -1 was a pymodbus traceback)
+        rc, out, err = await edge_gateway("probe", "modbus", "127.0.0.1", "--port", str(srv.port), "--address", "-1")
+        assert (rc, out) == (1, "")
+        assert err == "probe failed: --address must be 0..65535 (0-based: register 40001 is 0), not -1\n"
+        rc, _, err = await edge_gateway(*host[:-1], "300", "--address", "65535", "--count", "2")
+        assert rc == 1 and err == "probe failed: --unit must be 0..255, not 300\n"
     finally:
         await srv.stop()
     rc, _, err = await edge_gateway("probe", "modbus", "127.0.0.1", "--port", str(srv.port), "--address", "0",
@@ -125,6 +131,18 @@ async def test_browse_with_the_connectors_security_and_trust(tmp_path: Path) -> 
         assert rc == 0 and f"├─ Press1  {ns}  Object" in out.splitlines() and "└─ Server  i=2253  Object" in out
         rc, _, err = await edge_gateway("browse", srv.endpoint, "--security", "none", "--depth", "1")
         assert rc == 1 and "security: none, but the server offers no unsecured endpoint" in err
+        # bad input: one line naming what is wrong, no traceback (these said "cannot connect" or were tracebacks)
+        rc, out, err = await edge_gateway("browse", srv.endpoint, "--pki-dir", str(pki), "--node", "ns=3;s=Nope")
+        assert (rc, out) == (1, "")
+        assert err == (f"browse failed: node ns=3;s=Nope does not exist on {srv.endpoint}; browse without --node, "
+                       "or from a parent node, to find its id\n")
+        rc, _, err = await edge_gateway("browse", srv.endpoint, "--node", "Press1.GoodCount")
+        assert rc == 2 and err.startswith("browse: --node 'Press1.GoodCount' is not a node id; expected e.g.")
+        rc, _, err = await edge_gateway("browse")
+        assert rc == 2 and err.startswith("browse: give the server's endpoint URL (opc.tcp://HOST:PORT)")
+        # the hints name the flags the user typed, not config keys
+        rc, _, err = await edge_gateway("browse", srv.endpoint, "--pki-dir", str(pki), "--username", "gw")
+        assert (rc, err) == (1, "browse failed: --username needs --password-env or --password-file\n")
     finally:
         await srv.stop()
 
@@ -190,6 +208,49 @@ machines:
         rc, out, _ = await edge_gateway("validate", "--online", str(cfg), env=env)
         assert rc == 1 and f"connector opc ({opc.endpoint}): PROBLEM: cannot connect to {opc.endpoint}: " in out
         assert "BadUserAccessDenied" in out and "wrong" not in out
+        # several files: a problem in one does not stop the check of the next
+        ok_cfg = tmp_path / "ok.yaml"
+        ok_cfg.write_text(f"""
+gateway: {{id: gw-2, enterprise: acme, site: p1, area: a1, line: l1}}
+connectors:
+  - {{type: modbus, id: mb, host: 127.0.0.1, port: {mb.port}, unit_id: 1}}
+machines:
+  - id: press-2
+    counters:
+      good: {{connector: mb, address: 0, data_type: uint32}}
+""")
+        rc, out, err = await edge_gateway("validate", "--online", str(cfg), str(ok_cfg), env=env)
+        assert rc == 1 and err.endswith(f"{cfg}: 2 problems found online\n")
+        assert out.endswith(f"{ok_cfg}: online OK (every endpoint, device, node and register checked)\n")
     finally:
         await opc.stop()
         await mb.stop()
+
+
+async def test_browse_and_validate_online_against_a_strict_server(tmp_path: Path) -> None:
+    """A server with MaxNodesPerRead=2 refuses a Read of a node's four attributes (BadTooManyOperations): the tools
+    read in chunks of the server's limit, like the connector."""
+    model = MachineModel("Press1", seed=1)
+    model.set_counters(good=42, scrap=3)
+    srv = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, max_nodes_per_read=2))
+    ns = "nsu=urn:edge-gateway:simulator;s=Press1"
+    try:
+        rc, out, err = await edge_gateway("browse", srv.endpoint, "--security", "none", "--node", f"{ns}.GoodCount")
+        assert (rc, err) == (0, "")
+        assert out.splitlines()[1] == f"GoodCount  {ns}.GoodCount  Variable UInt32 r- = 42"
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(f"""
+gateway: {{id: gw-1, enterprise: acme, site: p1, area: a1, line: l1}}
+connectors:
+  - {{type: opcua, id: opc, endpoint: "{srv.endpoint}", security: none}}
+machines:
+  - id: press-1
+    counters:
+      good: {{connector: opc, node_id: "{ns}.GoodCount"}}
+""")
+        rc, out, err = await edge_gateway("validate", "--online", str(cfg))
+        assert rc == 0, out + err
+        assert f"  press-1 counter good: {ns}.GoodCount: ok, UInt32 = 42 (wraps at 2^32, from the node's data type)" in out
+        assert max(n for service, n in srv.requests if service == "Read") <= 2
+    finally:
+        await srv.stop()

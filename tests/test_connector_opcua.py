@@ -187,6 +187,32 @@ async def test_unknown_node_is_reported_not_fatal(model: MachineModel, server: O
     assert [(e["node_id"], e["machine"], e["counter"]) for e in failed] == [(nodes["ghost"], "press-1", "ghost")]
 
 
+async def test_refused_node_is_retried_while_connected(model: MachineModel, server: OpcUaMachineServer) -> None:
+    """A node the server refused (not there yet) is created again while the session lives: once it appears its
+    values flow and its alarm clears, without a reconnect."""
+    sink = Recorder()
+    nodes = {"good": server.node_ids["good"], "late": f"ns={server.namespace_index};s=Press1.Late"}
+    conn = make_connector(server.endpoint, nodes, sink)
+    conn.retry_refused_s = 0.2
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn):
+            await eventually(lambda: conn.status.state == ComponentState.DEGRADED, what="DEGRADED")
+            assert conn.alarms.ids() == ["tag_refused:press-1/late"]
+            subscription = conn.status.detail["subscription_id"]
+            assert await server.add_node("Late", 41) == nodes["late"]
+            await eventually(lambda: sink.value("press-1/late") == 41, what="the late node's value")
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="CONNECTED")
+            assert conn.alarms.ids() == []
+            assert conn.status.detail["refused_items"] == {}
+            assert conn.status.detail["monitored_items"] == 2
+            assert (conn.status.detail["subscription_id"], conn.status.detail["reconnects"]) == (subscription, 0), [e for e in logs if e["event"] == "opcua.disconnected"]
+            await model.produce(2)
+            await server.flush()
+            await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="the other node still read")
+    recovered = [e for e in logs if e["event"] == "opcua.monitor_recovered"]
+    assert [(e["node_id"], e["machine"], e["counter"]) for e in recovered] == [(nodes["late"], "press-1", "late")]
+
+
 async def test_counter_types_from_the_server_and_mismatches() -> None:
     """At connect the connector reads every counter's DataType: the runtime gets the types (a counter without
     configured bits wraps where its node does), a mismatch with the config is logged and in status, naming machine

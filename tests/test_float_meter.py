@@ -4,6 +4,7 @@ end to end: Modbus simulator (float32 totaliser) -> gateway -> mosquitto -> ERP,
 
 from __future__ import annotations
 
+import json
 import struct
 from decimal import Decimal
 
@@ -185,3 +186,27 @@ async def test_float32_totaliser_end_to_end_is_exact(tmp_path, mqtt_broker) -> N
         await gw.stop()
         await erp.stop()
         await srv.stop()
+
+
+def test_implausible_jump_of_a_float_meter_is_reported_in_the_meters_unit() -> None:
+    """The engine counts a float meter in resolution steps; its anomaly speaks the meter's unit: from/to are the
+    readings (decimal strings rounded to the resolution), held the quantity, the detail the jump and the configured
+    max_rate (they were 123456 steps and 200 steps/s for readings of 1234.56 L and max_rate 2 L/s)."""
+    from jsonschema import Draft202012Validator
+
+    from gateway import schema
+    from mappings.machine import MachineEngine
+
+    cfg = parse_config(machine({"connector": "mb", "address": 110, "data_type": "float32", "resolution": "0.01",
+                                "max_rate": 2}), "<t>")
+    eng = MachineEngine(machine_specs(cfg)[0])
+    sig = "material:RM-OIL"
+    ev = eng.apply(Sample(f"m1/{sig}", f32(1234.56), True, 100.0, mono=100.0), sig)
+    ev += eng.apply(Sample(f"m1/{sig}", f32(1734.56), True, 101.0, mono=101.0), sig)  # 500 L in 1 s at 2 L/s
+    [anomaly] = [e for e in ev if e.type == "counter.anomaly"]
+    data = json.loads(anomaly.data.to_json())
+    assert (data["kind"], data["from"], data["to"], data["held"], data["counted"]) == (
+        "implausible_jump", "1234.56", "1734.56", "500", "0")
+    assert data["detail"] == "increase of 500 exceeds max_rate 2/s for the elapsed time; not counted, baseline moved"
+    full = schema.event_schemas()["counter.anomaly"]
+    Draft202012Validator({**full["properties"]["data"], "$defs": full["$defs"]}).validate(data)

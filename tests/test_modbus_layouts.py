@@ -159,6 +159,28 @@ async def test_exception_on_one_block_keeps_the_others_polling(model: MachineMod
         assert [e["event"] for e in logs].count("modbus.recovered") == 1
 
 
+async def test_exceptions_on_two_blocks_are_each_reported(model: MachineModel) -> None:
+    """Two blocks refused in the same poll: one modbus.read_failed line each, with its own function code, address and
+    exception (the second block's were only in the first line's block list)."""
+    async with device(model) as srv:
+        sink = Recorder()
+        conn = make(srv.port, ["good_ABCD", "material_CDAB", "running_coil"], sink, max_gap_registers=0)
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: conn.status.state == ComponentState.CONNECTED, what="connected")
+                srv.set_exception(ExcCodes.DEVICE_FAILURE, addresses=range(3200, 3201), function_code=1)
+                srv.set_exception(ExcCodes.DEVICE_BUSY, addresses=range(112, 113), function_code=3)
+                await eventually(lambda: not sink.last["running_coil"].good and not sink.last["material_CDAB"].good,
+                                 what="both blocks failing")
+                assert sink.last["good_ABCD"].good
+        failed = sorted((e["function_code"], e["address"], e["count"], e["blocks"], e["error"], e["unit"])
+                        for e in logs if e["event"] == "modbus.read_failed")
+        assert failed == [
+            (1, 3200, 1, ["coil[3200..3200]"], "exception 4 (DEVICE_FAILURE) for FC1 address 3200 count 1", 1),
+            (3, 112, 2, ["holding[112..113]"], "exception 6 (DEVICE_BUSY) for FC3 address 112 count 2", 1),
+        ]
+
+
 async def test_rtu_framing_over_tcp(model: MachineModel) -> None:
     """A serial-to-Ethernet converter speaks RTU frames (unit + PDU + CRC) over TCP, not the MBAP header."""
     srv = await start_on_free_port(lambda port: ModbusMachineServer(model, port=port, framing="rtu"))

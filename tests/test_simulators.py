@@ -445,3 +445,48 @@ async def test_cli_modbus_runs_until_ctrl_c():
     summary = json.loads(last)
     assert summary["parts_made"] > 0
     assert sum(summary["truth"]["4711/0010"].values()) == summary["parts_made"]
+
+
+async def test_cli_opcua_secured_with_login_as_an_engineer_uses_it(tmp_path):
+    """`python -m simulators opcua --security ... --user ... --password-env ...` offers only that endpoint and
+    requires the login: the engineer's workflow (browse refused as untrusted, pki trust, browse with login) works."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SIM_PW": "pw-9-sim"}
+    bad = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "simulators", "opcua", "--security", "Basic999"],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("--security: unknown Basic999; one of NoSecurity,")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read in a thread
+        [sys.executable, "-m", "simulators", "opcua", "--port", str(port), "--security", "Basic256Sha256_SignAndEncrypt",
+         "--user", "gw", "--password-env", "SIM_PW"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+    def gw(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    try:
+        lines = []
+        while not lines or lines[-1] != "}\n":  # the info JSON, printed once the server listens
+            line = await asyncio.to_thread(proc.stdout.readline)
+            assert line, proc.stderr.read()
+            lines.append(line)
+        info = json.loads("".join(lines))
+        assert (info["security"], info["login"]) == (["Basic256Sha256_SignAndEncrypt"], "username")
+        pki = str(tmp_path / "pki")
+        browse = ["browse", info["endpoint"], "--pki-dir", pki, "--depth", "0"]
+        first = await asyncio.to_thread(gw, *browse)
+        assert first.returncode == 1 and "is not trusted" in first.stderr
+        assert (await asyncio.to_thread(gw, "pki", "trust", "--pki-dir", pki, info["certificate_thumbprint"])).returncode == 0
+        anonymous = await asyncio.to_thread(gw, *browse)
+        assert anonymous.returncode == 1 and "the server requires a login" in anonymous.stderr
+        ok = await asyncio.to_thread(gw, *browse, "--username", "gw", "--password-env", "SIM_PW")
+        assert (ok.returncode, ok.stderr) == (0, "")
+        assert ok.stdout.splitlines()[0] == f"# {info['endpoint']} (Basic256Sha256/SignAndEncrypt, username)"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

@@ -25,6 +25,12 @@ MAX_GAP = 8
 """Default for ``max_gap_registers``: most unused registers read between two tags to merge them into one request."""
 
 
+#: integer data types: (bits, signed) of a counter read from them
+DATA_TYPE_WIDTH = {"uint16": (16, False), "int16": (16, True), "uint32": (32, False), "int32": (32, True),
+                   "uint64": (64, False), "int64": (64, True)}
+FLOAT_TYPES = ("float32", "float64")
+
+
 class ModbusTagConfig(BaseModel):
     """Where a Modbus value lives: table, 0-based address, data type and layout (word and byte order)."""
 
@@ -58,6 +64,41 @@ class ModbusTagConfig(BaseModel):
     @property
     def bytes_swapped(self) -> bool:
         return self.word_order in ("BADC", "DCBA")
+
+    # ---- what the gateway's config checks ask a tag model about counters (gateway/config.py knows no protocol)
+
+    def counter_width(self) -> tuple[int, bool] | None:
+        """(bits, signed) a counter read from this address has by its data type; None: not an integer type."""
+        return DATA_TYPE_WIDTH.get(self.data_type)
+
+    @property
+    def holds_float(self) -> bool:
+        return self.data_type in FLOAT_TYPES
+
+    def counter_problems(self, bits: int | None) -> list[tuple[str, str]]:
+        """(field, message) of what is wrong with a piece counter (or integer meter) at this address."""
+        dt = self.data_type
+        if dt in FLOAT_TYPES:
+            return [("data_type", (f"a piece counter must be an integer type (uint16, int16, uint32, int32, uint64, "
+                                   f"int64), got {dt!r}; a float totaliser is a material meter (materials:) with a "
+                                   "resolution"))]
+        if dt not in DATA_TYPE_WIDTH:
+            return [("data_type", (f"a counter must be an integer type (uint16, int16, uint32, int32, uint64, "
+                                   f"int64), got {dt!r}"))]
+        if bits is not None and bits != DATA_TYPE_WIDTH[dt][0]:
+            return [("bits", f"bits={bits} contradicts data_type {dt} ({DATA_TYPE_WIDTH[dt][0]} bits); remove 'bits'")]
+        return []
+
+    def float_meter_problems(self, resolution_set: bool) -> list[tuple[str, str]]:
+        """(field, message) of what is wrong with a float meter (a resolution given, or a float type) here."""
+        dt = self.data_type
+        if dt not in FLOAT_TYPES:
+            return [("resolution", (f"resolution is for float meters (data_type float32/float64), not {dt}: "
+                                    "remove it, or set data_type"))]
+        if not resolution_set:
+            return [("resolution", (f"a {dt} meter needs a resolution: the quantity step its reading is "
+                                    "rounded to, e.g. resolution: 0.01"))]
+        return []
 
     @model_validator(mode="before")
     @classmethod

@@ -485,19 +485,22 @@ class ModbusConnector(Connector):
         recovered = [name for name in self._failing if name not in errors and name in live]
         self._failing = dict(errors)  # a block replaced by a split is neither failing nor recovered
         if new:
-            first_name, first = next(iter(new.items()))
-            blk = blocks.get(first_name)
-            log.error(
-                "modbus.read_failed",
-                connector=self.id,
-                endpoint=self.endpoint,
-                unit=self.config.unit_id,
-                function_code=blk.function_code if blk else None,
-                address=blk.start if blk else None,
-                count=blk.count if blk else None,
-                blocks=sorted(new),
-                error=first,
-            )
+            # the device answered (exception responses): each block's failure is news of its own, with its function
+            # code, address and exception; the connection lost: one line for the outage, not one per block
+            lines = list(new.items()) if self._client is not None else [next(iter(new.items()))]
+            for name, error in lines:
+                blk = blocks.get(name)
+                log.error(
+                    "modbus.read_failed",
+                    connector=self.id,
+                    endpoint=self.endpoint,
+                    unit=self.config.unit_id,
+                    function_code=blk.function_code if blk else None,
+                    address=blk.start if blk else None,
+                    count=blk.count if blk else None,
+                    blocks=[name] if self._client is not None else sorted(new),
+                    error=error,
+                )
         if recovered:
             log.info("modbus.recovered", connector=self.id, endpoint=self.endpoint, blocks=sorted(recovered),
                      downtime_s=self.status.down_for())

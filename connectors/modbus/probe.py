@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
-from connectors.modbus.config import BIT_TABLES, DATA_TYPE_REGISTERS, FUNCTION_CODES
+from connectors.modbus.config import (
+    BIT_TABLES,
+    DATA_TYPE_REGISTERS,
+    FUNCTION_CODES,
+    ModbusConnectorConfig,
+)
 from connectors.modbus.connector import _exc_name, decode_registers
 
 LAYOUTS = ("ABCD", "CDAB", "BADC", "DCBA")
@@ -89,6 +95,12 @@ def render(req: ProbeRequest, raw: list[int] | list[bool]) -> list[str]:
 
 def check(req: ProbeRequest) -> None:
     """Argument problems, before any I/O."""
+    if not 0 <= req.unit <= 255:
+        raise ProbeError(f"--unit must be 0..255, not {req.unit}")
+    if not 0 <= req.address <= 65535:
+        raise ProbeError(f"--address must be 0..65535 (0-based: register 40001 is 0), not {req.address}")
+    if req.address + req.count > 65536:
+        raise ProbeError(f"--address {req.address} + --count {req.count} runs past the last address 65535")
     if req.table in BIT_TABLES:
         if req.data_type not in (None, "bool"):
             raise ProbeError(f"a {req.table.replace('_', ' ')} is one bit: --type does not apply (or use bool)")
@@ -109,3 +121,31 @@ def check(req: ProbeRequest) -> None:
 async def probe(req: ProbeRequest) -> list[str]:
     check(req)
     return render(req, await read_raw(req))
+
+
+async def check_online(c: ModbusConnectorConfig, items: list[tuple[str, str, Any, Any]]) -> int:
+    """``validate --online`` for one Modbus device (see connectors/__init__.py): read every tag once, decoded as the
+    connector would, one line each; returns the number of problems. A device that cannot be reached is one problem
+    (its other tags are not checked)."""
+    import logging
+
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    problems = 0
+    print(f"connector {c.id} ({c.host}:{c.port} unit {c.unit_id})")
+    for label, _kind, _b, addr in items:
+        req = ProbeRequest(c.host, c.port, c.unit_id, addr.address, addr.count, addr.table, timeout_s=c.timeout_s,
+                           framing=c.framing)
+        where = f"{addr.table} {addr.address} {addr.data_type}"
+        try:
+            raw = await read_raw(req)
+        except ProbeError as exc:
+            problems += 1
+            print(f"  {label}: {where}: PROBLEM: {exc}")
+            if str(exc).startswith("cannot connect"):
+                print(f"  (the other tags of {c.id} not checked)")
+                break
+            continue
+        value = bool(raw[0]) if addr.data_type == "bool" else decode_registers(
+            [int(r) for r in raw], addr.data_type, addr.word_order, addr.length)
+        print(f"  {label}: {where}: ok, = {value!r}")
+    return problems

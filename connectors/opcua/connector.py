@@ -64,6 +64,9 @@ _LIMIT_NODES = {
 _QUEUE_SIZE = 10  # per monitored item: short glitches between two publishes are delivered, not merged
 _EVERY_VALUE_QUEUE_SIZE = 1000  # delta / reset-on-read counters: each queued value is a count
 _EVERY_VALUE_FILTER = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
+RETRY_REFUSED_S = 30.0
+"""While connected, monitored items the server refused (a node not there yet: a PLC program loaded later, a namespace
+added) are created again this often, so a node that appears is read and its alarm clears without a reconnect."""
 
 
 class _ConnectionLost(Exception):
@@ -177,6 +180,9 @@ class OpcUaConnector(Connector):
         self._logged_refusal: str | None = None  # the security refusal last logged (logged once per cause)
         self._warned: set[str] = set()
         self._refused: dict[str, str] = {}  # tag key -> why the server refused its monitored item (alarm raised)
+        self._refused_nodes: dict[str, str] = {}  # node id -> why it is refused on the current connection
+        self._subscription_id: int | None = None
+        self.retry_refused_s = RETRY_REFUSED_S
         self._type_problems: dict[str, str] = {}  # tag key -> config/server type mismatch (logged once)
         self._cert_not_after: dict[str, float | None] = {}  # "own" / "server" -> expiry (POSIX seconds)
         self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0)
@@ -314,6 +320,8 @@ class OpcUaConnector(Connector):
         interval_s = (result.RevisedPublishingInterval or cfg.publishing_interval_ms) / 1000.0
         self._stale_after = 2 * interval_s * max(1, result.RevisedMaxKeepAliveCount or keepalive) + cfg.timeout_s
         self.status.detail["subscription_id"] = result.SubscriptionId
+        self._subscription_id = result.SubscriptionId
+        self._refused_nodes = {}
 
         if not self._node_keys:
             return
@@ -325,36 +333,10 @@ class OpcUaConnector(Connector):
         await self._check_types(client, node_ids)
         for handle, node_id in enumerate(node_ids, start=1):
             handles[handle] = tuple(self._node_keys[node_id])
-            every = node_id in self._every_value
-            items.append(
-                ua.MonitoredItemCreateRequest(
-                    ItemToMonitor=ua.ReadValueId(NodeId=self._resolved[node_id], AttributeId=ua.AttributeIds.Value),
-                    MonitoringMode=ua.MonitoringMode.Reporting,
-                    RequestedParameters=ua.MonitoringParameters(
-                        ClientHandle=handle,
-                        SamplingInterval=float(cfg.sampling_interval_ms),
-                        # a delta value repeated with a new source timestamp is a new count: report on the
-                        # timestamp too, and queue enough that none is discarded between two publishes
-                        Filter=_EVERY_VALUE_FILTER if every else None,
-                        QueueSize=_EVERY_VALUE_QUEUE_SIZE if every else _QUEUE_SIZE,
-                        DiscardOldest=not every,
-                    ),
-                )
-            )
+            items.append(self._item_request(handle, node_id))
         # register the handles first: the first notification may overtake the CreateMonitoredItems response
         self._handles = handles
-        results: list[ua.MonitoredItemCreateResult] = []
-        for chunk in _chunks(items, self._limits.get("max_monitored_items_per_call", 0)):
-            part = await client.uaclient.create_monitored_items(
-                ua.CreateMonitoredItemsParameters(
-                    SubscriptionId=result.SubscriptionId,
-                    TimestampsToReturn=ua.TimestampsToReturn.Both,
-                    ItemsToCreate=chunk,
-                )
-            )
-            if len(part) != len(chunk):
-                raise _ConnectionLost(f"server answered {len(part)} results for {len(chunk)} monitored items")
-            results.extend(part)
+        results = await self._create_items(client, result.SubscriptionId, items)
         failed: list[Sample] = []
         now = time.time()
         refused: dict[str, str] = {}  # node id -> status
@@ -376,10 +358,93 @@ class OpcUaConnector(Connector):
                     log.error("opcua.monitor_failed", connector=self.id, endpoint=self.endpoint, machine=machine,
                               counter=signal, node_id=node_id, status=name)
             failed.extend(Sample(k, None, False, now, None, name) for k in self._node_keys[node_id])
+        self._refused_nodes = refused
         self._report_refused(refused)
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
             self._deliver(failed)
+
+    def _item_request(self, handle: int, node_id: str) -> ua.MonitoredItemCreateRequest:
+        every = node_id in self._every_value
+        return ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(NodeId=self._resolved[node_id], AttributeId=ua.AttributeIds.Value),
+            MonitoringMode=ua.MonitoringMode.Reporting,
+            RequestedParameters=ua.MonitoringParameters(
+                ClientHandle=handle,
+                SamplingInterval=float(self.config.sampling_interval_ms),
+                # a delta value repeated with a new source timestamp is a new count: report on the
+                # timestamp too, and queue enough that none is discarded between two publishes
+                Filter=_EVERY_VALUE_FILTER if every else None,
+                QueueSize=_EVERY_VALUE_QUEUE_SIZE if every else _QUEUE_SIZE,
+                DiscardOldest=not every,
+            ),
+        )
+
+    async def _create_items(self, client: Client, subscription_id: int,
+                            items: list[ua.MonitoredItemCreateRequest]) -> list[ua.MonitoredItemCreateResult]:
+        """CreateMonitoredItems in chunks of the server's MaxMonitoredItemsPerCall (one call when unlimited)."""
+        results: list[ua.MonitoredItemCreateResult] = []
+        for chunk in _chunks(items, self._limits.get("max_monitored_items_per_call", 0)):
+            part = await client.uaclient.create_monitored_items(
+                ua.CreateMonitoredItemsParameters(
+                    SubscriptionId=subscription_id,
+                    TimestampsToReturn=ua.TimestampsToReturn.Both,
+                    ItemsToCreate=chunk,
+                )
+            )
+            if len(part) != len(chunk):
+                raise _ConnectionLost(f"server answered {len(part)} results for {len(chunk)} monitored items")
+            results.extend(part)
+        return results
+
+    async def _retry_refused(self, client: Client) -> None:
+        """Create the refused monitored items again on the live subscription (see ``RETRY_REFUSED_S``). A node now
+        accepted is read from then on (its counter type checked first, like at connect), its alarm cleared and
+        ``opcua.monitor_recovered`` logged; the others stay refused."""
+        if not self._refused_nodes or self._subscription_id is None:
+            return
+        gen = self._generation
+        if any(self._resolved.get(n) is None for n in self._refused_nodes):  # an nsu= namespace may have appeared
+            namespaces = list(await client.get_namespace_array())
+            for text in self._refused_nodes:
+                nid = ua.NodeId.from_string(text)
+                uri = getattr(nid, "NamespaceUri", None)
+                if uri and uri in namespaces:
+                    self._resolved[text] = ua.NodeId(nid.Identifier, namespaces.index(uri), nid.NodeIdType)
+                    self._unknown_ns_logged.discard(text)
+        candidates = [n for n in self._refused_nodes if self._resolved.get(n) is not None]
+        if not candidates:
+            return
+        monitored = {n for n in self._node_keys if self._resolved.get(n) is not None and n not in self._refused_nodes}
+        await self._check_types(client, [n for n in self._node_keys if n in monitored or n in candidates])
+        first = max(self._handles, default=0) + 1
+        numbered = list(enumerate(candidates, start=first))
+        items = [self._item_request(handle, node_id) for handle, node_id in numbered]
+        if gen != self._generation:
+            return  # the connection went while we were asking
+        # register the handles first: the first notification may overtake the CreateMonitoredItems response
+        self._handles.update((handle, tuple(self._node_keys[node_id])) for handle, node_id in numbered)
+        results = await self._create_items(client, self._subscription_id, items)
+        refused = dict(self._refused_nodes)
+        for (handle, node_id), res in zip(numbered, results):
+            if res.StatusCode.is_good():
+                refused.pop(node_id, None)
+                self._failed_items.discard(node_id)
+                for k in self._node_keys[node_id]:
+                    machine, _, signal = k.partition("/")
+                    log.info("opcua.monitor_recovered", connector=self.id, endpoint=self.endpoint, machine=machine,
+                             counter=signal, node_id=node_id)
+            else:
+                self._handles.pop(handle, None)
+                refused[node_id] = status_name(res.StatusCode.value)
+        if refused == self._refused_nodes:
+            return
+        self._refused_nodes = refused
+        self._report_refused(refused)
+        self.status.detail["monitored_items"] = sum(1 for n in self._node_keys if self._resolved.get(n) is not None
+                                                    and n not in refused)
+        if not self._failed_items:
+            self.status.set(ComponentState.CONNECTED)
 
     def _report_refused(self, refused: dict[str, str]) -> None:
         """Monitored items the server refused (BadNodeIdUnknown, ...): one alarm per machine signal, listed in status
@@ -519,6 +584,7 @@ class OpcUaConnector(Connector):
         lost = self._lost
         assert lost is not None
         healthy_checks = 0
+        retry_at = time.monotonic() + self.retry_refused_s
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(lost.wait(), cfg.watchdog_interval_s)
@@ -537,6 +603,12 @@ class OpcUaConnector(Connector):
                 raise _ConnectionLost(f"subscription silent for {silent:.1f}s (no data, no keep-alive)")
             healthy_checks += 1
             self._check_expiry()
+            if self._refused_nodes and time.monotonic() >= retry_at:
+                retry_at = time.monotonic() + self.retry_refused_s
+                try:
+                    await asyncio.wait_for(self._retry_refused(client), cfg.timeout_s)
+                except TimeoutError:  # asyncio.TimeoutError is TimeoutError since 3.11
+                    raise _ConnectionLost(f"retry of the refused monitored items timed out after {cfg.timeout_s}s") from None
             if healthy_checks == 1:
                 # reset only once the connection has proven itself: a server that accepts and then drops
                 # every connection must not be hammered at the initial delay

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,10 +15,14 @@ from typing import Any
 from asyncua import Client, ua
 
 from connectors.opcua.config import OpcUaConnectorConfig
-from connectors.opcua.session import SessionSecurity, prepare_client
+from connectors.opcua.pki import CertificateRefused, Pki
+from connectors.opcua.session import SecurityRefused, SessionSecurity, prepare_client
 
 INTEGER_TYPES = {"SByte": 8, "Byte": 8, "Int16": 16, "UInt16": 16, "Int32": 32, "UInt32": 32, "Int64": 64, "UInt64": 64}
 _SERVER_OBJECT = ua.NodeId(ua.ObjectIds.Server)
+_MAX_NODES_PER_READ = ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+#: client of an open tool session -> the server's MaxNodesPerRead (0: no limit)
+_read_limits: weakref.WeakKeyDictionary[Client, int] = weakref.WeakKeyDictionary()
 
 
 @contextlib.asynccontextmanager
@@ -30,8 +35,12 @@ async def session(cfg: OpcUaConnectorConfig) -> AsyncIterator[tuple[Client, Sess
     await asyncio.wait_for(client.connect(), cfg.timeout_s)
     try:
         namespaces = list(await client.get_namespace_array())
+        dv = (await client.uaclient.read_attributes([_MAX_NODES_PER_READ], ua.AttributeIds.Value))[0]
+        limit = dv.Value.Value if dv.StatusCode.is_good() and dv.Value is not None else None
+        _read_limits[client] = int(limit) if isinstance(limit, int) and limit > 0 else 0
         yield client, security, namespaces
     finally:
+        _read_limits.pop(client, None)
         with contextlib.suppress(Exception, asyncio.TimeoutError):
             await asyncio.wait_for(client.disconnect(), 3)
 
@@ -91,7 +100,12 @@ class VariableInfo:
 async def read_info(client: Client, nid: ua.NodeId) -> VariableInfo:
     """Node class, and for a variable its data type, access level and current value (one Read)."""
     attrs = [ua.AttributeIds.NodeClass, ua.AttributeIds.DataType, ua.AttributeIds.AccessLevel, ua.AttributeIds.Value]
-    dvs = await client.get_node(nid).read_attributes(attrs)
+    # one Read, or several when the server's MaxNodesPerRead is smaller (a strict server refuses the request whole)
+    size = _read_limits.get(client) or len(attrs)
+    dvs: list[ua.DataValue] = []
+    for i in range(0, len(attrs), size):
+        dvs.extend(await client.uaclient.read(ua.ReadParameters(
+            NodesToRead=[ua.ReadValueId(NodeId=nid, AttributeId=a) for a in attrs[i:i + size]])))
     if not dvs[0].StatusCode.is_good():
         return VariableInfo("?", status=dvs[0].StatusCode.name)
     node_class = ua.NodeClass(dvs[0].Value.Value).name
@@ -198,3 +212,37 @@ async def check_tag(client: Client, namespaces: list[str], node_id: str, kind: s
     elif kind == "text" and dt != "String" and dt not in INTEGER_TYPES:
         return False, f"an order/operation number needs a String or integer node, this one is {dt}"
     return True, found
+
+
+def failure_text(exc: BaseException, cfg: OpcUaConnectorConfig) -> str:
+    """One line (two for an untrusted certificate: the command that trusts it) for a failed tool session."""
+    if isinstance(exc, CertificateRefused):
+        if exc.reason == "untrusted":
+            return f"{exc}\ntrust it with: edge-gateway pki trust --pki-dir {Pki(cfg.pki_dir).root} {exc.thumbprint}"
+        return str(exc)
+    if isinstance(exc, SecurityRefused):
+        return str(exc)
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer from {cfg.endpoint} within {cfg.timeout_s}s"
+    return f"cannot connect to {cfg.endpoint}: {type(exc).__name__}: {exc}"
+
+
+async def check_online(c: OpcUaConnectorConfig, items: list[tuple[str, str, Any, Any]]) -> int:
+    """``validate --online`` for one OPC UA connector (see connectors/__init__.py): connect like the connector, check
+    every tag with :func:`check_tag`, one line each; returns the number of problems."""
+    import logging
+
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    problems = 0
+    try:
+        async with session(c) as (client, security, namespaces):
+            print(f"connector {c.id} ({c.endpoint}): connected, {security.policy}/{security.mode}, "
+                  f"{security.user_token}")
+            for label, kind, b, addr in items:
+                ok, what = await check_tag(client, namespaces, addr.node_id, kind, getattr(b, "bits", None))
+                problems += not ok
+                print(f"  {label}: {addr.node_id}: {'ok, ' if ok else 'PROBLEM: '}{what}")
+    except Exception as exc:  # noqa: BLE001 - every failure is one line for the engineer, never a traceback
+        problems += 1
+        print(f"connector {c.id} ({c.endpoint}): PROBLEM: {failure_text(exc, c)}")
+    return problems
