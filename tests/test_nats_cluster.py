@@ -225,8 +225,8 @@ async def test_topic_with_a_dot_is_refused(cluster):
 
 
 async def test_publisher_fails_over_to_another_node_with_the_same_client_id(cluster):
-    """What the gateway's broker list relies on: after its node dies, the same client id (clean session, as the
-    gateway connects) is accepted by another node, its QoS 1 publishes are PUBACKed there and reach the consumer's
+    """What the gateway's broker list relies on: after its node dies, the same client id (here with a persistent
+    session; the gateway's own clean-session failover is tests/test_nats_session.py) is accepted by another node, its QoS 1 publishes are PUBACKed there and reach the consumer's
     stream; a persistent session (clean_session False) keeps its subscription across nodes (session in $MQTT_sess)."""
     nc, js = await _with_consumer(cluster)
     await nc.close()
