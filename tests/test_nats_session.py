@@ -15,7 +15,15 @@ from gateway.mqtt import MqttLink, Publisher
 from gateway.store import OutboxRow, Store
 from simulators.nats_cluster import NatsCluster
 from tests.e2e import wait_until
-from tests.test_nats_cluster import TOPIC, Pub, _js, _mqtt_streams_led_without, _retry, _stored, _with_consumer
+from tests.test_nats_cluster import (
+    TOPIC,
+    Pub,
+    _js,
+    _mqtt_streams_led_without,
+    _retry,
+    _stored,
+    _with_consumer,
+)
 
 DISPATCH = "edge/v1/acme/plant-1/assembly/line-1/press-1/dispatch"
 
