@@ -48,8 +48,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # start() keeps retrying an unreachable broker: a SIGTERM / Ctrl-C meanwhile must still stop the process
+        starting = asyncio.create_task(svc.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            log.info("erp.start_interrupted", reason="stop requested before the service was started")
+            await svc.stop()
+            return EXIT_OK
         try:
-            await svc.start()
+            starting.result()
         except Exception as exc:
             log.error("erp.start_failed", error=f"{type(exc).__name__}: {exc}"[:500])
             await svc.stop()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Model(BaseModel):
@@ -95,12 +95,16 @@ class ServiceConfig(_Model):
     timezone: str = Field("UTC", description="Plant time zone for PostingDate.")
     gap_alarm_s: float = Field(60, gt=0, description="An open seq gap older than this raises the gap alarm.")
 
-    @model_validator(mode="after")
-    def _tz(self) -> "ServiceConfig":
-        from zoneinfo import ZoneInfo
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        ZoneInfo(self.timezone)
-        return self
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):  # ZoneInfoNotFoundError is a KeyError: pydantic would not catch it
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. 'Europe/Berlin', 'UTC')") from None
+        return v
 
 
 class ConfigError(ValueError):
@@ -115,5 +119,5 @@ def load_config(path: str | Path) -> ServiceConfig:
     try:
         return ServiceConfig.model_validate(doc)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None

@@ -67,15 +67,23 @@ class NatsSource:
     async def connect(self) -> None:
         import nats
 
+        last_error: list[str] = []
+
         async def _err(exc: Exception) -> None:
-            log.warning("erp.nats_error", error=str(exc)[:300])
+            # nats-py calls this on every failed attempt (every reconnect_time_wait): log a change, not each repeat
+            text = str(exc)[:300]
+            if last_error != [text]:
+                last_error[:] = [text]
+                log.warning("erp.nats_error", error=text, servers=self.cfg.servers)
 
         async def _disc() -> None:
             log.warning("erp.nats_disconnected")
 
         async def _reconn() -> None:
+            last_error.clear()
             log.info("erp.nats_reconnected", server=str(self.nc.connected_url.netloc if self.nc else ""))
 
+        log.info("erp.nats_connecting", servers=self.cfg.servers)
         self.nc = await nats.connect(servers=self.cfg.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                      error_cb=_err, disconnected_cb=_disc, reconnected_cb=_reconn,
                                      name="edge-gateway-erp")

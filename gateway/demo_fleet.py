@@ -33,7 +33,13 @@ def preflight(admin_dsn: str) -> str | None:
     except RuntimeError as exc:
         return f"edge-gateway demo --fleet: {exc}"
     import psycopg
+    import psycopg.conninfo
 
+    try:
+        psycopg.conninfo.conninfo_to_dict(admin_dsn)
+    except psycopg.ProgrammingError as exc:  # a malformed DSN is not a missing server: do not say "install"
+        return (f"edge-gateway demo --fleet: --postgres-dsn is not a valid libpq DSN ({' '.join(str(exc).split())}); e.g. "
+                "postgresql://postgres@127.0.0.1:5432/postgres")
     try:
         with psycopg.connect(admin_dsn, connect_timeout=5, autocommit=True):
             pass
@@ -105,6 +111,13 @@ def compare(truth: dict[str, dict[str, int]], posted: dict[str, dict[str, Any]])
     return False, "fleet demo: DIFFERENT: " + ("; ".join(diffs) or "nothing was produced")
 
 
+def _say(message: str) -> None:
+    """The scenario's progress lines to stderr; its machine-readable summary (a long JSON line, for the test and the
+    benchmark) is left out: the demo prints its own summary below the table."""
+    if not message.startswith("fleet summary: "):
+        print(message, file=sys.stderr)
+
+
 async def _run(duration: float, workdir: Path, chaos: bool, admin_dsn: str, out: TextIO) -> int:
     from simulators.fleet import run_fleet
 
@@ -113,7 +126,7 @@ async def _run(duration: float, workdir: Path, chaos: bool, admin_dsn: str, out:
     try:
         await run_fleet(workdir, gateways=2, machines_per_gateway=2, workers=2, produce_s=duration, chaos=chaos,
                         cycle_time=0.05, admin_dsn=admin_dsn, on_tick=Table(out), summary=summary,
-                        say=lambda m: print(m[:300], file=sys.stderr), match_timeout_s=60)
+                        say=_say, match_timeout_s=60)
     except AssertionError as exc:  # the scenario's own checks: postings != truth, a double posting, a conflict
         failure = str(exc)
     truth = summary.get("truth", {})
@@ -139,6 +152,9 @@ def run_fleet_demo(duration: float | None = None, workdir: str | None = None, ch
 
     out = out or sys.stdout
     admin_dsn = admin_dsn or ADMIN_DSN
+    if duration is not None and not duration > 0:
+        print(f"edge-gateway demo --fleet: --duration must be a number of seconds > 0, not {duration}", file=sys.stderr)
+        return EXIT_MISSING
     problem = preflight(admin_dsn)
     if problem is not None:
         print(problem, file=sys.stderr)

@@ -318,7 +318,10 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                 chaos_log.append("nats n3 restarted")
                 await at(0.7)
                 endpoint.set_failing(False)
-                chaos_log.append("ERP back")
+                # and the next postings are booked but their answer is lost (the outcome-unknown case): the poster's
+                # lookup before the retry must find them instead of posting them again
+                endpoint.fail_after_commit_next(2)
+                chaos_log.append("ERP back (the answers to its next 2 bookings lost)")
                 await wks[0].spawn()
                 chaos_log.append("worker erp-0 restarted")
             await asyncio.sleep(max(0.0, t_start + produce_s - time.monotonic()))

@@ -39,6 +39,7 @@ def test_fleet_demo_short_run_ends_equal(tmp_path):
     assert len(rows) == 4 and all(r[1] == r[2] and r[3] == r[4] and r[5] == "yes" for r in rows), rows
     assert sum(int(r[1]) for r in rows) > 0
     assert "Traceback" not in proc.stderr
+    assert "fleet summary:" not in proc.stderr  # the scenario's JSON summary line is for tests, not the user
     # its throwaway database (named in the workers' config) was dropped
     dsn = yaml.safe_load((tmp_path / "erp.yaml").read_text())["postgres"]["dsn"]
     assert dsn.rsplit("/", 1)[1].startswith("edge_erp_fleet_")
@@ -75,3 +76,12 @@ def test_comparison_is_exact():
     assert not compare(truth, {"1/0010": posted["1/0010"]})[0]
     assert not compare(truth, {**posted, "3/0010": {"yield": "1", "scrap": "0", "final": True}})[0]
     assert not compare({}, {})[0]  # nothing produced is not a success
+
+
+def test_fleet_demo_refuses_a_bad_dsn_or_duration_in_one_line():
+    for args, want in ((["--postgres-dsn", "garbage=="], "--postgres-dsn is not a valid libpq DSN"),
+                       (["--duration", "-1"], "--duration must be a number of seconds > 0")):
+        proc = subprocess.run(EXE + args, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and want in err[0] and "install" not in err[0], err
+        assert proc.stdout == ""

@@ -74,3 +74,48 @@ async def test_run_serves_health_and_stops_on_sigterm(tmp_path, mqtt_broker):
                 await p.wait()
         events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
         assert "erp.started" in events and events[-1] == "erp.stopped"
+
+
+async def test_bad_timezone_and_top_level_are_named_without_traceback(tmp_path):
+    tz = tmp_path / "tz.yaml"
+    tz.write_text("timezone: Mars/Olympus\n")
+    rc, out = await _cli("validate", "--config", str(tz))
+    assert rc == 2 and "timezone: " in out and "'Mars/Olympus' is not an IANA time zone" in out
+    assert "Traceback" not in out
+    top = tmp_path / "list.yaml"
+    top.write_text("- a\n")
+    rc, out = await _cli("validate", "--config", str(top))
+    assert rc == 2 and "(top level): " in out
+
+
+async def test_sigterm_while_nats_is_unreachable_stops_it(tmp_path):
+    """start() keeps retrying an unreachable NATS; a SIGTERM meanwhile ends the process (it used to hang forever),
+    and the failed attempts (one every 0.5 s) are logged once, not each."""
+    async with throwaway_database() as dsn:
+        cfg = tmp_path / "erp.yaml"
+        cfg.write_text(yaml.safe_dump({"source": "nats", "postgres": {"dsn": dsn},
+                                       "nats": {"servers": [f"nats://127.0.0.1:{free_port()}"]},
+                                       "http": {"port": 0}, "logging": {"format": "json"}}))
+        log = tmp_path / "erp.log"
+        with open(log, "wb") as f:
+            p = await asyncio.create_subprocess_exec(sys.executable, "-m", "erp_service.cli", "run", "--config",
+                                                     str(cfg), cwd=ROOT, stdout=f, stderr=f)
+
+        def events() -> list[str]:
+            return [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
+
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while "erp.nats_error" not in events():
+                assert p.returncode is None and asyncio.get_running_loop().time() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # three more failed attempts: must not be logged again
+            p.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(p.wait(), 15) == 0
+        finally:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        ev = events()
+        assert ev.count("erp.nats_error") == 1, ev
+        assert "erp.start_interrupted" in ev and ev[-1] == "erp.stopped" and "Traceback" not in log.read_text()

@@ -226,7 +226,8 @@ async def test_topic_with_a_dot_is_refused(cluster):
 
 
 async def test_publisher_fails_over_to_another_node_with_the_same_client_id(cluster):
-    """What the gateway's broker list relies on: after its node dies, the same client id is accepted by another node,
+    """What the gateway's broker list relies on (its clean-session failover end to end: tests/test_nats_session.py):
+    after its node dies, the same client id is accepted by another node,
     its QoS 1 publishes are PUBACKed there and reach the consumer's stream, and the ERP's retained dispatch
     acknowledged by the dead node is delivered to a subscription made on another node."""
     nc, js = await _with_consumer(cluster)
