@@ -175,6 +175,14 @@ class Connection:
         return f"Connection(id={self.id}, alive={self.alive})"
 
 
+def _self_connected(sock: Any) -> bool:
+    """A TCP socket connected to itself (same local and remote address and port)."""
+    try:
+        return bool(sock.getsockname() == sock.getpeername())
+    except (OSError, AttributeError):
+        return False
+
+
 class MqttLink:
     """Keeps one MQTT connection up; exposes publish() and PUBACK / message callbacks.
 
@@ -312,6 +320,13 @@ class MqttLink:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, AttributeError):
                 pass
+            if _self_connected(sock):
+                # a broker on this host that is down, on a port inside the ephemeral range: the kernel may give the
+                # client that very port and connect it to itself (TCP simultaneous open). The gateway would then
+                # talk to itself and hold the port the broker needs to start again (seen in bench/backlog.py)
+                log.warning("mqtt.self_connected", host=self.host, port=self.port,
+                            action="closed; the broker is not running there, retried")
+                sock.shutdown(socket.SHUT_RDWR)
             on_loop(loop.add_reader, sock, client.loop_read)
 
         def sock_close(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -79,3 +79,28 @@ async def test_the_gateway_fails_over_to_the_next_broker_and_loses_nothing(tmp_p
             c.stop()
         a.close()
         b.close()
+
+
+def test_a_socket_connected_to_itself_is_recognised():
+    """With the broker down on a port of the ephemeral range, the kernel can connect the client's socket to itself
+    (same local and remote port): the link must see that and close it, or it holds the port the broker needs."""
+    import socket
+
+    from gateway.mqtt import _self_connected
+    from simulators.ports import free_port
+
+    port = free_port()
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.connect(("127.0.0.1", port))  # simultaneous open with itself
+    try:
+        assert _self_connected(s)
+    finally:
+        s.close()
+    server = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(server.getsockname())
+    try:
+        assert not _self_connected(c)
+    finally:
+        c.close()
+        server.close()
