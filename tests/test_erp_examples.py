@@ -1,4 +1,4 @@
-"""The shipped examples for the fleet side are valid: the ERP service's config (config/examples/erp-service.yaml)
+"""The shipped examples for the fleet side are valid: the ERP service's config (config/erp/erp-service.yaml)
 and the NATS node config (deploy/nats-server.conf: nats-server's own check, MQTT streams at 3 replicas)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_erp_service_example_validates():
-    cfg = load_config(ROOT / "config/examples/erp-service.yaml")
+    cfg = load_config(ROOT / "config/erp/erp-service.yaml")
     assert cfg.source == "nats" and len(cfg.nats.servers) == 3 and cfg.erp.password_env and ":@" not in cfg.postgres.dsn
 
 
