@@ -5,6 +5,8 @@ here; connectors and the gateway both import this module, and it imports neither
 from __future__ import annotations
 
 import enum
+import errno
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -75,3 +77,20 @@ class Backoff:
         delay = self._current
         self._current = min(self.maximum, self._current * self.factor)
         return delay * random.uniform(0.8, 1.2)
+
+
+class HttpListenError(Exception):
+    """The local HTTP API cannot listen (the port is taken, the address is not on this host): one line for the user."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            fix = "another process listens there (stop it, or choose another http.port)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "this host has no such address (fix http.host)"
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges (choose http.port 1024 or above)"
+        else:
+            fix = "check http.host and http.port"
+        super().__init__(f"http.port: cannot listen on {host}:{port}: {why}; {fix}")
+        self.host, self.port, self.errno = host, port, exc.errno

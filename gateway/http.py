@@ -21,7 +21,6 @@ listener on an address other than loopback needs ``http.token_env`` (refused at 
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import os
@@ -32,6 +31,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import health, statuspage
+from gateway.component import HttpListenError  # raised here; defined there so the CLI catches it without aiohttp
 from gateway.config import HttpConfig
 from gateway.dispatch import DispatchRejected, parse_local_order
 
@@ -39,23 +39,6 @@ if TYPE_CHECKING:
     from gateway.runtime import Gateway
 
 log = structlog.get_logger(__name__)
-
-
-class HttpListenError(Exception):
-    """The local HTTP API cannot listen (the port is taken, the address is not on this host): one line for the user."""
-
-    def __init__(self, host: str, port: int, exc: OSError) -> None:
-        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            fix = "another process listens there (stop it, or choose another http.port)"
-        elif exc.errno == errno.EADDRNOTAVAIL:
-            fix = "this host has no such address (fix http.host)"
-        elif exc.errno == errno.EACCES:
-            fix = "ports below 1024 need privileges (choose http.port 1024 or above)"
-        else:
-            fix = "check http.host and http.port"
-        super().__init__(f"http.port: cannot listen on {host}:{port}: {why}; {fix}")
-        self.host, self.port, self.errno = host, port, exc.errno
 
 
 @web.middleware

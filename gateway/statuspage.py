@@ -27,11 +27,11 @@ from functools import lru_cache
 from importlib import metadata, resources
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from gateway.component import rfc3339
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from gateway.config import GatewayConfig
     from gateway.dispatch import ErpAck
     from gateway.store import PendingRow, Store
@@ -253,6 +253,8 @@ def _page() -> tuple[bytes, str]:
 
 
 async def page(request: web.Request) -> web.Response:
+    from aiohttp import web  # imported by the HTTP API only: a gateway without it does not load aiohttp (start, RSS)
+
     body, csp = _page()
     return web.Response(body=body, content_type="text/html", charset="utf-8", headers={
         "Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",

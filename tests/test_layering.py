@@ -55,3 +55,16 @@ def test_gateway_config_names_no_protocol() -> None:
     assert names == []
     types = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in ("uint16", "float32")]
     assert types == []
+
+
+def test_a_gateway_without_its_http_api_does_not_load_aiohttp() -> None:
+    """The HTTP API is off by default; what `edge-gateway run` imports without it must not pull aiohttp in (~9 MB
+    of RSS and ~0.1 s of start time at every start, bench/startup.py and bench/memory.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import gateway.cli, gateway.runtime, gateway.service, gateway.reload, gateway.component; "
+            "from gateway.component import HttpListenError; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]", out
