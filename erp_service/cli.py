@@ -41,6 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     log = structlog.get_logger("erp_service")
 
     async def main() -> int:
+        from erp_service.config import ConfigError
         from erp_service.service import ErpService
 
         svc = ErpService(cfg)
@@ -61,6 +62,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return EXIT_OK
         try:
             starting.result()
+        except ConfigError as exc:  # found only when used (postgres.dsn values libpq refuses): not retried
+            log.error("erp.config_invalid", error=str(exc)[:500])
+            await svc.stop()
+            return EXIT_CONFIG
         except Exception as exc:
             log.error("erp.start_failed", error=f"{type(exc).__name__}: {exc}"[:500])
             await svc.stop()

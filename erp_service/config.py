@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,24 @@ class _Model(BaseModel):
 
 class PostgresConfig(_Model):
     dsn: str = Field("postgresql://postgres@127.0.0.1:5432/edge_erp", description="libpq connection string / URL.")
+    backoff_initial_s: float = Field(0.5, gt=0, description="At start, the first wait before trying an unreachable "
+                                     "database again (doubles on every failure, ±20 % jitter).")
+    backoff_max_s: float = Field(30, gt=0, description="Cap of that wait; the service retries for as long as it takes.")
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, v: str) -> str:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(v)
+        except ProgrammingError as exc:
+            # libpq quotes the offending part, which may be (part of) the password: hidden
+            why = re.sub(r'"([^"]*)"', lambda m: m[0] if m[1] == "=" else '"…"', str(exc).strip())
+            raise ValueError(f"not a libpq connection string or URL: {why} (e.g. 'postgresql://user@host:5432/db' "
+                             f"or 'host=... dbname=...'; quoted parts hidden)") from None
+        return v
 
 
 class NatsSourceConfig(_Model):

@@ -1,7 +1,7 @@
 """The ERP posting service process: consumer workers (one PostgreSQL connection each), outbox posters, HTTP surface.
 
-GET /health   200 while the process runs (liveness)
-GET /ready    200 when the database answers, the consumer is connected and the workers are up, else 503
+GET /health   200 while the process runs (liveness); while start() waits for PostgreSQL, says so under "waiting"
+GET /ready    200 when the database answers, the consumer is connected and the workers are up, else 503 and why
 GET /status   JSON: counts by outcome, open seq gaps, held completions, outbox by state, consumer lag
 GET /metrics  Prometheus text format (edge_erp_*)
 """
@@ -17,12 +17,14 @@ import psycopg
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg.conninfo import conninfo_to_dict
 
-from erp_service.config import ServiceConfig
+from erp_service.config import ConfigError, ServiceConfig
 from erp_service.consumers import MqttWorker, NatsSource
 from erp_service.ledger import Ledger, Result, ensure_schema
 from erp_service.metrics import Metrics
 from erp_service.poster import Poster
+from gateway.component import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -42,13 +44,14 @@ class ErpService:
         self.http_port: int | None = None
         self.started_at = time.time()
         self.workers_up = 0
+        #: while start() waits for PostgreSQL: where, the last error, attempts, next retry (shown on /health, /ready)
+        self.waiting: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> "ErpService":
-        async with await psycopg.AsyncConnection.connect(self.cfg.postgres.dsn) as c:
-            await ensure_schema(c)
         if self.cfg.http.enabled:
-            await self._start_http()
+            await self._start_http()  # liveness and readiness answer while the database is awaited
+        await self._prepare_database()
         if self.cfg.source == "nats":
             self.nats = NatsSource(self.cfg.nats, self.cfg.topic_root, self.metrics, self.cfg.acks)
             self.nats.dead_letter = self._dead_letter
@@ -71,6 +74,45 @@ class ErpService:
         log.info("erp.started", source=self.cfg.source, workers=self.cfg.workers, posters=len(self.posters),
                  http_port=self.http_port)
         return self
+
+    async def _prepare_database(self) -> None:
+        """Connect and create the tables, retrying for as long as it takes (capped, jittered exponential backoff):
+        under systemd the database may come up after the service. Every server-side refusal is retried too (an
+        unknown role or database, a wrong password, too many connections: each can be fixed on the server while the
+        service waits). Only a connection string libpq refuses before contacting any server (``port=abc``,
+        ``sslmode=bogus``) raises ``ConfigError``: retrying cannot fix it. An unparsable DSN never gets here (config
+        validation). Cancel the task to give up (SIGTERM)."""
+        pg = self.cfg.postgres
+        params = conninfo_to_dict(pg.dsn)
+        port = params.get("port")
+        target = {"host": params.get("host") or params.get("hostaddr"),
+                  "port": int(port) if port and port.isdigit() else port, "dbname": params.get("dbname")}  # no password
+        timeout = {} if "connect_timeout" in params else {"connect_timeout": 10}  # a black-holed host
+        backoff = Backoff(pg.backoff_initial_s, pg.backoff_max_s)
+        t0, attempts, last = time.monotonic(), 0, ""
+        while True:
+            attempts += 1
+            try:
+                async with await psycopg.AsyncConnection.connect(pg.dsn, **timeout) as c:
+                    await ensure_schema(c)
+                break
+            except psycopg.OperationalError as exc:
+                error = " ".join(str(exc).split())[:500]
+                if error.startswith("connection is bad: invalid "):
+                    raise ConfigError(f"postgres.dsn: {error.removeprefix('connection is bad: ')} (libpq refuses "
+                                      f"the connection string; retrying cannot fix it)") from None
+                delay = round(backoff.next(), 2)
+                self.waiting = {"for": "postgres", **target, "error": error, "attempts": attempts,
+                                "retry_in_s": delay, "waiting_s": round(time.monotonic() - t0, 1)}
+                if error != last:  # a state change, not every repeat (the current state is on /health)
+                    log.warning("erp.postgres_unreachable", **target, error=error, attempt=attempts,
+                                retry_in_s=delay)
+                last = error
+                await asyncio.sleep(delay)
+        if attempts > 1:
+            log.info("erp.postgres_reachable", **target, attempts=attempts,
+                     waited_s=round(time.monotonic() - t0, 1))
+        self.waiting = None
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -188,19 +230,24 @@ class ErpService:
                 "gaps": [{"source": s, "epoch": e, **g} for (s, e), g in gaps.items()]}
 
     async def ready(self) -> bool:
+        return await self.not_ready_reason() is None
+
+    async def not_ready_reason(self) -> str | None:
         if self.stop_event.is_set():
-            return False
+            return "stopping"
+        if self.waiting is not None:
+            return f"waiting for PostgreSQL: {self.waiting['error']}"
         if self.cfg.source == "nats":
             if self.nats is None or not self.nats.ready or self.nats.nc is None or not self.nats.nc.is_connected:
-                return False
+                return "NATS consumer not connected"
         elif not self.mqtt_workers or not all(w.ready for w in self.mqtt_workers):
-            return False
+            return "MQTT workers not subscribed"
         try:
             async with await psycopg.AsyncConnection.connect(self.cfg.postgres.dsn, connect_timeout=2) as c:
                 await c.execute("SELECT 1")
-        except psycopg.Error:
-            return False
-        return True
+        except psycopg.Error as exc:
+            return f"database: {' '.join(str(exc).split())}"[:300]
+        return None
 
     # ------------------------------------------------------------------------------------------ HTTP
     async def _start_http(self) -> None:
@@ -217,11 +264,16 @@ class ErpService:
         log.info("erp.http_listening", host=self.cfg.http.host, port=self.http_port)
 
     async def _h_health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uptime_s": round(time.time() - self.started_at, 1)})
+        body: dict[str, Any] = {"status": "ok", "uptime_s": round(time.time() - self.started_at, 1)}
+        if self.waiting is not None:
+            body["waiting"] = self.waiting
+        return web.json_response(body)
 
     async def _h_ready(self, request: web.Request) -> web.Response:
-        ok = await self.ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        reason = await self.not_ready_reason()
+        if reason is None:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reason": reason}, status=503)
 
     async def _h_status(self, request: web.Request) -> web.Response:
         try:

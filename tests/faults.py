@@ -51,6 +51,63 @@ class BlackHole:
             w.close()
 
 
+class Gate:
+    """A TCP proxy in front of a server that is away until ``open()``. While shut it accepts every connection and
+    drops it at once (the client sees the server gone), and ``shut()`` also cuts the connections it forwards. Its
+    port stays bound throughout: with nothing listening on an ephemeral-range port a client can connect to itself
+    (TCP simultaneous open). ``refused`` counts the connections dropped while shut."""
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.is_open = False
+        self.refused = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> Gate:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def open(self) -> None:
+        self.is_open = True
+
+    def shut(self) -> None:
+        self.is_open = False
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.is_open:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = {writer, up_writer}
+        self._writers |= pair
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._writers -= pair
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.shut()
+
+
 async def start_on_free_port(make: Callable[[int], Any], attempts: int = 5) -> Any:
     """A simulator on a free port. A port picked with bind(0) is from the ephemeral range: another process's
     outgoing connection may take it before the server binds it, so on EADDRINUSE pick another one."""

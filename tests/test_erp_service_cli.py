@@ -13,6 +13,9 @@ import yaml
 
 from erp_service.testing import throwaway_database
 from simulators.ports import free_port
+from tests.faults import Gate
+
+SECRET = "n0t-in-any-log"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,3 +122,63 @@ async def test_sigterm_while_nats_is_unreachable_stops_it(tmp_path):
         ev = events()
         assert ev.count("erp.nats_error") == 1, ev
         assert "erp.start_interrupted" in ev and ev[-1] == "erp.stopped" and "Traceback" not in log.read_text()
+
+
+def _events(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+async def test_sigterm_while_waiting_for_postgres_exits_0(tmp_path):
+    """PostgreSQL unreachable at start (a proxy that drops every connection): the process keeps running, logs
+    erp.postgres_unreachable once, answers /ready 503 and /health 200; a SIGTERM meanwhile ends it with exit code 0,
+    no traceback (it used to exit 1 at once: erp.start_failed)."""
+    gate = await Gate(5432).start()
+    cfg = tmp_path / "erp.yaml"
+    cfg.write_text(yaml.safe_dump({"source": "mqtt", "logging": {"format": "json"}, "http": {"port": 0},
+                                   "postgres": {"dsn": f"postgresql://postgres:pw-{SECRET}@127.0.0.1:{gate.port}/x",
+                                                "backoff_initial_s": 0.05, "backoff_max_s": 0.2}}))
+    log = tmp_path / "erp.log"
+    with open(log, "wb") as f:
+        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "erp_service.cli", "run", "--config", str(cfg),
+                                                 cwd=ROOT, stdout=f, stderr=f)
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while gate.refused < 3 or "erp.http_listening" not in [e["event"] for e in _events(log)]:
+            assert p.returncode is None and asyncio.get_running_loop().time() < deadline, log.read_text()
+            await asyncio.sleep(0.05)
+        port = next(e["port"] for e in _events(log) if e["event"] == "erp.http_listening")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/ready") as r:
+                assert r.status == 503 and (await r.json())["reason"].startswith("waiting for PostgreSQL")
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                assert r.status == 200 and (await r.json())["waiting"]["for"] == "postgres"
+        p.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(p.wait(), 5) == 0
+    finally:
+        if p.returncode is None:
+            p.kill()
+            await p.wait()
+        await gate.close()
+    ev = [e["event"] for e in _events(log)]
+    assert ev.count("erp.postgres_unreachable") == 1, ev
+    assert "erp.start_interrupted" in ev and ev[-1] == "erp.stopped"
+    assert "Traceback" not in log.read_text() and SECRET not in log.read_text()
+
+
+async def test_postgres_dsn_retrying_cannot_fix_exits_2(tmp_path):
+    """Not retried: a DSN libpq cannot parse is refused by validate and run (exit 2, the field named, the quoted
+    fragment that may be the password not echoed); one whose values libpq refuses before contacting any server
+    (port=abc) stops run with erp.config_invalid, exit 2."""
+    unparsable = tmp_path / "unparsable.yaml"
+    unparsable.write_text(yaml.safe_dump({"postgres": {"dsn": f"host=127.0.0.1 password=pw {SECRET} dbname=x"}}))
+    for cmd in ("validate", "run"):
+        rc, out = await _cli(cmd, "--config", str(unparsable))
+        assert rc == 2 and "postgres.dsn: " in out and "not a libpq connection string" in out, out
+        assert SECRET not in out and "Traceback" not in out
+    bad_port = tmp_path / "port.yaml"
+    bad_port.write_text(yaml.safe_dump({"source": "mqtt", "http": {"port": 0}, "logging": {"format": "json"},
+                                        "postgres": {"dsn": "host=127.0.0.1 port=abc dbname=x"}}))
+    rc, out = await _cli("run", "--config", str(bad_port))
+    errors = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"erp.config_invalid"' in line]
+    assert rc == 2 and len(errors) == 1 and "invalid integer value" in errors[0]["error"], out
+    assert "postgres.dsn" in errors[0]["error"] and "erp.postgres_unreachable" not in out and "Traceback" not in out
