@@ -62,6 +62,9 @@ class TagBinding:
     # the same value again with a new source timestamp, and never merge or discard queued values
     every_value: bool = False
     counter: CounterType | None = None  # set for counters and material meters
+    # a change must not be merged with the next one (a machine state, a completion pulse): a short state or pulse
+    # between two reads is still delivered (OPC UA: a monitored item queue deeper than one)
+    every_change: bool = False
 
 
 def _no_observer(op: str, seconds: float) -> None:

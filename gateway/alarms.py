@@ -10,7 +10,8 @@ Ids are stable strings an alerting rule can match: ``store_full``, ``store_commi
 ``machine_faulted:<machine>``, ``subscription_refused:<topic filter>``, ``erp_rejected`` (the ERP service answered
 a rejection on the acks topic: the event is quarantined; raised again at start while such rows are quarantined);
 raised by connectors (which report to the runtime's Alarms, ``Connector.alarms``): ``tag_refused:<machine>/<signal>``
-(a monitored item the OPC UA server refused), ``certificate_expiring:<connector>:own|server``; and those evaluated
+(a monitored item the OPC UA server refused), ``queue_revised:<machine>/<signal>`` (its queue revised below what the
+tag needs), ``certificate_expiring:<connector>:own|server``; and those evaluated
 by gateway/health.py (``broker_unreachable``, ``connector_down:<connector>``, ``quarantine_not_empty``,
 ``oldest_unsent_event``, ``completion_unacked:<machine>``, ``counter_anomaly:<machine>``; the table with thresholds is
 in docs/operations.md).

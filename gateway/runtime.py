@@ -219,7 +219,8 @@ class Gateway:
                     getattr(b, "mode", "cumulative") != "cumulative"
                 bindings[b.connector].append(TagBinding(key, cfg.tag_address(m.id, signal), every,
                                                         counter_type(b) if signal in m.counters or
-                                                        signal.startswith("material:") else None))
+                                                        signal.startswith("material:") else None,
+                                                        every_change=signal in ("state", "complete")))
                 routes.signal[key] = (m.id, signal)
                 if signal in ("order", "operation", "complete"):
                     routes.control.add(key)

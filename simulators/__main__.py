@@ -110,6 +110,9 @@ def configure_opcua(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", metavar="NAME", help="require user name login (anonymous refused); the password is read "
                    "from the environment variable named by --password-env")
     p.add_argument("--password-env", metavar="VAR", help="with --user: environment variable holding the password")
+    p.add_argument("--max-queue-size", type=int, default=None, metavar="N",
+                   help="revise every monitored item's queue down to N values (a server with a small maximum queue; "
+                        "values it discards are flagged with the Overflow bit)")
 
 
 async def run_opcua(args: argparse.Namespace) -> int:
@@ -135,7 +138,7 @@ async def run_opcua(args: argparse.Namespace) -> int:
         users = {args.user: password}
     model = build_model(args)
     server = OpcUaMachineServer(model, host=args.host, port=args.port, namespace=args.namespace,
-                                security_policies=policies, users=users)
+                                security_policies=policies, users=users, max_queue_size=args.max_queue_size)
     info = {"protocol": "opcua", "endpoint": server.endpoint, "node_ids": server.node_ids, "security": policies,
             "login": "username" if users else "anonymous"}
     if server.secured:

@@ -25,6 +25,13 @@ Security (constructor options; the defaults keep the old behaviour: one endpoint
   secured endpoint is offered and none is given (kept across restarts, like a PLC's). ``certificate_der``
   and ``thumbprint`` expose it. Client certificates are all accepted (the simulator trusts everyone).
 
+Queues: ``max_queue_size`` caps every monitored item's queue (asyncua's own
+``InternalServer.max_monitored_item_queue_size``: a larger request is answered with this RevisedQueueSize), as
+servers with a small maximum queue do. With a cap, a value that follows a discarded one carries the Overflow info bit
+(OPC 10000-4, 5.13.1.5), which asyncua's server does not set itself; asyncua discards the oldest value whatever
+the client's discardOldest asks. Change the attribute between ``stop()`` and ``start()`` to change the cap across a
+restart.
+
 Namespaces: ``extra_namespaces`` are registered before the simulator's own namespace, so its index moves
 (``namespace_index``); change the attribute between ``stop()`` and ``start()`` to reorder the namespace array
 across a restart, as real servers may. ``nsu_node_id(signal)`` gives the restart-proof ``nsu=`` form.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import struct
@@ -69,6 +77,7 @@ _COUNTER_TYPES = {
 }
 
 _BAD = ua.StatusCodes.BadCommunicationError
+_OVERFLOW_BITS = 0x0400 | 0x0080  # StatusCode InfoType DataValue + Overflow (OPC 10000-4, 7.39)
 
 _STOP_TIMEOUT = 5.0
 
@@ -96,6 +105,40 @@ class _Users:
         return None
 
 
+def _flag_overflows(server: Server) -> None:
+    """Set the Overflow info bit where asyncua's capped monitored item queue discards a value: on the value that
+    becomes the oldest in the queue (discardOldest, the only policy asyncua implements; OPC 10000-4, 5.13.1.5). Hooks
+    each new subscription's ``enqueue_datachange_event``; the queued notification gets a copy of the DataValue (the
+    address space keeps the original)."""
+    iserver = server.iserver
+    make_session = iserver.create_session
+
+    def create_session(*args: Any, **kwargs: Any) -> Any:
+        session = make_session(*args, **kwargs)
+        create = session.create_subscription
+
+        async def create_subscription(*a: Any, **kw: Any) -> Any:
+            result = await create(*a, **kw)
+            isub = iserver.subscription_service.subscriptions[result.SubscriptionId]
+            enqueue = isub.enqueue_datachange_event
+
+            async def enqueue_flagged(mid: int, event: ua.MonitoredItemNotification, size: int) -> None:
+                queue = isub._triggered_datachanges.get(mid)
+                if size > 1 and queue is not None and len(queue) >= size:  # asyncua pops queue[0]: [1] is next
+                    dv = queue[1].Value
+                    code = dv.StatusCode.value if dv.StatusCode is not None else 0
+                    queue[1].Value = dataclasses.replace(dv, StatusCode=ua.StatusCode(code | _OVERFLOW_BITS))
+                await enqueue(mid, event, size)
+
+            isub.enqueue_datachange_event = enqueue_flagged
+            return result
+
+        session.create_subscription = create_subscription
+        return session
+
+    iserver.create_session = create_session
+
+
 class OpcUaMachineServer:
     """A real asyncua server for one simulated machine.
 
@@ -119,6 +162,7 @@ class OpcUaMachineServer:
         max_monitored_items_per_call: int | None = None,
         max_nodes_per_read: int | None = None,
         material_per_part: float = 0.1,
+        max_queue_size: int | None = None,
     ) -> None:
         key = (model.counter_bits, bool(model.signed))
         if key not in _COUNTER_TYPES:
@@ -137,6 +181,7 @@ class OpcUaMachineServer:
         self.max_monitored_items_per_call = max_monitored_items_per_call
         self.max_nodes_per_read = max_nodes_per_read
         self.material_per_part = material_per_part
+        self.max_queue_size = max_queue_size
         #: (service, number of operations) of every Read / CreateMonitoredItems a client sent, when limits are set
         self.requests: list[tuple[str, int]] = []
         self._server: Server | None = None
@@ -272,6 +317,9 @@ class OpcUaMachineServer:
         await server.set_application_uri(self.application_uri)
         if self.max_monitored_items_per_call or self.max_nodes_per_read:
             await self._enforce_limits(server)
+        if self.max_queue_size:
+            server.iserver.max_monitored_item_queue_size = self.max_queue_size
+            _flag_overflows(server)
         for uri in self.extra_namespaces:
             await server.register_namespace(uri)
         self._ns = await server.register_namespace(self.namespace)

@@ -451,3 +451,122 @@ async def test_server_operation_limits_are_respected(model: MachineModel) -> Non
         assert max(n for service, n in srv.requests if service == "Read") <= 2
     finally:
         await srv.stop()
+
+
+async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
+    """A server that caps every monitored item's queue at 4 values (RevisedQueueSize 4). The delta counter (asks for
+    1000), the state and the completion flag (ask for 10) lose counts or states when a queued value is discarded: each
+    is logged once per connect, listed in status ``queue_revised`` and alarmed; the cumulative counter is not (its
+    latest value carries the count). A node accepted later (the refused-item retry) is judged the same way. Values the
+    server discarded arrive with the Overflow bit: counted per tag, and the delta counter really lost parts. A
+    restart of the server without the cap clears the alarms."""
+    model = MachineModel("Press1", cycle_time=0.002, scrap_rate=0.2, seed=11)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, max_queue_size=4))
+    sink = Recorder()
+    config = OpcUaConnectorConfig.model_validate({
+        "type": "opcua", "id": "line1-opc", "endpoint": server.endpoint, "security": "none",
+        "publishing_interval_ms": 400,  # values pile up between two publishes
+        "sampling_interval_ms": 0, "watchdog_interval_s": 0.3, "timeout_s": 1.0})
+    late = f"ns={server.namespace_index};s=Press1.LateDelta"
+    tags = [TagBinding("press-1/good", OpcUaTagConfig(node_id=server.node_ids["good"]), counter=CounterType()),
+            TagBinding("press-1/delta", OpcUaTagConfig(node_id=server.delta_node_id), True, CounterType()),
+            TagBinding("press-1/late", OpcUaTagConfig(node_id=late), True, CounterType()),
+            TagBinding("press-1/state", OpcUaTagConfig(node_id=server.node_ids["state"]), every_change=True),
+            TagBinding("press-1/complete", OpcUaTagConfig(node_id=server.node_ids["complete"]), every_change=True)]
+    conn = OpcUaConnector(config, tags, sink, backoff=Backoff(initial=0.1, maximum=0.5))
+    conn.retry_refused_s = 0.2
+    at_risk = ["press-1/complete", "press-1/delta", "press-1/state"]
+
+    def revised() -> dict[str, tuple[int, int]]:
+        return {k: (v["requested_queue_size"], v["revised_queue_size"])
+                for k, v in conn.status.detail["queue_revised"].items()}
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: conn.status.detail["monitored_items"] == 4 and "press-1/delta" in sink.last,
+                                 what="connected")
+                assert revised() == {"press-1/complete": (10, 4), "press-1/delta": (1000, 4), "press-1/state": (10, 4)}
+                delta = conn.status.detail["queue_revised"]["press-1/delta"]
+                assert delta["node_id"] == server.delta_node_id and "production never counted" in delta["risk"]
+                assert "brief stop" in conn.status.detail["queue_revised"]["press-1/state"]["risk"]
+                assert conn.alarms.ids() == [f"queue_revised:{k}" for k in at_risk] + ["tag_refused:press-1/late"]
+                alarm = next(a for a in conn.alarms.active() if a.id == "queue_revised:press-1/delta")
+                assert alarm.severity == "warning" and "from 1000 to 4 values" in alarm.message
+                assert (alarm.evidence["machine"], alarm.evidence["counter"], alarm.evidence["revised_queue_size"]) \
+                    == ("press-1", "delta", 4)
+
+                # a delta node that appears later is accepted by the retry with the same small queue
+                await server.add_node("LateDelta", 0)
+                await eventually(lambda: "queue_revised:press-1/late" in conn.alarms, what="the late node's alarm")
+                assert revised()["press-1/late"] == (1000, 4) and "press-1/delta" in revised()
+
+                # parts faster than publishes: the capped queue discards delta values and flags the next one
+                made_before = model.truth_totals()["good"]
+                await model.produce(150)
+                await server.flush()
+                made = model.truth_totals()["good"] - made_before
+                await eventually(lambda: conn.status.detail["queue_overflows"].get("press-1/delta", 0) > 0,
+                                 what="an overflow counted on the delta tag")
+                # the last delta value is never discarded (discard oldest) and carries the source time of the last
+                # good part, like the good counter's last value: wait for both
+                await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="the last good count")
+                await eventually(lambda: sink.last["press-1/delta"].source_time
+                                 == sink.last["press-1/good"].source_time,
+                                 what="the last delta value")
+                counted = sum(s.value for b in sink.batches for s in b if s.key == "press-1/delta" and s.good)
+                assert counted < made, "values were discarded by the server: parts lost"
+                assert all(s.status == "Good" for b in sink.batches for s in b if s.key == "press-1/delta")
+
+                # the server restarts with its full queue: the next connect gets what it asks for
+                await server.stop()
+                await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 3, "DISCONNECTED")
+                assert "queue_revised:press-1/delta" in conn.alarms  # kept while nothing says otherwise
+                server.max_queue_size = None
+                await restart(server)
+                await eventually(lambda: conn.status.state == ComponentState.DEGRADED and
+                                 conn.status.detail["reconnects"] == 1, 5, "reconnected")
+                assert conn.status.detail["queue_revised"] == {}
+                assert conn.alarms.ids() == ["tag_refused:press-1/late"]  # the late node is gone with the restart
+                assert conn.status.detail["queue_overflows"]["press-1/delta"] > 0  # the loss stays on record
+    finally:
+        await server.stop()
+    warned = [(e["machine"], e["counter"], e["node_id"], e["requested_queue_size"], e["revised_queue_size"])
+              for e in logs if e["event"] == "opcua.queue_revised" and e["log_level"] == "warning"]
+    assert sorted(warned) == [("press-1", "complete", server.node_ids["complete"], 10, 4),
+                              ("press-1", "delta", server.delta_node_id, 1000, 4),
+                              ("press-1", "late", late, 1000, 4),
+                              ("press-1", "state", server.node_ids["state"], 10, 4)]  # once each, none for good
+    overflow = [e for e in logs if e["event"] == "opcua.queue_overflow"]
+    assert [(e["machine"], e["counter"], e["node_id"]) for e in overflow] == [
+        ("press-1", "delta", server.delta_node_id)]
+    cleared = sorted(e["alarm"] for e in logs if e["event"] == "alarm.cleared" and e["alarm"].startswith("queue_"))
+    assert cleared == sorted(f"queue_revised:{k}" for k in [*at_risk, "press-1/late"])
+
+
+def test_the_runtime_tells_which_tags_need_a_queue(tmp_path) -> None:
+    """The gateway's bindings say which tags lose something when a queued value is discarded: a delta counter (every
+    value), the state and the completion flag (every change); a cumulative counter and the order tags do not."""
+    from gateway.config import parse_config
+    from gateway.runtime import Gateway
+    from tests.e2e import IDENT
+
+    opc = {"connector": "opc"}
+    cfg = parse_config({
+        "gateway": IDENT, "mqtt": {"host": "127.0.0.1", "port": free_port()},
+        "store": {"path": str(tmp_path / "gw.db")},
+        "connectors": [{"type": "opcua", "id": "opc", "endpoint": "opc.tcp://127.0.0.1:4840", "security": "none"}],
+        "machines": [{"id": "press-1", "order_source": "tag",
+                      "counters": {"good": {**opc, "node_id": "ns=2;s=Good"},
+                                   "scrap": {**opc, "node_id": "ns=2;s=Scrap", "mode": "delta"}},
+                      "state": {**opc, "node_id": "ns=2;s=State"},
+                      "order_tag": {**opc, "node_id": "ns=2;s=Order"},
+                      "operation_tag": {**opc, "node_id": "ns=2;s=Operation"},
+                      "complete_tag": {**opc, "node_id": "ns=2;s=Complete"}}]}, "<test>")
+    conn = Gateway(cfg).connectors["opc"]
+    assert {b.key.partition("/")[2]: (b.every_value, b.every_change) for b in conn.tags} == {
+        "good": (False, False), "scrap": (True, False), "state": (False, True), "order": (False, False),
+        "operation": (False, False), "complete": (False, True)}
+    assert isinstance(conn, OpcUaConnector)
+    assert {k: need for k, (need, _risk) in conn._queue_need.items()} == {
+        "press-1/scrap": 1000, "press-1/state": 10, "press-1/complete": 10}

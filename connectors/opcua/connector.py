@@ -21,6 +21,15 @@ Life of a connection (one loop iteration of :meth:`OpcUaConnector.run`):
    subscriptions across a restart, and asyncua's live subscriptions go silent when they don't).
 
 Quality: status Good → ``good=True``; Uncertain and Bad → ``good=False, value=None``.
+
+Queues: a delta / reset-on-read counter asks for a 1000-deep queue that discards nothing, a state or completion flag
+for 10 (a short state or pulse between two publishes is delivered), anything else for 10. A server may revise the
+queue size down (RevisedQueueSize): a tag that loses counts or states when a value is discarded and got less than it
+needs is logged (``opcua.queue_revised``) at every connect, listed in status ``queue_revised`` and raised as the
+warning alarm ``queue_revised:<machine>/<signal>`` (cleared by a connect that gets the size it asked for). A cumulative
+counter carries its own delta in its latest value: a smaller queue costs it nothing (debug line only). Values the
+server delivers with the Overflow info bit (it discarded values of that item) are counted per tag in status
+``queue_overflows``.
 """
 
 from __future__ import annotations
@@ -64,6 +73,15 @@ _LIMIT_NODES = {
 _QUEUE_SIZE = 10  # per monitored item: short glitches between two publishes are delivered, not merged
 _EVERY_VALUE_QUEUE_SIZE = 1000  # delta / reset-on-read counters: each queued value is a count
 _EVERY_VALUE_FILTER = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
+# InfoType "DataValue" (bit 10) + Overflow (bit 7) in a DataValue's StatusCode (OPC 10000-4, 7.39): the server's queue
+# for the item was full and discarded a value. asyncua decodes the StatusCode as its raw UInt32 and has no helper for it.
+_OVERFLOW_BITS = 0x0400 | 0x0080
+# what a tag loses when the server discards one of its queued values (log lines, status, alarms)
+_RISK_COUNT = ("every value is a count (mode delta / reset_on_read): a value the server discards between two publishes "
+               "is production never counted")
+_RISK_STATE = ("a state held shorter than a publishing interval (a brief stop) can be discarded: its "
+               "machine.state_changed is missed")
+_RISK_PULSE = "a completion pulse shorter than a publishing interval can be discarded: the operation's completion is missed"
 RETRY_REFUSED_S = 30.0
 """While connected, monitored items the server refused (a node not there yet: a PLC program loaded later, a namespace
 added) are created again this often, so a node that appears is read and its alarm clears without a reconnect."""
@@ -153,6 +171,9 @@ class OpcUaConnector(Connector):
         self._every_value: set[str] = set()  # nodes whose every value counts (delta / reset-on-read counters)
         self._key_node: dict[str, str] = {}  # tag key -> configured node id (string, possibly nsu=)
         self._counter_types: dict[str, CounterType] = {}  # counter / meter keys -> what the config says of the type
+        # tag key -> (the monitored item queue it needs, what it loses when a queued value is discarded), for delta /
+        # reset-on-read counters, states and completion flags; a cumulative tag needs 1 and is not listed
+        self._queue_need: dict[str, tuple[int, str]] = {}
         for b in self.tags:
             if b.counter is not None:
                 self._counter_types[b.key] = b.counter
@@ -161,6 +182,9 @@ class OpcUaConnector(Connector):
             self._key_node[b.key] = addr.node_id
             if getattr(b, "every_value", False):
                 self._every_value.add(addr.node_id)
+                self._queue_need[b.key] = (_EVERY_VALUE_QUEUE_SIZE, _RISK_COUNT)
+            elif getattr(b, "every_change", False):
+                self._queue_need[b.key] = (_QUEUE_SIZE, _RISK_PULSE if b.key.endswith("/complete") else _RISK_STATE)
         # configured node id -> NodeId on the current server (nsu= resolved at every connect), or None when
         # its namespace URI is not in the server's namespace array
         self._resolved: dict[str, ua.NodeId | None] = {}
@@ -185,7 +209,11 @@ class OpcUaConnector(Connector):
         self.retry_refused_s = RETRY_REFUSED_S
         self._type_problems: dict[str, str] = {}  # tag key -> config/server type mismatch (logged once)
         self._cert_not_after: dict[str, float | None] = {}  # "own" / "server" -> expiry (POSIX seconds)
-        self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0)
+        self._queue_revised: dict[str, dict[str, Any]] = {}  # tag key -> its queue revised below need (alarm raised)
+        self._overflows: dict[str, int] = {}  # tag key -> values delivered with the Overflow bit (since start)
+        self._overflow_logged: set[str] = set()  # tag keys whose overflow was logged on this connection
+        self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0, queue_revised={},
+                                  queue_overflows={})
 
     # ------------------------------------------------------------------ run loop
 
@@ -315,6 +343,7 @@ class OpcUaConnector(Connector):
             Priority=0,
         )
         self._handles = {}
+        self._overflow_logged = set()
         self._last_publish = time.monotonic()
         result = await client.uaclient.create_subscription(params, functools.partial(self._on_publish, gen))
         interval_s = (result.RevisedPublishingInterval or cfg.publishing_interval_ms) / 1000.0
@@ -360,6 +389,7 @@ class OpcUaConnector(Connector):
             failed.extend(Sample(k, None, False, now, None, name) for k in self._node_keys[node_id])
         self._refused_nodes = refused
         self._report_refused(refused)
+        self._report_queues(self._revised_queues(items, node_ids, results))
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
             self._deliver(failed)
@@ -437,6 +467,9 @@ class OpcUaConnector(Connector):
             else:
                 self._handles.pop(handle, None)
                 refused[node_id] = status_name(res.StatusCode.value)
+        revised = self._revised_queues(items, [node_id for _, node_id in numbered], results)  # the accepted ones
+        if revised:
+            self._report_queues({**self._queue_revised, **revised})
         if refused == self._refused_nodes:
             return
         self._refused_nodes = refused
@@ -461,6 +494,61 @@ class OpcUaConnector(Connector):
                             counter=signal, node_id=self._key_node[k], status=now.get(k, "").partition(": ")[2])
         self._refused = now
         self.status.detail["refused_items"] = dict(sorted(now.items()))
+
+    def _revised_queues(self, items: list[ua.MonitoredItemCreateRequest], node_ids: list[str],
+                        results: list[ua.MonitoredItemCreateResult]) -> dict[str, dict[str, Any]]:
+        """The accepted items whose RevisedQueueSize is below what one of their tags needs: tag key -> evidence, each
+        logged (``opcua.queue_revised``, a warning; at every connect). A cumulative tag's smaller queue is only a debug
+        line: its latest value carries the whole delta."""
+        out: dict[str, dict[str, Any]] = {}
+        for item, node_id, res in zip(items, node_ids, results):
+            if not res.StatusCode.is_good():
+                continue
+            requested = item.RequestedParameters.QueueSize
+            revised = int(res.RevisedQueueSize)
+            if revised >= requested:
+                continue
+            for k in self._node_keys[node_id]:
+                machine, _, signal = k.partition("/")
+                need, risk = self._queue_need.get(k, (1, ""))
+                if revised >= need:  # e.g. a cumulative counter: its latest value carries the whole delta
+                    log.debug("opcua.queue_revised", connector=self.id, endpoint=self.endpoint, machine=machine,
+                              counter=signal, node_id=node_id, requested_queue_size=requested,
+                              revised_queue_size=revised, needed_queue_size=need)
+                    continue
+                evidence = {"node_id": node_id, "requested_queue_size": requested, "revised_queue_size": revised,
+                            "revised_sampling_interval_ms": res.RevisedSamplingInterval, "risk": risk}
+                out[k] = evidence
+                log.warning("opcua.queue_revised", connector=self.id, endpoint=self.endpoint, machine=machine,
+                            counter=signal, **evidence)
+        return out
+
+    def _report_queues(self, revised: dict[str, dict[str, Any]]) -> None:
+        """Tags whose queue the server revised below their need: one warning alarm each and status ``queue_revised``;
+        an alarm clears when a later connect (or the retry of a refused item) gets the size it needs."""
+        for k in set(self._queue_revised) | set(revised):
+            machine, _, signal = k.partition("/")
+            ev = revised.get(k) or self._queue_revised[k]
+            self.alarms.set(f"queue_revised:{k}", k in revised, "warning",
+                            f"machine {machine} {signal}: the server revised the monitored item's queue from "
+                            f"{ev['requested_queue_size']} to {ev['revised_queue_size']} values: {ev['risk']}; raise "
+                            "the server's maximum queue size", connector=self.id, endpoint=self.endpoint,
+                            machine=machine, counter=signal, **ev)
+        self._queue_revised = revised
+        self.status.detail["queue_revised"] = dict(sorted(revised.items()))
+
+    def _note_overflow(self, keys: tuple[str, ...]) -> None:
+        """A value arrived with the Overflow bit: the server discarded values of this item before it. Counted per tag
+        (status ``queue_overflows``); logged once per connection for a tag that loses counts or states by it."""
+        for k in keys:
+            self._overflows[k] = self._overflows.get(k, 0) + 1
+            if k in self._queue_need and k not in self._overflow_logged:
+                self._overflow_logged.add(k)
+                machine, _, signal = k.partition("/")
+                log.warning("opcua.queue_overflow", connector=self.id, endpoint=self.endpoint, machine=machine,
+                            counter=signal, node_id=self._key_node[k], overflows=self._overflows[k],
+                            risk=self._queue_need[k][1])
+        self.status.detail["queue_overflows"] = dict(sorted(self._overflows.items()))
 
     async def _check_types(self, client: Client, node_ids: list[str]) -> None:
         """Read the DataType of every counter / meter node: report a mismatch with the config (log once, status
@@ -553,6 +641,9 @@ class OpcUaConnector(Connector):
                     keys = handles.get(item.ClientHandle)
                     if keys is None:
                         continue
+                    sc = item.Value.StatusCode
+                    if sc is not None and sc.value & _OVERFLOW_BITS == _OVERFLOW_BITS:
+                        self._note_overflow(keys)
                     first = datavalue_to_sample(keys[0], item.Value, recv)
                     samples.append(first)
                     for k in keys[1:]:
