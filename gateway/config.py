@@ -201,6 +201,11 @@ class ReportingConfig(_Model):
 
     interval_s: float = Field(5.0, gt=0, le=86400, description="Send a quantity report at least this often.")
     max_units: int | None = Field(None, ge=1, description="Also send a report once this many units accumulate.")
+    jitter: float = Field(0.1, ge=0, le=0.5, description=(
+        "Each window closes up to this fraction of interval_s early, drawn per machine and window; with jitter > 0 "
+        "the first window after a start closes anywhere within interval_s. Spreads the reports of machines that "
+        "start or resume together over time instead of one burst (which queues every other event behind it). "
+        "0: every window lasts exactly interval_s."))
 
 
 CounterName = Literal["good", "scrap", "rework", "total"]

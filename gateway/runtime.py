@@ -71,6 +71,7 @@ def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
             id=m.id, counters=counters, unit=m.unit, materials=materials,
             state_values=None if m.state is None else dict(m.state.values),
             interval_s=m.reporting.interval_s, max_units=m.reporting.max_units,
+            interval_jitter=m.reporting.jitter,
         ))
     return specs
 

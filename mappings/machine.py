@@ -18,6 +18,7 @@ persisted) and an ``active`` dispatch for it is refused with ``OrderRefused``.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -72,6 +73,10 @@ class MachineSpec:
     state_values: dict[str, str] | None = None  # None: no state tag bound; {}: raw text is the state
     interval_s: float = 5.0
     max_units: int | None = None
+    # fraction of interval_s by which a window may close early, drawn per window from a generator seeded with the
+    # machine id (deterministic); > 0 also makes the first window after the engine is built close anywhere within
+    # interval_s, so machines started together do not report in one burst. 0: every window is exactly interval_s.
+    interval_jitter: float = 0.0
     materials: dict[str, "MaterialMeter"] = field(default_factory=dict)  # metered consumption, by material number
 
     def key(self, signal: str) -> str:
@@ -195,6 +200,9 @@ class MachineEngine:
         self.counters.update({MATERIAL_PREFIX + m: CounterState() for m in spec.materials})
         self.context: OrderContext | None = None
         self.window = _Window()
+        self._rng = random.Random(spec.id) if spec.interval_jitter > 0 else None
+        # length of the current window: the first after a start is spread over the whole interval (see MachineSpec)
+        self._window_s = spec.interval_s if self._rng is None else spec.interval_s * (1.0 - self._rng.random())
         self.totals: dict[str, Decimal] = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
         self.yield_carry = ZERO
         self.machine_state: str | None = None
@@ -382,8 +390,9 @@ class MachineEngine:
 
     def tick(self, now: float) -> list[EventDraft]:
         """Periodic flush; ``now`` is the gateway's MONOTONIC clock (``time.monotonic()``), the clock of
-        ``Sample.mono``. Closes the window ``interval_s`` after its first count. A window restored from a snapshot
-        is re-armed by the first tick (``now`` becomes its opening time). Nothing to do before ``next_deadline()``."""
+        ``Sample.mono``. Closes the window ``interval_s`` (less the jitter drawn for it) after its first count. A
+        window restored from a snapshot is re-armed by the first tick (``now`` becomes its opening time). Nothing to
+        do before ``next_deadline()``."""
         w = self.window
         if self.hold_reports:
             return []
@@ -392,7 +401,7 @@ class MachineEngine:
                 w.opened_at = now
                 self._rearm = False
             return []
-        if now - w.opened_at >= self.spec.interval_s:
+        if now >= w.opened_at + self._window_s:  # the expression of next_deadline(): tick(next_deadline()) flushes
             return self.flush("periodic", w.end if w.end is not None else now)
         return []
 
@@ -406,7 +415,7 @@ class MachineEngine:
         opened = self.window.opened_at
         if opened is None:
             return -math.inf if self._rearm else None
-        return opened + self.spec.interval_s
+        return opened + self._window_s
 
     MAX_REMEMBERED_COMPLETED = 64
 
@@ -497,6 +506,8 @@ class MachineEngine:
         w = self.window
         metered = [(m, q) for m, q in w.materials.items() if q]
         self.window = _Window()
+        if self._rng is not None:
+            self._window_s = self.spec.interval_s * (1.0 - self.spec.interval_jitter * self._rng.random())
         if w.empty() and not metered:
             return []
         self.dirty = True

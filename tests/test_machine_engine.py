@@ -421,3 +421,56 @@ def test_idle_counter_persists_its_reading_time_once_a_minute():
     again = MachineEngine(spec(counters=cb), snap)
     ev = again.apply(sm("good", 5010, 3 * 3600 + 10.0, 3.0), "good")
     assert [a["kind"] for a in anomalies(ev)] == ["implausible_jump"]
+
+
+def _window_lengths(jitter, machine="m1", windows=50, interval=5.0):
+    """Lengths of consecutive reporting windows of one engine, each opened by a count and closed by tick."""
+    eng = MachineEngine(MachineSpec(id=machine, counters={"good": CounterBinding(CounterSpec("good"))},
+                                    interval_s=interval, interval_jitter=jitter))
+    t, v, out = 1000.0, 0, []
+    eng.apply(Sample(f"{machine}/good", v, True, recv_time=t, source_time=t, mono=t), "good")  # baseline
+    for _ in range(windows):
+        v += 1
+        t += 0.01
+        opened = t
+        eng.apply(Sample(f"{machine}/good", v, True, recv_time=t, source_time=t, mono=t), "good")
+        deadline = eng.next_deadline()
+        assert deadline is not None
+        assert eng.tick(deadline - 1e-6) == []  # not before its deadline
+        assert reported(eng.tick(deadline)) == [(None, "1", "0", "periodic")]
+        out.append(deadline - opened)
+        t = deadline
+    return out
+
+
+def test_windows_without_jitter_last_exactly_interval_s():
+    assert _window_lengths(0.0) == pytest.approx([5.0] * 50)
+
+
+def test_jitter_closes_windows_early_within_bounds_and_reproducibly():
+    lengths = _window_lengths(0.1)
+    assert 0 < lengths[0] <= 5.0  # the first window after a start: anywhere within the interval
+    assert all(4.5 - 1e-9 <= x <= 5.0 for x in lengths[1:])  # then at most 10 % early, never late
+    assert len({round(x, 6) for x in lengths[1:]}) > 40  # drawn per window, not one fixed offset
+    assert _window_lengths(0.1) == lengths  # seeded with the machine id: the same machine, the same windows
+    assert _window_lengths(0.1, machine="m2") != lengths
+
+
+def test_jitter_spreads_the_first_reports_of_machines_started_together():
+    """2,500 machines whose first counts come in the same poll: without jitter all their reports fall in one instant
+    (one commit and one burst of 2,500 messages, every other event queued behind it); with it, over the interval."""
+    def first_deadlines(jitter):
+        out = []
+        for i in range(2500):
+            eng = MachineEngine(MachineSpec(id=f"press-{i}", counters={"good": CounterBinding(CounterSpec("good"))},
+                                            interval_s=5.0, interval_jitter=jitter))
+            for v, t in ((0, 100.0), (1, 100.25)):
+                eng.apply(Sample(f"press-{i}/good", v, True, recv_time=t, source_time=t, mono=t), "good")
+            out.append(eng.next_deadline())
+        return out
+
+    assert len({round(d, 6) for d in first_deadlines(0.0)}) == 1
+    per_slot = {}
+    for d in first_deadlines(0.1):
+        per_slot[int(d * 10)] = per_slot.get(int(d * 10), 0) + 1  # 100 ms slots, as the core's timer heap
+    assert max(per_slot.values()) < 120  # uniform over 50 slots: ~50 each (all 2,500 in one slot without jitter)
