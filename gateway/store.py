@@ -438,8 +438,12 @@ class Store:
                         cancelled = exc  # the COMMIT runs on in SQLite's thread: learn how it ended
             except BaseException as exc:
                 # also on cancellation (gateway stop): never leave the transaction open for the next writer
+                rollback = asyncio.ensure_future(db.execute("ROLLBACK"))
+                # its error is secondary (e.g. no transaction yet: cancelled before BEGIN ran); retrieved here even
+                # when this task is cancelled again while it waits (else asyncio logs "exception never retrieved")
+                rollback.add_done_callback(lambda f: f.cancelled() or f.exception())
                 try:
-                    await asyncio.shield(db.execute("ROLLBACK"))
+                    await asyncio.shield(rollback)
                 except BaseException:  # noqa: BLE001 - the rollback error is secondary (no transaction left)
                     pass
                 if not isinstance(exc, Exception):

@@ -17,8 +17,8 @@ persisted) and an ``active`` dispatch for it is refused with ``OrderRefused``.
 
 from __future__ import annotations
 
+import hashlib
 import math
-import random
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -193,6 +193,14 @@ class _Window:
         return self.q["good"] + self.q["total"] + self.q["scrap"] + self.q["rework"]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _seed(machine: str) -> int:
+    """A non-zero 64-bit seed from a machine id (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(machine.encode(), digest_size=8).digest(), "big") or 1
+
+
 class MachineEngine:
     def __init__(self, spec: MachineSpec, snapshot: dict[str, Any] | None = None) -> None:
         self.spec = spec
@@ -200,9 +208,10 @@ class MachineEngine:
         self.counters.update({MATERIAL_PREFIX + m: CounterState() for m in spec.materials})
         self.context: OrderContext | None = None
         self.window = _Window()
-        self._rng = random.Random(spec.id) if spec.interval_jitter > 0 else None
+        # jitter draws: xorshift64 seeded with the machine id (random.Random would hold 2.5 KB of state per machine)
+        self._rng = _seed(spec.id) if spec.interval_jitter > 0 else 0
         # length of the current window: the first after a start is spread over the whole interval (see MachineSpec)
-        self._window_s = spec.interval_s if self._rng is None else spec.interval_s * (1.0 - self._rng.random())
+        self._window_s = spec.interval_s if not self._rng else spec.interval_s * (1.0 - self._draw())
         self.totals: dict[str, Decimal] = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
         self.yield_carry = ZERO
         self.machine_state: str | None = None
@@ -222,6 +231,15 @@ class MachineEngine:
             name: (b.spec, self.counters[name], b, None) for name, b in spec.counters.items()}
         self._signals.update({MATERIAL_PREFIX + m: (mm.binding.spec, self.counters[MATERIAL_PREFIX + m], mm.binding, m)
                               for m, mm in spec.materials.items()})
+
+    def _draw(self) -> float:
+        """Next number in [0, 1) of this machine's jitter sequence (xorshift64)."""
+        x = self._rng
+        x ^= (x << 13) & _MASK64
+        x ^= x >> 7
+        x ^= (x << 17) & _MASK64
+        self._rng = x
+        return x / 18446744073709551616.0
 
     def set_counter_spec(self, signal: str, counter: CounterSpec) -> bool:
         """Replace the spec of a counter / meter signal (its width found on the server at connect); the state is
@@ -506,8 +524,8 @@ class MachineEngine:
         w = self.window
         metered = [(m, q) for m, q in w.materials.items() if q]
         self.window = _Window()
-        if self._rng is not None:
-            self._window_s = self.spec.interval_s * (1.0 - self.spec.interval_jitter * self._rng.random())
+        if self._rng:
+            self._window_s = self.spec.interval_s * (1.0 - self.spec.interval_jitter * self._draw())
         if w.empty() and not metered:
             return []
         self.dirty = True
