@@ -210,3 +210,33 @@ async def test_urgent_state_is_committed_at_once_without_a_checkpoint(tmp_path):
     finally:
         await gw.store.close()
         await gw2.store.close()
+
+
+def test_report_windows_close_in_timer_slots_never_after_their_deadline(tmp_path, monkeypatch):
+    """Windows due in one timer slot close together (one round, one commit), at the slot's start: up to one slot
+    early, never late (a report at least every interval_s), and with the default jitter spread over the interval."""
+    clock = [1000.0]
+    monkeypatch.setattr(core.Core, "now", staticmethod(lambda: clock[0]))
+    machines = tuple(f"m{i}" for i in range(60))
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=machines)  # interval_s 3600
+    feed(gw, [s(f"{m}/good", 0, 1000.0) for m in machines])
+    feed(gw, [s(f"{m}/good", 5, 1000.25) for m in machines])  # every window opens at 1000.25
+    deadlines = {m: gw.engines[m].next_deadline() for m in machines}
+    assert all(1000.25 < d <= 1000.25 + 3600 for d in deadlines.values())
+    gw.core.uncommitted.clear()
+    fired: dict[str, float] = {}
+    slot = core.TIMER_SLOT_S
+    k = int(1000.0 / slot)
+    while len(fired) < len(machines) and clock[0] < 1000.25 + 3600 + 2:
+        k += 1
+        clock[0] = k * slot
+        gw.core.run_timers()
+        for row in gw.core.uncommitted:
+            if row.type == "operation.quantity_reported":
+                fired.setdefault(row.machine, clock[0])
+        gw.core.uncommitted.clear()
+    assert set(fired) == set(machines)
+    late = {m: (t, deadlines[m]) for m, t in fired.items() if t > deadlines[m]}
+    assert late == {}, "reports after their window's deadline"
+    assert all(deadlines[m] - t < slot for m, t in fired.items())
+    assert len(set(fired.values())) > 40  # spread over the hour, not one burst
