@@ -11,7 +11,9 @@ Ids are stable strings an alerting rule can match: ``store_full``, ``store_commi
 a rejection on the acks topic: the event is quarantined; raised again at start while such rows are quarantined);
 raised by connectors (which report to the runtime's Alarms, ``Connector.alarms``): ``tag_refused:<machine>/<signal>``
 (a monitored item the OPC UA server refused), ``queue_revised:<machine>/<signal>`` (its queue revised below what the
-tag needs), ``certificate_expiring:<connector>:own|server``; and those evaluated
+tag needs), ``queue_overflow:<machine>/<signal>`` (the server's queue of a delta / reset_on_read counter overflowed:
+production lost at the server; cleared an hour after the last overflow once the queue is large enough),
+``certificate_expiring:<connector>:own|server``; and those evaluated
 by gateway/health.py (``broker_unreachable``, ``connector_down:<connector>``, ``quarantine_not_empty``,
 ``oldest_unsent_event``, ``completion_unacked:<machine>``, ``counter_anomaly:<machine>``; the table with thresholds is
 in docs/operations.md).

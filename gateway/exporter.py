@@ -1,12 +1,13 @@
 """Per-gateway Prometheus metrics, read at scrape time (see docs/metrics.md for every metric).
 
 Why a collector and not counters incremented where things happen: the sample and event paths are hot (one
-``labels(...).inc()`` costs about a microsecond, more than a sample's whole share of the core loop). The gateway
-already keeps plain ints where the work is done — ``Gateway.stats``, each connector (``samples``, ``status``), the
-publisher (``published``, ``acked``, ``inflight``), the store (``pending``, ``pending_bytes``, ``quarantined``), each
-machine engine (``anomalies``) — and :class:`GatewayCollector` turns them into metric families when Prometheus asks.
-Gauges of state (outbox depth, oldest unsent age, connector up) are therefore always current, never "as of the last
-commit". Only three things are observed where they happen, each at most once per batch, poll or ERP answer:
+``labels(...).inc()`` costs about a microsecond, more than a sample's whole share of the core loop). The gateway already
+keeps plain ints where the work is done — ``Gateway.stats``, each connector (``samples``, ``status``; an OPC UA
+connector's ``queue_overflows``), the publisher (``published``, ``acked``, ``inflight``), the store (``pending``,
+``pending_bytes``, ``quarantined``), each machine engine (``anomalies``) — and :class:`GatewayCollector` turns them into
+metric families when Prometheus asks. Gauges of state (outbox depth, oldest unsent age, connector up) are therefore
+always current, never "as of the last commit". Only three things are observed where they happen, each at most once per
+batch, poll or ERP answer:
 
 - the group-commit duration (one ``observe`` per commit, in :meth:`GatewayMetrics.committed`);
 - connector read / poll durations (one per Modbus poll, per OPC UA watchdog read, per changeover cut read);
@@ -193,6 +194,10 @@ class GatewayCollector(Collector):
                                          "Sessions re-established after a loss", labels=["connector"])
         samples = CounterMetricFamily("edge_gateway_connector_samples_total",
                                       "Samples (tag values, good or bad) the connector delivered", labels=["connector"])
+        overflows = CounterMetricFamily("edge_gateway_opcua_queue_overflows_total",
+                                        "Values an OPC UA server delivered with the Overflow bit: its monitored item "
+                                        "queue was full and discarded values (per tag: /status queue_overflows)",
+                                        labels=["connector"])
         for cid, conn in gw.connectors.items():
             st = conn.status.state
             up.add_metric([cid], 1 if st in (ComponentState.CONNECTED, ComponentState.DEGRADED) else 0)
@@ -200,7 +205,10 @@ class GatewayCollector(Collector):
                 state.add_metric([cid, s], 1 if st.value == s else 0)
             reconnects.add_metric([cid], conn.status.detail.get("reconnects", 0))
             samples.add_metric([cid], getattr(conn, "samples", 0))
-        yield from (up, state, reconnects, samples)
+            n = getattr(conn, "queue_overflows", None)  # OPC UA connectors only
+            if n is not None:
+                overflows.add_metric([cid], n)
+        yield from (up, state, reconnects, samples, overflows)
         yield from m.read_seconds.collect()
         yield _counter("edge_gateway_samples_total", "Samples handed to the machine engines by the core loop",
                        stats.samples)

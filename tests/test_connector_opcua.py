@@ -458,8 +458,10 @@ async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
     1000), the state and the completion flag (ask for 10) lose counts or states when a queued value is discarded: each
     is logged once per connect, listed in status ``queue_revised`` and alarmed; the cumulative counter is not (its
     latest value carries the count). A node accepted later (the refused-item retry) is judged the same way. Values the
-    server discarded arrive with the Overflow bit: counted per tag, and the delta counter really lost parts. A
-    restart of the server without the cap clears the alarms."""
+    server discarded arrive with the Overflow bit: counted per tag and for the connector (the metric's figure), and the
+    delta counter really lost parts: the alarm queue_overflow is raised for it (not for the state, the flag or the
+    cumulative counter). A restart of the server without the cap clears the queue_revised alarms; queue_overflow stays
+    while the queue is too small and until no overflow was seen for overflow_hold_s."""
     model = MachineModel("Press1", cycle_time=0.002, scrap_rate=0.2, seed=11)
     server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, max_queue_size=4))
     sink = Recorder()
@@ -517,6 +519,21 @@ async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
                 counted = sum(s.value for b in sink.batches for s in b if s.key == "press-1/delta" and s.good)
                 assert counted < made, "values were discarded by the server: parts lost"
                 assert all(s.status == "Good" for b in sink.batches for s in b if s.key == "press-1/delta")
+                # parts lost at the server: an alarm for the delta counter only, with the tag's count and when
+                overflows = conn.status.detail["queue_overflows"]
+                assert conn.queue_overflows == sum(overflows.values())  # one tag per node here
+                assert [a for a in conn.alarms.ids() if a.startswith("queue_overflow:")] \
+                    == ["queue_overflow:press-1/delta"]
+                alarm = next(a for a in conn.alarms.active() if a.id == "queue_overflow:press-1/delta")
+                ev = alarm.evidence
+                assert alarm.severity == "warning" and "production was lost" in alarm.message
+                assert (ev["machine"], ev["counter"], ev["node_id"], ev["overflows"]) == (
+                    "press-1", "delta", server.delta_node_id, overflows["press-1/delta"])
+                last = datetime.fromisoformat(ev["last_overflow"]).timestamp()
+                assert alarm.since - 0.001 <= last <= time.time()  # RFC 3339 in milliseconds
+                # the queue is still too small: no hold clears it
+                conn._check_overflows(time.monotonic() + 2 * conn.overflow_hold_s)
+                assert "queue_overflow:press-1/delta" in conn.alarms
 
                 # the server restarts with its full queue: the next connect gets what it asks for
                 await server.stop()
@@ -527,8 +544,15 @@ async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
                 await eventually(lambda: conn.status.state == ComponentState.DEGRADED and
                                  conn.status.detail["reconnects"] == 1, 5, "reconnected")
                 assert conn.status.detail["queue_revised"] == {}
-                assert conn.alarms.ids() == ["tag_refused:press-1/late"]  # the late node is gone with the restart
-                assert conn.status.detail["queue_overflows"]["press-1/delta"] > 0  # the loss stays on record
+                # the late node is gone with the restart; the loss stays on record until the hold has passed
+                conn._check_overflows()  # what the watchdog does: the queue is large enough, the hold has not passed
+                assert conn.alarms.ids() == ["queue_overflow:press-1/delta", "tag_refused:press-1/late"]
+                assert conn.status.detail["queue_overflows"]["press-1/delta"] > 0
+                conn.overflow_hold_s = 0.2
+                await eventually(lambda: "queue_overflow:press-1/delta" not in conn.alarms, 3,
+                                 "the overflow alarm cleared by the watchdog once the hold has passed")
+                assert conn.alarms.ids() == ["tag_refused:press-1/late"]
+                assert conn.status.detail["queue_overflows"]["press-1/delta"] > 0  # the count is not reset
     finally:
         await server.stop()
     warned = [(e["machine"], e["counter"], e["node_id"], e["requested_queue_size"], e["revised_queue_size"])
@@ -541,7 +565,58 @@ async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
     assert [(e["machine"], e["counter"], e["node_id"]) for e in overflow] == [
         ("press-1", "delta", server.delta_node_id)]
     cleared = sorted(e["alarm"] for e in logs if e["event"] == "alarm.cleared" and e["alarm"].startswith("queue_"))
-    assert cleared == sorted(f"queue_revised:{k}" for k in [*at_risk, "press-1/late"])
+    assert cleared == sorted([*(f"queue_revised:{k}" for k in [*at_risk, "press-1/late"]),
+                              "queue_overflow:press-1/delta"])
+
+
+async def test_queue_overflows_are_exported_and_alarmed_by_the_gateway(tmp_path, mqtt_broker) -> None:
+    """The same capped server behind a running gateway: a delta counter whose values the server discards moves
+    ``edge_gateway_opcua_queue_overflows_total{connector}`` (scraped from /metrics, parsed by prometheus-client; 0
+    before, one series per connector, none per tag) and raises ``queue_overflow:<machine>/<signal>`` in the gateway's
+    alarms (/status with its evidence, ``edge_gateway_alarms_by_kind``)."""
+    from gateway.config import parse_config
+    from tests.e2e import IDENT, RunningGateway, wait_until
+    from tests.test_metrics import documented, scrape, val
+
+    model = MachineModel("Press1", cycle_time=0.002, scrap_rate=0.2, seed=12)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, max_queue_size=4))
+    port = free_port()
+    cfg = parse_config({
+        "gateway": IDENT, "mqtt": {"host": "127.0.0.1", "port": mqtt_broker.port, "keepalive_s": 2},
+        "store": {"path": str(tmp_path / "gw.db")}, "http": {"enabled": True, "port": port},
+        "connectors": [{"type": "opcua", "id": "opc", "endpoint": server.endpoint, "security": "none",
+                        "publishing_interval_ms": 400, "sampling_interval_ms": 0, "watchdog_interval_s": 0.3,
+                        "timeout_s": 2}],
+        "machines": [{"id": "press-1", "counters": {
+            "good": {"connector": "opc", "node_id": server.delta_node_id, "mode": "delta"}}}]}, "<test>")
+    rg = RunningGateway(cfg)
+    try:
+        gw = await rg.start()
+        conn = gw.connectors["opc"]
+        await wait_until(lambda: conn.status.state == ComponentState.CONNECTED, 10)
+        before = await scrape(port)
+        assert val(before, "edge_gateway_opcua_queue_overflows_total", connector="opc") == 0
+        assert ("edge_gateway_opcua_queue_overflows_total", frozenset({("connector", "opc")})) in before
+        assert "queue_revised:press-1/good" in gw.alarms and "queue_overflow:press-1/good" not in gw.alarms
+
+        await model.produce(150)
+        await server.flush()
+        await wait_until(lambda: "queue_overflow:press-1/good" in gw.alarms, 10,
+                         message="no queue_overflow alarm for the delta counter")
+        after = await scrape(port)
+        assert 0 < val(after, "edge_gateway_opcua_queue_overflows_total", connector="opc") <= conn.queue_overflows
+        assert [k for k in after if k[0] == "edge_gateway_opcua_queue_overflows_total"] == [
+            ("edge_gateway_opcua_queue_overflows_total", frozenset({("connector", "opc")}))]  # no per-tag series
+        assert val(after, "edge_gateway_alarms_by_kind", alarm="queue_overflow") == 1
+        assert "edge_gateway_opcua_queue_overflows_total" in documented()  # docs/metrics.md
+        status = gw.status()
+        detail = next(a for a in status["alarm_details"] if a["id"] == "queue_overflow:press-1/good")
+        assert detail["severity"] == "warning"
+        assert (detail["evidence"]["machine"], detail["evidence"]["counter"]) == ("press-1", "good")
+        assert detail["evidence"]["overflows"] >= 1 and detail["evidence"]["last_overflow"].endswith("Z")
+    finally:
+        await rg.stop()
+        await server.stop()
 
 
 def test_the_runtime_tells_which_tags_need_a_queue(tmp_path) -> None:

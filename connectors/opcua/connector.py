@@ -29,7 +29,11 @@ needs is logged (``opcua.queue_revised``) at every connect, listed in status ``q
 warning alarm ``queue_revised:<machine>/<signal>`` (cleared by a connect that gets the size it asked for). A cumulative
 counter carries its own delta in its latest value: a smaller queue costs it nothing (debug line only). Values the
 server delivers with the Overflow info bit (it discarded values of that item) are counted per tag in status
-``queue_overflows``.
+``queue_overflows`` and, once per value, in the connector's ``queue_overflows`` (the metric
+``edge_gateway_opcua_queue_overflows_total``). On a delta / reset-on-read counter such a value means counts were lost
+at the server: the warning alarm ``queue_overflow:<machine>/<signal>`` is raised (evidence refreshed at each one) and
+cleared by the watchdog once no overflow was seen on the tag for ``OVERFLOW_HOLD_S`` and its queue is not revised
+below need (a connect got the size it asked for).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from connectors.opcua.inspect import INTEGER_TYPES, type_name
 from connectors.opcua.pki import CertificateRefused, Pki
 from connectors.opcua.session import SessionSecurity, prepare_client
 from gateway import metrics
-from gateway.component import Backoff, ComponentState
+from gateway.component import Backoff, ComponentState, rfc3339
 from mappings.samples import Sample, Value
 
 log = structlog.get_logger(__name__)
@@ -85,6 +89,9 @@ _RISK_PULSE = "a completion pulse shorter than a publishing interval can be disc
 RETRY_REFUSED_S = 30.0
 """While connected, monitored items the server refused (a node not there yet: a PLC program loaded later, a namespace
 added) are created again this often, so a node that appears is read and its alarm clears without a reconnect."""
+OVERFLOW_HOLD_S = 3600.0
+"""``queue_overflow:<machine>/<signal>`` (counts lost at the server) stays raised at least this long after the tag's
+last overflow (like ``alarms.anomaly_hold_s`` for held counts), and as long as its queue is revised below need."""
 
 
 class _ConnectionLost(Exception):
@@ -212,6 +219,11 @@ class OpcUaConnector(Connector):
         self._queue_revised: dict[str, dict[str, Any]] = {}  # tag key -> its queue revised below need (alarm raised)
         self._overflows: dict[str, int] = {}  # tag key -> values delivered with the Overflow bit (since start)
         self._overflow_logged: set[str] = set()  # tag keys whose overflow was logged on this connection
+        # values delivered with the Overflow bit, all items (a plain int: exported at scrape time, gateway/exporter.py)
+        self.queue_overflows = 0
+        self.overflow_hold_s = OVERFLOW_HOLD_S
+        self._count_keys = {b.key for b in self.tags if getattr(b, "every_value", False)}  # delta / reset-on-read
+        self._overflow_alarms: dict[str, float] = {}  # tag key -> monotonic time of its last overflow (alarm raised)
         self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0, queue_revised={},
                                   queue_overflows={})
 
@@ -538,17 +550,37 @@ class OpcUaConnector(Connector):
         self.status.detail["queue_revised"] = dict(sorted(revised.items()))
 
     def _note_overflow(self, keys: tuple[str, ...]) -> None:
-        """A value arrived with the Overflow bit: the server discarded values of this item before it. Counted per tag
-        (status ``queue_overflows``); logged once per connection for a tag that loses counts or states by it."""
+        """A value arrived with the Overflow bit: the server discarded values of this item before it. Counted once
+        per value for the connector (``queue_overflows``, the metric) and per tag (status ``queue_overflows``); logged
+        once per connection for a tag that loses counts or states by it; on a delta / reset-on-read counter the alarm
+        ``queue_overflow:<machine>/<signal>`` is raised, its evidence refreshed (see :meth:`_check_overflows`)."""
+        self.queue_overflows += 1
         for k in keys:
-            self._overflows[k] = self._overflows.get(k, 0) + 1
+            n = self._overflows[k] = self._overflows.get(k, 0) + 1
+            machine, _, signal = k.partition("/")
             if k in self._queue_need and k not in self._overflow_logged:
                 self._overflow_logged.add(k)
-                machine, _, signal = k.partition("/")
                 log.warning("opcua.queue_overflow", connector=self.id, endpoint=self.endpoint, machine=machine,
-                            counter=signal, node_id=self._key_node[k], overflows=self._overflows[k],
-                            risk=self._queue_need[k][1])
+                            counter=signal, node_id=self._key_node[k], overflows=n, risk=self._queue_need[k][1])
+            if k in self._count_keys:
+                self._overflow_alarms[k] = time.monotonic()
+                self.alarms.set(f"queue_overflow:{k}", True, "warning",
+                                f"machine {machine} {signal}: the server's monitored item queue overflowed and "
+                                "discarded values of this delta / reset_on_read counter: production was lost at the "
+                                "server and not counted (check the machine's quantities in the ERP); raise the "
+                                "server's maximum queue size", connector=self.id, endpoint=self.endpoint,
+                                machine=machine, counter=signal, node_id=self._key_node[k], overflows=n,
+                                last_overflow=rfc3339(time.time()))
         self.status.detail["queue_overflows"] = dict(sorted(self._overflows.items()))
+
+    def _check_overflows(self, now: float | None = None) -> None:
+        """Clear ``queue_overflow:<machine>/<signal>`` once the tag had no overflow for ``overflow_hold_s`` (monotonic)
+        and its queue is not revised below need; called by the watchdog, so only while connected."""
+        now = time.monotonic() if now is None else now
+        for k, last in list(self._overflow_alarms.items()):
+            if now - last >= self.overflow_hold_s and k not in self._queue_revised:
+                del self._overflow_alarms[k]
+                self.alarms.set(f"queue_overflow:{k}", False, "warning", "")
 
     async def _check_types(self, client: Client, node_ids: list[str]) -> None:
         """Read the DataType of every counter / meter node: report a mismatch with the config (log once, status
@@ -694,6 +726,7 @@ class OpcUaConnector(Connector):
                 raise _ConnectionLost(f"subscription silent for {silent:.1f}s (no data, no keep-alive)")
             healthy_checks += 1
             self._check_expiry()
+            self._check_overflows()
             if self._refused_nodes and time.monotonic() >= retry_at:
                 retry_at = time.monotonic() + self.retry_refused_s
                 try:
