@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+CONNECTOR_TAG_ALARMS = frozenset({"tag_refused", "queue_revised", "queue_overflow"})
+"""Alarms a connector raises about one of its tags (id ``kind:machine/signal``, evidence ``connector``)."""
+
 RESTART_ONLY = ("gateway", "mqtt", "store", "http")
 """Sections that cannot change while the gateway runs."""
 STOP_TIMEOUT_S = 5.0
@@ -278,6 +281,11 @@ class Reloader:
 
         for cid in p.connectors_removed:
             del gw.connectors[cid]
+        # what a stopped connector raised about its tags has nobody left to clear it; a restarted one raises again
+        # at its next connect what still holds
+        for alarm in gw.alarms.active():
+            if alarm.id.partition(":")[0] in CONNECTOR_TAG_ALARMS and alarm.evidence.get("connector") in stopping:
+                gw.alarms.clear(alarm.id, reason="its connector was stopped by a config reload")
         stopped = {f"connector.{c}" for c in stopping}
         tasks = [t for t in getattr(gw, "_tasks", []) if t.get_name() not in stopped]
         for cid, conn in starting.items():

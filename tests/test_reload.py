@@ -101,7 +101,12 @@ async def test_reload_adds_changes_and_removes_machines_while_the_others_count_e
                 task_a = next(t for t in gw._tasks if t.get_name() == "connector.mba")
                 write_config(path, port, {"press-a": "mba2", "press-b": "mbb"},
                              {"mba2": (sa, 0.03), "mbb": (sb, 0.05)})
+                # per-tag alarms a connector raises about its tags (as the OPC UA connector's tag_refused and
+                # queue_revised): only the stopped connector's go, nobody would be left to clear them
+                gw.alarms.raise_("tag_refused:press-a/good", "critical", "refused", connector="mba", machine="press-a")
+                gw.alarms.raise_("queue_revised:press-b/good", "warning", "revised", connector="mbb", machine="press-b")
                 p = await Reloader(gw, str(path)).reload()
+                assert "tag_refused:press-a/good" not in gw.alarms and "queue_revised:press-b/good" in gw.alarms
                 assert p is not None and p.machines_changed == ["press-a"]
                 assert p.connectors_added == ["mba2"] and p.connectors_removed == ["mba"]
                 assert gw.engines["press-b"] is engine_b and gw.connectors["mbb"] is conn_b
@@ -146,6 +151,7 @@ async def test_reload_adds_changes_and_removes_machines_while_the_others_count_e
                 write_config(path, port, {"press-a": "mba2"}, {"mba2": (sa, 0.03)})
                 p = await Reloader(gw, str(path)).reload()
                 assert p is not None and p.machines_removed == ["press-b"] and p.connectors_removed == ["mbb"]
+                assert "queue_revised:press-b/good" not in gw.alarms
                 assert "press-b" not in gw.engines and "connector.mbb" not in gw.status()["components"]
                 assert set(gw.status()["machines"]) == {"press-a"}
                 assert "press-b" in await gw.store.load_states()
