@@ -651,7 +651,7 @@ class Core:
             committed = list(dirty)
         else:
             committed = [m for m in {r.machine for r in rows} | urgent if m in dirty]
-        states = {m: engines[m].snapshot() for m in committed}
+        states: dict[str, Any] = {m: engines[m].snapshot_json() for m in committed}
         started = time.monotonic()
         try:
             committed_rows = await self.store.commit(states, rows, self.next_seq)

@@ -471,9 +471,11 @@ class Store:
         rows = await self._read("SELECT machine, state FROM machine_state")
         return {m: json.loads(s) for m, s in rows}
 
-    async def commit(self, states: dict[str, dict[str, Any]], rows: list[OutboxRow], next_seq: int) -> list[PendingRow]:
-        """Write snapshots, outbox rows and the sequence counter in one transaction; return the committed rows
-        with their outbox ids (consecutive, in the order given). On ``StoreError`` nothing was written."""
+    async def commit(self, states: dict[str, dict[str, Any] | str], rows: list[OutboxRow],
+                     next_seq: int) -> list[PendingRow]:
+        """Write snapshots (a dict, or its JSON text: ``MachineEngine.snapshot_json``), outbox rows and the sequence
+        counter in one transaction; return the committed rows with their outbox ids (consecutive, in the order
+        given). On ``StoreError`` nothing was written."""
         now = time.time()
 
         async def tx(db: aiosqlite.Connection) -> Apply:
@@ -481,7 +483,8 @@ class Store:
                 await db.executemany(
                     "INSERT INTO machine_state(machine, state, updated) VALUES (?, ?, ?) "
                     "ON CONFLICT(machine) DO UPDATE SET state=excluded.state, updated=excluded.updated",
-                    [(m, json.dumps(s, separators=(",", ":")), now) for m, s in states.items()],
+                    [(m, s if isinstance(s, str) else json.dumps(s, separators=(",", ":")), now)
+                     for m, s in states.items()],
                 )
             first = 0
             if rows:

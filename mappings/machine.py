@@ -18,6 +18,7 @@ persisted) and an ``active`` dispatch for it is refused with ``OrderRefused``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -195,6 +196,39 @@ class _Window:
 
 _MASK64 = (1 << 64) - 1
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps(x, separators=...) builds one per call
+_JSON_CONST = {None: "null", True: "true", False: "false"}
+
+
+def _jnum(x: float | int | None) -> str:
+    """A number (or None) as ``json.dumps`` writes it."""
+    t = type(x)
+    if t is float:
+        return float.__repr__(x) if math.isfinite(x) else _encode(x)  # type: ignore[arg-type]
+    if t is int:
+        return int.__repr__(x)  # type: ignore[arg-type]
+    if x is None or t is bool:
+        return _JSON_CONST[x]
+    return _encode(x)
+
+
+_KEYS: dict[str, str] = {}  # JSON of the fixed keys of quantity dicts ("good", "yield", ...)
+
+
+def _jdecs(d: dict[str, Decimal]) -> str:
+    """``{key: dec_str(value)}`` as JSON (dec_str gives ASCII digits, sign and point only: nothing to escape)."""
+    if not d:
+        return "{}"
+    parts = []
+    for k, v in d.items():
+        kj = _KEYS.get(k)
+        if kj is None:
+            kj = _encode(k)
+            if len(_KEYS) < 64:
+                _KEYS[k] = kj
+        parts.append(f'{kj}:"{"0" if not v else dec_str(v)}"')
+    return "{" + ",".join(parts) + "}"
+
 
 def _seed(machine: str) -> int:
     """A non-zero 64-bit seed from a machine id (stable across processes, unlike hash())."""
@@ -218,6 +252,8 @@ class MachineEngine:
         self.completed: dict[tuple[str, str], None] = {}  # recently completed (order, operation), oldest first
         self.order_totals: dict[str, dict[str, str]] = {}  # totals of recently active order/operations
         self.anomalies = 0
+        self._json_keys: dict[str, str] = {}  # counter name -> its JSON string (snapshot_json)
+        self._json_ctx: tuple[OrderContext | None, str] = (None, "null")
         self.dirty = False
         # set while the store is full: periodic / unit windows stay open (quantities keep accumulating in the
         # persisted window) until space returns; changeover and completion still close them
@@ -252,6 +288,40 @@ class MachineEngine:
         return True
 
     # ------------------------------------------------------------------ persistence
+    def snapshot_json(self) -> str:
+        """``json.dumps(self.snapshot(), separators=(",", ":"))``, byte for byte, written directly: every event is
+        committed with its machine's snapshot, and building the dicts and walking them took ~30 % of the event path's
+        CPU in the gateway (tests/test_counting_property.py and tests/test_fuzz_inputs.py check the bytes)."""
+        keys = self._json_keys
+        counters = []
+        for n, c in self.counters.items():
+            k = keys.get(n)
+            if k is None:
+                k = keys[n] = _encode(n)
+            lt, lw = c.last_time, c.last_wall
+            lts = _jnum(lt)
+            lws = lts if lw == lt and type(lw) is type(lt) else _jnum(lw)  # the same time, usually: one repr
+            res = "" if c.resolution is None else ',"resolution":' + _encode(c.resolution)
+            counters.append(f'{k}:{{"last":{_jnum(c.last)},"last_time":{lts},"last_wall":{lws},'
+                            f'"held_zero":{"true" if c.held_zero else "false"}{res}}}')
+        ctx = self.context
+        if ctx is not self._json_ctx[0]:  # OrderContext is immutable: encoded once per dispatch
+            self._json_ctx = (ctx, "null" if ctx is None else _encode(ctx.to_dict()))
+        w = self.window
+        start, end = w.start, w.end
+        starts = _jnum(start)
+        ends = starts if end == start and type(end) is type(start) else _jnum(end)
+        evidence = ",".join(
+            f'{_encode(n)}:{{"from":{_jnum(e.first)},"to":{_jnum(e.last)},"rollovers":{_jnum(e.rollovers)},'
+            f'"resets":{_jnum(e.resets)},"glitches":{_jnum(e.glitches)}}}' for n, e in w.evidence.items())
+        completed = _encode([list(ref) for ref in self.completed]) if self.completed else "[]"
+        order_totals = _encode(self.order_totals) if self.order_totals else "{}"
+        return (f'{{"v":1,"counters":{{{",".join(counters)}}},"context":{self._json_ctx[1]},'
+                f'"window":{{"start":{starts},"end":{ends},"q":{_jdecs(w.q)},"evidence":{{{evidence}}},'
+                f'"materials":{_jdecs(w.materials)}}},"totals":{_jdecs(self.totals)},'
+                f'"yield_carry":"{dec_str(self.yield_carry)}","machine_state":{_encode(self.machine_state)},'
+                f'"completed":{completed},"order_totals":{order_totals}}}')
+
     def snapshot(self) -> dict[str, Any]:
         w = self.window
         return {
