@@ -240,6 +240,60 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
     return CounterResult("reset", delta=u, previous=prev, value=u)
 
 
+def plain(spec: CounterSpec) -> bool:
+    """Can ``plain_increase`` take samples of this counter (a cumulative integer counter, not a float meter)?"""
+    return spec.mode == "cumulative" and spec.resolution is None
+
+
+def plain_increase(spec: CounterSpec, state: CounterState, s: Sample) -> int:
+    """The common case of ``step`` for a ``plain`` counter, without building a result: a good integer reading above a
+    baseline that is not a held zero, in order, within ``max_rate`` for the known elapsed time. Returns its delta
+    with the state advanced exactly as ``step`` advances it (outcome ``increase``); 0 when the sample is anything
+    else, with the state untouched: the caller then calls ``step``. (Every polled tag of a running machine comes
+    here: ~0.7 µs against ~1.5 µs through ``step`` and its ``CounterResult``; tests/test_counter_fast_path.py checks
+    it against ``step``.)"""
+    value = s.value
+    prev = state.last
+    if type(value) is not int or prev is None or state.held_zero or not s.good or state.resolution is not None:
+        return 0
+    modulus = spec.modulus
+    u = value if modulus is None else value % modulus
+    if u <= prev:
+        return 0
+    src = s.source_time
+    mono = s.mono
+    last_mono = state.last_mono
+    recv = s.recv_time
+    # _late
+    last = state.last_time
+    if src is None and mono is not None and last_mono is not None:
+        if mono < last_mono:
+            return 0
+    else:
+        t = recv if src is None else src
+        if last is not None and t < last and last - t < REORDER_WINDOW_S:
+            return 0
+    # _elapsed (unknown: the general path)
+    if mono is not None and last_mono is not None:
+        elapsed = mono - last_mono
+        if elapsed < 0.0:
+            elapsed = 0.0
+    else:
+        last_wall = state.last_wall
+        if last_wall is None or recv - last_wall < 0.0:
+            return 0
+        elapsed = recv - last_wall
+    delta = u - prev
+    if delta > spec.max_rate * (elapsed + JUMP_TOLERANCE_S):
+        return 0
+    # _accept
+    state.last = u
+    state.last_time = src if src is not None else recv
+    state.last_wall = state.marked_wall = recv
+    state.last_mono = mono
+    return delta
+
+
 def _step_float(spec: CounterSpec, state: CounterState, s: Sample) -> CounterResult:
     """A float meter's reading in resolution steps, then the integer rules (a float meter has no modulus)."""
     res = None if spec.resolution is None else str(spec.resolution)

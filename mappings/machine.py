@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from mappings.counters import QUIET, CounterSpec, CounterState, step
+from mappings.counters import QUIET, CounterSpec, CounterState, plain, plain_increase, step
 from mappings.events import (
     ConsumedComponent,
     ConsumptionBasis,
@@ -263,9 +263,11 @@ class MachineEngine:
         if snapshot:
             self._restore(snapshot)
         # signal -> (counter spec, state, binding, material number or None): one lookup per sample
-        self._signals: dict[str, tuple[CounterSpec, CounterState, CounterBinding, str | None]] = {
-            name: (b.spec, self.counters[name], b, None) for name, b in spec.counters.items()}
-        self._signals.update({MATERIAL_PREFIX + m: (mm.binding.spec, self.counters[MATERIAL_PREFIX + m], mm.binding, m)
+        # (and whether counters.plain_increase can take its samples)
+        self._signals: dict[str, tuple[CounterSpec, CounterState, CounterBinding, str | None, bool]] = {
+            name: (b.spec, self.counters[name], b, None, plain(b.spec)) for name, b in spec.counters.items()}
+        self._signals.update({MATERIAL_PREFIX + m: (mm.binding.spec, self.counters[MATERIAL_PREFIX + m], mm.binding, m,
+                                                    plain(mm.binding.spec))
                               for m, mm in spec.materials.items()})
 
     def _draw(self) -> float:
@@ -284,7 +286,7 @@ class MachineEngine:
         if route is None or route[0] == counter:
             return False
         binding = CounterBinding(counter, route[2].scale)
-        self._signals[signal] = (counter, route[1], binding, route[3])
+        self._signals[signal] = (counter, route[1], binding, route[3], plain(counter))
         return True
 
     # ------------------------------------------------------------------ persistence
@@ -379,6 +381,13 @@ class MachineEngine:
         route = self._signals.get(signal)
         if route is None:
             return self._apply_state(sample) if signal == "state" else []
+        if route[4]:  # the common case first: a plausible increase of a cumulative counter (not urgent)
+            delta = plain_increase(route[0], route[1], sample)
+            if delta:
+                self.dirty = True
+                value = route[1].last
+                return self._count(signal, route[2], route[3], delta, value - delta, value, "increase",  # type: ignore[operator]
+                                   sample)
         res = step(route[0], route[1], sample)
         outcome = res.outcome
         if outcome in QUIET:
@@ -394,7 +403,6 @@ class MachineEngine:
             # checkpoint (plain increases are re-derived from the counter)
             self.urgent = True
         out: list[EventDraft] = []
-        w = self.window
         scale = binding.scale
         if outcome == "jump":
             self.anomalies += 1
@@ -422,29 +430,42 @@ class MachineEngine:
                                             f"one wrap period at max_rate {binding.spec.max_rate}/s: counted as a "
                                             f"reset ({res.delta}); had it been a rollover it would be {res.possible}"))
         if res.delta:
-            ev = w.evidence.get(signal)
-            if ev is None:
-                ev = w.evidence[signal] = _Evidence(first=res.previous)
-            ev.last = res.value
+            out.extend(self._count(signal, binding, material, res.delta, res.previous, res.value, outcome, sample))
+        return out
+
+    def _count(self, signal: str, binding: CounterBinding, material: str | None, delta: int, previous: int | None,
+               value: int | None, outcome: str, sample: Sample) -> list[EventDraft]:
+        """Add a counted change to the open window (and its evidence); a window at max_units is flushed."""
+        w = self.window
+        ev = w.evidence.get(signal)
+        if ev is None:
+            ev = w.evidence[signal] = _Evidence(first=previous)
+        ev.last = value
+        if outcome != "increase":
             if outcome == "rollover":
                 ev.rollovers += 1
             elif outcome == "reset" or outcome == "ambiguous":
                 ev.resets += 1
             elif outcome == "glitch":
                 ev.glitches += 1
-            if material is None:
-                w.q[signal] += res.delta * scale
-            else:
-                w.materials[material] = w.materials.get(material, ZERO) + res.delta * scale
-            if w.opened_at is None:
-                w.opened_at = sample.mono if sample.mono is not None else sample.recv_time
-                self._rearm = False
-            if w.start is None:
-                w.start = sample.time
-            w.end = sample.time
-            if self.spec.max_units and w.units() >= self.spec.max_units and not self.hold_reports:
-                out.extend(self.flush("units", sample.recv_time))
-        return out
+        scale = binding.scale
+        q = delta if scale == 1 else delta * scale
+        if material is None:
+            w.q[signal] += q
+        else:
+            w.materials[material] = w.materials.get(material, ZERO) + q
+        t = sample.source_time
+        if t is None:
+            t = sample.recv_time
+        if w.opened_at is None:
+            w.opened_at = sample.mono if sample.mono is not None else sample.recv_time
+            self._rearm = False
+        if w.start is None:
+            w.start = t
+        w.end = t
+        if self.spec.max_units and w.units() >= self.spec.max_units and not self.hold_reports:
+            return self.flush("units", sample.recv_time)
+        return []
 
     def _apply_state(self, sample: Sample) -> list[EventDraft]:
         if not sample.good or sample.value is None or self.spec.state_values is None:

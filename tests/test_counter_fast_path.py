@@ -1,0 +1,100 @@
+"""``counters.plain_increase`` (the engine's fast path for every polled tag of a running machine) is ``step``'s
+``increase`` case and nothing else: whatever the input, a counter state and an engine that take it give the same
+states, results and events as ``step`` alone."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from decimal import Decimal
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mappings.counters import CounterSpec, CounterState, plain, plain_increase, step
+from mappings.machine import CounterBinding, MachineEngine, MachineSpec
+from mappings.samples import Sample
+
+SPECS = [CounterSpec("good", modulus=2**16, max_rate=50.0), CounterSpec("good", modulus=None, max_rate=5.0),
+         CounterSpec("good", modulus=2**32, signed=True, max_rate=1e6)]
+
+samples = st.lists(st.tuples(
+    st.one_of(st.integers(min_value=-10, max_value=2**17), st.integers(min_value=0, max_value=40),
+              st.floats(min_value=0, max_value=100), st.none(), st.booleans()),
+    st.booleans() | st.just(True),  # good
+    st.floats(min_value=-30, max_value=600),  # recv time step (a wall-clock step back sometimes)
+    st.one_of(st.none(), st.sampled_from([-5.0, -0.5, 0.0, 0.5]),  # source time step (late deliveries), or none
+              st.floats(min_value=-30, max_value=600)),
+    st.one_of(st.none(), st.floats(min_value=0, max_value=600)),  # monotonic step, or no monotonic time
+), max_size=60)
+
+
+def run(spec: CounterSpec, program: list, fast: bool) -> list:
+    state = CounterState()
+    recv, src, mono = 1e9, 1.7e9, 100.0
+    out = []
+    for value, good, d_recv, d_src, d_mono in program:
+        recv += d_recv
+        src = None if d_src is None else (src or 1.7e9) + d_src
+        mono = None if d_mono is None else (mono or 100.0) + d_mono
+        s = Sample("m/good", value, good, recv_time=recv, source_time=src, mono=mono)
+        if fast and plain(spec):
+            delta = plain_increase(spec, state, s)
+            if delta:
+                out.append(("increase", delta, state.last - delta, state.last, dataclasses.astuple(state)))
+                continue
+        r = step(spec, state, s)
+        if r.outcome == "increase":
+            out.append(("increase", r.delta, r.previous, r.value, dataclasses.astuple(state)))
+        else:
+            out.append((r.outcome, dataclasses.astuple(r), dataclasses.astuple(state)))
+    return out
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(SPECS), samples)
+def test_plain_increase_is_steps_increase_case(spec, program):
+    assert run(spec, program, fast=True) == run(spec, program, fast=False)
+
+
+def test_plain_increase_takes_the_common_case_and_leaves_the_rest_untouched():
+    spec = SPECS[0]
+    state = CounterState()
+    assert plain_increase(spec, state, Sample("m/good", 5, True, recv_time=10.0, mono=1.0)) == 0  # no baseline
+    step(spec, state, Sample("m/good", 5, True, recv_time=10.0, mono=1.0))
+    assert plain_increase(spec, state, Sample("m/good", 9, True, recv_time=11.0, mono=2.0)) == 4
+    assert (state.last, state.last_time, state.last_mono) == (9, 11.0, 2.0)
+    before = copy.copy(state)
+    for s in (Sample("m/good", 3, True, recv_time=12.0, mono=3.0),  # a decrease: rollover / reset, not here
+              Sample("m/good", 9000, True, recv_time=12.0, mono=3.0),  # implausible
+              Sample("m/good", 10, True, recv_time=12.0, mono=1.5),  # arrived before the baseline
+              Sample("m/good", 10, True, recv_time=10.5),  # no monotonic time: older than the baseline's wall time
+              Sample("m/good", 10, True, recv_time=12.0, source_time=5.0, mono=3.0),  # older source time
+              Sample("m/good", 10.0, True, recv_time=12.0, mono=3.0),  # a float reading
+              Sample("m/good", 10, False, recv_time=12.0, mono=3.0)):  # bad
+        assert plain_increase(spec, state, s) == 0
+        assert state == before
+    assert not plain(CounterSpec("good", mode="delta")) and not plain(CounterSpec("m", resolution=Decimal("0.1")))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["good", "scrap"]), st.integers(min_value=0, max_value=70_000),
+                          st.floats(min_value=0, max_value=30), st.booleans()), max_size=50))
+def test_engine_events_and_state_are_the_same_without_the_fast_path(program):
+    spec = MachineSpec(id="m", counters={"good": CounterBinding(CounterSpec("good", modulus=2**16, max_rate=20.0)),
+                                         "scrap": CounterBinding(CounterSpec("scrap", modulus=2**16),
+                                                                 Decimal("0.5"))},
+                       interval_s=10.0, max_units=40)
+    fast, slow = MachineEngine(spec), MachineEngine(spec)
+    slow._signals = {k: (*v[:4], False) for k, v in slow._signals.items()}
+    mono = 0.0
+    for signal, value, dt, tick in program:
+        mono += dt
+        s = Sample(f"m/{signal}", value, True, recv_time=1e9 + mono, mono=mono)
+        a, b = fast.apply(s, signal), slow.apply(s, signal)
+        assert [(e.type, e.data) for e in a] == [(e.type, e.data) for e in b]
+        if tick:
+            a, b = fast.tick(mono), slow.tick(mono)
+            assert [(e.type, e.data) for e in a] == [(e.type, e.data) for e in b]
+        assert fast.snapshot() == slow.snapshot() and (fast.dirty, fast.urgent) == (slow.dirty, slow.urgent)
+        fast.dirty = slow.dirty = fast.urgent = slow.urgent = False  # as a commit does
