@@ -296,13 +296,18 @@ class MachineEngine:
         CPU in the gateway (tests/test_counting_property.py and tests/test_fuzz_inputs.py check the bytes)."""
         keys = self._json_keys
         counters = []
+        memo_t: float | int | None = None
+        memo_s = "null"
         for n, c in self.counters.items():
             k = keys.get(n)
             if k is None:
                 k = keys[n] = _encode(n)
             lt, lw = c.last_time, c.last_wall
-            lts = _jnum(lt)
-            lws = lts if lw == lt and type(lw) is type(lt) else _jnum(lw)  # the same time, usually: one repr
+            # the counters of a machine are usually read together: one time, one repr (~0.4 µs each)
+            if lt != memo_t or type(lt) is not type(memo_t):
+                memo_t, memo_s = lt, _jnum(lt)
+            lts = memo_s
+            lws = lts if lw == lt and type(lw) is type(lt) else _jnum(lw)
             res = "" if c.resolution is None else ',"resolution":' + _encode(c.resolution)
             counters.append(f'{k}:{{"last":{_jnum(c.last)},"last_time":{lts},"last_wall":{lws},'
                             f'"held_zero":{"true" if c.held_zero else "false"}{res}}}')
@@ -312,7 +317,10 @@ class MachineEngine:
         w = self.window
         start, end = w.start, w.end
         starts = _jnum(start)
-        ends = starts if end == start and type(end) is type(start) else _jnum(end)
+        if end == memo_t and type(end) is type(memo_t):  # the window ends with the last counted change
+            ends = memo_s
+        else:
+            ends = starts if end == start and type(end) is type(start) else _jnum(end)
         evidence = ",".join(
             f'{_encode(n)}:{{"from":{_jnum(e.first)},"to":{_jnum(e.last)},"rollovers":{_jnum(e.rollovers)},'
             f'"resets":{_jnum(e.resets)},"glitches":{_jnum(e.glitches)}}}' for n, e in w.evidence.items())

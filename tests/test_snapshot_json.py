@@ -60,8 +60,7 @@ def test_snapshot_json_is_the_json_of_snapshot_in_any_state(program):
         if op[0] == "sample":
             _, signal, value, t, good = op
             mono += 1.0
-            eng.apply(Sample(f"m/{signal}", value, good, recv_time=1e9 + mono, source_time=t if t is None or
-                             isinstance(t, float) else float(t), mono=mono), signal)
+            eng.apply(Sample(f"m/{signal}", value, good, recv_time=1e9 + mono, source_time=t, mono=mono), signal)
         elif op[0] == "dispatch":
             _, order, operation, status, planned = op
             ctx = OrderContext(order, operation, status, unit="PCE", planned_quantity=planned,
@@ -101,3 +100,13 @@ def test_snapshot_json_covers_every_field():
     assert eng.snapshot()["counters"]["good"]["held_zero"] is True
     assert eng.snapshot_json() == expected(eng)
     assert MachineEngine(spec, json.loads(eng.snapshot_json())).snapshot() == eng.snapshot()
+
+
+def test_snapshot_json_keeps_int_and_float_times_apart():
+    """Equal times of different types (a source time given as an int, a receive time as a float) are written as
+    json.dumps writes each: 5 and 5.0."""
+    spec = make_spec()
+    eng = MachineEngine(spec)
+    for signal, v, src in (("good", 1, 5), ("good", 2, 6), ("total", 1.0, 5.0), ("total", 2.0, 6.0)):
+        eng.apply(Sample(f"m/{signal}", v, True, recv_time=6.0, source_time=src, mono=float(v)), signal)
+        assert eng.snapshot_json() == expected(eng)
