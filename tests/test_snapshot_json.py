@@ -107,6 +107,6 @@ def test_snapshot_json_keeps_int_and_float_times_apart():
     json.dumps writes each: 5 and 5.0."""
     spec = make_spec()
     eng = MachineEngine(spec)
-    for signal, v, src in (("good", 1, 5), ("good", 2, 6), ("total", 1.0, 5.0), ("total", 2.0, 6.0)):
+    for signal, v, src in (("scrap", 3, 6), ("total", 1.0, 5.0), ("total", 2.0, 6.0)):
         eng.apply(Sample(f"m/{signal}", v, True, recv_time=6.0, source_time=src, mono=float(v)), signal)
         assert eng.snapshot_json() == expected(eng)
