@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import structlog
 from pymodbus.constants import ExcCodes
 
@@ -137,6 +139,26 @@ def test_one_block_feeds_many_tags() -> None:
     regs = [0x0001, 0x0002, 0xFFFF, 0xFFFF, 2, 0x3FC0, 0x0000]
     raw = struct.pack(">7H", *regs)
     assert [s.decode(raw, regs) for s in block.slots] == [65538, -1, 2, 1.5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=0xFFFF), min_size=9, max_size=9))
+def test_plain_uint16_registers_skip_the_decoder_with_the_same_values(regs: list[int]) -> None:
+    """A plain uint16 register (``TagSlot.direct``) is the register itself; every other layout and type in the same
+    block still goes through its decoder, and both agree with the decoders on any register values."""
+    tags = [tb("a", 0), tb("i16", 1, "int16"), tb("u32", 2, "uint32"), tb("b", 4), tb("s", 5, "string", length=2),
+            TagBinding("badc", ModbusTagConfig(address=7, word_order="BADC")), tb("c", 8)]
+    (block,) = plan_blocks(tags, 120)
+    assert {s.key: s.direct for s in block.slots} == {
+        "a": True, "i16": False, "u32": False, "b": True, "s": False, "badc": False, "c": True}
+    assert not block.direct and plan_blocks([tb("a", 0), tb("c", 1)], 120)[0].direct
+    raw = struct.pack(">9H", *regs)
+    # _decode uses its connector only for the changed-only filter (off here)
+    got = {smp.key: smp.value for smp in ModbusConnector._decode(None, block, regs, 1.0)}  # type: ignore[arg-type]
+    assert got == {s.key: s.decode(raw, regs) for s in block.slots}
+    assert got["badc"] == ((regs[7] & 0xFF) << 8) | (regs[7] >> 8)
+    (direct_block,) = plan_blocks([tb("a", 0), tb("c", 1)], 120)
+    assert [smp.value for smp in ModbusConnector._decode(None, direct_block, regs[:2], 1.0)] == regs[:2]  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- against the simulator

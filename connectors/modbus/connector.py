@@ -144,10 +144,14 @@ class TagSlot:
     offset: int  # registers from the block start
     decode: Decoder = field(repr=False, compare=False)
     count: int = field(default=0, compare=False)  # registers / bits: ``tag.count`` read once (a property per poll)
+    # a plain uint16 register: its value is the register as the client returned it (no packing, no decoder call)
+    direct: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.count:
             object.__setattr__(self, "count", self.tag.count)
+        object.__setattr__(self, "direct", self.tag.data_type == "uint16" and not self.tag.bytes_swapped
+                           and self.tag.table in ("holding", "input"))
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,10 @@ class Block:
     count: int
     slots: tuple[TagSlot, ...]
     gapless: bool  # every register of the block belongs to some tag
+    direct: bool = field(default=False, compare=False)  # every slot is ``direct``: the block is never packed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "direct", all(s.direct for s in self.slots))
 
     @property
     def name(self) -> str:
@@ -438,14 +446,17 @@ class ModbusConnector(Connector):
             self._last_regs[name] = regs
             if prev is None:
                 self._last_full[name] = mono
-        raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs)
+        raw = b"" if block.bits or block.direct else struct.pack(f">{block.count}H", *regs)
         out = []
         for slot in block.slots:
+            o = slot.offset
             if prev is not None:
-                o = slot.offset
                 n = slot.count
                 if (regs[o] == prev[o]) if n == 1 else (regs[o:o + n] == prev[o:o + n]):
                     continue
+            if slot.direct:
+                out.append(Sample(slot.key, regs[o], True, now, None, "Good", mono))
+                continue
             try:
                 out.append(Sample(slot.key, slot.decode(raw, regs), True, now, None, "Good", mono))
             except Exception as exc:  # cannot happen with valid registers; never let one tag kill the poll
