@@ -166,7 +166,7 @@ class EventDraft:
     droppable: bool = False  # low-value (state changes): may be dropped, counted, when the store is full
 
 
-@dataclass
+@dataclass(slots=True)
 class _Evidence:
     first: int | None = None
     last: int | None = None
@@ -178,7 +178,7 @@ class _Evidence:
         return {"from": self.first, "to": self.last, "rollovers": self.rollovers, "resets": self.resets, "glitches": self.glitches}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Window:
     opened_at: float | None = None  # monotonic time the window got its first count; drives the periodic flush
     start: float | None = None  # source time of the first counted change
