@@ -308,7 +308,7 @@ def body(args: Any, res: Any) -> None:
     ratio = ours_rate / baseline
     res.add("one_event_per_message", ours_rate, "events/s", baseline=baseline,
             baseline_name=f"raw paho-mqtt QoS 1, same payloads, same broker ({best_mode} variant)", ratio=ratio,
-            target=">= 60 % of the raw paho rate", met=ratio >= 0.6, settings=settings,
+            target=">= 0.8 of the raw paho rate", met=ratio >= 0.8, settings=settings,
             rounds_ours=[round(o["rate"]) for o in ours],
             rounds_baseline={k: [round(b["rate"]) for b in v] for k, v in base.items()},
             baseline_variants={"all": round(med_all), "window": round(med_win)})
@@ -316,6 +316,7 @@ def body(args: Any, res: Any) -> None:
     cpu_base = median([b["cpu"] / n * 1e6 for b in base[best_mode]])
     res.add("cpu_per_event", cpu_ours, "us CPU/event (gateway process, all threads)", baseline=cpu_base,
             baseline_name="raw paho-mqtt process CPU per message", settings=settings,
+            target="<= 1.3x raw paho's CPU per message", met=cpu_ours <= 1.3 * cpu_base,
             broker_cpu_us_per_event={k: round(median(v) / n * 1e6, 1) for k, v in broker_cpu.items()},
             cores_used_ours=round(median([o["cpu"] / o["wall"] for o in ours]), 2))
     batch_mode(args, res, workdir)
@@ -353,13 +354,14 @@ def batch_mode(args: Any, res: Any, workdir: str) -> None:
     ours = median([x["rate"] for x in full])
     res.add("batch_mode", ours, "events/s", baseline=base_rate,
             baseline_name="raw paho-mqtt QoS 1 publishing the same batch messages (window 100)",
-            target=">= 100,000 events/s", met=ours >= 100_000, settings={**settings, "clock": "first sample -> "
+            target=">= 0.25 of raw paho publishing the same batch messages", met=ours >= 0.25 * base_rate,
+            settings={**settings, "clock": "first sample -> "
             "last row deleted after its PUBACK (mapping + encoding + store + publish)"},
             rounds_ours=[round(x["rate"]) for x in full], cpu_us_per_event=round(median([x["cpu"] for x in full]) / n * 1e6, 1))
     po = median([x["rate"] for x in publish_only])
     res.add("batch_mode_publish_only", po, "events/s", baseline=base_rate,
             baseline_name="raw paho-mqtt QoS 1 publishing the same batch messages (window 100)",
-            target=">= 100,000 events/s", met=po >= 100_000, settings={**settings, "clock": "rows committed "
+            settings={**settings, "clock": "rows committed "
             "beforehand; connection up -> last row deleted after its PUBACK (store fetch + publish + ack only)"},
             rounds_ours=[round(x["rate"]) for x in publish_only],
             cpu_us_per_event=round(median([x["cpu"] for x in publish_only]) / n * 1e6, 1))
