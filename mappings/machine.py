@@ -194,6 +194,30 @@ class _Window:
         return self.q["good"] + self.q["total"] + self.q["scrap"] + self.q["rework"]
 
 
+class _Cell(CounterState):
+    """A counter's state as the engine keeps it: the persisted ``CounterState`` plus what the fast path needs next
+    to it (the spec's modulus and max_rate) and what it accumulates for the open window until the engine folds it
+    in (``MachineEngine._fold``): the sum of plain increases, the value before the first and the last value. One
+    object per counted sample instead of the window, its quantity and evidence dicts and their entries: a
+    gateway's working set is larger than the CPU caches, and every object a sample touches is a likely miss."""
+
+    __slots__ = ("modulus", "max_rate", "acc", "first_prev", "last_u", "pending")
+
+    def __init__(self, state: CounterState | None = None, spec: CounterSpec | None = None) -> None:
+        if state is None:
+            super().__init__()
+        else:
+            super().__init__(last=state.last, last_time=state.last_time, last_wall=state.last_wall,
+                             held_zero=state.held_zero, last_mono=state.last_mono, marked_wall=state.marked_wall,
+                             resolution=state.resolution)
+        self.modulus: int | None = None if spec is None else spec.modulus
+        self.max_rate = 0.0 if spec is None else spec.max_rate
+        self.acc = 0
+        self.first_prev: int | None = None
+        self.last_u: int | None = None
+        self.pending = False
+
+
 _MASK64 = (1 << 64) - 1
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps(x, separators=...) builds one per call
@@ -236,12 +260,25 @@ def _seed(machine: str) -> int:
 
 
 class MachineEngine:
+    # every counted sample reads several of these: slots (no instance-dict probing; a fraction of the cache lines
+    # touched per sample). "__dict__" keeps instances open to tests that replace a method on one engine.
+    __slots__ = ("_json_ctx", "_json_keys", "_rearm", "_rng", "_signals", "_window_s", "anomalies", "completed",
+                 "context", "counters", "dirty", "hold_reports", "machine_state", "order_totals", "spec", "totals",
+                 "urgent", "_window", "yield_carry", "_pending", "_pend_start", "_pend_opened", "_pend_end",
+                 "__dict__")
+
     def __init__(self, spec: MachineSpec, snapshot: dict[str, Any] | None = None) -> None:
         self.spec = spec
-        self.counters: dict[str, CounterState] = {name: CounterState() for name in spec.counters}
-        self.counters.update({MATERIAL_PREFIX + m: CounterState() for m in spec.materials})
+        self.counters: dict[str, _Cell] = {name: _Cell() for name in spec.counters}
+        self.counters.update({MATERIAL_PREFIX + m: _Cell() for m in spec.materials})
         self.context: OrderContext | None = None
-        self.window = _Window()
+        # cells with plain increases not yet in the window, in the order of their first one (see _fold), and the
+        # window times those increases carry: the first one's time and opening time, the last one's time
+        self._pending: list[tuple[str, _Cell, CounterBinding, str | None]] = []
+        self._pend_start: float | None = None
+        self._pend_opened: float | None = None
+        self._pend_end: float | None = None
+        self._window = _Window()
         # jitter draws: xorshift64 seeded with the machine id (random.Random would hold 2.5 KB of state per machine)
         self._rng = _seed(spec.id) if spec.interval_jitter > 0 else 0
         # length of the current window: the first after a start is spread over the whole interval (see MachineSpec)
@@ -262,13 +299,60 @@ class MachineEngine:
         self._rearm = False  # a restored window with counts waits for the first tick to be timed again
         if snapshot:
             self._restore(snapshot)
-        # signal -> (counter spec, state, binding, material number or None): one lookup per sample
-        # (and whether counters.plain_increase can take its samples)
-        self._signals: dict[str, tuple[CounterSpec, CounterState, CounterBinding, str | None, bool]] = {
-            name: (b.spec, self.counters[name], b, None, plain(b.spec)) for name, b in spec.counters.items()}
-        self._signals.update({MATERIAL_PREFIX + m: (mm.binding.spec, self.counters[MATERIAL_PREFIX + m], mm.binding, m,
-                                                    plain(mm.binding.spec))
-                              for m, mm in spec.materials.items()})
+        # signal -> (counter spec, state, binding, material number or None, fast path?): one lookup per sample
+        self._signals: dict[str, tuple[CounterSpec, _Cell, CounterBinding, str | None, bool]] = {}
+        for name, b in spec.counters.items():
+            self._bind(name, b, None)
+        for m, mm in spec.materials.items():
+            self._bind(MATERIAL_PREFIX + m, mm.binding, m)
+
+    def _bind(self, signal: str, binding: CounterBinding, material: str | None) -> None:
+        """Route ``signal`` to its cell. The fast path (counters.plain_increase, increases accumulated in the cell)
+        takes a cumulative integer counter of a machine without ``max_units`` (that one looks at the window's units
+        at every count)."""
+        cell = self.counters[signal]
+        cell.modulus, cell.max_rate = binding.spec.modulus, binding.spec.max_rate
+        self._signals[signal] = (binding.spec, cell, binding, material,
+                                 plain(binding.spec) and not self.spec.max_units)
+
+    @property
+    def window(self) -> _Window:
+        """The open reporting window, with every increase counted so far (the fast path's are folded in first)."""
+        if self._pending:
+            self._fold()
+        return self._window
+
+    @window.setter
+    def window(self, w: _Window) -> None:
+        if self._pending:
+            self._fold()
+        self._window = w
+
+    def _fold(self) -> None:
+        """Add the plain increases accumulated in the cells to the window, as ``_count`` would have one by one:
+        evidence and materials created in the order of each signal's first increase, the quantities summed, the
+        window's opening time and start from the first increase, its end from the last."""
+        w = self._window
+        for signal, cell, binding, material in self._pending:
+            ev = w.evidence.get(signal)
+            if ev is None:
+                ev = w.evidence[signal] = _Evidence(first=cell.first_prev)
+            ev.last = cell.last_u
+            scale = binding.scale
+            q = cell.acc if scale == 1 else cell.acc * scale
+            if material is None:
+                w.q[signal] += q
+            else:
+                w.materials[material] = w.materials.get(material, ZERO) + q
+            cell.acc = 0
+            cell.pending = False
+        self._pending = []
+        if w.opened_at is None:
+            w.opened_at = self._pend_opened
+            self._rearm = False
+        if w.start is None:
+            w.start = self._pend_start
+        w.end = self._pend_end
 
     def _draw(self) -> float:
         """Next number in [0, 1) of this machine's jitter sequence (xorshift64)."""
@@ -285,8 +369,9 @@ class MachineEngine:
         route = self._signals.get(signal)
         if route is None or route[0] == counter:
             return False
-        binding = CounterBinding(counter, route[2].scale)
-        self._signals[signal] = (counter, route[1], binding, route[3], plain(counter))
+        if self._pending:
+            self._fold()
+        self._bind(signal, CounterBinding(counter, route[2].scale), route[3])
         return True
 
     # ------------------------------------------------------------------ persistence
@@ -355,7 +440,7 @@ class MachineEngine:
     def _restore(self, snap: dict[str, Any]) -> None:
         for name, d in snap.get("counters", {}).items():
             if name in self.counters:  # a counter removed from the config is forgotten
-                self.counters[name] = CounterState.from_dict(d)
+                self.counters[name] = _Cell(CounterState.from_dict(d))
         if snap.get("context"):
             self.context = OrderContext.from_dict(snap["context"])
         w = snap.get("window") or {}
@@ -389,14 +474,28 @@ class MachineEngine:
         route = self._signals.get(signal)
         if route is None:
             return self._apply_state(sample) if signal == "state" else []
+        cell = route[1]
         if route[4]:  # the common case first: a plausible increase of a cumulative counter (not urgent)
-            delta = plain_increase(route[0], route[1], sample)
+            delta = plain_increase(cell, sample, cell.modulus, cell.max_rate)
             if delta:
+                t = sample.source_time
+                if t is None:
+                    t = sample.recv_time
+                if not cell.pending:
+                    cell.pending = True
+                    cell.first_prev = cell.last - delta  # type: ignore[operator]
+                    if not self._pending:
+                        self._pend_start = t
+                        self._pend_opened = sample.mono if sample.mono is not None else sample.recv_time
+                    self._pending.append((signal, cell, route[2], route[3]))
+                cell.acc += delta
+                cell.last_u = cell.last
+                self._pend_end = t
                 self.dirty = True
-                value = route[1].last
-                return self._count(signal, route[2], route[3], delta, value - delta, value, "increase",  # type: ignore[operator]
-                                   sample)
-        res = step(route[0], route[1], sample)
+                return []
+        if self._pending:  # anything else sees (and counts after) the increases before it
+            self._fold()
+        res = step(route[0], cell, sample)
         outcome = res.outcome
         if outcome in QUIET:
             return []

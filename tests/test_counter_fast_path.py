@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mappings.counters import CounterSpec, CounterState, plain, plain_increase, step
-from mappings.machine import CounterBinding, MachineEngine, MachineSpec
+import json
+
+from mappings.machine import CounterBinding, MachineEngine, MachineSpec, MaterialMeter, OrderContext, OrderRefused
 from mappings.samples import Sample
 
 SPECS = [CounterSpec("good", modulus=2**16, max_rate=50.0), CounterSpec("good", modulus=None, max_rate=5.0),
@@ -39,7 +41,7 @@ def run(spec: CounterSpec, program: list, fast: bool) -> list:
         mono = None if d_mono is None else (mono or 100.0) + d_mono
         s = Sample("m/good", value, good, recv_time=recv, source_time=src, mono=mono)
         if fast and plain(spec):
-            delta = plain_increase(spec, state, s)
+            delta = plain_increase(state, s, spec.modulus, spec.max_rate)
             if delta:
                 out.append(("increase", delta, state.last - delta, state.last, dataclasses.astuple(state)))
                 continue
@@ -60,9 +62,9 @@ def test_plain_increase_is_steps_increase_case(spec, program):
 def test_plain_increase_takes_the_common_case_and_leaves_the_rest_untouched():
     spec = SPECS[0]
     state = CounterState()
-    assert plain_increase(spec, state, Sample("m/good", 5, True, recv_time=10.0, mono=1.0)) == 0  # no baseline
+    assert plain_increase(state, Sample("m/good", 5, True, recv_time=10.0, mono=1.0), 2**16, 50.0) == 0  # no baseline
     step(spec, state, Sample("m/good", 5, True, recv_time=10.0, mono=1.0))
-    assert plain_increase(spec, state, Sample("m/good", 9, True, recv_time=11.0, mono=2.0)) == 4
+    assert plain_increase(state, Sample("m/good", 9, True, recv_time=11.0, mono=2.0), 2**16, 50.0) == 4
     assert (state.last, state.last_time, state.last_mono) == (9, 11.0, 2.0)
     before = copy.copy(state)
     for s in (Sample("m/good", 3, True, recv_time=12.0, mono=3.0),  # a decrease: rollover / reset, not here
@@ -72,29 +74,79 @@ def test_plain_increase_takes_the_common_case_and_leaves_the_rest_untouched():
               Sample("m/good", 10, True, recv_time=12.0, source_time=5.0, mono=3.0),  # older source time
               Sample("m/good", 10.0, True, recv_time=12.0, mono=3.0),  # a float reading
               Sample("m/good", 10, False, recv_time=12.0, mono=3.0)):  # bad
-        assert plain_increase(spec, state, s) == 0
+        assert plain_increase(state, s, spec.modulus, spec.max_rate) == 0
         assert state == before
     assert not plain(CounterSpec("good", mode="delta")) and not plain(CounterSpec("m", resolution=Decimal("0.1")))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["good", "scrap"]), st.integers(min_value=0, max_value=70_000),
-                          st.floats(min_value=0, max_value=30), st.booleans()), max_size=50))
-def test_engine_events_and_state_are_the_same_without_the_fast_path(program):
-    spec = MachineSpec(id="m", counters={"good": CounterBinding(CounterSpec("good", modulus=2**16, max_rate=20.0)),
-                                         "scrap": CounterBinding(CounterSpec("scrap", modulus=2**16),
-                                                                 Decimal("0.5"))},
-                       interval_s=10.0, max_units=40)
-    fast, slow = MachineEngine(spec), MachineEngine(spec)
-    slow._signals = {k: (*v[:4], False) for k, v in slow._signals.items()}
+def engine_spec(max_units: int | None) -> MachineSpec:
+    return MachineSpec(
+        id="m",
+        counters={"good": CounterBinding(CounterSpec("good", modulus=2**16, max_rate=20.0)),
+                  "scrap": CounterBinding(CounterSpec("scrap", modulus=2**16), Decimal("0.5")),
+                  "rework": CounterBinding(CounterSpec("rework", mode="delta"))},
+        materials={"RM-1": MaterialMeter(CounterBinding(CounterSpec("material:RM-1", modulus=None, max_rate=1e4),
+                                                        Decimal("0.001")), "L")},
+        interval_s=10.0, max_units=max_units)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([None, 40]),
+       st.lists(st.tuples(st.sampled_from(["good", "scrap", "rework", "material:RM-1", "dispatch", "restart",
+                                           "counter_spec"]),
+                          st.one_of(st.integers(min_value=-3, max_value=40), st.integers(min_value=0, max_value=70_000)),
+                          st.floats(min_value=0, max_value=30),
+                          st.sampled_from(["none", "tick", "snapshot", "deadline"])), max_size=60))
+def test_engine_events_and_state_are_the_same_without_the_fast_path(max_units, program):
+    """The engine's fast path (increases accumulated in the counter's cell, folded into the window when anything
+    looks at it) against the same engine taking every sample through ``step`` and ``_count``: the same events, the
+    same snapshots, the same deadlines, the same dirty / urgent flags, whatever the mix of samples, dispatches,
+    restarts, ticks and spec changes."""
+    spec = engine_spec(max_units)
+
+    def slow_engine(eng: MachineEngine) -> MachineEngine:
+        eng._signals = {k: (*v[:4], False) for k, v in eng._signals.items()}
+        return eng
+
+    fast, slow = MachineEngine(spec), slow_engine(MachineEngine(spec))
     mono = 0.0
-    for signal, value, dt, tick in program:
-        mono += dt
-        s = Sample(f"m/{signal}", value, True, recv_time=1e9 + mono, mono=mono)
-        a, b = fast.apply(s, signal), slow.apply(s, signal)
-        assert [(e.type, e.data) for e in a] == [(e.type, e.data) for e in b]
-        if tick:
-            a, b = fast.tick(mono), slow.tick(mono)
-            assert [(e.type, e.data) for e in a] == [(e.type, e.data) for e in b]
-        assert fast.snapshot() == slow.snapshot() and (fast.dirty, fast.urgent) == (slow.dirty, slow.urgent)
+    reg: dict[str, int] = {}
+
+    def same(a, b):
+        assert [(e.type, e.subject, e.time, e.data) for e in a] == [(e.type, e.subject, e.time, e.data) for e in b]
+
+    for what, value, dt, then in program:
+        mono += dt if dt > 5 else dt / 10  # mostly polls, sometimes gaps
+        if what == "dispatch":
+            ctx = OrderContext(f"A{value % 3}", "10", "completed" if value % 5 == 0 else "active")
+            try:
+                a = fast.dispatch(ctx, 1e9 + mono)
+            except OrderRefused:
+                a = None
+            try:
+                b = slow.dispatch(ctx, 1e9 + mono)
+            except OrderRefused:
+                b = None
+            assert (a is None) == (b is None)
+            if a is not None:
+                same(a, b)
+        elif what == "restart":
+            fast = MachineEngine(spec, json.loads(fast.snapshot_json()))
+            slow = slow_engine(MachineEngine(spec, slow.snapshot()))
+        elif what == "counter_spec":
+            new = CounterSpec("good", modulus=2**32 if value % 2 else 2**16, max_rate=20.0 + value % 7)
+            assert fast.set_counter_spec("good", new) == slow.set_counter_spec("good", new)
+        else:  # mostly small steps of a running counter (the fast path), sometimes any value
+            reg[what] = reg.get(what, 0) + value if -3 <= value <= 40 else value
+            s = Sample(f"m/{what}", reg[what], True, recv_time=1e9 + mono, mono=mono)
+            same(fast.apply(s, what), slow.apply(s, what))
+        if then == "tick":
+            same(fast.tick(mono), slow.tick(mono))
+        elif then == "snapshot":
+            assert fast.snapshot_json() == json.dumps(slow.snapshot(), separators=(",", ":"))
+        elif then == "deadline":
+            assert fast.next_deadline() == slow.next_deadline()
+        assert (fast.dirty, fast.urgent) == (slow.dirty, slow.urgent)
         fast.dirty = slow.dirty = fast.urgent = slow.urgent = False  # as a commit does
+    same(fast.flush("periodic", 2e9), slow.flush("periodic", 2e9))
+    assert fast.snapshot() == slow.snapshot()
