@@ -340,6 +340,7 @@ class Core:
         urgent = self.urgent
         scheduled = self.scheduled
         unscheduled: list[str] = []
+        last = None  # the engine of the previous sample, once it was dirty: a machine's tags come together
         for s in samples:
             route = routes.get(s.key)
             if route is None:
@@ -354,11 +355,13 @@ class Core:
             if drafts:
                 out.extend(drafts)
             if eng.dirty:
-                dirty.add(machine)
+                if eng is not last:  # dirty stays set within a batch: once per run of one machine's samples
+                    last = eng
+                    dirty.add(machine)
+                    if machine not in scheduled:
+                        unscheduled.append(machine)
                 if eng.urgent:
                     urgent.add(machine)
-                if machine not in scheduled:
-                    unscheduled.append(machine)
         self.stats.samples += len(samples)
         for machine in unscheduled:  # only machines whose window may just have opened
             self._schedule(machine)

@@ -201,7 +201,8 @@ class _Cell(CounterState):
     object per counted sample instead of the window, its quantity and evidence dicts and their entries: a
     gateway's working set is larger than the CPU caches, and every object a sample touches is a likely miss."""
 
-    __slots__ = ("modulus", "max_rate", "acc", "first_prev", "last_u", "pending")
+    __slots__ = ("signal", "spec", "binding", "material", "fast", "modulus", "max_rate", "acc", "first_prev", "last_u",
+                 "pending")
 
     def __init__(self, state: CounterState | None = None, spec: CounterSpec | None = None) -> None:
         if state is None:
@@ -210,6 +211,13 @@ class _Cell(CounterState):
             super().__init__(last=state.last, last_time=state.last_time, last_wall=state.last_wall,
                              held_zero=state.held_zero, last_mono=state.last_mono, marked_wall=state.marked_wall,
                              resolution=state.resolution)
+        # routing, set by MachineEngine._bind: signal name, spec, binding, material number (None: a counter), and
+        # whether the fast path takes its samples
+        self.signal = ""
+        self.spec: CounterSpec | None = spec
+        self.binding: CounterBinding | None = None
+        self.material: str | None = None
+        self.fast = False
         self.modulus: int | None = None if spec is None else spec.modulus
         self.max_rate = 0.0 if spec is None else spec.max_rate
         self.acc = 0
@@ -274,7 +282,7 @@ class MachineEngine:
         self.context: OrderContext | None = None
         # cells with plain increases not yet in the window, in the order of their first one (see _fold), and the
         # window times those increases carry: the first one's time and opening time, the last one's time
-        self._pending: list[tuple[str, _Cell, CounterBinding, str | None]] = []
+        self._pending: list[_Cell] = []
         self._pend_start: float | None = None
         self._pend_opened: float | None = None
         self._pend_end: float | None = None
@@ -299,8 +307,8 @@ class MachineEngine:
         self._rearm = False  # a restored window with counts waits for the first tick to be timed again
         if snapshot:
             self._restore(snapshot)
-        # signal -> (counter spec, state, binding, material number or None, fast path?): one lookup per sample
-        self._signals: dict[str, tuple[CounterSpec, _Cell, CounterBinding, str | None, bool]] = {}
+        # signal -> its cell (state and routing): one lookup per sample
+        self._signals: dict[str, _Cell] = {}
         for name, b in spec.counters.items():
             self._bind(name, b, None)
         for m, mm in spec.materials.items():
@@ -311,9 +319,10 @@ class MachineEngine:
         takes a cumulative integer counter of a machine without ``max_units`` (that one looks at the window's units
         at every count)."""
         cell = self.counters[signal]
+        cell.signal, cell.spec, cell.binding, cell.material = signal, binding.spec, binding, material
         cell.modulus, cell.max_rate = binding.spec.modulus, binding.spec.max_rate
-        self._signals[signal] = (binding.spec, cell, binding, material,
-                                 plain(binding.spec) and not self.spec.max_units)
+        cell.fast = plain(binding.spec) and not self.spec.max_units
+        self._signals[signal] = cell
 
     @property
     def window(self) -> _Window:
@@ -333,12 +342,13 @@ class MachineEngine:
         evidence and materials created in the order of each signal's first increase, the quantities summed, the
         window's opening time and start from the first increase, its end from the last."""
         w = self._window
-        for signal, cell, binding, material in self._pending:
+        for cell in self._pending:
+            signal, binding, material = cell.signal, cell.binding, cell.material
             ev = w.evidence.get(signal)
             if ev is None:
                 ev = w.evidence[signal] = _Evidence(first=cell.first_prev)
             ev.last = cell.last_u
-            scale = binding.scale
+            scale = binding.scale  # type: ignore[union-attr]
             q = cell.acc if scale == 1 else cell.acc * scale
             if material is None:
                 w.q[signal] += q
@@ -366,12 +376,12 @@ class MachineEngine:
     def set_counter_spec(self, signal: str, counter: CounterSpec) -> bool:
         """Replace the spec of a counter / meter signal (its width found on the server at connect); the state is
         kept. Returns True when it changed."""
-        route = self._signals.get(signal)
-        if route is None or route[0] == counter:
+        cell = self._signals.get(signal)
+        if cell is None or cell.spec == counter:
             return False
         if self._pending:
             self._fold()
-        self._bind(signal, CounterBinding(counter, route[2].scale), route[3])
+        self._bind(signal, CounterBinding(counter, cell.binding.scale), cell.material)  # type: ignore[union-attr]
         return True
 
     # ------------------------------------------------------------------ persistence
@@ -471,11 +481,10 @@ class MachineEngine:
 
         An unchanged counter value (and a bad, stale, duplicate or invalid sample) changes no persisted state: it
         does not mark the engine dirty (an unchanged value does, once per ``counters.IDLE_PERSIST_S``)."""
-        route = self._signals.get(signal)
-        if route is None:
+        cell = self._signals.get(signal)
+        if cell is None:
             return self._apply_state(sample) if signal == "state" else []
-        cell = route[1]
-        if route[4]:  # the common case first: a plausible increase of a cumulative counter (not urgent)
+        if cell.fast:  # the common case first: a plausible increase of a cumulative counter (not urgent)
             delta = plain_increase(cell, sample, cell.modulus, cell.max_rate)
             if delta:
                 t = sample.source_time
@@ -487,7 +496,7 @@ class MachineEngine:
                     if not self._pending:
                         self._pend_start = t
                         self._pend_opened = sample.mono if sample.mono is not None else sample.recv_time
-                    self._pending.append((signal, cell, route[2], route[3]))
+                    self._pending.append(cell)
                 cell.acc += delta
                 cell.last_u = cell.last
                 self._pend_end = t
@@ -495,14 +504,14 @@ class MachineEngine:
                 return []
         if self._pending:  # anything else sees (and counts after) the increases before it
             self._fold()
-        res = step(route[0], cell, sample)
+        res = step(cell.spec, cell, sample)  # type: ignore[arg-type]
         outcome = res.outcome
         if outcome in QUIET:
             return []
         if outcome == "seen":  # an unchanged reading whose times are due to be persisted (once a minute)
             self.dirty = True
             return []
-        binding, material = route[2], route[3]
+        binding, material = cell.binding, cell.material
         self.dirty = True
         if outcome != "increase" or binding.spec.mode != "cumulative":
             # state the counter cannot give back after a crash: a reset-on-read or delta value (the device forgot

@@ -105,7 +105,8 @@ def test_engine_events_and_state_are_the_same_without_the_fast_path(max_units, p
     spec = engine_spec(max_units)
 
     def slow_engine(eng: MachineEngine) -> MachineEngine:
-        eng._signals = {k: (*v[:4], False) for k, v in eng._signals.items()}
+        for cell in eng._signals.values():
+            cell.fast = False
         return eng
 
     fast, slow = MachineEngine(spec), slow_engine(MachineEngine(spec))

@@ -43,7 +43,7 @@ async def test_width_from_server_float_meter_and_refused_node(tmp_path, mqtt_bro
     gw = RunningGateway(parse_config(doc, "<test>"))
     try:
         g = await gw.start()
-        await wait_until(lambda: g.engines["press-1"]._signals["good"][0].modulus == 2**16, 10,
+        await wait_until(lambda: g.engines["press-1"]._signals["good"].spec.modulus == 2**16, 10,
                          message="the width of the UInt16 node applied to the counter")
         await dispatch_order(erp, gw, "press-1", model, "9001", "0010")
         start_good = model.good_raw
