@@ -161,6 +161,25 @@ def test_plain_uint16_registers_skip_the_decoder_with_the_same_values(regs: list
     assert [smp.value for smp in ModbusConnector._decode(None, direct_block, regs[:2], 1.0)] == regs[:2]  # type: ignore[arg-type]
 
 
+def test_responses_decode_into_quiet_classes_with_the_same_values() -> None:
+    """The client's decoder builds our response subclasses (short ``str()``: pymodbus formats every decoded response
+    for a debug line): same registers and bits, and a string without the register list."""
+    from pymodbus.pdu.decoders import DecodePDU
+
+    from connectors.modbus.connector import QUIET_RESPONSES
+
+    decoder = DecodePDU(is_server=False)
+    for cls in QUIET_RESPONSES:
+        decoder.register(cls)
+    regs = decoder.decode(bytes([3, 6, 0, 1, 0xFF, 0xFF, 0x12, 0x34]))
+    assert type(regs).__name__ == "QuietReadHoldingRegistersResponse" and regs.registers == [1, 0xFFFF, 0x1234]
+    assert "1234" not in str(regs) and "4660" not in str(regs) and str(regs).startswith("ReadHoldingRegistersResponse(")
+    bits = decoder.decode(bytes([1, 1, 0b101]))
+    assert type(bits).__name__ == "QuietReadCoilsResponse" and bits.bits[:3] == [True, False, True]
+    assert decoder.decode(bytes([4, 2, 0, 7])).registers == [7]
+    assert decoder.decode(bytes([2, 1, 1])).bits[0] is True
+
+
 # ---------------------------------------------------------------------- against the simulator
 
 
