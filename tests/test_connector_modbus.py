@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import struct
 import time
+import types
 from collections.abc import AsyncIterator
 
 import pytest
@@ -159,6 +160,24 @@ def test_plain_uint16_registers_skip_the_decoder_with_the_same_values(regs: list
     assert got["badc"] == ((regs[7] & 0xFF) << 8) | (regs[7] >> 8)
     (direct_block,) = plan_blocks([tb("a", 0), tb("c", 1)], 120)
     assert [smp.value for smp in ModbusConnector._decode(None, direct_block, regs[:2], 1.0)] == regs[:2]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data_type", ["uint16", "int16"])  # a direct block, and one through the decoders
+def test_changed_only_decode_hands_on_changed_tags_and_a_heartbeat(data_type: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (block,) = plan_blocks([tb(f"t{i}", i, data_type) for i in range(5)], 120)
+    assert block.direct == (data_type == "uint16")
+    conn = types.SimpleNamespace(_last_regs={}, _last_full={})  # what _decode keeps between polls
+
+    def decode(regs: list[int]) -> list[tuple[str, object]]:
+        return [(smp.key, smp.value) for smp in ModbusConnector._decode(conn, block, regs, 1.0,  # type: ignore[arg-type]
+                                                                         changed_only=True)]
+
+    assert decode([1, 2, 3, 4, 5]) == [("t0", 1), ("t1", 2), ("t2", 3), ("t3", 4), ("t4", 5)]
+    assert decode([1, 2, 3, 4, 5]) == []
+    assert decode([1, 2, 9, 4, 6]) == [("t2", 9), ("t4", 6)]
+    monkeypatch.setattr(modbus_connector, "HEARTBEAT_S", 0.0)
+    assert [k for k, _ in decode([1, 2, 9, 4, 6])] == ["t0", "t1", "t2", "t3", "t4"]
 
 
 def test_responses_decode_into_quiet_classes_with_the_same_values() -> None:

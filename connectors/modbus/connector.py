@@ -183,9 +183,12 @@ class Block:
     slots: tuple[TagSlot, ...]
     gapless: bool  # every register of the block belongs to some tag
     direct: bool = field(default=False, compare=False)  # every slot is ``direct``: the block is never packed
+    keyed: tuple[tuple[str, int], ...] = field(default=(), compare=False)  # direct blocks: (key, offset) per slot
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "direct", all(s.direct for s in self.slots))
+        direct = all(s.direct for s in self.slots)
+        object.__setattr__(self, "direct", direct)
+        object.__setattr__(self, "keyed", tuple((s.key, s.offset) for s in self.slots) if direct else ())
 
     @property
     def name(self) -> str:
@@ -469,7 +472,11 @@ class ModbusConnector(Connector):
             self._last_regs[name] = regs
             if prev is None:
                 self._last_full[name] = mono
-        raw = b"" if block.bits or block.direct else struct.pack(f">{block.count}H", *regs)
+        if block.direct:  # plain uint16 registers only (the common counter block): one comprehension
+            if prev is None:
+                return [Sample(k, regs[o], True, now, None, "Good", mono) for k, o in block.keyed]
+            return [Sample(k, v, True, now, None, "Good", mono) for k, o in block.keyed if (v := regs[o]) != prev[o]]
+        raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs)
         out = []
         for slot in block.slots:
             o = slot.offset
