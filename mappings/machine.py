@@ -618,17 +618,25 @@ class MachineEngine:
         ``Sample.mono``. Closes the window ``interval_s`` (less the jitter drawn for it) after its first count. A
         window restored from a snapshot is re-armed by the first tick (``now`` becomes its opening time). Nothing to
         do before ``next_deadline()``."""
-        w = self.window
         if self.hold_reports:
             return []
-        if w.opened_at is None:
+        opened = self._opened_at()  # without folding the fast path's increases in: most ticks find nothing due
+        if opened is None:
             if self._rearm:
-                w.opened_at = now
+                self._window.opened_at = now
                 self._rearm = False
             return []
-        if now >= w.opened_at + self._window_s:  # the expression of next_deadline(): tick(next_deadline()) flushes
+        if now >= opened + self._window_s:  # the expression of next_deadline(): tick(next_deadline()) flushes
+            w = self.window
             return self.flush("periodic", w.end if w.end is not None else now)
         return []
+
+    def _opened_at(self) -> float | None:
+        """The window's opening time, as it is once the pending increases are folded in (see _fold)."""
+        opened = self._window.opened_at
+        if opened is None and self._pending:
+            return self._pend_opened
+        return opened
 
     def next_deadline(self) -> float | None:
         """Monotonic time at which ``tick`` will next do something: the open window's flush time, ``-inf`` when a
@@ -637,7 +645,7 @@ class MachineEngine:
         ``flush``: a caller keeping a heap re-reads it after calling one of them."""
         if self.hold_reports:
             return None
-        opened = self.window.opened_at
+        opened = self._opened_at()
         if opened is None:
             return -math.inf if self._rearm else None
         return opened + self._window_s
