@@ -38,7 +38,14 @@ from paho.mqtt import _packet as paho_packet
 from paho.mqtt.client import MQTT_LOG_DEBUG, MQTT_LOG_ERR, MQTTErrorCode, time_func
 
 CHECKED_PAHO = ("2.2.0",)  # paho-mqtt versions whose private methods this module was written and tested against
-ENABLED = PAHO_VERSION in CHECKED_PAHO
+
+
+def check(version: str) -> bool:
+    """FastClient may be used with this paho-mqtt version."""
+    return version in CHECKED_PAHO
+
+
+ENABLED = check(PAHO_VERSION)  # checked once, on import
 
 READ_SIZE = 65536  # bytes per recv()
 READS_PER_CALL = 16  # recv() calls per loop_read(); more data left in the kernel wakes the event loop again
