@@ -28,6 +28,7 @@ attributes it relies on (:func:`usable`); otherwise the link uses paho's own ``C
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -117,7 +118,7 @@ class FastClient(paho.Client):
                     h.append(b)
                     break
             head = bytes(h)
-        if self._logger is not None or self.on_log is not None:
+        if self._debug():
             self._easy_log(MQTT_LOG_DEBUG, "Sending PUBLISH (d0, q1, r0, m%d), '%s', properties=None, ... (%d bytes)",
                            mid, t, len(payload))
         pkt = b"".join((head, _MID.pack(len(t)), t, _MID.pack(mid), b"\x00" if v5 else b"", payload))
@@ -176,6 +177,7 @@ class FastClient(paho.Client):
         pos = 0
         v5 = self._protocol == paho.MQTTv5
         fast = self._fast_mids
+        debug = self._debug()
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         try:
             while pos < n:
@@ -209,6 +211,8 @@ class FastClient(paho.Client):
                         if mid in fast:
                             pos = end
                             fast.discard(mid)
+                            if debug:
+                                self._easy_log(MQTT_LOG_DEBUG, "Received PUBACK (Mid: %d)", mid)
                             self._fast_puback(mid, code)
                             continue
                 length_bytes = bytes(buf[pos + 1:i])
@@ -248,6 +252,11 @@ class FastClient(paho.Client):
                     self._fast_puback(mid, result.reason.value)
                     return MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._handle_pubackcomp(cmd)
+
+    def _debug(self) -> bool:
+        """paho would log its debug lines somewhere (on_log, or its logger at DEBUG): only then format them."""
+        logger = self._logger
+        return self.on_log is not None or (logger is not None and logger.isEnabledFor(logging.DEBUG))
 
     def _fast_puback(self, mid: int, code: int) -> None:
         # as paho's _do_on_publish: an exception in the callback is logged, and raised unless suppress_exceptions

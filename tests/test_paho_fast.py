@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 
@@ -47,9 +48,11 @@ class Harness:
     """A client of either kind on one end of a socket pair, one QoS 1 message in flight (mid 1): feed it bytes as
     the broker would, see what it reports (mid, reason code) and whether it dropped the connection."""
 
-    def __init__(self, fast: bool, protocol: int) -> None:
+    def __init__(self, fast: bool, protocol: int, logger: logging.Logger | None = None) -> None:
         cls = paho_fast.FastClient if fast else paho.Client
         self.c = cls(CallbackAPIVersion.VERSION2, client_id="t", protocol=protocol)
+        if logger is not None:
+            self.c.enable_logger(logger)
         self.fast = fast
         self.acks: list[tuple[int, int]] = []
         self.dropped = False
@@ -179,6 +182,21 @@ def test_publish_fast_sends_the_bytes_paho_sends() -> None:
                 h.c.publish_fast(bad, b"{}")
     finally:
         h.close()
+
+
+def test_paho_debug_lines_are_kept(caplog) -> None:
+    """With paho's logger at DEBUG the fast path logs what paho logs for a publish and its PUBACK."""
+    caplog.set_level(logging.DEBUG, logger="test.paho")
+    lines = []
+    for fast in (False, True):
+        caplog.clear()
+        h = Harness(fast, paho.MQTTv5, logging.getLogger("test.paho"))
+        try:
+            h.feed(puback(1, b"\x10"))
+            lines.append([r.getMessage() for r in caplog.records])
+        finally:
+            h.close()
+    assert lines[1] == lines[0] and any("Sending PUBLISH" in x for x in lines[0]), lines
 
 
 # --------------------------------------------------------------------------------------------------- the guard
