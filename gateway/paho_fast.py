@@ -35,15 +35,27 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt import __version__ as PAHO_VERSION
-from paho.mqtt import _packet as paho_packet
-from paho.mqtt.client import MQTT_LOG_DEBUG, MQTT_LOG_ERR, MQTTErrorCode, time_func
+
+try:  # private or less stable names: another paho version may not have them (then FastClient is not used)
+    from paho.mqtt import _packet as paho_packet
+    from paho.mqtt.client import (
+        MQTT_LOG_DEBUG,
+        MQTT_LOG_ERR,
+        MalformedPacket,
+        MQTTErrorCode,
+        time_func,
+    )
+except ImportError:  # pragma: no cover - not with the checked versions
+    _IMPORTED = False
+else:
+    _IMPORTED = True
 
 CHECKED_PAHO = ("2.2.0",)  # paho-mqtt versions whose private methods this module was written and tested against
 
 
 def check(version: str) -> bool:
     """FastClient may be used with this paho-mqtt version."""
-    return version in CHECKED_PAHO
+    return _IMPORTED and version in CHECKED_PAHO
 
 
 ENABLED = check(PAHO_VERSION)  # checked once, on import
@@ -231,7 +243,7 @@ class FastClient(paho.Client):
                            "packet": body, "to_process": 0, "pos": 0}
         try:
             rc = self._packet_handle()
-        except paho.MalformedPacket as exc:
+        except MalformedPacket as exc:
             self._easy_log(MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
         finally:
