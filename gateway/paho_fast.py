@@ -71,7 +71,7 @@ _MID = struct.Struct("!H")
 
 # what FastClient reads or calls on paho's Client (instance attributes are checked on the instance: usable())
 _CLASS_ATTRS = ("_packet_handle", "_handle_pubackcomp", "_loop_rc_handle", "_mid_generate", "_raise_for_invalid_topic",
-                "_call_socket_register_write", "_sock_recv", "_easy_log")
+                "_call_socket_register_write", "_packet_queue", "_sock_recv", "_easy_log")
 _INSTANCE_ATTRS = ("_sock", "_protocol", "_in_packet", "_out_packet", "_out_messages", "_msgtime_mutex",
                    "_last_bytes_received", "_registered_write", "_on_socket_register_write", "_thread", "_logger",
                    "suppress_exceptions")
@@ -87,7 +87,8 @@ class FastClient(paho.Client):
 
     ``on_fast_puback(mid, reason_code)`` is called for the PUBACK of every ``publish_fast`` message (once);
     PUBACKs of messages sent with ``publish()`` still go to ``on_publish``. Driven by an external event loop
-    (``on_socket_register_write`` set, no paho network thread); without one, ``publish_fast`` uses ``publish()``."""
+    (``on_socket_register_write`` set, no paho network thread); without one, ``publish_fast`` leaves the queueing
+    and writing to paho (no merged writes)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -100,9 +101,6 @@ class FastClient(paho.Client):
     def publish_fast(self, topic: str, payload: bytes) -> int | None:
         """QoS 1, not retained, no properties: the message id, or None when not connected. Raises ValueError as
         ``publish()`` does (a topic with ``+`` / ``#``, empty on MQTT 3.1.1, too long; a payload too large)."""
-        if self._on_socket_register_write is None or self._thread is not None:
-            info = self.publish(topic, payload, qos=1)
-            return info.mid if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
         v5 = self._protocol == paho.MQTTv5
         if not v5 and not topic:
             raise ValueError('Invalid topic.')
@@ -135,6 +133,10 @@ class FastClient(paho.Client):
                            mid, t, len(payload))
         pkt = b"".join((head, _MID.pack(len(t)), t, _MID.pack(mid), b"\x00" if v5 else b"", payload))
         self._fast_mids.add(mid)
+        if self._on_socket_register_write is None or self._thread is not None:
+            # not driven by an event loop (paho's network thread, or loop() calls): paho queues and wakes it
+            self._packet_queue(paho.PUBLISH, bytearray(pkt), mid, 1, None)
+            return mid
         q = self._out_packet
         last = q[-1] if q else None
         if last is not None and last.get("fast") and last["pos"] == 0 and last["to_process"] < MERGE_MAX:

@@ -199,6 +199,28 @@ def test_paho_debug_lines_are_kept(caplog) -> None:
     assert lines[1] == lines[0] and any("Sending PUBLISH" in x for x in lines[0]), lines
 
 
+def test_publish_fast_with_paho_writing() -> None:
+    """Without an event loop's write callback paho queues and writes the message itself (here: at once, as it
+    does with neither a network thread nor the callback); the PUBACK still reaches on_fast_puback."""
+    c = paho_fast.FastClient(CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv5)
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        c._sock = a
+        c._state = _ConnectionState.MQTT_CS_CONNECTED
+        acks = []
+        c.on_fast_puback = lambda mid, code: acks.append((mid, code))
+        assert c.publish_fast("t/x", b"{}") == 1
+        b.setblocking(False)
+        assert b.recv(100) == bytes([0x32, 10]) + b"\x00\x03t/x\x00\x01\x00{}"
+        b.sendall(puback(1, b"\x87"))
+        c.loop_read()
+        assert acks == [(1, 0x87)]
+    finally:
+        a.close()
+        b.close()
+
+
 # --------------------------------------------------------------------------------------------------- the guard
 def test_the_fast_client_is_used_only_with_a_checked_paho_version(monkeypatch) -> None:
     assert paho_fast.check(paho_fast.PAHO_VERSION), "the installed paho is the checked one: the fast path is on"
