@@ -64,10 +64,14 @@ async def test_the_gateway_fails_over_to_the_next_broker_and_loses_nothing(tmp_p
             await wait_until(lambda: link.is_connected and link.port == a.port, 10)
             await commit(1, 200)
             await wait_until(lambda: store.pending == 0, 10)
+            # the PUBACKs came; the broker's delivery to the collector may still be on its way: let it arrive before
+            # the node dies with it
+            await wait_until(lambda: set(range(1, 201)) <= set(cols[0].seqs), 10)
             await a.akill()  # the node dies: the gateway moves to the next endpoint with the same client id
             await commit(201, 200)
             await wait_until(lambda: link.is_connected and link.port == b.port, 10)
             await wait_until(lambda: store.pending == 0, 15)
+            await wait_until(lambda: set(range(201, 401)) <= set(cols[1].seqs), 10)
             received = set(cols[0].seqs) | set(cols[1].seqs)
             assert received == set(range(1, 401))
             assert set(range(201, 401)) <= set(cols[1].seqs)
