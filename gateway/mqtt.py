@@ -76,6 +76,7 @@ from gateway.faults import crash_point
 from gateway.store import PendingRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
+_FAST_OFF_LOGGED: list[bool] = []  # the warning that FastClient is not in use, once per process
 
 MessageHandler = Callable[[str, bytes, bool], None]
 PubackHandler = Callable[[int, int, int], None]  # (connection id, mid, reason code)
@@ -302,6 +303,10 @@ class MqttLink:
         if paho_fast.usable(c):
             conn.fast = True
             c.on_fast_puback = functools.partial(self._on_fast_puback, conn.id)  # type: ignore[attr-defined]
+        elif not _FAST_OFF_LOGGED:
+            _FAST_OFF_LOGGED.append(True)
+            log.warning("mqtt.fast_path_off", paho_mqtt=paho_fast.PAHO_VERSION, checked=list(paho_fast.CHECKED_PAHO),
+                        effect="paho's own publish and PUBACK path: about twice the CPU per published event")
         # the publisher keeps its own window (mqtt.max_inflight): paho's would only repeat it, at a cost: with a limit
         # paho walks every in-flight message after each PUBACK (O(window) per acknowledgement); 0 = no limit of its own
         c.max_inflight_messages_set(0)

@@ -230,6 +230,28 @@ def test_the_fast_client_is_used_only_with_a_checked_paho_version(monkeypatch) -
     assert not paho_fast.usable(paho_fast.FastClient(CallbackAPIVersion.VERSION2))
 
 
+async def test_a_link_without_the_fast_client_says_so_once(monkeypatch) -> None:
+    """IT sees why publishing costs more (another paho version): one warning per process, with the version."""
+    import structlog
+
+    from gateway import mqtt as mqtt_module
+    from gateway.mqtt import Connection
+
+    monkeypatch.setattr(paho_fast, "ENABLED", False)
+    monkeypatch.setattr(mqtt_module, "_FAST_OFF_LOGGED", [])
+    link = MqttLink(cfg(1883), client_id="gw")
+    link._loop = asyncio.get_running_loop()  # what run() sets; no connection is made here
+    with structlog.testing.capture_logs() as logs:
+        link._make_client(Connection(1, True))
+        link._make_client(Connection(2, True))
+    off = [e for e in logs if e["event"] == "mqtt.fast_path_off"]
+    assert len(off) == 1 and off[0]["paho_mqtt"] == paho_fast.PAHO_VERSION and off[0]["log_level"] == "warning"
+    monkeypatch.setattr(paho_fast, "ENABLED", True)
+    with structlog.testing.capture_logs() as logs:
+        link._make_client(Connection(3, True))
+    assert not [e for e in logs if e["event"] == "mqtt.fast_path_off"]
+
+
 # --------------------------------------------------------------------------------------------------- real broker
 def cfg(port: int) -> MqttConfig:
     return MqttConfig(port=port, keepalive_s=5)
