@@ -46,10 +46,11 @@ from mappings.samples import Sample
 log = structlog.get_logger("gateway.runtime")
 
 CHECKPOINT_S = 30.0
-"""How often the state of machines whose only change is counted production is snapshotted. Their counters are the
-durable log: a crash re-derives the quantities since the last snapshot from the counter, so a snapshot is needed only
-before a counter can wrap twice (the interval is capped at half the shortest wrap period at max_rate) — state that
-exists nowhere else (an order change, reset-on-read and delta values, a counter reset or rollover seen, a held zero)
+"""How old the committed state of a machine whose only change is counted production may get (checked every half
+of it; a machine that reports more often is snapshotted with its reports, not again at the checkpoint). Their
+counters are the durable log: a crash re-derives the quantities since the last snapshot from the counter, so a
+snapshot is needed only before a counter can wrap twice (the interval is capped at half the shortest wrap period at
+max_rate) — state that exists nowhere else (an order change, reset-on-read and delta values, a counter reset or rollover seen, a held zero)
 is committed at once (``urgent``), and every event is committed with the state that produced it."""
 CUT_READ_TIMEOUT_S = 3.0  # one attempt of a cut read
 CUT_RETRY_MAX_S = 1.0  # a cut read of a connector that is not connected is retried, with backoff up to this
@@ -173,6 +174,7 @@ class Core:
         self.uncommitted: list[OutboxRow] = []
         self._last_checkpoint = 0.0
         self.checkpoint_s = checkpoint_interval(specs.values())
+        self._snapped: dict[str, float] = {}  # machine -> monotonic time its state was last committed
         self._commit_backoff_until = 0.0
         self._commit_failing: str | None = None
         self._full_since = 0.0  # monotonic time the store became full (the downtime in store.space_recovered)
@@ -309,7 +311,7 @@ class Core:
         if self.ticker is not None:
             due.append(self.ticker.next_due)
         if self.dirty or self.uncommitted or self.after_commit:
-            due.append(max(self._last_checkpoint + self.checkpoint_s, self._commit_backoff_until))
+            due.append(max(self._last_checkpoint + self.checkpoint_s / 2, self._commit_backoff_until))
         settle = self.tags.next_settle()
         if settle is not None:
             due.append(settle)
@@ -641,7 +643,8 @@ class Core:
         self._update_full()
         dirty = self.dirty
         rows = self.uncommitted
-        checkpoint = force or now - self._last_checkpoint >= self.checkpoint_s
+        half = self.checkpoint_s / 2
+        checkpoint = force or now - self._last_checkpoint >= half
         engines = self.engines
         urgent = self.urgent
         if not rows and not (dirty and (checkpoint or urgent)):
@@ -650,10 +653,21 @@ class Core:
         # order change). Other machines' counters are their own durable log: their snapshots wait for the checkpoint,
         # so a commit does not serialise every engine of a large gateway (nor look at each of them: ``urgent`` is
         # the set of machines seen urgent after an engine call, kept by the core).
-        if checkpoint:
+        # The checkpoint (every half CHECKPOINT_S) takes the dirty machines whose state was last committed half
+        # CHECKPOINT_S ago or more: no machine's committed state gets older than CHECKPOINT_S, and a machine that
+        # reports every few seconds (its snapshot goes with its reports) is not snapshotted a second time.
+        if force:
             committed = list(dirty)
         else:
             committed = [m for m in {r.machine for r in rows} | urgent if m in dirty]
+            if checkpoint:
+                snapped = self._snapped
+                taken = set(committed)
+                committed += [m for m in dirty if m not in taken and now - snapped.get(m, -math.inf) >= half]
+        if not rows and not committed:  # e.g. a checkpoint with nothing old enough
+            if checkpoint:
+                self._last_checkpoint = now
+            return
         states: dict[str, Any] = {m: engines[m].snapshot_json() for m in committed}
         started = time.monotonic()
         try:
@@ -676,10 +690,12 @@ class Core:
         if self._commit_failing is not None:
             self._commit_failing = None
             self.alarms.clear("store_commit_failing", failures=self.stats.commit_failures)
+        snapped = self._snapped
         for m in committed:
             e = engines[m]
             e.dirty = e.urgent = False
             dirty.discard(m)
+            snapped[m] = now
         urgent.difference_update(committed)
         self.uncommitted = []
         if checkpoint:

@@ -212,6 +212,32 @@ async def test_urgent_state_is_committed_at_once_without_a_checkpoint(tmp_path):
         await gw2.store.close()
 
 
+async def test_checkpoint_takes_only_machines_whose_committed_state_is_old(tmp_path):
+    """The checkpoint snapshots a dirty machine whose state was committed half CHECKPOINT_S ago or more, not one
+    committed recently (e.g. with its last report); a clean stop commits every dirty machine."""
+    import time as _time
+
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
+    await gw.store.open()
+    try:
+        feed(gw, [s("m1/good", 0, 1), s("m2/good", 0, 1)])  # baselines: urgent, committed at once
+        await gw.core.commit()
+        feed(gw, [s("m1/good", 4, 2), s("m2/good", 6, 2)])  # plain increases: dirty, not urgent
+        now = _time.monotonic()
+        half = gw.core.checkpoint_s / 2
+        gw.core._last_checkpoint = now - half  # a checkpoint is due
+        gw.core._snapped["m1"] = now  # m1: committed just now
+        gw.core._snapped["m2"] = now - half  # m2: committed half CHECKPOINT_S ago
+        await gw.core.commit()
+        states = await gw.store.load_states()
+        assert states["m2"]["counters"]["good"]["last"] == 6 and "m2" not in gw.core.dirty
+        assert states["m1"]["counters"]["good"]["last"] == 0 and "m1" in gw.core.dirty
+        await gw.core.commit(force=True)  # the stop
+        assert (await gw.store.load_states())["m1"]["counters"]["good"]["last"] == 4 and not gw.core.dirty
+    finally:
+        await gw.store.close()
+
+
 def test_report_windows_close_in_timer_slots_never_after_their_deadline(tmp_path, monkeypatch):
     """Windows due in one timer slot close together (one round, one commit), at the slot's start: up to one slot
     early, never late (a report at least every interval_s), and with the default jitter spread over the interval."""
