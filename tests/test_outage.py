@@ -42,6 +42,7 @@ receipt is printed (p50/p95/max), split into "before the gateway reconnected" an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -192,7 +193,14 @@ async def quiesce_and_check(p, what: str) -> dict[str, Any]:
     settle_s = time.monotonic() - t0
     assert await gw.store.count_pending() == 0
     committed = gw.core.next_seq - 1
-    seqs = sorted(s for v in p.erp.seqs().values() for s in v)
+
+    def delivered() -> list[int]:
+        return sorted(s for v in p.erp.seqs().values() for s in v)
+
+    # a PUBACK comes before the broker's delivery to the ERP's subscription: wait for the last ones to arrive
+    with contextlib.suppress(AssertionError, TimeoutError):
+        await wait_until(lambda: delivered() == list(range(1, committed + 1)), 10)
+    seqs = delivered()
     assert not p.erp.gaps(), f"{what}: sequence gaps at the ERP: {p.erp.gaps()}"
     assert seqs == list(range(1, committed + 1)), (
         f"{what}: the ERP is missing committed events: {sorted(set(range(1, committed + 1)) - set(seqs))[:20]}")
