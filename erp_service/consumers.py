@@ -63,6 +63,7 @@ class NatsSource:
         #: after this many failed deliveries of one message (not a database outage) it goes to dead_letter
         self.max_attempts = 10
         self.dead_letter: Callable[[int, str, bytes, str], Awaitable[None]] | None = None
+        self._failure_log = OutageLog()
 
     async def connect(self) -> None:
         import nats
@@ -165,7 +166,7 @@ class NatsSource:
                 except Exception as exc:
                     self.metrics.processing_errors.inc()
                     error = f"{type(exc).__name__}: {exc}"[:500]
-                    log.error("erp.processing_failed", worker=index, topic=topic, error=error)
+                    self._failure_log.failed(exc, worker=index, topic=topic, error=error)
                     if delivered >= self.max_attempts and self.dead_letter is not None and not _is_outage(exc):
                         try:
                             await self.dead_letter(index, topic, msg.data, error)
@@ -213,6 +214,33 @@ class NatsSource:
                 except Exception:
                     pass
             self.nc = None
+
+
+class OutageLog:
+    """``erp.processing_failed`` for a database outage: every message fails the same way (about every 0.5 s per
+    worker while the database is away), so the first failure is logged, then one line per ``interval_s`` with how
+    many were not logged meanwhile (``suppressed``). Other failures are logged every time. The metric
+    ``processing_errors`` counts every failure either way."""
+
+    def __init__(self, interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[Any, float] = {}
+        self._suppressed: dict[Any, int] = {}
+
+    def failed(self, exc: BaseException, **fields: Any) -> None:
+        if not _is_outage(exc):
+            log.error("erp.processing_failed", **fields)
+            return
+        key = (fields.get("worker"), type(exc).__name__)
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        log.error("erp.processing_failed", outage=True, suppressed=self._suppressed.pop(key, 0),
+                  repeats_logged_every_s=self.interval_s, **fields)
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -264,6 +292,7 @@ class MqttWorker:
         self.max_attempts = 10
         self.dead_letter: Callable[[int, str, bytes, str], Awaitable[None]] | None = None
         self._failures: dict[int, int] = {}
+        self._failure_log = OutageLog()
 
     @property
     def ready(self) -> bool:
@@ -323,7 +352,7 @@ class MqttWorker:
             except Exception as exc:  # not acknowledged: redelivered on the next connection
                 self.metrics.processing_errors.inc()
                 error = f"{type(exc).__name__}: {exc}"[:500]
-                log.error("erp.processing_failed", worker=self.index, topic=msg.topic, error=error)
+                self._failure_log.failed(exc, worker=self.index, topic=msg.topic, error=error)
                 key = hash((msg.topic, bytes(msg.payload)))
                 self._failures[key] = self._failures.get(key, 0) + 1
                 if self._failures[key] >= self.max_attempts and self.dead_letter is not None and not _is_outage(exc):

@@ -277,3 +277,28 @@ async def test_database_connections_killed_mid_stream_nothing_lost(nats_cluster,
     finally:
         gw.close()
         await svc.stop()
+
+
+def test_a_database_outage_is_logged_once_per_interval_other_failures_every_time():
+    """Every message fails the same way while PostgreSQL is away (about every 0.5 s per worker): the first failure
+    is logged, then one line per interval with the number not logged meanwhile; other failures every time."""
+    import structlog
+
+    from erp_service.consumers import OutageLog
+
+    now = [100.0]
+    out = OutageLog(interval_s=30.0, clock=lambda: now[0])
+    down = psycopg.OperationalError("connection refused")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(10):  # 5 s of failures
+            out.failed(down, worker=0, topic="t", error="OperationalError")
+            now[0] += 0.5
+        out.failed(down, worker=1, topic="t", error="OperationalError")  # another worker: its own line
+        out.failed(ValueError("bad payload"), worker=0, topic="t", error="ValueError")
+        out.failed(ValueError("bad payload"), worker=0, topic="t", error="ValueError")
+        now[0] += 30.0
+        out.failed(down, worker=0, topic="t", error="OperationalError")
+    lines = [(e.get("worker"), e.get("outage"), e.get("suppressed")) for e in logs
+             if e["event"] == "erp.processing_failed"]
+    assert lines == [(0, True, 0), (1, True, 0), (0, None, None), (0, None, None), (0, True, 9)]
+    assert all(e["log_level"] == "error" for e in logs)
