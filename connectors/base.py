@@ -52,7 +52,7 @@ class AlarmSink(Protocol):
     def set(self, id: str, active: bool, severity: Any, message: str, **evidence: Any) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TagBinding:
     """One tag a connector must deliver: the internal key and the connector-specific address model."""
 

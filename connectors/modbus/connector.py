@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -76,6 +77,12 @@ _FORMATS = {
 # ---------------------------------------------------------------------- decoding
 
 
+@functools.lru_cache(maxsize=64)
+def _struct(fmt: str) -> struct.Struct:
+    """One Struct per format for all tags (one per tag was ~2.4 MB at 10,000 tags)."""
+    return struct.Struct(fmt)
+
+
 def make_decoder(tag: ModbusTagConfig, offset: int) -> Decoder:
     """A function ``(block_bytes, block_registers) -> value`` for a tag ``offset`` registers into its block.
 
@@ -83,35 +90,40 @@ def make_decoder(tag: ModbusTagConfig, offset: int) -> Decoder:
     layout (word order reversed for CDAB/DCBA, the bytes of each register swapped for BADC/DCBA), then
     unpacked big-endian. Strings: two ASCII characters per register, high byte first, cut at the first NUL,
     surrounding spaces stripped (the layout does not apply). ``bool`` (coils, discrete inputs): the second
-    argument is then the block's list of bits.
+    argument is then the block's list of bits. Tags of the same type and layout at the same offset share one
+    decoder (a closure per tag was ~2 MB at 10,000 tags).
     """
-    n = tag.count
+    return _decoder(tag.data_type, tag.count, tag.words_swapped, tag.bytes_swapped, offset)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoder(data_type: str, n: int, words_swapped: bool, bytes_swapped: bool, offset: int) -> Decoder:
     start = offset * 2
-    if tag.data_type == "string":
+    if data_type == "string":
         end = start + 2 * n
 
         def dec_string(raw: bytes, regs: Sequence[int]) -> Value:
             return raw[start:end].split(b"\0", 1)[0].decode("ascii", errors="replace").strip(" ")
 
         return dec_string
-    if tag.data_type == "bool":
+    if data_type == "bool":
 
         def dec_bit(raw: bytes, bits: Sequence[int]) -> Value:
             return bool(bits[offset])
 
         return dec_bit
-    unpack_from = struct.Struct(">" + _FORMATS[tag.data_type]).unpack_from
-    words_swapped = tag.words_swapped and n > 1
-    if not words_swapped and not tag.bytes_swapped:
+    unpack_from = _struct(">" + _FORMATS[data_type]).unpack_from
+    words_swapped = words_swapped and n > 1
+    if not words_swapped and not bytes_swapped:
 
         def dec_big(raw: bytes, regs: Sequence[int]) -> Value:
             return unpack_from(raw, start)[0]
 
         return dec_big
-    pack_words = struct.Struct(f">{n}H").pack
-    pack_swapped = struct.Struct(f"<{n}H").pack  # little-endian words: the two bytes of each register swapped
+    pack_words = _struct(f">{n}H").pack
+    pack_swapped = _struct(f"<{n}H").pack  # little-endian words: the two bytes of each register swapped
 
-    if tag.bytes_swapped:
+    if bytes_swapped:
         pack = pack_swapped
     else:
         pack = pack_words
@@ -158,7 +170,7 @@ QUIET_RESPONSES = tuple(_quiet(c) for c in (
 # ---------------------------------------------------------------------- block planning
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TagSlot:
     key: str
     tag: ModbusTagConfig
