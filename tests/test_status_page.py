@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import HttpConfig
 from simulators.erp import ErpConsumer
@@ -319,3 +321,27 @@ def test_parts_per_minute_and_erp_ack_from_the_commits(monkeypatch):
     assert acks["accepted"] == 1 and acks["last"] == {"status": "accepted", "id": enc.event_id(88),
                                                        "time": rfc3339(clock[0]),
                                                        "type": report.type, "seq": 88}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.floats(min_value=0, max_value=1e6)), min_size=1, max_size=40)
+       | st.lists(st.tuples(st.booleans(), st.floats(min_value=0, max_value=1e6)), min_size=700, max_size=900))
+def test_history_ring_keeps_the_last_points_like_a_bounded_deque(ops):
+    """The per-machine history (two arrays used as a ring) holds what a deque of [t, c] with maxlen HISTORY_POINTS
+    would: the last points, oldest first, the last one replaceable."""
+    import collections
+
+    from gateway.statuspage import HISTORY_POINTS, _History
+
+    ring, ref = _History(1.0, 0.0), collections.deque([[1.0, 0.0]], maxlen=HISTORY_POINTS)
+    for i, (replace, c) in enumerate(ops):
+        t = 2.0 + i
+        if replace and len(ref) > 1:
+            assert ring.time_before_last() == ref[-2][0]
+            ring.set_last(t, c)
+            ref[-1] = [t, c]
+        else:
+            ring.append(t, c)
+            ref.append([t, c])
+        assert len(ring) == len(ref)
+    assert ring.points() == [list(p) for p in ref]
