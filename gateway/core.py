@@ -50,8 +50,9 @@ CHECKPOINT_S = 30.0
 of it; a machine that reports more often is snapshotted with its reports, not again at the checkpoint). Their
 counters are the durable log: a crash re-derives the quantities since the last snapshot from the counter, so a
 snapshot is needed only before a counter can wrap twice (the interval is capped at half the shortest wrap period at
-max_rate) — state that exists nowhere else (an order change, reset-on-read and delta values, a counter reset or rollover seen, a held zero)
-is committed at once (``urgent``), and every event is committed with the state that produced it."""
+max_rate) — state that exists nowhere else (an order change, reset-on-read and delta values, a counter reset or
+rollover seen, a held zero) is committed at once (``urgent``), and every event is committed with the state that
+produced it."""
 CUT_READ_TIMEOUT_S = 3.0  # one attempt of a cut read
 CUT_RETRY_MAX_S = 1.0  # a cut read of a connector that is not connected is retried, with backoff up to this
 MAX_QUEUED_SAMPLES = 200_000  # above this, queued cumulative samples are coalesced (the latest carries the delta)
