@@ -228,7 +228,8 @@ class _Cell(CounterState):
 
 _MASK64 = (1 << 64) - 1
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps(x, separators=...) builds one per call
+# one encoder: json.dumps(x, separators=...) builds a new one per call
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 _JSON_CONST = {None: "null", True: "true", False: "false"}
 
 
