@@ -142,7 +142,7 @@ class CounterConfig(BaseModel):
     """A machine counter bound to a connector tag. The address fields depend on the connector type
     (OPC UA: ``node_id``; Modbus: ``address``, ``table``, ``data_type``, ``word_order``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)  # shared between machines: see _share_bindings
 
     connector: str = Field(description="Id of the connector that reads this counter.")
     mode: Literal["cumulative", "reset_on_read", "delta"] = Field(
@@ -179,7 +179,7 @@ class MaterialMeterConfig(CounterConfig):
 class StateConfig(BaseModel):
     """Machine state tag and how its raw values map to states."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)  # shared between machines: see _share_bindings
 
     connector: str = Field(description="Id of the connector that reads the state tag.")
     values: dict[str, str] = Field(
@@ -191,13 +191,15 @@ class StateConfig(BaseModel):
 class TagConfig(BaseModel):
     """A tag read through a connector; the address fields depend on the connector type."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)  # shared between machines: see _share_bindings
 
     connector: str = Field(description="Id of the connector that reads the tag.")
 
 
 class ReportingConfig(_Model):
     """When a machine's accumulated quantities are reported (a window closes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # shared between machines: see _share_bindings
 
     interval_s: float = Field(5.0, gt=0, le=86400, description="Send a quantity report at least this often.")
     max_units: int | None = Field(None, ge=1, description="Also send a report once this many units accumulate.")
@@ -648,7 +650,35 @@ def parse_config(data: Any, file: str = "<config>", text: str | None = None) -> 
         problems.sort(key=lambda p: (p.line or 0, p.path))
         raise ConfigError(file, problems)
     cfg._tag_addresses = addresses
+    _share_bindings(cfg)
     return cfg
+
+
+def _share_bindings(cfg: GatewayConfig) -> None:
+    """Make equal tag bindings and reporting sections of the machines one object each (config memory: ~9 MB of
+    RSS at 10,000 tags). A binding's address fields (the extra keys) are dropped from it first: they were validated
+    into the connector's own address model, kept in ``cfg._tag_addresses`` and read from there (``tag_address``),
+    so the bindings of 3,333 machines' ``good`` counters, say, are equal. Nothing mutates a loaded machine config;
+    a reload builds a new one, and the shared models are frozen."""
+    seen: dict[Any, Any] = {}
+
+    def one(model: Any) -> Any:
+        if model.__pydantic_extra__:
+            model.__pydantic_extra__ = {}
+        key = (type(model), tuple(model.__dict__.items()), frozenset(model.__pydantic_fields_set__))
+        try:
+            return seen.setdefault(key, model)
+        except TypeError:  # an unhashable value (a state's value map): kept as it is
+            return model
+
+    for m in cfg.machines:
+        for section in (m.counters, m.materials):
+            for name, b in section.items():
+                section[name] = one(b)
+        for field in ("state", "order_tag", "operation_tag", "complete_tag", "reporting"):
+            b = m.__dict__[field]
+            if b is not None:
+                m.__dict__[field] = one(b)  # (not setattr: that would mark a default section as set)
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:

@@ -261,7 +261,7 @@ def test_plan_restarts_a_connector_whose_tags_changed_and_names_restart_only_key
     # a machine changed without touching its tags (another reporting interval): its connector restarts all the same,
     # so its new engine learns the counter widths on the server at connect
     changed = cfg(0)
-    changed.machines[0].reporting.interval_s = 9
+    changed.machines[0].__dict__["reporting"] = changed.machines[0].reporting.model_copy(update={"interval_s": 9})
     p = plan(cfg(0), changed)
     assert (p.machines_changed, p.connectors_restarted) == (["m1"], ["plc"])
     try:
