@@ -65,6 +65,11 @@ class TagBinding:
     # a change must not be merged with the next one (a machine state, a completion pulse): a short state or pulse
     # between two reads is still delivered (OPC UA: a monitored item queue deeper than one)
     every_change: bool = False
+    # a cumulative counter or meter of a machine whose changeover comes from PLC tags (order tags, completion flag):
+    # the value just before the tag changed is the cut, so every value between two reads must be delivered, not only
+    # the latest (a later value would carry the parts made before the change into the next order). OPC UA: a queue
+    # that holds every value between two publishes, even a late one
+    cut_by_tags: bool = False
 
 
 def _no_observer(op: str, seconds: float) -> None:

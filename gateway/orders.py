@@ -15,7 +15,9 @@ which applies them; none of them touches machine state.
 Dispatches from MQTT or the local command need a *cut* (a fresh read of the machine's counters, so counts up to the
 change go to the old order); the core asks the connectors for it and applies the command when the read comes back
 (two-phase, so a slow PLC delays only its own machine). Changes seen in the PLC's own tags need no extra read: the
-scan that shows the new order *is* the cut.
+scan that shows the new order *is* the cut. That takes every counter value up to the change: a connector that merged
+the last value before it into a later one would carry the parts made before the change into the next order, so the
+counters of such a machine are bound with ``cut_by_tags`` (OPC UA: a queue deep enough for a late publish).
 
 The tag tracker below is pure (no I/O, no clock): it is handed samples in time order and says when to switch.
 Rule at the sample boundary: counter samples and a completion flag seen in the same scan as the order-tag change

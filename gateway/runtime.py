@@ -214,14 +214,18 @@ class Gateway:
                               ("complete", m.complete_tag)):
                 if tag is not None:
                     signals.append((name, tag))
+            # the changeover comes from the PLC's tags (no cut read): its scan is the cut, so the counters' values up
+            # to it must all arrive (gateway/orders.py)
+            tag_cut = m.order_source == "tag" or m.complete_tag is not None
             for signal, b in signals:
                 key = f"{m.id}/{signal}"
-                every = signal not in ("state", "order", "operation", "complete") and \
-                    getattr(b, "mode", "cumulative") != "cumulative"
+                counted = signal not in ("state", "order", "operation", "complete")
+                every = counted and getattr(b, "mode", "cumulative") != "cumulative"
                 bindings[b.connector].append(TagBinding(key, cfg.tag_address(m.id, signal), every,
                                                         counter_type(b) if signal in m.counters or
                                                         signal.startswith("material:") else None,
-                                                        every_change=signal in ("state", "complete")))
+                                                        every_change=signal in ("state", "complete"),
+                                                        cut_by_tags=tag_cut and counted and not every))
                 routes.signal[key] = (m.id, signal)
                 if signal in ("order", "operation", "complete"):
                     routes.control.add(key)

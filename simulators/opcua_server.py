@@ -30,7 +30,8 @@ Queues: ``max_queue_size`` caps every monitored item's queue (asyncua's own
 servers with a small maximum queue do. With a cap, a value that follows a discarded one carries the Overflow info bit
 (OPC 10000-4, 5.13.1.5), which asyncua's server does not set itself; asyncua discards the oldest value whatever
 the client's discardOldest asks. Change the attribute between ``stop()`` and ``start()`` to change the cap across a
-restart.
+restart. ``async with publishing_held():`` holds the server's publishes (a late publish: a loaded server, or the
+client's next Publish request not there yet) while the queues fill.
 
 Namespaces: ``extra_namespaces`` are registered before the simulator's own namespace, so its index moves
 (``namespace_index``); change the attribute between ``stop()`` and ``start()`` to reorder the namespace array
@@ -438,6 +439,27 @@ class OpcUaMachineServer:
                 snap["good_delta"], self._delta_base = good - self._delta_base, good
                 force.add("good_delta")
             self._queue.put_nowait((snap, self._now(), force, None))
+
+    @contextlib.asynccontextmanager
+    async def publishing_held(self) -> Any:
+        """While inside, the server publishes nothing to its clients (no data, no keep-alive): a late publish, as from
+        a loaded server or a client whose next Publish request is not there yet. Values keep going into the monitored
+        items' queues (a full queue discards its oldest value, as always); on exit the next publishing cycle sends what
+        the queues hold. Only the subscriptions that exist on entry are held."""
+        assert self._server is not None, "server not started"
+        held = list(self._server.iserver.subscription_service.subscriptions.values())
+
+        async def nothing(*args: Any, **kwargs: Any) -> bool:
+            return False  # "not published": the subscription loop tries again at its next cycle
+
+        for isub in held:
+            isub.publish_results = nothing  # shadows the method on this instance
+        try:
+            yield
+        finally:
+            for isub in held:
+                with contextlib.suppress(AttributeError):
+                    del isub.publish_results
 
     async def flush(self) -> None:
         """Return once every model change seen so far has been written to the server."""

@@ -621,7 +621,9 @@ async def test_queue_overflows_are_exported_and_alarmed_by_the_gateway(tmp_path,
 
 def test_the_runtime_tells_which_tags_need_a_queue(tmp_path) -> None:
     """The gateway's bindings say which tags lose something when a queued value is discarded: a delta counter (every
-    value), the state and the completion flag (every change); a cumulative counter and the order tags do not."""
+    value), the state and the completion flag (every change), and the cumulative counters of a machine whose changeover
+    comes from PLC tags (the value before the change is the cut: a late publish must not merge it into a later one);
+    the order tags and a cumulative counter of a machine whose order comes by MQTT do not."""
     from gateway.config import parse_config
     from gateway.runtime import Gateway
     from tests.e2e import IDENT
@@ -637,11 +639,21 @@ def test_the_runtime_tells_which_tags_need_a_queue(tmp_path) -> None:
                       "state": {**opc, "node_id": "ns=2;s=State"},
                       "order_tag": {**opc, "node_id": "ns=2;s=Order"},
                       "operation_tag": {**opc, "node_id": "ns=2;s=Operation"},
-                      "complete_tag": {**opc, "node_id": "ns=2;s=Complete"}}]}, "<test>")
+                      "complete_tag": {**opc, "node_id": "ns=2;s=Complete"}},
+                     {"id": "press-2", "counters": {"good": {**opc, "node_id": "ns=2;s=Good2"}}},
+                     {"id": "press-3", "counters": {"good": {**opc, "node_id": "ns=2;s=Good3"}},
+                      "complete_tag": {**opc, "node_id": "ns=2;s=Complete3"}}]}, "<test>")
     conn = Gateway(cfg).connectors["opc"]
-    assert {b.key.partition("/")[2]: (b.every_value, b.every_change) for b in conn.tags} == {
-        "good": (False, False), "scrap": (True, False), "state": (False, True), "order": (False, False),
-        "operation": (False, False), "complete": (False, True)}
+    assert {b.key: (b.every_value, b.every_change, b.cut_by_tags) for b in conn.tags} == {
+        "press-1/good": (False, False, True), "press-1/scrap": (True, False, False),
+        "press-1/state": (False, True, False), "press-1/order": (False, False, False),
+        "press-1/operation": (False, False, False), "press-1/complete": (False, True, False),
+        "press-2/good": (False, False, False),
+        "press-3/good": (False, False, True), "press-3/complete": (False, True, False)}
     assert isinstance(conn, OpcUaConnector)
     assert {k: need for k, (need, _risk) in conn._queue_need.items()} == {
-        "press-1/scrap": 1000, "press-1/state": 10, "press-1/complete": 10}
+        "press-1/good": 1000, "press-1/scrap": 1000, "press-1/state": 10, "press-1/complete": 10,
+        "press-3/good": 1000, "press-3/complete": 10}
+    conn._resolved = {n: ua.NodeId.from_string(n) for n in conn._node_keys}
+    asked = {n: conn._item_request(1, n).RequestedParameters.QueueSize for n in conn._node_keys}
+    assert (asked["ns=2;s=Good"], asked["ns=2;s=Good3"], asked["ns=2;s=Good2"]) == (1000, 1000, 10)

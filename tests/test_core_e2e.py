@@ -209,6 +209,50 @@ async def test_plc_tag_changeovers_while_running_are_exact(tmp_path, mqtt_broker
             await erp.stop()
 
 
+async def test_plc_tag_changeover_is_exact_when_the_servers_publish_comes_late(tmp_path, mqtt_broker):
+    """The changeover of the test above, with the server's publish late around it (a loaded server or gateway: the
+    client's next Publish request not there yet): the machine makes parts before and after the changeover, more than a
+    publishing interval's worth (100 ms, a part every 10 ms), and the server sends them all in one late publish. The
+    counter value of the last part before the order change is the cut, so the server must not discard it: every unit
+    made for 700000 is booked to 700000 (with the counters' queue at 10 values and discard-oldest, the parts made
+    before the change were booked to 700001)."""
+    m = MachineModel("Press1", cycle_time=0.01, scrap_rate=0.05, seed=62, counter_bits=32)
+    async with OpcUaMachineServer(m, host="127.0.0.1", port=free_port()) as opc:
+        n = opc.node_ids
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-late")
+        await erp.start()
+        cfg = press_on_opcua(tmp_path, mqtt_broker, opc, order_source="tag",
+                             order_tag={"connector": "opc", "node_id": n["order"]},
+                             operation_tag={"connector": "opc", "node_id": n["operation"]},
+                             complete_tag={"connector": "opc", "node_id": n["complete"]})
+        rgw = RunningGateway(cfg)
+        try:
+            await rgw.start()
+            m.set_order("700000", "0010")
+            await rgw.wait_dispatch_applied("press-1", "700000", "0010")
+            async with Production(m):
+                m.start()
+                await m.wait_parts(25, timeout=10)
+                async with opc.publishing_held():
+                    await m.wait_parts(m.parts_made + 8, timeout=10)
+                    m.complete_operation()
+                    m.set_order("700001", "0010")
+                    await m.wait_parts(m.parts_made + 30, timeout=10)  # three publishing intervals' worth
+                    await opc.flush()  # all of it is in the server's queues before the publish
+                await m.wait_parts(m.parts_made + 25, timeout=10)
+                m.pause()
+            before = m.truth[("700000", "0010")]
+            assert before["good"] + before["scrap"] >= 33  # the changeover came after the hold began
+            await assert_ledger_matches(erp, {"press-1": m})
+            completed = {e["data"]["order"]: e["data"]["totals"] for e in erp.events("operation.completed")}
+            assert (completed["700000"]["yield"], completed["700000"]["scrap"]) == (str(before["good"]),
+                                                                                    str(before["scrap"]))
+            assert stream_report(erp)["gaps"] == {}
+        finally:
+            await rgw.stop()
+            await erp.stop()
+
+
 async def test_completed_operation_is_not_reopened_by_the_retained_dispatch(tmp_path, mqtt_broker):
     """The PLC's completion flag finishes the operation the ERP dispatched (retained, 'active'). After a restart the
     broker delivers that retained dispatch again: the operation stays completed (the dispatch is refused and counted),

@@ -23,10 +23,12 @@ Life of a connection (one loop iteration of :meth:`OpcUaConnector.run`):
 Quality: status Good → ``good=True``; Uncertain and Bad → ``good=False, value=None``.
 
 Queues: a delta / reset-on-read counter asks for a 1000-deep queue that discards nothing, a state or completion flag
-for 10 (a short state or pulse between two publishes is delivered), anything else for 10. A server may revise the
-queue size down (RevisedQueueSize): a tag that loses counts or states when a value is discarded and got less than it
-needs is logged (``opcua.queue_revised``) at every connect, listed in status ``queue_revised`` and raised as the
-warning alarm ``queue_revised:<machine>/<signal>`` (cleared by a connect that gets the size it asked for). A cumulative
+for 10 (a short state or pulse between two publishes is delivered), a cumulative counter of a machine whose changeover
+comes from PLC tags (order tags, completion flag) for 1000 (the value before the change is the cut: a late publish must
+not merge it into a later one), anything else for 10. A server may revise the queue size down (RevisedQueueSize): a
+tag that loses counts, states or its changeover boundary when a value is discarded and got less than it needs is logged
+(``opcua.queue_revised``) at every connect, listed in status ``queue_revised`` and raised as the warning alarm
+``queue_revised:<machine>/<signal>`` (cleared by a connect that gets the size it asked for). Any other cumulative
 counter carries its own delta in its latest value: a smaller queue costs it nothing (debug line only). Values the
 server delivers with the Overflow info bit (it discarded values of that item) are counted per tag in status
 ``queue_overflows`` and, once per value, in the connector's ``queue_overflows`` (the metric
@@ -86,6 +88,8 @@ _RISK_COUNT = ("every value is a count (mode delta / reset_on_read): a value the
 _RISK_STATE = ("a state held shorter than a publishing interval (a brief stop) can be discarded: its "
                "machine.state_changed is missed")
 _RISK_PULSE = "a completion pulse shorter than a publishing interval can be discarded: the operation's completion is missed"
+_RISK_CUT = ("the changeover comes from PLC tags: when the server discards the counter's values made before an order "
+             "change or completion (a late publish), the parts made before it are booked to the next order")
 RETRY_REFUSED_S = 30.0
 """While connected, monitored items the server refused (a node not there yet: a PLC program loaded later, a namespace
 added) are created again this often, so a node that appears is read and its alarm clears without a reconnect."""
@@ -176,6 +180,7 @@ class OpcUaConnector(Connector):
         # unique node ids (two keys may watch the same node) → the keys fed by it
         self._node_keys: dict[str, list[str]] = {}
         self._every_value: set[str] = set()  # nodes whose every value counts (delta / reset-on-read counters)
+        self._deep_queue: set[str] = set()  # nodes whose every value must arrive (those + counters cut by PLC tags)
         self._key_node: dict[str, str] = {}  # tag key -> configured node id (string, possibly nsu=)
         self._counter_types: dict[str, CounterType] = {}  # counter / meter keys -> what the config says of the type
         # tag key -> (the monitored item queue it needs, what it loses when a queued value is discarded), for delta /
@@ -189,7 +194,11 @@ class OpcUaConnector(Connector):
             self._key_node[b.key] = addr.node_id
             if getattr(b, "every_value", False):
                 self._every_value.add(addr.node_id)
+                self._deep_queue.add(addr.node_id)
                 self._queue_need[b.key] = (_EVERY_VALUE_QUEUE_SIZE, _RISK_COUNT)
+            elif getattr(b, "cut_by_tags", False):
+                self._deep_queue.add(addr.node_id)
+                self._queue_need[b.key] = (_EVERY_VALUE_QUEUE_SIZE, _RISK_CUT)
             elif getattr(b, "every_change", False):
                 self._queue_need[b.key] = (_QUEUE_SIZE, _RISK_PULSE if b.key.endswith("/complete") else _RISK_STATE)
         # configured node id -> NodeId on the current server (nsu= resolved at every connect), or None when
@@ -408,6 +417,9 @@ class OpcUaConnector(Connector):
 
     def _item_request(self, handle: int, node_id: str) -> ua.MonitoredItemCreateRequest:
         every = node_id in self._every_value
+        # every value must arrive: a count each (delta), or the cut of a PLC-tag changeover (a cumulative counter whose
+        # value before the change must not be merged into a later one when the publish comes late)
+        deep = node_id in self._deep_queue
         return ua.MonitoredItemCreateRequest(
             ItemToMonitor=ua.ReadValueId(NodeId=self._resolved[node_id], AttributeId=ua.AttributeIds.Value),
             MonitoringMode=ua.MonitoringMode.Reporting,
@@ -417,7 +429,7 @@ class OpcUaConnector(Connector):
                 # a delta value repeated with a new source timestamp is a new count: report on the
                 # timestamp too, and queue enough that none is discarded between two publishes
                 Filter=_EVERY_VALUE_FILTER if every else None,
-                QueueSize=_EVERY_VALUE_QUEUE_SIZE if every else _QUEUE_SIZE,
+                QueueSize=_EVERY_VALUE_QUEUE_SIZE if deep else _QUEUE_SIZE,
                 DiscardOldest=not every,
             ),
         )
