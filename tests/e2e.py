@@ -75,6 +75,12 @@ class RunningGateway:
             await asyncio.wait_for(self.task, timeout=15)
         self.task = None
 
+    async def wait_subscribed(self, timeout: float = 10) -> None:
+        """The gateway's subscriptions (dispatch, acks) are acknowledged by the broker: a non-retained message the
+        ERP publishes from now on reaches it."""
+        await wait_until(lambda: self.gw is not None and (c := self.gw.link.connection) is not None and not c.sub_mids,
+                         timeout, message="the gateway's subscriptions were not acknowledged")
+
     async def wait_dispatch_applied(self, machine: str, order: str, op: str, timeout: float = 15) -> None:
         await wait_until(lambda: (e := self.gw.engines.get(machine)) is not None and e.context is not None
                          and e.context.ref == (order, op), timeout)

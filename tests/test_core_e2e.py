@@ -347,7 +347,7 @@ async def test_a_rejected_dispatch_is_answered_with_the_reason(tmp_path, mqtt_br
         try:
             gw = await rgw.start()
             # the gateway's dispatch subscription is acknowledged (SUBACKs handled) before the ERP publishes
-            await wait_until(lambda: gw.link.connection is not None and not gw.link.connection.sub_mids, 10)
+            await rgw.wait_subscribed()
             schema0 = metric_sum("edge_gateway_dispatch_rejected_total", reason="schema")
             unknown0 = metric_sum("edge_gateway_dispatch_rejected_total", reason="unknown_machine")
             topic = rejected_topic(cfg, "press-1")[:-len("/rejected")]
