@@ -31,6 +31,11 @@ from gateway.runtime import Gateway
 IDENT = {"id": "demo-gw", "enterprise": "acme", "site": "plant-1", "area": "assembly", "line": "line-1"}
 
 
+def _events(n: float) -> str:
+    """The count with its noun: 1 event, 3 events."""
+    return f"{int(n)} event" + ("" if int(n) == 1 else "s")
+
+
 def demo_config(*, broker_port: int, opc_endpoint: str, opc_nodes: dict[str, str], modbus_port: int,
                 modbus_tags: dict[str, dict[str, Any]], store_path: str, interval_s: float = 1.0,
                 protocol: str = "5") -> GatewayConfig:
@@ -160,7 +165,7 @@ class Demo:
                 r = self.outage_report
                 delivered = (f"all delivered {r['drained_s']:.1f} s after the broker came back" if "drained_s" in r
                              else "not all delivered yet")
-                print(f"broker outage {r['lasted_s']:.1f} s: up to {int(r['peak_buffered'])} events buffered in the "
+                print(f"broker outage {r['lasted_s']:.1f} s: up to {_events(r['peak_buffered'])} buffered in the "
                       f"gateway, {delivered}")
             print("RESULT: ledger == truth for both machines" if ok else "RESULT: MISMATCH between ledger and truth")
             return 0 if ok else 1
@@ -181,12 +186,12 @@ class Demo:
                 await self.broker.outage_end()
                 self.broker_down = False
                 r.update(up_at=time.monotonic(), lasted_s=time.monotonic() - r["down_at"])
-                self._say(f"--> broker back after {r['lasted_s']:.1f} s: {pending} events buffered in the gateway, "
+                self._say(f"--> broker back after {r['lasted_s']:.1f} s: {_events(pending)} buffered in the gateway, "
                           "delivering them")
         elif "up_at" in r and "drained_s" not in r and pending == 0:
             r["drained_s"] = time.monotonic() - r["up_at"]
             self._say(f"--> backlog delivered {r['drained_s']:.1f} s after the broker came back "
-                      f"(peak {int(r['peak_buffered'])} events buffered)")
+                      f"(peak {_events(r['peak_buffered'])} buffered)")
 
     def _say(self, line: str) -> None:
         self.header.append(line)
@@ -242,7 +247,7 @@ class Demo:
         head = f"{'machine':<9} {'order':<9} {'op':<5} {'made good':>10} {'made scrap':>10} {'ERP yield':>10} {'ERP scrap':>10}  "
         st = self.gw.status()
         link = "DOWN (outage)" if self.broker_down else st["components"]["mqtt"]["state"]
-        gw_line = (f"broker {link}; buffered in the gateway: {st['outbox_pending']} events; "
+        gw_line = (f"broker {link}; buffered in the gateway: {_events(st['outbox_pending'])}; "
                    f"delivered to the broker (PUBACKed): {st['acked']}")
         lines = ["", time.strftime("%H:%M:%S") + ("  FINAL" if final else ""), gw_line, head, "-" * len(head)]
         for machine, order, op, g, s, y, sc in rows:
