@@ -164,6 +164,8 @@ class OpcUaMachineServer:
         max_nodes_per_read: int | None = None,
         material_per_part: float = 0.1,
         max_queue_size: int | None = None,
+        min_publishing_interval_ms: float | None = None,
+        min_sampling_interval_ms: float | None = None,
     ) -> None:
         key = (model.counter_bits, bool(model.signed))
         if key not in _COUNTER_TYPES:
@@ -183,6 +185,9 @@ class OpcUaMachineServer:
         self.max_nodes_per_read = max_nodes_per_read
         self.material_per_part = material_per_part
         self.max_queue_size = max_queue_size
+        # the fastest publishing / sampling this server grants: a faster request is revised to it, as PLC servers do
+        self.min_publishing_interval_ms = min_publishing_interval_ms
+        self.min_sampling_interval_ms = min_sampling_interval_ms
         #: (service, number of operations) of every Read / CreateMonitoredItems a client sent, when limits are set
         self.requests: list[tuple[str, int]] = []
         self._server: Server | None = None
@@ -321,6 +326,8 @@ class OpcUaMachineServer:
         if self.max_queue_size:
             server.iserver.max_monitored_item_queue_size = self.max_queue_size
             _flag_overflows(server)
+        if self.min_publishing_interval_ms or self.min_sampling_interval_ms:
+            self._revise_intervals(server)
         for uri in self.extra_namespaces:
             await server.register_namespace(uri)
         self._ns = await server.register_namespace(self.namespace)
@@ -400,6 +407,39 @@ class OpcUaMachineServer:
 
             session.read = limited_read
             session.create_monitored_items = limited_create
+            return session
+
+        iserver.create_session = create_session
+
+    def _revise_intervals(self, server: Server) -> None:
+        """Requests for a publishing or sampling interval below the minimum are granted the minimum (the server's
+        Revised... answer), as a PLC's server does."""
+        iserver = server.iserver
+        subs = iserver.subscription_service
+        create_sub = subs.create_subscription
+        make_session = iserver.create_session
+        sim = self
+
+        async def create_subscription(params: ua.CreateSubscriptionParameters, *args: Any, **kwargs: Any) -> Any:
+            if sim.min_publishing_interval_ms:
+                params.RequestedPublishingInterval = max(params.RequestedPublishingInterval,
+                                                         float(sim.min_publishing_interval_ms))
+            return await create_sub(params, *args, **kwargs)
+
+        subs.create_subscription = create_subscription
+
+        def create_session(*args: Any, **kwargs: Any) -> Any:
+            session = make_session(*args, **kwargs)
+            create = session.create_monitored_items
+
+            async def revised_create(params: ua.CreateMonitoredItemsParameters) -> Any:
+                if sim.min_sampling_interval_ms:
+                    for item in params.ItemsToCreate:
+                        p = item.RequestedParameters
+                        p.SamplingInterval = max(p.SamplingInterval, float(sim.min_sampling_interval_ms))
+                return await create(params)
+
+            session.create_monitored_items = revised_create
             return session
 
         iserver.create_session = create_session

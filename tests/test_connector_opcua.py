@@ -453,6 +453,44 @@ async def test_server_operation_limits_are_respected(model: MachineModel) -> Non
         await srv.stop()
 
 
+async def test_revised_publishing_and_sampling_intervals_are_reported(model: MachineModel) -> None:
+    """A server that grants a slower publishing interval than asked for (its minimum): the connector shows what it
+    got in status and logs the revision once (a warning: changes arrive that much later), and values still flow. An
+    unrevised connect shows the intervals without a warning."""
+    srv = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, min_publishing_interval_ms=400))
+    try:
+        sink = Recorder()
+        conn = make_connector(srv.endpoint, srv.node_ids, sink)  # asks for 50 ms publishing, 0 ms sampling
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 5, "connected")
+                await eventually(lambda: "sampling_interval_ms" in conn.status.detail, 5, "items created")
+                assert (conn.status.detail["publishing_interval_ms"], conn.status.detail["sampling_interval_ms"]) \
+                    == (400.0, 400.0)  # (asyncua answers the subscription's interval as every item's sampling)
+                await model.produce(5)
+                await srv.flush()
+                await eventually(lambda: sink.value("press-1/good") == model.good_raw, 5, "values flow")
+        revised = [(e["log_level"], e["requested_ms"], e["revised_ms"]) for e in logs
+                   if e["event"] == "opcua.publishing_interval_revised"]
+        assert revised == [("warning", 50.0, 400.0)]
+        sampling = [(e["log_level"], e["requested_ms"], e["revised_ms"], e["items"], e["of"]) for e in logs
+                    if e["event"] == "opcua.sampling_interval_revised"]
+        assert sampling == [("info", 0.0, 400.0, 6, 6)]
+    finally:
+        await srv.stop()
+    srv = await start_server(model)
+    try:
+        conn = make_connector(srv.endpoint, srv.node_ids, Recorder(), publishing_interval_ms=200, sampling_interval_ms=200)
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: "sampling_interval_ms" in conn.status.detail, 5, "items created")
+                assert (conn.status.detail["publishing_interval_ms"], conn.status.detail["sampling_interval_ms"]) \
+                    == (200.0, 200.0)
+        assert not [e for e in logs if e["event"].endswith("_interval_revised")]
+    finally:
+        await srv.stop()
+
+
 async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
     """A server that caps every monitored item's queue at 4 values (RevisedQueueSize 4). The delta counter (asks for
     1000), the state and the completion flag (ask for 10) lose counts or states when a queued value is discarded: each

@@ -370,6 +370,7 @@ class OpcUaConnector(Connector):
         interval_s = (result.RevisedPublishingInterval or cfg.publishing_interval_ms) / 1000.0
         self._stale_after = 2 * interval_s * max(1, result.RevisedMaxKeepAliveCount or keepalive) + cfg.timeout_s
         self.status.detail["subscription_id"] = result.SubscriptionId
+        self._note_revised_publishing(float(result.RevisedPublishingInterval or cfg.publishing_interval_ms))
         self._subscription_id = result.SubscriptionId
         self._refused_nodes = {}
 
@@ -411,9 +412,40 @@ class OpcUaConnector(Connector):
         self._refused_nodes = refused
         self._report_refused(refused)
         self._report_queues(self._revised_queues(items, node_ids, results))
+        self._note_revised_sampling(results)
         self.status.detail["monitored_items"] = sum(1 for r in results if r.StatusCode.is_good())
         if failed:
             self._deliver(failed)
+
+    def _note_revised_publishing(self, revised_ms: float) -> None:
+        """The publishing interval the server granted: in status (``publishing_interval_ms``); a slower one than asked
+        for is logged at warning (``opcua.publishing_interval_revised``) when it changes: every change then reaches the
+        gateway up to that much later (nothing is lost: the monitored item queues hold the values in between)."""
+        requested = float(self.config.publishing_interval_ms)
+        previous = self.status.detail.get("publishing_interval_ms")
+        self.status.detail["publishing_interval_ms"] = revised_ms
+        if revised_ms > requested and revised_ms != previous:
+            log.warning("opcua.publishing_interval_revised", connector=self.id, endpoint=self.endpoint,
+                        requested_ms=requested, revised_ms=revised_ms,
+                        effect=f"changes reach the gateway up to {revised_ms:g} ms after they happen; the server's "
+                        "minimum publishing interval sets it")
+
+    def _note_revised_sampling(self, results: list[ua.MonitoredItemCreateResult]) -> None:
+        """The slowest sampling interval the server granted to an accepted item: in status
+        (``sampling_interval_ms``), logged (``opcua.sampling_interval_revised``, info) when slower than asked for and
+        changed. A server samples each node on its own: a state shorter than that, or the moment of a PLC-tag
+        changeover, is seen to within one sampling interval (docs/counting.md)."""
+        granted = [float(r.RevisedSamplingInterval) for r in results if r.StatusCode.is_good()]
+        if not granted:
+            return
+        slowest = max(granted)
+        requested = float(self.config.sampling_interval_ms)
+        previous = self.status.detail.get("sampling_interval_ms")
+        self.status.detail["sampling_interval_ms"] = slowest
+        if slowest > requested and slowest != previous:
+            log.info("opcua.sampling_interval_revised", connector=self.id, endpoint=self.endpoint,
+                     requested_ms=requested, revised_ms=slowest,
+                     items=sum(1 for g in granted if g > requested), of=len(granted))
 
     def _item_request(self, handle: int, node_id: str) -> ua.MonitoredItemCreateRequest:
         every = node_id in self._every_value
