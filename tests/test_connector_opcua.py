@@ -460,7 +460,7 @@ async def test_revised_publishing_and_sampling_intervals_are_reported(model: Mac
     srv = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, min_publishing_interval_ms=400))
     try:
         sink = Recorder()
-        conn = make_connector(srv.endpoint, srv.node_ids, sink)  # asks for 50 ms publishing, 0 ms sampling
+        conn = make_connector(srv.endpoint, srv.node_ids, sink, sampling_interval_ms=100)  # and 50 ms publishing
         with structlog.testing.capture_logs() as logs:
             async with running(conn):
                 await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 5, "connected")
@@ -475,7 +475,7 @@ async def test_revised_publishing_and_sampling_intervals_are_reported(model: Mac
         assert revised == [("warning", 50.0, 400.0)]
         sampling = [(e["log_level"], e["requested_ms"], e["revised_ms"], e["items"], e["of"]) for e in logs
                     if e["event"] == "opcua.sampling_interval_revised"]
-        assert sampling == [("info", 0.0, 400.0, 6, 6)]
+        assert sampling == [("info", 100.0, 400.0, 6, 6)]
     finally:
         await srv.stop()
     srv = await start_server(model)

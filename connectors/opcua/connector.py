@@ -442,7 +442,7 @@ class OpcUaConnector(Connector):
         requested = float(self.config.sampling_interval_ms)
         previous = self.status.detail.get("sampling_interval_ms")
         self.status.detail["sampling_interval_ms"] = slowest
-        if slowest > requested and slowest != previous:
+        if 0 < requested < slowest and slowest != previous:  # (0 asks for the server's fastest rate: any is granted)
             log.info("opcua.sampling_interval_revised", connector=self.id, endpoint=self.endpoint,
                      requested_ms=requested, revised_ms=slowest,
                      items=sum(1 for g in granted if g > requested), of=len(granted))
