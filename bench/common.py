@@ -306,6 +306,14 @@ class CpuMeter:
         return self.cpu / self.wall if self.wall > 0 else 0.0
 
 
+def bench_cache(name: str) -> Path:
+    """A folder for things a benchmark installs (npm packages), outside the repository and kept between runs:
+    ``~/.cache/edge-gateway-bench/NAME`` or ``$EDGE_GATEWAY_BENCH_CACHE/NAME``."""
+    base = os.environ.get("EDGE_GATEWAY_BENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                         "edge-gateway-bench")
+    return Path(base) / name
+
+
 def scratch_dir(prefix: str) -> str:
     """A temp dir for stores and broker files, removed when the process exits (a backlog store is ~1 GB)."""
     import atexit

@@ -56,7 +56,7 @@ import threading
 import time
 from typing import Any
 
-from bench.common import BenchBroker, BenchFailed, IDENT, ROOT, main, proc_cpu_s, rss_mb, scratch_dir
+from bench.common import BenchBroker, BenchFailed, IDENT, ROOT, bench_cache, main, proc_cpu_s, rss_mb, scratch_dir
 from simulators.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -73,9 +73,7 @@ START_TIMEOUT_S = 180.0
 
 # ------------------------------------------------------------------------------------------------ install
 def cache_dir() -> Path:
-    base = os.environ.get("EDGE_GATEWAY_BENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                         "edge-gateway-bench")
-    return Path(base) / "nodered"
+    return bench_cache("nodered")
 
 
 def install(folder: Path) -> dict[str, Any]:

