@@ -408,7 +408,8 @@ def per_core(r: dict[str, Any]) -> float:
 
 def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], settings: dict[str, Any], *,
            rate_target: str, rate_met: bool | None, cpu_target: str | None, cpu_met: bool | None,
-           lat_target: str | None, lat_met: bool | None, interval_s: float) -> None:
+           lat_target: str | None, lat_met: bool | None, interval_s: float, lat_suffix: str = "",
+           lat_why: str = "") -> None:
     jit = ours["jitter"]
     lat = ours["latency"]
     if len(jit) < 5:
@@ -431,6 +432,15 @@ def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], set
             p50_ms=round(percentile(jit, 50) * 1000, 2), max_ms=round(max(jit) * 1000, 2), batches=ours["batches"],
             skipped_polls=ours["skipped_polls"],
             note=f"|interval between sample batches - {interval_s * 1000:.0f} ms|")
+    report_latency(res, proto, ours, base, settings, lat_target=lat_target, lat_met=lat_met, suffix=lat_suffix,
+                   why=lat_why)
+
+
+def report_latency(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], settings: dict[str, Any], *,
+                   lat_target: str | None, lat_met: bool | None, suffix: str = "", why: str = "") -> None:
+    lat = ours["latency"]
+    if len(lat) < 20:
+        raise BenchFailed(f"{proto}: only {len(lat)} latency samples (state_changed PUBACKs) in the window")
     extra: dict[str, Any] = {}
     for key, label in (("to_publish", "sample_to_publish"), ("to_puback", "publish_to_puback"),
                        ("in_gateway", "receipt_to_puback")):
@@ -452,13 +462,13 @@ def report(res: Any, proto: str, ours: dict[str, Any], base: dict[str, Any], set
         extra["baseline_state_source_to_client_p99_ms"] = round(percentile(base["state_lag"], 99) * 1000, 2)
     if ours["in_gateway"]:  # OPC UA: the part of the latency the gateway itself adds (the server's comes first)
         own = ours["in_gateway"]
-        res.add(f"{proto}_latency_in_gateway_p99", percentile(own, 99) * 1000, "ms", target="p99 < 50 ms",
+        res.add(f"{proto}_latency_in_gateway_p99{suffix}", percentile(own, 99) * 1000, "ms", target="p99 < 50 ms",
                 met=percentile(own, 99) < 0.05, settings=settings, p50_ms=round(percentile(own, 50) * 1000, 2),
                 samples=len(own), note="the gateway's receipt of a state sample -> PUBACK of its "
                 "machine.state_changed event (engine, durable group commit, publish, broker)")
-    res.add(f"{proto}_latency_p99", percentile(lat, 99) * 1000, "ms", target=lat_target, met=lat_met,
+    res.add(f"{proto}_latency_p99{suffix}", percentile(lat, 99) * 1000, "ms", target=lat_target, met=lat_met,
             settings=settings, p50_ms=round(percentile(lat, 50) * 1000, 2), samples=len(lat), **extra,
-            note=("server SourceTimestamp -> PUBACK of the machine.state_changed event (receipt_to_puback: from the "
+            note=why + ("server SourceTimestamp -> PUBACK of the machine.state_changed event (receipt_to_puback: from the "
                   "gateway's receipt of that state sample, the gateway's own part; source_to_gateway / "
                   "baseline_source_to_client: SourceTimestamp -> receipt of the first item of each publish response "
                   "in the gateway / the bare asyncua client (asyncua's server lists items in order of change, "
@@ -523,6 +533,16 @@ def opcua_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: fl
                                args.publishing_ms, args.sampling_ms)
             ours = asyncio.run(run_gateway(cfg, warm_s=warm, window_s=window, interval_s=args.publishing_ms / 1000,
                                            others=others))
+            fast = None
+            if args.fast_publishing_ms and args.fast_publishing_ms < args.publishing_ms:
+                # the < 50 ms latency target needs a publishing interval well under 50 ms: a change waits in the
+                # server until its next publish (up to one interval), whatever the client does
+                fast_base = asyncio.run(raw_opcua(endpoint, nodes, args.fast_publishing_ms, 0, warm_s=warm,
+                                                  window_s=window, others=others))
+                fast_cfg = opcua_config(ua_machines, endpoint, srv.ns, broker.port,
+                                        os.path.join(workdir, "ua-fast.db"), args.fast_publishing_ms, 0)
+                fast = (asyncio.run(run_gateway(fast_cfg, warm_s=warm, window_s=window,
+                                                interval_s=args.fast_publishing_ms / 1000, others=others)), fast_base)
         finally:
             srv.stop()
         settings = {"protocol": "opcua", **device_settings, "monitored_items": 4 * ua_machines, "machines": ua_machines,
@@ -533,10 +553,25 @@ def opcua_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: fl
         print(f"# opcua ({device_settings['opcua_device']}): ours {ours['tags_per_s']:.0f} notifications/s at {ours['cpu_cores']:.2f} cores; bare "
               f"{base['tags_per_s']:.0f} at {base['cpu_cores']:.2f}", flush=True)
         enough = ours["tags_per_s"] >= 10_000
+        lat_met = percentile(ours["latency"], 99) < 0.05
         report(res, "opcua", ours, base, settings, rate_target=">= 10,000 notifications/s at < 50 % of a core",
                rate_met=enough and ours["cpu_cores"] < 0.5, cpu_target="< 50 % of a core at >= 10,000/s",
-               cpu_met=(ours["cpu_cores"] < 0.5) if enough else False, lat_target="p99 < 50 ms",
-               lat_met=percentile(ours["latency"], 99) < 0.05, interval_s=args.publishing_ms / 1000)
+               cpu_met=(ours["cpu_cores"] < 0.5) if enough else False,
+               lat_target=None if fast else "p99 < 50 ms", lat_met=None if fast else lat_met,
+               interval_s=args.publishing_ms / 1000, lat_suffix="_default_publishing" if fast else "",
+               lat_why=(f"no target at the default {args.publishing_ms} ms publishing interval: a change waits in the "
+                        "server up to one interval before it is sent; the target row is the short interval's. ")
+               if fast else "")
+        if fast is not None:
+            f_ours, f_base = fast
+            f_settings = {**settings, "publishing_interval_ms": args.fast_publishing_ms, "sampling_interval_ms": 0,
+                          "config_build_s": round(f_ours["config_build_s"], 2)}
+            print(f"# opcua at {args.fast_publishing_ms} ms publishing: ours {f_ours['tags_per_s']:.0f} notifications/s "
+                  f"at {f_ours['cpu_cores']:.2f} cores; bare {f_base['tags_per_s']:.0f} at {f_base['cpu_cores']:.2f}",
+                  flush=True)
+            report_latency(res, "opcua", f_ours, f_base, f_settings, lat_target="p99 < 50 ms",
+                           lat_met=percentile(f_ours["latency"], 99) < 0.05,
+                           why=f"publishing {args.fast_publishing_ms} ms, sampling 0 (the server's fastest): ")
 
 
 def add_args(p: Any) -> None:
@@ -551,6 +586,9 @@ def add_args(p: Any) -> None:
                         "falls back to asyncua if that fails) or asyncua (bench/tag_server.py)")
     p.add_argument("--publishing-ms", type=int, default=100, help="OPC UA publishing interval (connector default 100)")
     p.add_argument("--sampling-ms", type=int, default=50, help="OPC UA sampling interval (connector default 50)")
+    p.add_argument("--fast-publishing-ms", type=int, default=20,
+                   help="also measure the latency at this publishing interval (sampling 0), the setting for the "
+                        "< 50 ms p99 target; 0: skip (default %(default)s)")
     p.add_argument("--warm", type=float, default=3.0, help="warm-up before each measuring window (s)")
     p.add_argument("--window", type=float, default=0.0, help="measuring window (default 12 s; --long 30 s)")
 
