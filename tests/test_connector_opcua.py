@@ -607,6 +607,44 @@ async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
                               "queue_overflow:press-1/delta"])
 
 
+async def test_overflow_on_a_counter_cut_by_plc_tags_is_alarmed() -> None:
+    """A cumulative counter of a machine whose changeover comes from PLC tags (``cut_by_tags``) asks for the deep
+    queue; a server capping it at 4 gets the queue_revised alarm, and values it discards (Overflow bit) raise the
+    queue_overflow alarm for that counter: its count is whole, its split at a changeover may not be. A plain
+    cumulative counter on the same server gets neither."""
+    model = MachineModel("Press1", cycle_time=0.002, scrap_rate=0.2, seed=13)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, max_queue_size=4))
+    sink = Recorder()
+    config = OpcUaConnectorConfig.model_validate({
+        "type": "opcua", "id": "line1-opc", "endpoint": server.endpoint, "security": "none",
+        "publishing_interval_ms": 400, "sampling_interval_ms": 0, "watchdog_interval_s": 0.3, "timeout_s": 1.0})
+    tags = [TagBinding("press-1/good", OpcUaTagConfig(node_id=server.node_ids["good"]), counter=CounterType(),
+                       cut_by_tags=True),
+            TagBinding("press-1/scrap", OpcUaTagConfig(node_id=server.node_ids["scrap"]), counter=CounterType())]
+    conn = OpcUaConnector(config, tags, sink, backoff=Backoff(initial=0.1, maximum=0.5))
+    try:
+        async with running(conn):
+            await eventually(lambda: conn.status.detail["monitored_items"] == 2 and "press-1/good" in sink.last,
+                             what="connected")
+            assert {k: (v["requested_queue_size"], v["revised_queue_size"])
+                    for k, v in conn.status.detail["queue_revised"].items()} == {"press-1/good": (1000, 4)}
+            assert "booked to the next order" in conn.status.detail["queue_revised"]["press-1/good"]["risk"]
+            await model.produce(150)
+            await server.flush()
+            await eventually(lambda: conn.status.detail["queue_overflows"].get("press-1/good", 0) > 0
+                             and conn.status.detail["queue_overflows"].get("press-1/scrap", 0) > 0,
+                             what="overflows on both counters")
+            await eventually(lambda: sink.value("press-1/good") == model.good_raw, what="the whole count")
+            assert [a for a in conn.alarms.ids() if a.startswith("queue_")] \
+                == ["queue_overflow:press-1/good", "queue_revised:press-1/good"]
+            alarm = next(a for a in conn.alarms.active() if a.id == "queue_overflow:press-1/good")
+            assert alarm.severity == "warning" and "booked to the next order" in alarm.message
+            assert (alarm.evidence["counter"], alarm.evidence["overflows"]) \
+                == ("good", conn.status.detail["queue_overflows"]["press-1/good"])
+    finally:
+        await server.stop()
+
+
 async def test_queue_overflows_are_exported_and_alarmed_by_the_gateway(tmp_path, mqtt_broker) -> None:
     """The same capped server behind a running gateway: a delta counter whose values the server discards moves
     ``edge_gateway_opcua_queue_overflows_total{connector}`` (scraped from /metrics, parsed by prometheus-client; 0

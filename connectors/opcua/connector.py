@@ -232,6 +232,8 @@ class OpcUaConnector(Connector):
         self.queue_overflows = 0
         self.overflow_hold_s = OVERFLOW_HOLD_S
         self._count_keys = {b.key for b in self.tags if getattr(b, "every_value", False)}  # delta / reset-on-read
+        # cumulative counters whose values up to a PLC-tag changeover make the cut (see TagBinding.cut_by_tags)
+        self._cut_keys = {b.key for b in self.tags if getattr(b, "cut_by_tags", False) and b.key not in self._count_keys}
         self._overflow_alarms: dict[str, float] = {}  # tag key -> monotonic time of its last overflow (alarm raised)
         self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0, queue_revised={},
                                   queue_overflows={})
@@ -596,8 +598,9 @@ class OpcUaConnector(Connector):
     def _note_overflow(self, keys: tuple[str, ...]) -> None:
         """A value arrived with the Overflow bit: the server discarded values of this item before it. Counted once
         per value for the connector (``queue_overflows``, the metric) and per tag (status ``queue_overflows``); logged
-        once per connection for a tag that loses counts or states by it; on a delta / reset-on-read counter the alarm
-        ``queue_overflow:<machine>/<signal>`` is raised, its evidence refreshed (see :meth:`_check_overflows`)."""
+        once per connection for a tag that loses counts or states by it; on a delta / reset-on-read counter, and on a
+        counter cut by PLC tags (its split at a changeover may be off), the alarm ``queue_overflow:<machine>/<signal>``
+        is raised, its evidence refreshed (see :meth:`_check_overflows`)."""
         self.queue_overflows += 1
         for k in keys:
             n = self._overflows[k] = self._overflows.get(k, 0) + 1
@@ -615,6 +618,16 @@ class OpcUaConnector(Connector):
                                 "server's maximum queue size", connector=self.id, endpoint=self.endpoint,
                                 machine=machine, counter=signal, node_id=self._key_node[k], overflows=n,
                                 last_overflow=rfc3339(time.time()))
+            elif k in self._cut_keys:
+                self._overflow_alarms[k] = time.monotonic()
+                self.alarms.set(f"queue_overflow:{k}", True, "warning",
+                                f"machine {machine} {signal}: the server's monitored item queue overflowed and "
+                                "discarded values of this counter: the count is whole (its latest value carries it), "
+                                "but if the PLC's order tags or completion flag changed meanwhile, parts made before "
+                                "the change may be booked to the next order (check that order's quantities in the "
+                                "ERP); raise the server's maximum queue size", connector=self.id,
+                                endpoint=self.endpoint, machine=machine, counter=signal, node_id=self._key_node[k],
+                                overflows=n, last_overflow=rfc3339(time.time()))
         self.status.detail["queue_overflows"] = dict(sorted(self._overflows.items()))
 
     def _check_overflows(self, now: float | None = None) -> None:
