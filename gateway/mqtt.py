@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -82,6 +83,8 @@ MessageHandler = Callable[[str, bytes, bool], None]
 PubackHandler = Callable[[int, int, int], None]  # (connection id, mid, reason code)
 SUBSCRIBE_RETRY_S = 1.0  # first retry of a refused subscription; doubles up to SUBSCRIBE_RETRY_MAX_S
 SUBSCRIBE_RETRY_MAX_S = 60.0
+
+ACK_BATCH = 1000  # acknowledged rows that are deleted at once, without waiting for the ack interval
 
 PUBACK_PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99})
 
@@ -748,6 +751,7 @@ class Publisher:
         self._retry = Backoff(*retry_backoff)
         self._retry_armed = False
         self._wake = asyncio.Event()
+        self._ack_wake = asyncio.Event()  # set when ACK_BATCH acknowledged rows wait for their delete
         self._handed: collections.deque[PendingRow] = collections.deque()
         self._acked: list[PendingRow] = []
         self._refused: list[tuple[PendingRow, str]] = []
@@ -802,12 +806,15 @@ class Publisher:
             return
         crash_point("publisher.puback")
         if code < 0x80:
+            acked = self._acked
+            if len(acked) >= ACK_BATCH:
+                self._ack_wake.set()
             if type(rows) is PendingRow:
-                self._acked.append(rows)
+                acked.append(rows)
                 if rows.id <= s.boundary and s.tracking:
                     s.backlog_settled(rows.machine, 1)
             else:  # a batch: rows of one machine from one lane
-                self._acked.extend(rows)
+                acked.extend(rows)
                 if rows[0].id <= s.boundary and s.tracking:
                     s.backlog_settled(rows[0].machine, len(rows))
             if self._retry_armed and s.rewind_at is None:
@@ -1127,9 +1134,15 @@ class Publisher:
         # Acknowledged rows are deleted in one transaction per ack_interval (0.1 s): a delete only frees space (an
         # acknowledged row left behind by a crash is sent again, same id and content: a duplicate the consumer
         # drops). Every 10 ms was up to 100 transactions a second, each a few round trips to SQLite's thread:
-        # ~9 % of the gateway's CPU at 10,000 tags @ 1 s (bench/peer_nodered.py). Shutdown flushes them.
+        # ~9 % of the gateway's CPU at 10,000 tags @ 1 s (bench/peer_nodered.py). At a backlog drain's rate (~50,000
+        # PUBACKs/s) they go once ACK_BATCH wait: a delete of 5,000 rows would hold the store (and the drain's next
+        # fetch) for tens of milliseconds. Shutdown flushes them.
+        wake = self._ack_wake
         while True:
-            await asyncio.sleep(self.ack_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ack_interval):
+                    await wake.wait()
+            wake.clear()
             if self._refused or self._acked:
                 await self._settle()
 
