@@ -444,8 +444,10 @@ class MqttLink:
             client.publish(self.online[0], payload, qos=1, retain=True)
         self.connection = conn
         self.connected.set()
-        down_s = self.status.down_for()  # how long the broker was unreachable (None at the first connect)
         if self.status.set(ComponentState.CONNECTED):
+            # how long the broker was unreachable (None at the first connect): the value /status shows, not a second
+            # clock reading (two readings rounded to ms can differ: 1.539 logged, 1.54 in the status)
+            down_s = self.status.downtime_s
             log.info("mqtt.connected", host=self.host, port=self.port, client_id=self.client_id,
                      reason=str(reason), connection=conn.id, session_present=bool(getattr(flags, "session_present", False)),
                      max_packet_size=conn.max_packet_size, **({"downtime_s": down_s} if down_s is not None else {}))
