@@ -5,6 +5,7 @@ prometheus-client's own parser. Each metric is checked to move under the load th
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.component import HttpListenError
 from gateway.config import GatewayConfig
 from gateway.dispatch import ErpAck
 from gateway.events import EventEncoder, Topics
@@ -33,6 +35,21 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 def with_http(cfg: GatewayConfig, port: int) -> GatewayConfig:
     return cfg.model_copy(update={"http": cfg.http.model_copy(update={"enabled": True, "port": port})})
+
+
+async def start_with_http(rg: RunningGateway) -> tuple[Gateway, int]:
+    """Start the gateway; returns it and its HTTP port. ``free_port()`` only names a port that was free when it was
+    asked: until the gateway listens there, anything else on the machine can take it (another xdist worker's
+    simulator or broker, any connection's ephemeral local port; seen once in ~45 runs: "cannot listen on
+    127.0.0.1:50047: address already in use"). A start refused for that is tried again on another port."""
+    for attempt in range(3):
+        try:
+            return await rg.start(), rg.cfg.http.port
+        except HttpListenError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == 2:
+                raise
+            rg.cfg = with_http(rg.cfg, free_port())
+    raise AssertionError("unreachable")
 
 
 def _get(url: str) -> str:
@@ -103,7 +120,7 @@ async def test_metrics_move_under_production(tmp_path, mqtt_broker):
                                        modbus=mb, interval_s=0.2), port)
         await erp.start()
         rg = RunningGateway(cfg)
-        gw = await rg.start()
+        gw, port = await start_with_http(rg)
         try:
             await wait_until(lambda: all(c.status.state.value == "connected" for c in gw.connectors.values()), 15)
             before = await scrape(port)
@@ -218,7 +235,7 @@ async def test_connector_metrics_through_a_plc_outage(tmp_path, mqtt_broker):
     cfg = with_http(gateway_config(broker_port=mqtt_broker.port, store_path=str(tmp_path / "gw.db"), modbus=server),
                     port)
     rg = RunningGateway(cfg)
-    gw = await rg.start()
+    gw, port = await start_with_http(rg)
     try:
         await wait_until(lambda: gw.connectors["mb"].status.state.value == "connected", 10)
         s = await scrape(port)
@@ -253,7 +270,7 @@ async def test_oldest_unsent_age_rises_during_broker_outage_and_falls_after(tmp_
         cfg = with_http(gateway_config(broker_port=mqtt_broker.port, store_path=str(tmp_path / "gw.db"), modbus=mb,
                                        interval_s=0.2), port)
         rg = RunningGateway(cfg)
-        gw = await rg.start()
+        gw, port = await start_with_http(rg)
         task = asyncio.create_task(model.run_forever())
         model.start()
         try:
@@ -263,8 +280,10 @@ async def test_oldest_unsent_age_rises_during_broker_outage_and_falls_after(tmp_
             assert val(s, "edge_gateway_outbox_oldest_age_seconds") < 2
 
             await asyncio.to_thread(mqtt_broker.stop)
-            await wait_until(lambda: not gw.link.is_connected and gw.store.pending > 0, 15)
-            first = await scrape(port)
+            # store.pending also counts rows the broker acknowledged before it went away, until their batched
+            # delete (every 0.1 s): scraped until an event committed during the outage is in the outbox
+            first = await scrape_until(port, lambda s: val(s, "edge_gateway_mqtt_connected") == 0
+                                       and val(s, "edge_gateway_outbox_pending") > 0, 15, "an unsent event in the outbox")
             assert val(first, "edge_gateway_mqtt_connected") == 0
             # the oldest unsent event keeps ageing while the broker is away (scraped until it has), the outbox fills
             age1 = val(first, "edge_gateway_outbox_oldest_age_seconds")
@@ -349,7 +368,7 @@ async def test_inflight_messages_while_the_broker_is_frozen(tmp_path, mqtt_broke
         cfg = with_http(gateway_config(broker_port=mqtt_broker.port, store_path=str(tmp_path / "gw.db"), modbus=mb,
                                        interval_s=0.1, keepalive_s=10), port)
         rg = RunningGateway(cfg)
-        gw = await rg.start()
+        gw, port = await start_with_http(rg)
         task = asyncio.create_task(model.run_forever())
         model.start()
         frozen = False
