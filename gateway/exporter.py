@@ -228,8 +228,8 @@ class GatewayCollector(Collector):
             committed.add_metric([t], n)
         yield committed
         yield from m.commit_seconds.collect()
-        yield GaugeMetricFamily("edge_gateway_outbox_pending", "Events in the outbox (not yet acknowledged by the "
-                                                               "broker)", value=store.pending)
+        yield GaugeMetricFamily("edge_gateway_outbox_pending", "Events in the outbox (not yet deleted after the "
+                                "broker's acknowledgement: deleted in batches, every 0.1 s)", value=store.pending)
         yield GaugeMetricFamily("edge_gateway_outbox_bytes", "Payload bytes of the events in the outbox (not yet "
                                 "acknowledged by the broker)", value=store.pending_bytes - store.quarantined_bytes)
         yield GaugeMetricFamily("edge_gateway_store_payload_bytes", "Payload bytes held in the store (outbox + "
