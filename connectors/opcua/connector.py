@@ -90,6 +90,12 @@ _RISK_STATE = ("a state held shorter than a publishing interval (a brief stop) c
 _RISK_PULSE = "a completion pulse shorter than a publishing interval can be discarded: the operation's completion is missed"
 _RISK_CUT = ("the changeover comes from PLC tags: when the server discards the counter's values made before an order "
              "change or completion (a late publish), the parts made before it are booked to the next order")
+# what an overflow (values the server discarded) costs, in the queue_overflow alarm
+_OVERFLOW_COUNT = ("delta / reset_on_read counter: production was lost at the server and not counted (check the "
+                   "machine's quantities in the ERP)")
+_OVERFLOW_CUT = ("counter: the count is whole (its latest value carries it), but if the PLC's order tags or completion "
+                 "flag changed meanwhile, parts made before the change may be booked to the next order (check that "
+                 "order's quantities in the ERP)")
 RETRY_REFUSED_S = 30.0
 """While connected, monitored items the server refused (a node not there yet: a PLC program loaded later, a namespace
 added) are created again this often, so a node that appears is read and its alarm clears without a reconnect."""
@@ -609,25 +615,14 @@ class OpcUaConnector(Connector):
                 self._overflow_logged.add(k)
                 log.warning("opcua.queue_overflow", connector=self.id, endpoint=self.endpoint, machine=machine,
                             counter=signal, node_id=self._key_node[k], overflows=n, risk=self._queue_need[k][1])
-            if k in self._count_keys:
+            effect = (_OVERFLOW_COUNT if k in self._count_keys else _OVERFLOW_CUT if k in self._cut_keys else None)
+            if effect is not None:
                 self._overflow_alarms[k] = time.monotonic()
                 self.alarms.set(f"queue_overflow:{k}", True, "warning",
                                 f"machine {machine} {signal}: the server's monitored item queue overflowed and "
-                                "discarded values of this delta / reset_on_read counter: production was lost at the "
-                                "server and not counted (check the machine's quantities in the ERP); raise the "
-                                "server's maximum queue size", connector=self.id, endpoint=self.endpoint,
-                                machine=machine, counter=signal, node_id=self._key_node[k], overflows=n,
-                                last_overflow=rfc3339(time.time()))
-            elif k in self._cut_keys:
-                self._overflow_alarms[k] = time.monotonic()
-                self.alarms.set(f"queue_overflow:{k}", True, "warning",
-                                f"machine {machine} {signal}: the server's monitored item queue overflowed and "
-                                "discarded values of this counter: the count is whole (its latest value carries it), "
-                                "but if the PLC's order tags or completion flag changed meanwhile, parts made before "
-                                "the change may be booked to the next order (check that order's quantities in the "
-                                "ERP); raise the server's maximum queue size", connector=self.id,
-                                endpoint=self.endpoint, machine=machine, counter=signal, node_id=self._key_node[k],
-                                overflows=n, last_overflow=rfc3339(time.time()))
+                                f"discarded values of this {effect}; raise the server's maximum queue size",
+                                connector=self.id, endpoint=self.endpoint, machine=machine, counter=signal,
+                                node_id=self._key_node[k], overflows=n, last_overflow=rfc3339(time.time()))
         self.status.detail["queue_overflows"] = dict(sorted(self._overflows.items()))
 
     def _check_overflows(self, now: float | None = None) -> None:
