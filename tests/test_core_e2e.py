@@ -31,6 +31,13 @@ from tests.e2e import (
 from tests.faults import BlackHole
 
 
+def plc_tag_orders(n: dict[str, str]) -> dict[str, object]:
+    """The machine keys of an order from the PLC's tags (order, operation, completion flag) on the OPC UA simulator."""
+    return {"order_source": "tag", "order_tag": {"connector": "opc", "node_id": n["order"]},
+            "operation_tag": {"connector": "opc", "node_id": n["operation"]},
+            "complete_tag": {"connector": "opc", "node_id": n["complete"]}}
+
+
 def press_on_opcua(tmp_path, broker, opc, **machine: object):
     """press-1 on the plaintext OPC UA simulator (good and scrap counters), reporting every 0.2 s; ``machine`` adds
     keys of the machine (order source, tags)."""
@@ -178,10 +185,7 @@ async def test_plc_tag_changeovers_while_running_are_exact(tmp_path, mqtt_broker
         n = opc.node_ids
         erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-tags")
         await erp.start()
-        cfg = press_on_opcua(tmp_path, mqtt_broker, opc, order_source="tag",
-                             order_tag={"connector": "opc", "node_id": n["order"]},
-                             operation_tag={"connector": "opc", "node_id": n["operation"]},
-                             complete_tag={"connector": "opc", "node_id": n["complete"]})
+        cfg = press_on_opcua(tmp_path, mqtt_broker, opc, **plc_tag_orders(n))
         rgw = RunningGateway(cfg)
         try:
             await rgw.start()
@@ -221,10 +225,7 @@ async def test_plc_tag_changeover_is_exact_when_the_servers_publish_comes_late(t
         n = opc.node_ids
         erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-late")
         await erp.start()
-        cfg = press_on_opcua(tmp_path, mqtt_broker, opc, order_source="tag",
-                             order_tag={"connector": "opc", "node_id": n["order"]},
-                             operation_tag={"connector": "opc", "node_id": n["operation"]},
-                             complete_tag={"connector": "opc", "node_id": n["complete"]})
+        cfg = press_on_opcua(tmp_path, mqtt_broker, opc, **plc_tag_orders(n))
         rgw = RunningGateway(cfg)
         try:
             await rgw.start()
