@@ -372,6 +372,48 @@ async def test_cancel_is_prompt_and_password_never_logged(
         assert "EDGE_TEST_OPC_PASSWORD" in (conn2.status.last_error or "")
 
 
+async def test_stop_is_bounded_when_the_librarys_close_hangs(
+    model: MachineModel, server: OpcUaMachineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncua's ``Client.disconnect()`` swallows a cancellation while it stops its helper tasks: ``wait_for`` on it
+    then waits for as long as the close takes. The connector waits on its own clock instead: a close that hangs (here
+    one that ignores every cancellation for 30 s) loses its socket and is abandoned with a warning, and stopping the
+    connector takes the close's time (timeout_s) and the grace after the drop, not the 30 s."""
+    from asyncua import Client
+
+    real = Client.disconnect
+    released = asyncio.Event()
+
+    async def hanging_disconnect(self: Client) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # what the library does with a cancellation
+                await asyncio.sleep(0.05)
+        await real(self)
+
+    sink = Recorder()
+    conn = make_connector(server.endpoint, server.node_ids, sink)
+    with structlog.testing.capture_logs() as logs:
+        async with running(conn) as task:
+            await eventually(lambda: conn.status.state == ComponentState.CONNECTED, 5, "connected")
+            monkeypatch.setattr(Client, "disconnect", hanging_disconnect)
+            t0 = time.monotonic()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+            stopped_in = time.monotonic() - t0
+    try:
+        assert conn.status.state == ComponentState.STOPPED
+        assert 1.9 <= stopped_in < 4.0  # 1 s polite close + 1 s grace after the socket is dropped
+        [abandoned] = [e for e in logs if e["event"] == "opcua.close_abandoned"]
+        assert abandoned["log_level"] == "warning" and abandoned["connector"] == "line1-opc"
+        assert 1.9 <= abandoned["waited_s"] < 4.0
+        assert len(conn._closing) == 1  # still referenced while it runs on
+    finally:
+        released.set()
+        await eventually(lambda: not conn._closing, 5, "the abandoned close to end")
+
+
 async def test_nsu_node_ids_follow_a_reordered_namespace_array(model: MachineModel) -> None:
     """``nsu=`` ids are resolved through the server's namespace array at every connect: after a restart that
     registers other namespaces first, the simulator's namespace moves from index 2 to 4 and the counters follow."""

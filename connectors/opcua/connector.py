@@ -70,6 +70,7 @@ log = structlog.get_logger(__name__)
 _SEVERITY_MASK = 0xC000_0000  # top two bits of a StatusCode: 00 Good, 01 Uncertain, 1x Bad
 _CODE_MASK = 0xFFFF_0000  # the low 16 bits are info bits (overflow, limits), not part of the name
 _TEARDOWN_TIMEOUT_S = 3.0
+_TEARDOWN_GRACE_S = 1.0  # after the socket is dropped, for disconnect()'s local cleanup
 _CURRENT_TIME = ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime)
 _UNKNOWN_NODE = "BadNodeIdUnknown"  # status of a tag whose nsu= namespace the server does not have
 _LIMIT_NODES = {
@@ -213,6 +214,7 @@ class OpcUaConnector(Connector):
         self._limits: dict[str, int] = {}  # the server's OperationLimits, read at every connect
         self._unknown_ns_logged: set[str] = set()
         self._client: Client | None = None
+        self._closing: set[asyncio.Future[None]] = set()  # closes that outlived their time (see _teardown)
         self._ready = False  # session up and subscription created: read() may use the client
         self._generation = 0  # bumped per connection; callbacks of an old connection are ignored
         self._handles: dict[int, tuple[str, ...]] = {}
@@ -818,7 +820,12 @@ class OpcUaConnector(Connector):
             log.error("opcua.disconnected", connector=self.id, endpoint=self.endpoint, error=reason)
 
     async def _teardown(self, *, polite: bool) -> None:
-        """Close the current client, bounded. ``polite=False``: the peer is presumed dead, drop the socket first."""
+        """Close the current client within a fixed time, whatever the library does. ``polite=False``: the peer is
+        presumed dead, drop the socket first.
+
+        The library's ``disconnect()`` runs in a task of its own that is waited on, never awaited: it swallows a
+        cancellation while it stops its helper tasks, so ``wait_for`` on it could wait for as long as it likes, and a
+        stop of the gateway must not. A close that outlives its time loses its socket and is left to finish alone."""
         client, self._client = self._client, None
         self._generation += 1  # late callbacks from this client are ignored from now on
         self._handles = {}
@@ -826,17 +833,23 @@ class OpcUaConnector(Connector):
             return
         if not polite:
             _drop_socket(client)
+        started = time.monotonic()
+        closing = asyncio.ensure_future(client.disconnect())
+        closing.add_done_callback(_retrieve)
         try:
-            await asyncio.wait_for(client.disconnect(), min(self.config.timeout_s, _TEARDOWN_TIMEOUT_S))
-        except asyncio.CancelledError:
-            _drop_socket(client)
-            raise
-        except (Exception, asyncio.TimeoutError):
-            # the polite close hung or failed: drop the socket, then let disconnect() finish its local cleanup
-            # (it cancels the client's background tasks and finds the session's socket already closed)
-            _drop_socket(client)
-            with contextlib.suppress(Exception, asyncio.TimeoutError):
-                await asyncio.wait_for(client.disconnect(), 1.0)
+            done, _ = await asyncio.wait({closing}, timeout=min(self.config.timeout_s, _TEARDOWN_TIMEOUT_S))
+            if not done:
+                # the polite close hangs: without its socket, disconnect() only has its local cleanup left
+                _drop_socket(client)
+                await asyncio.wait({closing}, timeout=_TEARDOWN_GRACE_S)
+        finally:
+            if not closing.done():
+                _drop_socket(client)
+                closing.cancel()
+                self._closing.add(closing)  # referenced until it ends; nobody waits for it
+                closing.add_done_callback(self._closing.discard)
+                log.warning("opcua.close_abandoned", connector=self.id, endpoint=self.endpoint,
+                            waited_s=round(time.monotonic() - started, 3))
 
     # ------------------------------------------------------------------ one-shot read
 
@@ -915,6 +928,13 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     if size <= 0:
         return [items]
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Done callback of a close nobody awaits: its error is of no use (the socket is gone either way), but unretrieved
+    it would be logged by asyncio as "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _drop_socket(client: Client) -> None:
