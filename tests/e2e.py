@@ -81,6 +81,13 @@ class RunningGateway:
         await wait_until(lambda: self.gw is not None and (c := self.gw.link.connection) is not None and not c.sub_mids,
                          timeout, message="the gateway's subscriptions were not acknowledged")
 
+    async def wait_counters_read(self, machine: str, timeout: float = 15) -> None:
+        """Every counter of ``machine`` has its first good reading (its baseline): parts made from now on are counted.
+        Parts made before it are part of the baseline, as on any gateway's first start."""
+        await wait_until(lambda: (e := self.gw.engines.get(machine)) is not None
+                         and all(c.last is not None for c in e.counters.values()), timeout,
+                         message=f"{machine}: its counters were not read")
+
     async def wait_dispatch_applied(self, machine: str, order: str, op: str, timeout: float = 15) -> None:
         await wait_until(lambda: (e := self.gw.engines.get(machine)) is not None and e.context is not None
                          and e.context.ref == (order, op), timeout)

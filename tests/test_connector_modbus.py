@@ -328,7 +328,19 @@ async def test_exception_response_fails_the_block_not_the_connection(
     assert events == [("modbus.connected", "info"), ("modbus.read_failed", "error"), ("modbus.recovered", "info")]
 
 
-async def test_server_restart(model: MachineModel) -> None:
+async def test_server_restart(model: MachineModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device restart: polls go on reporting every tag not good, never a value; the recovery line says how long the
+    device was away, the same number as status's downtime_s (status's clock advances 1 ms at every reading here, so a
+    second reading of the clock for the log line would differ)."""
+    import gateway.component
+
+    ticks = [0.0]
+
+    def monotonic() -> float:
+        ticks[0] += 0.001
+        return time.monotonic() + ticks[0]
+
+    monkeypatch.setattr(gateway.component, "time", types.SimpleNamespace(monotonic=monotonic, time=time.time))
     server = await start_server(model)
     sink = Recorder()
     conn = make_connector(server.port, press_tags(), sink)
@@ -360,7 +372,7 @@ async def test_server_restart(model: MachineModel) -> None:
     events = [e["event"] for e in logs]
     assert events == ["modbus.connected", "modbus.read_failed", "modbus.recovered"]  # not one per poll
     recovered = next(e for e in logs if e["event"] == "modbus.recovered")
-    assert recovered["downtime_s"] > 0  # the recovery line says how long the device was unreachable
+    assert recovered["downtime_s"] > 0 and recovered["downtime_s"] == conn.status.downtime_s
 
 
 async def test_read_current_values(model: MachineModel, server: ModbusMachineServer) -> None:

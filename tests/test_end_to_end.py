@@ -99,6 +99,7 @@ async def test_changeover_mid_run_attributes_to_the_right_order(plant):
 async def test_counts_without_order_are_kept_as_unassigned(plant):
     p = plant
     await p.gw.start()
+    await p.gw.wait_counters_read("press-2")  # parts made before the first reading would be the baseline
     await p.m2.produce(30, timeout=30)
     await assert_ledger_matches(p.erp, {"press-2": p.m2})
     assert (("press-2", None, None)) in p.erp.ledger()

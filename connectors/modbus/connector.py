@@ -554,15 +554,18 @@ class ModbusConnector(Connector):
                     blocks=[name] if self._client is not None else sorted(new),
                     error=error,
                 )
-        if recovered:
-            log.info("modbus.recovered", connector=self.id, endpoint=self.endpoint, blocks=sorted(recovered),
-                     downtime_s=self.status.down_for())
         if self._client is None:
             self.status.set(ComponentState.DISCONNECTED, self._down_reason)
         elif errors:
             self.status.set(ComponentState.DEGRADED, next(iter(errors.values())))
         else:
             self.status.set(ComponentState.CONNECTED)
+        if recovered:
+            # back to CONNECTED: the outage's length as status has it (one clock reading); still degraded by other
+            # blocks: the outage so far
+            down = self.status.downtime_s if self.status.state == ComponentState.CONNECTED else self.status.down_for()
+            log.info("modbus.recovered", connector=self.id, endpoint=self.endpoint, blocks=sorted(recovered),
+                     downtime_s=down)
 
     # ------------------------------------------------------------------ one-shot read
 
