@@ -46,31 +46,43 @@ class ErpService:
         self.workers_up = 0
         #: while start() waits for PostgreSQL: where, the last error, attempts, next retry (shown on /health, /ready)
         self.waiting: dict[str, Any] | None = None
+        self.started = False  # start() has started the workers: before that, /ready is 503 ("starting")
 
     # ------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> "ErpService":
+        """HTTP first (liveness and readiness answer while dependencies are awaited), then the source's durable
+        interest, then PostgreSQL, then the workers.
+
+        The durable interest comes before the database wait: on first deployment with the database still down, the
+        gateways' events must already be kept for this service. NATS's ``$MQTT_msgs`` has interest retention (a
+        message PUBACKed while no consumer exists is deleted at once) and mosquitto keeps QoS 1 messages only for
+        sessions that subscribed; without the durable consumer or the persistent sessions, what gateways publish
+        meanwhile would be acknowledged to them and then dropped. Messages wait there, unacknowledged, until the
+        workers start."""
         if self.cfg.http.enabled:
-            await self._start_http()  # liveness and readiness answer while the database is awaited
-        await self._prepare_database()
+            await self._start_http()
         if self.cfg.source == "nats":
             self.nats = NatsSource(self.cfg.nats, self.cfg.topic_root, self.metrics, self.cfg.acks)
             self.nats.dead_letter = self._dead_letter
             await self.nats.connect()
-            for i in range(self.cfg.workers):
-                self._tasks.append(asyncio.create_task(self._guard(f"worker-{i}", self.nats.run_worker, i,
-                                                                   self._handle, self.stop_event)))
-            self._tasks.append(asyncio.create_task(self._lag_loop()))
         else:
             for i in range(self.cfg.workers):
                 w = MqttWorker(self.cfg.mqtt, self.cfg.topic_root, i, self.metrics, self.cfg.acks)
                 w.dead_letter = self._dead_letter
                 await w.connect()
                 self.mqtt_workers.append(w)
-                self._tasks.append(asyncio.create_task(self._guard(f"worker-{i}", w.run, self._handle,
-                                                                   self.stop_event)))
+        await self._prepare_database()
+        if self.nats is not None:
+            for i in range(self.cfg.workers):
+                self._tasks.append(asyncio.create_task(self._guard(f"worker-{i}", self.nats.run_worker, i,
+                                                                   self._handle, self.stop_event)))
+            self._tasks.append(asyncio.create_task(self._lag_loop()))
+        for i, w in enumerate(self.mqtt_workers):
+            self._tasks.append(asyncio.create_task(self._guard(f"worker-{i}", w.run, self._handle, self.stop_event)))
         for p in self.posters:
             self._tasks.append(asyncio.create_task(self._guard(p.name, p.run, self.stop_event)))
         self._tasks.append(asyncio.create_task(self._gauges_loop()))
+        self.started = True
         log.info("erp.started", source=self.cfg.source, workers=self.cfg.workers, posters=len(self.posters),
                  http_port=self.http_port)
         return self
@@ -237,6 +249,8 @@ class ErpService:
             return "stopping"
         if self.waiting is not None:
             return f"waiting for PostgreSQL: {self.waiting['error']}"
+        if not self.started:
+            return "starting"  # e.g. the durable interest is there, the tables are being created
         if self.cfg.source == "nats":
             if self.nats is None or not self.nats.ready or self.nats.nc is None or not self.nats.nc.is_connected:
                 return "NATS consumer not connected"

@@ -236,6 +236,12 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
 
             await _wait(consumer_exists, 60, "the ERP's durable consumer")
             await nc.close()
+            # the workers create the consumer before they wait for PostgreSQL and create their tables: the queries
+            # below need the tables
+            async def tables_exist() -> bool:
+                return (await _q(dsn, "SELECT to_regclass('erp_events') IS NOT NULL"))[0][0]
+
+            await _wait(tables_exist, 60, "the ERP's tables", interval=0.1)
 
             lines: dict[str, str] = {}
             for g in range(gateways):

@@ -114,7 +114,10 @@ async def test_sigterm_while_nats_is_unreachable_stops_it(tmp_path):
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.5)  # three more failed attempts: must not be logged again
             p.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(p.wait(), 15) == 0
+            try:
+                assert await asyncio.wait_for(p.wait(), 15) == 0
+            except TimeoutError:
+                raise AssertionError(f"not stopped 15 s after SIGTERM:\n{log.read_text()[-3000:]}") from None
         finally:
             if p.returncode is None:
                 p.kill()
