@@ -48,6 +48,18 @@ def ack_payloads(results: list[Result], mode: str) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------------------- NATS
+async def cancel_until_done(task: asyncio.Future[Any], within: float = 5.0) -> bool:
+    """Cancel ``task`` and keep cancelling it (every 0.1 s) until it is done or ``within`` seconds have passed, for a
+    library coroutine that may swallow one cancellation. True when it is done (cancelled, failed or finished)."""
+    deadline = time.monotonic() + within
+    while not task.done() and time.monotonic() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: a failed attempt after a stop is of no interest
+    return task.done()
+
+
 class NatsSource:
     """One NATS connection per process; ``workers`` tasks pull from the shared durable consumer."""
 
@@ -85,9 +97,20 @@ class NatsSource:
             log.info("erp.nats_reconnected", server=str(self.nc.connected_url.netloc if self.nc else ""))
 
         log.info("erp.nats_connecting", servers=self.cfg.servers)
-        self.nc = await nats.connect(servers=self.cfg.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                     error_cb=_err, disconnected_cb=_disc, reconnected_cb=_reconn,
-                                     name="edge-gateway-erp")
+        # nats-py retries an unreachable server for ever here, and swallows a cancellation that lands while it closes
+        # a failed attempt (Client._close): a SIGTERM during start would then never end it. Cancelled, the attempt
+        # is cancelled again until it ends (see cancel_until_done).
+        connecting = asyncio.ensure_future(nats.connect(
+            servers=self.cfg.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_err,
+            disconnected_cb=_disc, reconnected_cb=_reconn, name="edge-gateway-erp"))
+        try:
+            self.nc = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            if not await cancel_until_done(connecting):
+                log.warning("erp.nats_connect_abandoned", servers=self.cfg.servers)
+            elif not connecting.cancelled() and connecting.exception() is None:
+                await connecting.result().close()  # connected just as the stop came
+            raise
         self.js = self.nc.jetstream(timeout=10)
         await self.ensure_consumer()
         self.ready = True

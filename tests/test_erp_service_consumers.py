@@ -314,3 +314,35 @@ def test_a_database_outage_is_logged_once_per_interval_other_failures_every_time
              if e["event"] == "erp.processing_failed"]
     assert lines == [(0, True, 0), (1, True, 0), (0, None, None), (0, None, None), (0, True, 9)]
     assert all(e["log_level"] == "error" for e in logs)
+
+
+async def test_cancel_until_done_ends_a_coroutine_that_swallows_cancellations():
+    """nats-py's connect swallows a cancellation that lands while it closes a failed attempt, then retries for ever:
+    cancel_until_done cancels again until the task ends; one that never ends is given up after ``within``."""
+    from erp_service.consumers import cancel_until_done
+
+    swallowed, limit = [0], [2]
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed[0] >= limit[0]:
+                    raise
+                swallowed[0] += 1
+
+    t = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0)
+    assert await cancel_until_done(t, within=5) and t.cancelled() and swallowed[0] == 2
+
+    swallowed[0], limit[0] = 0, 10**9
+    forever = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert not await cancel_until_done(forever, within=0.5) and not forever.done()
+    assert 0.5 <= loop.time() - t0 < 1.5 and swallowed[0] >= 3
+    limit[0] = 0  # let it end
+    forever.cancel()
+    await asyncio.gather(forever, return_exceptions=True)
