@@ -271,6 +271,8 @@ async def test_database_connections_killed_mid_stream_nothing_lost(nats_cluster,
         evs = [f.report(f"press-{i % 2}", "1000123", "0010", y=1, s=i % 2) for i in range(60)]
         for i in range(0, 30, 3):
             gw.publish(f.topic("press-0"), evs[i:i + 3])
+        # a worker opens its connection with its first message: kill once one has (and the poster's) exists
+        await wait_until(lambda: svc._conns, timeout=20, message="no worker took a message")
         async with await psycopg.AsyncConnection.connect("postgresql://postgres@127.0.0.1:5432/postgres",
                                                          autocommit=True) as admin:
             cur = await admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
