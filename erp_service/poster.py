@@ -56,6 +56,11 @@ class Poster:
         self.name = name
         self.kick = asyncio.Event()
         self.posted = 0
+        # rows of the current claim not yet settled (sent / retry / failed written): external id -> (attempts as
+        # claimed, the delay to release it with). Left over when the database connection dies mid-batch, they are
+        # released at the next connection instead of waiting out the lease (see _release).
+        self._claimed: dict[str, tuple[int, float]] = {}
+        self._unreleased: dict[str, tuple[int, float]] = {}
         self.healthy = True          # last ERP call succeeded (or none failed yet)
         self._auth = None
         if cfg.username:
@@ -70,9 +75,14 @@ class Poster:
                 try:
                     if conn is None or conn.closed:
                         conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                    if self._unreleased:
+                        await self._release(conn)
                     n = await self.post_once(conn, http)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    log.warning("erp.poster_db_error", poster=self.name, error=str(exc)[:300])
+                    self._unreleased.update(self._claimed)
+                    self._claimed = {}
+                    log.warning("erp.poster_db_error", poster=self.name, error=str(exc)[:300],
+                                claimed_unsettled=len(self._unreleased))
                     if conn is not None:
                         await conn.close()
                     conn = None
@@ -97,9 +107,25 @@ class Poster:
         """Claim and post one batch; returns the number of rows claimed."""
         cur = await conn.execute(_CLAIM, {"limit": self.cfg.batch, "lease": self.cfg.lease_s})
         rows = sorted(await cur.fetchall(), key=lambda r: r[5])
+        self._claimed = {r[0]: (r[3], 0.0) for r in rows}
         for ext, kind, body, attempts, event_time, _n in rows:
             await self._post_row(conn, http, ext, kind, body, attempts, event_time)
+            self._claimed.pop(ext, None)
         return len(rows)
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give back the rows a lost connection left claimed: due now, or after ``settle_s`` for one whose POST timed
+        out (the ERP may still be booking it). Each was claimed once already, so its next attempt looks the external
+        id up before any POST. A row another poster has claimed since (the lease ran out: ``attempts`` moved on) or
+        that is no longer pending is left alone."""
+        released = 0
+        for ext, (attempts, delay) in list(self._unreleased.items()):
+            cur = await conn.execute(
+                "UPDATE erp_outbox SET next_attempt_at = LEAST(next_attempt_at, now() + %s * interval '1 second') "
+                "WHERE external_id = %s AND state = 'pending' AND attempts = %s", (delay, ext, attempts))
+            released += cur.rowcount
+            del self._unreleased[ext]
+        log.info("erp.poster_released", poster=self.name, rows=released)
 
     async def _post_row(self, conn: psycopg.AsyncConnection[Any], http: aiohttp.ClientSession, ext: str, kind: str,
                         body: dict[str, Any], attempts: int, event_time: datetime) -> None:
@@ -170,6 +196,8 @@ class Poster:
         self.healthy = False
         self.metrics.erp_errors.labels(reason).inc()
         delay = max(settle, min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, attempts - 1)))
+        if settle and ext in self._claimed:  # should this write fail, the row is released only after settle_s
+            self._claimed[ext] = (attempts, settle)
         await conn.execute("UPDATE erp_outbox SET next_attempt_at = now() + %s * interval '1 second', "
                            "last_error = %s WHERE external_id = %s AND state = 'pending'", (delay, error, ext))
         log.warning("erp.post_failed", external_id=ext, attempts=attempts, retry_in_s=delay, error=error[:200])

@@ -183,3 +183,43 @@ async def test_slow_erp_books_after_the_client_timed_out_no_double_post(conn, ds
     assert metrics.erp_errors.labels("timeout")._value.get() == 1
     cur = await conn.execute("SELECT found_by_lookup, attempts FROM erp_outbox")
     assert await cur.fetchall() == [(True, 2)]
+
+
+async def test_a_lost_database_connection_mid_batch_releases_the_claimed_rows(conn, dsn, endpoint):
+    """PostgreSQL drops the poster's connection while it posts a claimed batch: the rows it had not settled are given
+    back at the next connection (each one looked up before any POST, as for every retry), not left to wait out the
+    lease (60 s here): every document is posted within seconds, none twice."""
+    import structlog
+
+    f = EventFactory()
+    evs = [f.report("press-1", "1", "0010", y=i) for i in range(1, 7)]
+    await _feed(conn, evs)
+    await conn.commit()
+    endpoint.set_delay(0.3)  # a batch takes ~2 s: the kill lands inside it
+    poster = Poster(_cfg(endpoint, lease_s=60), dsn, Metrics())
+    dbname = dsn.rsplit("/", 1)[1]
+    ours = conn.pgconn.backend_pid
+    with structlog.testing.capture_logs() as logs:
+        stop = asyncio.Event()
+        task = asyncio.create_task(poster.run(stop))
+        try:
+            await wait_until(lambda: poster.posted >= 1, timeout=10)
+            async with await psycopg.AsyncConnection.connect("postgresql://postgres@127.0.0.1:5432/postgres",
+                                                             autocommit=True) as admin:
+                cur = await admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                          "WHERE datname = %s AND pid <> %s", (dbname, ours))
+                assert (await cur.fetchone())[0] == 1  # the poster's
+            t0 = asyncio.get_running_loop().time()
+            await wait_until(lambda: len(endpoint.postings) == len(evs), timeout=15,
+                             message=f"posted {len(endpoint.postings)} of {len(evs)}")
+            assert asyncio.get_running_loop().time() - t0 < 15  # well inside the 60 s lease
+            await wait_until(lambda: poster.posted == len(evs), timeout=10)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    assert [p["ExternalSystemConfirmation"] for p in endpoint.postings] == [e["id"] for e in evs]
+    assert endpoint.duplicates == {}
+    [lost] = [e for e in logs if e["event"] == "erp.poster_db_error"]
+    [released] = [e for e in logs if e["event"] == "erp.poster_released"]
+    assert lost["claimed_unsettled"] >= 1 and released["rows"] == lost["claimed_unsettled"]
+    assert [s for _, s, _ in await _states(conn)] == ["sent"] * len(evs)
