@@ -230,7 +230,8 @@ class NatsSource:
         self.ready = False
         if self.nc is not None:
             try:
-                await asyncio.wait_for(self.nc.drain(), 5)
+                async with asyncio.timeout(5):
+                    await self.nc.drain()
             except Exception:
                 try:
                     await self.nc.close()
@@ -365,8 +366,9 @@ class MqttWorker:
     async def run(self, handle: Handler, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                msg = await asyncio.wait_for(self._queue.get(), 0.5)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(0.5):  # not wait_for: it can swallow the stop's cancellation (3.11)
+                    msg = await self._queue.get()
+            except TimeoutError:
                 continue
             try:
                 results = await handle(self.index, msg.topic, msg.payload, bool(msg.dup))

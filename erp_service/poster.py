@@ -205,6 +205,7 @@ class Poster:
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(seconds):  # not wait_for: it can swallow the stop's cancellation (3.11)
+            await stop.wait()
+    except TimeoutError:
         pass

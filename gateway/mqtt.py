@@ -384,10 +384,12 @@ class MqttLink:
         else:
             client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s)
         # the TCP (and TLS) handshake blocks: run it off the loop, bounded by connect_timeout
-        await asyncio.wait_for(self._loop.run_in_executor(None, client.reconnect), timeout=15)
+        async with asyncio.timeout(15):
+            await self._loop.run_in_executor(None, client.reconnect)
         misc = asyncio.create_task(self._misc_loop(client), name="mqtt.misc")
         try:
-            await asyncio.wait_for(self._wait_connack(), timeout=10)
+            async with asyncio.timeout(10):
+                await self._wait_connack()
         except BaseException:
             misc.cancel()
             raise

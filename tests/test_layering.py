@@ -68,3 +68,24 @@ def test_a_gateway_without_its_http_api_does_not_load_aiohttp() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def _wait_for_calls(path: Path) -> list[int]:
+    """Lines of ``asyncio.wait_for(...)`` calls in ``path``."""
+    return [n.lineno for n in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "wait_for"
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "asyncio"]
+
+
+LONG_RUNNING = ["connectors/modbus/connector.py", "connectors/opcua/connector.py", "gateway/core.py",
+                "gateway/mqtt.py", "gateway/store.py", "erp_service/consumers.py", "erp_service/poster.py"]
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_loops_that_are_cancelled_bound_their_awaits_with_asyncio_timeout(name: str) -> None:
+    """On Python 3.11, ``asyncio.wait_for`` returns the awaited result, and loses the cancellation, when the task is
+    cancelled in the same loop iteration as the awaited call completes (CPython gh-86296, fixed in 3.12). A
+    connector's poll or watchdog loop awaits such a call every few hundred ms: a stop landing there was lost, and
+    the loop ran on (CI: an OPC UA connector still running 9 s after its cancel). ``asyncio.timeout`` runs the call
+    in the task itself, so a cancellation always arrives; these long-running loops use it."""
+    assert _wait_for_calls(ROOT / name) == [], f"{name}: use `async with asyncio.timeout(...)`"

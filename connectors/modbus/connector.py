@@ -411,7 +411,8 @@ class ModbusConnector(Connector):
         for response in QUIET_RESPONSES:
             client.register(response)
         try:
-            ok = await asyncio.wait_for(client.connect(), cfg.timeout_s + 0.5)
+            async with asyncio.timeout(cfg.timeout_s + 0.5):  # not wait_for: it can swallow a cancellation (3.11)
+                ok = await client.connect()
         except (asyncio.TimeoutError, OSError, ModbusException) as exc:
             ok, detail = False, f": {exc!r}"
         else:
@@ -448,9 +449,8 @@ class ModbusConnector(Connector):
               "coil": client.read_coils, "discrete_input": client.read_discrete_inputs}[block.table]
         try:
             # pymodbus bounds the request by timeout_s; the outer bound only guards against a hang in it
-            rr = await asyncio.wait_for(
-                fn(block.start, count=block.count, device_id=cfg.unit_id), cfg.timeout_s * 1.5 + 0.5
-            )
+            async with asyncio.timeout(cfg.timeout_s * 1.5 + 0.5):
+                rr = await fn(block.start, count=block.count, device_id=cfg.unit_id)
         except asyncio.TimeoutError as exc:
             raise _LinkError(f"no valid response within {cfg.timeout_s}s") from exc
         except ConnectionException as exc:
@@ -603,7 +603,8 @@ class ModbusConnector(Connector):
 
         started = time.monotonic()
         try:
-            by_key = await asyncio.wait_for(read_all(), timeout)
+            async with asyncio.timeout(timeout):
+                by_key = await read_all()
             self.observe_read("read", time.monotonic() - started)
         except asyncio.TimeoutError as exc:
             self._drop(client, f"read timed out after {timeout}s")

@@ -303,8 +303,10 @@ class OpcUaConnector(Connector):
             self._mark_lost(gen, f"connection lost: {exc!r}")
 
         client.connection_lost_callback = on_connection_lost
-        await asyncio.wait_for(client.connect(auto_reconnect=False), cfg.timeout_s)
-        await asyncio.wait_for(self._subscribe(client, gen), cfg.timeout_s)
+        async with asyncio.timeout(cfg.timeout_s):
+            await client.connect(auto_reconnect=False)
+        async with asyncio.timeout(cfg.timeout_s):
+            await self._subscribe(client, gen)
         return client
 
     def _log_refused(self, exc: CertificateRefused) -> None:
@@ -763,15 +765,17 @@ class OpcUaConnector(Connector):
         healthy_checks = 0
         retry_at = time.monotonic() + self.retry_refused_s
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(lost.wait(), cfg.watchdog_interval_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cfg.watchdog_interval_s):
+                    await lost.wait()
             if lost.is_set():
                 raise _ConnectionLost(self._lost_reason or "connection lost")
             if client.uaclient.state is not UaClientState.CONNECTED:
                 raise _ConnectionLost(f"transport {client.uaclient.state.value}")
             started = time.monotonic()
             try:
-                await asyncio.wait_for(client.uaclient.read_attributes([_CURRENT_TIME], ua.AttributeIds.Value), cfg.timeout_s)
+                async with asyncio.timeout(cfg.timeout_s):
+                    await client.uaclient.read_attributes([_CURRENT_TIME], ua.AttributeIds.Value)
             except asyncio.TimeoutError:
                 raise _ConnectionLost(f"watchdog read timed out after {cfg.timeout_s}s") from None
             self.observe_read("watchdog", time.monotonic() - started)
@@ -784,7 +788,8 @@ class OpcUaConnector(Connector):
             if self._refused_nodes and time.monotonic() >= retry_at:
                 retry_at = time.monotonic() + self.retry_refused_s
                 try:
-                    await asyncio.wait_for(self._retry_refused(client), cfg.timeout_s)
+                    async with asyncio.timeout(cfg.timeout_s):
+                        await self._retry_refused(client)
                 except TimeoutError:  # asyncio.TimeoutError is TimeoutError since 3.11
                     raise _ConnectionLost(f"retry of the refused monitored items timed out after {cfg.timeout_s}s") from None
             if healthy_checks == 1:
@@ -870,7 +875,8 @@ class OpcUaConnector(Connector):
                 node_ids.append(nid)
         started = time.monotonic()
         try:
-            results = await asyncio.wait_for(self._read_chunked(client, node_ids), timeout)
+            async with asyncio.timeout(timeout):
+                results = await self._read_chunked(client, node_ids)
             self.observe_read("read", time.monotonic() - started)
         except asyncio.TimeoutError as exc:
             raise ConnectorUnavailable(f"read timed out after {timeout}s", connector=self.id, endpoint=self.endpoint) from exc
