@@ -167,18 +167,24 @@ async def _wait(pred: Callable[[], Any], timeout: float, what: str, interval: fl
         await asyncio.sleep(interval)
 
 
+def _ports_connected(proc: Proc, generation: int) -> list[int]:
+    """The broker ports one generation of a gateway process connected to, in order (its JSON log lines)."""
+    path = proc.log_dir / f"{proc.name}-{generation:02d}.log"
+    out: list[int] = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+        if '"mqtt.connected"' in line:
+            try:
+                out.append(json.loads(line).get("port"))
+            except ValueError:
+                continue
+    return out
+
+
 def _nodes_connected(proc: Proc, node_of: dict[int, str]) -> list[str]:
     """The NATS nodes a gateway process connected to, in order, over all its generations (its JSON log lines)."""
     out: list[str] = []
     for gen in range(1, proc.generation + 1):
-        path = proc.log_dir / f"{proc.name}-{gen:02d}.log"
-        for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
-            if '"mqtt.connected"' not in line:
-                continue
-            try:
-                port = json.loads(line).get("port")
-            except ValueError:
-                continue
+        for port in _ports_connected(proc, gen):
             node = node_of.get(port, str(port))
             if not out or out[-1] != node:
                 out.append(node)
@@ -315,6 +321,13 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                     await asyncio.sleep(0.5)
                     await gws[1].spawn()
                     chaos_log.append("gateway gw-1 restarted (its first node still dead)")
+                    # node 3 comes back only once gw-1 is connected elsewhere: taking over an MQTT session on a
+                    # surviving node can take nats-server seconds on a loaded machine (CI once saw gw-1 still
+                    # trying when node 3 returned, and it connected there)
+                    alive = {port for i, (_, port) in enumerate(cluster.mqtt_endpoints) if i != 2}
+                    await _wait(lambda: set(_ports_connected(gws[1], gws[1].generation)) & alive, 60,
+                                "gw-1 connected to a surviving node after its restart")
+                    chaos_log.append("gateway gw-1 connected to a surviving node")
                 await at(0.5)
                 endpoint.set_failing(True)
                 chaos_log.append("ERP failing (503)")
