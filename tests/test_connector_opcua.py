@@ -404,10 +404,10 @@ async def test_stop_is_bounded_when_the_librarys_close_hangs(
             stopped_in = time.monotonic() - t0
     try:
         assert conn.status.state == ComponentState.STOPPED
-        assert 1.9 <= stopped_in < 4.0  # 1 s polite close + 1 s grace after the socket is dropped
+        assert 1.9 <= stopped_in < 6.0  # 1 s polite close + 1 s grace after the socket is dropped (30 s unbounded)
         [abandoned] = [e for e in logs if e["event"] == "opcua.close_abandoned"]
         assert abandoned["log_level"] == "warning" and abandoned["connector"] == "line1-opc"
-        assert 1.9 <= abandoned["waited_s"] < 4.0
+        assert 1.9 <= abandoned["waited_s"] < 6.0
         assert len(conn._closing) == 1  # still referenced while it runs on
     finally:
         released.set()
