@@ -77,7 +77,7 @@ class Poster:
                         conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
                     if self._unreleased:
                         await self._release(conn)
-                    n = await self.post_once(conn, http)
+                    n = await self.post_once(conn, http, stop)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     self._unreleased.update(self._claimed)
                     self._claimed = {}
@@ -103,14 +103,22 @@ class Poster:
             waiter.cancel()
             stopper.cancel()
 
-    async def post_once(self, conn: psycopg.AsyncConnection[Any], http: aiohttp.ClientSession) -> int:
-        """Claim and post one batch; returns the number of rows claimed."""
+    async def post_once(self, conn: psycopg.AsyncConnection[Any], http: aiohttp.ClientSession,
+                        stop: asyncio.Event | None = None) -> int:
+        """Claim and post one batch; returns the number of rows claimed. A stop ends the batch after the row being
+        posted, and the rest of the claim is given back at once (not held for the lease until a restart)."""
         cur = await conn.execute(_CLAIM, {"limit": self.cfg.batch, "lease": self.cfg.lease_s})
         rows = sorted(await cur.fetchall(), key=lambda r: r[5])
         self._claimed = {r[0]: (r[3], 0.0) for r in rows}
         for ext, kind, body, attempts, event_time, _n in rows:
+            if stop is not None and stop.is_set():
+                break
             await self._post_row(conn, http, ext, kind, body, attempts, event_time)
             self._claimed.pop(ext, None)
+        if self._claimed:
+            self._unreleased.update(self._claimed)
+            self._claimed = {}
+            await self._release(conn)
         return len(rows)
 
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:

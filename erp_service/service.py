@@ -40,6 +40,7 @@ class ErpService:
         self.posters = [Poster(cfg.erp, cfg.postgres.dsn, self.metrics, f"poster-{i}") for i in range(cfg.erp.posters)]
         self._conns: dict[int, psycopg.AsyncConnection[Any]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._poster_tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
         self.started_at = time.time()
@@ -80,7 +81,8 @@ class ErpService:
         for i, w in enumerate(self.mqtt_workers):
             self._tasks.append(asyncio.create_task(self._guard(f"worker-{i}", w.run, self._handle, self.stop_event)))
         for p in self.posters:
-            self._tasks.append(asyncio.create_task(self._guard(p.name, p.run, self.stop_event)))
+            self._poster_tasks.append(asyncio.create_task(self._guard(p.name, p.run, self.stop_event)))
+        self._tasks += self._poster_tasks
         self._tasks.append(asyncio.create_task(self._gauges_loop()))
         self.started = True
         log.info("erp.started", source=self.cfg.source, workers=self.cfg.workers, posters=len(self.posters),
@@ -135,10 +137,15 @@ class ErpService:
 
     async def stop(self) -> None:
         self.stop_event.set()
+        # posters finish the row they are posting and give the rest of their claim back (not held for the lease
+        # until a restart); bounded by one ERP request
+        if self._poster_tasks:
+            await asyncio.wait(self._poster_tasks, timeout=self.cfg.erp.timeout_s + 2)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._poster_tasks.clear()
         if self.nats is not None:
             await self.nats.close()
         for w in self.mqtt_workers:
