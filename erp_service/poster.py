@@ -79,8 +79,7 @@ class Poster:
                         await self._release(conn)
                     n = await self.post_once(conn, http, stop)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    self._unreleased.update(self._claimed)
-                    self._claimed = {}
+                    self._set_aside_claim()
                     log.warning("erp.poster_db_error", poster=self.name, error=str(exc)[:300],
                                 claimed_unsettled=len(self._unreleased))
                     if conn is not None:
@@ -116,10 +115,14 @@ class Poster:
             await self._post_row(conn, http, ext, kind, body, attempts, event_time)
             self._claimed.pop(ext, None)
         if self._claimed:
-            self._unreleased.update(self._claimed)
-            self._claimed = {}
+            self._set_aside_claim()
             await self._release(conn)
         return len(rows)
+
+    def _set_aside_claim(self) -> None:
+        """The current claim's unsettled rows, to be given back by _release."""
+        self._unreleased.update(self._claimed)
+        self._claimed = {}
 
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give back the rows a lost connection left claimed: due now, or after ``settle_s`` for one whose POST timed

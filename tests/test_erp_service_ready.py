@@ -65,6 +65,15 @@ async def _booked(dsn: str) -> dict:
         return {m: (y, n) for m, y, n in await cur.fetchall()}
 
 
+async def _shut(starting: asyncio.Task, gw: Client, svc: ErpService, gate: Gate) -> None:
+    """End a test whose service started behind the database gate, whatever state its start() is in."""
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    gw.close()
+    await svc.stop()
+    await gate.close()
+
+
 async def test_start_waits_for_an_unreachable_database_then_consumes(mqtt_broker):
     """PostgreSQL is away when the service starts (systemd, a database that comes up later; here a proxy that drops
     every connection): the service stays up, logs erp.postgres_unreachable once (host, port, dbname, the error, the
@@ -132,11 +141,7 @@ async def test_start_waits_for_an_unreachable_database_then_consumes(mqtt_broker
                 await svc.wait_ready()
                 assert SECRET not in json.dumps(logs, default=str)
             finally:
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-                gw.close()
-                await svc.stop()
-                await gate.close()
+                await _shut(starting, gw, svc, gate)
 
 
 async def test_nats_events_published_while_the_database_is_awaited_are_kept(nats_cluster):
@@ -170,8 +175,4 @@ async def test_nats_events_published_while_the_database_is_awaited_are_kept(nats
             assert set(ep.by_external) == {ev["id"] for ev in evs} and not ep.duplicates
             assert await _booked(dsn) == {"press-1": (15, 5)}
         finally:
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-            gw.close()
-            await svc.stop()
-            await gate.close()
+            await _shut(starting, gw, svc, gate)
