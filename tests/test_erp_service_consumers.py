@@ -334,17 +334,23 @@ async def test_cancel_until_done_ends_a_coroutine_that_swallows_cancellations():
                     raise
                 swallowed[0] += 1
 
-    t = asyncio.ensure_future(stubborn())
-    await asyncio.sleep(0)
-    assert await cancel_until_done(t, within=5) and t.cancelled() and swallowed[0] == 2
+    tasks: list[asyncio.Future[None]] = []
+    try:
+        t = asyncio.ensure_future(stubborn())
+        tasks.append(t)
+        await asyncio.sleep(0)
+        assert await cancel_until_done(t, within=5) and t.cancelled() and swallowed[0] == 2
 
-    swallowed[0], limit[0] = 0, 10**9
-    forever = asyncio.ensure_future(stubborn())
-    await asyncio.sleep(0)
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    assert not await cancel_until_done(forever, within=0.5) and not forever.done()
-    assert 0.5 <= loop.time() - t0 < 1.5 and swallowed[0] >= 3
-    limit[0] = 0  # let it end
-    forever.cancel()
-    await asyncio.gather(forever, return_exceptions=True)
+        swallowed[0], limit[0] = 0, 10**9
+        forever = asyncio.ensure_future(stubborn())
+        tasks.append(forever)
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert not await cancel_until_done(forever, within=0.5) and not forever.done()
+        assert 0.5 <= loop.time() - t0 < 1.5 and swallowed[0] >= 3
+    finally:
+        limit[0] = -1  # let them end, whatever the outcome (a pending one would hang the loop's close)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
