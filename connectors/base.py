@@ -17,7 +17,7 @@ from gateway.alarms import Alarms
 from gateway.component import ComponentStatus
 from mappings.samples import Sample
 
-SampleSink = Callable[[list[Sample]], None]
+SampleSink = Callable[[Sequence[Sample]], None]
 """Called from the event loop with a batch of samples; must not block."""
 
 

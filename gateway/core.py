@@ -40,8 +40,15 @@ from gateway.events import EventEncoder
 from gateway.faults import crash_point, freeze_point
 from gateway.orders import CompleteCommand, OrderCommand, PlcTagOrders
 from gateway.store import OutboxRow, PendingRow, Store, StoreError
-from mappings.machine import EventDraft, MachineEngine, MachineSpec, OrderRefused
-from mappings.samples import Sample
+from mappings.machine import (
+    EventDraft,
+    MachineEngine,
+    MachineSpec,
+    OrderRefused,
+    RunRoute,
+    apply_run,
+)
+from mappings.samples import Readings, Sample
 
 log = structlog.get_logger("gateway.runtime")
 
@@ -186,6 +193,9 @@ class Core:
         # when idle: the heartbeat of liveness); ``committed(rows)`` after each commit with rows
         self.ticker: Any = None
         self.tick_s: float | None = None  # the loop wakes at least this often, idle or not (the watchdog sets it)
+        # the routes of each run's keys tuple (see apply_readings), valid for the routes and engines of _runs_of
+        self._runs: dict[tuple[str, ...], tuple[list[RunRoute], bool]] = {}
+        self._runs_of: tuple[int, int, int] = (0, 0, 0)
 
     def restore(self, snapshots: dict[str, Any], next_seq: int, encoder: EventEncoder) -> None:
         """The engines from their committed snapshots (a machine without one starts fresh)."""
@@ -203,7 +213,7 @@ class Core:
     def wake(self) -> None:
         self._inbox_ready.set()
 
-    def on_samples(self, samples: list[Sample]) -> None:
+    def on_samples(self, samples: list[Sample] | Readings) -> None:
         """The connectors' sink."""
         self.inbox.append(samples)
         self._inbox_ready.set()
@@ -227,7 +237,7 @@ class Core:
                 out.append(rest + list(run.values()))
 
         for item in self.inbox:
-            if isinstance(item, list) and not any(s.key in control for s in item):
+            if isinstance(item, (list, Readings)) and not any(s.key in control for s in item):
                 for s in item:
                     if s.key in coalescable and s.good:
                         if s.key in first:
@@ -244,7 +254,7 @@ class Core:
             out.append(item)
         close_run()
         self.inbox = out
-        self.queued_samples = sum(len(i) for i in out if isinstance(i, list))
+        self.queued_samples = sum(len(i) for i in out if isinstance(i, (list, Readings)))
         dropped = before - self.queued_samples
         if dropped > 0:
             self.stats.samples_coalesced += dropped
@@ -291,7 +301,10 @@ class Core:
         while inbox and n < CORE_BATCH:
             item = inbox.popleft()
             n += 1
-            if isinstance(item, list):
+            if isinstance(item, Readings):
+                self.queued_samples -= len(item)
+                self.stage(self.apply_readings(item))
+            elif isinstance(item, list):
                 self.queued_samples -= len(item)
                 self.stage(self.apply_samples(item))
             elif isinstance(item, (OrderCommand, CompleteCommand)):
@@ -370,6 +383,60 @@ class Core:
             self._schedule(machine)
         return out
 
+    def _run_routes(self, keys: tuple[str, ...]) -> tuple[list[RunRoute], bool]:
+        """The routes of a run's keys (``mappings.machine.apply_run``) and whether any is an order tag; looked up once
+        per keys tuple while the routes and engines stay the same objects (a reload replaces them, a fault clears
+        the cache)."""
+        of = (id(self.routes), id(self.routes.signal), id(self.engines))
+        if of != self._runs_of:
+            self._runs.clear()
+            self._runs_of = of
+        got = self._runs.get(keys)
+        if got is None:
+            routes, engines, control = self.routes.signal, self.engines, self.routes.control
+            table: list[RunRoute] = []
+            for k in keys:
+                route = routes.get(k)
+                if route is None:
+                    table.append(None)
+                    continue
+                eng = engines[route[0]]
+                table.append((eng, eng.cell(route[1])))
+            got = self._runs[keys] = (table, any(k in control for k in keys))
+        return got
+
+    def apply_readings(self, readings: Readings) -> list[EventDraft]:
+        """``apply_samples`` for a poll's ``Readings``: each run column by column (``apply_run``), with no
+        ``Sample`` per reading unless it leaves the fast path; the same engine calls in the same order as
+        ``apply_samples(list(readings))`` (tests/test_core_runs.py)."""
+        if self.routes.control:
+            if self.tags.pending or any(
+                    self._run_routes(part[0])[1] if type(part) is tuple else any(s.key in self.routes.control
+                                                                                 for s in part)
+                    for part in readings.parts):
+                return self._apply_samples_ordered(list(readings))
+        out: list[EventDraft] = []
+        scheduled, dirty = self.scheduled, self.dirty
+        for part in readings.parts:
+            if type(part) is list:
+                out.extend(self.apply_samples(part))
+                continue
+            keys, values, recv, mono = part  # type: ignore[misc]
+            table = self._run_routes(keys)[0]
+
+            def slow(i: int, keys: tuple[str, ...] = keys, values: list[int | None] = values, recv: float = recv,
+                     mono: float = mono) -> None:
+                out.extend(self.apply_samples([Sample(keys[i], values[i], True, recv, None, "Good", mono)]))
+                self.stats.samples -= 1  # counted with the run below
+
+            for eng in apply_run(table, values, recv, mono, slow):
+                machine = eng.spec.id
+                dirty.add(machine)
+                if machine not in scheduled:
+                    self._schedule(machine)
+            self.stats.samples += len(values) - values.count(None)
+        return out
+
     def _apply_samples_ordered(self, samples: list[Sample]) -> list[EventDraft]:
         """A batch with order tags or a completion flag: applied in sample-time order, so a PLC-tag changeover
         switches at the exact sample boundary (see gateway/orders.py for the rule)."""
@@ -420,6 +487,7 @@ class Core:
         routes = self.routes.signal
         for key in [k for k, (m, _) in routes.items() if m == machine]:
             del routes[key]
+        self._runs.clear()  # its keys are not routed any more
         # what it staged before the fault is committed with its state as it is: never rows without their state
         log.error("machine.faulted", machine=machine, error=self.faulted[machine],
                   sample=None if sample is None else {"key": sample.key, "value": repr(sample.value)[:100]},

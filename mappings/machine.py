@@ -22,9 +22,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from mappings.counters import QUIET, CounterSpec, CounterState, plain, plain_increase, step
+from mappings.counters import JUMP_TOLERANCE_S, QUIET, CounterSpec, CounterState, plain, plain_increase, step
 from mappings.events import (
     ConsumedComponent,
     ConsumptionBasis,
@@ -324,6 +325,10 @@ class MachineEngine:
         cell.modulus, cell.max_rate = binding.spec.modulus, binding.spec.max_rate
         cell.fast = plain(binding.spec) and not self.spec.max_units
         self._signals[signal] = cell
+
+    def cell(self, signal: str) -> _Cell | None:
+        """The state cell of a counter or meter signal (None for any other signal): a route of ``apply_run``."""
+        return self._signals.get(signal)
 
     @property
     def window(self) -> _Window:
@@ -821,3 +826,56 @@ class MachineEngine:
 
 def _secs(elapsed: float | None) -> float | None:
     return None if elapsed is None else round(elapsed, 3)
+
+
+RunRoute = tuple[MachineEngine, "_Cell | None"] | None
+"""Where one key of a run goes: its machine's engine and the key's counter cell (None: another signal, applied as a
+``Sample`` by the caller), or None: the key is not routed (ignored)."""
+
+
+def apply_run(routes: Sequence[RunRoute], values: Sequence[int | None], recv: float, mono: float,
+              slow: Callable[[int], None]) -> list[MachineEngine]:
+    """Apply a run of readings (``mappings.samples.Readings``: good integer values read together at ``recv`` / the
+    monotonic ``mono``, no source time) without a ``Sample`` per value: ``values[i]`` to ``routes[i]`` (a value of
+    None is no reading). A plain increase of a counter on the fast path (``MachineEngine.apply``'s first branch,
+    with ``counters.plain_increase`` written out for a sample of that shape) is counted here; any other value is
+    handed to ``slow(i)`` at its place in the run (the caller applies it as a ``Sample``), so each machine sees its
+    readings in the order given. Returns the engines that counted here, once per stretch of one engine's values,
+    in order: they are dirty, and may have opened a window (the caller's timer heap).
+
+    tests/test_counter_fast_path.py checks this against ``MachineEngine.apply`` sample by sample."""
+    touched: list[MachineEngine] = []
+    last: MachineEngine | None = None
+    i = -1
+    for route, v in zip(routes, values):
+        i += 1
+        if v is None or route is None:
+            continue
+        eng, cell = route
+        if cell is not None and cell.fast and type(v) is int:
+            prev = cell.last
+            lm = cell.last_mono
+            if prev is not None and lm is not None and mono >= lm and not cell.held_zero and cell.resolution is None:
+                mod = cell.modulus
+                u = v if mod is None else v % mod
+                delta = u - prev
+                if delta > 0 and delta <= cell.max_rate * (mono - lm + JUMP_TOLERANCE_S):
+                    cell.last = cell.last_u = u
+                    cell.last_time = cell.last_wall = cell.marked_wall = recv
+                    cell.last_mono = mono
+                    if not cell.pending:
+                        cell.pending = True
+                        cell.first_prev = prev
+                        if not eng._pending:
+                            eng._pend_start = recv
+                            eng._pend_opened = mono
+                        eng._pending.append(cell)
+                    cell.acc += delta
+                    eng._pend_end = recv
+                    eng.dirty = True
+                    if eng is not last:
+                        last = eng
+                        touched.append(eng)
+                    continue
+        slow(i)
+    return touched

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Union, overload
 
 Value = Union[int, float, str, bool, None]
 
@@ -40,3 +41,70 @@ class Sample:
     @property
     def time(self) -> float:
         return self.source_time if self.source_time is not None else self.recv_time
+
+
+class Readings(Sequence[Sample]):
+    """One poll's readings in reading order, as a sequence of ``Sample``: runs of good integer readings taken
+    together (a block of plain registers: the tag keys and values in two columns, one receive time, no source time),
+    and single samples.
+
+    Every polled tag of a Modbus block of plain registers is in a run, so the mapping core can count it without a
+    ``Sample`` object: the core applies a run column by column (``gateway/core.py``, ``mappings.machine.apply_run``),
+    with the route of each key looked up once per ``keys`` tuple (a run keeps its block's tuple: the same object at
+    every poll). Iterating (or indexing) makes the samples on demand, equal to those the connector made before runs
+    existed, for every other reader (the ordered path of PLC-tag orders, the overload coalescing, tests).
+
+    A value of None in a run is a tag whose value did not change since the last poll (not a reading: skipped).
+    """
+
+    __slots__ = ("count", "parts")
+
+    def __init__(self) -> None:
+        # (keys, values, recv_time, mono) for a run, a list[Sample] otherwise
+        self.parts: list[tuple[tuple[str, ...], list[int | None], float, float] | list[Sample]] = []
+        self.count = 0
+
+    def add_run(self, keys: tuple[str, ...], values: list[int | None], recv_time: float, mono: float,
+                count: int) -> None:
+        """Add a run: ``values[i]`` is the reading of ``keys[i]`` (None: unchanged, skipped); ``count`` is the number
+        of values that are not None."""
+        if count:
+            self.parts.append((keys, values, recv_time, mono))
+            self.count += count
+
+    def extend(self, samples: list[Sample]) -> None:
+        if samples:
+            self.parts.append(samples)
+            self.count += len(samples)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Sample]:
+        for part in self.parts:
+            if type(part) is list:
+                yield from part
+            else:
+                keys, values, recv, mono = part
+                for k, v in zip(keys, values):
+                    if v is not None:
+                        yield Sample(k, v, True, recv, None, "Good", mono)
+
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Sample]: ...
+
+    def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
+        return list(self)[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Readings, list)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Readings({list(self)!r})"

@@ -27,6 +27,7 @@ from connectors.modbus.connector import (
     plan_blocks,
 )
 from gateway.component import Backoff, ComponentState
+from mappings.samples import Readings
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 from simulators.ports import free_port
@@ -168,17 +169,43 @@ def test_changed_only_decode_hands_on_changed_tags_and_a_heartbeat(data_type: st
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     (block,) = plan_blocks([tb(f"t{i}", i, data_type) for i in range(5)], 120)
     assert block.direct == (data_type == "uint16")
-    conn = types.SimpleNamespace(_last_regs={}, _last_full={})  # what _decode keeps between polls
+    conn = make_connector(free_port(), [], Recorder())  # never connected: only what _decode keeps between polls
 
     def decode(regs: list[int]) -> list[tuple[str, object]]:
-        return [(smp.key, smp.value) for smp in ModbusConnector._decode(conn, block, regs, 1.0,  # type: ignore[arg-type]
-                                                                         changed_only=True)]
+        return [(smp.key, smp.value) for smp in conn._decode(block, regs, 1.0, changed_only=True)]
 
     assert decode([1, 2, 3, 4, 5]) == [("t0", 1), ("t1", 2), ("t2", 3), ("t3", 4), ("t4", 5)]
     assert decode([1, 2, 3, 4, 5]) == []
     assert decode([1, 2, 9, 4, 6]) == [("t2", 9), ("t4", 6)]
     monkeypatch.setattr(modbus_connector, "HEARTBEAT_S", 0.0)
     assert [k for k, _ in decode([1, 2, 9, 4, 6])] == ["t0", "t1", "t2", "t3", "t4"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([[0, 1, 2, 3, 4], [0, 2, 3, 7, 8]]),  # a gapless block (the registers are the values as
+       # they are) and one with gaps (picked by offset)
+       st.lists(st.lists(st.integers(min_value=0, max_value=3), min_size=9, max_size=9), min_size=1, max_size=6),
+       st.lists(st.booleans(), min_size=6, max_size=6))
+def test_a_poll_s_runs_are_the_samples_of_the_changed_only_decode(addresses: list[int], polls: list[list[int]],
+                                                                  heartbeat: list[bool]) -> None:
+    """A block of plain registers reaches the core as a run (``Readings``, keys and values in columns): the same
+    readings, in the same order, as ``_decode`` with ``changed_only`` gives as ``Sample`` objects, poll after poll
+    (unchanged registers, every tag again at a heartbeat)."""
+    (block,) = plan_blocks([tb(f"t{a}", a) for a in addresses], 120)
+    assert block.direct and block.contiguous == (addresses == [0, 1, 2, 3, 4])
+    by_runs, by_samples = make_connector(free_port(), [], Recorder()), make_connector(free_port(), [], Recorder())
+    for regs, beat in zip(polls, heartbeat):
+        regs = regs[:block.count]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(modbus_connector, "HEARTBEAT_S", 0.0 if beat else 10.0)
+            readings = Readings()
+            by_runs._run(readings, block, list(regs), 5.0)
+            expected = by_samples._decode(block, list(regs), 5.0, changed_only=True)
+        got = list(readings)
+        assert len(readings) == len(expected)
+        assert [(s.key, s.value, s.good, s.recv_time, s.source_time, s.status) for s in got] == \
+            [(s.key, s.value, s.good, s.recv_time, s.source_time, s.status) for s in expected]
+        assert all(s.mono is not None for s in got)
 
 
 def test_responses_decode_into_quiet_classes_with_the_same_values() -> None:

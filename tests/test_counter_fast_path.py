@@ -151,3 +151,95 @@ def test_engine_events_and_state_are_the_same_without_the_fast_path(max_units, p
         fast.dirty = slow.dirty = fast.urgent = slow.urgent = False  # as a commit does
     same(fast.flush("periodic", 2e9), slow.flush("periodic", 2e9))
     assert fast.snapshot() == slow.snapshot()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([None, 40]),
+       st.lists(st.tuples(
+           st.lists(st.tuples(st.sampled_from(["good", "scrap", "rework", "material:RM-1", "state", "unrouted"]),
+                              st.one_of(st.integers(min_value=-3, max_value=40),
+                                        st.integers(min_value=0, max_value=70_000), st.none())),
+                    max_size=8),
+           st.one_of(st.floats(min_value=0, max_value=30), st.just(-0.5)),  # a run older than the last reading
+           st.sampled_from(["none", "tick", "snapshot", "restart"])), max_size=40))
+def test_a_run_is_applied_as_its_samples_would_be(max_units, polls):
+    """``apply_run`` (a poll's block of plain registers, counted without a ``Sample`` per value) against the same
+    engine taking each value as a ``Sample`` through ``MachineEngine.apply``: the same events in the same order, the
+    same snapshots and deadlines, the same dirty / urgent flags, whatever the mix of plain increases, decreases,
+    jumps, unchanged values (None), other signals and unrouted keys; an engine it reports as touched is dirty."""
+    from mappings.machine import apply_run
+
+    spec = engine_spec(max_units)
+    by_run, by_samples = MachineEngine(spec), MachineEngine(spec)
+    mono, recv = 0.0, 1e9
+    reg: dict[str, int] = {}
+
+    def same(a, b):
+        assert [(e.type, e.subject, e.time, e.data) for e in a] == [(e.type, e.subject, e.time, e.data) for e in b]
+
+    for poll, dt, then in polls:
+        mono += dt if dt > 5 else dt / 10
+        recv += dt
+        keys, values = [], []
+        for signal, step_ in poll:
+            if step_ is not None:
+                reg[signal] = reg.get(signal, 0) + step_ if -3 <= step_ <= 40 else step_
+            keys.append(signal)
+            values.append(None if step_ is None else reg[signal])
+        routes = [None if k == "unrouted" else (by_run, by_run.cell(k)) for k in keys]
+        got: list = []
+
+        def slow(i: int) -> None:
+            got.extend(by_run.apply(Sample(f"m/{keys[i]}", values[i], True, recv_time=recv, mono=mono), keys[i]))
+
+        touched = apply_run(routes, values, recv, mono, slow)
+        want: list = []
+        for k, v in zip(keys, values):
+            if v is not None and k != "unrouted":
+                want.extend(by_samples.apply(Sample(f"m/{k}", v, True, recv_time=recv, mono=mono), k))
+        same(got, want)
+        assert all(e is by_run for e in touched) and (not touched or by_run.dirty)
+        assert (by_run.dirty, by_run.urgent) == (by_samples.dirty, by_samples.urgent)
+        assert by_run.next_deadline() == by_samples.next_deadline()
+        if then == "tick":
+            same(by_run.tick(mono), by_samples.tick(mono))
+        elif then == "snapshot":
+            assert by_run.snapshot_json() == by_samples.snapshot_json()
+        elif then == "restart":
+            by_run = MachineEngine(spec, json.loads(by_run.snapshot_json()))
+            by_samples = MachineEngine(spec, json.loads(by_samples.snapshot_json()))
+        by_run.dirty = by_samples.dirty = by_run.urgent = by_samples.urgent = False
+    same(by_run.flush("periodic", 2e9), by_samples.flush("periodic", 2e9))
+    assert by_run.snapshot() == by_samples.snapshot()
+
+
+def test_a_run_takes_plain_increases_itself_and_hands_on_the_rest_in_place():
+    """What ``apply_run`` counts itself (no ``Sample``): a plain increase within max_rate over the elapsed time plus
+    the jump tolerance; a first reading, a decrease, an implausible jump, a reading older than the last one and
+    another signal go to ``slow`` at their index, unrouted keys and unchanged values (None) nowhere."""
+    from mappings.machine import apply_run
+
+    eng = MachineEngine(engine_spec(None))
+    good, state = eng.cell("good"), eng.cell("state")
+    assert state is None and good is not None and good.fast
+    slow: list[int] = []
+    keys = ["good", "unrouted", "state"]
+
+    def apply(i: int) -> None:  # what the core does with a reading the run hands on
+        slow.append(i)
+        eng.apply(Sample(f"m/{keys[i]}", [100, 5, 1][i], True, recv_time=1e9, mono=10.0), keys[i])
+
+    routes = [(eng, good), None, (eng, state)]
+    assert apply_run(routes, [100, 5, 1], 1e9, 10.0, apply) == [] and slow == [0, 2]  # the baseline, state
+    assert good.last == 100
+    slow.clear()
+    # max_rate 20/s: 0.5 s after the baseline, 50 = 20 * (0.5 + 2.0 of tolerance) is plausible, 51 is not
+    assert apply_run([(eng, good), None], [150, 7], 1e9 + 0.5, 10.5, slow.append) == [eng] and slow == []
+    assert (good.last, good.acc, good.first_prev, eng._pend_opened, eng.dirty) == (150, 50, 100, 10.5, True)
+    for values, mono in (([201], 11.0), ([149], 11.0), ([160], 10.4)):  # jump, decrease, older reading
+        eng2 = MachineEngine(engine_spec(None), json.loads(eng.snapshot_json()))
+        eng2.cell("good").last_mono = 10.5
+        slow.clear()
+        assert apply_run([(eng2, eng2.cell("good"))], values, 1e9 + 1, mono, slow.append) == [] and slow == [0]
+    slow.clear()
+    assert apply_run([(eng, good), (eng, good)], [None, None], 1e9 + 1, 11.0, slow.append) == [] and slow == []

@@ -53,7 +53,7 @@ from connectors.modbus.config import (
     ModbusConnectorConfig,
     ModbusTagConfig,
 )
-from mappings.samples import Sample, Value
+from mappings.samples import Readings, Sample, Value
 
 log = structlog.get_logger(__name__)
 
@@ -196,11 +196,22 @@ class Block:
     gapless: bool  # every register of the block belongs to some tag
     direct: bool = field(default=False, compare=False)  # every slot is ``direct``: the block is never packed
     keyed: tuple[tuple[str, int], ...] = field(default=(), compare=False)  # direct blocks: (key, offset) per slot
+    # direct blocks: the slots' keys (one tuple for the block's life: the core looks its routes up once per tuple,
+    # see mappings.samples.Readings), their offsets, and whether the offsets are 0..count-1 (the register list is
+    # the value column as it is)
+    run_keys: tuple[str, ...] = field(default=(), compare=False)
+    offsets: tuple[int, ...] = field(default=(), compare=False)
+    contiguous: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         direct = all(s.direct for s in self.slots)
         object.__setattr__(self, "direct", direct)
         object.__setattr__(self, "keyed", tuple((s.key, s.offset) for s in self.slots) if direct else ())
+        if direct:
+            offsets = tuple(s.offset for s in self.slots)
+            object.__setattr__(self, "run_keys", tuple(s.key for s in self.slots))
+            object.__setattr__(self, "offsets", offsets)
+            object.__setattr__(self, "contiguous", offsets == tuple(range(self.count)))
 
     @property
     def name(self) -> str:
@@ -344,7 +355,7 @@ class ModbusConnector(Connector):
             self._drop(self._client, "stopped", backoff=False)
             self.status.set(ComponentState.STOPPED)
 
-    async def poll_once(self) -> list[Sample]:
+    async def poll_once(self) -> Readings:
         """One poll: (re)connect if due, read every block, hand one batch to the sink; returns the batch."""
         loop = asyncio.get_running_loop()
         client = self._client
@@ -354,7 +365,7 @@ class ModbusConnector(Connector):
         if client is None and loop.time() >= self._retry_at:
             client = await self._connect()
 
-        samples: list[Sample] = []
+        samples = Readings()
         errors: dict[str, str] = {}
         failed_blocks: dict[str, Block] = {}
         any_ok = False
@@ -374,7 +385,10 @@ class ModbusConnector(Connector):
                     if exc.code == _ILLEGAL_ADDRESS and not block.gapless:
                         self._split(block)
                 else:
-                    samples.extend(self._decode(block, regs, time.time(), changed_only=True))
+                    if block.direct:
+                        self._run(samples, block, regs, time.time())
+                    else:
+                        samples.extend(self._decode(block, regs, time.time(), changed_only=True))
                     any_ok = True
                     continue
             errors[block.name] = error
@@ -470,20 +484,46 @@ class ModbusConnector(Connector):
             raise _BlockError(f"short response: {len(regs)} of {block.count} {'bits' if block.bits else 'registers'} for {where}")
         return regs
 
+    def _changed(self, block: Block, regs: list[int], mono: float) -> list[int] | None:
+        """The block's registers of the last poll, to hand on only the tags that changed (and remember these); None
+        when every tag is handed on: the first good read, and every HEARTBEAT_S."""
+        name = block.name
+        prev = self._last_regs.get(name)
+        if prev is not None and mono - self._last_full.get(name, 0.0) >= HEARTBEAT_S:
+            prev = None  # heartbeat: every tag again
+        self._last_regs[name] = regs
+        if prev is None:
+            self._last_full[name] = mono
+        return prev
+
+    def _run(self, out: Readings, block: Block, regs: list[int], now: float) -> None:
+        """A poll's read of a block of plain uint16 registers, as a run (keys and values in columns): the tags
+        whose registers changed, every tag on the first read and every HEARTBEAT_S. Same readings as ``_decode``
+        with ``changed_only`` (tests/test_connector_modbus.py compares them)."""
+        mono = time.monotonic()  # one reading of the block: one receive time for all its tags
+        regs = list(regs[: block.count])
+        prev = self._changed(block, regs, mono)
+        n = len(block.run_keys)
+        if prev is None:
+            values: list[int | None] = regs if block.contiguous else [regs[o] for o in block.offsets]  # type: ignore[misc]
+            out.add_run(block.run_keys, values, now, mono, n)
+            return
+        if regs == prev:
+            return
+        if block.contiguous:
+            values = [v if v != p else None for v, p in zip(regs, prev)]
+        else:
+            values = [v if (v := regs[o]) != prev[o] else None for o in block.offsets]
+        out.add_run(block.run_keys, values, now, mono, n - values.count(None))
+
     def _decode(self, block: Block, regs: list[int], now: float, *, changed_only: bool = False) -> list[Sample]:
         mono = time.monotonic()  # one reading of the block: one receive time for all its tags
         regs = list(regs[: block.count])
         prev: list[int] | None = None
         if changed_only:
-            name = block.name
-            prev = self._last_regs.get(name)
-            if prev is not None and mono - self._last_full.get(name, 0.0) >= HEARTBEAT_S:
-                prev = None  # heartbeat: every tag again
+            prev = self._changed(block, regs, mono)
             if prev is not None and regs == prev:
                 return []
-            self._last_regs[name] = regs
-            if prev is None:
-                self._last_full[name] = mono
         if block.direct:  # plain uint16 registers only (the common counter block): one comprehension
             if prev is None:
                 return [Sample(k, regs[o], True, now, None, "Good", mono) for k, o in block.keyed]
