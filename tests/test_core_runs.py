@@ -147,3 +147,22 @@ def test_a_run_with_order_tags_is_applied_in_sample_order(tmp_path):
             gw.core.settle_order_tags()
         assert state(by_runs, wall=False) == state(by_samples, wall=False)
     assert by_runs.core.engines["m1"].context is not None and by_runs.core.engines["m1"].context.order == "4712"
+
+
+def test_queued_readings_are_coalesced_under_overload_without_losing_a_part(tmp_path, monkeypatch):
+    """The bounded inbox (Core._coalesce) takes a poll's Readings as it takes sample lists: the latest value of each
+    cumulative counter is kept, and the round applies what is left; the quantities are those of every poll."""
+    from gateway import core as core_module
+
+    monkeypatch.setattr(core_module, "MAX_QUEUED_SAMPLES", 40)
+    gw = make_gateway(tmp_path, "gw")
+    gw.core.now = lambda: 1000.0  # type: ignore[method-assign]  # no reporting window is due in the round
+    keys = ("m1/good", "m2/good")
+    for i in range(100):
+        r = Readings()
+        r.add_run(keys, [i + 1, i + 5], 1.7e9 + i * 0.01, 1000.0 + i * 0.01, 2)
+        gw.core.on_samples(r)
+    assert gw.core.queued_samples <= 40 + 2 and gw.stats.samples_coalesced > 100
+    gw.core.round()
+    assert not gw.core.inbox and gw.core.queued_samples == 0
+    assert [gw.core.engines[m].window.q["good"] for m in ("m1", "m2")] == [99, 99]
