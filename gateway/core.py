@@ -623,13 +623,16 @@ class Core:
         timers = self._timers
         if timers:
             now = self.now()
+            scheduled, engines, faulted, dirty, urgent = self.scheduled, self.engines, self.faulted, self.dirty, \
+                self.urgent
+            staged: list[EventDraft] = []  # the slot's reports, staged together in machine order (one call)
             while timers and timers[0][0] <= now:
                 d, machine = heapq.heappop(timers)
-                if self.scheduled.get(machine) != d:
+                if scheduled.get(machine) != d:
                     continue  # superseded
-                del self.scheduled[machine]
-                eng = self.engines[machine]
-                if machine in self.faulted:
+                del scheduled[machine]
+                eng = engines[machine]
+                if machine in faulted:
                     continue
                 try:
                     due = eng.next_deadline()  # within this slot (slots start at or before a deadline)
@@ -638,11 +641,13 @@ class Core:
                     self.fault(machine, exc)
                     continue
                 if eng.dirty:
-                    self.dirty.add(machine)
+                    dirty.add(machine)
                     if eng.urgent:
-                        self.urgent.add(machine)
-                self.stage(drafts)
+                        urgent.add(machine)
+                if drafts:
+                    staged += drafts
                 self._schedule(machine)
+            self.stage(staged)
         self.settle_order_tags()
 
     def settle_order_tags(self) -> None:

@@ -45,7 +45,10 @@ QUANTITY_REPORTED = "operation.quantity_reported"
 
 
 def _parts(draft: EventDraft) -> Decimal:
-    """Yield + scrap + rework of a quantity report draft (typed data, or a plain dict)."""
+    """Yield + scrap + rework of a quantity report draft (as the engine counted them, else from its typed data or
+    plain dict)."""
+    if draft.parts is not None:
+        return draft.parts
     q = getattr(draft.data, "quantities", None)
     if q is not None:
         vals = (q.yield_, q.scrap, q.rework)

@@ -165,6 +165,7 @@ class EventDraft:
     time: float
     data: EventData | dict[str, Any]
     droppable: bool = False  # low-value (state changes): may be dropped, counted, when the store is full
+    parts: Decimal | None = None  # a quantity report's yield + scrap + rework, as counted (the status page's figure)
 
 
 @dataclass(slots=True)
@@ -794,7 +795,7 @@ class MachineEngine:
                                       resets=e.resets, glitches=e.glitches)
                       for n, e in w.evidence.items() if not n.startswith(MATERIAL_PREFIX)],
         )
-        out = [EventDraft("operation.quantity_reported", self.spec.id, t, data)]
+        out = [EventDraft("operation.quantity_reported", self.spec.id, t, data, parts=yld + scrap + rework)]
         if ctx and ctx.components and (yld or scrap):
             consumed = yld + scrap
             out.append(EventDraft("material.consumed", self.spec.id, t, MaterialConsumedData(

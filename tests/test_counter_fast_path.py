@@ -115,6 +115,10 @@ def test_engine_events_and_state_are_the_same_without_the_fast_path(max_units, p
 
     def same(a, b):
         assert [(e.type, e.subject, e.time, e.data) for e in a] == [(e.type, e.subject, e.time, e.data) for e in b]
+        for e in a:  # the parts the status page adds up are the report's own quantities
+            if e.type == "operation.quantity_reported":
+                q = e.data.quantities
+                assert e.parts == Decimal(q.yield_) + Decimal(q.scrap) + Decimal(q.rework)
 
     for what, value, dt, then in program:
         mono += dt if dt > 5 else dt / 10  # mostly polls, sometimes gaps

@@ -30,7 +30,8 @@ for a subscriber that was offline or behind are lost when it is killed — by th
 SIGKILL mosquitto also restarts from its last saved database, so a subscriber session created since then is gone
 and messages published before the subscriber resubscribes are dropped. The kill cases are therefore set up the way
 a production deployment must be: the ERP's persistent session is saved (a clean broker restart after the ERP
-subscribed), and the ERP is connected and keeping up when the broker dies. With that, the checks above hold; what
+subscribed), and the ERP is connected and has every event the broker acknowledged when the broker dies or freezes
+(the test holds the gateway's publishing for that moment, production going on). With that, the checks above hold; what
 this measures is the gateway's side (outbox + resend), not the broker's durability. (Observed without the saved
 session: in 1 of 9 ``kill-3s`` runs the gateway reconnected before the ERP, mosquitto had no session for the ERP
 and dropped the backlog it PUBACKed — ~300 parts per machine missing from the ledger, the gateway's outbox empty.)
@@ -167,6 +168,34 @@ def latency_stats(values: list[float]) -> dict[str, Any]:
             "p95_ms": round(1000 * pct(values, 0.95), 1), "max_ms": round(1000 * max(values), 1)}
 
 
+async def hold_until_the_erp_has_every_acknowledged_event(p) -> Any:
+    """Hold the gateway's publishing (its in-flight window set to 0; production and commits go on) until every event
+    the broker acknowledged has reached the ERP; returns the function that releases it. A broker SIGKILLed then loses
+    no event it acknowledged: mosquitto holds what it acknowledged and has not yet delivered in memory only, and on a
+    loaded machine the ERP may be behind by an event or two (seen: one 5-part report missing from the ledger in a
+    full suite run with -n 3 on 2 cores). That loss is the broker's (module docstring), not what this test is about."""
+    gw = p.gw.gw
+    pub = gw.publisher
+    window = pub.window
+    pub.window = 0
+
+    def release() -> None:
+        pub.window = window
+        pub.notify()  # wake the publisher: rows committed meanwhile go (into the dead connection, then resent)
+
+    try:
+        await wait_until(lambda: pub.inflight == 0, 15, message="PUBACKs of the events in flight")
+        await pub.flush_acks()  # acknowledged rows leave the outbox: what is left was never acknowledged
+        pending = {r.seq for r in await gw.store.fetch(0, 10_000_000)}
+        acked = set(p.gw.commit_times) - pending
+        await wait_until(lambda: acked <= {s for v in p.erp.seqs().values() for s in v}, 30,
+                         message="the ERP did not receive every event the broker acknowledged")
+    except BaseException:
+        release()
+        raise
+    return release
+
+
 # --- the scenario -------------------------------------------------------------------------------------------------
 
 async def start_production(p) -> None:
@@ -246,10 +275,16 @@ async def test_broker_outage_under_load(plant, mode, down_s, record_property):
     if mode == "stop":
         await p.broker.astop()
     elif mode == "kill":
-        await p.broker.akill()
+        release = await hold_until_the_erp_has_every_acknowledged_event(p)
+        try:
+            await p.broker.akill()
+        finally:
+            release()
     else:
         pid = p.broker.pid
         assert pid is not None
+        release = await hold_until_the_erp_has_every_acknowledged_event(p)
+        release()  # no await from here to the freeze: nothing is published in between
         os.kill(pid, signal.SIGSTOP)  # frozen: sockets open, no answers
         try:
             t_freeze = time.time()
