@@ -266,3 +266,34 @@ def test_report_windows_close_in_timer_slots_never_after_their_deadline(tmp_path
     assert late == {}, "reports after their window's deadline"
     assert all(deadlines[m] - t < slot for m, t in fired.items())
     assert len(set(fired.values())) > 40  # spread over the hour, not one burst
+
+
+@pytest.mark.parametrize("interval", [0.001, 0.01, 0.2, 1.0, 4.99, 5.0, 60.0, 3600.0])
+def test_a_timer_slot_is_at_most_a_fifth_of_the_interval_and_divides_the_largest(interval):
+    """A window closes at the start of its deadline's slot: at most a fifth of its interval early (one slot); the
+    slots of all intervals nest, so windows of machines with different intervals still close in one round."""
+    slot = core.timer_slot(interval)
+    assert slot <= max(interval / 5, core.MIN_TIMER_SLOT_S)
+    assert (core.TIMER_SLOT_S / slot).is_integer()
+    assert slot == core.TIMER_SLOT_S or slot * 2 > interval / 5 or slot * 2 <= core.MIN_TIMER_SLOT_S  # the largest
+
+
+def test_a_short_window_is_not_closed_a_slot_early_at_every_round(tmp_path, monkeypatch):
+    """A 0.2 s window closes 0.2 s (less its jitter and a slot of 1/32 s) after its first count, not in the next
+    round: with one slot for every interval (0.5 s) it closed whenever its deadline's slot had begun."""
+    from tests.test_core_runs import make_gateway as make_modbus_gateway
+
+    clock = [1000.25]
+    monkeypatch.setattr(core.Core, "now", staticmethod(lambda: clock[0]))
+    gw = make_modbus_gateway(tmp_path, "short", interval_s=0.2)
+    for t, v in ((1000.2, 10), (1000.25, 12)):  # the baseline, then the first count: the window opens at 1000.25
+        gw.core.stage(gw.core.apply_samples([Sample("m1/good", v, True, 1.7e9 + t, None, "Good", t)]))
+    opened, deadline = 1000.25, gw.engines["m1"].next_deadline()
+    assert opened < deadline <= opened + 0.2  # the first window after a start: anywhere in the interval (jitter)
+    fired = None
+    while fired is None and clock[0] < 1001:
+        clock[0] += 0.01
+        gw.core.run_timers()
+        if any(r.type == "operation.quantity_reported" for r in gw.core.uncommitted):
+            fired = clock[0]
+    assert fired is not None and deadline - 0.2 / 5 <= fired <= deadline + 0.01
