@@ -473,14 +473,15 @@ class ModbusConnector(Connector):
             raise _LinkError(f"no valid response within {cfg.timeout_s}s") from exc
         except (ModbusException, OSError) as exc:
             raise _LinkError(f"{type(exc).__name__}: {exc}") from exc
-        where = f"FC{block.function_code} address {block.start} count {block.count}"
         if rr.isError():
+            where = f"FC{block.function_code} address {block.start} count {block.count}"
             code = getattr(rr, "exception_code", None)
             if code is None:
                 raise _BlockError(f"error response (function code {rr.function_code}) for {where}")
             raise _BlockError(f"exception {code} ({_exc_name(code)}) for {where}", code)
         regs = rr.bits if block.bits else rr.registers
         if len(regs) < block.count:
+            where = f"FC{block.function_code} address {block.start} count {block.count}"
             raise _BlockError(f"short response: {len(regs)} of {block.count} {'bits' if block.bits else 'registers'} for {where}")
         return regs
 
