@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from mappings.counters import JUMP_TOLERANCE_S, QUIET, CounterSpec, CounterState, plain, plain_increase, step

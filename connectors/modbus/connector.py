@@ -195,7 +195,6 @@ class Block:
     slots: tuple[TagSlot, ...]
     gapless: bool  # every register of the block belongs to some tag
     direct: bool = field(default=False, compare=False)  # every slot is ``direct``: the block is never packed
-    keyed: tuple[tuple[str, int], ...] = field(default=(), compare=False)  # direct blocks: (key, offset) per slot
     # direct blocks: the slots' keys (one tuple for the block's life: the core looks its routes up once per tuple,
     # see mappings.samples.Readings), their offsets, and whether the offsets are 0..count-1 (the register list is
     # the value column as it is)
@@ -206,7 +205,6 @@ class Block:
     def __post_init__(self) -> None:
         direct = all(s.direct for s in self.slots)
         object.__setattr__(self, "direct", direct)
-        object.__setattr__(self, "keyed", tuple((s.key, s.offset) for s in self.slots) if direct else ())
         if direct:
             offsets = tuple(s.offset for s in self.slots)
             object.__setattr__(self, "run_keys", tuple(s.key for s in self.slots))
@@ -506,7 +504,8 @@ class ModbusConnector(Connector):
         prev = self._changed(block, regs, mono)
         n = len(block.run_keys)
         if prev is None:
-            values: list[int | None] = regs if block.contiguous else [regs[o] for o in block.offsets]  # type: ignore[misc]
+            values: list[int | None] = (
+                regs if block.contiguous else [regs[o] for o in block.offsets])  # type: ignore[assignment]
             out.add_run(block.run_keys, values, now, mono, n)
             return
         if regs == prev:
@@ -526,9 +525,10 @@ class ModbusConnector(Connector):
             if prev is not None and regs == prev:
                 return []
         if block.direct:  # plain uint16 registers only (the common counter block): one comprehension
+            keyed = zip(block.run_keys, block.offsets)
             if prev is None:
-                return [Sample(k, regs[o], True, now, None, "Good", mono) for k, o in block.keyed]
-            return [Sample(k, v, True, now, None, "Good", mono) for k, o in block.keyed if (v := regs[o]) != prev[o]]
+                return [Sample(k, regs[o], True, now, None, "Good", mono) for k, o in keyed]
+            return [Sample(k, v, True, now, None, "Good", mono) for k, o in keyed if (v := regs[o]) != prev[o]]
         raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs)
         out = []
         for slot in block.slots:
