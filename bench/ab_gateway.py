@@ -22,7 +22,9 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -60,13 +62,23 @@ def run_one(root: str, n: int, poll_s: float, broker: BenchBroker, sub: Any, wor
     per_thread: dict[str, Any] = {}
     measure = peer.measure
 
+    spy: Any = None
+
     def measured(proc: Any, *a: Any, **kw: Any) -> dict[str, Any]:
         # per-thread CPU over the middle of the window (from after the warm-up to just before the window's end)
         def sample() -> None:
+            nonlocal spy
             time.sleep(args.warm + 6)
             t0 = thread_times(proc.pid)
+            if args.profile:  # py-spy over the same span, collapsed stacks (one file per run)
+                out = f"{args.profile}.{os.path.basename(os.path.abspath(root))}.{proc.pid}.txt"
+                spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "500", "--threads",
+                                        "--duration", str(int(max(1.0, window - 8))), "--output", out, "--nonblocking"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(max(1.0, window - 8))
             t1 = thread_times(proc.pid)
+            if spy is not None:
+                spy.wait()
             span = max(1.0, window - 8)
             for name, (u, s) in t1.items():
                 u0, s0 = t0.get(name, (0.0, 0.0))
@@ -96,6 +108,8 @@ def main() -> None:
     p.add_argument("--load", default="10000@1", help="TAGS@POLL_S (default %(default)s)")
     p.add_argument("--window", type=float, default=25.0, help="measuring window per run (s)")
     p.add_argument("--warm", type=float, default=12.0, help="warm-up after the first delivered message (s)")
+    p.add_argument("--profile", metavar="PREFIX", help="also record a py-spy profile of each run (collapsed stacks "
+                   "in PREFIX.<checkout>.<pid>.txt; it costs the measured process CPU: do not compare those figures)")
     p.add_argument("--reporting-s", type=float, default=5.0, help="the gateway's reporting interval")
     args = p.parse_args()
     (n, poll_s), = peer.parse_loads(args.load)

@@ -437,3 +437,18 @@ def test_relative_secret_and_certificate_files_resolve_against_the_config_file(t
     assert (cfg.mqtt.tls.ca_file, cfg.mqtt.tls.cert_file, cfg.mqtt.tls.key_file) == (
         str(etc / "pki" / "ca.pem"), "/abs/c.pem", str(etc / "k.pem"))
     assert cfg.connectors[0].password_file == str(etc / "secrets" / "opc.pw")
+
+
+async def test_statement_journals_stay_in_memory(tmp_path):
+    """A multi-row UPSERT or DELETE inside BEGIN needs a statement journal. SQLite's default puts it in a file it
+    creates and unlinks in /var/tmp (or $SQLITE_TMPDIR) on every such transaction: two writes per page, and every
+    commit fails where that directory is full or read-only (a container with a read-only root). The store keeps
+    them in memory."""
+    async with Store(str(tmp_path / "s.db")) as store:
+        ((mode,),) = await store.db.execute_fetchall("PRAGMA temp_store")
+        assert mode == 2, "PRAGMA temp_store: 2 (MEMORY) expected"
+        rows = await store.commit({f"m{i}": {"n": i} for i in range(50)}, rows_for("m1", range(1, 51)), 51)
+        await store.commit({f"m{i}": {"n": -i} for i in range(50)}, [], 51)  # every state row updated in one statement
+        assert await store.ack([(r.id, len(r.payload)) for r in rows]) == 50
+        assert (await store.load_states())["m7"] == {"n": -7}
+        await assert_counters_true(store)
