@@ -22,8 +22,13 @@ Byte-order test area (always present; 32-bit values in each layout, A = most sig
     200      coil bits: coil 3200 = running (state == "running"), coil 3201 = operation complete
     201      discrete input bits: discrete input 3216 = running, 3217 = operation complete
 
+Reset-on-read area: good parts made since the register was last read; a read returns them and clears the count
+(a ``reset_on_read`` counter, e.g. a PLC's "parts since last poll")::
+
+    300      uint16              301-302  uint32, high word first (cleared by a read of either word)
+
 (The simulated device shares one memory for all tables: coil/discrete input N is bit N % 16 of register N // 16;
-read the flags with FC1 / FC2 at the addresses above.) Registers 0..23, 100..107, 110..117 and 200..201 are
+read the flags with FC1 / FC2 at the addresses above.) Registers 0..23, 100..107, 110..117, 200..201 and 300..302 are
 readable; anything else is an ILLEGAL_ADDRESS exception; writes are refused. ``ADDRESSES`` lists the test area.
 
 The register image is updated synchronously by a model listener and copied into pymodbus's store on
@@ -87,8 +92,11 @@ ADDRESSES: dict[str, dict[str, Any]] = {
     "complete_coil": {"address": 3201, "table": "coil", "data_type": "bool"},
     "running_input": {"address": 3216, "table": "discrete_input", "data_type": "bool"},
     "complete_input": {"address": 3217, "table": "discrete_input", "data_type": "bool"},
+    "good_since_read_16": {"address": 300, "data_type": "uint16"},
+    "good_since_read_32": {"address": 301, "data_type": "uint32"},
 }
-_EXTRA_AREAS = ((100, 8), (110, 8), (200, 2))
+_EXTRA_AREAS = ((100, 8), (110, 8), (200, 2), (300, 3))
+_RESET_ON_READ = {300: 1, 301: 2}  # address -> registers
 
 
 def layout_words(value: int, order: str) -> list[int]:
@@ -144,6 +152,8 @@ class ModbusMachineServer:
         self._server: ModbusTcpServer | None = None
         self._exception: ExcCodes | None = None
         self._block_exceptions: list[tuple[int | None, range, ExcCodes]] = []
+        # the reset-on-read registers: the model's good count at their last read
+        self._read_base: dict[int, int] = {a: model.good_raw for a in _RESET_ON_READ}
         self._refresh()
 
     # ------------------------------------------------------------------ addressing
@@ -226,6 +236,15 @@ class ModbusMachineServer:
         for a, v in extra.items():
             if 0 <= a - start_address < len(current_registers):
                 current_registers[a - start_address] = v
+        if function_code in (3, 4):
+            for a, n in _RESET_ON_READ.items():
+                if address < a + n and a < address + count:  # this read covers the register: it returns and clears
+                    good = self.model.good_raw
+                    since, self._read_base[a] = good - self._read_base[a], good
+                    words = [since & 0xFFFF] if n == 1 else [(since >> 16) & 0xFFFF, since & 0xFFFF]
+                    for k, w in enumerate(words):
+                        if 0 <= a + k - start_address < len(current_registers):
+                            current_registers[a + k - start_address] = w
         return None
 
     def set_exception(self, code: ExcCodes | None, *, addresses: range | None = None,

@@ -185,13 +185,15 @@ def test_changed_only_decode_hands_on_changed_tags_and_a_heartbeat(data_type: st
 @given(st.sampled_from([[0, 1, 2, 3, 4], [0, 2, 3, 7, 8]]),  # a gapless block (the registers are the values as
        # they are) and one with gaps (picked by offset)
        st.lists(st.lists(st.integers(min_value=0, max_value=3), min_size=9, max_size=9), min_size=1, max_size=6),
-       st.lists(st.booleans(), min_size=6, max_size=6))
+       st.lists(st.booleans(), min_size=6, max_size=6),
+       st.lists(st.booleans(), min_size=5, max_size=5))  # which tags count every value (reset-on-read, delta)
 def test_a_poll_s_runs_are_the_samples_of_the_changed_only_decode(addresses: list[int], polls: list[list[int]],
-                                                                  heartbeat: list[bool]) -> None:
+                                                                  heartbeat: list[bool], every: list[bool]) -> None:
     """A block of plain registers reaches the core as a run (``Readings``, keys and values in columns): the same
     readings, in the same order, as ``_decode`` with ``changed_only`` gives as ``Sample`` objects, poll after poll
-    (unchanged registers, every tag again at a heartbeat)."""
-    (block,) = plan_blocks([tb(f"t{a}", a) for a in addresses], 120)
+    (unchanged registers, every tag again at a heartbeat, a tag whose every value counts at every poll)."""
+    (block,) = plan_blocks([TagBinding(f"t{a}", ModbusTagConfig(address=a), every_value=e)
+                            for a, e in zip(addresses, every)], 120)
     assert block.direct and block.contiguous == (addresses == [0, 1, 2, 3, 4])
     by_runs, by_samples = make_connector(free_port(), [], Recorder()), make_connector(free_port(), [], Recorder())
     for regs, beat in zip(polls, heartbeat):
@@ -202,6 +204,7 @@ def test_a_poll_s_runs_are_the_samples_of_the_changed_only_decode(addresses: lis
             by_runs._run(readings, block, list(regs), 5.0)
             expected = by_samples._decode(block, list(regs), 5.0, changed_only=True)
         got = list(readings)
+        assert {s.key for s in got} >= {f"t{a}" for a, e in zip(addresses, every) if e}  # changed or not
         assert len(readings) == len(expected)
         assert [(s.key, s.value, s.good, s.recv_time, s.source_time, s.status) for s in got] == \
             [(s.key, s.value, s.good, s.recv_time, s.source_time, s.status) for s in expected]
@@ -525,3 +528,40 @@ async def test_unreachable_device_from_the_start() -> None:
             assert "cannot connect" in (conn.status.last_error or "")
             assert all(not s.good for b in sink.batches for s in b)
     assert [e["event"] for e in logs] == ["modbus.read_failed"]
+
+
+@pytest.mark.parametrize("data_type", ["uint16", "uint32"])  # a block of plain registers (a run), one through the decoders
+async def test_a_reset_on_read_register_counts_every_read(model: MachineModel, server: ModbusMachineServer,
+                                                          tmp_path, data_type: str) -> None:
+    """A reset-on-read register holds the parts made since it was last read, and the read clears it: two reads of 3
+    are 6 parts. Unchanged registers are not handed on (idle is free), but such a register's every read is a count
+    of its own: it is handed on at every poll, changed or not. From the config through the gateway's wiring (the
+    binding's ``every_value``) to the counted window, against the simulator's reset-on-read registers."""
+    from gateway.config import parse_config
+    from gateway.events import EventEncoder
+    from gateway.runtime import Gateway
+    from tests.e2e import IDENT
+
+    address = {"uint16": 300, "uint32": 301}[data_type]
+    cfg = parse_config({
+        "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "s.db")},
+        "connectors": [{"type": "modbus", "id": "plc", "host": "127.0.0.1", "port": server.port, "unit_id": 1,
+                        "timeout_s": 2}],
+        "machines": [{"id": "m1", "counters": {
+            "good": {"connector": "plc", "address": address, "data_type": data_type, "mode": "reset_on_read"},
+            "scrap": {"connector": "plc", "address": 1, "data_type": "uint16"}}}]}, "<test>")
+    gw = Gateway(cfg)
+    gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
+    conn = gw.connectors["plc"]
+    made = 0
+    try:
+        for parts in (3, 3, 3, 0, 2, 2):  # equal reads in a row, and a read of nothing
+            model.set_counters(good=model.good_raw + parts)
+            made += parts
+            await conn.poll_once()
+            gw.core.round()
+    finally:
+        conn._drop(conn._client, "test over", backoff=False)
+    engine = gw.core.engines["m1"]
+    assert engine.window.q["good"] == made == 13
+    assert [(e.first, e.last) for n, e in engine.window.evidence.items() if n == "good"] == [(None, 2)]

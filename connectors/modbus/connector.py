@@ -10,7 +10,8 @@ Schedule: polls start at t0 + k * poll_interval_s on the monotonic clock (no dri
 skips the slots it missed (counted in ``status.detail["skipped_polls"]``) instead of bursting.
 Every poll hands ONE batch to the sink: a Sample for each tag whose registers changed since the previous poll, and
 for every tag of a block at least every ``HEARTBEAT_S`` (so the counter engine's plausibility checks see fresh
-readings) and after the block failed. An idle machine costs the block read and one list comparison per poll.
+readings) and after the block failed; a tag whose every value counts (``TagBinding.every_value``: reset-on-read and
+delta counters) at every good read, changed or not. An idle machine costs the block read and one list comparison per poll.
 
 Failures: an exception response fails only its block (reported with device, unit, function code and
 address; the other blocks keep being polled); a timeout or a lost connection fails the block,
@@ -179,6 +180,9 @@ class TagSlot:
     count: int = field(default=0, compare=False)  # registers / bits: ``tag.count`` read once (a property per poll)
     # a plain uint16 register: its value is the register as the client returned it (no packing, no decoder call)
     direct: bool = field(default=False, compare=False)
+    # every value is a count of its own (a delta or reset-on-read counter: ``TagBinding.every_value``): handed on at
+    # every good read, also when the register equals the last poll's (two reads of 3 are 6 parts)
+    every: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.count:
@@ -201,10 +205,14 @@ class Block:
     run_keys: tuple[str, ...] = field(default=(), compare=False)
     offsets: tuple[int, ...] = field(default=(), compare=False)
     contiguous: bool = field(default=False, compare=False)
+    # the indexes (in ``slots`` order) of the slots whose every value counts (``TagSlot.every``): never filtered out
+    # as unchanged
+    every: frozenset[int] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         direct = all(s.direct for s in self.slots)
         object.__setattr__(self, "direct", direct)
+        object.__setattr__(self, "every", frozenset(i for i, s in enumerate(self.slots) if s.every))
         if direct:
             offsets = tuple(s.offset for s in self.slots)
             object.__setattr__(self, "run_keys", tuple(s.key for s in self.slots))
@@ -262,7 +270,8 @@ def _make_block(table: str, start: int, end: int, group: list[TagBinding]) -> Bl
             covered += e - max(s, reach)
             reach = e
     slots = tuple(
-        TagSlot(b.key, b.address, b.address.address - start, make_decoder(b.address, b.address.address - start))
+        TagSlot(b.key, b.address, b.address.address - start, make_decoder(b.address, b.address.address - start),
+                every=b.every_value)
         for b in group
     )
     return Block(table, start, end - start, slots, gapless=covered == end - start)
@@ -508,9 +517,12 @@ class ModbusConnector(Connector):
                 regs if block.contiguous else [regs[o] for o in block.offsets])  # type: ignore[assignment]
             out.add_run(block.run_keys, values, now, mono, n)
             return
-        if regs == prev:
+        every = block.every
+        if every:  # delta / reset-on-read registers: every read counts, changed or not
+            values = [v if (v := regs[o]) != prev[o] or i in every else None for i, o in enumerate(block.offsets)]
+        elif regs == prev:
             return
-        if block.contiguous:
+        elif block.contiguous:
             values = [v if v != p else None for v, p in zip(regs, prev)]
         else:
             values = [v if (v := regs[o]) != prev[o] else None for o in block.offsets]
@@ -520,20 +532,22 @@ class ModbusConnector(Connector):
         mono = time.monotonic()  # one reading of the block: one receive time for all its tags
         regs = list(regs[: block.count])
         prev: list[int] | None = None
+        every = block.every
         if changed_only:
             prev = self._changed(block, regs, mono)
-            if prev is not None and regs == prev:
+            if prev is not None and regs == prev and not every:
                 return []
         if block.direct:  # plain uint16 registers only (the common counter block): one comprehension
             keyed = zip(block.run_keys, block.offsets)
             if prev is None:
                 return [Sample(k, regs[o], True, now, None, "Good", mono) for k, o in keyed]
-            return [Sample(k, v, True, now, None, "Good", mono) for k, o in keyed if (v := regs[o]) != prev[o]]
+            return [Sample(k, v, True, now, None, "Good", mono) for i, (k, o) in enumerate(keyed)
+                    if (v := regs[o]) != prev[o] or i in every]
         raw = b"" if block.bits else struct.pack(f">{block.count}H", *regs)
         out = []
         for slot in block.slots:
             o = slot.offset
-            if prev is not None:
+            if prev is not None and not slot.every:
                 n = slot.count
                 if (regs[o] == prev[o]) if n == 1 else (regs[o:o + n] == prev[o:o + n]):
                     continue
@@ -555,7 +569,8 @@ class ModbusConnector(Connector):
         """The device refused a block spanning unused registers: read its tags in gap-free blocks from now on."""
         if block not in self.blocks:
             return
-        parts = plan_blocks([TagBinding(s.key, s.tag) for s in block.slots], self.config.max_block_registers, 0,
+        parts = plan_blocks([TagBinding(s.key, s.tag, every_value=s.every) for s in block.slots],
+                            self.config.max_block_registers, 0,
                             self.config.max_block_bits)
         i = self.blocks.index(block)
         self.blocks[i : i + 1] = parts
