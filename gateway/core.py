@@ -211,7 +211,7 @@ class Core:
         self.tick_s: float | None = None  # the loop wakes at least this often, idle or not (the watchdog sets it)
         # the routes of each run's keys tuple (see apply_readings), valid for the routes and engines of _runs_of
         self._runs: dict[tuple[str, ...], tuple[list[RunRoute], bool]] = {}
-        self._runs_of: tuple[int, int, int] = (0, 0, 0)
+        self._runs_of: tuple[Any, ...] = ()  # the objects themselves, not their ids: a freed id can come back
 
     def restore(self, snapshots: dict[str, Any], next_seq: int, encoder: EventEncoder) -> None:
         """The engines from their committed snapshots (a machine without one starts fresh)."""
@@ -403,10 +403,10 @@ class Core:
         """The routes of a run's keys (``mappings.machine.apply_run``) and whether any is an order tag; looked up once
         per keys tuple while the routes and engines stay the same objects (a reload replaces them, a fault clears
         the cache)."""
-        of = (id(self.routes), id(self.routes.signal), id(self.engines))
-        if of != self._runs_of:
+        routes, of = self.routes, self._runs_of
+        if not of or of[0] is not routes or of[1] is not routes.signal or of[2] is not self.engines:
             self._runs.clear()
-            self._runs_of = of
+            self._runs_of = (routes, routes.signal, self.engines)
         got = self._runs.get(keys)
         if got is None:
             routes, engines, control = self.routes.signal, self.engines, self.routes.control
@@ -441,9 +441,17 @@ class Core:
             table = self._run_routes(keys)[0]
 
             def slow(i: int, keys: tuple[str, ...] = keys, values: list[int | None] = values, recv: float = recv,
-                     mono: float = mono) -> None:
+                     mono: float = mono, table: list[RunRoute] = table) -> None:
+                faults = len(self.faulted)
                 out.extend(self.apply_samples([Sample(keys[i], values[i], True, recv, None, "Good", mono)]))
                 self.stats.samples -= 1  # counted with the run below
+                if len(self.faulted) != faults:
+                    # its engine raised: fault() unrouted the machine (and dropped this table from the cache); the
+                    # rest of this run skips it too, as its samples would be
+                    faulted = self.faulted
+                    for j, route in enumerate(table):
+                        if route is not None and route[0].spec.id in faulted:
+                            table[j] = None
 
             for eng in apply_run(table, values, recv, mono, slow):
                 machine = eng.spec.id

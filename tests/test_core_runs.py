@@ -133,6 +133,26 @@ def test_the_route_cache_follows_a_fault_and_a_reload(tmp_path):
     assert fresh["m1"].window.q["good"] == 6 and fresh["m3"].window.q["good"] == 6
 
 
+def test_a_machine_that_faults_in_a_run_counts_nothing_more_of_it(tmp_path):
+    """m2's engine raises on m2/good (a decrease: off the fast path); m2/scrap, later in the same run, is a plain
+    increase. As samples, nothing of m2 is applied after its fault (fault() unroutes it); the run must skip the
+    rest of m2's values too: its engine's state, dirty set and timers as with the samples."""
+    by_runs, by_samples = make_gateway(tmp_path, "runs"), make_gateway(tmp_path, "samples")
+
+    def boom(sample, signal):
+        raise ArithmeticError("engine bug")
+
+    for gw in (by_runs, by_samples):
+        gw.core.stage(gw.core.apply_samples(list(run([10, 0, 20, 1, 30, 0, 1], 0))))
+        gw.core.engines["m2"].apply = boom  # type: ignore[method-assign]
+    faulting = run([11, 0, 5, 1, 31, 3, 1], 1)  # m2/good 20 -> 5 raises; m2/scrap 0 -> 3 comes after it
+    by_runs.core.stage(by_runs.core.apply_readings(faulting))
+    by_samples.core.stage(by_samples.core.apply_samples(list(faulting)))
+    assert by_runs.core.faulted.keys() == by_samples.core.faulted.keys() == {"m2"}
+    assert json.loads(by_runs.core.engines["m2"].snapshot_json())["counters"]["scrap"]["last"] == 0
+    assert state(by_runs) == state(by_samples)
+
+
 def test_a_run_with_order_tags_is_applied_in_sample_order(tmp_path):
     """Order tags in a run (a register holding the order number): the whole poll goes through the ordered path, as
     its samples would."""
