@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from connectors.errors import ConnectorError, ConnectorUnavailable
+from connectors.errors import ConnectorError, ConnectorUnavailable, ReadFailed
 from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.events import EventEncoder
@@ -565,6 +565,9 @@ class Core:
             while True:
                 try:
                     read = await self._read(cid, keys, CUT_READ_TIMEOUT_S)
+                    bad = next((s for s in read if not s.good), None)
+                    if bad is not None:  # e.g. OPC UA BadCommunicationError: answered, but no value is no cut
+                        raise ReadFailed(f"{bad.key}: {bad.status}", connector=cid, tag=bad.key)
                     # a re-read: the current value again (a delta register re-read at the cut is not new production)
                     samples.extend(dataclasses.replace(s, reread=True) for s in read)
                     break

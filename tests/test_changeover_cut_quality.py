@@ -1,0 +1,114 @@
+"""A changeover's cut read must be a good read: a counter the OPC UA server answers with a Bad status (the PLC behind
+it unreachable: BadCommunicationError) is no cut. The changeover is held until a good read, so the parts made for the
+old order meanwhile are booked to it, never to the next one (docs/counting.md, "Order changeover"). Real
+OpcUaConnector against the asyncua machine simulator, the gateway's core driven round by round (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from gateway.config import parse_config
+from gateway.events import EventEncoder
+from gateway.orders import OrderCommand
+from gateway.runtime import Gateway
+from mappings.machine import OrderContext
+from simulators.machine import MachineModel
+from simulators.opcua_server import OpcUaMachineServer
+from tests.e2e import IDENT
+from tests.faults import start_on_free_port
+
+
+def make_gateway(tmp_path: Any, server: OpcUaMachineServer) -> Gateway:
+    cfg = parse_config({
+        "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
+        "connectors": [{"type": "opcua", "id": "opc", "endpoint": server.endpoint, "security": "none",
+                        "publishing_interval_ms": 50, "sampling_interval_ms": 0, "timeout_s": 1.0}],
+        "machines": [{"id": "press-1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
+                      "counters": {"good": {"connector": "opc", "node_id": server.node_ids["good"],
+                                            "max_rate": 1000}}}],
+    }, "<test>")
+    gw = Gateway(cfg)
+    gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
+    return gw
+
+
+async def pump(gw: Gateway, until: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Run core rounds until ``until()`` holds (the connector's samples and the cut's result go through the inbox)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not until():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+        gw.core.round()
+
+
+def order(gw: Gateway) -> tuple[str, str] | None:
+    c = gw.engines["press-1"].context
+    return None if c is None else (c.order, c.operation)
+
+
+def booked(gw: Gateway) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for r in gw.core.uncommitted:
+        ev = json.loads(r.payload)
+        if ev["type"] == "operation.quantity_reported":
+            d = ev["data"]
+            key = (d["order"], d["operation"])
+            out[key] = out.get(key, 0) + int(d["quantities"]["yield"])
+    return out
+
+
+@contextlib.asynccontextmanager
+async def connected(gw: Gateway) -> AsyncIterator[None]:
+    task = asyncio.create_task(gw.connectors["opc"].run())
+    try:
+        yield
+    finally:
+        gw.core.cancel_cuts()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+
+
+async def test_a_changeover_waits_for_a_good_cut_read(tmp_path):
+    model = MachineModel("Press1", cycle_time=0.005, scrap_rate=0.0)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port))
+    try:
+        gw = make_gateway(tmp_path, server)
+        cell = gw.engines["press-1"].counters["good"]
+
+        def dispatch(o: str, op: str) -> None:
+            model.set_order(o, op)
+            gw.core._order_command(OrderCommand("press-1", OrderContext(o, op), "mqtt"))
+
+        async def make(parts: int) -> None:
+            for _ in range(parts):
+                model.make_part()
+            await server.flush()
+
+        async with connected(gw):
+            await pump(gw, lambda: cell.last == 0, "the baseline")
+            dispatch("A", "10")
+            await pump(gw, lambda: order(gw) == ("A", "10"), "order A")
+            await make(10)
+            await pump(gw, lambda: cell.last == 10, "10 parts")
+            await server.set_bad("good")  # the PLC behind the server is unreachable
+            await make(20)  # made for A, not readable yet
+            gw.core._order_command(OrderCommand("press-1", OrderContext("B", "20"), "mqtt"))
+            await pump(gw, lambda: gw.core.stats.cut_read_failures >= 1 or "press-1" not in gw.core.cuts,
+                       "a cut read of the Bad counter")
+            assert "press-1" in gw.core.cuts and order(gw) == ("A", "10"), "the changeover must wait for a good read"
+            await server.set_bad("good", False)
+            await pump(gw, lambda: not gw.core.cuts and order(gw) == ("B", "20"), "the changeover after a good read")
+            model.set_order("B", "20")
+            await make(5)
+            await pump(gw, lambda: cell.last == 35, "5 parts for B")
+            gw.core.stage(gw.engines["press-1"].flush("test", 0))
+        assert booked(gw) == {("A", "10"): 30, ("B", "20"): 5}
+        assert model.truth_for("A", "10")["good"] == 30 and model.truth_for("B", "20")["good"] == 5
+    finally:
+        await server.stop()
