@@ -164,6 +164,14 @@ class Stats:
 CutReader = Callable[[str, list[str], float], Awaitable[list[Sample]]]  # (connector id, keys, timeout) -> samples
 
 
+def _decreases(before: Any, after: Any) -> bool:
+    """A counter reading lower than the one before it (numbers only; anything else is left to the engine)."""
+    try:
+        return bool(after < before)
+    except TypeError:
+        return False
+
+
 class Core:
     def __init__(self, specs: dict[str, MachineSpec], routes: Routes, store: Store, *, stats: Stats, alarms: Alarms,
                  tags: PlcTagOrders, read: CutReader, notify: Callable[[list[PendingRow]], None],
@@ -239,11 +247,13 @@ class Core:
 
     def _coalesce(self) -> None:
         """Bound the inbox under overload: merge runs of queued sample batches, keeping only the latest sample of
-        each cumulative counter (its value carries every delta before it). Delta / reset-on-read counters, state
-        and order tags are kept in full and in order; a batch with order tags is a barrier nothing moves across."""
+        each cumulative counter (its value carries every delta before it) and the last one before each decrease (a
+        reset, a preset or a rollover: the value after it does not carry the deltas before it). Delta /
+        reset-on-read counters, state and order tags are kept in full and in order; a batch with order tags is a
+        barrier nothing moves across."""
         out: collections.deque[Any] = collections.deque()
         run: dict[str, Sample] = {}
-        first: dict[str, Sample] = {}
+        latest: dict[str, Sample] = {}  # per coalescable key, the last sample seen in this stretch
         rest: list[Sample] = []
         before = self.queued_samples
         coalescable, control = self.routes.coalescable, self.routes.control
@@ -255,18 +265,27 @@ class Core:
         for item in self.inbox:
             if isinstance(item, (list, Readings)) and not any(s.key in control for s in item):
                 for s in item:
-                    if s.key in coalescable and s.good:
-                        if s.key in first:
-                            run.pop(s.key, None)
-                            run[s.key] = s
-                        else:
-                            first[s.key] = s  # kept: it may be the engine's first value (a baseline)
+                    k = s.key
+                    if k in coalescable and s.good:
+                        prev = latest.get(k)
+                        latest[k] = s
+                        if prev is None:
+                            rest.append(s)  # kept: it may be the engine's first value (a baseline)
+                        elif _decreases(prev.value, s.value):
+                            # the counter went back (a reset, a preset, a rollover): the value before and the value
+                            # after are both kept, so the engine sees the decrease where it happened
+                            if run.get(k) is prev:
+                                del run[k]
+                                rest.append(prev)
                             rest.append(s)
+                        else:
+                            run.pop(k, None)
+                            run[k] = s
                     else:
                         rest.append(s)
                 continue
             close_run()
-            run, rest, first = {}, [], {}
+            run, rest, latest = {}, [], {}
             out.append(item)
         close_run()
         self.inbox = out

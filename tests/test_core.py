@@ -158,6 +158,30 @@ def test_bounded_inbox_coalesces_cumulative_samples_only(tmp_path, monkeypatch):
     assert totals == {"m1": 199, "m2": 398}
 
 
+@pytest.mark.parametrize("values", [
+    [1000, 1010, 1020, 3, 50, 1200],  # a reset (or a preset) in the middle: 20 + 3 + 1197 parts
+    [1000, 1010, 1011, 3, 4, 5, 2, 1200, 1300],  # two of them
+])
+def test_bounded_inbox_keeps_a_counter_reset(tmp_path, monkeypatch, values):
+    """A cumulative counter that goes back (a reset, a preset) between queued samples: the value after it does not
+    carry the deltas before it. Coalesced, the quantities booked are those without coalescing."""
+    def book(coalesce: bool, name: str) -> dict[Any, int]:
+        monkeypatch.setattr(core, "MAX_QUEUED_SAMPLES", 2 if coalesce else 10_000)
+        gw = make_gateway(tmp_path / name, order_source="mqtt", complete=False)
+        for i, v in enumerate(values):
+            gw.core.on_samples([s("m1/good", v, 1 + i)])
+        if coalesce:
+            assert gw.stats.samples_coalesced > 0
+        while gw.core.inbox:
+            item = gw.core.inbox.popleft()
+            gw.core.queued_samples -= len(item)
+            feed(gw, item)
+        gw.core.stage(gw.engines["m1"].flush("test", 99))
+        return booked(gw)
+
+    assert book(True, "coalesced") == book(False, "as read")
+
+
 def test_bounded_inbox_keeps_every_delta_value(tmp_path, monkeypatch):
     monkeypatch.setattr(core, "MAX_QUEUED_SAMPLES", 50)
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, mode="delta")
