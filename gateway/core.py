@@ -652,6 +652,9 @@ class Core:
             return
         d = eng.next_deadline()
         if d is None:
+            # no window open (e.g. a changeover just flushed it): a timer still in the heap is stale, and the window
+            # that opens next is scheduled by the call that opens it (the sample paths schedule unscheduled machines)
+            self.scheduled.pop(machine, None)
             return
         if d > -math.inf:
             # timer slots: windows that close within one slot close together, in one round and one group commit

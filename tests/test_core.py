@@ -16,7 +16,9 @@ from prometheus_client import REGISTRY
 from gateway import core
 from gateway.config import parse_config
 from gateway.events import EventEncoder
+from gateway.orders import OrderCommand
 from gateway.runtime import Gateway
+from mappings.machine import OrderContext
 from mappings.samples import Sample
 from tests.e2e import IDENT
 
@@ -321,3 +323,40 @@ def test_a_short_window_is_not_closed_a_slot_early_at_every_round(tmp_path, monk
         if any(r.type == "operation.quantity_reported" for r in gw.core.uncommitted):
             fired = clock[0]
     assert fired is not None and deadline - 0.2 / 5 <= fired <= deadline + 0.01
+
+
+def test_a_window_after_a_changeover_is_not_closed_by_the_old_windows_timer(tmp_path, monkeypatch):
+    """A changeover closes the open window; its timer stays in the heap. The next window opens before that old
+    deadline and must be closed at its own (interval_s, early by at most one slot), not by the old timer."""
+    from types import SimpleNamespace
+
+    clock = SimpleNamespace(mono=1000.0, wall=1.7e9)
+    monkeypatch.setattr(core, "time", SimpleNamespace(monotonic=lambda: clock.mono, time=lambda: clock.wall))
+    cfg = parse_config({
+        "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
+        "connectors": [{"type": "modbus", "id": "plc", "host": "127.0.0.1"}],
+        "machines": [{"id": "m1", "order_source": "mqtt", "counters": {"good": {"connector": "plc", "address": 0}},
+                      "reporting": {"interval_s": 10, "jitter": 0}}]}, "<test>")
+    gw = Gateway(cfg)
+    gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
+    reports: list[tuple[float, str]] = []
+    gw.core.on_staged = lambda drafts: reports.extend(
+        (clock.mono, d.data["reason"]) for d in drafts if d.type == "operation.quantity_reported")
+
+    def at(t: float, value: int | None = None) -> None:
+        clock.wall += t - clock.mono
+        clock.mono = t
+        if value is not None:
+            gw.core.stage(gw.core.apply_samples([Sample("m1/good", value, True, clock.wall, None, "Good", t)]))
+        gw.core.run_timers()
+
+    at(1000, 100)  # the baseline
+    at(1001, 105)  # a window opens: due at 1011
+    at(1009)
+    gw.core.stage(gw.core.apply_order(OrderCommand("m1", OrderContext("A", "10"), "mqtt", needs_cut=False)))
+    at(1009.5, 107)  # the next window opens: due at 1019.5 (its slot starts at 1019.5)
+    t = 1009.5
+    while t < 1021:
+        t += 0.25
+        at(t, 107 + int(t - 1009.5))
+    assert reports == [(1009.0, "changeover"), (1019.5, "periodic")]
