@@ -50,7 +50,7 @@ def state(gw: Gateway, *, wall: bool = True) -> dict[str, Any]:
     core = gw.core
     return {"staged": [(r.seq, r.machine, r.type, r.topic, r.payload if wall else json.loads(r.payload)["data"])
                        for r in core.uncommitted],
-            "dirty": sorted(core.dirty), "urgent": sorted(core.urgent), "scheduled": sorted(core.scheduled),
+            "dirty": sorted(core.dirty), "urgent": sorted(core.urgent), "scheduled": sorted(core.scheduled.items()),
             "samples": core.stats.samples, "faulted": sorted(core.faulted),
             "engines": {m: e.snapshot_json() for m, e in core.engines.items()}}
 
