@@ -72,7 +72,9 @@ def run_one(root: str, n: int, poll_s: float, broker: BenchBroker, sub: Any, wor
             t0 = thread_times(proc.pid)
             if args.profile:  # py-spy over the same span, collapsed stacks (one file per run)
                 out = f"{args.profile}.{os.path.basename(os.path.abspath(root))}.{proc.pid}.txt"
-                spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "500", "--threads",
+                py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+                spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "500",
+                                        "--threads",
                                         "--duration", str(int(max(1.0, window - 8))), "--output", out, "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(max(1.0, window - 8))

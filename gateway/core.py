@@ -85,12 +85,18 @@ def timer_slot(interval_s: float) -> float:
     return slot
 
 
+def counter_checkpoint(counter: Any) -> float:
+    """How old a counter's committed baseline may get: half its wrap period (modulus / max_rate) for a cumulative
+    counter with a modulus, so a crash finds one rollover at most; at least 1 s, at most CHECKPOINT_S."""
+    if counter.mode == "cumulative" and counter.modulus and counter.max_rate > 0:
+        return max(1.0, min(CHECKPOINT_S, counter.modulus / counter.max_rate / 2))
+    return CHECKPOINT_S
+
+
 def checkpoint_interval(specs: Any) -> float:
-    """CHECKPOINT_S, or half the shortest wrap period (modulus / max_rate) of any cumulative counter, at least 1 s."""
-    wraps = [b.spec.modulus / b.spec.max_rate
-             for spec in specs for b in [*spec.counters.values(), *(m.binding for m in spec.materials.values())]
-             if b.spec.mode == "cumulative" and b.spec.modulus and b.spec.max_rate > 0]
-    return max(1.0, min([CHECKPOINT_S, *(w / 2 for w in wraps)]))
+    """The shortest ``counter_checkpoint`` of any counter or meter of the machines ``specs``."""
+    return min([CHECKPOINT_S, *(counter_checkpoint(b.spec) for spec in specs
+                                for b in [*spec.counters.values(), *(m.binding for m in spec.materials.values())])])
 
 
 def process_age_s() -> float | None:

@@ -13,6 +13,7 @@ import structlog
 
 from connectors.base import CounterType, TagType
 from gateway.config import CounterConfig, counter_modulus
+from gateway.core import counter_checkpoint
 from mappings.counters import CounterSpec
 from mappings.machine import CounterBinding, MachineSpec
 
@@ -78,7 +79,5 @@ def apply_tag_types(cfg: Any, specs: dict[str, MachineSpec], core: Any, types: d
         if new is not None and eng.set_counter_spec(signal, new):
             log.info("counter.width_from_server", machine=machine, counter=signal, data_type=t.data_type,
                      modulus=new.modulus, signed=new.signed)
-            if new.mode == "cumulative" and new.modulus and new.max_rate > 0:
-                # the checkpoint keeps every committed baseline younger than half a wrap period (core.
-                # checkpoint_interval): a narrower counter wraps sooner, so a crash must not find an older one
-                core.checkpoint_s = max(1.0, min(core.checkpoint_s, new.modulus / new.max_rate / 2))
+            # a narrower counter wraps sooner: its committed baseline must not get older than half a wrap period
+            core.checkpoint_s = min(core.checkpoint_s, counter_checkpoint(new))

@@ -530,7 +530,8 @@ async def test_unreachable_device_from_the_start() -> None:
     assert [e["event"] for e in logs] == ["modbus.read_failed"]
 
 
-@pytest.mark.parametrize("data_type", ["uint16", "uint32"])  # a block of plain registers (a run), one through the decoders
+# a block of plain registers (a run), and one through the decoders
+@pytest.mark.parametrize("data_type", ["uint16", "uint32"])
 async def test_a_reset_on_read_register_counts_every_read(model: MachineModel, server: ModbusMachineServer,
                                                           tmp_path, data_type: str) -> None:
     """A reset-on-read register holds the parts made since it was last read, and the read clears it: two reads of 3

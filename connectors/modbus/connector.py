@@ -11,7 +11,8 @@ skips the slots it missed (counted in ``status.detail["skipped_polls"]``) instea
 Every poll hands ONE batch to the sink: a Sample for each tag whose registers changed since the previous poll, and
 for every tag of a block at least every ``HEARTBEAT_S`` (so the counter engine's plausibility checks see fresh
 readings) and after the block failed; a tag whose every value counts (``TagBinding.every_value``: reset-on-read and
-delta counters) at every good read, changed or not. An idle machine costs the block read and one list comparison per poll.
+delta counters) at every good read, changed or not. An idle machine costs the block read and one list comparison
+per poll.
 
 Failures: an exception response fails only its block (reported with device, unit, function code and
 address; the other blocks keep being polled); a timeout or a lost connection fails the block,
