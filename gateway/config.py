@@ -85,6 +85,11 @@ class MqttConfig(_Model):
         0, ge=0, description="Max events/s when draining a backlog after an outage (0 = as fast as the broker acks); "
         "live events are not limited."
     )
+    dispatch_resync_s: float = Field(
+        300, ge=0, le=86_400, description="Every this many seconds the gateway subscribes to its dispatch topics again, "
+        "so the broker sends the retained dispatches again: a dispatch the broker failed to deliver live (seen with "
+        "nats-server clusters) is applied at the latest one period later. 0 = only at each connect."
+    )
     broker_kind: Literal["mqtt", "nats"] = Field(
         "mqtt", description="'nats': the broker is the MQTT endpoint of nats-server (2.9), which closes the connection "
         "on a topic containing '.'. Then validate (and start-up) require protocol 3.1.1, batch mode "

@@ -155,6 +155,7 @@ class Stats:
     events_committed: int = 0
     commits: int = 0
     dispatch_accepted: int = 0
+    dispatch_unchanged: int = 0  # an order command that changed nothing (the order in force, again)
     dispatch_rejected: int = 0
     dispatch_rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     cut_read_failures: int = 0
@@ -566,6 +567,10 @@ class Core:
         refused = eng.refusal(cmd.context)
         if refused is not None:  # no cut read for an order that will not be applied
             self._on_refused(cmd, refused)
+            return
+        if eng.unchanged_by(cmd.context):  # e.g. the retained dispatch again, after a reconnect or a resync
+            self.stats.dispatch_unchanged += 1
+            log.debug("order.unchanged", machine=machine, source=cmd.source)
             return
         cur, new = eng.context, cmd.context
         changes = (cur is None) != (new is None) or (

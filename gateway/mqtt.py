@@ -83,6 +83,7 @@ MessageHandler = Callable[[str, bytes, bool], None]
 PubackHandler = Callable[[int, int, int], None]  # (connection id, mid, reason code)
 SUBSCRIBE_RETRY_S = 1.0  # first retry of a refused subscription; doubles up to SUBSCRIBE_RETRY_MAX_S
 SUBSCRIBE_RETRY_MAX_S = 60.0
+SUBACK_TIMEOUT_S = 10.0  # a SUBSCRIBE with no SUBACK by then is taken as refused (alarm, asked again)
 
 ACK_BATCH = 1000  # acknowledged rows that are deleted at once, without waiting for the ack interval
 
@@ -157,7 +158,7 @@ class Connection:
     ``id`` is unique per link (1, 2, ...). ``max_packet_size`` is the broker's Maximum Packet Size from the MQTT 5
     CONNACK (None when not announced). ``lost`` is set once, when the connection is gone; it is never reused."""
 
-    __slots__ = ("id", "client", "protocol5", "max_packet_size", "lost", "sub_mids", "sub_retry", "fast")
+    __slots__ = ("id", "client", "protocol5", "max_packet_size", "lost", "sub_mids", "sub_retry", "fast", "resync")
 
     def __init__(self, conn_id: int, protocol5: bool) -> None:
         self.id = conn_id
@@ -168,6 +169,7 @@ class Connection:
         self.sub_mids: dict[int, str] = {}
         self.sub_retry: dict[str, float] = {}  # refused subscription -> its current retry delay (s)
         self.fast = False  # the client is a gateway.paho_fast.FastClient: QoS 1 publishes use publish_fast
+        self.resync: asyncio.TimerHandle | None = None  # the next re-subscription of the resync filters
 
     @property
     def alive(self) -> bool:
@@ -199,7 +201,13 @@ class MqttLink:
     ``connection`` is the current :class:`Connection` (None while down). ``on_puback(connection_id, mid,
     reason_code)`` is called for every PUBACK (reason code 0 on MQTT 3.1.1). ``refused_subscriptions`` maps each
     subscription filter the broker refused in its SUBACK to the reason (also in ``status.detail``); it is updated on
-    every (re)connect."""
+    every (re)connect.
+
+    ``resync`` filters (the retained dispatches) are subscribed to again every ``resync_s`` seconds on a live
+    connection, so the broker sends their retained messages again: a live message the broker never delivered (seen
+    with a nats-server cluster while it creates a subscription's JetStream consumer, or after a node restart) is
+    received at the latest one period later. A SUBSCRIBE with no SUBACK within ``SUBACK_TIMEOUT_S`` counts as
+    refused: an alarm, and asked again."""
 
     def __init__(
         self,
@@ -212,6 +220,9 @@ class MqttLink:
         offline: Callable[[], bytes] | None = None,
         subscriptions: list[str] | None = None,
         on_message: MessageHandler | None = None,
+        resync: list[str] | None = None,
+        resync_s: float = 0.0,
+        suback_timeout_s: float = SUBACK_TIMEOUT_S,
     ) -> None:
         self.cfg = cfg
         self.client_id = client_id
@@ -221,6 +232,10 @@ class MqttLink:
         self.offline = offline  # the offline status published on a clean stop (the will's payload when None)
         self.auth_refused: str | None = None  # why the broker refused our login, until a connect succeeds
         self.subscriptions = subscriptions or []
+        self.resync = [t for t in resync or () if t in self.subscriptions]
+        self.resync_s = resync_s
+        self.suback_timeout_s = suback_timeout_s
+        self.resyncs = 0  # re-subscriptions of the resync filters (each brings their retained messages again)
         self.on_message = on_message
         self.on_puback: PubackHandler = lambda connection_id, mid, reason_code: None
         self.status = ComponentStatus()
@@ -256,6 +271,15 @@ class MqttLink:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return None
         return info.mid
+
+    def resubscribe(self, topic: str) -> bool:
+        """Subscribe to ``topic`` again on the live connection, so the broker sends its retained messages again (MQTT
+        3.1.1 and 5, retain handling 0). False when not connected: the next CONNACK subscribes anyway."""
+        conn = self.connection
+        if conn is None or not conn.alive or conn.client is None:
+            return False
+        self._subscribe(conn.client, conn, topic)
+        return True
 
     async def wait_lost(self) -> None:
         await self._lost.wait()
@@ -438,9 +462,8 @@ class MqttLink:
         self.connections += 1
         conn.max_packet_size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         for topic in self.subscriptions:
-            rc, mid = client.subscribe(topic, qos=1)
-            if rc == paho.MQTT_ERR_SUCCESS:
-                conn.sub_mids[mid] = topic
+            self._subscribe(client, conn, topic)
+        self._schedule_resync(client, conn)
         if self.online:
             payload = self.online[1]() if callable(self.online[1]) else self.online[1]
             client.publish(self.online[0], payload, qos=1, retain=True)
@@ -454,23 +477,65 @@ class MqttLink:
                      reason=str(reason), connection=conn.id, session_present=bool(getattr(flags, "session_present", False)),
                      max_packet_size=conn.max_packet_size, **({"downtime_s": down_s} if down_s is not None else {}))
 
+    def _subscribe(self, client: paho.Client, conn: Connection, topic: str) -> None:
+        rc, mid = client.subscribe(topic, qos=1)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            return  # the connection is going: the next CONNACK subscribes again
+        conn.sub_mids[mid] = topic
+        if self._loop is not None:
+            self._loop.call_later(self.suback_timeout_s, self._suback_overdue, client, conn, mid)
+
+    def _suback_overdue(self, client: paho.Client, conn: Connection, mid: int) -> None:
+        """No SUBACK for this SUBSCRIBE: as good as refused (a broker that never answers it never delivers on it)."""
+        if conn is not self.connection or not conn.alive or mid not in conn.sub_mids:
+            return
+        topic = conn.sub_mids.pop(mid)
+        self._subscription_refused(client, conn, topic, f"no SUBACK within {self.suback_timeout_s:g} s", None)
+
+    def _schedule_resync(self, client: paho.Client, conn: Connection) -> None:
+        if not self.resync or self.resync_s <= 0 or self._loop is None:
+            return
+
+        def again() -> None:
+            if conn is not self.connection or not conn.alive:
+                return
+            pending = set(conn.sub_mids.values())
+            for topic in self.resync:
+                # a refused or unanswered filter is already being asked for again (see _retry_subscription)
+                if topic not in pending and topic not in self.refused_subscriptions:
+                    self._subscribe(client, conn, topic)
+                    self.resyncs += 1
+                    log.debug("mqtt.resubscribed", topic=topic, connection=conn.id)
+            self._schedule_resync(client, conn)
+
+        conn.resync = self._loop.call_later(self.resync_s, again)
+
     def _on_subscribe(self, client: paho.Client, conn: Connection, mid: int, reason_codes: Any, props: Any) -> None:
         topic = conn.sub_mids.pop(mid, None)
         if topic is None:
             return
         rc = reason_codes[0] if reason_codes else None
         if rc is not None and rc.is_failure:
-            reason = str(rc)
-            self._retry_subscription(client, conn, topic)
-            if self.refused_subscriptions.get(topic) != reason:
-                self.refused_subscriptions[topic] = reason
-                log.error("mqtt.subscription_refused", topic=topic, reason=reason, reason_code=f"0x{rc.value:02X}",
-                          host=self.host, port=self.port, action=f"asked again every {SUBSCRIBE_RETRY_MAX_S:.0f} s at most")
-        elif topic in self.refused_subscriptions:
-            del self.refused_subscriptions[topic]
-            log.info("mqtt.subscription_granted", topic=topic)
-        else:
+            self._subscription_refused(client, conn, topic, str(rc), rc.value)
             return
+        if topic not in self.refused_subscriptions:
+            return
+        del self.refused_subscriptions[topic]
+        log.info("mqtt.subscription_granted", topic=topic)
+        self._refused_changed()
+
+    def _subscription_refused(self, client: paho.Client, conn: Connection, topic: str, reason: str,
+                              code: int | None) -> None:
+        self._retry_subscription(client, conn, topic)
+        if self.refused_subscriptions.get(topic) == reason:
+            return
+        self.refused_subscriptions[topic] = reason
+        log.error("mqtt.subscription_refused", topic=topic, reason=reason,
+                  reason_code=None if code is None else f"0x{code:02X}", host=self.host, port=self.port,
+                  action=f"asked again every {SUBSCRIBE_RETRY_MAX_S:.0f} s at most")
+        self._refused_changed()
+
+    def _refused_changed(self) -> None:
         if self.refused_subscriptions:
             self.status.detail["refused_subscriptions"] = dict(self.refused_subscriptions)
         else:
@@ -490,10 +555,8 @@ class MqttLink:
         def again() -> None:
             if conn is not self.connection or not conn.alive:
                 return
-            rc, mid = client.subscribe(topic, qos=1)
-            if rc == paho.MQTT_ERR_SUCCESS:
-                conn.sub_mids[mid] = topic
-                self.resubscribes += 1
+            self._subscribe(client, conn, topic)
+            self.resubscribes += 1
 
         loop.call_later(delay, again)
 
@@ -507,6 +570,8 @@ class MqttLink:
         conn = self._current
         if conn is not None:
             conn.lost.set()
+            if conn.resync is not None:
+                conn.resync.cancel()
         self.connection = None
         self.connected.clear()
         self._lost.set()
@@ -536,6 +601,8 @@ class MqttLink:
         if conn is None:
             return
         conn.lost.set()
+        if conn.resync is not None:
+            conn.resync.cancel()
         client = conn.client
         if client is None:
             return

@@ -330,15 +330,9 @@ class Reloader:
         retained dispatches again (MQTT 3.1.1 and 5, retain handling 0) and the new machine gets its current order,
         which was refused as 'unknown machine' before. The others get theirs again too: the same order is a no-op,
         as after any reconnect. Not connected: the next connect subscribes anyway."""
-        gw = self.gw
-        conn = getattr(gw.link, "connection", None)
-        if conn is None or not conn.alive or conn.client is None:
-            return
-        topic = gw.topics.dispatch_filter()
-        rc, mid = conn.client.subscribe(topic, qos=1)
-        if rc == 0:
-            conn.sub_mids[mid] = topic
-        log.info("config.reload_resubscribed", topic=topic, rc=rc)
+        topic = self.gw.topics.dispatch_filter()
+        if self.gw.link.resubscribe(topic):
+            log.info("config.reload_resubscribed", topic=topic)
 
 
 def _discard(samples: Any) -> None:

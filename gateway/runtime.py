@@ -137,6 +137,8 @@ class Gateway:
             offline=lambda: self._status_payload("offline"),
             subscriptions=[self.topics.dispatch_filter(), self.topics.acks_filter()],
             on_message=self._on_message,
+            resync=[self.topics.dispatch_filter()],
+            resync_s=cfg.mqtt.dispatch_resync_s,
         )
         self.link.on_subscriptions_changed = self._subscriptions_changed
         self.publisher = Publisher(self.store, self.link, window=cfg.mqtt.max_inflight,

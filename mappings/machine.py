@@ -669,6 +669,16 @@ class MachineEngine:
         return OrderRefused("completed", f"order {ctx.order} operation {ctx.operation} was completed on machine "
                                          f"{self.spec.id}; a completed operation is not reopened")
 
+    def unchanged_by(self, ctx: OrderContext | None) -> bool:
+        """True when ``dispatch(ctx)`` would change nothing: the order in force again (a retained dispatch seen again
+        after a reconnect or a resync), or the completion of an operation not running here (already completed)."""
+        cur = self.context
+        if ctx is None or cur is None:
+            return ctx is cur or (ctx is not None and ctx.status == "completed")
+        if ctx.status == "completed":
+            return cur.ref != ctx.ref
+        return cur == ctx
+
     def dispatch(self, ctx: OrderContext | None, now: float) -> list[EventDraft]:
         """A new production-order context for this machine (None = no order). The caller must have applied a
         fresh read of all counters first (the cut): counts up to here belong to the current context. ``now`` is

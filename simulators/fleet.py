@@ -126,8 +126,10 @@ def gateway_doc(g: int, endpoints: list[tuple[str, int]], store: Path, machines:
         "gateway": {"id": f"gw-{g}", "enterprise": ENTERPRISE, "site": SITE, "area": AREA, "line": f"line-{g}"},
         # NATS 2.9 refuses MQTT topics containing '.', so the per-type topics cannot be used: batch mode
         # every node's MQTT endpoint, tried in turn (the gateway fails over when its node dies)
+        # nats-server 2.9 was seen not delivering a retained dispatch (published while the subscription's JetStream
+        # consumer was being created): the resync brings it within a few seconds here (default 300 s)
         "mqtt": {"broker_kind": "nats", "brokers": [f"{h}:{p}" for h, p in endpoints], "protocol": "3.1.1",
-                 "keepalive_s": 2, "batch_max_events": 50},
+                 "keepalive_s": 2, "batch_max_events": 50, "dispatch_resync_s": 3},
         "store": {"path": str(store)},
         "logging": {"format": "json", "level": "info"},
         "connectors": conns,
@@ -296,7 +298,7 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                 ticker = asyncio.create_task(tick())
             say(f"fleet: producing for {produce_s}s ({len(models)} machines, {gateways} gateways, {workers} workers)")
 
-            chaos_log = []
+            chaos_log = summary["chaos_log"] = []
             if chaos:
                 async def at(frac: float) -> None:
                     await asyncio.sleep(max(0.0, t_start + frac * produce_s - time.monotonic()))
@@ -371,6 +373,8 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                     on_tick({f"{k[0]}/{k[1]}": t for k, t in truth.items()},
                             {f"{k[0]}/{k[1]}": v for k, v in endpoint.totals().items()})
                 got = endpoint.totals()
+                node_of = {port: f"n{i + 1}" for i, (_, port) in enumerate(cluster.mqtt_endpoints)}
+                summary["gateway_nodes"] = {p.name: _nodes_connected(p, node_of) for p in gws}
                 summary["truth"] = {f"{k[0]}/{k[1]}": t for k, t in truth.items()}
                 summary["erp_posted"] = {f"{k[0]}/{k[1]}": {"yield": str(v["yield"]), "scrap": str(v["scrap"]),
                                                            "final": v["final"]} for k, v in got.items()}
@@ -386,10 +390,8 @@ async def run_fleet(workdir: Path, *, gateways: int = 2, machines_per_gateway: i
                                 "event_time)), percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM "
                                 "sent_at - event_time)), count(*) FROM erp_outbox WHERE state='sent'")
             gaps = await _q(dsn, "SELECT source, epoch, low, high FROM erp_streams WHERE low < high")
-            node_of = {port: f"n{i + 1}" for i, (_, port) in enumerate(cluster.mqtt_endpoints)}
             summary.update({
                 "chaos_log": chaos_log,
-                "gateway_nodes": {p.name: _nodes_connected(p, node_of) for p in gws},
                 "parts_made": sum(m.parts_made for m in models.values()),
                 "events_committed": n_events,
                 "duplicates_absorbed_by_erp_service": int(dups),

@@ -474,3 +474,27 @@ def test_jitter_spreads_the_first_reports_of_machines_started_together():
     for d in first_deadlines(0.1):
         per_slot[int(d * 10)] = per_slot.get(int(d * 10), 0) + 1  # 100 ms slots, as the core's timer heap
     assert max(per_slot.values()) < 120  # uniform over 50 slots: ~50 each (all 2,500 in one slot without jitter)
+
+
+@pytest.mark.parametrize("history", [[], [("A", "10", "active")], [("A", "10", "active"), ("A", "10", "completed")],
+                                     [("A", "10", "active"), ("B", "20", "active")]])
+@pytest.mark.parametrize("ctx", [None, ("A", "10", "active"), ("A", "10", "completed"), ("B", "20", "active"),
+                                 ("B", "20", "completed"), ("C", "30", "completed")])
+def test_unchanged_by_is_exactly_a_dispatch_that_changes_nothing(history, ctx):
+    """The core skips a dispatch ``unchanged_by`` calls a no-op (the retained dispatch seen again at each resync):
+    it must be one, and every dispatch that would change something must not be skipped."""
+    import copy
+
+    eng = MachineEngine(spec())
+    feed(eng, [("good", 0, 0), ("good", 3, 1)])
+    for order, op, status in history:
+        eng.dispatch(OrderContext(order, op, status=status), 2)
+    eng.dirty = False
+    new = None if ctx is None else OrderContext(ctx[0], ctx[1], status=ctx[2])
+    if eng.refusal(new) is not None:
+        return  # refused before the question is asked (answered on .../dispatch/rejected)
+    before = copy.deepcopy(eng.snapshot())
+    predicted = eng.unchanged_by(new)
+    drafts = eng.dispatch(new, 3)
+    changed = bool(drafts) or eng.dirty or eng.snapshot() != before
+    assert predicted == (not changed), (history, ctx, drafts)
