@@ -123,6 +123,16 @@ class Health:
     # ------------------------------------------------------------------ the evaluation (core loop, once a second)
     async def evaluate(self) -> list[EventDraft]:
         gw, cfg, alarms = self.gw, self.cfg, self.gw.alarms
+        # the one await, first: a cancel (the gateway stopping) after an engine changed would lose the event that
+        # reports the change, while the engine's state is persisted at the stop (tests/test_health_cancel.py)
+        store = gw.store
+        oldest = None
+        if store.pending:
+            try:  # the first outbox row (id order is commit order): one index lookup
+                rows = await store.list_rows("outbox", 1)
+                oldest = float(rows[0]["created"]) if rows else None
+            except StoreError as exc:
+                log.warning("health.oldest_unsent_failed", error=str(exc))
         now = time.monotonic()
         wall = time.time()
         self.next_due = now + EVALUATE_EVERY_S
@@ -154,19 +164,11 @@ class Health:
                 drafts += self._reachability(cid, True, wall)
 
         # the store: quarantine, oldest unsent event (store_full / store_commit_failing: raised at the commit)
-        store = gw.store
         alarms.set("quarantine_not_empty", store.quarantined > 0, "warning",
                    "events wait in the quarantine (refused by the broker or the ERP): see edge-gateway buffer list "
                    "--quarantine, then retry or purge", quarantined=store.quarantined)
         if not store.quarantined and "erp_rejected" in alarms:  # the rows the ERP rejected were retried or purged
             alarms.clear("erp_rejected")
-        oldest = None
-        if store.pending:
-            try:  # the first outbox row (id order is commit order): one index lookup
-                rows = await store.list_rows("outbox", 1)
-                oldest = float(rows[0]["created"]) if rows else None
-            except StoreError as exc:
-                log.warning("health.oldest_unsent_failed", error=str(exc))
         age = None if oldest is None else max(0.0, wall - oldest)
         self.oldest_unsent_age_s = age
         alarms.set("oldest_unsent_event", age is not None and age >= cfg.oldest_unsent_s, "critical",
