@@ -23,8 +23,10 @@ Rules (see ../shared/domain.md section 3 and docs/counting.md, which has the exa
   step and the sample is used. Without a source time, arrival order is the monotonic receive time.
 - ``reset_on_read`` / ``delta`` counters: every good value is itself a delta; none is dropped for its time. A value
   delivered again with the same identity (source time + value, e.g. an OPC UA re-subscription or the cut read) is
-  counted once. Without a source time there is no identity: a ``reread`` sample (the cut read) of a ``delta``
-  counter is not counted; a ``reset_on_read`` device cleared the register when it was read, so its reread counts.
+  counted once; so is the newest value counted, delivered again after older ones (a publish of values queued before
+  the cut read, late by less than ``REORDER_WINDOW_S``). Without a source time there is no identity: a ``reread``
+  sample (the cut read) of a ``delta`` counter is not counted; a ``reset_on_read`` device cleared the register when
+  it was read, so its reread counts.
 
 - Float meters (``resolution`` set: a flow or weight totaliser read as float32/float64): each reading is rounded
   (half-even, from its exact binary value) to a whole number of ``resolution`` steps, and the engine counts steps
@@ -111,19 +113,25 @@ class CounterState:
     last_mono: float | None = None  # its monotonic receive time; not persisted (meaningless in another process)
     marked_wall: float | None = None  # wall time an unchanged reading last asked for a snapshot; not persisted
     resolution: str | None = None  # float meter: the resolution ``last`` is counted in (None: integer counter)
+    # delta modes: the identity (source time, value) of the NEWEST value counted, when a value with an older source
+    # time was counted after it (a late publish after the cut read); None when it is (last_time, last)
+    newest: tuple[float, int] | None = None
 
     def to_dict(self) -> dict:
         d = {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall, "held_zero": self.held_zero}
         if self.resolution is not None:
             d["resolution"] = self.resolution
+        if self.newest is not None:
+            d["newest"] = list(self.newest)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CounterState":
         """Restore a persisted state; the monotonic time is unknown after a restart."""
+        newest = d.get("newest")
         return cls(last=d.get("last"), last_time=d.get("last_time"),
                    last_wall=d.get("last_wall", d.get("last_time")), held_zero=bool(d.get("held_zero", False)),
-                   resolution=d.get("resolution"))
+                   resolution=d.get("resolution"), newest=(newest[0], newest[1]) if newest else None)
 
 
 Outcome = Literal["none", "seen", "baseline", "increase", "rollover", "reset", "ambiguous", "glitch", "held_zero",
@@ -363,8 +371,20 @@ def _step_delta(spec: CounterSpec, state: CounterState, s: Sample, value: int) -
     if src is None:
         if s.reread and spec.mode == "delta":
             return _DUPLICATE  # no identity: a delta register read again at the cut was (or will be) polled
-    elif src == state.last_time and value == state.last:
-        return _DUPLICATE  # the same value with the same source timestamp, delivered again
+    else:
+        if src == state.last_time and value == state.last:
+            return _DUPLICATE  # the same value with the same source timestamp, delivered again
+        newest = state.newest
+        if newest is not None and src == newest[0] and value == newest[1]:
+            return _DUPLICATE  # the newest value counted, delivered again after older ones (the cut read's value)
+        last_time = state.last_time
+        if newest is not None:
+            if src >= newest[0] or newest[0] - src >= REORDER_WINDOW_S:
+                state.newest = None  # newer than everything counted, or the source clock stepped back
+        elif last_time is not None and state.last and src < last_time and last_time - src < REORDER_WINDOW_S:
+            # a late delivery, older than the value counted before it (the publish of the values queued before the
+            # cut read): counted, and the newest value is remembered, which that publish delivers again
+            state.newest = (last_time, state.last)
     state.last = value
     state.last_time = src if src is not None else s.recv_time
     state.last_wall = s.recv_time

@@ -120,6 +120,25 @@ def test_delta_identity(mode):
     assert sum(o.delta for o in outs) == 20
 
 
+@pytest.mark.parametrize("mode", ["delta", "reset_on_read"])
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_late_publish_after_the_cut_read_counts_each_value_once(mode, restart):
+    """The PLC wrote 3 parts at t=1, then 2 at t=2. The changeover's cut read returns the node's current value (2 at
+    t=2); the subscription's publish, late, then delivers its queue: 3 at t=1, and 2 at t=2 again. 5 parts, not 7
+    (the identity to compare with is the newest value counted, not the last one: the 3 came after the 2). Also across
+    a restart between the cut and the publish (the state is persisted with the cut's report)."""
+    spec = CounterSpec("good", mode=mode)
+    st = CounterState()
+    outs = [step(spec, st, sample(2, True, 2.0, 1.0, reread=True))]
+    for s in (sample(3, True, 1.0, 2.0), sample(2, True, 2.0, 3.0), sample(4, True, 3.0, 4.0),
+              sample(4, True, 3.0, 5.0)):
+        if restart:
+            st = CounterState.from_dict(st.to_dict())
+        outs.append(step(spec, st, s))
+    assert [o.outcome for o in outs] == ["delta", "delta", "duplicate", "delta", "duplicate"]
+    assert sum(o.delta for o in outs) == 9
+
+
 def test_delta_reread_without_source_time():
     for mode, outcome in (("delta", "duplicate"), ("reset_on_read", "delta")):
         st = CounterState()

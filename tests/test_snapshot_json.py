@@ -110,3 +110,20 @@ def test_snapshot_json_keeps_int_and_float_times_apart():
     for signal, v, src in (("scrap", 3, 6), ("total", 1.0, 5.0), ("total", 2.0, 6.0)):
         eng.apply(Sample(f"m/{signal}", v, True, recv_time=6.0, source_time=src, mono=float(v)), signal)
         assert eng.snapshot_json() == expected(eng)
+
+
+def test_the_newest_delta_identity_is_written_and_restored():
+    """A delta counter that counted a late delivery after a newer value remembers the newest one (the cut read's
+    value, which the late publish delivers again): in the snapshot, and after a restore."""
+    spec = make_spec()
+    eng = MachineEngine(spec)
+    for v, src, mono in ((2, 20.5, 1.0), (3, 19.25, 2.0)):  # the cut read's value, then an older one
+        eng.apply(Sample("m/scrap", v, True, recv_time=30.0, source_time=src, mono=mono), "scrap")
+    assert eng.counters["scrap"].newest == (20.5, 2)
+    assert eng.snapshot_json() == expected(eng)
+    assert '"newest":[20.5,2]' in eng.snapshot_json()
+    again = MachineEngine(spec, json.loads(eng.snapshot_json()))
+    assert again.counters["scrap"].newest == (20.5, 2)
+    again.apply(Sample("m/scrap", 2, True, recv_time=31.0, source_time=20.5, mono=3.0), "scrap")  # delivered again
+    [report] = [e for e in again.flush("periodic", 32.0) if e.type == "operation.quantity_reported"]
+    assert report.data.quantities["scrap"] == "2.5"  # (2 + 3) x 0.5, not (2 + 3 + 2) x 0.5
