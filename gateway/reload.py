@@ -214,6 +214,7 @@ class Reloader:
                 eng = MachineEngine(spec, old.snapshot() if old is not None else None)
                 if old is not None:
                     eng.dirty, eng.urgent = old.dirty, old.urgent
+                    eng.keep_window_time(old)
             else:
                 eng = old if old is not None else MachineEngine(spec)
             eng.hold_reports = core._full

@@ -647,6 +647,15 @@ class MachineEngine:
             return self._pend_opened
         return opened
 
+    def keep_window_time(self, old: MachineEngine) -> None:
+        """This engine was rebuilt from ``old.snapshot()`` in the same process (a config reload): its open window
+        keeps the opening time it had (a snapshot has none: a monotonic time means nothing to another process), so
+        the reload does not put off its report by up to ``interval_s``."""
+        opened = old._opened_at()
+        if self._rearm and opened is not None:
+            self._window.opened_at = opened
+            self._rearm = False
+
     def next_deadline(self) -> float | None:
         """Monotonic time at which ``tick`` will next do something: the open window's flush time, ``-inf`` when a
         restored window waits to be re-armed (tick it once), None when no window is open or reports are held

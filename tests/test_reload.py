@@ -270,3 +270,36 @@ def test_plan_restarts_a_connector_whose_tags_changed_and_names_restart_only_key
         assert exc.reason == "needs_restart" and exc.detail["fields"] == ["mqtt.keepalive_s"]
     else:
         raise AssertionError("an mqtt change was not refused")
+
+
+async def test_a_changed_machine_keeps_its_open_windows_time(tmp_path, mqtt_broker):
+    """A reload that changes a machine's counters rebuilds its engine from its snapshot. The open window keeps the
+    time it opened (the snapshot has none): its report is not put off by up to interval_s (with interval_s 60 the
+    report came up to 2 minutes after the first count)."""
+    m = MachineModel("PressA", cycle_time=0.05, seed=3, counter_bits=32)
+    path = tmp_path / "gw.yaml"
+    async with ModbusMachineServer(m, host="127.0.0.1", port=free_port(), unit_id=1) as srv:
+        write_config(path, mqtt_broker.port, {"press-a": "mb"}, {"mb": (srv, 0.05)})
+        doc = yaml.safe_load(path.read_text())
+        doc["machines"][0]["reporting"] = {"interval_s": 60}
+        path.write_text(yaml.safe_dump(doc))
+        rgw = RunningGateway(load_config(path))
+        gw = await rgw.start()
+        try:
+            async with Production(m):
+                await rgw.wait_counters_read("press-a")
+                m.start()
+                await wait_until(lambda: gw.engines["press-a"].next_deadline() not in (None, float("-inf")), 15,
+                                 message="no window opened")
+                old = gw.engines["press-a"]
+                opened = old._opened_at()
+                doc["machines"][0]["counters"]["good"]["max_rate"] = 300  # the counter's spec changes
+                path.write_text(yaml.safe_dump(doc))
+                p = await Reloader(gw, str(path)).reload()
+                assert p is not None and p.machines_changed == ["press-a"]
+                new = gw.engines["press-a"]
+                assert new is not old
+                assert new.next_deadline() != float("-inf"), "the window waits to be timed again from now"
+                assert new._opened_at() == opened
+        finally:
+            await rgw.stop()
