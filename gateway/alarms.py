@@ -13,6 +13,8 @@ raised by connectors (which report to the runtime's Alarms, ``Connector.alarms``
 (a monitored item the OPC UA server refused), ``queue_revised:<machine>/<signal>`` (its queue revised below what the
 tag needs), ``queue_overflow:<machine>/<signal>`` (the server's queue of a delta / reset_on_read counter overflowed:
 production lost at the server; cleared an hour after the last overflow once the queue is large enough),
+``delta_gap:<machine>/<signal>`` (the connection of a delta / reset_on_read counter's OPC UA server was lost: what the
+node took meanwhile is not counted; cleared an hour later),
 ``certificate_expiring:<connector>:own|server``; and those evaluated
 by gateway/health.py (``broker_unreachable``, ``connector_down:<connector>``, ``quarantine_not_empty``,
 ``oldest_unsent_event``, ``completion_unacked:<machine>``, ``counter_anomaly:<machine>``; the table with thresholds is

@@ -626,11 +626,18 @@ async def test_revised_queue_sizes_are_reported_and_overflows_counted() -> None:
                 assert conn.status.detail["queue_revised"] == {}
                 # the late node is gone with the restart; the loss stays on record until the hold has passed
                 conn._check_overflows()  # what the watchdog does: the queue is large enough, the hold has not passed
-                assert conn.alarms.ids() == ["queue_overflow:press-1/delta", "tag_refused:press-1/late"]
+                # and what the delta node took while the server was down is lost with the old subscription
+                assert conn.alarms.ids() == ["delta_gap:press-1/delta", "queue_overflow:press-1/delta",
+                                             "tag_refused:press-1/late"]
+                gap = next(a for a in conn.alarms.active() if a.id == "delta_gap:press-1/delta")
+                assert (gap.evidence["machine"], gap.evidence["counter"], gap.evidence["node_id"]) == (
+                    "press-1", "delta", server.delta_node_id)
+                assert gap.evidence["down_s"] > 0
                 assert conn.status.detail["queue_overflows"]["press-1/delta"] > 0
                 conn.overflow_hold_s = 0.2
-                await eventually(lambda: "queue_overflow:press-1/delta" not in conn.alarms, 3,
-                                 "the overflow alarm cleared by the watchdog once the hold has passed")
+                await eventually(lambda: "queue_overflow:press-1/delta" not in conn.alarms
+                                 and "delta_gap:press-1/delta" not in conn.alarms, 3,
+                                 "the overflow and gap alarms cleared by the watchdog once the hold has passed")
                 assert conn.alarms.ids() == ["tag_refused:press-1/late"]
                 assert conn.status.detail["queue_overflows"]["press-1/delta"] > 0  # the count is not reset
     finally:

@@ -35,7 +35,8 @@ server delivers with the Overflow info bit (it discarded values of that item) ar
 ``edge_gateway_opcua_queue_overflows_total``). On a delta / reset-on-read counter such a value means counts were lost
 at the server: the warning alarm ``queue_overflow:<machine>/<signal>`` is raised (evidence refreshed at each one) and
 cleared by the watchdog once no overflow was seen on the tag for ``OVERFLOW_HOLD_S`` and its queue is not revised
-below need (a connect got the size it asked for).
+below need (a connect got the size it asked for). A reconnect loses the same values (the new subscription gets only the
+current value): the warning alarm ``delta_gap:<machine>/<signal>`` is raised for each such counter, cleared alike.
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ class OpcUaConnector(Connector):
         self._count_keys = {b.key for b in self.tags if getattr(b, "every_value", False)}  # delta / reset-on-read
         # cumulative counters whose values up to a PLC-tag changeover make the cut (see TagBinding.cut_by_tags)
         self._cut_keys = {b.key for b in self.tags if getattr(b, "cut_by_tags", False) and b.key not in self._count_keys}
-        self._overflow_alarms: dict[str, float] = {}  # tag key -> monotonic time of its last overflow (alarm raised)
+        # tag key -> monotonic time of its last overflow or delta gap (alarm raised)
+        self._overflow_alarms: dict[str, float] = {}
         self.status.detail.update(endpoint=self.endpoint, reconnects=0, monitored_items=0, queue_revised={},
                                   queue_overflows={})
 
@@ -629,6 +631,26 @@ class OpcUaConnector(Connector):
                                 node_id=self._key_node[k], overflows=n, last_overflow=rfc3339(time.time()))
         self.status.detail["queue_overflows"] = dict(sorted(self._overflows.items()))
 
+    def _note_gap(self, since: float, down_s: float) -> None:
+        """Connected again after an outage, with a new session and subscription: the values a delta / reset-on-read
+        counter's node took meanwhile were queued for the old subscription and are gone (OPC UA gives a new one only
+        the current value). The warning alarm ``delta_gap:<machine>/<signal>``, cleared like ``queue_overflow``."""
+        keys = sorted(k for k in self._count_keys if k not in self._refused)  # a refused one is not read at all
+        if not keys:
+            return
+        now = time.monotonic()
+        for k in keys:
+            machine, _, signal = k.partition("/")
+            self._overflow_alarms[k] = now
+            self.alarms.set(f"delta_gap:{k}", True, "warning",
+                            f"machine {machine} {signal}: the connection to the server was lost for {down_s:g} s; the "
+                            "values this delta / reset_on_read counter took meanwhile were queued for the old "
+                            "subscription and are not counted (check the machine's quantities for that span in the ERP)",
+                            connector=self.id, endpoint=self.endpoint, machine=machine, counter=signal,
+                            node_id=self._key_node.get(k), down_since=rfc3339(since), down_s=down_s)
+        log.warning("opcua.delta_gap", connector=self.id, endpoint=self.endpoint, down_s=down_s,
+                    counters=keys, risk="values written while disconnected are not counted")
+
     def _check_overflows(self, now: float | None = None) -> None:
         """Clear ``queue_overflow:<machine>/<signal>`` once the tag had no overflow for ``overflow_hold_s`` (monotonic)
         and its queue is not revised below need; called by the watchdog, so only while connected."""
@@ -637,6 +659,7 @@ class OpcUaConnector(Connector):
             if now - last >= self.overflow_hold_s and k not in self._queue_revised:
                 del self._overflow_alarms[k]
                 self.alarms.set(f"queue_overflow:{k}", False, "warning", "")
+                self.alarms.set(f"delta_gap:{k}", False, "warning", "")
 
     async def _check_types(self, client: Client, node_ids: list[str]) -> None:
         """Read the DataType of every counter / meter node: report a mismatch with the config (log once, status
@@ -804,12 +827,9 @@ class OpcUaConnector(Connector):
         state = ComponentState.DEGRADED if self._failed_items else ComponentState.CONNECTED
         self.status.set(state, f"monitored items failed: {sorted(self._failed_items)}" if self._failed_items else None)
         if self._outage_since is not None:
-            log.info(
-                "opcua.recovered",
-                connector=self.id,
-                endpoint=self.endpoint,
-                downtime_s=round(time.time() - self._outage_since, 3),
-            )
+            down_s = round(time.time() - self._outage_since, 3)
+            log.info("opcua.recovered", connector=self.id, endpoint=self.endpoint, downtime_s=down_s)
+            self._note_gap(self._outage_since, down_s)
             self._outage_since = None
             self.status.detail["reconnects"] += 1
         elif not self._ever_connected:
