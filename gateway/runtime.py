@@ -385,7 +385,9 @@ class Gateway:
         if self.http is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.http.stop(), timeout=5)
-        # the task group has cancelled everything; persist what the engines hold (staged rows and their state)
+        # the task group has cancelled everything; apply what the core's inbox still holds, then persist what the
+        # engines hold (staged rows and their state)
+        self.core.drain()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.core.commit(force=True), timeout=5)
         with contextlib.suppress(Exception):
