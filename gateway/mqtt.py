@@ -1102,27 +1102,31 @@ class Publisher:
         awaits ``_quarantine_bad``); -1 when the connection is gone. Not a coroutine: no allocation per row."""
         row = buf[0]
         limit = s.conn.max_packet_size
-        if len(row.payload) > self.max_message_bytes:
+        # what goes on the wire: in batch mode the row alone is the message "[row]" on .../events/batch
+        batch = self.batch_max > 1
+        topic = row.topic.rpartition("/events/")[0] + "/events/batch" if batch else row.topic
+        size = len(row.payload) + 2 if batch else len(row.payload)
+        how = " (as a batch of one)" if batch else ""
+        if size > self.max_message_bytes:
             buf.popleft()
-            self._bad.append((row, f"too large: {len(row.payload)} bytes > mqtt.max_message_bytes "
-                                   f"{self.max_message_bytes}"))
+            self._bad.append((row, f"too large: {size} bytes{how} > mqtt.max_message_bytes {self.max_message_bytes}"))
             return QUARANTINE
-        if limit is not None and len(row.payload) + 4 * len(row.topic) + 16 > limit:
-            size = s.conn.packet_size(row.topic, len(row.payload))
-            if size > limit:
+        if limit is not None and size + 4 * len(topic) + 16 > limit:
+            packet = s.conn.packet_size(topic, size)
+            if packet > limit:
                 buf.popleft()
-                self._bad.append((row, f"too large for the broker: a {size}-byte packet > its Maximum Packet Size "
-                                       f"{limit} (MQTT 5 CONNACK)"))
+                self._bad.append((row, f"too large for the broker: a {packet}-byte packet{how} > its Maximum Packet "
+                                       f"Size {limit} (MQTT 5 CONNACK)"))
                 return QUARANTINE
-        if self.batch_max > 1:
-            topic = row.topic.rpartition("/events/")[0] + "/events/batch"
+        if batch:
             cap = self.max_message_bytes
             if limit is not None:
-                cap = min(cap, limit - s.conn.packet_size(topic, 0))
+                # the packet's length field grows with the payload (1 to 4 bytes): 3 more than for an empty one
+                cap = min(cap, limit - s.conn.packet_size(topic, 0) - 3)
             rows = self._take_batch(buf, cap, s.bucket if backlog else None)
             payload = b"[" + b",".join(r.payload for r in rows) + b"]"
         else:
-            rows, topic, payload = (), row.topic, row.payload
+            rows, payload = (), row.payload
         try:
             mid = self.link.publish(topic, payload, connection=s.conn)
         except ValueError as exc:  # a topic paho refuses: '+' / '#' in it, or empty

@@ -19,7 +19,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
-from gateway.mqtt import MqttLink, Publisher
+from gateway.mqtt import Connection, MqttLink, Publisher
 from gateway.store import OutboxRow, Store
 from tests.broker import MosquittoBroker
 from tests.e2e import wait_until
@@ -277,6 +277,63 @@ async def test_row_over_the_brokers_maximum_packet_size_is_quarantined_before_se
             await cancel(tasks)
     finally:
         col.stop()
+        broker.close()
+
+
+def sized(seq: int, machine: str, length: int) -> OutboxRow:
+    """A row whose payload is exactly ``length`` bytes."""
+    r = row(seq, machine, size=length - len(row(seq, machine, size=1).payload) + 1)
+    assert len(r.payload) == length
+    return r
+
+
+def _batch_of_one_over_the_limit() -> list[OutboxRow]:
+    """A row that fits the limit on its own topic, but not as "[row]" on .../events/batch."""
+    c = Connection(0, True)
+    n = max(n for n in range(600, 700) if c.packet_size("t/m1/events/x", n) <= 700)
+    assert c.packet_size("t/m1/events/batch", n + 2) > 700
+    return [row(1, "m2"), sized(2, "m1", n), row(3, "m2")]
+
+
+def _batch_with_a_two_byte_length() -> list[OutboxRow]:
+    """Two rows whose batch is exactly the limit less an empty packet's size: its length field takes two bytes, one
+    more than for the empty packet (mosquitto accepts that byte over its limit; a strict broker drops the connection)."""
+    c = Connection(0, True)
+    cap = 700 - c.packet_size("t/m1/events/batch", 0)
+    assert c.packet_size("t/m1/events/batch", cap) > 700
+    return [row(1, "m2"), sized(2, "m1", 300), sized(3, "m1", cap - 303), row(4, "m2")]
+
+
+@pytest.mark.parametrize("rows", [_batch_of_one_over_the_limit, _batch_with_a_two_byte_length])
+async def test_a_batch_never_exceeds_the_brokers_maximum_packet_size(tmp_path, rows):
+    """In batch mode a row goes out as a JSON array on .../events/batch: two bytes and a longer topic more than on its
+    own. Checked against the broker's Maximum Packet Size as sent, a row too large that way is quarantined before
+    sending (the broker would drop the connection at every resend: stuck), and every packet stays within the limit."""
+    from tests.faults import MqttPacketDrop
+
+    broker = MosquittoBroker(tmp_path / "b", extra_config="max_packet_size 700\n").start()
+    sizes: list[int] = []
+    proxy = await MqttPacketDrop(broker.port, lambda to_client, kind, packet: sizes.append(len(packet))
+                                 if not to_client and kind == MqttPacketDrop.PUBLISH else False).start()
+    try:
+        async with Store(str(tmp_path / "s.db")) as store:
+            rs = rows()
+            await commit(store, rs)
+            link = MqttLink(cfg(proxy.port, protocol="5"), client_id="gw")
+            pub = Publisher(store, link, window=10, batch_max=10)
+            tasks = await run_all(link.run(), pub.run())
+            await wait_until(lambda: store.pending == 0 or link.connections >= 3, 15)
+            assert store.pending == 0 and link.connections == 1, \
+                f"{store.pending} rows left after {link.connections} connections: the broker dropped the batch"
+            assert sizes and max(sizes) <= 700, sizes
+            q = await quarantine(store)
+            if rows is _batch_of_one_over_the_limit:
+                assert list(q) == [2] and "as a batch of one" in q[2], q
+            else:
+                assert q == {}
+            await cancel(tasks)
+    finally:
+        await proxy.close()
         broker.close()
 
 
