@@ -9,6 +9,7 @@ when they die of an unexpected error; shutdown is bounded: a stuck peer cannot h
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -97,6 +98,7 @@ async def run_until_really_cancelled(fn: Any, name: str) -> Any:
     return task.result()
 
 
+REJECTION_RETRY_S = 1.0  # an ERP rejection the store could not quarantine is tried again this often
 ERP_REJECTED_ALARM = ("the ERP rejected events (acks topic): they are in the quarantine, not posted "
                       "(`edge-gateway buffer list --quarantine`); retry or purge them with the gateway stopped")
 
@@ -105,6 +107,7 @@ ERP_REJECTED_ALARM = ("the ERP rejected events (acks topic): they are in the qua
 class _ErpRejection:
     event: dict[str, Any]
     reason: str
+    failures: int = 0  # quarantine writes the store refused
 
 
 class Gateway:
@@ -125,6 +128,8 @@ class Gateway:
         self.alarms = Alarms()
         self.activity = Activity(cfg)  # the status page's per-machine figures (gateway/statuspage.py)
         self._order_source = {m.id: m.order_source for m in cfg.machines}
+        self._rejections: collections.deque[_ErpRejection] = collections.deque()  # not yet in the quarantine
+        self._rejections_queued = False
         self.connectors: dict[str, Connector] = {}
         status_topic = self.topics.status()
         self._started_at = time.time()
@@ -326,21 +331,40 @@ class Gateway:
         if ack.status != "rejected":
             self.health.erp_accepted(ack.event_id)  # a completion it acknowledged no longer waits (an alarm)
             return
-        rejection = _ErpRejection(ack.event, ack.reason or "rejected by the ERP")
-        self.core.after_commit.append(lambda: self._quarantine_rejection(rejection))
-        self.core.wake()
+        # kept in memory until its quarantine row is committed: its outbox row went at the PUBACK and the ERP does
+        # not send the rejection again (retried while the store refuses writes, written at a stop)
+        self._rejections.append(_ErpRejection(ack.event, ack.reason or "rejected by the ERP"))
+        self._queue_rejections()
+
+    def _queue_rejections(self) -> None:
+        if not self._rejections_queued:
+            self._rejections_queued = True
+            self.core.after_commit.append(self._quarantine_rejections)
+            self.core.wake()
+
+    async def _quarantine_rejections(self, *, retry: bool = True) -> None:
+        self._rejections_queued = False
+        while self._rejections:
+            r = self._rejections[0]
+            try:
+                await self._quarantine_rejection(r)
+            except StoreError as exc:
+                r.failures += 1
+                if r.failures == 1:
+                    log.error("erp_ack.quarantine_failed", id=r.event.get("id"), error=str(exc),
+                              action=f"retried every {REJECTION_RETRY_S:g} s until the store takes it")
+                if retry:
+                    asyncio.get_running_loop().call_later(REJECTION_RETRY_S, self._queue_rejections)
+                return
+            self._rejections.popleft()
 
     async def _quarantine_rejection(self, r: _ErpRejection) -> None:
         ev = r.event
         machine = str(ev.get("subject", ""))
         etype = str(ev.get("type", ""))
-        try:
-            await self.store.quarantine_external(
-                seq=ev.get("seq") if isinstance(ev.get("seq"), int) else None, machine=machine, type=etype,
-                topic=self.topics.event(machine, etype), payload=json.dumps(ev).encode(), reason=f"ERP: {r.reason}")
-        except StoreError as exc:
-            log.error("erp_ack.quarantine_failed", id=ev.get("id"), error=str(exc))
-            return
+        await self.store.quarantine_external(
+            seq=ev.get("seq") if isinstance(ev.get("seq"), int) else None, machine=machine, type=etype,
+            topic=self.topics.event(machine, etype), payload=json.dumps(ev).encode(), reason=f"ERP: {r.reason}")
         self.stats.erp_rejections += 1
         log.error("erp_ack.event_rejected", id=ev.get("id"), type=etype, machine=machine, reason=r.reason)
         self.alarms.raise_("erp_rejected", "warning", ERP_REJECTED_ALARM, rejected=self.stats.erp_rejections,
@@ -390,6 +414,9 @@ class Gateway:
         self.core.drain()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.core.commit(force=True), timeout=5)
+        if self._rejections:  # ERP rejections not yet in the quarantine: their last chance
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._quarantine_rejections(retry=False), timeout=5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.publisher.flush_acks(), timeout=2)
         await self.store.close()
