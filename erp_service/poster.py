@@ -6,8 +6,12 @@ external id.
   no database lock is held during the HTTP call.
 - 2xx: the row becomes ``sent`` (with the ERP's answer); it is never selected again, so an acknowledged document is
   never sent twice.
+- The lease is renewed before each row is posted (``next_attempt_at = now() + lease_s``, only while ``attempts`` is
+  still the claim's): another poster takes a row over only ``lease_s`` after this one started on it, so ``lease_s``
+  must exceed the lookup and the POST (2 x ``timeout_s``) plus ``settle_s``.
 - 5xx, timeout, connection error: the outcome is unknown. The row is retried with exponential backoff (after a
-  timeout or a reset connection at least ``settle_s``: the ERP may still be booking the document), and every
+  timeout, a reset connection or a 502 / 504 / 408 from a proxy at least ``settle_s``: the ERP may still be booking
+  the document), and every
   retry (``attempts > 1``, also after a poster crashed mid-call and the lease ran out) first **looks the external id
   up** (``GET ...?$filter=ExternalSystemConfirmation eq '...'``): found means posted, the row is marked sent without a
   second POST.
@@ -112,12 +116,27 @@ class Poster:
         for ext, kind, body, attempts, event_time, _n in rows:
             if stop is not None and stop.is_set():
                 break
-            await self._post_row(conn, http, ext, kind, body, attempts, event_time)
+            # the lease runs from each row's own start, not from the claim: a batch that takes longer than the lease
+            # (a slow ERP) is not claimed again by another poster while this one still posts it
+            if await self._renew(conn, ext, attempts):
+                await self._post_row(conn, http, ext, kind, body, attempts, event_time)
             self._claimed.pop(ext, None)
         if self._claimed:
             self._set_aside_claim()
             await self._release(conn)
         return len(rows)
+
+    async def _renew(self, conn: psycopg.AsyncConnection[Any], ext: str, attempts: int) -> bool:
+        """Push the row's lease one ``lease_s`` ahead from now, if it is still ours (pending, ``attempts`` as
+        claimed); False: another poster has claimed it since (the lease had run out), or it is settled."""
+        cur = await conn.execute("UPDATE erp_outbox SET next_attempt_at = now() + %s * interval '1 second' "
+                                 "WHERE external_id = %s AND state = 'pending' AND attempts = %s",
+                                 (self.cfg.lease_s, ext, attempts))
+        if cur.rowcount == 1:
+            return True
+        log.warning("erp.claim_lost", poster=self.name, external_id=ext, attempts=attempts,
+                    hint="the row was claimed again after lease_s: raise erp.lease_s above the time one posting takes")
+        return False
 
     def _set_aside_claim(self) -> None:
         """The current claim's unsettled rows, to be given back by _release."""
@@ -175,7 +194,11 @@ class Poster:
                 answer = {"raw": text[:1000]}
             await self._sent(conn, ext, kind, answer, event_time)
             log.debug("erp.posted", external_id=ext, kind=kind, ms=round((time.monotonic() - t0) * 1000, 1))
-        elif status in (408, 429) or status >= 500:
+        elif status in (408, 502, 504):
+            # a proxy or gateway in front of the ERP gave up waiting: the ERP may still be booking it, as after our
+            # own timeout; look it up only after it had time to finish
+            await self._retry(conn, ext, attempts, f"HTTP {status}: {text[:300]}", "timeout", self.cfg.settle_s)
+        elif status == 429 or status >= 500:
             await self._retry(conn, ext, attempts, f"HTTP {status}: {text[:300]}", "unavailable")
         else:
             self.metrics.erp_errors.labels("refused").inc()
@@ -206,11 +229,15 @@ class Poster:
                      reason: str, settle: float = 0.0) -> None:
         self.healthy = False
         self.metrics.erp_errors.labels(reason).inc()
-        delay = max(settle, min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, attempts - 1)))
+        # (the exponent capped: 2 ** 1024 is no float, after some 8 hours of an ERP outage at the defaults)
+        backoff = self.cfg.backoff_initial_s * 2 ** min(40, max(0, attempts - 1))
+        delay = max(settle, min(self.cfg.backoff_max_s, backoff))
         if settle and ext in self._claimed:  # should this write fail, the row is released only after settle_s
             self._claimed[ext] = (attempts, settle)
+        # only while the row is still ours: another poster's claim (its lease) is not cut short
         await conn.execute("UPDATE erp_outbox SET next_attempt_at = now() + %s * interval '1 second', "
-                           "last_error = %s WHERE external_id = %s AND state = 'pending'", (delay, error, ext))
+                           "last_error = %s WHERE external_id = %s AND state = 'pending' AND attempts = %s",
+                           (delay, error, ext, attempts))
         log.warning("erp.post_failed", external_id=ext, attempts=attempts, retry_in_s=delay, error=error[:200])
 
 

@@ -38,6 +38,10 @@ class ErpService:
         self.nats: NatsSource | None = None
         self.mqtt_workers: list[MqttWorker] = []
         self.posters = [Poster(cfg.erp, cfg.postgres.dsn, self.metrics, f"poster-{i}") for i in range(cfg.erp.posters)]
+        e = cfg.erp
+        if e.lease_s < 2 * e.timeout_s + e.settle_s:  # a row could be taken over while the ERP still books it
+            log.warning("erp.lease_short", lease_s=e.lease_s, needed_s=2 * e.timeout_s + e.settle_s,
+                        hint="set erp.lease_s above 2 x erp.timeout_s + erp.settle_s (docs/erp-service.md, outbox)")
         self._conns: dict[int, psycopg.AsyncConnection[Any]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._poster_tasks: list[asyncio.Task[Any]] = []

@@ -47,6 +47,7 @@ class ErpEndpoint:
         self.fail_next_n = 0
         self.fail_after_commit_n = 0
         self.delay_s = 0.0
+        self.in_flight = 0                              # postings being booked (also those whose client gave up)
         self._runner: web.AppRunner | None = None
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_post(f"{BASE}/ProdnOrdConf2", self._post)
@@ -129,6 +130,13 @@ class ErpEndpoint:
         return await asyncio.shield(self._book(raw))
 
     async def _book(self, raw: bytes) -> web.Response:
+        self.in_flight += 1
+        try:
+            return await self._book_now(raw)
+        finally:
+            self.in_flight -= 1
+
+    async def _book_now(self, raw: bytes) -> web.Response:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.failing or self.fail_next_n > 0:

@@ -144,6 +144,7 @@ def worker_doc(dsn: str, cluster: NatsCluster, erp_url: str, threads: int, ack_w
         "nats": {"servers": cluster.urls, "ack_wait_s": ack_wait_s, "batch": 16,
                  "mqtt_endpoints": [f"{h}:{p}" for h, p in cluster.mqtt_endpoints]},
         "erp": {"url": erp_url, "poll_s": 0.05, "backoff_initial_s": 0.1, "backoff_max_s": 1, "timeout_s": 3,
+                "settle_s": 3,
                 "lease_s": 10},
         "http": {"port": 0},
         "logging": {"format": "json", "level": "info"},

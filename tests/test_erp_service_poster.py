@@ -249,3 +249,164 @@ async def test_a_stop_mid_batch_gives_the_rest_of_the_claim_back(conn, dsn, endp
     await _run_poster(again, lambda: len(endpoint.postings) == len(evs), timeout=10)
     assert [p["ExternalSystemConfirmation"] for p in endpoint.postings] == [e["id"] for e in evs]
     assert endpoint.duplicates == {} and endpoint.lookups >= pending
+
+
+# --------------------------------------------------------------------------------- the lease (found by a review)
+def _fed(dsn: str, n: int):
+    f = EventFactory()
+    return [f.report("press-1", "1000123", "0010", y=i) for i in range(1, n + 1)]
+
+
+async def _all_sent(dsn: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(dsn) as c:
+        cur = await c.execute("SELECT count(*) FROM erp_outbox WHERE state <> 'sent'")
+        return (await cur.fetchone())[0] == 0
+
+
+async def _until(pred, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await pred():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_batch_longer_than_the_lease_is_not_posted_twice_by_two_posters(conn, dsn, endpoint):
+    """The lease is renewed before each row: a batch that takes longer than ``lease_s`` (a slow ERP) is not claimed
+    again by a second poster while the first still works through it (which then POSTed it a second time, without a
+    lookup: its claim said attempt 1). Red before: 6 documents posted twice."""
+    evs = _fed(dsn, 12)
+    await _feed(conn, evs)
+    await conn.commit()
+    endpoint.set_delay(0.5)  # each posting takes 0.5 s: the 12-row batch takes 6 s, twice the lease
+    cfg = ErpEndpointConfig(url=endpoint.url, timeout_s=1, settle_s=1, lease_s=3, backoff_initial_s=0.05,
+                            backoff_max_s=0.2, poll_s=0.05)
+    a, b = Poster(cfg, dsn, Metrics(), "poster-0"), Poster(cfg, dsn, Metrics(), "poster-1")
+    stop = asyncio.Event()
+    ta = asyncio.create_task(a.run(stop))
+    await wait_until(lambda: endpoint.requests >= 1, timeout=5)  # poster-0 holds the whole batch
+    tb = asyncio.create_task(b.run(stop))
+    try:
+        # every row sent, and poster-0 through its claimed batch (the duplicates came from its last rows)
+        await _until(lambda: _idle_and_sent(dsn, a, endpoint), 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(ta, tb), 10)
+    assert len(endpoint.by_external) == 12
+    assert dict(endpoint.duplicates) == {}, f"posted twice: {len(endpoint.duplicates)} documents"
+
+
+async def _idle_and_sent(dsn: str, poster: Poster, endpoint: ErpEndpoint) -> bool:
+    return not poster._claimed and endpoint.in_flight == 0 and await _all_sent(dsn)
+
+
+async def test_a_poster_killed_late_in_its_batch_is_not_posted_twice_after_a_restart(conn, dsn, endpoint, tmp_path):
+    """A poster SIGKILLed during a POST late in its batch: the row's lease runs from that row's start (not from the
+    claim, long past), so the restarted poster takes it over only after ``lease_s``, once the ERP has booked the
+    killed request, and finds it by the lookup. Red before: the restarted poster looked it up while the ERP was still
+    booking, found nothing and posted it again."""
+    import subprocess
+    import sys
+
+    evs = _fed(dsn, 8)
+    await _feed(conn, evs)
+    await conn.commit()
+    endpoint.set_delay(0.8)  # the ERP books each posting after 0.8 s (also when the client is gone)
+    lease, timeout, settle = 3.0, 1.0, 1.0  # lease_s >= 2 x timeout_s + settle_s
+    script = tmp_path / "poster.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from erp_service.config import ErpEndpointConfig\n"
+        "from erp_service.metrics import Metrics\n"
+        "from erp_service.poster import Poster\n"
+        f"cfg = ErpEndpointConfig(url={endpoint.url!r}, lease_s={lease}, timeout_s={timeout}, settle_s={settle}, "
+        "backoff_initial_s=0.05, backoff_max_s=0.2, poll_s=0.05)\n"
+        f"asyncio.run(Poster(cfg, {dsn!r}, Metrics(), 'victim').run(asyncio.Event()))\n")
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: endpoint.requests >= 6, timeout=20)  # the 6th POST is in flight (~4 s after claim)
+    finally:
+        proc.kill()
+        proc.wait()
+    cfg = ErpEndpointConfig(url=endpoint.url, lease_s=lease, timeout_s=timeout, settle_s=settle,
+                            backoff_initial_s=0.05, backoff_max_s=0.2, poll_s=0.05)
+    again = Poster(cfg, dsn, Metrics(), "restarted")  # systemd restarts the service at once
+    stop = asyncio.Event()
+    task = asyncio.create_task(again.run(stop))
+    try:
+        await _until(lambda: _idle_and_sent(dsn, again, endpoint), 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert len(endpoint.by_external) == 8
+    assert dict(endpoint.duplicates) == {}, f"posted twice after the kill: {sorted(endpoint.duplicates)}"
+
+
+async def test_a_504_from_a_proxy_waits_settle_s_before_the_lookup(conn, dsn, endpoint):
+    """A 504 (or 502, 408) from a proxy in front of a slow ERP: the ERP may still be booking, as after a client
+    timeout, so the lookup and retry wait ``settle_s``. Red before: retried at once (backoff), booked 3 times."""
+    from aiohttp import web
+
+    from simulators.erp_endpoint import BASE
+
+    class TimeoutProxy:
+        """Answers 504 when the backend takes longer than ``limit`` seconds (the backend goes on)."""
+
+        def __init__(self, backend: str, limit: float) -> None:
+            self.backend, self.limit, self.gateway_timeouts = backend, limit, 0
+
+        async def _any(self, request: web.Request) -> web.Response:
+            body = await request.read()
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.limit)) as s, \
+                        s.request(request.method, self.backend + request.rel_url.path_qs, data=body,
+                                  headers={"Content-Type": request.content_type}) as r:
+                    return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+            except TimeoutError:
+                self.gateway_timeouts += 1
+                return web.Response(status=504, text="upstream timed out")
+
+    proxy = TimeoutProxy(f"http://{endpoint.host}:{endpoint.port}", 0.3)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy._any)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{BASE}"
+    try:
+        await _feed(conn, _fed(dsn, 1))
+        await conn.commit()
+        endpoint.set_delay(1.0)  # the backend books after 1 s; the proxy gives up after 0.3 s
+        cfg = ErpEndpointConfig(url=url, timeout_s=5, settle_s=2, lease_s=30, backoff_initial_s=0.05,
+                                backoff_max_s=0.2, poll_s=0.05)
+        poster = Poster(cfg, dsn, Metrics())
+        stop = asyncio.Event()
+        task = asyncio.create_task(poster.run(stop))
+        try:
+            await _until(lambda: _idle_and_sent(dsn, poster, endpoint), 30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        assert proxy.gateway_timeouts >= 1
+        assert len(endpoint.by_external) == 1
+        assert dict(endpoint.duplicates) == {}, f"booked {len(endpoint.postings)} times"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_long_erp_outage_does_not_crash_the_backoff(conn, dsn, endpoint):
+    """After 1024 attempts (some 8.5 hours of ERP outage at the defaults) ``2 ** attempts`` is no float: the retry
+    must still be written, after backoff_max_s (red before: OverflowError, the row held for the whole lease)."""
+    await _feed(conn, _fed(dsn, 2))
+    await conn.execute("UPDATE erp_outbox SET attempts = 1024")
+    await conn.commit()
+    endpoint.set_failing(True)
+    cfg = ErpEndpointConfig(url=endpoint.url, backoff_initial_s=0.5, backoff_max_s=30, lease_s=60)
+    poster = Poster(cfg, dsn, Metrics())
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c, aiohttp.ClientSession() as http:
+        assert await poster.post_once(c, http) == 2
+        cur = await c.execute("SELECT count(*) FROM erp_outbox WHERE next_attempt_at > now() + interval '31 s'")
+        assert (await cur.fetchone())[0] == 0  # retried after backoff_max_s, not held for the lease
