@@ -366,6 +366,14 @@ class MaterialConsumedData(EventData):
     """Material consumed in one window: backflushed from the order's components for the window's yield + scrap,
     or metered by a material meter on the machine."""
 
+    # as for quantity reports: an assigned consumption names its order and operation (an ERP cannot book it
+    # otherwise: the posting service refused the whole broker message it came in)
+    __pydantic_config__ = ConfigDict(**_CONFIG, json_schema_extra={
+        "if": {"properties": {"unassigned": {"const": True}}},
+        "then": {"properties": {"order": {"type": "null"}, "operation": {"type": "null"}}},
+        "else": {"properties": {"order": {"type": "string"}, "operation": {"type": "string"}}},
+    })
+
     machine: Machine
     order: Annotated[str | None, Field(description="Production order number; null when metered with no active "
                                                    "order.")]

@@ -98,6 +98,23 @@ async def test_invalid_event_rejected_with_reason_rest_of_batch_booked(conn):
     assert r.outcome == "rejected" and "not JSON" in r.reason
 
 
+async def test_an_assigned_consumption_without_its_order_is_rejected_alone(conn):
+    """A material.consumed marked assigned (unassigned: false) but with no order / operation cannot be booked: the
+    contract refuses it (as for quantity reports), so it is rejected alone and the rest of its batch is booked. Red
+    before: the contract let it through, the outbox insert failed (NOT NULL) and took the whole broker message with
+    it, dead-lettered after its redeliveries with the report in it."""
+    f = EventFactory()
+    led = Ledger(ServiceConfig())
+    report = f.report("press-1", "1000123", "0010", y=40, s=2)
+    odd = f._env("material.consumed", "press-1", {
+        "machine": "press-1", "order": None, "operation": None, "unassigned": False, "method": "metered",
+        "basis": None, "movement_type": "261", "components": [{"material": "RM-1", "quantity": "2.5", "unit": "KG"}]})
+    results = await led.process(conn, "t/events/batch", _b([report, odd]))
+    assert [r.outcome for r in results] == ["accepted", "rejected"]
+    assert "data.order" in results[1].reason
+    assert await _rows(conn, "SELECT yield FROM erp_ledger") == [(Decimal(40),)]
+
+
 async def test_completion_held_until_the_reports_before_it_arrive(conn):
     f = EventFactory()
     led = Ledger(ServiceConfig())
