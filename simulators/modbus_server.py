@@ -152,6 +152,8 @@ class ModbusMachineServer:
         self._server: ModbusTcpServer | None = None
         self._exception: ExcCodes | None = None
         self._block_exceptions: list[tuple[int | None, range, ExcCodes]] = []
+        self._holds: list[tuple[int | None, range, asyncio.Event]] = []
+        self.held = 0  # requests being held now (see hold)
         # the reset-on-read registers: the model's good count at their last read
         self._read_base: dict[int, int] = {a: model.good_raw for a in _RESET_ON_READ}
         self._refresh()
@@ -225,6 +227,13 @@ class ModbusMachineServer:
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
         """pymodbus hook, called on every request before the registers are read."""
+        for fc, addresses, release in list(self._holds):  # the holds in force when the request came
+            if (fc is None or fc == function_code) and address in addresses and not release.is_set():
+                self.held += 1
+                try:
+                    await release.wait()
+                finally:
+                    self.held -= 1
         if self._exception is not None:
             return self._exception
         for fc, addresses, code in self._block_exceptions:
@@ -246,6 +255,13 @@ class ModbusMachineServer:
                         if 0 <= a + k - start_address < len(current_registers):
                             current_registers[a + k - start_address] = w
         return None
+
+    def hold(self, *, addresses: range, function_code: int | None = None) -> asyncio.Event:
+        """Hold the answer to requests starting at one of these addresses (a slow module, a busy device) until the
+        returned event is set; ``held`` counts the requests waiting."""
+        release = asyncio.Event()
+        self._holds.append((function_code, addresses, release))
+        return release
 
     def set_exception(self, code: ExcCodes | None, *, addresses: range | None = None,
                       function_code: int | None = None) -> None:

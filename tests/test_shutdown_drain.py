@@ -52,3 +52,43 @@ async def test_samples_queued_when_the_gateway_stops_are_in_its_last_commit(tmp_
         await s.close()
     state = json.loads(state) if isinstance(state, str) else state
     assert state["window"]["q"]["good"] == "12", "parts read before the stop were not in the last commit"
+
+
+async def test_a_poll_cut_short_by_the_stop_hands_on_the_blocks_it_has_read(tmp_path):
+    """The gateway stops while a poll waits for its second block: the first block, already read, held a reset-on-read
+    register (cleared by that read). Its readings go to the core, which applies them before the last commit. Red
+    before: the poll's readings were dropped with the cancelled poll."""
+    m = MachineModel("Press1", cycle_time=0.01, seed=12, counter_bits=16)
+    async with ModbusMachineServer(m, host="127.0.0.1", port=free_port(), unit_id=1) as srv:
+        store = tmp_path / "gw.db"
+        # blocks are read table by table: the holding register 300 first, then the input register 1 (FC4)
+        cfg = parse_config({
+            "gateway": IDENT, "mqtt": {"port": free_port()}, "store": {"path": str(store)},
+            "connectors": [{"type": "modbus", "id": "plc", "host": "127.0.0.1", "port": srv.port, "unit_id": 1,
+                            "poll_interval_s": 0.05, "timeout_s": 5}],
+            "machines": [{"id": "m1", "counters": {
+                "good": {"connector": "plc", "address": 300, "data_type": "uint16", "mode": "reset_on_read"},
+                "scrap": {"connector": "plc", "table": "input", "address": 1, "data_type": "uint16"}},
+                "reporting": {"interval_s": 600}}]}, "<test>")
+        rgw = RunningGateway(cfg)
+        gw = await rgw.start()
+        try:
+            m.set_counters(good=m.good_raw + 5)
+            await wait_until(lambda: gw.engines["m1"].snapshot()["window"]["q"].get("good") == "5", 10)
+            release = srv.hold(addresses=range(1, 2), function_code=4)  # the input register block stalls
+            await wait_until(lambda: srv.held == 1, 10)
+            m.set_counters(good=m.good_raw + 7)
+            release.set()  # the poll that was stalled ends; the next one reads 300 (the 7 parts), then stalls
+            release2 = srv.hold(addresses=range(1, 2), function_code=4)
+            await wait_until(lambda: srv._read_base[300] == m.good_raw and srv.held == 1, 10)
+        finally:
+            await rgw.stop()
+            release2.set()
+    s = Store(str(store))
+    await s.open()
+    try:
+        state = (await s.load_states())["m1"]
+    finally:
+        await s.close()
+    state = json.loads(state) if isinstance(state, str) else state
+    assert state["window"]["q"]["good"] == "12", "the parts of the cut-short poll were not in the last commit"

@@ -378,31 +378,39 @@ class ModbusConnector(Connector):
         failed_blocks: dict[str, Block] = {}
         any_ok = False
         started = time.monotonic() if client is not None else None
-        for block in list(self.blocks):
-            client = self._client
-            if client is None:
-                error = f"not connected ({self._down_reason})"
-            else:
-                try:
-                    regs = await self._read_block(client, block)
-                except _LinkError as exc:
-                    error = str(exc)
-                    self._drop(client, error)
-                except _BlockError as exc:
-                    error = str(exc)
-                    if exc.code == _ILLEGAL_ADDRESS and not block.gapless:
-                        self._split(block)
+        try:
+            for block in list(self.blocks):
+                client = self._client
+                if client is None:
+                    error = f"not connected ({self._down_reason})"
                 else:
-                    if block.direct:
-                        self._run(samples, block, regs, time.time())
+                    try:
+                        regs = await self._read_block(client, block)
+                    except _LinkError as exc:
+                        error = str(exc)
+                        self._drop(client, error)
+                    except _BlockError as exc:
+                        error = str(exc)
+                        if exc.code == _ILLEGAL_ADDRESS and not block.gapless:
+                            self._split(block)
                     else:
-                        samples.extend(self._decode(block, regs, time.time(), changed_only=True))
-                    any_ok = True
-                    continue
-            errors[block.name] = error
-            failed_blocks[block.name] = block
-            self._last_regs.pop(block.name, None)  # the next good read reports every tag of the block
-            samples.extend(self._failed(block, error, time.time()))
+                        if block.direct:
+                            self._run(samples, block, regs, time.time())
+                        else:
+                            samples.extend(self._decode(block, regs, time.time(), changed_only=True))
+                        any_ok = True
+                        continue
+                errors[block.name] = error
+                failed_blocks[block.name] = block
+                self._last_regs.pop(block.name, None)  # the next good read reports every tag of the block
+                samples.extend(self._failed(block, error, time.time()))
+        except asyncio.CancelledError:
+            # stopped in the middle of a poll: the blocks already read go on (a reset-on-read register was cleared by
+            # its read; the gateway's stop applies what reached the core before its last commit)
+            if samples:
+                with contextlib.suppress(Exception):
+                    self.sink(samples)
+            raise
 
         self.polls += 1
         self.status.detail["polls"] = self.polls
