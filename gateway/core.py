@@ -39,7 +39,7 @@ from gateway import metrics
 from gateway.alarms import Alarms
 from gateway.events import EventEncoder
 from gateway.faults import crash_point, freeze_point
-from gateway.orders import CompleteCommand, OrderCommand, PlcTagOrders
+from gateway.orders import HOLD, CompleteCommand, OrderCommand, PlcTagOrders
 from gateway.store import OutboxRow, PendingRow, Store, StoreError
 from mappings.machine import (
     EventDraft,
@@ -378,6 +378,8 @@ class Core:
                 log.exception("core.drain_failed")
                 break
         self.queued_samples = 0
+        if self.tags.pending:  # samples held while an order pair was not known: the switch now, then them
+            self.settle_order_tags(all_now=True)
 
     def _next_wakeup(self) -> float | None:
         """Seconds until the core has timed work: the next reporting window, a settling order switch, the
@@ -513,37 +515,59 @@ class Core:
         """A batch with order tags or a completion flag: applied in sample-time order, so a PLC-tag changeover
         switches at the exact sample boundary (see gateway/orders.py for the rule)."""
         out: list[EventDraft] = []
-        routes, engines, tags = self.routes.signal, self.engines, self.tags
+        routes = self.routes.signal
         touched: set[str] = set()
         rank = self.routes.rank
         for s in sorted(samples, key=lambda s: (s.time, rank.get(s.key, 0))):
             route = routes.get(s.key)
-            if route is None:
-                continue
-            machine, signal = route
-            cmd = tags.before_sample(machine, s.time)
-            if cmd is not None:
-                out.extend(self.apply_order(cmd))
-            if signal == "order" or signal == "operation" or signal == "complete":
-                cmd = tags.control_sample(machine, signal, s)
-                if cmd is not None:
-                    out.extend(self.apply_order(cmd))
-                continue
-            eng = engines[machine]
-            try:
-                out.extend(eng.apply(s, signal))
-            except Exception as exc:  # noqa: BLE001
-                self.fault(machine, exc, s)
-                continue
-            if eng.dirty:
-                self.dirty.add(machine)
-                if eng.urgent:
-                    self.urgent.add(machine)
-                touched.add(machine)
+            if route is not None:
+                self._ordered(s, route[0], route[1], out, touched)
         self.stats.samples += len(samples)
         for machine in touched:
             self._schedule(machine)
         return out
+
+    def _ordered(self, s: Sample, machine: str, signal: str, out: list[EventDraft], touched: set[str]) -> None:
+        """One sample of a machine with PLC order tags or a completion flag, in sample-time order. While only one tag
+        of the order pair has changed (the other may follow a scan later) the machine's samples after the change are
+        held, and applied after the switch (gateway/orders.py, ORDER_PAIR_WINDOW_S)."""
+        tags = self.tags
+        cmd = tags.before_sample(machine, s.time)
+        if cmd is HOLD:
+            if signal != "order" and signal != "operation":
+                tags.hold(machine, s)
+                return
+        else:
+            if cmd is not None:
+                out.extend(self.apply_order(cmd))  # type: ignore[arg-type]
+            self._release(machine, out, touched)
+        if signal == "order" or signal == "operation" or signal == "complete":
+            cmd = tags.control_sample(machine, signal, s)
+            if cmd is not None:
+                out.extend(self.apply_order(cmd))
+                self._release(machine, out, touched)
+            return
+        eng = self.engines[machine]
+        try:
+            out.extend(eng.apply(s, signal))
+        except Exception as exc:  # noqa: BLE001
+            self.fault(machine, exc, s)
+            return
+        if eng.dirty:
+            self.dirty.add(machine)
+            if eng.urgent:
+                self.urgent.add(machine)
+            touched.add(machine)
+
+    def _release(self, machine: str, out: list[EventDraft], touched: set[str]) -> None:
+        """Apply the samples held for ``machine`` while its order pair was not known (the switch is applied)."""
+        held = self.tags.release(machine)
+        if held:
+            routes = self.routes.signal
+            for h in held:
+                route = routes.get(h.key)
+                if route is not None:
+                    self._ordered(h, machine, route[1], out, touched)
 
     def fault(self, machine: str, exc: BaseException, sample: Sample | None = None) -> None:
         """An engine raised (a bug, or input nothing validated): this machine stops counting, the others go on.
@@ -733,10 +757,18 @@ class Core:
             self.stage(staged)
         self.settle_order_tags()
 
-    def settle_order_tags(self) -> None:
-        """A pending PLC-tag switch of a machine that sends nothing after it is applied once it has settled."""
-        for cmd in self.tags.settled(time.monotonic()):
-            self.stage(self.apply_order(cmd))
+    def settle_order_tags(self, *, all_now: bool = False) -> None:
+        """A pending PLC-tag switch of a machine that sends nothing after it is applied once it has settled, then
+        the samples held for it. ``all_now``: every pending one (the gateway is stopping)."""
+        out: list[EventDraft] = []
+        touched: set[str] = set()
+        for machine, cmd in self.tags.settled(time.monotonic(), all_now=all_now):
+            if cmd is not None:
+                out.extend(self.apply_order(cmd))
+            self._release(machine, out, touched)
+        self.stage(out)
+        for machine in touched:
+            self._schedule(machine)
 
     # ------------------------------------------------------------------ staging and the group commit
     def _update_full(self) -> None:

@@ -24,7 +24,9 @@ Rule at the sample boundary: counter samples and a completion flag seen in the s
 (same sample time) belong to the *old* order — a PLC finishes the part and the operation, then shows the next
 order —, and the switch happens before the first sample of the machine with a later time (or when the settle time
 has passed, for a machine that makes nothing after the change). Order and operation tags that change in the same
-scan are applied together as one changeover.
+scan are applied together as one changeover; so are two that change a scan or a poll apart: while only one of them
+has changed, the machine's samples after the change are held (``HOLD``), up to ``ORDER_PAIR_WINDOW_S`` of sample time,
+then applied after the switch (no phantom operation of the new order with the old operation number).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from mappings.samples import Sample
 log = structlog.get_logger(__name__)
 
 ORDER_TAG_SETTLE_S = 0.2  # a pending PLC-tag order switch of a machine that makes nothing is applied after this
+# sample time: after one tag of the pair (order, operation) changed, the other may still follow, a scan or a poll later
+# (a PLC that writes them one after the other); the machine's samples meanwhile wait, so the switch takes both tags
+ORDER_PAIR_WINDOW_S = 2.0
+HOLD = "hold"  # PlcTagOrders.before_sample: keep this sample until the order pair is known
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +80,28 @@ def _flag(value: object) -> bool:
 class TagOrderTracker:
     """Order/operation tags and the completion flag of one machine."""
 
-    __slots__ = ("complete_level", "machine", "pending_since", "values")
+    __slots__ = ("changed", "complete_level", "held", "machine", "pending_since", "values")
 
     def __init__(self, machine: str) -> None:
         self.machine = machine
         self.values: dict[str, str] = {}
         self.pending_since: float | None = None  # sample time of an order-tag change not yet applied
         self.complete_level: bool | None = None
+        self.changed: set[str] = set()  # the tags of the pair that changed since pending_since
+        self.held: list[Sample] = []  # the machine's samples after pending_since, while the pair is not known
+
+    def paired(self) -> bool:
+        """Both tags of the pending change are known: both changed, or the order was cleared (no order: the operation
+        does not matter). Else the other one may still follow (see ORDER_PAIR_WINDOW_S)."""
+        return len(self.changed) == 2 or not self.values.get("order")
+
+    def changes_again(self, signal: str, s: Sample) -> bool:
+        """This tag changes again while it is the only one of a pending change: the other did not follow, and the
+        earlier change stands alone (to be applied before this one)."""
+        if self.pending_since is None or signal not in self.changed or self.paired() or not s.good:
+            return False
+        value = "" if s.value is None else str(s.value).strip()
+        return self.values.get(signal) != value
 
     def order_tag(self, signal: str, s: Sample) -> bool:
         """An order or operation tag sample; True when it changed the tag values (a switch is now pending)."""
@@ -92,6 +113,8 @@ class TagOrderTracker:
         self.values[signal] = value
         if self.pending_since is None:
             self.pending_since = s.time
+            self.changed.clear()
+        self.changed.add(signal)
         return True
 
     def due(self, t: float) -> bool:
@@ -106,6 +129,7 @@ class TagOrderTracker:
         if order and not op:
             return False  # half-written pair: wait for the operation tag
         self.pending_since = None
+        self.changed.clear()
         return OrderContext(order, op) if order else None
 
     def complete_flag(self, s: Sample) -> bool:
@@ -123,20 +147,38 @@ class PlcTagOrders:
     the control samples (and asks before each sample of such a machine) in sample-time order; it answers with the
     command to apply at that boundary."""
 
-    def __init__(self, machines: dict[str, bool], settle_s: float = ORDER_TAG_SETTLE_S) -> None:
+    def __init__(self, machines: dict[str, bool], settle_s: float = ORDER_TAG_SETTLE_S,
+                 pair_window_s: float = ORDER_PAIR_WINDOW_S) -> None:
         """``machines``: machine id -> True when its order comes from the tags (False: completion flag only)."""
         self.trackers = {m: TagOrderTracker(m) for m in machines}
         self.from_tags = {m for m, tags in machines.items() if tags}
         self.pending: set[str] = set()  # machines with an order-tag switch not yet applied
         self.settle_s = settle_s
+        self.pair_window_s = pair_window_s
+        self.pair_wait_s = pair_window_s  # monotonic: an idle machine's half-known pair is applied after this
         self._settle_since: dict[str, float] = {}
 
-    def before_sample(self, machine: str, t: float) -> OrderCommand | None:
-        """A sample of ``machine`` with time ``t`` comes next: the pending switch to apply before it, if due."""
+    def before_sample(self, machine: str, t: float) -> OrderCommand | str | None:
+        """A sample of ``machine`` with time ``t`` comes next: the pending switch to apply before it, if due; or
+        ``HOLD`` while only one tag of the pair changed and the other may still follow (the caller keeps the sample
+        with ``hold`` and gets it back from ``release`` once the switch is applied)."""
         tracker = self.trackers.get(machine)
         if tracker is None or not tracker.due(t):
             return None
+        if not tracker.paired() and t <= tracker.pending_since + self.pair_window_s:  # type: ignore[operator]
+            return HOLD
         return self._take(machine)
+
+    def hold(self, machine: str, s: Sample) -> None:
+        self.trackers[machine].held.append(s)
+
+    def release(self, machine: str) -> list[Sample]:
+        """The samples held for ``machine`` (in order), given back once: apply them now."""
+        tracker = self.trackers.get(machine)
+        if tracker is None or not tracker.held:
+            return []
+        held, tracker.held = tracker.held, []
+        return held
 
     def control_sample(self, machine: str, signal: str, s: Sample) -> OrderCommand | CompleteCommand | None:
         tracker = self.trackers.get(machine)
@@ -144,9 +186,15 @@ class PlcTagOrders:
             return None
         if signal == "complete":
             return CompleteCommand(machine) if tracker.complete_flag(s) else None
-        if machine in self.from_tags and tracker.order_tag(signal, s):
+        if machine not in self.from_tags:
+            return None
+        # the same tag changed twice, the other not at all: the earlier change is applied first, on its own
+        earlier = self._take(machine) if tracker.changes_again(signal, s) else None
+        if tracker.order_tag(signal, s):
             self.pending.add(machine)
-        return None
+            if earlier is None and tracker.held and tracker.paired():
+                return self._take(machine)  # the other tag followed: switch now, the held samples after it
+        return earlier
 
     def _take(self, machine: str) -> OrderCommand | None:
         ctx = self.trackers[machine].take_switch()
@@ -156,23 +204,26 @@ class PlcTagOrders:
         self._settle_since.pop(machine, None)
         return OrderCommand(machine, ctx, "tag", needs_cut=False)  # type: ignore[arg-type]
 
+    def _settle_after(self, machine: str) -> float:
+        return self.settle_s if self.trackers[machine].paired() else max(self.settle_s, self.pair_wait_s)
+
     def next_settle(self) -> float | None:
         """Monotonic time by which the core should look at pending switches again (None: nothing pending)."""
         if not self.pending:
             return None
         if len(self._settle_since) < len(self.pending):
             return 0.0  # not yet timed: look now (starts their settle time)
-        return min(self._settle_since.values()) + self.settle_s
+        return min(t + self._settle_after(m) for m, t in self._settle_since.items())
 
-    def settled(self, now: float) -> Iterator[OrderCommand]:
-        """Pending switches of machines that sent nothing after the change for ``settle_s``."""
+    def settled(self, now: float, *, all_now: bool = False) -> Iterator[tuple[str, OrderCommand | None]]:
+        """Pending switches of machines that sent nothing after the change for ``settle_s`` (a half-known pair:
+        ``pair_wait_s``), as (machine, command or None for a half-written pair); the caller applies the command,
+        then the machine's held samples (``release``). ``all_now``: every pending one (the gateway is stopping)."""
         for machine in list(self.pending):
             first = self._settle_since.setdefault(machine, now)
-            if now - first >= self.settle_s:
+            if all_now or now - first >= self._settle_after(machine):
                 del self._settle_since[machine]
-                cmd = self._take(machine)
-                if cmd is not None:
-                    yield cmd
+                yield machine, self._take(machine)
 
 
 Publish = Callable[[str, bytes], Any]

@@ -117,6 +117,89 @@ def test_half_written_tag_pair_waits_and_settles_without_samples(tmp_path, monke
     assert [e["data"]["order"] for e in staged(gw) if e["type"] == "operation.started"] == ["A", "B"]
 
 
+def _started(gw: Gateway) -> list[tuple[str, str]]:
+    return [(e["data"]["order"], e["data"]["operation"]) for e in staged(gw) if e["type"] == "operation.started"]
+
+
+def test_order_and_operation_tags_written_in_two_scans_make_one_changeover(tmp_path):
+    """The PLC writes the new order at 3.0 and its operation one scan later, at 3.1, and a part is counted at 3.05,
+    between the two. One changeover, to B/20, with that part: no operation.started for B/10, an operation the ERP
+    never dispatched, and no part booked to it. Red before: B/10 started (a phantom) and got the part."""
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 10, 2.0)])
+    feed(gw, [s("m1/order", "B", 3.0)])
+    feed(gw, [s("m1/good", 11, 3.05)])
+    feed(gw, [s("m1/operation", "20", 3.1)])
+    feed(gw, [s("m1/good", 14, 4.0)])
+    gw.core.stage(gw.engines["m1"].flush("test", 5))
+    assert _started(gw) == [("A", "10"), ("B", "20")]
+    assert booked(gw) == {("A", "10"): 10, ("B", "20"): 4}
+
+
+def test_a_new_order_with_the_same_operation_switches_with_every_part_after_it(tmp_path):
+    """Only the order tag changes (the operation number stays 10: the usual case). Whether the operation tag follows
+    can only be known a moment later (ORDER_PAIR_WINDOW_S of sample time); the parts counted meanwhile wait, and go
+    to the new order as they were made after its tag changed."""
+    gw = make_gateway(tmp_path, complete=False)
+    from gateway.orders import ORDER_PAIR_WINDOW_S as w
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 10, 2.0)])
+    feed(gw, [s("m1/order", "B", 3.0), s("m1/good", 11, 3.0)])  # same scan: that part is A's
+    feed(gw, [s("m1/good", 12, 3.0 + w / 2)])
+    assert gw.engines["m1"].context.ref == ("A", "10")  # waiting for the operation tag
+    feed(gw, [s("m1/good", 15, 3.0 + w + 0.5)])
+    gw.core.stage(gw.engines["m1"].flush("test", 10))
+    assert _started(gw) == [("A", "10"), ("B", "10")]
+    assert booked(gw) == {("A", "10"): 11, ("B", "10"): 4}
+
+
+def test_a_new_order_alone_on_an_idle_machine_switches_once_the_pair_window_passed(tmp_path, monkeypatch):
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 3, 1.5)])
+    feed(gw, [s("m1/order", "B", 3.0)])
+    gw.core.settle_order_tags()
+    assert gw.engines["m1"].context.ref == ("A", "10")
+    monkeypatch.setattr(gw.core.tags, "pair_wait_s", 0.0)
+    monkeypatch.setattr(gw.core.tags, "settle_s", 0.0)
+    gw.core.settle_order_tags()
+    gw.core.settle_order_tags()
+    assert gw.engines["m1"].context.ref == ("B", "10")
+    assert _started(gw) == [("A", "10"), ("B", "10")]
+
+
+def test_quick_changeovers_of_the_order_tag_alone_with_completions_are_exact(tmp_path):
+    """Changeovers faster than the pair window: the order tag changes again before the window has passed. The
+    operation did not follow, so the earlier change stands alone and is applied first, with the parts and the
+    completion made under it; a completion in the same scan as an order change belongs to the order before it."""
+    gw = make_gateway(tmp_path)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1), s("m1/complete", 0, 1)])
+    feed(gw, [s("m1/good", 5, 2.0)])
+    feed(gw, [s("m1/complete", 1, 3.0), s("m1/order", "B", 3.0)])  # A completed, B shown, in one scan
+    feed(gw, [s("m1/complete", 0, 3.05), s("m1/good", 7, 3.1)], [s("m1/good", 9, 3.2)])
+    feed(gw, [s("m1/order", "C", 3.25), s("m1/complete", 1, 3.25)])  # B completed, C shown, in one scan
+    feed(gw, [s("m1/complete", 0, 3.3), s("m1/good", 10, 3.4)])
+    feed(gw, [s("m1/good", 12, 9.0)])
+    gw.core.stage(gw.engines["m1"].flush("test", 10))
+    assert _started(gw) == [("A", "10"), ("B", "10"), ("C", "10")]
+    assert booked(gw) == {("A", "10"): 5, ("completed", "A"): 5, ("B", "10"): 4, ("completed", "B"): 4,
+                          ("C", "10"): 3}
+
+
+def test_samples_held_for_an_order_pair_are_applied_at_a_stop(tmp_path):
+    """The gateway stops while samples wait for the operation tag: the switch is applied, then they (a delta or
+    reset-on-read value would not come again)."""
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/order", "B", 3.0)], [s("m1/good", 4, 3.5)])
+    assert gw.engines["m1"].context.ref == ("A", "10")
+    gw.core.drain()
+    gw.core.stage(gw.engines["m1"].flush("test", 10))
+    assert _started(gw) == [("A", "10"), ("B", "10")]
+    assert booked(gw) == {("B", "10"): 4}
+
+
 def test_a_faulting_engine_stops_its_machine_only(tmp_path):
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
     faults0 = REGISTRY.get_sample_value("edge_gateway_machine_faults_total")
