@@ -602,17 +602,22 @@ class Store:
     async def quarantine_external(self, *, seq: int | None, machine: str, type: str, topic: str, payload: bytes,
                                   reason: str) -> None:
         """Quarantine an event that already left the outbox (the ERP rejected it after delivery). It has no outbox
-        id: a retry puts it at the end of the outbox."""
+        id: a retry puts it at the end of the outbox. Idempotent: the same event (machine, seq and content) already
+        there is not added again (a rejection written once more after a stop cut the first write's answer short, or
+        an ack the ERP sent twice)."""
 
         async def tx(db: aiosqlite.Connection) -> Apply:
-            await db.execute(
-                "INSERT INTO quarantine(seq, machine, type, topic, payload, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (seq, machine, type, topic, payload, reason, time.time()))
+            cur = await db.execute(
+                "INSERT INTO quarantine(seq, machine, type, topic, payload, reason, at) SELECT ?, ?, ?, ?, ?, ?, ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM quarantine WHERE machine = ? AND seq IS ? AND payload = ?)",
+                (seq, machine, type, topic, payload, reason, time.time(), machine, seq, payload))
+            added = cur.rowcount
 
             def apply() -> None:
-                self.quarantined += 1
-                self.pending_bytes += len(payload)
-                self.quarantined_bytes += len(payload)
+                if added:
+                    self.quarantined += 1
+                    self.pending_bytes += len(payload)
+                    self.quarantined_bytes += len(payload)
 
             return apply
 

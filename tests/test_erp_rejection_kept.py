@@ -128,3 +128,17 @@ async def test_an_erp_rejection_just_before_a_stop_is_quarantined(tmp_path, mqtt
         finally:
             await rgw.stop()
             erp.close()
+
+
+async def test_the_same_rejection_is_quarantined_once(tmp_path):
+    """Written twice (a stop cut the first write's answer short, and the stop wrote it again; or the ERP sent its ack
+    twice): one quarantine row. Another event, or another content under the same seq, is a row of its own."""
+    async with Store(str(tmp_path / "s.db")) as store:
+        for payload in (b'{"id":"a"}', b'{"id":"a"}', b'{"id":"b"}'):
+            await store.quarantine_external(seq=7, machine="m1", type="t", topic="x/m1/events/t", payload=payload,
+                                            reason="ERP: closed")
+        await store.quarantine_external(seq=8, machine="m1", type="t", topic="x/m1/events/t", payload=b'{"id":"a"}',
+                                        reason="ERP: closed")
+        rows = await store.export_rows("quarantine")
+        assert [(r["seq"], r["payload"]) for r in rows] == [(7, {"id": "a"}), (7, {"id": "b"}), (8, {"id": "a"})]
+        assert store.quarantined == 3
