@@ -79,6 +79,15 @@ CREATE TABLE IF NOT EXISTS erp_rejected (
     body        text NOT NULL,
     received_at timestamptz NOT NULL DEFAULT now()
 );
+-- seqs of rejected events that book nothing (a state change, an anomaly, a start): the watermark passes them, so a
+-- final confirmation is not held for ever behind one (a rejected report or completion still holds it: alarmed gap)
+CREATE TABLE IF NOT EXISTS erp_filled (
+    source      text NOT NULL,
+    epoch       text NOT NULL,
+    seq         bigint NOT NULL,
+    id          text,
+    PRIMARY KEY (source, epoch, seq)
+);
 CREATE TABLE IF NOT EXISTS erp_streams (
     source      text NOT NULL,
     epoch       text NOT NULL,
@@ -302,6 +311,13 @@ class Ledger:
                                    (r.source, r.id, topic, r.reason or "", canonical(r.event) if r.event else
                                     payload.decode("utf-8", "replace")[:100_000]))
                 log.warning("erp.event_rejected", topic=topic, id=r.id, source=r.source, reason=(r.reason or "")[:300])
+                filler = _filler(r.event)
+                if filler is not None:
+                    cur = await conn.execute("INSERT INTO erp_filled (source, epoch, seq, id) VALUES (%s, %s, %s, %s) "
+                                             "ON CONFLICT DO NOTHING RETURNING 1",
+                                             (filler["source"], filler["epoch"], filler["seq"], filler["id"]))
+                    if await cur.fetchone() is not None:
+                        new.setdefault((filler["source"], filler["epoch"]), []).append(filler)
                 out.append(r)
                 continue
             res = await self._event(conn, ev, fin, redelivered)
@@ -353,7 +369,8 @@ class Ledger:
         if low + 1 in seqs:
             while True:
                 cur = await conn.execute("SELECT seq FROM erp_events WHERE source = %s AND epoch = %s AND seq > %s "
-                                         "ORDER BY seq LIMIT 10000", (source, epoch, low))
+                                         "UNION SELECT seq FROM erp_filled WHERE source = %s AND epoch = %s AND seq > %s "
+                                         "ORDER BY seq LIMIT 10000", (source, epoch, low, source, epoch, low))
                 rows = await cur.fetchall()
                 start = low
                 for (sq,) in rows:
@@ -501,3 +518,18 @@ class Ledger:
 def _str(doc: Any, key: str) -> str | None:
     v = doc.get(key) if isinstance(doc, dict) else None
     return v if isinstance(v, str) else None
+
+
+# events that book nothing: when one is rejected, its seq is no reason to hold a final confirmation
+_BOOKS_NOTHING = frozenset({"machine.state_changed", "counter.anomaly", "operation.started"})
+
+
+def _filler(event: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The seq a rejected event leaves behind, as a stand-in for ``_advance`` (source, epoch, seq, id, type), when its
+    envelope can be read and its type books nothing; else None (the seq stays open: the gap alarm tells)."""
+    if not isinstance(event, dict) or event.get("type") not in _BOOKS_NOTHING:
+        return None
+    source, epoch, seq = event.get("source"), event.get("epoch"), event.get("seq")
+    if not isinstance(source, str) or not isinstance(epoch, str) or type(seq) is not int or seq < 1:
+        return None
+    return {"source": source, "epoch": epoch, "seq": seq, "id": _str(event, "id"), "type": "(rejected)"}

@@ -115,6 +115,31 @@ async def test_an_assigned_consumption_without_its_order_is_rejected_alone(conn)
     assert await _rows(conn, "SELECT yield FROM erp_ledger") == [(Decimal(40),)]
 
 
+async def test_a_rejected_event_that_books_nothing_does_not_hold_the_final_confirmation(conn):
+    """A rejected machine.state_changed (a newer gateway's format, a bug) leaves its seq open: the final confirmation
+    behind it was held for ever (red before). Its seq is filled (erp_filled): the final goes out. A rejected quantity
+    report still holds the final (its quantity is not booked: posting the final first would close the operation
+    without it); the gap alarm tells."""
+    f = EventFactory()
+    led = Ledger(ServiceConfig())
+    bad = f.state("press-1", "running")
+    bad["data"]["raw"] = {"not": "a scalar"}
+    evs = [f.report("press-1", "1", "0010", y=5), bad, f.report("press-1", "1", "0010", y=3, reason="completion"),
+           f.completed("press-1", "1", "0010")]
+    outcomes = [(await led.process(conn, "t/events/batch", _b(e)))[0].outcome for e in evs]
+    assert outcomes == ["accepted", "rejected", "accepted", "accepted"]
+    assert await _rows(conn, "SELECT kind FROM erp_outbox ORDER BY n") == [("partial",), ("partial",), ("final",)]
+    assert await _rows(conn, "SELECT seq FROM erp_filled") == [(bad["seq"],)]
+
+    g = EventFactory()
+    report = g.report("press-2", "2", "0010", y=4)
+    report["data"]["quantities"]["yield"] = 4  # not a decimal string: rejected
+    for e in (report, g.completed("press-2", "2", "0010")):
+        await led.process(conn, "t/events/batch", _b(e))
+    assert await _rows(conn, "SELECT kind FROM erp_outbox WHERE order_id = '2'") == []  # held: the gap is open
+    assert await _rows(conn, "SELECT count(*) FROM erp_filled") == [(1,)]
+
+
 async def test_completion_held_until_the_reports_before_it_arrive(conn):
     f = EventFactory()
     led = Ledger(ServiceConfig())
