@@ -757,12 +757,13 @@ class Core:
             self.stage(staged)
         self.settle_order_tags()
 
-    def settle_order_tags(self, *, all_now: bool = False) -> None:
+    def settle_order_tags(self, *, all_now: bool = False, machines: set[str] | None = None) -> None:
         """A pending PLC-tag switch of a machine that sends nothing after it is applied once it has settled, then
-        the samples held for it. ``all_now``: every pending one (the gateway is stopping)."""
+        the samples held for it. ``all_now``: every pending one (the gateway is stopping; a reload rebuilds
+        ``machines``)."""
         out: list[EventDraft] = []
         touched: set[str] = set()
-        for machine, cmd in self.tags.settled(time.monotonic(), all_now=all_now):
+        for machine, cmd in self.tags.settled(time.monotonic(), all_now=all_now, machines=machines):
             if cmd is not None:
                 out.extend(self.apply_order(cmd))
             self._release(machine, out, touched)

@@ -215,11 +215,14 @@ class PlcTagOrders:
             return 0.0  # not yet timed: look now (starts their settle time)
         return min(t + self._settle_after(m) for m, t in self._settle_since.items())
 
-    def settled(self, now: float, *, all_now: bool = False) -> Iterator[tuple[str, OrderCommand | None]]:
+    def settled(self, now: float, *, all_now: bool = False,
+                machines: set[str] | None = None) -> Iterator[tuple[str, OrderCommand | None]]:
         """Pending switches of machines that sent nothing after the change for ``settle_s`` (a half-known pair:
         ``pair_wait_s``), as (machine, command or None for a half-written pair); the caller applies the command,
         then the machine's held samples (``release``). ``all_now``: every pending one (the gateway is stopping)."""
         for machine in list(self.pending):
+            if machines is not None and machine not in machines:
+                continue
             first = self._settle_since.setdefault(machine, now)
             if all_now or now - first >= self._settle_after(machine):
                 del self._settle_since[machine]

@@ -196,6 +196,11 @@ class Reloader:
         if core.uncommitted:
             raise ReloadRefused("busy", "staged events wait for the store (commits are failing); reload again when "
                                 "the store accepts commits", staged=len(core.uncommitted))
+        # samples held for the order pair of a machine whose engine is rebuilt or removed: the switch and they are
+        # applied now, to the engine whose snapshot the new one is built from (its tracker goes with the old wiring)
+        held = touched & core.tags.pending
+        if held:
+            core.settle_order_tags(all_now=True, machines=held)
         stored = await gw.store.load_states() if p.machines_added else {}
         # everything that can fail is built before anything is stopped or changed: routes, connectors, engines
         # (the core is in here, so no sample reaches the engines meanwhile)

@@ -200,6 +200,21 @@ def test_samples_held_for_an_order_pair_are_applied_at_a_stop(tmp_path):
     assert booked(gw) == {("B", "10"): 4}
 
 
+def test_a_reload_applies_the_samples_held_for_the_machines_it_rebuilds(tmp_path):
+    """A reload rebuilds a changed machine's engine from its snapshot and drops its order-tag tracker: what the
+    tracker holds is applied first (gateway/reload.py), for those machines only; another machine's pending pair
+    keeps waiting for its operation tag."""
+    gw = make_gateway(tmp_path, complete=False, machines=("m1", "m2"))
+    for m in ("m1", "m2"):
+        feed(gw, [s(f"{m}/good", 0, 1), s(f"{m}/order", "A", 1), s(f"{m}/operation", "10", 1)])
+        feed(gw, [s(f"{m}/order", "B", 3.0)], [s(f"{m}/good", 4, 3.5)])
+    gw.core.settle_order_tags(all_now=True, machines={"m1"})
+    assert gw.engines["m1"].context.ref == ("B", "10")
+    assert gw.engines["m2"].context.ref == ("A", "10") and "m2" in gw.core.tags.pending
+    gw.core.stage(gw.engines["m1"].flush("test", 10))
+    assert booked(gw) == {("B", "10"): 4}
+
+
 def test_a_faulting_engine_stops_its_machine_only(tmp_path):
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
     faults0 = REGISTRY.get_sample_value("edge_gateway_machine_faults_total")
