@@ -22,9 +22,9 @@ async def test_a_dispatch_the_broker_never_delivered_is_applied_at_the_next_resy
     """The ERP dispatches order B (retained, PUBACKed by the broker), but the broker never sends it to the gateway.
     The gateway re-subscribes to its dispatch filter every ``mqtt.dispatch_resync_s``: the broker sends the retained
     dispatch again and B is applied, one resync later, with one operation.started."""
-    lose: list[str] = []  # dispatch topics whose next delivery to the gateway the "broker" loses
+    lose: list[str] = []  # dispatch topics whose next delivery of order B to the gateway the "broker" loses
     proxy = await MqttPacketDrop(mqtt_broker.port, lambda to_client, kind, packet: to_client
-                                 and kind == MqttPacketDrop.PUBLISH and lose
+                                 and kind == MqttPacketDrop.PUBLISH and lose and b'"order": "B"' in packet
                                  and MqttPacketDrop.publish_topic(packet) == lose[0] and bool(lose.pop())).start()
     m = MachineModel("Press2", cycle_time=0.01, seed=5, counter_bits=16)
     srv = ModbusMachineServer(m, host="127.0.0.1", port=free_port(), unit_id=1)
