@@ -159,6 +159,9 @@ CREATE INDEX IF NOT EXISTS erp_outbox_pending ON erp_outbox (next_attempt_at, n)
 
 QUANTITY_KINDS = ("yield", "scrap", "rework")
 _RETRYABLE = (pgerr.DeadlockDetected, pgerr.SerializationFailure)
+# errors of the data itself (a contract-valid event the database cannot store, e.g. a NUL character in a text): the
+# same again at every redelivery, so they are not retried but isolate the event that causes them
+_UNBOOKABLE = (pgerr.DataError, pgerr.IntegrityError)
 
 
 async def ensure_schema(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -243,23 +246,42 @@ class Ledger:
         deadlock / serialization failure). Returns one Result per event (in message order). ``redelivered``: the
         broker says it delivered this message before (counted separately among the duplicates)."""
         items, results = self._parse(topic, payload)
-        for attempt in range(8):
-            try:
-                # pipeline mode: statements whose result is not needed do not wait for a round trip
-                async with conn.pipeline(), conn.transaction():
-                    out = await self._apply(conn, topic, payload, items, results, redelivered)
-                break
-            except _RETRYABLE as exc:
-                self.metrics.db_retries.inc()
-                log.warning("erp.db_retry", error=type(exc).__name__, attempt=attempt + 1)
-                if attempt == 7:
-                    raise
+        try:
+            out = await self._transaction(conn, topic, payload, items, results, redelivered)
+        except _UNBOOKABLE as exc:
+            # one event of the message cannot be stored: each event on its own, that one rejected, the others booked
+            # (the whole message was redelivered and dead-lettered before, with the good events in it)
+            log.error("erp.message_unbookable", topic=topic, error=str(exc)[:300], events=len(items),
+                      action="each event booked on its own")
+            out = []
+            for item, pre in zip(items, results):
+                try:
+                    out += await self._transaction(conn, topic, payload, [item], [pre], redelivered)
+                except _UNBOOKABLE as one:
+                    r = Result("rejected", _str(item, "id"), _str(item, "source"), _str(item, "type"),
+                               f"cannot be booked: {type(one).__name__}: {one}"[:1000], item)
+                    out += await self._transaction(conn, topic, payload, [None], [r], redelivered)
         for r in out:
             self.metrics.events.labels(r.outcome).inc()
             if r.outcome == "conflict":
                 self.metrics.conflicts.inc()
         self.metrics.messages.inc()
         return out
+
+    async def _transaction(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes,
+                           items: list[dict[str, Any] | None], results: list[Result | None],
+                           redelivered: bool) -> list[Result]:
+        for attempt in range(8):
+            try:
+                # pipeline mode: statements whose result is not needed do not wait for a round trip
+                async with conn.pipeline(), conn.transaction():
+                    return await self._apply(conn, topic, payload, items, results, redelivered)
+            except _RETRYABLE as exc:
+                self.metrics.db_retries.inc()
+                log.warning("erp.db_retry", error=type(exc).__name__, attempt=attempt + 1)
+                if attempt == 7:
+                    raise
+        raise AssertionError("unreachable")
 
     def _parse(self, topic: str, payload: bytes) -> tuple[list[dict[str, Any] | None], list[Result | None]]:
         """(valid events or None, pre-filled results for invalid ones), in message order."""

@@ -140,6 +140,26 @@ async def test_a_rejected_event_that_books_nothing_does_not_hold_the_final_confi
     assert await _rows(conn, "SELECT count(*) FROM erp_filled") == [(1,)]
 
 
+async def test_an_event_the_database_cannot_store_is_rejected_alone(conn):
+    """A contract-valid event PostgreSQL cannot store (a NUL character in the order number, e.g. from a PLC string
+    tag: jsonb refuses it) failed the whole broker message at every redelivery, until the dead letter took the good
+    events in it too (red before: DataError). Now that message is booked event by event: that one is rejected, with
+    the database's reason, the others are booked."""
+    f = EventFactory()
+    led = Ledger(ServiceConfig())
+    good = f.report("press-1", "1000123", "0010", y=7)
+    bad = f.report("press-1", "10\u00001", "0010", y=3)
+    results = await led.process(conn, "t/events/batch", _b([good, bad]))
+    assert [r.outcome for r in results] == ["accepted", "rejected"]
+    assert "cannot be booked" in results[1].reason and results[1].ack()["id"] == bad["id"]
+    assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger") == [("1000123", Decimal(7))]
+    assert await _rows(conn, "SELECT id FROM erp_rejected") == [(bad["id"],)]
+    # redelivered: the same outcome, nothing booked twice
+    again = await led.process(conn, "t/events/batch", _b([good, bad]), redelivered=True)
+    assert [r.outcome for r in again] == ["duplicate", "rejected"]
+    assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger") == [("1000123", Decimal(7))]
+
+
 async def test_completion_held_until_the_reports_before_it_arrive(conn):
     f = EventFactory()
     led = Ledger(ServiceConfig())
