@@ -71,6 +71,12 @@ class CompleteCommand:
     source: str = "complete_tag"
 
 
+def _tag_text(value: object) -> str:
+    """An order or operation tag's text: up to its first NUL (a PLC string's padding, as a C string ends; PostgreSQL
+    and JSON consumers refuse the character), without surrounding blanks."""
+    return "" if value is None else str(value).split("\0", 1)[0].strip()
+
+
 def _flag(value: object) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("", "0", "false", "no")
@@ -100,14 +106,13 @@ class TagOrderTracker:
         earlier change stands alone (to be applied before this one)."""
         if self.pending_since is None or signal not in self.changed or self.paired() or not s.good:
             return False
-        value = "" if s.value is None else str(s.value).strip()
-        return self.values.get(signal) != value
+        return self.values.get(signal) != _tag_text(s.value)
 
     def order_tag(self, signal: str, s: Sample) -> bool:
         """An order or operation tag sample; True when it changed the tag values (a switch is now pending)."""
         if not s.good:
             return False  # an unreadable order tag changes nothing
-        value = "" if s.value is None else str(s.value).strip()
+        value = _tag_text(s.value)
         if self.values.get(signal) == value:
             return False
         self.values[signal] = value

@@ -215,6 +215,15 @@ def test_a_reload_applies_the_samples_held_for_the_machines_it_rebuilds(tmp_path
     assert booked(gw) == {("B", "10"): 4}
 
 
+def test_an_order_tag_ends_at_its_first_nul(tmp_path):
+    """A PLC string read over OPC UA may carry its padding: the order number ends at the first NUL (a NUL in an
+    event made the ERP posting service unable to store it)."""
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "4711\x00\x00\x00", 1), s("m1/operation", " 0010\x00x", 1)])
+    feed(gw, [s("m1/good", 2, 2)])
+    assert gw.engines["m1"].context.ref == ("4711", "0010")
+
+
 def test_a_faulting_engine_stops_its_machine_only(tmp_path):
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
     faults0 = REGISTRY.get_sample_value("edge_gateway_machine_faults_total")
