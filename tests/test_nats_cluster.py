@@ -51,7 +51,9 @@ class Pub:
         self.c.reconnect_delay_set(0.1, 1)
         self.c.connect(host, port, keepalive=5)
         self.c.loop_start()
-        assert self.connected.wait(30)
+        # right after a node's death nats-server may answer a CONNECT late or not at all for a while (its session
+        # lookup times out while streams elect leaders, seen > 30 s on a loaded machine); paho asks again meanwhile
+        assert self.connected.wait(60), f"no CONNACK from {host}:{port} within 60 s"
 
     def _on_disconnect(self, *a: object) -> None:
         self.connected.clear()
