@@ -341,21 +341,27 @@ class Core:
             log.info("core.first_samples", process_age_s=process_age_s(), samples=self.queued_samples)
         n = 0
         while inbox and n < CORE_BATCH:
-            item = inbox.popleft()
             n += 1
-            if isinstance(item, Readings):
-                self.queued_samples -= len(item)
-                self.stage(self.apply_readings(item))
-            elif isinstance(item, list):
-                self.queued_samples -= len(item)
-                self.stage(self.apply_samples(item))
-            elif isinstance(item, (OrderCommand, CompleteCommand)):
-                self._order_command(item)
-            elif isinstance(item, CutDone):
-                self._cut_done(item)
-            elif isinstance(item, CoreCall):
-                item.fn(self)
+            self._handle(inbox.popleft())
         self.run_timers()
+
+    def _handle(self, item: Any, *, commands: bool = True) -> None:
+        """One inbox item. ``commands=False`` (the gateway stopping): readings and cut reads only, no order command
+        that would start a cut read nor a call into the stopping core."""
+        if isinstance(item, Readings):
+            self.queued_samples -= len(item)
+            self.stage(self.apply_readings(item))
+        elif isinstance(item, list):
+            self.queued_samples -= len(item)
+            self.stage(self.apply_samples(item))
+        elif isinstance(item, CutDone):
+            self._cut_done(item)
+        elif not commands:
+            return
+        elif isinstance(item, (OrderCommand, CompleteCommand)):
+            self._order_command(item)
+        elif isinstance(item, CoreCall):
+            item.fn(self)
 
     def drain(self) -> None:
         """The gateway is stopping and its connectors have stopped: apply what the inbox still holds (samples, cut
@@ -368,12 +374,7 @@ class Core:
         inbox, self.inbox = self.inbox, collections.deque()
         for item in inbox:
             try:
-                if isinstance(item, Readings):
-                    self.stage(self.apply_readings(item))
-                elif isinstance(item, list):
-                    self.stage(self.apply_samples(item))
-                elif isinstance(item, CutDone):
-                    self._cut_done(item)
+                self._handle(item, commands=False)
             except Exception:  # noqa: BLE001 - the stop goes on: what was applied so far is committed
                 log.exception("core.drain_failed")
                 break

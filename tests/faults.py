@@ -33,16 +33,15 @@ class BlackHole:
             writer.close()
             return
         self._writers += [writer, up_writer]
+        await asyncio.gather(self._pump(reader, up_writer, False), self._pump(up_reader, writer, True))
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await src.read(65536):
-                    if not self.frozen:
-                        dst.write(data)
-                        await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_client: bool) -> None:
+        with contextlib.suppress(Exception):
+            while data := await src.read(65536):
+                if not self.frozen:
+                    dst.write(data)
+                    await dst.drain()
+        dst.close()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -161,7 +160,7 @@ class Recorder:
         return s.value if s is not None and s.good else None
 
 
-class MqttPacketDrop:
+class MqttPacketDrop(BlackHole):
     """A TCP proxy in front of a real MQTT broker that forwards whole MQTT packets and drops the ones ``drop`` picks:
     a broker that never delivers a message, or never answers a SUBSCRIBE, on a connection that otherwise works
     (PINGRESPs, PUBACKs). ``drop(to_client, packet_type, packet)`` sees each packet (fixed header included);
@@ -170,16 +169,12 @@ class MqttPacketDrop:
     PUBLISH, SUBACK = 3, 9
 
     def __init__(self, upstream_port: int, drop: Any) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.drop = drop
         self.dropped: list[tuple[bool, int, str | None]] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> MqttPacketDrop:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self) -> MqttPacketDrop:  # type: ignore[override]
+        await super().start()
         return self
 
     @staticmethod
@@ -191,40 +186,24 @@ class MqttPacketDrop:
         n = int.from_bytes(packet[i + 1:i + 3], "big")
         return packet[i + 3:i + 3 + n].decode()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers += [writer, up_writer]
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_client: bool) -> None:
-            with contextlib.suppress(Exception):
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_client: bool) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                head = await src.readexactly(1)
+                length, shift, raw = 0, 0, b""
                 while True:
-                    head = await src.readexactly(1)
-                    length, shift, raw = 0, 0, b""
-                    while True:
-                        b = await src.readexactly(1)
-                        raw += b
-                        length |= (b[0] & 0x7F) << shift
-                        shift += 7
-                        if not b[0] & 0x80:
-                            break
-                    packet = head + raw + await src.readexactly(length)
-                    kind = head[0] >> 4
-                    if self.drop(to_client, kind, packet):
-                        self.dropped.append((to_client, kind, self.publish_topic(packet) if kind == self.PUBLISH
-                                             else None))
-                        continue
-                    dst.write(packet)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in self._writers:
-            w.close()
+                    b = await src.readexactly(1)
+                    raw += b
+                    length |= (b[0] & 0x7F) << shift
+                    shift += 7
+                    if not b[0] & 0x80:
+                        break
+                packet = head + raw + await src.readexactly(length)
+                kind = head[0] >> 4
+                if self.drop(to_client, kind, packet):
+                    self.dropped.append((to_client, kind, self.publish_topic(packet) if kind == self.PUBLISH
+                                         else None))
+                    continue
+                dst.write(packet)
+                await dst.drain()
+        dst.close()

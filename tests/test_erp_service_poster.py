@@ -55,10 +55,11 @@ async def _states(conn):
 
 
 async def _run_poster(poster: Poster, until, timeout: float = 20.0) -> None:
+    """Run the poster until ``until()`` (a bool, or a coroutine of one) holds, then stop it."""
     stop = asyncio.Event()
     task = asyncio.create_task(poster.run(stop))
     try:
-        await wait_until(until, timeout=timeout)
+        await _until(until, timeout)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -252,7 +253,7 @@ async def test_a_stop_mid_batch_gives_the_rest_of_the_claim_back(conn, dsn, endp
 
 
 # --------------------------------------------------------------------------------- the lease (found by a review)
-def _fed(dsn: str, n: int):
+def _fed(n: int):
     f = EventFactory()
     return [f.report("press-1", "1000123", "0010", y=i) for i in range(1, n + 1)]
 
@@ -265,8 +266,13 @@ async def _all_sent(dsn: str) -> bool:
 
 async def _until(pred, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not await pred():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+    while True:
+        r = pred()
+        if asyncio.iscoroutine(r):
+            r = await r
+        if r:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"condition not met within {timeout}s"
         await asyncio.sleep(0.05)
 
 
@@ -274,7 +280,7 @@ async def test_a_batch_longer_than_the_lease_is_not_posted_twice_by_two_posters(
     """The lease is renewed before each row: a batch that takes longer than ``lease_s`` (a slow ERP) is not claimed
     again by a second poster while the first still works through it (which then POSTed it a second time, without a
     lookup: its claim said attempt 1). Red before: 6 documents posted twice."""
-    evs = _fed(dsn, 12)
+    evs = _fed(12)
     await _feed(conn, evs)
     await conn.commit()
     endpoint.set_delay(0.5)  # each posting takes 0.5 s: the 12-row batch takes 6 s, twice the lease
@@ -307,7 +313,7 @@ async def test_a_poster_killed_late_in_its_batch_is_not_posted_twice_after_a_res
     import subprocess
     import sys
 
-    evs = _fed(dsn, 8)
+    evs = _fed(8)
     await _feed(conn, evs)
     await conn.commit()
     endpoint.set_delay(0.8)  # the ERP books each posting after 0.8 s (also when the client is gone)
@@ -333,13 +339,7 @@ async def test_a_poster_killed_late_in_its_batch_is_not_posted_twice_after_a_res
     cfg = ErpEndpointConfig(url=endpoint.url, lease_s=lease, timeout_s=timeout, settle_s=settle,
                             backoff_initial_s=0.05, backoff_max_s=0.2, poll_s=0.05)
     again = Poster(cfg, dsn, Metrics(), "restarted")  # systemd restarts the service at once
-    stop = asyncio.Event()
-    task = asyncio.create_task(again.run(stop))
-    try:
-        await _until(lambda: _idle_and_sent(dsn, again, endpoint), 30)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    await _run_poster(again, lambda: _idle_and_sent(dsn, again, endpoint), 30)
     assert len(endpoint.by_external) == 8
     assert dict(endpoint.duplicates) == {}, f"posted twice after the kill: {sorted(endpoint.duplicates)}"
 
@@ -377,19 +377,13 @@ async def test_a_504_from_a_proxy_waits_settle_s_before_the_lookup(conn, dsn, en
     await site.start()
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{BASE}"
     try:
-        await _feed(conn, _fed(dsn, 1))
+        await _feed(conn, _fed(1))
         await conn.commit()
         endpoint.set_delay(1.0)  # the backend books after 1 s; the proxy gives up after 0.3 s
         cfg = ErpEndpointConfig(url=url, timeout_s=5, settle_s=2, lease_s=30, backoff_initial_s=0.05,
                                 backoff_max_s=0.2, poll_s=0.05)
         poster = Poster(cfg, dsn, Metrics())
-        stop = asyncio.Event()
-        task = asyncio.create_task(poster.run(stop))
-        try:
-            await _until(lambda: _idle_and_sent(dsn, poster, endpoint), 30)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 10)
+        await _run_poster(poster, lambda: _idle_and_sent(dsn, poster, endpoint), 30)
         assert proxy.gateway_timeouts >= 1
         assert len(endpoint.by_external) == 1
         assert dict(endpoint.duplicates) == {}, f"booked {len(endpoint.postings)} times"
@@ -400,7 +394,7 @@ async def test_a_504_from_a_proxy_waits_settle_s_before_the_lookup(conn, dsn, en
 async def test_a_long_erp_outage_does_not_crash_the_backoff(conn, dsn, endpoint):
     """After 1024 attempts (some 8.5 hours of ERP outage at the defaults) ``2 ** attempts`` is no float: the retry
     must still be written, after backoff_max_s (red before: OverflowError, the row held for the whole lease)."""
-    await _feed(conn, _fed(dsn, 2))
+    await _feed(conn, _fed(2))
     await conn.execute("UPDATE erp_outbox SET attempts = 1024")
     await conn.commit()
     endpoint.set_failing(True)

@@ -15,19 +15,37 @@ from simulators.ports import free_port
 from tests.e2e import IDENT, RunningGateway, wait_until
 
 
+def _config(store, srv, *, timeout_s: float, scrap_input: bool = False):
+    """m1: good on the reset-on-read holding register 300; with ``scrap_input``, scrap on the input register 1 (FC4)."""
+    counters = {"good": {"connector": "plc", "address": 300, "data_type": "uint16", "mode": "reset_on_read"}}
+    if scrap_input:
+        counters["scrap"] = {"connector": "plc", "table": "input", "address": 1, "data_type": "uint16"}
+    return parse_config({
+        "gateway": IDENT, "mqtt": {"port": free_port()}, "store": {"path": str(store)},
+        "connectors": [{"type": "modbus", "id": "plc", "host": "127.0.0.1", "port": srv.port, "unit_id": 1,
+                        "poll_interval_s": 0.05, "timeout_s": timeout_s}],
+        "machines": [{"id": "m1", "counters": counters, "reporting": {"interval_s": 600}}]}, "<test>")
+
+
+async def _committed_good(store) -> str:
+    """m1's good quantity in its open window, as committed in the store."""
+    s = Store(str(store))
+    await s.open()
+    try:
+        state = (await s.load_states())["m1"]
+    finally:
+        await s.close()
+    state = json.loads(state) if isinstance(state, str) else state
+    return state["window"]["q"]["good"]
+
+
 async def test_samples_queued_when_the_gateway_stops_are_in_its_last_commit(tmp_path, monkeypatch):
     import gateway.faults as faults
 
     m = MachineModel("Press1", cycle_time=0.01, seed=11, counter_bits=16)
     async with ModbusMachineServer(m, host="127.0.0.1", port=free_port(), unit_id=1) as srv:
         store = tmp_path / "gw.db"
-        cfg = parse_config({
-            "gateway": IDENT, "mqtt": {"port": free_port()}, "store": {"path": str(store)},
-            "connectors": [{"type": "modbus", "id": "plc", "host": "127.0.0.1", "port": srv.port, "unit_id": 1,
-                            "poll_interval_s": 0.05, "timeout_s": 1}],
-            "machines": [{"id": "m1", "counters": {
-                "good": {"connector": "plc", "address": 300, "data_type": "uint16", "mode": "reset_on_read"}},
-                "reporting": {"interval_s": 600}}]}, "<test>")
+        cfg = _config(store, srv, timeout_s=1)
         # the core stops taking its inbox from the moment the file exists (the connectors go on polling)
         freeze = tmp_path / "freeze"
         monkeypatch.setattr(faults, "_FREEZE", ("core.round", "hang"))
@@ -44,14 +62,7 @@ async def test_samples_queued_when_the_gateway_stops_are_in_its_last_commit(tmp_
             await wait_until(lambda: srv._read_base[300] == m.good_raw and gw.core.queued_samples > 0, 10)
         finally:
             await rgw.stop()
-    s = Store(str(store))
-    await s.open()
-    try:
-        state = (await s.load_states())["m1"]
-    finally:
-        await s.close()
-    state = json.loads(state) if isinstance(state, str) else state
-    assert state["window"]["q"]["good"] == "12", "parts read before the stop were not in the last commit"
+    assert await _committed_good(store) == "12", "parts read before the stop were not in the last commit"
 
 
 async def test_a_poll_cut_short_by_the_stop_hands_on_the_blocks_it_has_read(tmp_path):
@@ -62,14 +73,7 @@ async def test_a_poll_cut_short_by_the_stop_hands_on_the_blocks_it_has_read(tmp_
     async with ModbusMachineServer(m, host="127.0.0.1", port=free_port(), unit_id=1) as srv:
         store = tmp_path / "gw.db"
         # blocks are read table by table: the holding register 300 first, then the input register 1 (FC4)
-        cfg = parse_config({
-            "gateway": IDENT, "mqtt": {"port": free_port()}, "store": {"path": str(store)},
-            "connectors": [{"type": "modbus", "id": "plc", "host": "127.0.0.1", "port": srv.port, "unit_id": 1,
-                            "poll_interval_s": 0.05, "timeout_s": 5}],
-            "machines": [{"id": "m1", "counters": {
-                "good": {"connector": "plc", "address": 300, "data_type": "uint16", "mode": "reset_on_read"},
-                "scrap": {"connector": "plc", "table": "input", "address": 1, "data_type": "uint16"}},
-                "reporting": {"interval_s": 600}}]}, "<test>")
+        cfg = _config(store, srv, timeout_s=5, scrap_input=True)
         rgw = RunningGateway(cfg)
         gw = await rgw.start()
         try:
@@ -84,11 +88,4 @@ async def test_a_poll_cut_short_by_the_stop_hands_on_the_blocks_it_has_read(tmp_
         finally:
             await rgw.stop()
             release2.set()
-    s = Store(str(store))
-    await s.open()
-    try:
-        state = (await s.load_states())["m1"]
-    finally:
-        await s.close()
-    state = json.loads(state) if isinstance(state, str) else state
-    assert state["window"]["q"]["good"] == "12", "the parts of the cut-short poll were not in the last commit"
+    assert await _committed_good(store) == "12", "the parts of the cut-short poll were not in the last commit"
