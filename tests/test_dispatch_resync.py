@@ -80,9 +80,10 @@ async def test_a_subscribe_never_answered_is_refused_then_asked_again(mqtt_broke
     link.on_subscriptions_changed = lambda: changes.append(dict(link.refused_subscriptions))
     erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=":memory:")
     await erp.start()
+    # retained before the link subscribes: every copy it gets comes from a SUBSCRIBE (retain flag set)
+    await asyncio.to_thread(erp.publish_raw, "edge/m1/dispatch", b"x", True)
     task = asyncio.create_task(link.run())
     try:
-        await asyncio.to_thread(erp.publish_raw, "edge/m1/dispatch", b"x", True)
         await wait_until(lambda: len(changes) == 2, 10, message="refused, then granted")
         assert changes == [{"edge/+/dispatch": "no SUBACK within 1 s"}, {}]
         assert proxy.dropped == [(True, MqttPacketDrop.SUBACK, None)]

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -22,14 +21,9 @@ from simulators.__main__ import SUBCOMMANDS, build_parser
 from simulators.machine import MachineModel
 from simulators.modbus_server import LAYOUT, ModbusMachineServer, encode_string
 from simulators.opcua_server import OpcUaMachineServer
+from simulators.ports import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def decode_string(regs: list[int]) -> str:
@@ -332,7 +326,7 @@ async def test_modbus_tag_addresses_fit_the_gateway_config():
 async def test_modbus_16bit_wrap_and_signed():
     m = MachineModel("M", cycle_time=0.005, scrap_rate=0.0, counter_bits=16, start_good=65530)
     s = MachineModel("S", scrap_rate=1.0, counter_bits=16, signed=True, start_scrap=32766)
-    p1, p2 = free_port(), free_port()
+    p1, p2 = free_ports(2)  # two calls of free_port() may give the same port
     async with ModbusMachineServer(m, port=p1) as srv, ModbusMachineServer(s, port=p2, unit_id=1) as ssrv:
         assert srv.tag_addresses()["scrap"] == {"address": 1, "data_type": "uint16"}
         assert ssrv.tag_addresses()["scrap"]["data_type"] == "int16"
