@@ -25,8 +25,11 @@ Rules:
   half done, no commit is in flight. Refused (``reason: busy``, retry later) while a changed or removed machine has a
   changeover cut in flight, or while staged events wait for a failing store.
 
-Old connectors are silenced (their sink replaced) and cancelled before the new ones start, and their tasks are
-awaited (bounded), so a device that accepts one connection only sees the old one closed first.
+Old connectors are cancelled before the new ones start, and their tasks are awaited (bounded), so a device that
+accepts one connection only sees the old one closed first. What they read up to then is not dropped: the readings
+still in the core's inbox and those a stopping connector hands on (a poll cut short hands on the blocks it has read)
+are applied with the old wiring before the new one takes over (``Reloader._apply_read``; a reset-on-read register was
+cleared by that read).
 """
 
 from __future__ import annotations
@@ -210,8 +213,8 @@ class Reloader:
                     if c.id in p.connectors_added or c.id in p.connectors_restarted}
         old_specs, old_cfg = core.specs, gw.cfg
         new_specs = {s.id: s for s in machine_specs(new)}
-        engines = {}
-        for mid, spec in new_specs.items():
+
+        def build(mid: str, spec: Any) -> MachineEngine:
             old = core.engines.get(mid)
             if mid in p.machines_added:
                 eng = MachineEngine(spec, stored.get(mid))
@@ -223,7 +226,9 @@ class Reloader:
             else:
                 eng = old if old is not None else MachineEngine(spec)
             eng.hold_reports = core._full
-            engines[mid] = eng
+            return eng
+
+        engines = {mid: build(mid, spec) for mid, spec in new_specs.items()}
         # then the awaits; a cancellation (shutdown) in here leaves the running wiring as it was
         # a faulted engine's state is not trusted: its last committed state stays
         removed_states = {m: core.engines[m].snapshot() for m in p.machines_removed
@@ -237,8 +242,9 @@ class Reloader:
         stopping = [*p.connectors_removed, *p.connectors_restarted]
         old_tasks = {t.get_name(): t for t in getattr(gw, "_tasks", [])}
         waits = []
+        late: list[Any] = []  # what the stopping connectors still hand on (a poll cut short: the blocks it has read)
         for cid in stopping:
-            gw.connectors[cid].sink = _discard  # not one more sample from the old wiring
+            gw.connectors[cid].sink = late.append
             task = old_tasks.get(f"connector.{cid}")
             if task is not None:
                 task.cancel()
@@ -247,10 +253,25 @@ class Reloader:
             _, pending = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S)
             if pending:
                 log.warning("config.reload_connector_slow_to_stop", connectors=sorted(t.get_name() for t in pending))
+        for mid in p.machines_removed:
+            core.dirty.discard(mid)  # its state was committed above
+        if self._apply_read(late, touched):
+            # the old engines of changed machines counted more: their new engines are built again from them
+            for mid in p.machines_changed:
+                if mid in new_specs and engines[mid] is not core.engines.get(mid):
+                    engines[mid] = build(mid, new_specs[mid])
+            gone = {m: core.engines[m].snapshot() for m in p.machines_removed
+                    if m in core.engines and m not in core.faulted and core.engines[m].dirty}
+            if gone:
+                try:
+                    await gw.store.commit(gone, [], core.next_seq)
+                except StoreError as exc:
+                    log.error("config.reload_state_not_saved", machines=sorted(gone), error=str(exc),
+                              action="what their connector read during the reload is not in their stored state")
 
         # ---- from here on: no await until every table is consistent again
         for mid in p.machines_removed:
-            core.dirty.discard(mid)  # its state was committed above
+            core.dirty.discard(mid)  # its state is committed
         for mid in touched:
             core.scheduled.pop(mid, None)  # its old timer heap entries are skipped
             if core.faulted.pop(mid, None) is not None:
@@ -310,6 +331,28 @@ class Reloader:
             with contextlib.suppress(Exception):
                 logs.configure(fmt or new.logging.format, level or new.logging.level)
 
+    def _apply_read(self, late: list[Any], touched: set[str]) -> bool:
+        """Apply with the old wiring (its routes and engines) the readings waiting in the core's inbox and ``late``
+        (what the stopping connectors handed on as they stopped: a poll cut short hands on the blocks it has read).
+        A reading counts under the wiring it was read with (a tag the new config gives to another machine does not
+        count there), and is not dropped: a reset-on-read register was cleared by that read
+        (tests/test_reload_drain.py). The inbox is taken in order up to its first other item (an order command or a call may need the new wiring);
+        from there on, ``late`` included, it waits for the new wiring. Returns whether anything was applied."""
+        from mappings.samples import Readings
+
+        core = self.gw.core
+        for item in late:
+            core.on_samples(item)
+        inbox = core.inbox
+        applied = False
+        while inbox and isinstance(inbox[0], (list, Readings)):
+            core._handle(inbox.popleft())
+            applied = True
+        held = touched & core.tags.pending  # a PLC-tag switch these readings started: applied to the old engine
+        if held:
+            core.settle_order_tags(all_now=True, machines=held)
+        return applied
+
     def _status_page(self, new: GatewayConfig) -> None:
         """The status page's per-machine figures (gateway/statuspage.py): new machines get theirs, changed ones keep
         their history with their new connectors, removed ones go."""
@@ -341,8 +384,6 @@ class Reloader:
             log.info("config.reload_resubscribed", topic=topic)
 
 
-def _discard(samples: Any) -> None:
-    """The sink of a connector being stopped by a reload."""
 
 
 # --------------------------------------------------------------------------------------------------------------
