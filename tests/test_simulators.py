@@ -484,3 +484,30 @@ async def test_cli_opcua_secured_with_login_as_an_engineer_uses_it(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The kernel may answer bind(0) with a port it gave before (both free again): free_port() skips it."""
+    import simulators.ports as ports
+
+    answers = iter([40001, 40002, 40001, 40003])
+
+    class FakeSocket:
+        def __init__(self, *a):
+            self.port = next(answers)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(ports, "_given", set())
+    monkeypatch.setattr(ports.socket, "socket", FakeSocket)
+    assert [ports.free_port() for _ in range(3)] == [40001, 40002, 40003]
