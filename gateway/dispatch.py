@@ -6,7 +6,8 @@ Every parser takes the raw payload bytes and either returns a valid value or rai
 detail)`` - never anything else, whatever the bytes (a retained payload that raised inside the core would crash-loop
 the gateway). Decimals are bounded (finite, non-negative, at most 15 digits of which at most 6 decimal places, so at
 most 999 999 999.999999) and text is bounded and free of control characters, so everything accepted survives the
-engines, the snapshots and the event encoding.
+engines, the snapshots and the event encoding (order and operation numbers: not even a C1 control character, as
+the event contract says).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
+from mappings.events import ORDER_TEXT_PATTERN
 from mappings.machine import Component, OrderContext
 
 QUANTITY_MAX_DIGITS = 15
@@ -30,10 +32,14 @@ Quantity = Annotated[
                               {"type": "string", "pattern": QUANTITY_PATTERN}]}),
 ]
 _TEXT = r"^[^\x00-\x1f\x7f]+$"  # no control characters (they end up in payloads, logs and internal keys)
+_PATTERN_MESSAGES = {  # what a pattern's mismatch means, for the detail (pydantic's message quotes the pattern)
+    _TEXT: "must not contain control characters (U+0000-U+001F, U+007F)",
+    ORDER_TEXT_PATTERN: "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
+}
 
 
-def _text(max_length: int, description: str) -> Any:
-    return Field(min_length=1, max_length=max_length, pattern=_TEXT, description=description)
+def _text(max_length: int, description: str, pattern: str = _TEXT) -> Any:
+    return Field(min_length=1, max_length=max_length, pattern=pattern, description=description)
 
 
 class DispatchComponent(BaseModel):
@@ -47,8 +53,9 @@ class DispatchMessage(BaseModel):
     """Retained per machine on ``.../{machine}/dispatch``; an empty payload clears the dispatch."""
 
     model_config = ConfigDict(extra="forbid")
-    order: str = _text(40, "Production order number.")
-    operation: str = _text(16, "Operation / activity number.")
+    # an order or operation number has no C1 control character either (the contract's ORDER_TEXT_PATTERN)
+    order: str = _text(40, "Production order number.", ORDER_TEXT_PATTERN)
+    operation: str = _text(16, "Operation / activity number.", ORDER_TEXT_PATTERN)
     status: Literal["active", "completed"] = "active"
     unit: str | None = Field(None, min_length=1, max_length=8, pattern=_TEXT)
     planned_quantity: Quantity | None = Field(None, description="Planned quantity (decimal, <= 6 places).")
@@ -95,8 +102,14 @@ def _clean(text: str) -> str:
     return "".join(c if c >= " " and c != "\x7f" else "?" for c in text)
 
 
+def _message(e: Any) -> str:
+    if e["type"] == "string_pattern_mismatch":
+        return _PATTERN_MESSAGES.get(e.get("ctx", {}).get("pattern"), e["msg"])
+    return e["msg"]
+
+
 def _schema_error(exc: ValidationError) -> DispatchRejected:
-    detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+    detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {_message(e)}" for e in exc.errors())
     return DispatchRejected("schema", _clean(detail)[:2000])
 
 

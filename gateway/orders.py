@@ -8,7 +8,8 @@ which applies them; none of them touches machine state.
   gateway/dispatch.py). A dispatch that is refused (malformed, unknown machine, another order source, an operation
   already completed) is answered on ``.../{machine}/dispatch/rejected`` with the reason, so the ERP can see it;
 - ``local`` – :class:`LocalOrderSource`: the local order command (CLI → HTTP API), answered synchronously;
-- ``tag``   – :class:`PlcTagOrders`: the PLC's order and operation tags, read by a connector like any other tag;
+- ``tag``   – :class:`PlcTagOrders`: the PLC's order and operation tags, read by a connector like any other tag
+  (a tag whose text holds a control character changes nothing, like an unreadable one, and is logged);
 - ``complete_tag`` – the PLC's "operation complete" flag (rising edge), with any of the above (also
   :class:`PlcTagOrders`).
 
@@ -32,6 +33,7 @@ then applied after the switch (no phantom operation of the new order with the ol
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from typing import Any
 import structlog
 
 from gateway.dispatch import DispatchRejected, parse_dispatch
-from mappings.events import rfc3339
+from mappings.events import ORDER_TEXT_PATTERN, rfc3339
 from mappings.machine import OrderContext, OrderRefused
 from mappings.samples import Sample
 
@@ -71,10 +73,21 @@ class CompleteCommand:
     source: str = "complete_tag"
 
 
-def _tag_text(value: object) -> str:
-    """An order or operation tag's text: up to its first NUL (a PLC string's padding, as a C string ends; PostgreSQL
-    and JSON consumers refuse the character), without surrounding blanks."""
-    return "" if value is None else str(value).split("\0", 1)[0].strip()
+_ORDER_TEXT = re.compile(ORDER_TEXT_PATTERN)  # fullmatch: no control character (C0, DEL, C1); empty = no order
+
+
+def _cut(value: object) -> str:
+    """An order or operation tag's text up to its first NUL (a PLC string's padding, as a C string ends; PostgreSQL
+    and JSON consumers refuse the character)."""
+    return "" if value is None else str(value).split("\0", 1)[0]
+
+
+def _tag_text(value: object) -> str | None:
+    """An order or operation tag's text (``_cut``) without surrounding blanks; None when it holds a control character
+    (C0, DEL or C1, anywhere: ``str.strip`` would take some of them for blanks): no ERP order or operation number has
+    one (the event contract's ORDER_TEXT_PATTERN), so such a tag is handled like an unreadable one."""
+    text = _cut(value)
+    return text.strip() if _ORDER_TEXT.fullmatch(text) else None
 
 
 def _flag(value: object) -> bool:
@@ -86,7 +99,7 @@ def _flag(value: object) -> bool:
 class TagOrderTracker:
     """Order/operation tags and the completion flag of one machine."""
 
-    __slots__ = ("changed", "complete_level", "held", "machine", "pending_since", "values")
+    __slots__ = ("changed", "complete_level", "held", "machine", "pending_since", "refused", "values")
 
     def __init__(self, machine: str) -> None:
         self.machine = machine
@@ -95,6 +108,7 @@ class TagOrderTracker:
         self.complete_level: bool | None = None
         self.changed: set[str] = set()  # the tags of the pair that changed since pending_since
         self.held: list[Sample] = []  # the machine's samples after pending_since, while the pair is not known
+        self.refused: dict[str, str] = {}  # signal -> the unusable text it shows (logged once, until a usable one)
 
     def paired(self) -> bool:
         """Both tags of the pending change are known: both changed, or the order was cleared (no order: the operation
@@ -106,13 +120,23 @@ class TagOrderTracker:
         earlier change stands alone (to be applied before this one)."""
         if self.pending_since is None or signal not in self.changed or self.paired() or not s.good:
             return False
-        return self.values.get(signal) != _tag_text(s.value)
+        value = _tag_text(s.value)
+        return value is not None and self.values.get(signal) != value
 
     def order_tag(self, signal: str, s: Sample) -> bool:
         """An order or operation tag sample; True when it changed the tag values (a switch is now pending)."""
         if not s.good:
             return False  # an unreadable order tag changes nothing
         value = _tag_text(s.value)
+        if value is None:  # nor does one whose text holds a control character: no ERP order has one
+            text = _cut(s.value)
+            if self.refused.get(signal) != text:
+                self.refused[signal] = text
+                log.warning("order_tag.refused", machine=self.machine, signal=signal, value=repr(text)[:120],
+                            reason="control character in the tag's text: not an order number, the tag changes "
+                                   "nothing (as an unreadable one)")
+            return False
+        self.refused.pop(signal, None)
         if self.values.get(signal) == value:
             return False
         self.values[signal] = value

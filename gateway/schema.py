@@ -15,8 +15,9 @@ CloudEvents SDK, and raises ``EventValidationError`` listing every problem.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from functools import lru_cache
+import re
+from collections.abc import Iterator, Mapping
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from gateway.events import CONTRACT_VERSION
 from mappings.events import (  # noqa: F401 - re-exported: the contract's patterns and types
     DATA_TYPES,
     DECIMAL_PATTERN,
+    ORDER_TEXT_PATTERN,
     RFC3339_PATTERN,
     DecimalStr,
     EventData,
@@ -364,13 +366,32 @@ class EventValidationError(ValueError):
         super().__init__(f"invalid {what}: " + "; ".join(problems))
 
 
+@cache
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
+    """``pattern`` compiled for ``re.search`` as ECMA-262 reads it: its final ``$`` is the end of the text (Python's
+    also matches before a final newline, so "1000\\n" would pass ``ORDER_TEXT_PATTERN``). The contract's patterns
+    anchor only there."""
+    backslashes = len(pattern) - 1 - len(pattern[:-1].rstrip("\\"))
+    if pattern.endswith("$") and backslashes % 2 == 0:
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    """The ``pattern`` keyword as JSON Schema defines it (ECMA-262), not as jsonschema's ``re.search`` reads it."""
+    from jsonschema.exceptions import ValidationError
+
+    if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 @lru_cache(maxsize=None)
 def _validator(event_type: str) -> Any:
-    from jsonschema import Draft202012Validator
+    from jsonschema import Draft202012Validator, validators
 
     schema = event_schemas()[event_type]
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    return validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})(schema)
 
 
 def _path(parts: Any) -> str:

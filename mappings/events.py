@@ -37,6 +37,12 @@ DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
 """Quantities are non-negative decimal strings in plain notation ("12", "0.25"; never 1.2E+1 nor a JSON number)."""
 RFC3339_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
 
+ORDER_TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+"""Order and operation numbers are text without control characters: no C0 (U+0000-U+001F), DEL (U+007F) nor C1
+(U+0080-U+009F). An ERP's never has one (SAP AUFNR / VORNR); the gateway refuses them where they enter (the MQTT
+dispatch and the local command in gateway/dispatch.py, the PLC's order tags in gateway/orders.py). Lengths are
+bounded separately (``min_length``)."""
+
 DecimalStr = Annotated[str, Field(pattern=DECIMAL_PATTERN, examples=["12", "0.25"])]
 Timestamp = Annotated[str, Field(pattern=RFC3339_PATTERN, examples=["2026-11-22T08:15:02.120000Z"])]
 
@@ -314,8 +320,9 @@ class OperationStartedData(EventData):
     """A production-order operation became active on the machine (dispatch or changeover)."""
 
     machine: Machine
-    order: Annotated[str, Field(min_length=1, description="Production order number.")]
-    operation: Annotated[str, Field(min_length=1, description="Operation / activity number.")]
+    order: Annotated[str, Field(min_length=1, pattern=ORDER_TEXT_PATTERN, description="Production order number.")]
+    operation: Annotated[str, Field(min_length=1, pattern=ORDER_TEXT_PATTERN,
+                                    description="Operation / activity number.")]
     planned_quantity: Annotated[DecimalStr | None, Field(description="Planned quantity from the dispatch; null when "
                                                                      "not given.")]
     unit: Annotated[str, Field(min_length=1, description="Unit of measure: the dispatch's unit, else the machine's.")]
@@ -332,8 +339,10 @@ class QuantityReportedData(EventData):
     })
 
     machine: Machine
-    order: Annotated[str | None, Field(description="Production order number; null when unassigned.")]
-    operation: Annotated[str | None, Field(description="Operation number; null when unassigned.")]
+    order: Annotated[str | None, Field(pattern=ORDER_TEXT_PATTERN, description="Production order number; null when "
+                                                                               "unassigned.")]
+    operation: Annotated[str | None, Field(pattern=ORDER_TEXT_PATTERN, description="Operation number; null when "
+                                                                                   "unassigned.")]
     unassigned: Annotated[bool, Field(description="True when no order was active: the counts belong to no order "
                                                   "yet.")]
     reason: Annotated[Literal["periodic", "units", "changeover", "completion"], Field(
@@ -353,8 +362,9 @@ class OperationCompletedData(EventData):
     """The operation was completed (final confirmation); emitted after the last quantity report of the operation."""
 
     machine: Machine
-    order: Annotated[str, Field(min_length=1, description="Production order number.")]
-    operation: Annotated[str, Field(min_length=1, description="Operation / activity number.")]
+    order: Annotated[str, Field(min_length=1, pattern=ORDER_TEXT_PATTERN, description="Production order number.")]
+    operation: Annotated[str, Field(min_length=1, pattern=ORDER_TEXT_PATTERN,
+                                    description="Operation / activity number.")]
     final: Annotated[Literal[True], Field(description="Always true: this is the final confirmation of the "
                                                       "operation.")]
     totals: Annotated[Totals, Field(description="Quantities reported for the operation on this machine.")]
@@ -375,9 +385,10 @@ class MaterialConsumedData(EventData):
     })
 
     machine: Machine
-    order: Annotated[str | None, Field(description="Production order number; null when metered with no active "
-                                                   "order.")]
-    operation: Annotated[str | None, Field(description="Operation / activity number; null when unassigned.")]
+    order: Annotated[str | None, Field(pattern=ORDER_TEXT_PATTERN, description="Production order number; null when "
+                                                                               "metered with no active order.")]
+    operation: Annotated[str | None, Field(pattern=ORDER_TEXT_PATTERN, description="Operation / activity number; "
+                                                                                   "null when unassigned.")]
     unassigned: Annotated[bool, Field(description="True when no order was active (metered consumption only).")]
     method: Annotated[Literal["backflush", "metered"], Field(
         description="backflush: computed from the dispatch's components; metered: read from a material meter.")]
@@ -421,8 +432,10 @@ class CounterAnomalyData(EventData):
                                                         "rounded to the resolution, e.g. \"1234.56\".")]
     to: Annotated[int | DecimalStr | None, Field(description="Counter value after the change (the new baseline); a "
                                                            "float meter's reading as a decimal string.")]
-    order: Annotated[str | None, Field(description="Active production order; null when none.")]
-    operation: Annotated[str | None, Field(description="Active operation; null when none.")]
+    order: Annotated[str | None, Field(pattern=ORDER_TEXT_PATTERN, description="Active production order; null "
+                                                                               "when none.")]
+    operation: Annotated[str | None, Field(pattern=ORDER_TEXT_PATTERN, description="Active operation; null when "
+                                                                                   "none.")]
     held: Annotated[DecimalStr, Field(description="Quantity not counted that may have been produced (scaled like the "
                                                   "counter's quantities): the jump; for an ambiguous decrease "
                                                   "possible_rollover - counted.")]

@@ -224,6 +224,35 @@ def test_an_order_tag_ends_at_its_first_nul(tmp_path):
     assert gw.engines["m1"].context.ref == ("4711", "0010")
 
 
+def test_an_order_tag_with_a_control_character_is_no_order(tmp_path):
+    """A PLC order or operation tag whose text (after the NUL cut) holds a control character (C0, DEL or C1) is
+    handled like an unreadable tag: it changes nothing (no order of that name, no changeover, the counts stay with
+    the order in force), and it is logged once, naming the tag. A good value afterwards switches as usual. Red
+    before: the tag became the order (an event the contract refuses)."""
+    import structlog
+
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 5, 2)])
+    with structlog.testing.capture_logs() as logs:
+        feed(gw, [s("m1/order", "B\x01", 3)], [s("m1/good", 7, 4)])
+        feed(gw, [s("m1/order", "B\x01", 5)], [s("m1/good", 8, 6)])  # the same value again: logged once
+        feed(gw, [s("m1/operation", "20\x85\x00pad", 7)], [s("m1/good", 9, 8)])  # C1 before the NUL
+        feed(gw, [s("m1/order", "\x9bB", 9), s("m1/operation", "2\x7f0", 9)], [s("m1/good", 10, 10)])
+    assert gw.engines["m1"].context.ref == ("A", "10")
+    assert not gw.core.tags.pending
+    refused = [(e["signal"], e["value"]) for e in logs if e["event"] == "order_tag.refused"]
+    assert refused == [("order", repr("B\x01")), ("operation", repr("20\x85")), ("order", repr("\x9bB")),
+                       ("operation", repr("2\x7f0"))]  # escaped: a C1 CSI in a log line is a terminal escape
+    assert all(e["machine"] == "m1" and e["log_level"] == "warning" and "control character" in e["reason"]
+               for e in logs if e["event"] == "order_tag.refused")
+    feed(gw, [s("m1/order", "B", 11), s("m1/operation", "20", 11)], [s("m1/good", 12, 12)])
+    assert gw.engines["m1"].context.ref == ("B", "20")
+    gw.core.stage(gw.engines["m1"].flush("test", 13))
+    assert _started(gw) == [("A", "10"), ("B", "20")]
+    assert booked(gw) == {("A", "10"): 10, ("B", "20"): 2}
+
+
 def test_a_faulting_engine_stops_its_machine_only(tmp_path):
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
     faults0 = REGISTRY.get_sample_value("edge_gateway_machine_faults_total")

@@ -374,6 +374,56 @@ async def test_a_rejected_dispatch_is_answered_with_the_reason(tmp_path, mqtt_br
             await erp.stop()
 
 
+async def test_a_dispatch_with_a_control_character_in_its_order_number_is_refused(tmp_path, mqtt_broker):
+    """An ERP order or operation number never holds a control character (C0, DEL or C1): a dispatch with one is
+    refused (reason schema, the detail names the field), counted, logged and answered on .../dispatch/rejected; the
+    machine keeps its order, even when the bad dispatch is the retained one, and the gateway keeps running. Red
+    before for the C1 range (U+0080-U+009F), which the dispatch took and published."""
+    import json
+
+    import structlog
+
+    m = MachineModel("Press1", cycle_time=0.05, seed=5, counter_bits=32)
+    async with OpcUaMachineServer(m, host="127.0.0.1", port=free_port()) as opc:
+        erp = ErpConsumer("127.0.0.1", mqtt_broker.port, db_path=str(tmp_path / "erp.db"), client_id="erp-ctl")
+        await erp.start()
+        cfg = press_on_opcua(tmp_path, mqtt_broker, opc)
+        rgw = RunningGateway(cfg)
+        answers = Answers(mqtt_broker.port, rejected_topic(cfg, "press-1"))
+        try:
+            gw = await rgw.start()
+            await rgw.wait_subscribed()
+            await dispatch_order(erp, rgw, "press-1", m, "900100", "0010")
+            schema0 = metric_sum("edge_gateway_dispatch_rejected_total", reason="schema")
+            rejected0 = gw.stats.dispatch_rejected
+            topic = rejected_topic(cfg, "press-1")[:-len("/rejected")]
+            bad = [("900200\x85", "0010", "order"), ("900200", "0010\x9f", "operation"),
+                   ("9002\u009b00", "0010", "order"), ("900200\x01", "0010", "order"),
+                   ("900200", "0010\x7f", "operation")]
+            with structlog.testing.capture_logs() as logs:
+                for order, op, _ in bad:  # retained, as the ERP publishes: the last one stays at the broker
+                    await asyncio.to_thread(erp.publish_raw, topic, json.dumps({"order": order, "operation": op}),
+                                            True)
+                await wait_until(lambda: len(answers.get()) == len(bad), 10)
+            got = answers.get()
+            assert [(a["reason"], a["received"]) for a in got] == \
+                [("schema", {"order": order, "operation": op}) for order, op, _ in bad]
+            for a, (_, _, field) in zip(got, bad):
+                assert a["detail"].startswith(f"{field}: ") and "control character" in a["detail"], a["detail"]
+            assert gw.stats.dispatch_rejected - rejected0 == len(bad)
+            assert metric_sum("edge_gateway_dispatch_rejected_total", reason="schema") - schema0 == len(bad)
+            logged = [e for e in logs if e["event"] == "dispatch.rejected"]
+            assert [e["detail"].split(":")[0] for e in logged] == [field for _, _, field in bad]
+            assert gw.engines["press-1"].context.ref == ("900100", "0010")  # still the last good order
+            assert not [e for e in erp.events("operation.started") if e["data"]["order"] != "900100"]
+            assert rgw.task is not None and not rgw.task.done()
+            await dispatch_order(erp, rgw, "press-1", m, "900300", "0010")  # a good dispatch is applied after them
+        finally:
+            answers.close()
+            await rgw.stop()
+            await erp.stop()
+
+
 async def test_acks_from_outside_this_gateway_are_refused(tmp_path, mqtt_broker):
     """Anyone who can publish on an acks topic must not fill the quarantine: a rejection of an event that is not
     this gateway's (other source), not from this store (other epoch), with a topic-breaking subject, or malformed is

@@ -141,22 +141,25 @@ async def test_a_rejected_event_that_books_nothing_does_not_hold_the_final_confi
 
 
 async def test_an_event_the_database_cannot_store_is_rejected_alone(conn):
-    """A contract-valid event PostgreSQL cannot store (a NUL character in the order number, e.g. from a PLC string
-    tag: jsonb refuses it) failed the whole broker message at every redelivery, until the dead letter took the good
-    events in it too (red before: DataError). Now that message is booked event by event: that one is rejected, with
-    the database's reason, the others are booked."""
+    """A contract-valid event PostgreSQL cannot store (a NUL character in its unit: jsonb refuses it) failed the whole
+    broker message at every redelivery, until the dead letter took the good events in it too (red before:
+    DataError). Now that message is booked event by event: that one is rejected, with the database's reason, the
+    others are booked. (A NUL in the order number, the first such case, from a PLC string tag, is refused by the
+    contract itself now: no control character in an order or operation number.)"""
     f = EventFactory()
     led = Ledger(ServiceConfig())
     good = f.report("press-1", "1000123", "0010", y=7)
-    bad = f.report("press-1", "10\u00001", "0010", y=3)
-    results = await led.process(conn, "t/events/batch", _b([good, bad]))
-    assert [r.outcome for r in results] == ["accepted", "rejected"]
+    bad = f.report("press-1", "1000124", "0010", y=3, unit="PC\u0000E")
+    nul_order = f.report("press-1", "10\u00001", "0010", y=2)
+    results = await led.process(conn, "t/events/batch", _b([good, bad, nul_order]))
+    assert [r.outcome for r in results] == ["accepted", "rejected", "rejected"]
     assert "cannot be booked" in results[1].reason and results[1].ack()["id"] == bad["id"]
+    assert results[2].reason.startswith("data.order: ") and results[2].ack()["id"] == nul_order["id"]
     assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger") == [("1000123", Decimal(7))]
-    assert await _rows(conn, "SELECT id FROM erp_rejected") == [(bad["id"],)]
+    assert sorted(await _rows(conn, "SELECT id FROM erp_rejected")) == sorted([(bad["id"],), (nul_order["id"],)])
     # redelivered: the same outcome, nothing booked twice
-    again = await led.process(conn, "t/events/batch", _b([good, bad]), redelivered=True)
-    assert [r.outcome for r in again] == ["duplicate", "rejected"]
+    again = await led.process(conn, "t/events/batch", _b([good, bad, nul_order]), redelivered=True)
+    assert [r.outcome for r in again] == ["duplicate", "rejected", "rejected"]
     assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger") == [("1000123", Decimal(7))]
 
 

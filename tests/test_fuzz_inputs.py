@@ -153,6 +153,31 @@ def test_unbounded_decimals_are_rejected_with_a_reason():
     assert ctx.components[0].quantity_per_unit == Decimal("0.000001")
 
 
+CONTROL = ["\x00", "\x01", "\n", "\x1f", "\x7f", "\x80", "\x85", "\x9b", "\x9f"]
+
+
+@pytest.mark.parametrize("ch", CONTROL, ids=[f"U+{ord(c):04X}" for c in CONTROL])
+def test_a_control_character_in_an_order_number_is_rejected_naming_the_field(ch):
+    """An ERP order / operation number never holds a control character (C0, DEL or C1): the MQTT dispatch and the
+    local order command refuse it, the detail naming the field. Red before for the C1 range (U+0080-U+009F)."""
+    from gateway.dispatch import parse_local_order
+
+    for doc, field in (({"order": f"1000{ch}123", "operation": "0010"}, "order"),
+                       ({"order": "1000123", "operation": f"0010{ch}"}, "operation"),
+                       ({"order": f"{ch}1000123", "operation": "0010", "status": "completed"}, "order")):
+        for parse in (parse_dispatch, parse_local_order):
+            with pytest.raises(DispatchRejected) as exc:
+                parse(json.dumps(doc).encode())
+            assert exc.value.reason == "schema", (parse.__name__, doc)
+            assert exc.value.detail == f"{field}: must not contain control characters (U+0000-U+001F, " \
+                                       "U+007F-U+009F)", (parse.__name__, doc)
+    # the characters next to the ranges are text: taken (U+00A0 no-break space, U+00E9)
+    for text in ("1000\u00a0123", "Ordre-\u00e9t\u00e9", "~"):
+        ctx = parse_dispatch(json.dumps({"order": text, "operation": text}).encode())
+        assert (ctx.order, ctx.operation) == (text, text)
+        survives_engine(ctx)
+
+
 def test_dec_str_is_total_and_plain():
     from mappings.machine import dec_str
 

@@ -173,3 +173,52 @@ async def test_local_order_command_and_health(tmp_path, mqtt_broker, erp, monkey
             await wait_http_status(f"http://127.0.0.1:{port}/readyz", 200)
         finally:
             await gw.stop()
+
+
+async def test_the_local_order_command_refuses_a_control_character_in_the_order_number(tmp_path, mqtt_broker, erp):
+    """`edge-gateway order set` (and a POST to the HTTP API) with a control character (C0, DEL or C1) in the order
+    or operation number is refused with 400 and a detail naming the field; the machine keeps its order. Red before
+    for the C1 range (U+0080-U+009F)."""
+    model = MachineModel("Press4", cycle_time=0.01, seed=8, counter_bits=32)
+    async with ModbusMachineServer(model, host="127.0.0.1", port=free_port(), unit_id=1) as mb:
+        tags = mb.tag_addresses()
+        port = free_port()
+        doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
+        doc["http"] = {"enabled": True, "port": port}
+        doc["connectors"] = [{"type": "modbus", "id": "mb", "host": "127.0.0.1", "port": mb.port, "poll_interval_s": 0.05}]
+        doc["machines"] = [{"id": "press-4", "order_source": "local",
+                            "counters": {"good": {"connector": "mb", **tags["good"], "max_rate": 500}},
+                            "reporting": {"interval_s": 0.3}}]
+        cfg_path = tmp_path / "gw.yaml"
+        cfg_path.write_text(yaml.safe_dump(doc))
+        gw = RunningGateway(parse_config(doc))
+        await gw.start()
+        try:
+            await wait_http_status(f"http://127.0.0.1:{port}/health", 200)
+
+            def order_cmd(*args):
+                return subprocess.run([sys.executable, "-m", "gateway.cli", "order", *args, "--config", str(cfg_path)],
+                                      cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+
+            r = await asyncio.to_thread(order_cmd, "set", "press-4", "L-1", "0010")
+            assert r.returncode == 0, r.stderr
+            await wait_until(lambda: (e := gw.gw.engines["press-4"]).context is not None and e.context.order == "L-1", 10)
+            for order, op, field in (("L-2\x85", "0010", "order"), ("L-2", "0010\x9f", "operation"),
+                                     ("L-2\x01", "0010", "order"), ("L-2", "00\x7f10", "operation")):
+                r = await asyncio.to_thread(order_cmd, "set", "press-4", order, op)
+                assert r.returncode == 1 and "refused (400)" in r.stderr, (order, op, r.stderr)
+                body = json.loads(r.stderr.split(": ", 1)[1])
+                assert body["error"] == "invalid order" and body["reason"] == "schema", body
+                assert body["detail"].startswith(f"{field}: ") and "control character" in body["detail"], body
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/machines/press-4/order", method="POST",
+                                         data=json.dumps({"order": "L-2\u009b", "operation": "0010"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
+            assert exc.value.code == 400 and "order: " in json.loads(exc.value.read())["detail"]
+            await asyncio.sleep(0.5)  # an accepted order would be applied after its cut read (a poll away)
+            assert gw.gw.engines["press-4"].context.ref == ("L-1", "0010")
+            await wait_until(lambda: erp.events("operation.started"), 10)
+            assert [e["data"]["order"] for e in erp.events("operation.started")] == ["L-1"]
+        finally:
+            await gw.stop()

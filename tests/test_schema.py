@@ -145,6 +145,20 @@ TAMPERS = [
     ("data of another type", "operation.completed",
      lambda e: e.__setitem__("type", "operation.started"), "final"),
     ("wrong specversion", "operation.started", lambda e: e.__setitem__("specversion", "0.3"), "specversion"),
+    # an order / operation number never holds a control character (C0, DEL, C1); red before
+    ("C0 in an order", "operation.started", lambda e: e["data"].__setitem__("order", "1000\x01123"), "data.order"),
+    ("tab in an operation", "operation.started", lambda e: e["data"].__setitem__("operation", "00\t10"),
+     "data.operation"),
+    ("DEL in a reported order", "operation.quantity_reported",
+     lambda e: e["data"].__setitem__("order", "1000123\x7f"), "data.order"),
+    ("C1 in a reported operation", "operation.quantity_reported",
+     lambda e: e["data"].__setitem__("operation", "0010\x85"), "data.operation"),
+    ("C1 in a completed order", "operation.completed", lambda e: e["data"].__setitem__("order", "\x9f1000123"),
+     "data.order"),
+    ("C1 in a consumed order", "material.consumed", lambda e: e["data"].__setitem__("order", "1000\x80123"),
+     "data.order"),
+    ("C1 in an anomaly's operation", "counter.anomaly", lambda e: e["data"].__setitem__("operation", "0010\x9b"),
+     "data.operation"),
 ]
 
 
@@ -160,6 +174,29 @@ def test_tampered_events_are_rejected(events, name, etype, tamper, expect):
     assert exc.value.problems
     validator = Draft202012Validator(schema.event_schemas()[bad["type"]])
     assert not validator.is_valid(bad)
+
+
+def test_order_numbers_are_text_without_control_characters(events):
+    """The contract's order and operation numbers: every event type that carries them gives both a pattern that
+    refuses C0, DEL and C1 (U+0000-U+001F, U+007F-U+009F) and takes any other text. ``validate_event`` reads the
+    pattern as JSON Schema means it (ECMA-262: ``$`` is the end of the text), so a number ending in a newline is
+    refused too (Python's ``$`` matches before a final newline). Red before: no pattern at all."""
+    carriers = {t for t, m in schema.DATA_MODELS.items() if "order" in m._attr_of}
+    assert carriers == {"operation.started", "operation.quantity_reported", "operation.completed",
+                        "material.consumed", "counter.anomaly"}
+    for etype in sorted(carriers):
+        doc = _one(events, etype, lambda d: d.get("order") is not None)
+        for field in ("order", "operation"):
+            for value, ok in (("1000123\n", False), ("1000\r\n", False), ("\x00", False), ("A\u009fB", False),
+                              ("1000\u00a0123", True), ("Auftr\u00e4ge/10 #2", True), ("~\u00ff", True)):
+                bad = copy.deepcopy(doc)
+                bad["data"][field] = value
+                if ok:
+                    schema.validate_event(json.dumps(bad).encode())
+                    continue
+                with pytest.raises(schema.EventValidationError) as exc:
+                    schema.validate_event(json.dumps(bad).encode())
+                assert [p.split(":")[0] for p in exc.value.problems] == [f"data.{field}"], (etype, value)
 
 
 def test_validate_event_rejects_garbage_and_unknown_types():
@@ -240,6 +277,10 @@ def test_dispatch_schema_agrees_with_the_parser():
     assert not v.is_valid({"order": "1000123"})
     assert not v.is_valid({"order": "1", "operation": "2", "priority": 1})
     assert not v.is_valid({"order": "1", "operation": "2", "status": "released"})
+    for bad in ({"order": "1\x85", "operation": "2"}, {"order": "1", "operation": "\x9f2"},
+                {"order": "1\x01", "operation": "2"}):
+        assert not v.is_valid(bad), bad
+    assert v.is_valid({"order": "Auftr\u00e4ge\u00a01", "operation": "2"})
 
 
 def test_committed_schema_files_equal_the_generated_ones():
