@@ -14,6 +14,12 @@ CloudEvents batch format) in ONE transaction:
   held (``erp_events.applied = false``) and applied by the transaction that closes the gap;
 - ERP documents (SAP ``ProdnOrdConf2`` bodies) go into ``erp_outbox`` keyed by the external id (= event id).
 
+A seq whose event was rejected and books quantities (a report, a consumption, a completion) holds the final
+confirmations behind it until an operator releases it (``Ledger.release_gap``, ``edge-gateway-erp release-gap``,
+after dealing with the event by hand): the seq is filled (``erp_filled``, audit in ``erp_releases``) and the
+watermark advanced by the same ``_advance`` as an arriving event. An event that arrives later under a released seq
+is never booked: it is a conflict (kind ``released``). ``Ledger.open_gaps`` lists what is held and why.
+
 The caller acknowledges the broker message only after this returns (the commit happened). Give it a connection
 in autocommit mode (or one with no transaction open): otherwise the block would only be a savepoint.
 """
@@ -64,7 +70,7 @@ CREATE TABLE IF NOT EXISTS erp_conflicts (
     id          text NOT NULL,
     epoch       text,
     seq         bigint,
-    kind        text NOT NULL,            -- same_id | same_seq
+    kind        text NOT NULL,            -- same_id | same_seq | released (first_body: the release)
     first_id    text NOT NULL,
     first_body  jsonb NOT NULL,
     body        jsonb NOT NULL,
@@ -86,6 +92,21 @@ CREATE TABLE IF NOT EXISTS erp_filled (
     epoch       text NOT NULL,
     seq         bigint NOT NULL,
     id          text,
+    PRIMARY KEY (source, epoch, seq)
+);
+-- seqs released by hand (edge-gateway-erp release-gap): the audit of the erp_filled rows an operator made. An event
+-- that arrives later under a released seq is not booked (erp_conflicts, kind 'released')
+CREATE TABLE IF NOT EXISTS erp_releases (
+    source      text NOT NULL,
+    epoch       text NOT NULL,
+    seq         bigint NOT NULL,
+    reason      text NOT NULL,                 -- --reason: what the operator did about the event
+    released_by text,                          -- OS user who ran the command (NULL: unknown)
+    db_user     text NOT NULL DEFAULT current_user,
+    event_lost  boolean NOT NULL,              -- no rejection was recorded: released as lost (--event-lost)
+    rejected_n  bigint,                        -- the erp_rejected row of the event (NULL when lost)
+    rejected_id text,
+    released_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source, epoch, seq)
 );
 CREATE TABLE IF NOT EXISTS erp_streams (
@@ -158,7 +179,18 @@ CREATE INDEX IF NOT EXISTS erp_outbox_pending ON erp_outbox (next_attempt_at, n)
 """
 
 QUANTITY_KINDS = ("yield", "scrap", "rework")
-_RETRYABLE = (pgerr.DeadlockDetected, pgerr.SerializationFailure)
+
+
+class _ReleasedMeanwhile(Exception):
+    """A seq of this transaction's events was released by hand after the event was inserted and before the stream
+    lock: the transaction is rolled back and run again, and the event becomes a conflict (kind ``released``)."""
+
+
+class ReleaseRefused(Exception):
+    """``Ledger.release_gap`` changed nothing; the message (one line) says why."""
+
+
+_RETRYABLE = (pgerr.DeadlockDetected, pgerr.SerializationFailure, _ReleasedMeanwhile)
 # errors of the data itself (a contract-valid event the database cannot store, e.g. a NUL character in a text): the
 # same again at every redelivery, so they are not retried but isolate the event that causes them
 _UNBOOKABLE = (pgerr.DataError, pgerr.IntegrityError)
@@ -181,6 +213,11 @@ def digest(ev: dict[str, Any]) -> str:
 
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def utc_text(t: datetime) -> str:
+    """A database time for people: ``2026-11-22 08:00:01 UTC``."""
+    return f"{t.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _odata_date(dt: datetime, tz: ZoneInfo) -> str:
@@ -356,23 +393,29 @@ class Ledger:
         src, eid, seq = ev["source"], ev["id"], ev["seq"]
         dg = digest(ev)
         # a completion starts held; _advance applies it once every seq before it arrived
+        # a seq released by hand is taken: the event is a conflict (_repeat), never booked after the release
         cur = await conn.execute(
             "INSERT INTO erp_events (source, id, epoch, seq, type, subject, event_time, body, digest, applied) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+            "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM erp_releases "
+            "WHERE source = %s AND epoch = %s AND seq = %s) ON CONFLICT DO NOTHING RETURNING 1",
             (src, eid, ev["epoch"], seq, ev["type"], ev["subject"], parse_time(ev["time"]), Jsonb(ev), dg,
-             ev["type"] != "operation.completed"))
+             ev["type"] != "operation.completed", src, ev["epoch"], seq))
         if await cur.fetchone() is None:
             return await self._repeat(conn, ev, dg, redelivered)
         await self._book(conn, ev, fin)
         return Result("accepted", eid, src, ev["type"])
 
     async def _advance(self, conn: psycopg.AsyncConnection[Any], key: tuple[str, str], evs: list[dict[str, Any]],
-                       fin: set[tuple[str, str, str]]) -> None:
-        """Seq tracking of one (source, epoch) under its row lock, then apply the completions it releases.
+                       fin: set[tuple[str, str, str]], *, count_reorders: bool = True) -> dict[str, dict[str, Any]]:
+        """Seq tracking of one (source, epoch) under its row lock, then apply the completions it releases (returned,
+        by id).
 
         Whoever inserts the event at ``low + 1`` walks the watermark over everything committed beyond it; a
         concurrent transaction's events are either committed before this one takes the lock (then visible to the
-        walk) or take the lock after this one commits (then they walk)."""
+        walk) or take the lock after this one commits (then they walk). ``evs`` are the new events, or stand-ins for
+        filled seqs (``_filler``, ``release_gap``: type in parentheses). A release takes the same lock: an event of
+        this transaction whose seq was released meanwhile (inserted before the release committed) rolls the
+        transaction back to be run again (``_ReleasedMeanwhile``), where it is a conflict."""
         source, epoch = key
         await conn.execute("INSERT INTO erp_streams (source, epoch) VALUES (%s, %s) ON CONFLICT DO NOTHING", key)
         cur = await conn.execute("SELECT low, high, received, reorders FROM erp_streams "
@@ -382,7 +425,7 @@ class Ledger:
         late = 0
         top = high
         for sq in seqs:
-            if sq < top:
+            if sq < top and count_reorders:
                 late += 1
             top = max(top, sq)
         if late:
@@ -405,8 +448,15 @@ class Ledger:
             "UPDATE erp_streams SET low = %s, high = %s, received = %s, reorders = %s, "
             "gap_since = CASE WHEN %s < %s THEN COALESCE(gap_since, now()) ELSE NULL END "
             "WHERE source = %s AND epoch = %s", (low, high, received, reorders, low, high, source, epoch))
+        arrived = [e["seq"] for e in evs if not e["type"].startswith("(")]
+        taken = None
+        if arrived:  # sent with the next query (pipeline mode): no round trip of its own
+            taken = await conn.execute("SELECT seq FROM erp_releases WHERE source = %s AND epoch = %s "
+                                       "AND seq = ANY(%s)", (source, epoch, arrived))
         cur = await conn.execute("SELECT body FROM erp_events WHERE source = %s AND epoch = %s AND NOT applied "
                                  "AND seq <= %s ORDER BY seq", (source, epoch, low))
+        if taken is not None and await taken.fetchall():
+            raise _ReleasedMeanwhile(f"{source} {epoch}")
         released = {}
         for (body,) in await cur.fetchall():
             await self._complete(conn, body, fin)
@@ -423,6 +473,7 @@ class Ledger:
         for b in released.values():
             if b["id"] not in {e["id"] for e in evs}:
                 log.info("erp.completion_released", source=source, id=b["id"], seq=b["seq"])
+        return released
 
     async def _repeat(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any], dg: str,
                       redelivered: bool = False) -> Result:
@@ -435,6 +486,8 @@ class Ledger:
             cur = await conn.execute("SELECT id, digest, body FROM erp_events WHERE source = %s AND epoch = %s "
                                      "AND seq = %s", (src, ev["epoch"], ev["seq"]))
             row = await cur.fetchone()
+        if row is None:  # no event holds the seq: it was released by hand (the insert's NOT EXISTS)
+            return await self._after_release(conn, ev)
         first_id, first_digest, first_body = row  # type: ignore[misc]
         if kind == "same_id" and first_digest == dg:
             await conn.execute("UPDATE erp_events SET duplicates = duplicates + 1, redeliveries = redeliveries + %s "
@@ -446,6 +499,29 @@ class Ledger:
         reason = (f"conflict: {kind}: differs from the event already received as {first_id} "
                   f"(first wins; recorded in erp_conflicts)")
         log.error("erp.conflict", source=src, id=eid, kind=kind, first_id=first_id, seq=ev["seq"], type=ev["type"])
+        return Result("conflict", eid, src, ev["type"], reason, ev)
+
+    async def _after_release(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any]) -> Result:
+        """An event under a seq an operator released (after dealing with its rejected event by hand, or declaring it
+        lost): booking it now could book its quantity twice (by hand and here) and after the final confirmation.
+        Not booked: a conflict (kind ``released``), recorded with the release, alarmed, rejected to the gateway."""
+        src, eid, seq = ev["source"], ev["id"], ev["seq"]
+        cur = await conn.execute("SELECT released_at, released_by, reason, event_lost, rejected_id FROM erp_releases "
+                                 "WHERE source = %s AND epoch = %s AND seq = %s", (src, ev["epoch"], seq))
+        rel = await cur.fetchone()
+        if rel is None:
+            raise RuntimeError(f"event {eid} was not inserted, yet neither its id nor its seq is taken")
+        at, by, why, lost, rejected_id = rel
+        release = {"released_at": at.isoformat(), "released_by": by, "reason": why, "event_lost": lost,
+                   "rejected_id": rejected_id}
+        await conn.execute("INSERT INTO erp_conflicts (source, id, epoch, seq, kind, first_id, first_body, body) "
+                           "VALUES (%s, %s, %s, %s, 'released', %s, %s, %s)",
+                           (src, eid, ev["epoch"], seq, rejected_id or "", Jsonb(release), Jsonb(ev)))
+        reason = (f"conflict: released: seq {seq} was released by hand on {utc_text(at)}"
+                  f"{f' by {by}' if by else ''} ({why}); this event is not booked (recorded in erp_conflicts): "
+                  f"book it by hand if it is still missing")[:1000]
+        log.error("erp.conflict", source=src, id=eid, kind="released", first_id=rejected_id, seq=seq, type=ev["type"],
+                  released_at=release["released_at"], released_by=by, release_reason=why[:300])
         return Result("conflict", eid, src, ev["type"], reason, ev)
 
     async def _book(self, conn: psycopg.AsyncConnection[Any], ev: dict[str, Any],
@@ -535,6 +611,157 @@ class Ledger:
         return {(s, e): {"low": lo, "high": hi, "missing": hi - rc, "reorders": ro,
                          "gap_age_s": float(age) if age is not None else 0.0}
                 for s, e, lo, hi, rc, ro, age in await cur.fetchall()}
+
+
+    # ------------------------------------------------------------------------------------------ held gaps, by hand
+    async def open_gaps(self, conn: psycopg.AsyncConnection[Any], source: str | None = None,
+                        ranges_max: int = 1000) -> list[dict[str, Any]]:
+        """Streams with an open gap, each with what holds it: the missing seq ranges (``[first, last]``, at most
+        ``ranges_max``), the latest rejection recorded for a missing seq (by seq: n, id, type, reason, at) and the
+        completions held behind it (seq, id, order, operation, machine). Read only."""
+        cur = await conn.execute("SELECT source, epoch, low, high, received, EXTRACT(EPOCH FROM now() - gap_since) "
+                                 "FROM erp_streams WHERE low < high AND (%s::text IS NULL OR source = %s) "
+                                 "ORDER BY source, epoch", (source, source))
+        out = []
+        for src, epoch, low, high, received, age in await cur.fetchall():
+            # the seqs present above the watermark, with the one before each: a hole between them is missing
+            cur = await conn.execute(
+                "SELECT prev + 1, seq - 1 FROM (SELECT seq, lag(seq) OVER (ORDER BY seq) AS prev FROM ("
+                "SELECT seq FROM erp_events WHERE source = %(s)s AND epoch = %(e)s AND seq > %(low)s UNION "
+                "SELECT seq FROM erp_filled WHERE source = %(s)s AND epoch = %(e)s AND seq > %(low)s UNION "
+                "SELECT %(low)s::bigint) p) x WHERE seq - prev > 1 ORDER BY seq LIMIT %(max)s",
+                {"s": src, "e": epoch, "low": low, "max": ranges_max})
+            ranges = [[a, b] for a, b in await cur.fetchall()]
+            rejected = {sq: r for sq, r in (await self._rejections(conn, src, epoch)).items()
+                        if any(a <= sq <= b for a, b in ranges)}
+            cur = await conn.execute("SELECT seq, id, body->'data'->>'order', body->'data'->>'operation', "
+                                     "body->'data'->>'machine' FROM erp_events WHERE source = %s AND epoch = %s "
+                                     "AND NOT applied ORDER BY seq", (src, epoch))
+            held = [{"seq": sq, "id": i, "order": o, "operation": op, "machine": m}
+                    for sq, i, o, op, m in await cur.fetchall()]
+            out.append({"source": src, "epoch": epoch, "low": low, "high": high, "missing": high - received,
+                        "gap_age_s": round(float(age), 1) if age is not None else 0.0, "missing_ranges": ranges,
+                        "rejected": rejected, "held": held})
+        return out
+
+    async def _rejections(self, conn: psycopg.AsyncConnection[Any], source: str,
+                          epoch: str) -> dict[int, dict[str, Any]]:
+        """The latest ``erp_rejected`` row per seq of one stream: {seq: {n, id, type, reason, at}}. Read from the
+        stored event (canonical JSON), so rows written before the release existed are found as well."""
+        needle = '"epoch":' + json.dumps(epoch, ensure_ascii=False)  # as canonical() writes it: prefilter only
+        cur = await conn.execute("SELECT n, id, reason, received_at, body FROM erp_rejected WHERE source = %s AND "
+                                 "strpos(body, %s) > 0 ORDER BY n", (source, needle))
+        out: dict[int, dict[str, Any]] = {}
+        for n, eid, reason, at, body in await cur.fetchall():
+            try:
+                ev = json.loads(body)
+            except ValueError:
+                continue
+            if not isinstance(ev, dict) or ev.get("epoch") != epoch or type(ev.get("seq")) is not int:
+                continue
+            seq = ev["seq"]
+            out[seq] = {"n": n, "id": eid, "type": _str(ev, "type"), "reason": reason, "at": at}
+        return out
+
+    async def release_gap(self, conn: psycopg.AsyncConnection[Any], source: str, epoch: str, seqs: list[int], *,
+                          reason: str, released_by: str | None, event_lost: bool = False) -> dict[str, Any]:
+        """Release missing seqs of one stream by hand, all or none, in one transaction: each is filled
+        (``erp_filled``) with its audit (``erp_releases``), and the watermark advanced and the completions held
+        behind it applied by ``_advance``, as when the missing event arrives. For an operator who dealt with the
+        rejected event by hand (booked it in the ERP) or knows it is lost.
+
+        Refused (``ReleaseRefused``, nothing changed) for an unknown stream, a seq that arrived, is filled already
+        (released before, or a rejected event that books nothing), is beyond the highest seq seen, or has no
+        rejection recorded unless ``event_lost`` (its event may only be late: booked after the final confirmation
+        otherwise; a late arrival under a released seq is a conflict, never booked). Give a connection in
+        autocommit mode. Returns {source, epoch, low_before, low, high, seqs: [{seq, rejected}], completions}."""
+        reason = " ".join(reason.split())
+        if not reason:
+            raise ReleaseRefused("the reason is empty: say what was done about the event (e.g. 'booked by hand in "
+                                 "SAP, ticket 4711'); it is recorded with the release")
+        if not seqs:
+            raise ReleaseRefused("no seq given")
+        wanted = sorted(set(seqs))
+        for attempt in range(8):
+            try:
+                async with conn.transaction():
+                    return await self._release(conn, source, epoch, wanted, reason, released_by, event_lost)
+            except _RETRYABLE as exc:
+                log.warning("erp.db_retry", error=type(exc).__name__, attempt=attempt + 1)
+                if attempt == 7:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any], source: str, epoch: str, seqs: list[int],
+                       reason: str, released_by: str | None, event_lost: bool) -> dict[str, Any]:
+        key = (source, epoch)
+        # the stream's lock first: an event of these seqs is either committed now (seen below: refused) or checks
+        # erp_releases under this lock after this commits (_advance: a conflict, never booked)
+        cur = await conn.execute("SELECT low, high FROM erp_streams WHERE source = %s AND epoch = %s FOR UPDATE", key)
+        row = await cur.fetchone()
+        if row is None:
+            cur = await conn.execute("SELECT epoch FROM erp_streams WHERE source = %s ORDER BY epoch", (source,))
+            epochs = [e for (e,) in await cur.fetchall()]
+            if not epochs:
+                raise ReleaseRefused(f"unknown stream: no event of source {source!r} was ever received")
+            more = f", ... ({len(epochs)})" if len(epochs) > 5 else ""
+            raise ReleaseRefused(f"unknown stream: source {source!r} has no epoch {epoch!r} (its epochs: "
+                                 f"{', '.join(epochs[:5])}{more})")
+        low, high = row
+        cur = await conn.execute("SELECT seq, id, type FROM erp_events WHERE source = %s AND epoch = %s AND "
+                                 "seq = ANY(%s)", (source, epoch, seqs))
+        arrived = {sq: (i, t) for sq, i, t in await cur.fetchall()}
+        cur = await conn.execute("SELECT f.seq, f.id, r.released_at, r.released_by, r.reason FROM erp_filled f "
+                                 "LEFT JOIN erp_releases r USING (source, epoch, seq) WHERE f.source = %s AND "
+                                 "f.epoch = %s AND f.seq = ANY(%s)", (source, epoch, seqs))
+        filled = {r[0]: r[1:] for r in await cur.fetchall()}
+        rejections = await self._rejections(conn, source, epoch)
+        for sq in seqs:
+            at = f"seq {sq} of {source} epoch {epoch}"
+            if sq < 1:
+                raise ReleaseRefused(f"{at}: seqs start at 1")
+            if sq in arrived:
+                raise ReleaseRefused(f"{at}: its event arrived ({arrived[sq][1]} {arrived[sq][0]}): nothing to "
+                                     f"release")
+            if sq in filled:
+                fid, when, by, why = filled[sq]
+                if when is not None:
+                    raise ReleaseRefused(f"{at}: already released on {utc_text(when)}"
+                                         f"{f' by {by}' if by else ''} ({why})")
+                raise ReleaseRefused(f"{at}: already filled (its rejected event {fid} books nothing): it holds "
+                                     f"nothing")
+            if sq > high:
+                raise ReleaseRefused(f"{at}: beyond the highest seq received ({high}): nothing is held behind it")
+            if sq <= low:  # every seq up to the watermark arrived or is filled: only if rows were deleted
+                raise ReleaseRefused(f"{at}: at or below the watermark ({low}): nothing is held behind it")
+            if sq not in rejections and not event_lost:
+                raise ReleaseRefused(f"{at}: no rejection recorded for it, its event may only be late and still "
+                                     f"arrive; release it only if it is known lost (--event-lost)")
+        fillers = []
+        for sq in seqs:
+            rj = rejections.get(sq)
+            await conn.execute("INSERT INTO erp_filled (source, epoch, seq, id) VALUES (%s, %s, %s, %s)",
+                               (source, epoch, sq, rj["id"] if rj else None))
+            await conn.execute("INSERT INTO erp_releases (source, epoch, seq, reason, released_by, event_lost, "
+                               "rejected_n, rejected_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                               (source, epoch, sq, reason, released_by, rj is None,
+                                rj["n"] if rj else None, rj["id"] if rj else None))
+            fillers.append({"source": source, "epoch": epoch, "seq": sq, "id": rj["id"] if rj else None,
+                            "type": "(released)"})
+        applied = await self._advance(conn, key, fillers, set(), count_reorders=False)
+        cur = await conn.execute("SELECT low, high FROM erp_streams WHERE source = %s AND epoch = %s", key)
+        new_low, high = await cur.fetchone()  # type: ignore[misc]
+        completions = [{"seq": b["seq"], "id": b["id"], "order": b["data"]["order"],
+                        "operation": b["data"]["operation"], "machine": b["data"]["machine"]}
+                       for b in applied.values()]
+        for sq in seqs:
+            rj = rejections.get(sq)
+            log.warning("erp.gap_released", source=source, epoch=epoch, seq=sq, reason=reason,
+                        released_by=released_by, event_lost=rj is None, rejected_id=rj["id"] if rj else None,
+                        rejected_type=rj["type"] if rj else None, low_before=low, low=new_low, high=high,
+                        completions_applied=[c["id"] for c in completions])
+        return {"source": source, "epoch": epoch, "low_before": low, "low": new_low, "high": high,
+                "seqs": [{"seq": sq, "rejected": rejections.get(sq)} for sq in seqs], "completions": completions}
 
 
 def _str(doc: Any, key: str) -> str | None:

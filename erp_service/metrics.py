@@ -26,6 +26,8 @@ class Metrics:
                                 "stream.", registry=r)
         self.held = Gauge("edge_erp_completions_held", "operation.completed held behind an open seq gap.",
                           registry=r)
+        self.seqs_released = Gauge("edge_erp_seqs_released", "Seqs released by hand (edge-gateway-erp release-gap), "
+                                   "all time, from erp_releases (the command runs in its own process).", registry=r)
         self.outbox_pending = Gauge("edge_erp_outbox_pending", "Outbox documents not yet acknowledged by the ERP.",
                                     registry=r)
         self.posted = Counter("edge_erp_posted_total", "Documents acknowledged by the ERP, by kind.", ["kind"],

@@ -2,7 +2,8 @@
 
 GET /health   200 while the process runs (liveness); while start() waits for PostgreSQL, says so under "waiting"
 GET /ready    200 when the database answers, the consumer is connected and the workers are up, else 503 and why
-GET /status   JSON: counts by outcome, open seq gaps, held completions, outbox by state, consumer lag
+GET /status   JSON: counts by outcome, open seq gaps, held completions, seqs released by hand, outbox by state,
+              consumer lag
 GET /metrics  Prometheus text format (edge_erp_*)
 """
 
@@ -227,6 +228,7 @@ class ErpService:
         s = await self._db_status(conn)
         self.metrics.outbox_pending.set(s["outbox"].get("pending", 0))
         self.metrics.held.set(s["completions_held"])
+        self.metrics.seqs_released.set(s["seqs_released"])
         self.metrics.seq_gaps.set(sum(g["missing"] for g in s["gaps"]))
         alarm = any(g["gap_age_s"] > self.cfg.gap_alarm_s for g in s["gaps"])
         if alarm and not self.metrics.gap_alarm._value.get():
@@ -246,10 +248,12 @@ class ErpService:
         found = (await cur.fetchone())[0]  # type: ignore[index]
         cur = await conn.execute("SELECT count(*) FROM erp_conflicts")
         conflicts = (await cur.fetchone())[0]  # type: ignore[index]
+        cur = await conn.execute("SELECT count(*) FROM erp_releases")
+        releases = (await cur.fetchone())[0]  # type: ignore[index]
         gaps = await self.ledger.gaps(conn)
         return {"events": n_events, "duplicates": int(n_dups), "duplicates_redelivered_by_broker": int(n_redel),
                 "documents_found_by_lookup": found, "conflicts": conflicts, "outbox": outbox,
-                "completions_held": held,
+                "completions_held": held, "seqs_released": releases,
                 "gaps": [{"source": s, "epoch": e, **g} for (s, e), g in gaps.items()]}
 
     async def ready(self) -> bool:
