@@ -30,16 +30,13 @@ from mappings.events import (
     ConsumedComponent,
     ConsumptionBasis,
     CounterAnomalyData,
-    CounterEvidence,
     EventData,
     MachineStateChangedData,
     MaterialConsumedData,
     OperationCompletedData,
     OperationStartedData,
-    Quantities,
-    QuantityReportedData,
+    QuantityReport,
     Totals,
-    Window,
     dec_str,
     rfc3339_opt,
 )
@@ -802,20 +799,15 @@ class MachineEngine:
         self.totals["yield"] += yld
         self.totals["scrap"] += scrap
         self.totals["rework"] += rework
-        data = QuantityReportedData(
-            machine=self.spec.id,
-            order=ctx.order if ctx else None,
-            operation=ctx.operation if ctx else None,
-            unassigned=ctx is None,
-            reason=reason,  # type: ignore[arg-type]
-            window=Window(start=iso(w.start), end=iso(w.end)),
-            quantities=Quantities(yield_=dec_str(yld), scrap=dec_str(scrap), rework=dec_str(rework)),
-            unit=unit,
-            totals=self._totals_data(),
-            evidence=[CounterEvidence(counter=n, from_=e.first, to=e.last, rollovers=e.rollovers,  # type: ignore[arg-type]
-                                      resets=e.resets, glitches=e.glitches)
-                      for n, e in w.evidence.items() if not n.startswith(MATERIAL_PREFIX)],
-        )
+        tot = self.totals
+        # the typed parts are built only if a field is read (QuantityReport): the encoder renders the values
+        data = QuantityReport((
+            self.spec.id, ctx.order if ctx else None, ctx.operation if ctx else None, ctx is None, reason,
+            iso(w.start), iso(w.end), dec_str(yld), dec_str(scrap), dec_str(rework), unit,
+            dec_str(tot["yield"]), dec_str(tot["scrap"]), dec_str(tot["rework"]),
+            tuple([(n, e.first, e.last, e.rollovers, e.resets, e.glitches)
+                   for n, e in w.evidence.items() if not n.startswith(MATERIAL_PREFIX)]),
+        ))
         out = [EventDraft("operation.quantity_reported", self.spec.id, t, data, parts=yld + scrap + rework)]
         if ctx and ctx.components and (yld or scrap):
             consumed = yld + scrap
