@@ -202,7 +202,10 @@ class Core:
         # dirty machines whose engine said ``urgent`` after a call of the core (their state exists nowhere else: it is
         # committed now, not at the checkpoint). Whoever changes an engine outside the core's own calls adds it here.
         self.urgent: set[str] = set()
-        self._timers: list[tuple[float, str]] = []  # heap of (deadline, machine): reporting windows
+        # reporting windows, a timer wheel: the machines of each slot time (deadlines are slotted: see _schedule), and
+        # a heap of the slot times; ``scheduled`` holds each machine's one valid entry (others are skipped)
+        self._timers: list[float] = []
+        self._slots: dict[float, list[str]] = {}
         self.scheduled: dict[str, float] = {}
         self.faulted: dict[str, str] = {}  # machine -> error: its engine raised; its samples are ignored
         self.after_commit: list[Callable[[], Awaitable[None]]] = []  # awaited by the core after its commit
@@ -388,7 +391,7 @@ class Core:
         now = time.monotonic()
         due: list[float] = []
         if self._timers:
-            due.append(self._timers[0][0])
+            due.append(self._timers[0])
         if self.ticker is not None:
             due.append(self.ticker.next_due)
         if self.dirty or self.uncommitted or self.after_commit:
@@ -725,7 +728,12 @@ class Core:
         if self.scheduled.get(machine) == d:
             return
         self.scheduled[machine] = d
-        heapq.heappush(self._timers, (d, machine))
+        slot = self._slots.get(d)
+        if slot is None:
+            self._slots[d] = [machine]
+            heapq.heappush(self._timers, d)
+        else:
+            slot.append(machine)
 
     def run_timers(self) -> None:
         timers = self._timers
@@ -734,27 +742,40 @@ class Core:
             scheduled, engines, faulted, dirty, urgent = self.scheduled, self.engines, self.faulted, self.dirty, \
                 self.urgent
             staged: list[EventDraft] = []  # the slot's reports, staged together in machine order (one call)
-            while timers and timers[0][0] <= now:
-                d, machine = heapq.heappop(timers)
-                if scheduled.get(machine) != d:
-                    continue  # superseded
-                del scheduled[machine]
-                eng = engines[machine]
-                if machine in faulted:
-                    continue
+            slots = self._slots
+            while timers and timers[0] <= now:
+                d = heapq.heappop(timers)
+                machines = slots.pop(d)
+                machines.sort()
                 try:
-                    due = eng.next_deadline()  # within this slot (slots start at or before a deadline)
-                    drafts = eng.tick(now if due is None else max(now, due))
-                except Exception as exc:  # noqa: BLE001
-                    self.fault(machine, exc)
-                    continue
-                if eng.dirty:
-                    dirty.add(machine)
-                    if eng.urgent:
-                        urgent.add(machine)
-                if drafts:
-                    staged += drafts
-                self._schedule(machine)
+                    for machine in machines:
+                        if scheduled.get(machine) != d:
+                            continue  # superseded (or seen already: a machine scheduled to one slot twice)
+                        del scheduled[machine]
+                        eng = engines[machine]
+                        if machine in faulted:
+                            continue
+                        try:
+                            due = eng.next_deadline()  # within this slot (slots start at or before a deadline)
+                            drafts = eng.tick(now if due is None else max(now, due))
+                        except Exception as exc:  # noqa: BLE001
+                            self.fault(machine, exc)
+                            continue
+                        if eng.dirty:
+                            dirty.add(machine)
+                            if eng.urgent:
+                                urgent.add(machine)
+                        if drafts:
+                            staged += drafts
+                        self._schedule(machine)
+                except BaseException:
+                    # the machines of this slot not handled yet keep their timer
+                    rest = [m for m in machines if scheduled.get(m) == d]
+                    if rest:
+                        if d not in slots:
+                            heapq.heappush(timers, d)
+                        slots.setdefault(d, []).extend(rest)
+                    raise
             self.stage(staged)
         self.settle_order_tags()
 

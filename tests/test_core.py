@@ -430,6 +430,37 @@ def test_report_windows_close_in_timer_slots_never_after_their_deadline(tmp_path
     assert len(set(fired.values())) > 40  # spread over the hour, not one burst
 
 
+def test_the_windows_of_one_timer_slot_close_in_one_round_in_machine_order_once_each(tmp_path, monkeypatch):
+    """The core keeps its windows in a timer wheel (the machines of each slot): the windows due in one slot close in
+    one round, each once (a machine scheduled to a slot twice, after a detour to another, too), their reports staged
+    in machine order whatever the order they opened in, and a machine moved to a later slot is not closed early."""
+    clock = [1000.0]
+    monkeypatch.setattr(core.Core, "now", staticmethod(lambda: clock[0]))
+    machines = tuple(f"m{i:02d}" for i in range(30))
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=machines)
+    feed(gw, [s(f"{m}/good", 0, 1000.0) for m in machines])
+    for m in reversed(machines):  # opened in reverse order
+        gw.engines[m]._window_s = 100.0  # no jitter: one deadline for all
+        feed(gw, [s(f"{m}/good", 5, 1000.25)])
+    gw.core.uncommitted.clear()
+    late = gw.engines["m07"]
+    late._window_s = 200.0  # m07's window now closes a slot range later
+    gw.core._schedule("m07")
+    again = gw.engines["m03"]
+    again._window_s = 150.0
+    gw.core._schedule("m03")
+    again._window_s = 100.0
+    gw.core._schedule("m03")  # back to the first slot: listed there twice
+    clock[0] = 1000.25 + 100.0
+    gw.core.run_timers()
+    reports = [r.machine for r in gw.core.uncommitted if r.type == "operation.quantity_reported"]
+    assert reports == sorted(set(machines) - {"m07"})
+    gw.core.uncommitted.clear()
+    clock[0] = 1000.25 + 200.0
+    gw.core.run_timers()
+    assert [r.machine for r in gw.core.uncommitted if r.type == "operation.quantity_reported"] == ["m07"]
+
+
 @pytest.mark.parametrize("interval", [0.001, 0.01, 0.2, 1.0, 4.99, 5.0, 60.0, 3600.0])
 def test_a_timer_slot_is_at_most_a_fifth_of_the_interval_and_divides_the_largest(interval):
     """A window closes at the start of its deadline's slot: at most a fifth of its interval early (one slot); the
