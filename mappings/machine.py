@@ -245,6 +245,8 @@ def _jnum(x: float | int | None) -> str:
 
 
 _KEYS: dict[str, str] = {}  # JSON of the fixed keys of quantity dicts ("good", "yield", ...)
+_EMPTY_WINDOW: dict[tuple[str, ...], str] = {}  # snapshot text of an empty window, by the keys of its quantities
+_STATE_JSON: dict[str | None, str] = {None: "null"}  # JSON of machine states seen (a few configured names)
 
 
 def _jdecs(d: dict[str, Decimal]) -> str:
@@ -417,21 +419,34 @@ class MachineEngine:
             self._json_ctx = (ctx, "null" if ctx is None else _encode(ctx.to_dict()))
         w = self.window
         start, end = w.start, w.end
-        starts = _jnum(start)
-        if end == memo_t and type(end) is type(memo_t):  # the window ends with the last counted change
-            ends = memo_s
+        q = w.q
+        if start is None and end is None and not w.evidence and not w.materials and not any(q.values()):
+            window = _EMPTY_WINDOW.get(tuple(q))  # a window just closed: the same text every time
+            if window is None:
+                window = _EMPTY_WINDOW[tuple(q)] = (f'"window":{{"start":null,"end":null,"q":{_jdecs(q)},'
+                                                    f'"evidence":{{}},"materials":{{}}}}')
         else:
-            ends = starts if end == start and type(end) is type(start) else _jnum(end)
-        evidence = ",".join(
-            f'{_encode(n)}:{{"from":{_jnum(e.first)},"to":{_jnum(e.last)},"rollovers":{_jnum(e.rollovers)},'
-            f'"resets":{_jnum(e.resets)},"glitches":{_jnum(e.glitches)}}}' for n, e in w.evidence.items())
+            starts = _jnum(start)
+            if end == memo_t and type(end) is type(memo_t):  # the window ends with the last counted change
+                ends = memo_s
+            else:
+                ends = starts if end == start and type(end) is type(start) else _jnum(end)
+            evidence = ",".join(
+                f'{_encode(n)}:{{"from":{_jnum(e.first)},"to":{_jnum(e.last)},"rollovers":{_jnum(e.rollovers)},'
+                f'"resets":{_jnum(e.resets)},"glitches":{_jnum(e.glitches)}}}' for n, e in w.evidence.items())
+            window = (f'"window":{{"start":{starts},"end":{ends},"q":{_jdecs(q)},"evidence":{{{evidence}}},'
+                      f'"materials":{_jdecs(w.materials)}}}')
         completed = _encode([list(ref) for ref in self.completed]) if self.completed else "[]"
         order_totals = _encode(self.order_totals) if self.order_totals else "{}"
-        return (f'{{"v":1,"counters":{{{",".join(counters)}}},"context":{self._json_ctx[1]},'
-                f'"window":{{"start":{starts},"end":{ends},"q":{_jdecs(w.q)},"evidence":{{{evidence}}},'
-                f'"materials":{_jdecs(w.materials)}}},"totals":{_jdecs(self.totals)},'
-                f'"yield_carry":"{dec_str(self.yield_carry)}","machine_state":{_encode(self.machine_state)},'
-                f'"completed":{completed},"order_totals":{order_totals}}}')
+        state = self.machine_state
+        state_j = _STATE_JSON.get(state)
+        if state_j is None:
+            state_j = _encode(state)
+            if len(_STATE_JSON) < 256:
+                _STATE_JSON[state] = state_j
+        return (f'{{"v":1,"counters":{{{",".join(counters)}}},"context":{self._json_ctx[1]},{window},'
+                f'"totals":{_jdecs(self.totals)},"yield_carry":"{dec_str(self.yield_carry)}",'
+                f'"machine_state":{state_j},"completed":{completed},"order_totals":{order_totals}}}')
 
     def snapshot(self) -> dict[str, Any]:
         w = self.window
