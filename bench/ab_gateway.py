@@ -19,6 +19,7 @@ The summary at the end warns when the rates of the checkouts differ by more than
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -38,6 +39,7 @@ import bench.peer_nodered as peer  # noqa: E402
 from bench.common import BenchBroker  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+INSITU = Path(__file__).resolve().parent / "insitu"  # its sitecustomize.py times hot functions (--insitu)
 
 
 def thread_times(pid: int) -> dict[str, tuple[float, float]]:
@@ -63,6 +65,8 @@ def run_one(root: str, n: int, poll_s: float, broker: BenchBroker, sub: Any, wor
     measure = peer.measure
 
     spy: Any = None
+    insitu: dict[str, Any] = {}
+    insitu_out = os.path.join(work, "insitu.jsonl")
 
     def measured(proc: Any, *a: Any, **kw: Any) -> dict[str, Any]:
         # per-thread CPU over the middle of the window (from after the warm-up to just before the window's end)
@@ -70,6 +74,7 @@ def run_one(root: str, n: int, poll_s: float, broker: BenchBroker, sub: Any, wor
             nonlocal spy
             time.sleep(args.warm + 6)
             t0 = thread_times(proc.pid)
+            i0 = last_line(insitu_out) if args.insitu else None
             if args.profile:  # py-spy over the same span, collapsed stacks (one file per run)
                 out = f"{args.profile}.{os.path.basename(os.path.abspath(root))}.{proc.pid}.txt"
                 py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -79,6 +84,8 @@ def run_one(root: str, n: int, poll_s: float, broker: BenchBroker, sub: Any, wor
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(max(1.0, window - 8))
             t1 = thread_times(proc.pid)
+            if args.insitu:
+                insitu.update(insitu_delta(i0, last_line(insitu_out)))
             if spy is not None:
                 spy.wait()
             span = max(1.0, window - 8)
@@ -92,15 +99,58 @@ def run_one(root: str, n: int, poll_s: float, broker: BenchBroker, sub: Any, wor
         return measure(proc, *a, **kw)
 
     peer.measure = measured
+    proc_cls = peer.Proc
+    if args.insitu:  # the gateway process loads bench/insitu/sitecustomize.py
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(insitu_out)
+
+        class InsituProc(proc_cls):  # type: ignore[misc, valid-type]
+            def __init__(self, name: str, argv: list[str], **kw: Any) -> None:
+                env = dict(kw.pop("env", None) or os.environ)
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(INSITU), env.get("PYTHONPATH")]))
+                env["EDGE_GATEWAY_INSITU_OUT"] = insitu_out
+                super().__init__(name, argv, env=env, **kw)
+
+        peer.Proc = InsituProc
     try:
         r = peer.run_peer("gateway", None, n, poll_s, broker, sub, args, work, window)
     finally:
         peer.measure = measure
+        peer.Proc = proc_cls
     gw = r.get("gateway", {})
     return {"checkout": root, "us_per_tag": round(r["us_per_tag"], 3), "cpu_pct": round(r["cpu_cores"] * 100, 2),
             "threads": per_thread, "rss_mb": round(r["rss_mb"], 1), "delivered_per_s": round(r["delivered_per_s"], 1),
             "committed_per_s": round(gw.get("events_committed_per_s", 0.0), 1),
-            "outbox_pending": [gw.get("outbox_pending_start"), gw.get("outbox_pending_end")]}
+            "outbox_pending": [gw.get("outbox_pending_start"), gw.get("outbox_pending_end")],
+            **({"insitu": insitu} if args.insitu else {})}
+
+
+def last_line(path: str) -> dict[str, Any] | None:
+    """The last complete JSON line of the in-situ dump (bench/insitu/sitecustomize.py), or None."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def insitu_delta(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    """Per wrapped function between two dumps: CPU ms per second, calls per second, µs per call."""
+    if not a or not b or b["t"] <= a["t"]:
+        return {}
+    dt = b["t"] - a["t"]
+    out = {}
+    for k, cpu in sorted(b["cpu_s"].items(), key=lambda kv: a["cpu_s"].get(kv[0], 0.0) - kv[1]):
+        d_cpu = cpu - a["cpu_s"].get(k, 0.0)
+        d_calls = b["calls"][k] - a["calls"].get(k, 0)
+        out[k] = {"ms_per_s": round(d_cpu * 1000 / dt, 2), "calls_per_s": round(d_calls / dt, 1),
+                  "us_per_call": round(d_cpu * 1e6 / d_calls, 2) if d_calls else None}
+    return out
 
 
 def main() -> None:
@@ -113,6 +163,9 @@ def main() -> None:
     p.add_argument("--profile", metavar="PREFIX", help="also record a py-spy profile of each run (collapsed stacks "
                    "in PREFIX.<checkout>.<pid>.txt; it costs the measured process CPU: do not compare those figures)")
     p.add_argument("--reporting-s", type=float, default=5.0, help="the gateway's reporting interval")
+    p.add_argument("--insitu", action="store_true", help="also time the gateway's hot functions in the process "
+                   "(bench/insitu/sitecustomize.py: CPU per call, 'insitu' in each run's line; the wrappers cost "
+                   "CPU: do not compare those runs' figures with others)")
     args = p.parse_args()
     (n, poll_s), = peer.parse_loads(args.load)
     work = tempfile.mkdtemp(prefix="ab-gateway-")
