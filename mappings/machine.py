@@ -182,7 +182,7 @@ class _Window:
     opened_at: float | None = None  # monotonic time the window got its first count; drives the periodic flush
     start: float | None = None  # source time of the first counted change
     end: float | None = None
-    q: dict[str, Decimal] = field(default_factory=lambda: {k: ZERO for k in QUANTITY_KINDS})
+    q: dict[str, Decimal] = field(default_factory=lambda: dict.fromkeys(QUANTITY_KINDS, ZERO))
     evidence: dict[str, _Evidence] = field(default_factory=dict)
     materials: dict[str, Decimal] = field(default_factory=dict)  # metered consumption in this window
 
@@ -777,17 +777,18 @@ class MachineEngine:
         """Close the reporting window: one quantity report (plus backflushed consumption) if anything was counted,
         and one metered consumption report if a material meter moved."""
         w = self.window
-        metered = [(m, q) for m, q in w.materials.items() if q]
+        metered = [(m, q) for m, q in w.materials.items() if q] if w.materials else None
         self.window = _Window()
         if self._rng:
             self._window_s = self.spec.interval_s * (1.0 - self.spec.interval_jitter * self._draw())
-        if w.empty() and not metered:
+        empty = w.empty()
+        if empty and not metered:
             return []
         self.dirty = True
         ctx = self.context
         unit = (ctx.unit if ctx and ctx.unit else None) or self.spec.unit
         t = w.end if w.end is not None else now
-        out = self._quantity_report(w, reason, ctx, unit, t) if not w.empty() else []
+        out = self._quantity_report(w, reason, ctx, unit, t) if not empty else []
         if metered:
             out.append(EventDraft("material.consumed", self.spec.id, t, MaterialConsumedData(
                 machine=self.spec.id, order=ctx.order if ctx else None,
