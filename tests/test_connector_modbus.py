@@ -566,3 +566,28 @@ async def test_a_reset_on_read_register_counts_every_read(model: MachineModel, s
     engine = gw.core.engines["m1"]
     assert engine.window.q["good"] == made == 13
     assert [(e.first, e.last) for n, e in engine.window.evidence.items() if n == "good"] == [(None, 2)]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(data=st.binary(min_size=1, max_size=260) | st.integers(0, 125).flatmap(
+    lambda n: st.binary(min_size=2 * n, max_size=2 * n).map(lambda regs: bytes([2 * n]) + regs)))
+def test_the_quick_register_decode_equals_pymodbuss(data):
+    """The register responses the connector registers with pymodbus decode a block with one struct call
+    (``_decode_registers``); pymodbus's own decode unpacks register by register. Same registers or the same error,
+    for any bytes (a well-formed response, a short one, a count byte that lies)."""
+    from pymodbus.exceptions import ModbusIOException
+    from pymodbus.pdu import register_message
+
+    for base, quick in zip((register_message.ReadHoldingRegistersResponse,
+                            register_message.ReadInputRegistersResponse), modbus_connector.QUIET_RESPONSES[:2]):
+        assert issubclass(quick, base)
+        want, got = base(), quick()
+        try:
+            want.decode(data)
+        except ModbusIOException as exc:
+            with pytest.raises(ModbusIOException) as raised:
+                got.decode(data)
+            assert str(raised.value) == str(exc)
+            continue
+        got.decode(data)
+        assert got.registers == want.registers and type(got.registers) is list
