@@ -391,15 +391,19 @@ class QuantityReport(QuantityReportedData):
     def to_json(self) -> str:
         (machine, order, operation, unassigned, reason, start, end, y, s, r, unit, ty, ts, tr,
          evidence) = self._values
-        ev = ", ".join([f'{{"counter": {_json_str(c)}, "from": {"null" if f is None else int.__repr__(f)}, '
-                        f'"to": {int.__repr__(t)}, "rollovers": {int.__repr__(ro)}, "resets": {int.__repr__(re)}, '
-                        f'"glitches": {int.__repr__(g)}}}' for c, f, t, ro, re, g in evidence])
+        # written as they are (nothing to escape): the quantities (``dec_str``: ASCII digits, sign and point), the
+        # timestamps (``rfc3339``) and the reason (one of four words), as the engine makes them
+        r_ = int.__repr__
+        ev = ", ".join([f'{{"counter": {_json_str(c)}, "from": {"null" if f is None else r_(f)}, "to": {r_(t)}, '
+                        f'"rollovers": {r_(ro)}, "resets": {r_(re)}, "glitches": {r_(g)}}}'
+                        for c, f, t, ro, re, g in evidence])
+        start = "null" if start is None else f'"{start}"'
+        end = "null" if end is None else f'"{end}"'
         return (f'{{"machine": {_json_str(machine)}, "order": {_json_opt_str(order)}, '
                 f'"operation": {_json_opt_str(operation)}, "unassigned": {"true" if unassigned else "false"}, '
-                f'"reason": {_json_str(reason)}, "window": {{"start": {_json_opt_str(start)}, '
-                f'"end": {_json_opt_str(end)}}}, "quantities": {{"yield": {_json_str(y)}, "scrap": {_json_str(s)}, '
-                f'"rework": {_json_str(r)}}}, "unit": {_json_str(unit)}, "totals": {{"yield": {_json_str(ty)}, '
-                f'"scrap": {_json_str(ts)}, "rework": {_json_str(tr)}}}, "evidence": [{ev}]}}')
+                f'"reason": "{reason}", "window": {{"start": {start}, "end": {end}}}, '
+                f'"quantities": {{"yield": "{y}", "scrap": "{s}", "rework": "{r}"}}, "unit": {_json_str(unit)}, '
+                f'"totals": {{"yield": "{ty}", "scrap": "{ts}", "rework": "{tr}"}}, "evidence": [{ev}]}}')
 
 
 @event_data
