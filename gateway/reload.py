@@ -336,8 +336,9 @@ class Reloader:
         (what the stopping connectors handed on as they stopped: a poll cut short hands on the blocks it has read).
         A reading counts under the wiring it was read with (a tag the new config gives to another machine does not
         count there), and is not dropped: a reset-on-read register was cleared by that read
-        (tests/test_reload_drain.py). The inbox is taken in order up to its first other item (an order command or a call may need the new wiring);
-        from there on, ``late`` included, it waits for the new wiring. Returns whether anything was applied."""
+        (tests/test_reload_drain.py). The inbox is taken in order up to its first other item (an order command or a
+        call may need the new wiring); from there on, ``late`` included, it waits for the new wiring. Returns whether
+        anything was applied."""
         from mappings.samples import Readings
 
         core = self.gw.core
@@ -351,7 +352,7 @@ class Reloader:
         held = touched & core.tags.pending  # a PLC-tag switch these readings started: applied to the old engine
         if held:
             core.settle_order_tags(all_now=True, machines=held)
-        return applied
+        return applied or bool(held)
 
     def _status_page(self, new: GatewayConfig) -> None:
         """The status page's per-machine figures (gateway/statuspage.py): new machines get theirs, changed ones keep
@@ -382,8 +383,6 @@ class Reloader:
         topic = self.gw.topics.dispatch_filter()
         if self.gw.link.resubscribe(topic):
             log.info("config.reload_resubscribed", topic=topic)
-
-
 
 
 # --------------------------------------------------------------------------------------------------------------
