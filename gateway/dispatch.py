@@ -31,9 +31,11 @@ Quantity = Annotated[
     WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0, "maximum": 999_999_999.999999},
                               {"type": "string", "pattern": QUANTITY_PATTERN}]}),
 ]
-_TEXT = r"^[^\x00-\x1f\x7f]+$"  # no control characters (they end up in payloads, logs and internal keys)
+# no control character, C0, DEL or C1 (they end up in payloads, logs and internal keys): the contract's rule for order
+# numbers (ORDER_TEXT_PATTERN), for every text field of a dispatch and an ERP answer, and never empty
+_TEXT = r"^[^\x00-\x1f\x7f-\x9f]+$"
 _PATTERN_MESSAGES = {  # what a pattern's mismatch means, for the detail (pydantic's message quotes the pattern)
-    _TEXT: "must not contain control characters (U+0000-U+001F, U+007F)",
+    _TEXT: "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
     ORDER_TEXT_PATTERN: "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
 }
 
@@ -97,9 +99,9 @@ def _load_json(payload: bytes, limit: int) -> Any:
 
 
 def _clean(text: str) -> str:
-    """Text safe to log and encode: lone surrogates and control characters replaced."""
+    """Text safe to log and encode: lone surrogates and control characters (C0, DEL, C1) replaced."""
     text = text.encode("utf-8", "replace").decode("utf-8")
-    return "".join(c if c >= " " and c != "\x7f" else "?" for c in text)
+    return "".join(c if c >= " " and not "\x7f" <= c <= "\x9f" else "?" for c in text)
 
 
 def _message(e: Any) -> str:

@@ -178,6 +178,30 @@ def test_a_control_character_in_an_order_number_is_rejected_naming_the_field(ch)
         survives_engine(ctx)
 
 
+@pytest.mark.parametrize("ch", CONTROL, ids=[f"U+{ord(c):04X}" for c in CONTROL])
+def test_a_control_character_in_any_text_of_a_dispatch_is_rejected_naming_the_field(ch):
+    """The units and material numbers of a dispatch end up in events and ERP documents like the order number: no
+    control character (C0, DEL or C1) there either, the detail naming the field. Red before for the C1 range."""
+    comp = {"material": "RM-1", "quantity_per_unit": "2", "unit": "KG"}
+    for doc, field in (({"order": "1", "operation": "10", "unit": f"PC{ch}"}, "unit"),
+                       ({"order": "1", "operation": "10", "components": [{**comp, "material": f"RM{ch}1"}]},
+                        "components.0.material"),
+                       ({"order": "1", "operation": "10", "components": [{**comp, "unit": f"K{ch}G"}]},
+                        "components.0.unit")):
+        with pytest.raises(DispatchRejected) as exc:
+            parse_dispatch(json.dumps(doc).encode())
+        assert exc.value.reason == "schema", doc
+        assert exc.value.detail == f"{field}: must not contain control characters (U+0000-U+001F, U+007F-U+009F)", doc
+
+
+def test_text_from_the_network_is_logged_without_control_characters():
+    """What the gateway logs of a refused message (a detail, an ERP's reason) has its control characters, C1
+    included, replaced: a log line cannot be split or garbled by a message. Red before for the C1 range."""
+    from gateway.dispatch import _clean
+
+    assert _clean("a\x00b\nc\x7fd\x85e\x9bf\x9fg\xa0h\u00e9") == "a?b?c?d?e?f?g\xa0h\u00e9"
+
+
 def test_dec_str_is_total_and_plain():
     from mappings.machine import dec_str
 
