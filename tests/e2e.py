@@ -94,9 +94,13 @@ class RunningGateway:
 
 
 async def wait_until(pred: Any, timeout: float = 20.0, interval: float = 0.05, message: str = "") -> None:
+    """Wait until ``pred()`` is true (``pred`` may return an awaitable: it is awaited), or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        if pred():
+        r = pred()
+        if asyncio.iscoroutine(r):
+            r = await r
+        if r:
             return
         if time.monotonic() > deadline:
             raise AssertionError(message or f"condition not met within {timeout}s")

@@ -15,15 +15,9 @@ from erp_service.config import ErpEndpointConfig, ServiceConfig
 from erp_service.ledger import Ledger, ensure_schema
 from erp_service.metrics import Metrics
 from erp_service.poster import Poster
-from erp_service.testing import EventFactory, throwaway_database
+from erp_service.testing import EventFactory
 from simulators.erp_endpoint import ErpEndpoint
 from tests.e2e import wait_until
-
-
-@pytest.fixture
-async def dsn():
-    async with throwaway_database() as d:
-        yield d
 
 
 @pytest.fixture
@@ -59,7 +53,7 @@ async def _run_poster(poster: Poster, until, timeout: float = 20.0) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(poster.run(stop))
     try:
-        await _until(until, timeout)
+        await wait_until(until, timeout)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -264,16 +258,6 @@ async def _all_sent(dsn: str) -> bool:
         return (await cur.fetchone())[0] == 0
 
 
-async def _until(pred, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        r = pred()
-        if asyncio.iscoroutine(r):
-            r = await r
-        if r:
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"condition not met within {timeout}s"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_batch_longer_than_the_lease_is_not_posted_twice_by_two_posters(conn, dsn, endpoint):
@@ -293,7 +277,7 @@ async def test_a_batch_longer_than_the_lease_is_not_posted_twice_by_two_posters(
     tb = asyncio.create_task(b.run(stop))
     try:
         # every row sent, and poster-0 through its claimed batch (the duplicates came from its last rows)
-        await _until(lambda: _idle_and_sent(dsn, a, endpoint), 30)
+        await wait_until(lambda: _idle_and_sent(dsn, a, endpoint), 30)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(ta, tb), 10)
