@@ -58,3 +58,14 @@ def _no_erp_conflicts(request, monkeypatch):
     if request.node.get_closest_marker("erp_conflicts_expected") is None:
         conflicts = [c for erp in started for c in erp.conflicts()]
         assert not conflicts, f"the ERP recorded {len(conflicts)} conflict(s), first: {conflicts[:3]}"
+
+
+# --- PostgreSQL: a throwaway database per test ---------------------------------------------------------------------
+
+@pytest.fixture
+async def dsn():
+    """The DSN of a fresh database on the local PostgreSQL, dropped at teardown (``erp_service.testing``)."""
+    from erp_service.testing import throwaway_database  # psycopg only for the tests that ask for a database
+
+    async with throwaway_database() as d:
+        yield d

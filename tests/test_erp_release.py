@@ -24,15 +24,9 @@ import yaml
 from erp_service.cli import _os_user
 from erp_service.config import ServiceConfig
 from erp_service.ledger import Ledger, ReleaseRefused, ensure_schema, utc_text
-from erp_service.testing import EventFactory, throwaway_database
+from erp_service.testing import EventFactory
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-async def dsn():
-    async with throwaway_database() as d:
-        yield d
 
 
 @pytest.fixture

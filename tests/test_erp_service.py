@@ -12,13 +12,7 @@ import pytest
 
 from erp_service.config import ServiceConfig
 from erp_service.ledger import Ledger, ensure_schema
-from erp_service.testing import EventFactory, throwaway_database
-
-
-@pytest.fixture
-async def dsn():
-    async with throwaway_database() as d:
-        yield d
+from erp_service.testing import EventFactory
 
 
 @pytest.fixture

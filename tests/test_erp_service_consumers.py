@@ -17,16 +17,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from erp_service.config import ErpEndpointConfig, HttpConfig, MqttSourceConfig, NatsSourceConfig, PostgresConfig, \
     ServiceConfig
 from erp_service.service import ErpService
-from erp_service.testing import EventFactory, throwaway_database
+from erp_service.testing import EventFactory
 from simulators.erp_endpoint import ErpEndpoint
 from simulators.nats_cluster import NatsCluster
 from tests.e2e import wait_until
-
-
-@pytest.fixture
-async def dsn():
-    async with throwaway_database() as d:
-        yield d
 
 
 @pytest.fixture
