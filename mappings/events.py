@@ -361,8 +361,8 @@ class QuantityReport(QuantityReportedData):
     """A ``QuantityReportedData`` made from plain values, for the hot path (one per reporting window of every
     machine): ``to_json`` renders them in one step, byte for byte what the typed object renders, and the typed
     parts (``Window``, ``Quantities``, ``Totals``, ``CounterEvidence``) are only built when a field is read (the
-    status page, tests). Instead of seven objects and a walk over them per report: ~8 µs less per report
-    (bench/README.md). ``tests/test_events_encoding.py`` checks it against the typed object.
+    status page, tests). Instead of seven objects and a walk over them per report: ~3 µs less per report
+    in-process (bench/README.md, eighth session). ``tests/test_events_encoding.py`` checks it against the typed object.
 
     ``values``: (machine, order, operation, unassigned, reason, window start, window end (RFC 3339 text or None),
     yield, scrap, rework, unit, total yield, total scrap, total rework (decimal text), evidence: a tuple of
