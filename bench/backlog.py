@@ -34,6 +34,7 @@ from typing import Any
 
 from bench.common import BenchBroker, BenchFailed, CpuMeter, ident, main, percentile, quiet_logs, scratch_dir
 from bench.throughput import pregenerate, run_raw_paho
+from gateway import loops
 from gateway.config import MqttConfig
 from gateway.events import EventEncoder, Topics, event_id
 from gateway.mqtt import MqttLink, Publisher
@@ -238,7 +239,7 @@ def body(args: Any, res: Any) -> None:
     quiet_logs()
     n = args.rows or (2_000_000 if args.long else 1_000_000)
     workdir = scratch_dir("backlog")
-    r = asyncio.run(scenario(args, workdir, n))
+    r = loops.run(scenario(args, workdir, n))
     # baseline: raw paho on the same kind of payloads, same broker config, same run
     bb = BenchBroker(os.path.join(workdir, "broker-baseline"))
     bb.start()

@@ -111,6 +111,7 @@ def machine_info() -> dict[str, Any]:
             "pymodbus": _version("pymodbus"),
             "aiosqlite": _version("aiosqlite"),
             "cloudevents": _version("cloudevents"),
+            "uvloop": _version("uvloop"),  # the gateway's event loop (gateway/loops.py); in-process benches use it too
             "git": _git(),
             "loadavg_at_start": list(os.getloadavg()),
         }

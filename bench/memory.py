@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from bench.common import BenchBroker, BenchFailed, ident, main, quiet_logs, rss_mb, scratch_dir
+from gateway import loops
 
 HERE = Path(__file__).resolve().parent
 
@@ -113,7 +114,7 @@ def child(args: argparse.Namespace) -> None:
                 broker.close()
         out["end"] = rss_mb()
 
-    asyncio.run(run())
+    loops.run(run())
     print(json.dumps(out), flush=True)
 
 
@@ -145,7 +146,7 @@ def body(args: Any, res: Any) -> None:
     args.drain = args.drain or (60.0 if args.long else 10.0)
     workdir = scratch_dir("memory")
     store = os.path.join(workdir, "outbox.db")
-    fill_s = asyncio.run(fill(store, n))
+    fill_s = loops.run(fill(store, n))
     db_mb = sum(os.path.getsize(store + s) for s in ("", "-wal") if os.path.exists(store + s)) / 2**20
     print(f"# filled {n:,} rows in {fill_s:.1f} s ({db_mb:.0f} MB)", flush=True)
     base = run_child("baseline", [], 120)

@@ -24,6 +24,7 @@ for suffix in ("", "-wal", "-shm"):
     except FileNotFoundError: pass
 db = sqlite3.connect(path, isolation_level=None)
 db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL"); db.execute("PRAGMA temp_store=MEMORY")
+db.execute(f"PRAGMA wal_autocheckpoint={int(os.environ.get('WAL_AUTOCHECKPOINT', '1000'))}")  # SQLite's default: 1000
 db.executescript("""
 CREATE TABLE machine_state (machine TEXT PRIMARY KEY, state TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL, machine TEXT NOT NULL,

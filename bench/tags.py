@@ -49,6 +49,7 @@ from typing import Any
 
 from bench.common import (BenchBroker, BenchFailed, CpuMeter, IDENT, bench_cache, main, npm_install, percentile,
                           quiet_logs, scratch_dir)
+from gateway import loops
 from gateway.config import GatewayConfig, parse_config
 from gateway.runtime import Gateway
 from mappings.samples import Readings
@@ -485,10 +486,10 @@ def modbus_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: f
         srv = TagServer("modbus", mb_machines).wait_ready()
         try:
             others = {"device": srv.pid, "broker": broker.pid}
-            base = asyncio.run(raw_modbus(srv.port, 4 * mb_machines, args.poll, warm_s=warm, window_s=window,
+            base = loops.run(raw_modbus(srv.port, 4 * mb_machines, args.poll, warm_s=warm, window_s=window,
                                           others=others))
             cfg = modbus_config(mb_machines, srv.port, broker.port, os.path.join(workdir, "mb.db"), args.poll)
-            ours = asyncio.run(run_gateway(cfg, warm_s=warm, window_s=window, interval_s=args.poll, others=others))
+            ours = loops.run(run_gateway(cfg, warm_s=warm, window_s=window, interval_s=args.poll, others=others))
         finally:
             srv.stop()
         settings = {"protocol": "modbus", "tags": 4 * mb_machines, "machines": mb_machines,
@@ -514,21 +515,21 @@ def opcua_phase(args: Any, res: Any, broker: BenchBroker, workdir: str, warm: fl
             others = {"device": srv.pid, "broker": broker.pid}
             endpoint = f"opc.tcp://127.0.0.1:{srv.port}"
             nodes = [f"ns={srv.ns};s=m{i}.{s}" for i in range(ua_machines) for s in ("good", "scrap", "rework", "state")]
-            base = asyncio.run(raw_opcua(endpoint, nodes, args.publishing_ms, args.sampling_ms, warm_s=warm,
+            base = loops.run(raw_opcua(endpoint, nodes, args.publishing_ms, args.sampling_ms, warm_s=warm,
                                          window_s=window, others=others))
             cfg = opcua_config(ua_machines, endpoint, srv.ns, broker.port, os.path.join(workdir, "ua.db"),
                                args.publishing_ms, args.sampling_ms)
-            ours = asyncio.run(run_gateway(cfg, warm_s=warm, window_s=window, interval_s=args.publishing_ms / 1000,
+            ours = loops.run(run_gateway(cfg, warm_s=warm, window_s=window, interval_s=args.publishing_ms / 1000,
                                            others=others))
             fast = None
             if args.fast_publishing_ms and args.fast_publishing_ms < args.publishing_ms:
                 # the < 50 ms latency target needs a publishing interval well under 50 ms: a change waits in the
                 # server until its next publish (up to one interval), whatever the client does
-                fast_base = asyncio.run(raw_opcua(endpoint, nodes, args.fast_publishing_ms, 0, warm_s=warm,
+                fast_base = loops.run(raw_opcua(endpoint, nodes, args.fast_publishing_ms, 0, warm_s=warm,
                                                   window_s=window, others=others))
                 fast_cfg = opcua_config(ua_machines, endpoint, srv.ns, broker.port,
                                         os.path.join(workdir, "ua-fast.db"), args.fast_publishing_ms, 0)
-                fast = (asyncio.run(run_gateway(fast_cfg, warm_s=warm, window_s=window,
+                fast = (loops.run(run_gateway(fast_cfg, warm_s=warm, window_s=window,
                                                 interval_s=args.fast_publishing_ms / 1000, others=others)), fast_base)
         finally:
             srv.stop()

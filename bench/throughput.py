@@ -41,6 +41,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import BenchBroker, BenchFailed, CpuMeter, ident, main, median, quiet_logs, scratch_dir
+from gateway import loops
 from gateway.config import MqttConfig
 from gateway.events import EventEncoder, Topics
 from gateway.mqtt import MqttLink, Publisher
@@ -276,13 +277,13 @@ def body(args: Any, res: Any) -> None:
     try:
         # warm-up (imports, first connection, page cache), not counted
         run_raw_paho(broker.port, msgs[:2000], mode="window")
-        asyncio.run(run_ours(broker.port, 2000, group=args.group, ahead=args.ahead, window=args.window, workdir=workdir))
+        loops.run(run_ours(broker.port, 2000, group=args.group, ahead=args.ahead, window=args.window, workdir=workdir))
         for r in range(rounds):
             b0 = _broker_cpu(broker)
             for mode in ("all", "window") if r % 2 == 0 else ("window", "all"):
                 base[mode].append(run_raw_paho(broker.port, msgs, mode=mode))
             b1 = _broker_cpu(broker)
-            ours.append(asyncio.run(run_ours(broker.port, n, group=args.group, ahead=args.ahead, window=args.window,
+            ours.append(loops.run(run_ours(broker.port, n, group=args.group, ahead=args.ahead, window=args.window,
                                              workdir=workdir)))
             b2 = _broker_cpu(broker)
             broker_cpu["baseline"].append((b1 - b0) / 2)
@@ -334,15 +335,15 @@ def batch_mode(args: Any, res: Any, workdir: str) -> None:
     publish_only: list[dict[str, Any]] = []
     base: list[dict[str, Any]] = []
     try:
-        asyncio.run(run_ours(broker.port, 5000, run=b, **kw))  # warm-up
+        loops.run(run_ours(broker.port, 5000, run=b, **kw))  # warm-up
         for r in range(rounds):
             base.append(run_raw_paho(broker.port, msgs, mode="window"))
-            full.append(asyncio.run(run_ours(broker.port, n, run=b, **kw)))
-            publish_only.append(asyncio.run(run_ours(broker.port, n, run=b, precommit=True, **kw)))
+            full.append(loops.run(run_ours(broker.port, n, run=b, **kw)))
+            publish_only.append(loops.run(run_ours(broker.port, n, run=b, precommit=True, **kw)))
             print(f"# batch round {r + 1}/{rounds}: raw paho {base[-1]['rate'] * n / len(msgs):.0f} events/s, ours "
                   f"{full[-1]['rate']:.0f}/s, ours publish-only {publish_only[-1]['rate']:.0f}/s", flush=True)
         n_rr = min(n, 40_000)
-        rr = asyncio.run(run_ours(broker.port, n_rr, run=1, **kw))
+        rr = loops.run(run_ours(broker.port, n_rr, run=1, **kw))
     finally:
         broker.close()
     base_rate = median([x["rate"] for x in base]) * n / len(msgs)  # events/s (rate counts messages)

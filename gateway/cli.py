@@ -113,11 +113,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         collect = asyncio.get_running_loop().create_task(_collect_after_start(gw))  # noqa: F841 - kept referenced
         await run_until_signal(Service(gw, config_path=args.config, log_overrides=(args.log_format, args.log_level)).run)
 
+    from gateway import loops
     from gateway.component import HttpListenError
     from gateway.store import StoreError, StoreLocked
 
     try:
-        asyncio.run(main())
+        loops.run(main(), loop=args.event_loop)
+    except loops.LoopUnavailable as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         pass
     except HttpListenError as exc:  # e.g. the port is taken: one line, no traceback
@@ -591,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", required=True, metavar="FILE")
     r.add_argument("--log-format", choices=["console", "json"])
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="auto (default): uvloop where it is installed, else asyncio's own loop")
     r.set_defaults(fn=_cmd_run)
 
     o = sub.add_parser("order", help="set or clear a machine's production order (order_source: local)")

@@ -21,7 +21,7 @@ import structlog
 
 from connectors import REGISTRY
 from connectors.base import Connector, TagBinding, TagType
-from gateway import metrics
+from gateway import loops, metrics
 from gateway.alarms import Alarms
 from gateway.component import ComponentState, rfc3339
 from gateway.config import GatewayConfig
@@ -387,7 +387,7 @@ class Gateway:
             if n := await self.store.count_quarantined_by_erp():  # still there from a previous run
                 self.alarms.raise_("erp_rejected", "warning", ERP_REJECTED_ALARM, rejected=n)
             log.info("gateway.started", gateway=self.cfg.gateway.id, machines=len(self.engines),
-                     connectors=len(self.connectors), pending=self.store.pending)
+                     connectors=len(self.connectors), pending=self.store.pending, event_loop=loops.running_name())
             if self.cfg.http.enabled:
                 from gateway.http import HttpApi
 

@@ -69,3 +69,19 @@ async def dsn():
 
     async with throwaway_database() as d:
         yield d
+
+
+# --- the event loop of in-process tests ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def event_loop_policy():
+    """asyncio's own loop by default; ``EDGE_GATEWAY_TEST_LOOP=uvloop`` runs the in-process tests on uvloop, the loop
+    ``edge-gateway run`` uses by default (gateway/loops.py; its subprocess tests run on it either way)."""
+    import asyncio
+    import os
+
+    if os.environ.get("EDGE_GATEWAY_TEST_LOOP") == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()

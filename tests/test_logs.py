@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 import structlog
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
@@ -63,12 +64,13 @@ def test_third_party_records_come_out_as_json_lines_with_one_record_per_tracebac
     assert sql["db"] == "gw.db" and sql["level"] == "warning"
 
 
-def test_gateway_run_logs_paho_and_its_own_events_as_json(tmp_path, mqtt_broker):
+@pytest.mark.parametrize("loop_args, loop_name", [([], "uvloop"), (["--event-loop", "asyncio"], "asyncio")])
+def test_gateway_run_logs_paho_and_its_own_events_as_json(tmp_path, mqtt_broker, loop_args, loop_name):
     cfg = {"gateway": IDENT, "mqtt": {"port": mqtt_broker.port}, "store": {"path": str(tmp_path / "gw.db")},
            "logging": {"format": "json", "level": "debug"}}
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(path)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(path), *loop_args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
 
@@ -93,6 +95,8 @@ def test_gateway_run_logs_paho_and_its_own_events_as_json(tmp_path, mqtt_broker)
     records = [json.loads(ln) for ln in lines]  # every line, ours and paho's, is JSON
     paho_lines = [r for r in records if r.get("logger", "").startswith("paho")]
     assert any("CONNECT" in r["event"] for r in paho_lines) and all(r["level"] == "debug" for r in paho_lines)
+    # the process ran on the event loop asked for (uvloop by default: gateway/loops.py)
+    assert [r["event_loop"] for r in records if r["event"] == "gateway.started"] == [loop_name]
 
 
 async def test_broker_refusing_our_login_is_logged_as_such(tmp_path):

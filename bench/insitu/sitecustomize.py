@@ -28,6 +28,7 @@ HOT = [
     ("gateway.mqtt", "Publisher", ["notify", "_on_puback"]),
     ("gateway.paho_fast", "FastClient", ["publish_fast"]),
     ("connectors.modbus.connector", "ModbusConnector", ["_run", "_changed"]),
+    ("aiosqlite.core", "Connection", ["_execute"]),  # async: the call count is the round trips to SQLite's thread
 ]
 
 OUT = os.environ.get("EDGE_GATEWAY_INSITU_OUT")
