@@ -7,6 +7,8 @@ against the simulators in tests/test_order_sources.py, tests/test_scenarios.py a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -20,7 +22,7 @@ from gateway.orders import OrderCommand
 from gateway.runtime import Gateway
 from mappings.machine import OrderContext
 from mappings.samples import Sample
-from tests.e2e import IDENT
+from tests.e2e import IDENT, wait_until
 
 
 def tag(node: str) -> dict[str, Any]:
@@ -28,12 +30,12 @@ def tag(node: str) -> dict[str, Any]:
 
 
 def make_gateway(tmp_path, *, order_source: str = "tag", complete: bool = True, mode: str = "cumulative",
-                 machines: tuple[str, ...] = ("m1",)) -> Gateway:
+                 machines: tuple[str, ...] = ("m1",), interval_s: float = 3600) -> Gateway:
     ms = []
     for m in machines:
         doc: dict[str, Any] = {"id": m, "order_source": order_source,
                                "counters": {"good": {**tag(f"{m}.good"), "max_rate": 1000, "mode": mode}},
-                               "reporting": {"interval_s": 3600}}
+                               "reporting": {"interval_s": interval_s}}
         if order_source == "tag":
             doc["order_tag"] = tag(f"{m}.order")
             doc["operation_tag"] = tag(f"{m}.op")
@@ -547,3 +549,52 @@ def test_the_status_pages_figures_are_kept_only_where_the_http_api_serves_them(t
         assert figures["parts_produced"] == 4 and figures["last_event"]["type"] == "operation.quantity_reported"
     else:
         assert figures["parts_produced"] == 0 and figures["last_event"] is None
+
+
+def test_the_core_sleeps_until_its_next_timer_slot_on_uvloop(tmp_path, monkeypatch):
+    """uvloop keeps time in whole milliseconds and ends a wait up to ~1 ms before ``time.monotonic()`` reaches its
+    deadline (40 % of waits here). The core then found nothing due and waited again and again, a fraction of a
+    millisecond at a time (~20 rounds a second instead of ~4 at the Node-RED peer's load). With ``WAKE_SLACK_S`` every
+    round that ends a timer wait runs a slot."""
+    import time
+
+    import uvloop
+
+    machines = tuple(f"m{i}" for i in range(10))
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=machines, interval_s=0.5)
+    assert core.timer_slot(0.5) == 0.0625
+    gw.core.ticker = None  # no health evaluation: timer slots only
+    popped: list[int] = []
+    reported: set[str] = set()
+    run_timers = gw.core.run_timers
+
+    def counted() -> None:
+        before = len(gw.core._timers)
+        run_timers()
+        popped.append(before - len(gw.core._timers))
+
+    async def no_commit(**_: Any) -> None:
+        reported.update(r.machine for r in gw.core.uncommitted if r.type == "operation.quantity_reported")
+        gw.core.uncommitted.clear()
+        gw.core.dirty.clear()
+
+    monkeypatch.setattr(gw.core, "run_timers", counted)
+    monkeypatch.setattr(gw.core, "commit", no_commit)
+
+    async def go() -> None:
+        t = time.monotonic()
+        feed(gw, [Sample(f"{m}/good", 0, True, recv_time=time.time(), mono=t) for m in machines])
+        feed(gw, [Sample(f"{m}/good", 5, True, recv_time=time.time(), mono=t) for m in machines])
+        for i, m in enumerate(machines):  # one deadline every 70 ms: ten slots of 62.5 ms
+            gw.engines[m]._window_s = 0.1 + 0.07 * i
+            gw.core._schedule(m)
+        task = asyncio.ensure_future(gw.core.run())
+        try:
+            await wait_until(lambda: reported == set(machines), 10)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    uvloop.run(go())
+    assert 0 not in popped[1:], f"rounds that found no timer due: {popped}"
