@@ -7,7 +7,8 @@ Per simulated second two commits (synchronous=FULL), each of 333 machine states 
 and 333 outbox rows (~1,050 B), and after each an ack transaction (synchronous=NORMAL) deleting its rows, as
 gateway/store.py does. ``upsert``: the states upserted into ``machine_state`` (the store's way); ``log``: appended to
 a ``state_log`` table and folded into ``machine_state`` every 15 s. Prints the CPU (user + system) per simulated
-second. bench/README.md, "eighth session": the log costs more (7.2 against 6.2 ms)."""
+second. bench/README.md, "eighth session": the log costs more (7.2 against 6.2 ms). ``WAL_AUTOCHECKPOINT=N`` sets
+SQLite's ``wal_autocheckpoint`` (default 1000 pages; "ninth session": 10,000 changed nothing)."""
 import os
 import random
 import resource
