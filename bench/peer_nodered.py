@@ -1,7 +1,7 @@
 """Peer benchmark: the gateway against Node-RED 5 + node-red-contrib-modbus on the same device, broker and load.
 
-    python bench/peer_nodered.py                       # 10,000 tags @ 1 s and 5,000 @ 200 ms, 45 s windows
-    python bench/peer_nodered.py --window 10 --loads 2000@1   # a quick look
+    python bench/peer_nodered.py                       # 10,000 tags @ 1 s and 5,000 @ 200 ms, 45 s windows, 3 rounds
+    python bench/peer_nodered.py --window 10 --loads 2000@1 --rounds 1   # a quick look
 
 Installs, into a scratch folder outside the repository (``~/.cache/edge-gateway-bench/nodered``, or
 ``$EDGE_GATEWAY_BENCH_CACHE/nodered``), from the npm registry with the system's npm: ``node-red``,
@@ -10,7 +10,9 @@ node-red-contrib-modbus >= 5.45 depends on ``@openp4nr/modbus-serial`` from a ho
 ``overrides`` entry replaces it with ``modbus-serial`` 8.0.25 from the registry (its TCP client is what is used).
 The install is skipped when the folder already holds the same package.json.
 
-Per load (N registers polled every P seconds), in one run, on one device, one broker:
+Per load (N registers polled every P seconds), in one run, on one device, one broker, ``--rounds`` runs of each peer
+(Node-RED, gateway, Node-RED, gateway, ...; each a fresh device, process and store); each peer's figures are from its
+run with the median CPU per polled tag, the CPU of every round is in ``us_per_tag_rounds``:
 
 - device: ``bench/nodered/counter_device.py`` in its own process, pymodbus, one unit, N holding registers, each
   advancing by one every 100 ms; it counts the registers it serves: **tags polled** = registers served in the window,
@@ -444,22 +446,28 @@ def body(args: Any, res: Any) -> None:
     try:
         for n, p in loads:
             window = window_for(args.window, p)
-            nr = run_peer("nodered", inst, n, p, broker, sub, args, workdir, window)
-            print(f"# {n} tags @ {p} s: node-red {nr['us_per_tag']:.1f} us/tag, {nr['cpu_cores'] * 100:.0f} % core, "
-                  f"{nr['rss_mb']:.0f} MB, polled {nr['polled_per_s']:.0f}/s, delivered {nr['delivered_per_s']:.0f}/s",
-                  file=sys.stderr, flush=True)
-            gw = run_peer("gateway", None, n, p, broker, sub, args, workdir, window)
-            print(f"# {n} tags @ {p} s: gateway  {gw['us_per_tag']:.1f} us/tag, {gw['cpu_cores'] * 100:.0f} % core, "
-                  f"{gw['rss_mb']:.0f} MB, polled {gw['polled_per_s']:.0f}/s, delivered {gw['delivered_per_s']:.0f}/s",
-                  file=sys.stderr, flush=True)
-            report(res, n, p, nr, gw, inst, broker, args, full, window)
+            runs: dict[str, list[dict[str, Any]]] = {"nodered": [], "gateway": []}
+            for _ in range(args.rounds):  # interleaved: a drift of the machine hits both peers alike
+                for which, label in (("nodered", "node-red"), ("gateway", "gateway ")):
+                    r = run_peer(which, inst if which == "nodered" else None, n, p, broker, sub, args, workdir, window)
+                    runs[which].append(r)
+                    print(f"# {n} tags @ {p} s: {label} {r['us_per_tag']:.1f} us/tag, {r['cpu_cores'] * 100:.0f} % "
+                          f"core, {r['rss_mb']:.0f} MB, polled {r['polled_per_s']:.0f}/s, delivered "
+                          f"{r['delivered_per_s']:.0f}/s", file=sys.stderr, flush=True)
+            report(res, n, p, median_run(runs["nodered"]), median_run(runs["gateway"]), inst, broker, args, full,
+                   window, rounds={k: [r["us_per_tag"] for r in v] for k, v in runs.items()})
     finally:
         sub.close()
         broker.close()
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median CPU per polled tag (the lower of the two middle ones for an even count)."""
+    return sorted(runs, key=lambda r: r["us_per_tag"])[(len(runs) - 1) // 2]
+
+
 def report(res: Any, n: int, p: float, nr: dict[str, Any], gw: dict[str, Any], inst: dict[str, Any],
-           broker: BenchBroker, args: Any, full: bool, window: float) -> None:
+           broker: BenchBroker, args: Any, full: bool, window: float, rounds: dict[str, list[float]]) -> None:
     v = inst["versions"]
     base_name = (f"Node-RED {v['node-red']} + node-red-contrib-modbus {v['node-red-contrib-modbus']} (modbus-serial "
                  f"{v['@openp4nr/modbus-serial']}), node {inst['node_version']}: modbus-read per {BLOCK} registers "
@@ -469,6 +477,7 @@ def report(res: Any, n: int, p: float, nr: dict[str, Any], gw: dict[str, Any], i
         "blocks": -(-n // BLOCK), "register_change": "+1 every 100 ms, every register",
         "gateway_machines": n // 3, "gateway_tags": 3 * (n // 3), "gateway_counters_per_machine": 3,
         "gateway_reporting_interval_s": args.reporting_s, "window_s": round(window, 3), "warm_s": args.warm,
+        "rounds": args.rounds, "of_rounds": "each peer's run with the median CPU per polled tag (rounds interleaved)",
         "nodered_flow": "generated flows.json: one modbus-read per block (rate = poll interval, shared modbus-client, "
                         "queueing on, command delay 1 ms) -> function node splitting into one message per register "
                         "(topic nodered/r/<address>) -> mqtt out QoS 1",
@@ -483,7 +492,8 @@ def report(res: Any, n: int, p: float, nr: dict[str, Any], gw: dict[str, Any], i
     rss_ratio = gw["rss_mb"] / nr["rss_mb"]
     common = {"ours_tags_polled_per_s": round(gw["polled_per_s"]), "nodered_tags_polled_per_s": round(nr["polled_per_s"]),
               "device_cpu_pct": {"ours": round(gw["device_cores"] * 100, 1), "nodered": round(nr["device_cores"] * 100, 1)},
-              "broker_cpu_pct": {"ours": round(gw["broker_cores"] * 100, 1), "nodered": round(nr["broker_cores"] * 100, 1)}}
+              "broker_cpu_pct": {"ours": round(gw["broker_cores"] * 100, 1), "nodered": round(nr["broker_cores"] * 100, 1)},
+              "us_per_tag_rounds": {"ours": rounds["gateway"], "nodered": rounds["nodered"]}}
     res.add(f"{tag}.cpu_per_tag", gw["us_per_tag"], "us CPU per polled tag", baseline=nr["us_per_tag"],
             baseline_name=base_name, ratio=cpu_ratio, target="<= 1/3 of Node-RED's CPU per polled tag (ratio <= 0.333)",
             met=(cpu_ratio <= CPU_TARGET) if full else None, settings=settings, **common,
@@ -517,6 +527,9 @@ def report(res: Any, n: int, p: float, nr: dict[str, Any], gw: dict[str, Any], i
 def add_args(p: Any) -> None:
     p.add_argument("--loads", default=DEFAULT_LOADS, help="comma-separated TAGS@POLL_S (default %(default)s)")
     p.add_argument("--window", type=float, default=45.0, help="measuring window per peer and load (s)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each peer per load, interleaved; each figure is "
+                                                        "from the peer's median run (default %(default)s: one run "
+                                                        "of either varied ±15 %% from one to the next here)")
     p.add_argument("--warm", type=float, default=10.0, help="warm-up after the first delivered message (s); the "
                                                             "gateway needs a few seconds to drain the samples queued "
                                                             "while it started")

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 
-N_MACH, PER_COMMIT, SECONDS = 3333, 333, int(sys.argv[2]) if len(sys.argv) > 2 else 40
+N_MACH, COMMITS, SECONDS = 3333, int(os.environ.get("COMMITS_PER_S", "2")), int(sys.argv[2]) if len(sys.argv) > 2 else 40
+PER_COMMIT = 667 // COMMITS  # 667 reports per simulated second
 mode = sys.argv[1]
 path = os.path.join(tempfile.mkdtemp(prefix="store-replay-"), f"{mode}.db")
 for suffix in ("", "-wal", "-shm"):
@@ -38,7 +39,7 @@ db.execute("BEGIN"); db.executemany("INSERT INTO machine_state VALUES (?, ?, ?)"
 rnd = random.Random(1); seq = 0; pending: list[int] = []
 r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.monotonic()
 for sec in range(SECONDS):
-    for _ in range(2):
+    for _ in range(COMMITS):
         batch = sorted(rnd.sample(machines, PER_COMMIT))
         db.execute("PRAGMA synchronous=FULL")
         db.execute("BEGIN IMMEDIATE")
