@@ -154,6 +154,19 @@ class TagOrderTracker:
         """The context to switch to, or False when nothing is pending or the pair is half written."""
         if self.pending_since is None:
             return False
+        if self.refused:
+            # a tag of the changing pair shows an unusable text: which order the machine now runs is not known. Its
+            # counts go unassigned, never to a pair made of one tag's old and the other's new value; the refused
+            # tag's next usable text is a change, whatever it is (the same order with a new operation, too)
+            refused = sorted(self.refused)
+            for signal in refused:
+                self.values.pop(signal, None)
+            self.pending_since = None
+            self.changed.clear()
+            log.warning("order_tag.unassigned", machine=self.machine, refused=refused,
+                        reason="the order tags changed while one of them showed an unusable text: counts are "
+                               "reported unassigned until both show a usable order and operation")
+            return None
         order, op = self.values.get("order", ""), self.values.get("operation", "")
         if order and not op:
             return False  # half-written pair: wait for the operation tag

@@ -255,6 +255,28 @@ def test_an_order_tag_with_a_control_character_is_no_order(tmp_path):
     assert booked(gw) == {("A", "10"): 10, ("B", "20"): 2}
 
 
+def test_a_pair_change_with_an_unusable_order_tag_counts_unassigned_not_to_a_mixed_pair(tmp_path):
+    """The PLC writes a new order pair and the order tag's text is unusable (a control character) while the
+    operation tag changes: which order the machine runs is not known, so its counts are reported unassigned, never
+    to the old order with the new operation (red before: booked to ("A", "20") after the pair window). The order
+    tag's next usable text is a change even when it is the old order: ("A", "20") is then a new pair."""
+    import structlog
+
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 5, 2)])
+    with structlog.testing.capture_logs() as logs:
+        feed(gw, [s("m1/order", "B\x01", 3), s("m1/operation", "20", 3)])
+        feed(gw, [s("m1/good", 7, 4)], [s("m1/good", 9, 6)])  # held within the pair window, then applied
+    assert gw.engines["m1"].context is None
+    assert [(e["machine"], e["refused"]) for e in logs if e["event"] == "order_tag.unassigned"] == [("m1", ["order"])]
+    feed(gw, [s("m1/order", "A", 7)], [s("m1/good", 10, 8)], [s("m1/good", 12, 10)])
+    assert gw.engines["m1"].context.ref == ("A", "20")
+    gw.core.stage(gw.engines["m1"].flush("test", 11))
+    assert booked(gw) == {("A", "10"): 5, (None, None): 4, ("A", "20"): 3}
+    assert _started(gw) == [("A", "10"), ("A", "20")]
+
+
 def test_a_faulting_engine_stops_its_machine_only(tmp_path):
     gw = make_gateway(tmp_path, order_source="mqtt", complete=False, machines=("m1", "m2"))
     faults0 = REGISTRY.get_sample_value("edge_gateway_machine_faults_total")
