@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from connectors import REGISTRY
 from connectors.secrets import read_secret
+from mappings.events import MACHINE_ID_PATTERN, TEXT_PATTERN
 
-_TOPIC_LEVEL = r"^[A-Za-z0-9_.-]+$"
+_TOPIC_LEVEL = MACHINE_ID_PATTERN  # one MQTT topic level (also the gateway and ISA-95 ids)
 _TOPIC_HINT = "letters, digits, '_', '.', '-' (it is used as an MQTT topic level)"
 
 
@@ -168,7 +169,8 @@ class MaterialMeterConfig(CounterConfig):
     """A meter of consumed material (a flow or weight totaliser): counted like a counter, reported as
     ``material.consumed`` (method ``metered``) with its unit of measure."""
 
-    unit: str = Field(min_length=1, max_length=8, description="Unit of measure of the metered material (ISO), e.g. KG.")
+    unit: str = Field(min_length=1, max_length=8, pattern=TEXT_PATTERN,
+                      description="Unit of measure of the metered material (ISO), e.g. KG.")
     resolution: Decimal | None = Field(
         None, gt=0, description="Float meter (a totaliser read as float32/float64, or an OPC UA Float/Double node): "
         "each reading is rounded to a whole number of this step (e.g. 0.01), so quantities are exact decimals and "
@@ -224,7 +226,8 @@ class MachineConfig(_Model):
     id: str = Field(pattern=_TOPIC_LEVEL, description="Machine id (work cell); used in topics and events.")
     name: str | None = Field(None, description="Human-readable name.")
     work_center: str | None = Field(None, description="ERP work center.")
-    unit: str = Field("PCE", min_length=1, description="Unit of measure of the counted quantity (ISO code).")
+    unit: str = Field("PCE", min_length=1, pattern=TEXT_PATTERN,
+                      description="Unit of measure of the counted quantity (ISO code).")
     counters: dict[CounterName, CounterConfig] = Field(description="Counter bindings: good, scrap, rework, total.")
     state: StateConfig | None = Field(None, description="Optional machine state tag.")
     materials: dict[str, MaterialMeterConfig] = Field(
@@ -400,7 +403,10 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         msg = f"{msg}, got {err.get('input')!r}"
     if kind == "string_pattern_mismatch":
-        msg = f"got {err.get('input')!r}; use {_TOPIC_HINT}"
+        if (err.get("ctx") or {}).get("pattern") == TEXT_PATTERN:
+            msg = f"got {err.get('input')!r}; remove the control characters (U+0000-U+001F, U+007F-U+009F)"
+        else:
+            msg = f"got {err.get('input')!r}; use {_TOPIC_HINT}"
     return msg
 
 

@@ -42,6 +42,11 @@ ORDER_TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 (U+0080-U+009F). An ERP's never has one (SAP AUFNR / VORNR); the gateway refuses them where they enter (the MQTT
 dispatch and the local command in gateway/dispatch.py, the PLC's order tags in gateway/orders.py). Lengths are
 bounded separately (``min_length``)."""
+TEXT_PATTERN = ORDER_TEXT_PATTERN
+"""Every other text of an event that comes from a config or an ERP dispatch (units of measure, the anomaly's
+explanation) follows the same rule: no control character."""
+MACHINE_ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
+"""Machine ids are the config's (``machines[].id``): one MQTT topic level of letters, digits, ``_``, ``.``, ``-``."""
 
 DecimalStr = Annotated[str, Field(pattern=DECIMAL_PATTERN, examples=["12", "0.25"])]
 Timestamp = Annotated[str, Field(pattern=RFC3339_PATTERN, examples=["2026-11-22T08:15:02.120000Z"])]
@@ -298,7 +303,7 @@ class ConsumptionBasis(EventData):
 
     yield_: Annotated[DecimalStr, Field(alias="yield", description="Yield of the window.")]
     scrap: Annotated[DecimalStr, Field(description="Scrap of the window (scrapped parts consumed material too).")]
-    unit: Annotated[str, Field(min_length=1, description="Unit of measure of yield and scrap.")]
+    unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure of yield and scrap.")]
 
 
 @event_data
@@ -308,11 +313,11 @@ class ConsumedComponent(EventData):
     material: Annotated[str, Field(min_length=1, description="Material number of the component.")]
     quantity: Annotated[DecimalStr, Field(description="Quantity consumed: (yield + scrap) x quantity_per_unit, or "
                                                       "the metered quantity.")]
-    unit: Annotated[str, Field(min_length=1, description="Unit of measure of the component.")]
+    unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure of the component.")]
 
 
 # ---------------------------------------------------------------------------------------------------- data
-Machine = Annotated[str, Field(min_length=1, description="Machine id (ISA-95 work cell).")]
+Machine = Annotated[str, Field(min_length=1, pattern=MACHINE_ID_PATTERN, description="Machine id (ISA-95 work cell).")]
 
 
 @event_data
@@ -325,7 +330,7 @@ class OperationStartedData(EventData):
                                     description="Operation / activity number.")]
     planned_quantity: Annotated[DecimalStr | None, Field(description="Planned quantity from the dispatch; null when "
                                                                      "not given.")]
-    unit: Annotated[str, Field(min_length=1, description="Unit of measure: the dispatch's unit, else the machine's.")]
+    unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure: the dispatch's unit, else the machine's.")]
 
 
 @event_data
@@ -350,7 +355,7 @@ class QuantityReportedData(EventData):
                     "(another order was dispatched), completion (the operation was completed).")]
     window: Annotated[Window, Field(description="Source-time span of the counted changes.")]
     quantities: Annotated[Quantities, Field(description="Deltas of this window.")]
-    unit: Annotated[str, Field(min_length=1, description="Unit of measure of all quantities.")]
+    unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure of all quantities.")]
     totals: Annotated[Totals, Field(description="Cumulative quantities for this machine + order + operation, this "
                                                 "event included.")]
     evidence: Annotated[list[CounterEvidence], Field(description="Per counter: raw values and recognised "
@@ -417,7 +422,7 @@ class OperationCompletedData(EventData):
     final: Annotated[Literal[True], Field(description="Always true: this is the final confirmation of the "
                                                       "operation.")]
     totals: Annotated[Totals, Field(description="Quantities reported for the operation on this machine.")]
-    unit: Annotated[str, Field(min_length=1, description="Unit of measure of the totals.")]
+    unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure of the totals.")]
 
 
 @event_data
@@ -496,7 +501,7 @@ class CounterAnomalyData(EventData):
     elapsed_s: Annotated[float | None, Field(ge=0, description="Seconds between the two readings (gateway monotonic "
                                                                "clock; wall clock after a restart); null when "
                                                                "unknown.")]
-    detail: Annotated[str, Field(description="Human-readable explanation.")]
+    detail: Annotated[str, Field(pattern=TEXT_PATTERN, description="Human-readable explanation.")]
 
 
 DATA_TYPES: dict[str, type[EventData]] = {

@@ -170,6 +170,18 @@ TAMPERS = [
      "data.order"),
     ("C1 in an anomaly's operation", "counter.anomaly", lambda e: e["data"].__setitem__("operation", "0010\x9b"),
      "data.operation"),
+    # units, the anomaly's explanation and machine ids follow the same rules as where they come from (config,
+    # dispatch); red before: no pattern
+    ("C1 in a reported unit", "operation.quantity_reported", lambda e: e["data"].__setitem__("unit", "PC\x85"),
+     "data.unit"),
+    ("newline in a started unit", "operation.started", lambda e: e["data"].__setitem__("unit", "PC\nE"),
+     "data.unit"),
+    ("C0 in a completed unit", "operation.completed", lambda e: e["data"].__setitem__("unit", "K\x1bG"),
+     "data.unit"),
+    ("C1 in an anomaly's detail", "counter.anomaly", lambda e: e["data"].__setitem__("detail", "jump\x9b31m"),
+     "data.detail"),
+    ("a machine id that is no topic level", "operation.quantity_reported",
+     lambda e: e["data"].__setitem__("machine", "press 1/a"), "data.machine"),
 ]
 
 
