@@ -7,7 +7,11 @@ docs/metrics.md lists every metric."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, disable_created_metrics
+
+# no ``*_created`` series beside every counter and histogram (the time each was created, a second series per label
+# set that a dashboard never uses): process-wide, read at each scrape
+disable_created_metrics()
 
 DISPATCH_REJECTED = Counter("edge_gateway_dispatch_rejected_total", "Malformed dispatch messages", ["reason"])
 DISPATCH_ACCEPTED = Counter("edge_gateway_dispatch_accepted_total", "Dispatch messages applied")
