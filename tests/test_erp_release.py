@@ -348,7 +348,8 @@ async def test_several_seqs_released_on_a_database_from_before_the_release_exist
         await ensure_schema(conn)
         led = Ledger(ServiceConfig())
         f = EventFactory()
-        nul = f.report("press-1", "1", "0010", y=3, unit="PC\u0000E")  # contract-valid, PostgreSQL cannot store it
+        nul = f.report("press-1", "1", "0010", y=3)
+        nul["data"]["evidence"][0]["counter"] = "go\u0000od"  # contract-valid, PostgreSQL cannot store it
         con = f.consumed("press-1", "1", "0010", 3, 0, [("RM-1", "2", "KG")])
         con["data"]["components"][0]["quantity"] = 2  # not a decimal string
         results = await led.process(conn, f.topic("press-1"), _b([nul, con]))
