@@ -6,6 +6,7 @@ import json
 import re
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cloudevents.core.formats.json import JSONFormat
@@ -138,6 +139,11 @@ def _one(events, etype, pred=lambda d: True):
     return next(json.loads(p) for d, _, p in events if d.type == etype and pred(d.data))
 
 
+def _data_tamper(name: str, etype: str, key: str, value: str) -> tuple[str, str, Any, str]:
+    """A TAMPERS entry that sets ``data[key]`` to ``value``: the problem is reported at ``data.<key>``."""
+    return name, etype, lambda e: e["data"].__setitem__(key, value), f"data.{key}"
+
+
 TAMPERS = [
     ("missing data field", "operation.quantity_reported", lambda e: e["data"].pop("unit"), "'unit' is a required"),
     ("missing envelope attr", "operation.started", lambda e: e.pop("id"), "'id' is a required"),
@@ -157,31 +163,20 @@ TAMPERS = [
      lambda e: e.__setitem__("type", "operation.started"), "final"),
     ("wrong specversion", "operation.started", lambda e: e.__setitem__("specversion", "0.3"), "specversion"),
     # an order / operation number never holds a control character (C0, DEL, C1); red before
-    ("C0 in an order", "operation.started", lambda e: e["data"].__setitem__("order", "1000\x01123"), "data.order"),
-    ("tab in an operation", "operation.started", lambda e: e["data"].__setitem__("operation", "00\t10"),
-     "data.operation"),
-    ("DEL in a reported order", "operation.quantity_reported",
-     lambda e: e["data"].__setitem__("order", "1000123\x7f"), "data.order"),
-    ("C1 in a reported operation", "operation.quantity_reported",
-     lambda e: e["data"].__setitem__("operation", "0010\x85"), "data.operation"),
-    ("C1 in a completed order", "operation.completed", lambda e: e["data"].__setitem__("order", "\x9f1000123"),
-     "data.order"),
-    ("C1 in a consumed order", "material.consumed", lambda e: e["data"].__setitem__("order", "1000\x80123"),
-     "data.order"),
-    ("C1 in an anomaly's operation", "counter.anomaly", lambda e: e["data"].__setitem__("operation", "0010\x9b"),
-     "data.operation"),
+    _data_tamper("C0 in an order", "operation.started", "order", "1000\x01123"),
+    _data_tamper("tab in an operation", "operation.started", "operation", "00\t10"),
+    _data_tamper("DEL in a reported order", "operation.quantity_reported", "order", "1000123\x7f"),
+    _data_tamper("C1 in a reported operation", "operation.quantity_reported", "operation", "0010\x85"),
+    _data_tamper("C1 in a completed order", "operation.completed", "order", "\x9f1000123"),
+    _data_tamper("C1 in a consumed order", "material.consumed", "order", "1000\x80123"),
+    _data_tamper("C1 in an anomaly's operation", "counter.anomaly", "operation", "0010\x9b"),
     # units, the anomaly's explanation and machine ids follow the same rules as where they come from (config,
     # dispatch); red before: no pattern
-    ("C1 in a reported unit", "operation.quantity_reported", lambda e: e["data"].__setitem__("unit", "PC\x85"),
-     "data.unit"),
-    ("newline in a started unit", "operation.started", lambda e: e["data"].__setitem__("unit", "PC\nE"),
-     "data.unit"),
-    ("C0 in a completed unit", "operation.completed", lambda e: e["data"].__setitem__("unit", "K\x1bG"),
-     "data.unit"),
-    ("C1 in an anomaly's detail", "counter.anomaly", lambda e: e["data"].__setitem__("detail", "jump\x9b31m"),
-     "data.detail"),
-    ("a machine id that is no topic level", "operation.quantity_reported",
-     lambda e: e["data"].__setitem__("machine", "press 1/a"), "data.machine"),
+    _data_tamper("C1 in a reported unit", "operation.quantity_reported", "unit", "PC\x85"),
+    _data_tamper("newline in a started unit", "operation.started", "unit", "PC\nE"),
+    _data_tamper("C0 in a completed unit", "operation.completed", "unit", "K\x1bG"),
+    _data_tamper("C1 in an anomaly's detail", "counter.anomaly", "detail", "jump\x9b31m"),
+    _data_tamper("a machine id that is no topic level", "operation.quantity_reported", "machine", "press 1/a"),
 ]
 
 
