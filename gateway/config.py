@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from connectors import REGISTRY
 from connectors.secrets import read_secret
-from mappings.events import MACHINE_ID_PATTERN, TEXT_PATTERN
+from mappings.events import CONTROL_CHARACTERS, MACHINE_ID_PATTERN, TEXT_PATTERN
 
 _TOPIC_LEVEL = MACHINE_ID_PATTERN  # one MQTT topic level (also the gateway and ISA-95 ids)
 _TOPIC_HINT = "letters, digits, '_', '.', '-' (it is used as an MQTT topic level)"
@@ -404,7 +404,7 @@ def _message(err: dict[str, Any]) -> str:
         msg = f"{msg}, got {err.get('input')!r}"
     if kind == "string_pattern_mismatch":
         if (err.get("ctx") or {}).get("pattern") == TEXT_PATTERN:
-            msg = f"got {err.get('input')!r}; remove the control characters (U+0000-U+001F, U+007F-U+009F)"
+            msg = f"got {err.get('input')!r}; remove the {CONTROL_CHARACTERS}"
         else:
             msg = f"got {err.get('input')!r}; use {_TOPIC_HINT}"
     return msg

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
-from mappings.events import ORDER_TEXT_PATTERN
+from mappings.events import CONTROL_CHARACTERS, ORDER_TEXT_PATTERN
 from mappings.machine import Component, OrderContext
 
 QUANTITY_MAX_DIGITS = 15
@@ -35,8 +35,8 @@ Quantity = Annotated[
 # numbers (ORDER_TEXT_PATTERN), for every text field of a dispatch and an ERP answer, and never empty
 _TEXT = r"^[^\x00-\x1f\x7f-\x9f]+$"
 _PATTERN_MESSAGES = {  # what a pattern's mismatch means, for the detail (pydantic's message quotes the pattern)
-    _TEXT: "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
-    ORDER_TEXT_PATTERN: "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
+    _TEXT: f"must not contain {CONTROL_CHARACTERS}",
+    ORDER_TEXT_PATTERN: f"must not contain {CONTROL_CHARACTERS}",
 }
 
 

@@ -42,6 +42,7 @@ ORDER_TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 (U+0080-U+009F). An ERP's never has one (SAP AUFNR / VORNR); the gateway refuses them where they enter (the MQTT
 dispatch and the local command in gateway/dispatch.py, the PLC's order tags in gateway/orders.py). Lengths are
 bounded separately (``min_length``)."""
+CONTROL_CHARACTERS = "control characters (U+0000-U+001F, U+007F-U+009F)"  # what these patterns refuse, for messages
 TEXT_PATTERN = ORDER_TEXT_PATTERN
 """Every other text of an event that comes from a config or an ERP dispatch (units of measure, the anomaly's
 explanation) follows the same rule: no control character."""
@@ -330,7 +331,8 @@ class OperationStartedData(EventData):
                                     description="Operation / activity number.")]
     planned_quantity: Annotated[DecimalStr | None, Field(description="Planned quantity from the dispatch; null when "
                                                                      "not given.")]
-    unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure: the dispatch's unit, else the machine's.")]
+    unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN,
+                               description="Unit of measure: the dispatch's unit, else the machine's.")]
 
 
 @event_data
