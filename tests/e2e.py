@@ -124,6 +124,22 @@ def ledger_view(erp: Any, machines: set[str]) -> dict[tuple[str, str | None, str
     return out
 
 
+async def wait_idle_at_the_erp(erp: Any, machines: Any, timeout: float = 30) -> None:
+    """Wait until the last ``machine.state_changed`` the ERP has for each of ``machines`` says "idle". A model's
+    ``pause()`` is a state change: the gateway commits its event a poll later, possibly after the ledger already
+    matched the truth, so an outbox seen empty before that is not yet the end of the stream (seen on CI: one row
+    left after the outbox had been empty)."""
+    wanted = set(machines)
+
+    def idle() -> bool:
+        last: dict[str, str] = {}
+        for e in erp.events("machine.state_changed"):
+            last[e["data"]["machine"]] = e["data"]["state"]
+        return all(last.get(m) == "idle" for m in wanted)
+
+    await wait_until(idle, timeout, message=f"the idle state of {sorted(wanted)} did not reach the ERP")
+
+
 async def assert_ledger_matches(erp: Any, models: dict[str, MachineModel], timeout: float = 30) -> None:
     """Ledger == the machines' ground truth, per machine and order (waits up to ``timeout``); then: no conflict (a
     second version of an event: same id or same seq, other content) and every event valid. Every end-to-end test

@@ -75,7 +75,7 @@ from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 from simulators.opcua_server import OpcUaMachineServer
 from simulators.ports import free_port
-from tests.e2e import IDENT, assert_ledger_matches, expected_ledger, ledger_view, wait_until
+from tests.e2e import IDENT, assert_ledger_matches, expected_ledger, ledger_view, wait_idle_at_the_erp, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 HIER = tuple(IDENT[k] for k in ("enterprise", "site", "area", "line"))
@@ -459,6 +459,7 @@ async def run_chaos(workdir: Path, broker: MosquittoBroker, *, kills: int = DEFA
         ledger_error = None
         try:
             await assert_ledger_matches(erp, models, timeout=60)
+            await wait_idle_at_the_erp(erp, models)
         except AssertionError as exc:
             ledger_error = str(exc)
         drain_s = time.monotonic() - t_drain
@@ -739,6 +740,7 @@ async def test_power_loss(tmp_path, mqtt_broker, synchronous):
             m1.pause()
             m2.pause()
             await assert_ledger_matches(erp, models, timeout=60)   # (includes: no conflict)
+            await wait_idle_at_the_erp(erp, models)
             await wait_until(lambda: store_counts(store_path)[0] == 0, 30)
             assert await gw.terminate() == 0
             pending, next_seq = store_counts(store_path)

@@ -60,7 +60,8 @@ from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
 from simulators.opcua_server import OpcUaMachineServer
 from simulators.ports import free_port
-from tests.e2e import IDENT, RunningGateway, assert_ledger_matches, gateway_config, wait_until, workdir
+from tests.e2e import (IDENT, RunningGateway, assert_ledger_matches, gateway_config, wait_idle_at_the_erp, wait_until,
+                       workdir)
 from tests.test_chaos import first_arrivals, lane_order_violations, strictly_increasing
 
 HIER = tuple(IDENT[k] for k in ("enterprise", "site", "area", "line"))
@@ -216,6 +217,7 @@ async def quiesce_and_check(p, what: str) -> dict[str, Any]:
     p.m2.pause()
     t0 = time.monotonic()
     await assert_ledger_matches(p.erp, p.models, timeout=60 + LONG_OUTAGE_S)
+    await wait_idle_at_the_erp(p.erp, p.models)
     gw = p.gw.gw
     await wait_until(lambda: gw.store.pending == 0, 30,
                      message=f"{what}: outbox not drained: {gw.store.pending} rows pending")
