@@ -128,14 +128,22 @@ class TagOrderTracker:
         if not s.good:
             return False  # an unreadable order tag changes nothing
         value = _tag_text(s.value)
-        if value is None:  # nor does one whose text holds a control character: no ERP order has one
+        if value is None:  # a text with a control character is no ERP order (or operation) number
             text = _cut(s.value)
-            if self.refused.get(signal) != text:
-                self.refused[signal] = text
-                log.warning("order_tag.refused", machine=self.machine, signal=signal, value=repr(text)[:120],
-                            reason="control character in the tag's text: not an order number, the tag changes "
-                                   "nothing (as an unreadable one)")
-            return False
+            if self.refused.get(signal) == text:
+                return False
+            self.refused[signal] = text
+            log.warning("order_tag.refused", machine=self.machine, signal=signal, value=repr(text)[:120],
+                        reason="control character in the tag's text: not an order number; the machine's counts are "
+                               "reported unassigned until both tags show a usable order and operation")
+            # unlike an unreadable tag (a failed read: the PLC still runs what it ran), a good read of a new text
+            # says the tag no longer shows the order the counts were booked to, and which one it shows is not
+            # known: a change, taken as unassigned (take_switch)
+            if self.pending_since is None:
+                self.pending_since = s.time
+                self.changed.clear()
+            self.changed.add(signal)
+            return True
         self.refused.pop(signal, None)
         if self.values.get(signal) == value:
             return False
@@ -155,17 +163,17 @@ class TagOrderTracker:
         if self.pending_since is None:
             return False
         if self.refused:
-            # a tag of the changing pair shows an unusable text: which order the machine now runs is not known. Its
-            # counts go unassigned, never to a pair made of one tag's old and the other's new value; the refused
-            # tag's next usable text is a change, whatever it is (the same order with a new operation, too)
+            # a tag of the pair shows an unusable text: which order the machine now runs is not known. Its counts go
+            # unassigned, never to the old order nor to a pair made of one tag's old and the other's new value; the
+            # refused tag's next usable text is a change, whatever it is (the old order again, too)
             refused = sorted(self.refused)
             for signal in refused:
                 self.values.pop(signal, None)
             self.pending_since = None
             self.changed.clear()
             log.warning("order_tag.unassigned", machine=self.machine, refused=refused,
-                        reason="the order tags changed while one of them showed an unusable text: counts are "
-                               "reported unassigned until both show a usable order and operation")
+                        reason="an order tag shows an unusable text: counts are reported unassigned until both "
+                               "tags show a usable order and operation")
             return None
         order, op = self.values.get("order", ""), self.values.get("operation", "")
         if order and not op:

@@ -227,10 +227,11 @@ def test_an_order_tag_ends_at_its_first_nul(tmp_path):
 
 
 def test_an_order_tag_with_a_control_character_is_no_order(tmp_path):
-    """A PLC order or operation tag whose text (after the NUL cut) holds a control character (C0, DEL or C1) is
-    handled like an unreadable tag: it changes nothing (no order of that name, no changeover, the counts stay with
-    the order in force), and it is logged once, naming the tag. A good value afterwards switches as usual. Red
-    before: the tag became the order (an event the contract refuses)."""
+    """A PLC order or operation tag whose text (after the NUL cut) holds a control character (C0, DEL or C1) is no
+    order number: no order of that name (red before the contract's pattern: the tag became the order, an event the
+    contract refuses). The tag no longer shows the order in force either, so the counts from that scan on are
+    reported unassigned (an earlier version kept them with the old order). Each text is logged once, naming the
+    tag; a good pair afterwards switches as usual."""
     import structlog
 
     gw = make_gateway(tmp_path, complete=False)
@@ -241,18 +242,18 @@ def test_an_order_tag_with_a_control_character_is_no_order(tmp_path):
         feed(gw, [s("m1/order", "B\x01", 5)], [s("m1/good", 8, 6)])  # the same value again: logged once
         feed(gw, [s("m1/operation", "20\x85\x00pad", 7)], [s("m1/good", 9, 8)])  # C1 before the NUL
         feed(gw, [s("m1/order", "\x9bB", 9), s("m1/operation", "2\x7f0", 9)], [s("m1/good", 10, 10)])
-    assert gw.engines["m1"].context.ref == ("A", "10")
-    assert not gw.core.tags.pending
+    assert gw.engines["m1"].context is None
     refused = [(e["signal"], e["value"]) for e in logs if e["event"] == "order_tag.refused"]
     assert refused == [("order", repr("B\x01")), ("operation", repr("20\x85")), ("order", repr("\x9bB")),
                        ("operation", repr("2\x7f0"))]  # escaped: a C1 CSI in a log line is a terminal escape
     assert all(e["machine"] == "m1" and e["log_level"] == "warning" and "control character" in e["reason"]
                for e in logs if e["event"] == "order_tag.refused")
+    assert not any(e["event"] == "order.applied" and e.get("order") not in (None, "A", "B") for e in logs)
     feed(gw, [s("m1/order", "B", 11), s("m1/operation", "20", 11)], [s("m1/good", 12, 12)])
     assert gw.engines["m1"].context.ref == ("B", "20")
     gw.core.stage(gw.engines["m1"].flush("test", 13))
     assert _started(gw) == [("A", "10"), ("B", "20")]
-    assert booked(gw) == {("A", "10"): 10, ("B", "20"): 2}
+    assert booked(gw) == {("A", "10"): 5, (None, None): 5, ("B", "20"): 2}
 
 
 def test_a_pair_change_with_an_unusable_order_tag_counts_unassigned_not_to_a_mixed_pair(tmp_path):
@@ -275,6 +276,47 @@ def test_a_pair_change_with_an_unusable_order_tag_counts_unassigned_not_to_a_mix
     gw.core.stage(gw.engines["m1"].flush("test", 11))
     assert booked(gw) == {("A", "10"): 5, (None, None): 4, ("A", "20"): 3}
     assert _started(gw) == [("A", "10"), ("A", "20")]
+
+
+def test_an_unusable_order_tag_alone_counts_unassigned_not_to_the_old_order(tmp_path):
+    """The order tag alone changes to a text with a control character (a good read: the PLC shows something that is
+    not an order number) and the operation tag stays. The machine no longer shows order A, and which order it runs is
+    not known: its counts after that scan are reported unassigned, not booked to A (red before: the refused text
+    changed nothing and the 4 parts went to ("A", "10")). The same text again is not a second change; the tag's next
+    usable text is, even when it is A again."""
+    import structlog
+
+    from gateway.orders import ORDER_PAIR_WINDOW_S as w
+
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 5, 2)])
+    with structlog.testing.capture_logs() as logs:
+        feed(gw, [s("m1/order", "A\x7f", 3), s("m1/operation", "10", 3), s("m1/good", 5, 3)])
+        feed(gw, [s("m1/good", 7, 3 + w + 0.5)])  # held while the operation tag may still follow, then applied
+        feed(gw, [s("m1/order", "A\x7f", 4 + w), s("m1/good", 9, 4 + w)])
+    assert gw.engines["m1"].context is None
+    assert [(e["machine"], e["refused"]) for e in logs if e["event"] == "order_tag.unassigned"] == [("m1", ["order"])]
+    assert [e["signal"] for e in logs if e["event"] == "order_tag.refused"] == ["order"]  # once per text
+    feed(gw, [s("m1/order", "A", 5 + w)], [s("m1/good", 10, 5 + 2 * w + 1)], [s("m1/good", 12, 6 + 3 * w)])
+    assert gw.engines["m1"].context.ref == ("A", "10")
+    gw.core.stage(gw.engines["m1"].flush("test", 7 + 3 * w))
+    assert booked(gw) == {("A", "10"): 5 + 3, (None, None): 4}
+    assert _started(gw) == [("A", "10"), ("A", "10")]
+
+
+def test_an_order_tag_unusable_for_one_scan_leaves_the_order_as_it_was(tmp_path):
+    """The order tag shows an unusable text and, within the pair window, its old usable text again (a string read
+    while the PLC rewrote it): the order pair did not change, the counts stay with it and no changeover is made."""
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 5, 2)])
+    feed(gw, [s("m1/order", "A\x01", 3), s("m1/good", 6, 3)])
+    feed(gw, [s("m1/order", "A", 3.1), s("m1/good", 7, 3.1)], [s("m1/good", 9, 10)])
+    assert gw.engines["m1"].context.ref == ("A", "10")
+    gw.core.stage(gw.engines["m1"].flush("test", 11))
+    assert booked(gw) == {("A", "10"): 9}
+    assert _started(gw) == [("A", "10")]
 
 
 def test_a_faulting_engine_stops_its_machine_only(tmp_path):
