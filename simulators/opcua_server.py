@@ -166,6 +166,7 @@ class OpcUaMachineServer:
         max_queue_size: int | None = None,
         min_publishing_interval_ms: float | None = None,
         min_sampling_interval_ms: float | None = None,
+        source_timestamps: bool = True,
     ) -> None:
         key = (model.counter_bits, bool(model.signed))
         if key not in _COUNTER_TYPES:
@@ -188,6 +189,8 @@ class OpcUaMachineServer:
         # the fastest publishing / sampling this server grants: a faster request is revised to it, as PLC servers do
         self.min_publishing_interval_ms = min_publishing_interval_ms
         self.min_sampling_interval_ms = min_sampling_interval_ms
+        #: False: values carry no SourceTimestamp, only the ServerTimestamp (servers that have no device time)
+        self.source_timestamps = source_timestamps
         #: (service, number of operations) of every Read / CreateMonitoredItems a client sent, when limits are set
         self.requests: list[tuple[str, int]] = []
         self._server: Server | None = None
@@ -530,6 +533,19 @@ class OpcUaMachineServer:
     def _now(self) -> datetime:
         return datetime.now(timezone.utc) + timedelta(seconds=self.clock_offset_s)
 
+    def _source(self, ts: datetime) -> datetime | None:
+        return ts if self.source_timestamps else None
+
+    async def restamp_delta(self) -> None:
+        """Give the delta node's current value a new ServerTimestamp, value and status unchanged: what a server that
+        stamps a value when it sends it shows a new subscription (asyncua keeps the stamp of the write). Without
+        source timestamps the value then looks new."""
+        server = self._server
+        assert server is not None
+        nid = self._ua_node_id("good_delta")
+        dv = server.iserver.aspace.read_attribute_value(nid, ua.AttributeIds.Value)
+        await server.write_attribute_value(nid, dataclasses.replace(dv, ServerTimestamp=datetime.now(timezone.utc)))
+
     def is_bad(self, signal: str) -> bool:
         return self._bad[signal]
 
@@ -557,7 +573,7 @@ class OpcUaMachineServer:
                 bad, value = False, snap.get("good_delta", 0)
                 current = (value, bad)
                 dv = ua.DataValue(Value=self._variant(signal, value), StatusCode=ua.StatusCode(ua.StatusCodes.Good),
-                                  SourceTimestamp=ts, ServerTimestamp=datetime.now(timezone.utc))
+                                  SourceTimestamp=self._source(ts), ServerTimestamp=datetime.now(timezone.utc))
                 await server.write_attribute_value(self._ua_node_id(signal), dv)
                 continue
             bad = self._bad[signal]
@@ -569,14 +585,14 @@ class OpcUaMachineServer:
                 dv = ua.DataValue(
                     Value=ua.Variant(None, ua.VariantType.Null),
                     StatusCode=ua.StatusCode(_BAD),
-                    SourceTimestamp=ts,
+                    SourceTimestamp=self._source(ts),
                     ServerTimestamp=datetime.now(timezone.utc),
                 )
             else:
                 dv = ua.DataValue(
                     Value=self._variant(signal, value),
                     StatusCode=ua.StatusCode(ua.StatusCodes.Good),
-                    SourceTimestamp=ts,
+                    SourceTimestamp=self._source(ts),
                     ServerTimestamp=datetime.now(timezone.utc),
                 )
             await server.write_attribute_value(self._ua_node_id(signal), dv)
@@ -585,5 +601,5 @@ class OpcUaMachineServer:
         if self._published.get("material") != material:
             await server.write_attribute_value(self._ua_node_id("material"), ua.DataValue(
                 Value=ua.Variant(material, ua.VariantType.Float), StatusCode=ua.StatusCode(ua.StatusCodes.Good),
-                SourceTimestamp=ts, ServerTimestamp=datetime.now(timezone.utc)))
+                SourceTimestamp=self._source(ts), ServerTimestamp=datetime.now(timezone.utc)))
             self._published["material"] = material

@@ -20,7 +20,7 @@ from gateway.component import Backoff, ComponentState
 from simulators.machine import MachineModel
 from simulators.opcua_server import OpcUaMachineServer
 from simulators.ports import free_port
-from tests.faults import BlackHole, Recorder, eventually, restart, start_on_free_port
+from tests.faults import BlackHole, Gate, Recorder, eventually, restart, start_on_free_port
 
 SIGNALS = ("good", "scrap", "state", "order", "operation")
 
@@ -782,3 +782,58 @@ def test_the_runtime_tells_which_tags_need_a_queue(tmp_path) -> None:
     conn._resolved = {n: ua.NodeId.from_string(n) for n in conn._node_keys}
     asked = {n: conn._item_request(1, n).RequestedParameters.QueueSize for n in conn._node_keys}
     assert (asked["ns=2;s=Good"], asked["ns=2;s=Good3"], asked["ns=2;s=Good2"]) == (1000, 1000, 10)
+
+
+async def test_a_delta_value_without_source_timestamp_is_not_counted_again_after_a_reconnect() -> None:
+    """A server that sends no SourceTimestamp and stamps the ServerTimestamp when it sends (emulated: the delta node's
+    stamp renewed while the gateway is away). After a reconnect the new subscription's first notification is the
+    value the old one delivered, with a new time: the engine would count it again (red before: the sink got 1 + 1
+    for one part). It is not delivered; the alarm delta_unverified names the value (it may also have been a count
+    made meanwhile; delta_gap is raised for the outage as before) and opcua.delta_unverified is logged. A cut read of such a node has no time either, so the
+    engine's re-read rule (a delta re-read without time is not counted) applies; a cumulative counter keeps the
+    ServerTimestamp."""
+    model = MachineModel("Press1", cycle_time=0.005, scrap_rate=0.0, seed=3)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port, source_timestamps=False))
+    gate = await Gate(server.port).start()
+    gate.open()
+    sink = Recorder()
+    config = OpcUaConnectorConfig.model_validate({
+        "type": "opcua", "id": "line1-opc", "endpoint": f"opc.tcp://127.0.0.1:{gate.port}", "security": "none",
+        "publishing_interval_ms": 50, "sampling_interval_ms": 0, "watchdog_interval_s": 0.3, "timeout_s": 1.0})
+    tags = [TagBinding("press-1/good", OpcUaTagConfig(node_id=server.node_ids["good"]), counter=CounterType()),
+            TagBinding("press-1/delta", OpcUaTagConfig(node_id=server.delta_node_id), True, CounterType())]
+    conn = OpcUaConnector(config, tags, sink, backoff=Backoff(initial=0.1, maximum=0.3))
+
+    def delta_values() -> list[object]:
+        return [s.value for b in sink.batches for s in b if s.key == "press-1/delta" and s.good and s.value]
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(conn):
+                await eventually(lambda: "press-1/delta" in sink.last, 5, "connected")  # its first value: 0
+                assert not conn.alarms.ids()
+                await model.produce(1)
+                await eventually(lambda: delta_values() == [1], 5, "the part's delta value")
+                assert sink.last["press-1/delta"].source_time is not None  # the ServerTimestamp, within a subscription
+                gate.shut()
+                await eventually(lambda: conn.status.state == ComponentState.DISCONNECTED, 5, "DISCONNECTED")
+                await server.restamp_delta()
+                batches = len(sink.batches)
+                gate.open()
+                await eventually(lambda: conn.status.detail["reconnects"] == 1
+                                 and "delta_unverified:press-1/delta" in conn.alarms, 10, "reconnected, first value seen")
+                await eventually(lambda: any(s.key == "press-1/good" for b in sink.batches[batches:] for s in b), 5,
+                                 "the new subscription's first values")
+                assert delta_values() == [1], "the value delivered before was delivered again as a new one"
+                assert conn.alarms.ids() == ["delta_gap:press-1/delta", "delta_unverified:press-1/delta"]
+                alarm = next(a for a in conn.alarms.active() if a.id == "delta_unverified:press-1/delta")
+                assert alarm.severity == "warning" and "(1) without a source timestamp" in alarm.message
+                assert (alarm.evidence["counter"], alarm.evidence["value"]) == ("delta", 1)
+                read = {s.key: s for s in await conn.read(["press-1/delta", "press-1/good"])}
+                assert (read["press-1/delta"].value, read["press-1/delta"].source_time) == (1, None)
+                assert read["press-1/good"].source_time is not None
+        unverified = [(e["counters"], e["value"]) for e in logs if e["event"] == "opcua.delta_unverified"]
+        assert unverified == [(["press-1/delta"], 1)]
+    finally:
+        await gate.close()
+        await server.stop()

@@ -146,11 +146,12 @@ def _py_value(v: Any) -> Value:
     return str(v)
 
 
-def datavalue_to_sample(key: str, dv: ua.DataValue, recv_time: float) -> Sample:
-    """Turn one DataValue into a Sample. Uncertain/Bad → not good, no value (the value is not used)."""
+def datavalue_to_sample(key: str, dv: ua.DataValue, recv_time: float, *, server_time: bool = True) -> Sample:
+    """Turn one DataValue into a Sample. Uncertain/Bad → not good, no value (the value is not used). The sample's
+    source time is the SourceTimestamp, else (``server_time``) the ServerTimestamp."""
     sc = dv.StatusCode
     code = sc.value if sc is not None else 0
-    source_time = _posix(dv.SourceTimestamp) or _posix(dv.ServerTimestamp)
+    source_time = _posix(dv.SourceTimestamp) or (_posix(dv.ServerTimestamp) if server_time else None)
     if code & _SEVERITY_MASK:
         return Sample(key, None, False, recv_time, source_time, status_name(code))
     variant = dv.Value
@@ -219,6 +220,9 @@ class OpcUaConnector(Connector):
         self._ready = False  # session up and subscription created: read() may use the client
         self._generation = 0  # bumped per connection; callbacks of an old connection are ignored
         self._handles: dict[int, tuple[str, ...]] = {}
+        # handles of delta / reset-on-read items whose first notification on this subscription is still to come (see
+        # _first_value)
+        self._fresh: set[int] = set()
         self._lost: asyncio.Event | None = None
         self._lost_reason: str | None = None
         self._last_publish = 0.0
@@ -401,6 +405,7 @@ class OpcUaConnector(Connector):
             items.append(self._item_request(handle, node_id))
         # register the handles first: the first notification may overtake the CreateMonitoredItems response
         self._handles = handles
+        self._fresh = {h for h, n in enumerate(node_ids, start=1) if n in self._every_value}
         results = await self._create_items(client, result.SubscriptionId, items)
         failed: list[Sample] = []
         now = time.time()
@@ -524,6 +529,7 @@ class OpcUaConnector(Connector):
             return  # the connection went while we were asking
         # register the handles first: the first notification may overtake the CreateMonitoredItems response
         self._handles.update((handle, tuple(self._node_keys[node_id])) for handle, node_id in numbered)
+        self._fresh.update(handle for handle, node_id in numbered if node_id in self._every_value)
         results = await self._create_items(client, self._subscription_id, items)
         refused = dict(self._refused_nodes)
         for (handle, node_id), res in zip(numbered, results):
@@ -652,7 +658,7 @@ class OpcUaConnector(Connector):
                     counters=keys, risk="values written while disconnected are not counted")
 
     def _check_overflows(self, now: float | None = None) -> None:
-        """Clear ``queue_overflow:<machine>/<signal>`` once the tag had no overflow for ``overflow_hold_s`` (monotonic)
+        """Clear ``queue_overflow:<machine>/<signal>`` (and ``delta_gap`` / ``delta_unverified``) once the tag had no overflow for ``overflow_hold_s`` (monotonic)
         and its queue is not revised below need; called by the watchdog, so only while connected."""
         now = time.monotonic() if now is None else now
         for k, last in list(self._overflow_alarms.items()):
@@ -660,6 +666,7 @@ class OpcUaConnector(Connector):
                 del self._overflow_alarms[k]
                 self.alarms.set(f"queue_overflow:{k}", False, "warning", "")
                 self.alarms.set(f"delta_gap:{k}", False, "warning", "")
+                self.alarms.set(f"delta_unverified:{k}", False, "warning", "")
 
     async def _check_types(self, client: Client, node_ids: list[str]) -> None:
         """Read the DataType of every counter / meter node: report a mismatch with the config (log once, status
@@ -744,6 +751,7 @@ class OpcUaConnector(Connector):
             return  # keep-alive
         recv = time.time()
         handles = self._handles
+        fresh = self._fresh
         samples: list[Sample] = []
         for notif in data:
             items = getattr(notif, "MonitoredItems", None)
@@ -755,6 +763,10 @@ class OpcUaConnector(Connector):
                     sc = item.Value.StatusCode
                     if sc is not None and sc.value & _OVERFLOW_BITS == _OVERFLOW_BITS:
                         self._note_overflow(keys)
+                    if fresh and item.ClientHandle in fresh:
+                        fresh.discard(item.ClientHandle)
+                        if not self._first_value(keys, item.Value, recv):
+                            continue
                     first = datavalue_to_sample(keys[0], item.Value, recv)
                     samples.append(first)
                     for k in keys[1:]:
@@ -765,6 +777,35 @@ class OpcUaConnector(Connector):
                 self._mark_lost(gen, f"subscription status {status_name(notif.Status.value)}")
         if samples:
             self._deliver(samples)
+
+    def _first_value(self, keys: tuple[str, ...], dv: ua.DataValue, recv: float) -> bool:
+        """The first notification of a delta / reset-on-read item on a new subscription: the node's current value,
+        which the old subscription (or the gateway before a restart) may have delivered and counted already. With a
+        SourceTimestamp the engine knows it again (its identity: source time and value). Without one it has none:
+        many servers stamp the ServerTimestamp when they send, so a value counted before looks new. Such a value is
+        not counted (False: not delivered); when it is not zero it may also have been a count the gateway never
+        saw, so it raises the alarm ``delta_unverified:<machine>/<signal>`` (cleared like ``queue_overflow``), naming
+        the value, and is logged."""
+        if _posix(dv.SourceTimestamp) is not None:
+            return True
+        sample = datavalue_to_sample(keys[0], dv, recv)
+        if not sample.good or not sample.value:
+            return True  # nothing a delta counter would count
+        now = time.monotonic()
+        for k in keys:
+            machine, _, signal = k.partition("/")
+            self._overflow_alarms[k] = now
+            self.alarms.set(f"delta_unverified:{k}", True, "warning",
+                            f"machine {machine} {signal}: the server sent this delta / reset_on_read counter's current "
+                            f"value ({sample.value}) without a source timestamp when the gateway subscribed; it may "
+                            "have been counted already, or be a count made while the gateway was not subscribed: not "
+                            "counted (check the machine's quantities in the ERP)",
+                            connector=self.id, endpoint=self.endpoint, machine=machine, counter=signal,
+                            node_id=self._key_node.get(k), value=sample.value, server_time=sample.source_time)
+        log.warning("opcua.delta_unverified", connector=self.id, endpoint=self.endpoint, counters=list(keys),
+                    value=sample.value, risk="the first value of a new subscription has no source timestamp: not "
+                                             "counted, as it may have been counted already")
+        return False
 
     def _deliver(self, samples: list[Sample]) -> None:
         try:
@@ -907,8 +948,12 @@ class OpcUaConnector(Connector):
                 f"server answered {len(results)} values for {len(node_ids)} nodes", connector=self.id, endpoint=self.endpoint
             )
         now = time.time()
-        return [datavalue_to_sample(k, results[index[self._key_node[k]]], now) if self._key_node[k] in index
-                else Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in keys]
+        # a delta / reset-on-read value's time is its identity (the engine counts a value again only with another
+        # time): a server's ServerTimestamp of a Read is often the time of the read, so without a SourceTimestamp
+        # such a value has no time, and the cut read of a delta counter is then not counted (docs/counting.md)
+        count = self._count_keys
+        return [datavalue_to_sample(k, results[index[self._key_node[k]]], now, server_time=k not in count)
+                if self._key_node[k] in index else Sample(k, None, False, now, None, _UNKNOWN_NODE) for k in keys]
 
 
     async def _read_chunked(self, client: Client, node_ids: list[ua.NodeId]) -> list[ua.DataValue]:
