@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-CONNECTOR_TAG_ALARMS = frozenset({"tag_refused", "queue_revised", "queue_overflow", "delta_gap"})
+CONNECTOR_TAG_ALARMS = frozenset({"tag_refused", "queue_revised", "queue_overflow", "delta_gap", "delta_unverified"})
 """Alarms a connector raises about one of its tags (id ``kind:machine/signal``, evidence ``connector``)."""
 
 RESTART_ONLY = ("gateway", "mqtt", "store", "http")
