@@ -220,6 +220,20 @@ class ReportingConfig(_Model):
 CounterName = Literal["good", "scrap", "rework", "total"]
 
 
+# a material number as in a dispatch's components (gateway/dispatch.py): no control character, at most 64 characters
+MaterialNumber = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
+
+
+def _keys_by_pattern(schema: dict[str, Any]) -> None:
+    """JSON Schema of a mapping whose keys have a pattern: pydantic writes ``patternProperties``, which lets a key
+    that does not match through unchecked; ``propertyNames`` refuses it, as the model does."""
+    patterns = schema.pop("patternProperties", None)
+    if patterns:
+        ((pattern, value),) = patterns.items()
+        schema["additionalProperties"] = value
+        schema.setdefault("propertyNames", {})["pattern"] = pattern
+
+
 class MachineConfig(_Model):
     """A machine (ISA-95 work cell / SAP work center) whose counters are posted to production orders."""
 
@@ -230,8 +244,9 @@ class MachineConfig(_Model):
                       description="Unit of measure of the counted quantity (ISO code).")
     counters: dict[CounterName, CounterConfig] = Field(description="Counter bindings: good, scrap, rework, total.")
     state: StateConfig | None = Field(None, description="Optional machine state tag.")
-    materials: dict[str, MaterialMeterConfig] = Field(
-        default_factory=dict, description="Material meters by material number: metered consumption (goods issue 261)."
+    materials: dict[MaterialNumber, MaterialMeterConfig] = Field(
+        default_factory=dict, description="Material meters by material number: metered consumption (goods issue 261).",
+        json_schema_extra=_keys_by_pattern,
     )
     order_source: Literal["mqtt", "tag", "local"] = Field(
         "mqtt",
@@ -375,9 +390,16 @@ def format_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part == "[key]":
+            continue  # pydantic's mark of a problem with the key just named (the message quotes it)
+        elif _CONTROL.search(str(part)):
+            out += f"[{str(part)!r}]"  # a key with a control character: escaped, as the message quotes it
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 _HINTS = {

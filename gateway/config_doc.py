@@ -167,9 +167,12 @@ class _Sections:
                     continue
             extra = target.get("additionalProperties")
             if target.get("type") == "object" and isinstance(extra, dict) and _is_model(_resolve(extra, self.defs)):
-                names = target.get("propertyNames", {}).get("enum")
+                key_rules = target.get("propertyNames", {})
+                names = key_rules.get("enum")
                 sub = f"{key}.<name>"
                 allowed = f" (names: {', '.join(f'`{n}`' for n in names)})" if names else ""
+                if not names and key_rules:
+                    allowed = f" (names: {_cell(_constraints(key_rules, self.defs))})"
                 rows.append(f"| `{key}` | mapping | {_default(prop, name in required, self.defs)} | {_cell(desc)}"
                             f"{allowed} (see [`{sub}`](#{_anchor(sub)})) |")
                 resolved = _resolve(extra, self.defs)

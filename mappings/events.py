@@ -287,8 +287,8 @@ class Window(EventData):
 class CounterEvidence(EventData):
     """How a counter moved during the window: raw values and what the counter rules recognised."""
 
-    counter: Annotated[str, Field(min_length=1, description="Counter name in the machine config (good, scrap, "
-                                                           "rework, total).")]
+    counter: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Counter name in the machine "
+                                                                                "config (good, scrap, rework, total).")]
     from_: Annotated[int | None, Field(alias="from", description="Counter value before the first counted change; "
                                                                  "null for reset_on_read / delta counters.")]
     to: Annotated[int, Field(description="Counter value after the last counted change.")]
@@ -311,7 +311,8 @@ class ConsumptionBasis(EventData):
 class ConsumedComponent(EventData):
     """One component (BOM item) consumed."""
 
-    material: Annotated[str, Field(min_length=1, description="Material number of the component.")]
+    material: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Material number of the "
+                                                                                  "component.")]
     quantity: Annotated[DecimalStr, Field(description="Quantity consumed: (yield + scrap) x quantity_per_unit, or "
                                                       "the metered quantity.")]
     unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure of the component.")]
@@ -478,7 +479,8 @@ class CounterAnomalyData(EventData):
     """A counter change the gateway could not count with certainty: a supervisor (or the ERP) should look at it."""
 
     machine: Machine
-    counter: Annotated[str, Field(min_length=1, description="Counter name in the machine config.")]
+    counter: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Counter name in the machine "
+                                                                                "config.")]
     kind: Annotated[Literal["implausible_jump", "ambiguous_decrease"], Field(
         description="implausible_jump: an increase larger than max_rate x elapsed time; not counted, baseline moved. "
                     "ambiguous_decrease: a decrease after a gap longer than one wrap period (modulus / max_rate) or "

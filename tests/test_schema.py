@@ -177,6 +177,12 @@ TAMPERS = [
     _data_tamper("C0 in a completed unit", "operation.completed", "unit", "K\x1bG"),
     _data_tamper("C1 in an anomaly's detail", "counter.anomaly", "detail", "jump\x9b31m"),
     _data_tamper("a machine id that is no topic level", "operation.quantity_reported", "machine", "press 1/a"),
+    # material numbers and counter names: as in the dispatch and the config they come from; red before: no pattern
+    ("C0 in a consumed material", "material.consumed",
+     lambda e: e["data"]["components"][0].__setitem__("material", "RM\x001"), "data.components[0].material"),
+    ("C1 in an evidence counter", "operation.quantity_reported",
+     lambda e: e["data"]["evidence"][0].__setitem__("counter", "good\x85"), "data.evidence[0].counter"),
+    _data_tamper("tab in an anomaly's counter", "counter.anomaly", "counter", "material:RM\t1"),
 ]
 
 
