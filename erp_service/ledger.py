@@ -191,7 +191,8 @@ class ReleaseRefused(Exception):
 
 
 _RETRYABLE = (pgerr.DeadlockDetected, pgerr.SerializationFailure, _ReleasedMeanwhile)
-# errors of the data itself (a contract-valid event the database cannot store, e.g. a NUL character in a text): the
+# errors of the data itself (a contract-valid event the database refuses, e.g. a site's constraint; the contract
+# leaves out what PostgreSQL cannot hold, such as a NUL character in a text): the
 # same again at every redelivery, so they are not retried but isolate the event that causes them
 _UNBOOKABLE = (pgerr.DataError, pgerr.IntegrityError)
 

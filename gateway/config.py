@@ -189,9 +189,10 @@ class StateConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)  # shared between machines: see _share_bindings
 
     connector: str = Field(description="Id of the connector that reads the state tag.")
-    values: dict[str, str] = Field(
+    values: dict[str, Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN)]] = Field(
         default_factory=dict,
-        description="Raw value → state name, e.g. {'0': idle, '1': running, '2': stopped}; raw text when omitted.",
+        description="Raw value → state name, e.g. {'0': idle, '1': running, '2': stopped}; raw text when omitted "
+                    "(a text tag's text up to its first NUL, other control characters written as \\xNN).",
     )
 
 

@@ -28,8 +28,10 @@ from gateway.events import CONTRACT_VERSION
 from mappings.events import (  # noqa: F401 - re-exported: the contract's patterns and types
     DATA_TYPES,
     DECIMAL_PATTERN,
+    MACHINE_ID_PATTERN,
     ORDER_TEXT_PATTERN,
     RFC3339_PATTERN,
+    TEXT_PATTERN,
     DecimalStr,
     EventData,
     Timestamp,
@@ -49,23 +51,33 @@ EVENT_TYPES = tuple(DATA_MODELS)
 
 
 # ---------------------------------------------------------------------------------------------------- envelope
+# the envelope's texts hold no control character either (every text of an event: mappings.events.TEXT_PATTERN); the
+# id is the UUID the gateway derives (gateway.events.event_id), in its canonical lower-case form
+_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_SOURCE = r"^(/[^/\x00-\x1f\x7f-\x9f]+){5}$"
+
+
 class CloudEventEnvelope(_Model):
     """CloudEvents 1.0, structured JSON mode, as published by the gateway (one event per MQTT message)."""
 
     specversion: Literal["1.0"] = Field(description="CloudEvents specification version.")
-    id: str = Field(min_length=1, description="Deterministic event id (UUIDv5 of source, epoch and seq): a retry or "
-                                              "replay carries the same id. Dedup key together with source; use it as "
-                                              "SAP ExternalSystemConfirmation.")
-    source: str = Field(min_length=1, pattern=r"^/[^/]+/[^/]+/[^/]+/[^/]+/[^/]+$",
+    id: str = Field(min_length=1, pattern=_UUID,
+                    description="Deterministic event id (UUIDv5 of source, epoch and seq): a retry or replay carries "
+                                "the same id. Dedup key together with source; use it as SAP "
+                                "ExternalSystemConfirmation.")
+    source: str = Field(min_length=1, pattern=_SOURCE,
                         description="/{enterprise}/{site}/{area}/{line}/{gateway_id}.")
     type: str = Field(min_length=1, description="Event type.")
-    subject: str = Field(min_length=1, description="Machine id (the topic's {machine} level).")
+    subject: str = Field(min_length=1, pattern=MACHINE_ID_PATTERN,
+                         description="Machine id (the topic's {machine} level).")
     time: Timestamp = Field(description="Source time of the last sample in the event where there is one (RFC 3339).")
     datacontenttype: Literal["application/json"] = Field(description="Content type of data.")
-    seq: int = Field(ge=1, description="Extension: per-source sequence number, strictly increasing within an epoch, "
-                                       "persisted (survives restarts). A gap means lost events.")
-    epoch: str = Field(min_length=1, description="Extension: identifies the gateway's store; a new store starts a new "
-                                                 "sequence at 1.")
+    seq: int = Field(ge=1, le=2**63 - 1,
+                     description="Extension: per-source sequence number, strictly increasing within an epoch, "
+                                 "persisted (survives restarts). A gap means lost events.")
+    epoch: str = Field(min_length=1, pattern=TEXT_PATTERN,
+                       description="Extension: identifies the gateway's store; a new store starts a new sequence at "
+                                   "1.")
     data: dict[str, Any] = Field(description="Event payload, by type.")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from datetime import datetime, timezone
@@ -82,6 +83,16 @@ def dec_str(d: Decimal) -> str:
 def _second(whole: int) -> str:
     """"YYYY-MM-DDTHH:MM:SS" of a whole POSIX second (UTC); raises like datetime for times it cannot represent."""
     return datetime.fromtimestamp(whole, tz=timezone.utc).isoformat()[:19]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plc_text(value: str) -> str:
+    """A text read from a PLC, for an event: up to its first NUL (a PLC string's padding, as a C string ends), other
+    control characters written as ``\\xNN`` (no event text holds one: TEXT_PATTERN)."""
+    text = value.split("\0", 1)[0]
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if _CONTROL.search(text) else text
 
 
 def rfc3339(t: float, *, always_fraction: bool = True) -> str:
@@ -461,14 +472,17 @@ class MachineStateChangedData(EventData):
     """The machine's state changed: its state tag, or the gateway lost or regained its PLC."""
 
     machine: Machine
-    state: Annotated[str, Field(description="New state (mapped through state_values, else the raw value as text); "
+    state: Annotated[str, Field(pattern=TEXT_PATTERN, description="New state (mapped through state_values, else the "
+                                                                  "raw value as text); "
                                             "'unreachable' when the gateway has lost the machine's PLC for longer "
                                             "than alarms.machine_unreachable_s (its figures are stale), 'reachable' "
                                             "when it is back, for a machine without a state tag (with one, the tag's "
                                             "state is reported again).")]
-    previous: Annotated[str | None, Field(description="Previous state; null for the first state seen.")]
-    raw: Annotated[bool | int | float | str | None, Field(description="Raw tag value as read from the device; null "
-                                                                       "when reason is connection.")]
+    previous: Annotated[str | None, Field(pattern=TEXT_PATTERN, description="Previous state; null for the first state "
+                                                                           "seen.")]
+    raw: Annotated[bool | int | float | Annotated[str, Field(pattern=TEXT_PATTERN)] | None, Field(
+        description="Raw tag value as read from the device (a text up to its first NUL, a PLC string's padding, other "
+                    "control characters written as \\xNN); null when reason is connection.")]
     reason: Annotated[Literal["tag", "connection"], Field(
         description="What reported the change: tag (the machine's state tag), connection (the gateway lost or "
                     "regained the PLC: state unreachable / reachable).")]

@@ -38,6 +38,7 @@ from mappings.events import (
     QuantityReport,
     Totals,
     dec_str,
+    plc_text,
     rfc3339_opt,
 )
 from mappings.samples import Sample
@@ -488,7 +489,9 @@ class MachineEngine:
         )
         self.totals = {k: Decimal(v) for k, v in snap.get("totals", {}).items()} or self.totals
         self.yield_carry = Decimal(snap.get("yield_carry", "0"))
-        self.machine_state = snap.get("machine_state")
+        state = snap.get("machine_state")
+        # a state persisted before texts were cleaned (plc_text) would be the next event's `previous`
+        self.machine_state = plc_text(state) if isinstance(state, str) else state
         self.order_totals = dict(snap.get("order_totals", {}))
         refs = snap.get("completed")
         if refs is None:  # older snapshots remembered the last completion only
@@ -607,14 +610,17 @@ class MachineEngine:
     def _apply_state(self, sample: Sample) -> list[EventDraft]:
         if not sample.good or sample.value is None or self.spec.state_values is None:
             return []
-        raw = str(sample.value)
+        value = sample.value
+        if type(value) is str:  # a PLC string: up to its NUL padding, no control character (an event's text)
+            value = plc_text(value)
+        raw = str(value)
         new = self.spec.state_values.get(raw, raw) if self.spec.state_values else raw
         if new == self.machine_state:
             return []
         prev, self.machine_state = self.machine_state, new
         self.dirty = True
         return [EventDraft("machine.state_changed", self.spec.id, sample.time,
-                           MachineStateChangedData(machine=self.spec.id, state=new, previous=prev, raw=sample.value,
+                           MachineStateChangedData(machine=self.spec.id, state=new, previous=prev, raw=value,
                                                    reason="tag"), droppable=True)]
 
     def set_reachable(self, reachable: bool, t: float) -> list[EventDraft]:

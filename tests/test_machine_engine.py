@@ -132,6 +132,32 @@ def test_state_changes():
     assert [(e.data["previous"], e.data["state"]) for e in ev] == [(None, "running"), ("running", "idle")]
 
 
+def test_a_text_state_is_cut_at_its_nul_padding_and_escapes_control_characters():
+    """A PLC string state tag (OPC UA String, NUL-padded like an S7 string) reported as read put NULs and other
+    control characters into the event, which the contract refuses and PostgreSQL cannot store (jsonb): the ERP
+    service rejected the event. The text is cut at its first NUL (the padding; the mapping then matches) and any
+    other control character is written as \\xNN; every event is valid (red before: "RUN\\x00\\x00" unmapped, a NUL
+    in state and raw). A state restored from an older snapshot is cleaned the same way."""
+    from gateway.config import GatewayIdentity
+    from gateway.events import EventEncoder, Topics
+    from gateway.schema import validate_event
+
+    eng = MachineEngine(spec(state_values={"RUN": "running"}))
+    ev = eng.apply(s("state", "RUN\x00\x00\x00", 0), "state") + eng.apply(s("state", "RUN\x00XY", 1), "state")
+    ev += eng.apply(s("state", "ERR\x1b[31m\x9f\x00pad", 2), "state")
+    assert [(e.data["previous"], e.data["state"], e.data["raw"]) for e in ev] == [
+        (None, "running", "RUN"), ("running", "ERR\\x1b[31m\\x9f", "ERR\\x1b[31m\\x9f")]
+    ident = GatewayIdentity(id="gw", enterprise="e", site="s", area="a", line="l")
+    enc = EventEncoder(ident, Topics("edge", ident), "epoch1")
+    for i, e in enumerate(ev, 1):
+        validate_event(enc.encode(e, i)[1])
+    snap = eng.snapshot()
+    snap["machine_state"] = "OLD\x00pad"
+    again = MachineEngine(spec(state_values={"RUN": "running"}), snap)
+    [e] = again.apply(s("state", "RUN", 3), "state")
+    assert (e.data["previous"], e.data["state"]) == ("OLD", "running")
+
+
 def test_metered_material_consumption_validates_against_the_contract():
     from gateway.config import GatewayIdentity
     from gateway.events import EventEncoder, Topics

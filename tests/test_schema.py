@@ -183,6 +183,17 @@ TAMPERS = [
     ("C1 in an evidence counter", "operation.quantity_reported",
      lambda e: e["data"]["evidence"][0].__setitem__("counter", "good\x85"), "data.evidence[0].counter"),
     _data_tamper("tab in an anomaly's counter", "counter.anomaly", "counter", "material:RM\t1"),
+    # a state, its previous one and a text raw value: as the engine cleans a PLC string (plc_text); red before
+    _data_tamper("NUL in a state", "machine.state_changed", "state", "RUN\x00\x00"),
+    _data_tamper("C1 in a previous state", "machine.state_changed", "previous", "RUN\x9b"),
+    _data_tamper("NUL in a raw state text", "machine.state_changed", "raw", "RUN\x00"),
+    # the envelope: nothing PostgreSQL could not store (a NUL, a seq beyond bigint); red before
+    ("NUL in the subject", "operation.started", lambda e: e.__setitem__("subject", "press-1\x00"), "subject"),
+    ("a subject that is no machine id", "operation.started", lambda e: e.__setitem__("subject", "press 1"), "subject"),
+    ("C1 in the epoch", "operation.started", lambda e: e.__setitem__("epoch", "ab\x9bcd"), "epoch"),
+    ("C0 in the source", "operation.started", lambda e: e.__setitem__("source", "/a/b/c/d/gw\x01"), "source"),
+    ("an id that is no UUID", "operation.started", lambda e: e.__setitem__("id", "evt-1"), "id"),
+    ("seq beyond 64 bits", "operation.started", lambda e: e.__setitem__("seq", 2**63), "seq"),
 ]
 
 
