@@ -176,6 +176,21 @@ CREATE TABLE IF NOT EXISTS erp_outbox (
     found_by_lookup boolean NOT NULL DEFAULT false  -- a retry found the document already booked: not re-posted
 );
 CREATE INDEX IF NOT EXISTS erp_outbox_pending ON erp_outbox (next_attempt_at, n) WHERE state = 'pending';
+-- no event is ever stored under a seq released by hand, whatever process inserts it: this version's insert already
+-- skips such a seq (a conflict), but a service process of a version before the release (still running during an
+-- upgrade) inserts and books unconditionally; the trigger makes its insert fail (an integrity error: not booked)
+CREATE OR REPLACE FUNCTION erp_events_not_released() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM erp_releases r
+               WHERE r.source = NEW.source AND r.epoch = NEW.epoch AND r.seq = NEW.seq) THEN
+        RAISE EXCEPTION 'seq % of % epoch % was released by hand: the event is not booked', NEW.seq, NEW.source,
+            NEW.epoch USING ERRCODE = 'check_violation', HINT = 'edge-gateway-erp gaps lists the release';
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS erp_events_not_released ON erp_events;
+CREATE TRIGGER erp_events_not_released BEFORE INSERT ON erp_events
+    FOR EACH ROW EXECUTE FUNCTION erp_events_not_released();
 """
 
 QUANTITY_KINDS = ("yield", "scrap", "rework")

@@ -340,6 +340,42 @@ async def test_an_event_racing_the_release_is_not_booked_after_it(dsn):
         assert await _rows(worker, "SELECT kind FROM erp_conflicts") == [("released",)]
 
 
+async def test_a_service_of_an_older_version_cannot_store_an_event_under_a_released_seq(conn):
+    """During an upgrade a service process of a version before the release (it inserts every new event and books it,
+    no erp_releases check) may still run beside this one. Its insert of the fixed event under the released seq fails
+    in the database (a trigger: an integrity error, which such a process does not book), so the pieces booked by hand
+    are not booked twice (red before: the row was stored, the old process would book it). This version's own insert
+    skips the seq as before (a conflict), and other seqs are stored as ever."""
+    from psycopg import errors as pgerr
+    from psycopg.types.json import Jsonb
+
+    from erp_service.ledger import digest, parse_time
+
+    led = Ledger(ServiceConfig())
+    f, bad, _ = await _held(conn, led)
+    await led.release_gap(conn, f.source, f.epoch, [2], reason="booked by hand in SAP", released_by="integrator")
+    fixed = json.loads(json.dumps(bad))
+    fixed["data"]["quantities"]["yield"] = "4"
+
+    async def old_version_insert(ev):  # what such a process sends for a new event, before booking it
+        await conn.execute(
+            "INSERT INTO erp_events (source, id, epoch, seq, type, subject, event_time, body, digest, applied) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true)",
+            (ev["source"], ev["id"], ev["epoch"], ev["seq"], ev["type"], ev["subject"], parse_time(ev["time"]),
+             Jsonb(ev), digest(ev)))
+
+    with pytest.raises(pgerr.CheckViolation, match="seq 2 of .* was released by hand"):
+        async with conn.transaction():
+            await old_version_insert(fixed)
+    assert await _rows(conn, "SELECT count(*) FROM erp_events WHERE seq = 2") == [(0,)]
+    [r] = await led.process(conn, f.topic("press-1"), _b(fixed))
+    assert r.outcome == "conflict"
+    assert await _rows(conn, "SELECT yield, reports FROM erp_ledger") == [(Decimal(8), 2)]
+    async with conn.transaction():
+        await old_version_insert(f.report("press-1", "1000123", "0010", y=1))  # seq 5: not released
+    assert await _rows(conn, "SELECT seq FROM erp_events ORDER BY seq") == [(1,), (3,), (4,), (5,)]
+
+
 async def test_several_seqs_released_on_a_database_from_before_the_release_existed(dsn, config):
     """A database the previous version created and used (every table but erp_releases; its rejections stored then):
     the command creates the table and finds those rejections (read from the stored events). Two rejected seqs, a
