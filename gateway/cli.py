@@ -158,10 +158,10 @@ async def run_until_signal(coro_fn: Callable[[], object], *, grace_s: float = 10
         task.result()
         return
     task.cancel()
-    try:
-        await asyncio.wait_for(task, timeout=grace_s)
-    except (asyncio.CancelledError, asyncio.TimeoutError):
-        pass
+    # at most grace_s: asyncio.wait does not wait for a task that ignores its cancellation (wait_for would, in 3.11)
+    await asyncio.wait({task}, timeout=grace_s)
+    if task.done() and not task.cancelled():
+        task.result()  # an error of its shutdown goes to the caller, as when it ends by itself
 
 
 def _cmd_order(args: argparse.Namespace) -> int:

@@ -199,8 +199,9 @@ class Demo:
 
     async def _stop_task(self, task: asyncio.Task[Any]) -> None:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, timeout=10)
+        await asyncio.wait({task}, timeout=10)  # bounded, also for a task that ignores its cancellation
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved (the demo's result says what went wrong)
 
     async def _dispatch(self, machine: str, model: Any, order: str, op: str) -> None:
         # the consumer blocks until PUBACK: off the loop, so an in-process broker (amqtt) can answer
