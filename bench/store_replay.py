@@ -8,7 +8,11 @@ and 333 outbox rows (~1,050 B), and after each an ack transaction (synchronous=N
 gateway/store.py does. ``upsert``: the states upserted into ``machine_state`` (the store's way); ``log``: appended to
 a ``state_log`` table and folded into ``machine_state`` every 15 s. Prints the CPU (user + system) per simulated
 second. bench/README.md, "eighth session": the log costs more (7.2 against 6.2 ms). ``WAL_AUTOCHECKPOINT=N`` sets
-SQLite's ``wal_autocheckpoint`` (default 1000 pages; "ninth session": 10,000 changed nothing)."""
+SQLite's ``wal_autocheckpoint`` (default 1000 pages; "ninth session": 10,000 changed nothing). Tenth session's knobs
+(bench/README.md): ``PACE_S=0.5`` sleeps that long before each simulated second (the commits come in bursts on an
+otherwise idle CPU, as in the gateway), ``ORDER=contiguous`` takes the machines of a commit from one stretch of the
+table instead of at random, ``MMAP_SIZE=N`` sets SQLite's ``mmap_size``, ``WITHOUT_ROWID=1`` makes ``machine_state`` a
+WITHOUT ROWID table."""
 import os
 import random
 import resource
@@ -26,9 +30,11 @@ for suffix in ("", "-wal", "-shm"):
     except FileNotFoundError: pass
 db = sqlite3.connect(path, isolation_level=None)
 db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL"); db.execute("PRAGMA temp_store=MEMORY")
+db.execute(f"PRAGMA mmap_size={int(os.environ.get('MMAP_SIZE', '0'))}")
 db.execute(f"PRAGMA wal_autocheckpoint={int(os.environ.get('WAL_AUTOCHECKPOINT', '1000'))}")  # SQLite's default: 1000
-db.executescript("""
-CREATE TABLE machine_state (machine TEXT PRIMARY KEY, state TEXT NOT NULL, updated REAL NOT NULL);
+WITHOUT_ROWID = " WITHOUT ROWID" if os.environ.get("WITHOUT_ROWID") else ""
+db.executescript(f"""
+CREATE TABLE machine_state (machine TEXT PRIMARY KEY, state TEXT NOT NULL, updated REAL NOT NULL){WITHOUT_ROWID};
 CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL, machine TEXT NOT NULL,
   type TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL);
 CREATE TABLE state_log (id INTEGER PRIMARY KEY, machine TEXT NOT NULL, state TEXT NOT NULL);
@@ -38,9 +44,16 @@ state = "x" * 560; payload = b"y" * 950
 db.execute("BEGIN"); db.executemany("INSERT INTO machine_state VALUES (?, ?, ?)", [(m, state, 0.0) for m in machines]); db.execute("COMMIT")
 rnd = random.Random(1); seq = 0; pending: list[int] = []
 r0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.monotonic()
+PACE_S = float(os.environ.get("PACE_S", "0"))
 for sec in range(SECONDS):
+    if PACE_S:
+        time.sleep(PACE_S)
     for _ in range(COMMITS):
-        batch = sorted(rnd.sample(machines, PER_COMMIT))
+        if os.environ.get("ORDER", "random") == "contiguous":
+            start = (sec * COMMITS + _) * PER_COMMIT % N_MACH
+            batch = (machines[start:] + machines[:start])[:PER_COMMIT]
+        else:
+            batch = sorted(rnd.sample(machines, PER_COMMIT))
         db.execute("PRAGMA synchronous=FULL")
         db.execute("BEGIN IMMEDIATE")
         if mode == "upsert":
