@@ -49,17 +49,17 @@ def _bindings(cfg: object) -> dict[str, list[tuple[str, str, object, object]]]:
         items: list[tuple[str, str, str, object]] = []
         items += [(name, f"counter {name}", "counter", b) for name, b in m.counters.items()]
         items += [(f"material:{name}", f"material {name}", "material", b) for name, b in m.materials.items()]
-        for signal, field, kind in (("state", "state", "state"), ("order", "order_tag", "text"),
-                                    ("operation", "operation_tag", "text"), ("complete", "complete_tag", "flag")):
+        for sig, field, kind in (("state", "state", "state"), ("order", "order_tag", "text"),
+                                 ("operation", "operation_tag", "text"), ("complete", "complete_tag", "flag")):
             b = getattr(m, field)
             if b is not None:
-                items.append((signal, field, kind, b))
-        for signal, label, kind, b in items:
+                items.append((sig, field, kind, b))
+        for sig, label, kind, b in items:
             if kind in ("counter", "material") and b.max_value is not None:
                 kind = "integer"
             if kind == "material" and getattr(b, "resolution", None) is not None:
                 kind = "float"
-            out.setdefault(b.connector, []).append((f"{m.id} {label}", kind, b, cfg.tag_address(m.id, signal)))  # type: ignore[attr-defined]
+            out.setdefault(b.connector, []).append((f"{m.id} {label}", kind, b, cfg.tag_address(m.id, sig)))  # type: ignore[attr-defined]
     return out
 
 

@@ -144,7 +144,7 @@ async def test_start_waits_for_an_unreachable_database_then_consumes(mqtt_broker
                 await _shut(starting, gw, svc, gate)
 
 
-async def test_nats_events_published_while_the_database_is_awaited_are_kept(nats_cluster):
+async def test_nats_events_published_while_the_database_is_awaited_are_kept(nats_cluster):  # noqa: F811 (the fixture)
     """First deployment, PostgreSQL still down: the durable consumer is created before the database is awaited. On
     ``$MQTT_msgs`` (interest retention) a message PUBACKed while no consumer exists is deleted at once, so events the
     gateways publish while the service waits would otherwise be acknowledged to them and lost. Here they wait in the
