@@ -79,6 +79,53 @@ async def test_order_from_opcua_tags(tmp_path, mqtt_broker, erp):
             await gw.stop()
 
 
+async def test_an_unusable_order_text_on_the_plc_books_the_parts_unassigned(tmp_path, mqtt_broker, erp):
+    """The PLC's order tag (an OPC UA String) shows a text with a control character while the operation tag keeps its
+    value: no order number, and no longer the order the parts were booked to. The parts made meanwhile reach the ERP
+    unassigned (order null), none under the old order or the bad text; a usable order afterwards is a changeover
+    as usual (red before: the 20 parts went to 800100)."""
+    model = MachineModel("Press1", cycle_time=0.01, seed=9, counter_bits=32)
+    async with OpcUaMachineServer(model, host="127.0.0.1", port=free_port()) as opc:
+        n = opc.node_ids
+        doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
+        doc["connectors"] = [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "security": "none"}]
+        doc["machines"] = [{"id": "press-1", "order_source": "tag",
+                            "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
+                                         "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
+                            "order_tag": {"connector": "opc", "node_id": n["order"]},
+                            "operation_tag": {"connector": "opc", "node_id": n["operation"]},
+                            "reporting": {"interval_s": 0.3}}]
+        gw = RunningGateway(parse_config(doc))
+        await gw.start()
+        try:
+            await changeover(model, "800100", "0010", gw, "press-1")
+            await model.produce(30, timeout=20)
+            model.pause()
+            model.set_order("800\x01100", "0010")  # the order tag's text is garbled; the operation tag stays
+            await wait_until(lambda: gw.gw.engines["press-1"].context is None, 15)
+            await model.produce(20, timeout=20)
+            await changeover(model, "800200", "0020", gw, "press-1")
+            await model.produce(10, timeout=20)
+            truth = {k: v for k, v in model.truth.items() if v["good"] or v["scrap"]}
+
+            def ledger() -> dict:
+                return {(o, op): (int(v["yield"]), int(v["scrap"])) for (m, o, op), v in erp.ledger().items()
+                        if m == "press-1" and (v["yield"] or v["scrap"])}
+
+            expected = {("800100", "0010"): truth[("800100", "0010")], (None, None): truth[("800\x01100", "0010")],
+                        ("800200", "0020"): truth[("800200", "0020")]}
+            expected = {k: (v["good"], v["scrap"]) for k, v in expected.items()}
+            try:
+                await wait_until(lambda: ledger() == expected, 20)
+            except AssertionError:
+                raise AssertionError(f"ledger {ledger()} != truth {expected}") from None
+            assert sum(v[0] + v[1] for v in expected.values()) == 60
+            assert not erp.conflicts() and erp.stats["rejected"] == 0
+            assert [e["data"]["order"] for e in erp.events("operation.started")] == ["800100", "800200"]
+        finally:
+            await gw.stop()
+
+
 async def test_order_from_modbus_string_registers(tmp_path, mqtt_broker, erp):
     model = MachineModel("Press2", cycle_time=0.01, seed=6, counter_bits=16)
     async with ModbusMachineServer(model, host="127.0.0.1", port=free_port(), unit_id=1) as mb:
