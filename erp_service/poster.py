@@ -189,8 +189,12 @@ class Poster:
             try:
                 import json
 
-                answer = json.loads(text).get("d", {}) if text else {}
-            except ValueError:
+                doc = json.loads(text) if text else {}
+            except (ValueError, RecursionError):
+                doc = None
+            # the document the ERP made (OData: {"d": {...}}); any other answer is kept as text: it was accepted
+            answer = doc.get("d", {}) if isinstance(doc, dict) else None
+            if not isinstance(answer, dict):
                 answer = {"raw": text[:1000]}
             await self._sent(conn, ext, kind, answer, event_time)
             log.debug("erp.posted", external_id=ext, kind=kind, ms=round((time.monotonic() - t0) * 1000, 1))
@@ -212,7 +216,12 @@ class Poster:
             if resp.status != 200:
                 raise ValueError(f"lookup HTTP {resp.status}")
             doc = await resp.json()
-        results = (doc.get("d") or {}).get("results") or []
+        # OData V2: {"d": {"results": [...]}}; V1: {"d": [...]}. Anything else cannot say whether the document
+        # exists: an error (the row is retried, never posted blindly)
+        d = doc.get("d") if isinstance(doc, dict) else None
+        results = d.get("results") if isinstance(d, dict) else d
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise ValueError(f"lookup answer not understood: {str(doc)[:200]}")
         return results[0] if results else None
 
     async def _sent(self, conn: psycopg.AsyncConnection[Any], ext: str, kind: str, answer: dict[str, Any],

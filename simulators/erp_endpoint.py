@@ -47,6 +47,8 @@ class ErpEndpoint:
         self.fail_next_n = 0
         self.fail_after_commit_n = 0
         self.delay_s = 0.0
+        self.odd_answers_n = 0                          # next successful postings answered with a JSON null
+        self.lookup_shape = "v2"                        # v2: {"d": {"results": [...]}}, v1: {"d": [...]}, null
         self.in_flight = 0                              # postings being booked (also those whose client gave up)
         self._runner: web.AppRunner | None = None
         app = web.Application(client_max_size=4 * 1024 * 1024)
@@ -166,6 +168,9 @@ class ErpEndpoint:
             self.lost_responses += 1
             return web.json_response({"error": {"code": "503", "message": "gateway timeout after commit"}},
                                      status=503)
+        if self.odd_answers_n > 0:  # booked, answered with something that is not an OData document
+            self.odd_answers_n -= 1
+            return web.json_response(None, status=201)
         return web.json_response(answer, status=201)
 
     async def _get(self, request: web.Request) -> web.Response:
@@ -180,7 +185,9 @@ class ErpEndpoint:
             found.append({**{k: v for k, v in doc.items() if not k.startswith("_")},
                           "ConfirmationGroup": str(list(self.by_external).index(m.group(1)) + 1),
                           "ConfirmationCount": "1"})
-        return web.json_response({"d": {"results": found}})
+        if self.lookup_shape == "null":
+            return web.json_response(None)
+        return web.json_response({"d": found} if self.lookup_shape == "v1" else {"d": {"results": found}})
 
     async def _postings(self, request: web.Request) -> web.Response:
         return web.json_response(self.snapshot())

@@ -122,6 +122,38 @@ async def test_lost_response_is_looked_up_never_posted_twice(conn, dsn, endpoint
     assert await cur.fetchall() == [(True, "1"), (True, "2")]
 
 
+async def test_answers_that_are_no_odata_document_neither_crash_the_poster_nor_post_twice(conn, dsn, endpoint):
+    """A 2xx answer whose body is JSON but not an object (a proxy, an odd ERP build) and a lookup answer of an unknown
+    shape raised AttributeError in the poster's task (red before): its claim waited a lease, and a lookup like that
+    crashed it again at every attempt, so the row was never posted. Now the posting is recorded as sent (the body
+    kept as text), an unknown lookup answer is a failed lookup (retried, never a blind POST), and the OData V1 shape
+    ({"d": [...]}) is understood."""
+    f = EventFactory()
+    await _feed(conn, [f.report("press-1", "1", "0010", y=1), f.report("press-1", "1", "0010", y=2)])
+    endpoint.fail_after_commit_next(1)  # the first: booked, its answer lost: the retry looks it up
+    endpoint.odd_answers_n = 1  # the second: booked, answered with a JSON null
+    endpoint.lookup_shape = "null"
+    poster = Poster(_cfg(endpoint), dsn, Metrics())
+    stop = asyncio.Event()
+    task = asyncio.create_task(poster.run(stop))
+    try:
+        await wait_until(lambda: poster.posted == 1 and endpoint.lookups >= 2, 20)
+        assert not task.done()
+        cur = await conn.execute("SELECT state, last_error FROM erp_outbox ORDER BY n")
+        rows = await cur.fetchall()
+        assert rows[0][0] == "pending" and "lookup answer not understood" in rows[0][1] and rows[1][0] == "sent"
+        endpoint.lookup_shape = "v1"
+        await wait_until(lambda: poster.posted == 2, 20)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert len(endpoint.postings) == 2 and endpoint.duplicates == {}
+    cur = await conn.execute("SELECT state, found_by_lookup, response FROM erp_outbox ORDER BY n")
+    first, second = await cur.fetchall()
+    assert first[:2] == ("sent", True) and first[2]["ConfirmationGroup"] == "1"
+    assert second == ("sent", False, {"raw": "null"})
+
+
 async def test_poster_crash_mid_call_lease_expires_no_double_post(conn, dsn, endpoint):
     """A poster claimed a row and posted it, then died before marking it sent: after the lease another poster takes
     it over and finds the posting instead of sending it again."""
