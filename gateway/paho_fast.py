@@ -272,10 +272,19 @@ class FastClient(paho.Client):
             if len(pkt) >= 2:
                 mid = (pkt[0] << 8) | pkt[1]
                 if mid in self._fast_mids:
-                    result = paho_packet.decode_puback(self._in_packet["command"], pkt, self._protocol)
-                    self._easy_log(MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, result.mid)
+                    try:
+                        code = paho_packet.decode_puback(self._in_packet["command"], pkt, self._protocol).reason.value
+                    except MalformedPacket:
+                        # paho knows some reason codes only for other packets (0x95 Packet too large, 0x89 Server
+                        # busy: mosquitto answers a PUBLISH over its message_size_limit with a 0x95 PUBACK): the
+                        # reason code is the byte after the message id whatever follows it. Dropping the connection
+                        # instead would send the row again and again, ahead of every other row
+                        if self._protocol != paho.MQTTv5 or len(pkt) < 3:
+                            raise
+                        code = pkt[2]
+                    self._easy_log(MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
                     self._fast_mids.discard(mid)
-                    self._fast_puback(mid, result.reason.value)
+                    self._fast_puback(mid, code)
                     return MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._handle_pubackcomp(cmd)
 
