@@ -188,9 +188,16 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
-DROP TRIGGER IF EXISTS erp_events_not_released ON erp_events;
-CREATE TRIGGER erp_events_not_released BEFORE INSERT ON erp_events
-    FOR EACH ROW EXECUTE FUNCTION erp_events_not_released();
+-- created once: DROP TRIGGER / CREATE TRIGGER lock the table against every reader and writer, and this runs at every
+-- start of a worker and every operator command
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'erp_events_not_released'
+                   AND tgrelid = 'erp_events'::regclass) THEN
+        CREATE TRIGGER erp_events_not_released BEFORE INSERT ON erp_events
+            FOR EACH ROW EXECUTE FUNCTION erp_events_not_released();
+    END IF;
+END $$;
 """
 
 QUANTITY_KINDS = ("yield", "scrap", "rework")
@@ -217,6 +224,27 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any]) -> None:
         # one creator at a time (several workers start together)
         await conn.execute("SELECT pg_advisory_xact_lock(7316001)")
         await conn.execute(SCHEMA)
+
+
+def _json_int(text: str) -> int | Decimal:
+    return int(text) if len(text) < 4000 else Decimal(text)
+
+
+def _pg_text(v: str | None) -> str | None:
+    """A text as PostgreSQL can store it (no NUL: written as the JSON escape), for what a rejection records of what
+    was received."""
+    return v.replace("\x00", "\\u0000") if v is not None and "\x00" in v else v
+
+
+def _rejected_body(event: dict[str, Any] | None, payload: bytes) -> str:
+    """What erp_rejected keeps of a rejected event: its canonical JSON, else (an element JSON cannot write again, e.g.
+    nested too deep) the message as received; at most 100,000 characters of the latter."""
+    if event:
+        try:
+            return canonical(event)
+        except (ValueError, TypeError, RecursionError):
+            pass
+    return payload.decode("utf-8", "replace")[:100_000]
 
 
 def canonical(ev: dict[str, Any]) -> str:
@@ -339,29 +367,34 @@ class Ledger:
     def _parse(self, topic: str, payload: bytes) -> tuple[list[dict[str, Any] | None], list[Result | None]]:
         """(valid events or None, pre-filled results for invalid ones), in message order."""
         try:
-            doc = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return [None], [Result("rejected", None, None, None, f"not JSON: {exc}"[:500])]
+            # an integer too long for int() (4,300 digits) is read as a Decimal: its event is refused, not its batch
+            doc = json.loads(payload, parse_int=_json_int)
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested deeper than the parser goes
+            return [None], [Result("rejected", None, None, None, f"not JSON: {type(exc).__name__}: {exc}"[:500])]
         elements = doc if isinstance(doc, list) else [doc]
         if isinstance(doc, list) and not doc:
             return [None], [Result("rejected", None, None, None, "empty batch")]
         items: list[dict[str, Any] | None] = []
         results: list[Result | None] = []
         for el in elements:
+            e = el if isinstance(el, dict) else None
             try:
                 ev = validate_event(el) if isinstance(el, dict) else validate_event(json.dumps(el))
                 try:
-                    parse_time(ev["time"])
-                except ValueError as exc:
+                    # the ERP's posting date of this time (plant calendar): a time near year 1 or 9999 overflows
+                    _odata_date(parse_time(ev["time"]), self.tz)
+                except (ValueError, OverflowError) as exc:
                     raise EventValidationError([f"time: {exc}"], ev) from None
             except EventValidationError as exc:
-                e = el if isinstance(el, dict) else None
-                results.append(Result("rejected", _str(e, "id"), _str(e, "source"), _str(e, "type"),
-                                      "; ".join(exc.problems)[:1000], e))
-                items.append(None)
+                problems = "; ".join(exc.problems)
+            except (TypeError, ValueError, RecursionError) as exc:  # one odd element never fails its batch
+                problems = f"not a valid event: {type(exc).__name__}: {exc}"
+            else:
+                items.append(ev)
+                results.append(None)
                 continue
-            items.append(ev)
-            results.append(None)
+            results.append(Result("rejected", _str(e, "id"), _str(e, "source"), _str(e, "type"), problems[:1000], e))
+            items.append(None)
         return items, results
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes,
@@ -383,8 +416,8 @@ class Ledger:
                 assert r is not None
                 await conn.execute("INSERT INTO erp_rejected (source, id, topic, reason, body) "
                                    "VALUES (%s, %s, %s, %s, %s)",
-                                   (r.source, r.id, topic, r.reason or "", canonical(r.event) if r.event else
-                                    payload.decode("utf-8", "replace")[:100_000]))
+                                   tuple(_pg_text(v) for v in (r.source, r.id, topic, r.reason or "",
+                                                               _rejected_body(r.event, payload))))
                 log.warning("erp.event_rejected", topic=topic, id=r.id, source=r.source, reason=(r.reason or "")[:300])
                 filler = _filler(r.event)
                 if filler is not None:
@@ -615,7 +648,8 @@ class Ledger:
         the caller can acknowledge it instead of looping on it forever."""
         async with conn.transaction():
             await conn.execute("INSERT INTO erp_rejected (source, id, topic, reason, body) VALUES (NULL, NULL, %s, %s, "
-                               "%s)", (topic, f"internal error: {error}"[:1000], payload.decode("utf-8", "replace")))
+                               "%s)", (_pg_text(topic), _pg_text(f"internal error: {error}"[:1000]),
+                                       _pg_text(payload.decode("utf-8", "replace"))))
         self.metrics.events.labels("rejected").inc()
         log.error("erp.dead_letter", topic=topic, error=error[:300])
 
@@ -792,9 +826,11 @@ _BOOKS_NOTHING = frozenset({"machine.state_changed", "counter.anomaly", "operati
 def _filler(event: dict[str, Any] | None) -> dict[str, Any] | None:
     """The seq a rejected event leaves behind, as a stand-in for ``_advance`` (source, epoch, seq, id, type), when its
     envelope can be read and its type books nothing; else None (the seq stays open: the gap alarm tells)."""
-    if not isinstance(event, dict) or event.get("type") not in _BOOKS_NOTHING:
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str) or event["type"] not in _BOOKS_NOTHING:
         return None
     source, epoch, seq = event.get("source"), event.get("epoch"), event.get("seq")
-    if not isinstance(source, str) or not isinstance(epoch, str) or type(seq) is not int or seq < 1:
+    if not isinstance(source, str) or not isinstance(epoch, str) or type(seq) is not int or not 1 <= seq < 2**63:
+        return None
+    if "\x00" in source or "\x00" in epoch:  # PostgreSQL stores no NUL in a text
         return None
     return {"source": source, "epoch": epoch, "seq": seq, "id": _str(event, "id"), "type": "(rejected)"}

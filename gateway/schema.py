@@ -421,17 +421,20 @@ def validate_event(payload: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
 
     if isinstance(payload, Mapping):
         doc: Any = dict(payload)
-        raw = json.dumps(doc).encode()
+        try:
+            raw = json.dumps(doc).encode()
+        except (ValueError, TypeError, RecursionError) as exc:  # a 4,300-digit number, deep nesting
+            raise EventValidationError([f"not JSON: {type(exc).__name__}: {exc}"[:300]]) from None
     else:
         raw = payload.encode() if isinstance(payload, str) else bytes(payload)
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EventValidationError([f"not JSON: {exc}"]) from None
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, a 4,300-digit number
+            raise EventValidationError([f"not JSON: {type(exc).__name__}: {exc}"[:300]]) from None
     if not isinstance(doc, dict):
         raise EventValidationError([f"not a JSON object: {type(doc).__name__}"])
     etype = doc.get("type")
-    if etype not in EVENT_MODELS:
+    if not isinstance(etype, str) or etype not in EVENT_MODELS:
         raise EventValidationError([f"type: unknown event type {etype!r} (known: {', '.join(EVENT_TYPES)})"], doc)
 
     problems = [f"{_path(e.absolute_path)}: {e.message}"

@@ -313,3 +313,45 @@ def test_acks_follow_the_erpack_schema():
     assert ack_payloads(results, "none") == []
     assert acks_topic("edge/v1/a/s/ar/l/press-1/events/batch") == "edge/v1/a/s/ar/l/press-1/acks"
     assert acks_topic("edge/v1/a/s/ar/l/press-1/dispatch") is None
+
+
+async def test_odd_elements_of_a_batch_are_rejected_alone_and_the_rest_is_booked(conn):
+    """Elements validate_event did not expect made the whole message fail at every redelivery until the dead letter
+    took the good events with it (red before: TypeError, ValueError, RecursionError, OverflowError out of process()):
+    a type that is a list, a number of 5,000 digits, an element nested 400 deep, and a
+    contract-valid time near year 1 whose posting date overflows. Each is rejected with its reason; the good report
+    is booked. A message the parser cannot read at all (nested deeper, a raw NUL) or a bare 5,000-digit number is
+    one rejection, recorded (PostgreSQL stores no NUL: escaped)."""
+    f = EventFactory()
+    good = f.report("press-1", "1000123", "0010", y=7)
+    early = f.report("press-1", "1000124", "0010", y=3)
+    early["time"] = "0001-01-01T00:00:00+01:00"
+    deep = "[" * 400 + "]" * 400
+    parts = [json.dumps(good), '{"type": [], "id": "x"}', '{"type": "operation.started", "seq": ' + "9" * 5000 + "}",
+             deep, json.dumps(early)]
+    payload = ("[" + ",".join(parts) + "]").encode()
+    led = Ledger(ServiceConfig())
+    results = await led.process(conn, "t/events/batch", payload)
+    assert [r.outcome for r in results] == ["accepted", "rejected", "rejected", "rejected", "rejected"], results[0].reason
+    assert "type" in results[1].reason
+    assert results[4].reason.startswith("time: ") and results[4].ack()["id"] == early["id"]
+    assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger") == [("1000123", Decimal(7))]
+    assert (await _rows(conn, "SELECT count(*) FROM erp_rejected")) == [(4,)]
+    # a whole message the parser refuses: one rejection, recorded, nothing raised
+    for raw in (b"9" * 5000, ("[" * 100_000).encode(), b'{"x": "\x00"}'):
+        [r] = await led.process(conn, "t/events/batch", raw)
+        assert r.outcome == "rejected"
+    assert (await _rows(conn, "SELECT count(*) FROM erp_rejected")) == [(7,)]
+
+
+async def test_the_schema_is_set_up_without_waiting_for_a_reader_of_erp_events(conn, dsn):
+    """Every worker start and every operator command runs ensure_schema: creating the release trigger each time (a
+    DROP / CREATE TRIGGER) took a lock that waits for any open transaction that read erp_events (a report, a BI
+    tool) and holds up every insert behind it (red before: LockNotAvailable under lock_timeout)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as reader:
+        await reader.execute("SELECT count(*) FROM erp_events")  # a transaction stays open
+        async with await psycopg.AsyncConnection.connect(dsn) as other:
+            await other.execute("SET lock_timeout = '1s'")
+            await other.commit()
+            await ensure_schema(other)
+        await reader.rollback()
