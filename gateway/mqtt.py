@@ -34,10 +34,10 @@ code   name                            class      why
 0x80   Unspecified error               transient  says nothing about the row; brokers use it for internal trouble
 0x83   Implementation specific error   transient  "valid but not accepted now" (plugins, overload); no evidence
 0x87   Not authorized                  permanent  an ACL refuses the topic: resending changes nothing
-0x89   Server busy                     transient  overload (a DISCONNECT code; paho cannot decode it in a PUBACK)
+0x89   Server busy                     transient  overload (a DISCONNECT code: paho_fast reads it in a PUBACK)
 0x90   Topic Name invalid              permanent  the topic itself is bad
 0x91   Packet identifier in use        transient  protocol state, not the row
-0x95   Packet too large                permanent  the row is too big for this broker (a DISCONNECT code, see 0x89)
+0x95   Packet too large                permanent  too big for this broker (mosquitto's message_size_limit; see 0x89)
 0x97   Quota exceeded                  transient  rate / quota limits lift with time
 0x99   Payload format invalid          permanent  the payload itself is refused
 other  >= 0x80                         transient  unknown: no evidence against the row

@@ -105,6 +105,18 @@ class FastClient(paho.Client):
         self.on_fast_puback: Callable[[int, int], None] = lambda mid, reason_code: None
 
     # ----------------------------------------------------------------- publish
+    def _mid_generate(self) -> int:
+        """paho's message id counter, skipping the ids still in flight: paho's own ``publish()`` (the retained status,
+        SUBSCRIBEs) checks only its own messages, and a PUBACK of a status message under an id a row still waits on
+        would be taken for that row's (deleting it unacknowledged) after the counter wrapped at 65,535."""
+        fast, own = self._fast_mids, self._out_messages
+        mid = super()._mid_generate()
+        for _ in range(65535):
+            if mid not in fast and mid not in own:
+                return mid
+            mid = super()._mid_generate()
+        return mid  # every id in flight: publish_fast refuses it, as paho's publish() would queue
+
     def publish_fast(self, topic: str, payload: bytes) -> int | None:
         """QoS 1, not retained, no properties: the message id, or None when not connected. Raises ValueError as
         ``publish()`` does (a topic with ``+`` / ``#``, empty on MQTT 3.1.1, too long; a payload too large)."""
@@ -278,8 +290,9 @@ class FastClient(paho.Client):
                         # paho knows some reason codes only for other packets (0x95 Packet too large, 0x89 Server
                         # busy: mosquitto answers a PUBLISH over its message_size_limit with a 0x95 PUBACK): the
                         # reason code is the byte after the message id whatever follows it. Dropping the connection
-                        # instead would send the row again and again, ahead of every other row
-                        if self._protocol != paho.MQTTv5 or len(pkt) < 3:
+                        # instead would send the row again and again, ahead of every other row. Only a refusal
+                        # (>= 0x80) is taken so: a malformed packet is never taken for a success (a deleted row)
+                        if self._protocol != paho.MQTTv5 or len(pkt) < 3 or pkt[2] < 0x80:
                             raise
                         code = pkt[2]
                     self._easy_log(MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)

@@ -100,8 +100,7 @@ V5_CASES = {
     "quota exceeded": puback(1, b"\x97"),
     "quota exceeded with a reason string": puback(1, b"\x97" + props((REASON_STRING, s16("slow down")))),
     "payload format invalid": puback(1, b"\x99"),
-    "server busy (not a PUBACK code: paho drops the connection)": puback(1, b"\x89"),
-    "packet too large (not a PUBACK code)": puback(1, b"\x95"),
+
     "unknown code 0x01": puback(1, b"\x01"),
     "properties cut short": puback(1, b"\x00\x05"),
     "too short": bytes([0x40, 1, 0]),
@@ -110,6 +109,46 @@ V5_CASES = {
     "twice": puback(1) + puback(1),
     "refused, then success again": puback(1, b"\x87") + puback(1),
 }
+
+
+@pytest.mark.parametrize("code", [0x89, 0x95])
+def test_a_refusal_paho_cannot_decode_in_a_puback_is_reported_not_a_dropped_connection(code: int) -> None:
+    """0x89 Server busy and 0x95 Packet too large are DISCONNECT codes to paho, which takes a PUBACK with them for a
+    malformed packet and drops the connection; mosquitto answers a PUBLISH over its message_size_limit with a 0x95
+    PUBACK. Dropped, the row was sent again at every connection, ahead of every other row (red before). Reported with
+    its code, the publisher quarantines (0x95) or retries (0x89) it; paho's own client still drops the connection."""
+    for data in (puback(1, bytes([code])), puback(1, bytes([code]) + props((REASON_STRING, s16("too big"))))):
+        h = Harness(True, paho.MQTTv5)
+        try:
+            h.feed(data)
+            assert (h.acks, h.dropped) == ([(1, code)], False)
+        finally:
+            h.close()
+        h = Harness(False, paho.MQTTv5)
+        try:
+            h.feed(data)
+            assert (h.acks, h.dropped) == ([], True)
+        finally:
+            h.close()
+
+
+def test_the_fast_client_never_hands_out_a_message_id_still_in_flight() -> None:
+    """paho's publish() (the retained status message) took its id from the same counter and checked only paho's own
+    messages: after 65,535 ids, it could get the id of a row still waiting for its PUBACK, and the status message's
+    PUBACK was then taken for the row's, which was deleted unacknowledged (red before)."""
+    h = Harness(True, paho.MQTTv5)
+    try:
+        statuses: list[int] = []
+        h.c.on_publish = lambda c, u, mid, reason, p: statuses.append(mid)
+        h.c._last_mid = 65535  # the counter wraps to 1: the row's id, still in flight
+        info = h.c.publish("t/status", b"online", qos=1, retain=True)
+        assert info.mid != 1
+        h.feed(puback(info.mid))
+        assert statuses == [info.mid] and h.acks == [] and h.c._fast_mids == {1}
+        h.feed(puback(1))
+        assert h.acks == [(1, 0)]
+    finally:
+        h.close()
 
 
 @pytest.mark.parametrize("case", sorted(V5_CASES))

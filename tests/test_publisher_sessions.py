@@ -428,9 +428,9 @@ class FakeBroker:
 
 
 async def test_transient_puback_refusal_is_retried_in_order_not_quarantined(tmp_path):
-    # 0x97 Quota exceeded for seq 3 (twice) and 0x80 Unspecified error for seq 7 (once); paho cannot decode a PUBACK
-    # with 0x89 or 0x95 (not PUBACK codes in MQTT 5), so those are not sent here
-    refuse = {3: (0x97, 2), 7: (0x80, 1)}
+    # 0x97 Quota exceeded for seq 3 (twice), 0x80 Unspecified error for seq 7 (once) and 0x89 Server busy for seq 11
+    # (once: a DISCONNECT code paho cannot decode in a PUBACK; paho_fast reads it)
+    refuse = {3: (0x97, 2), 7: (0x80, 1), 11: (0x89, 1)}
     fb = FakeBroker(lambda seq, n: refuse[seq][0] if seq in refuse and n <= refuse[seq][1] else 0)
     await fb.start()
     async with Store(str(tmp_path / "s.db")) as store:
@@ -440,10 +440,10 @@ async def test_transient_puback_refusal_is_retried_in_order_not_quarantined(tmp_
         tasks = await run_all(link.run(), pub.run())
         await wait_until(lambda: store.pending == 0, 15)
         assert await quarantine(store) == {} and pub.quarantined == 0
-        assert fb.refused == [(3, 0x97), (3, 0x97), (7, 0x80)]
+        assert fb.refused == [(3, 0x97), (3, 0x97), (7, 0x80), (11, 0x89)]
         assert set(fb.accepted) == set(range(1, 21))
         assert link.connections == 1
-        assert pub.retried == 3  # exported as edge_gateway_mqtt_retried_events_total (gateway/exporter.py)
+        assert pub.retried == 4  # exported as edge_gateway_mqtt_retried_events_total (gateway/exporter.py)
         # the retry restarts from the oldest unacknowledged row: seq 3 before any row sent after its refusal
         first = []
         for s in fb.accepted:
