@@ -47,6 +47,16 @@ A transient refusal keeps the row in the outbox: the session stops sending, wait
 backs off (``retry_backoff``: doubling, capped, reset by the next success) and then restarts every lane from the oldest
 row still in the outbox, so the refused row is resent before anything of its machine that was not yet acknowledged.
 A permanent refusal quarantines the row with the reason (``edge-gateway buffer`` lists and retries it).
+
+A broker may refuse by closing the connection instead. mosquitto does so at a PUBLISH over its ``message_size_limit``
+(not announced in the CONNACK), and its 0x95 PUBACK is often lost in the reset. The row at which it happens would be
+resent first at every connection, for ever. So connections lost with the same row oldest in flight are counted
+(``publisher.connection_lost_at_row``, warning). After CAREFUL_AFTER such losses the next sessions send one message
+at a time, unbatched, until that row is acknowledged: a batch too large for the broker goes through as single
+events. If the connection is still lost right after that row went out alone (within CONDEMN_WITHIN_S, at most half
+the keepalive: a dead network is noticed later, by the keepalive), CONDEMN_AFTER times, the row is quarantined as the
+cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
+resends its rows; for a single event it quarantines it.
 """
 
 from __future__ import annotations
@@ -630,6 +640,16 @@ class MqttLink:
 
 
 QUARANTINE = -2  # Publisher._send: the row was taken off its lane for the quarantine
+# A broker that closes the connection at a message instead of refusing it with a PUBACK code (mosquitto over its
+# message_size_limit: its 0x95 PUBACK is often lost in the reset; a batch over that limit too): the connection is lost
+# with that row the oldest in flight. After CAREFUL_AFTER such losses at one row, the next sessions send one message
+# at a time, unbatched (a batch too large for the broker goes through as single rows); if the connection is then
+# lost within CONDEMN_WITHIN_S (at most half the keepalive) of sending that row alone, CONDEMN_AFTER times, the row is
+# quarantined as the cause. A dead network is no such evidence: it is noticed later (the keepalive), at whichever row
+# is in flight. A row quarantined wrongly is not lost: `edge-gateway buffer retry` sends it again.
+CAREFUL_AFTER = 2
+CONDEMN_AFTER = 2
+CONDEMN_WITHIN_S = 2.0
 
 
 class _Lane:
@@ -681,7 +701,8 @@ class _Session:
     right."""
 
     __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "backlog_inflight", "parked",
-                 "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto")
+                 "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto", "careful",
+                 "last_sent_at")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -700,6 +721,8 @@ class _Session:
         self.waiting = False  # idle, waiting for a commit or a PUBACK (tests observe it)
         self.learn: asyncio.Task[None] | None = None
         self.checked_upto = 0
+        self.careful = False  # one message at a time, unbatched (Publisher._note_loss)
+        self.last_sent_at = 0.0  # loop time of the last publish, kept while careful
 
     def reset(self, boundary: int, rate: float) -> None:
         if self.learn is not None:
@@ -827,6 +850,11 @@ class Publisher:
         self._acked: list[PendingRow] = []
         self._refused: list[tuple[PendingRow, str]] = []
         self._bad: list[tuple[PendingRow, str]] = []  # rows _send took off a lane for the quarantine
+        # connections lost with the same row the oldest in flight: (row id, losses, losses within CONDEMN_WITHIN_S of
+        # sending it alone); a row found to be the cause: (row id, reason), quarantined when it is next sent
+        self._strike: tuple[int, int, int] | None = None
+        self._condemned: tuple[int, str] | None = None
+        self._batch_cap: int | None = None  # bytes: learnt from a batch the broker refused as too large (0x95)
         self._gen = 0
         self.session: _Session | None = None
         self.published = 0
@@ -891,13 +919,24 @@ class Publisher:
             if self._retry_armed and s.rewind_at is None:
                 self._retry_armed = False
                 self._retry.reset()
+            if self._strike is not None and self._strike[0] in (
+                    (rows.id,) if type(rows) is PendingRow else tuple(r.id for r in rows)):
+                self._strike = None  # that row went through: it was not the cause
+                s.careful = self._condemned is not None  # the full window again
         else:
             self._refusal(s, rows if type(rows) is tuple else (rows,), code)
         self._wake.set()
 
     def _refusal(self, s: _Session, rows: tuple[PendingRow, ...], code: int) -> None:
         text = reason_text(code)
-        if classify_puback(code) == "permanent":
+        if code == 0x95 and len(rows) > 1:
+            # a batch too large for the broker (mosquitto's message_size_limit is not in its CONNACK): its rows are
+            # not; batches are kept to half this size from now on (down to single events), the rows resent
+            size = sum(len(r.payload) + 1 for r in rows) + 1
+            self._batch_cap = max(1, size // 2)
+            log.warning("publisher.batch_too_large", bytes=size, events=len(rows), batch_cap_bytes=self._batch_cap,
+                        connection=s.conn_id)
+        elif classify_puback(code) == "permanent":
             for r in rows:
                 self._refused.append((r, f"broker refused (MQTT 5 PUBACK {text})"))
             if rows[0].id <= s.boundary and s.tracking:
@@ -931,6 +970,8 @@ class Publisher:
 
     async def _run_session(self, conn: Connection) -> None:
         s = _Session(conn)
+        st = self._strike
+        s.careful = self._condemned is not None or (st is not None and (st[1] >= CAREFUL_AFTER or st[2] > 0))
         self._handed.clear()  # rows committed so far are in the store: this session reads them as backlog
         await self._start_lanes(s)
         if not conn.alive:
@@ -957,6 +998,7 @@ class Publisher:
                     timeout = s.bucket.wait_time() if throttled and s.bucket else self.idle_poll_s
                     if not await self._wait(s, lost, timeout):
                         s.live.exhausted = False  # poll now and then: rows may come from `buffer retry`
+            self._note_loss(s, loop.time())
         finally:
             lost.cancel()
             if s.learn is not None:
@@ -964,6 +1006,30 @@ class Publisher:
             if self.session is s:
                 self.session = None
             self.backlog_remaining = 0
+
+    def _note_loss(self, s: _Session, now: float) -> None:
+        """The session's connection was lost: count it against the oldest row in flight (see CAREFUL_AFTER)."""
+        if not s.inflight:
+            return
+        oldest = min(r.id if type(r) is PendingRow else r[0].id for r in s.inflight.values())  # type: ignore[union-attr]
+        row_id, losses, alone = self._strike if self._strike is not None else (0, 0, 0)
+        if oldest != row_id:
+            losses = alone = 0
+        losses += 1
+        # lost right after that row went out alone: the broker's doing, not a dead network (noticed by the keepalive)
+        within = min(CONDEMN_WITHIN_S, 0.5 * getattr(getattr(self.link, "cfg", None), "keepalive_s", 60))
+        if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within:
+            alone += 1
+        self._strike = (oldest, losses, alone)
+        row = next(r if type(r) is PendingRow else r[0] for r in s.inflight.values()  # type: ignore[union-attr]
+                   if (r.id if type(r) is PendingRow else r[0].id) == oldest)  # type: ignore[union-attr]
+        log.warning("publisher.connection_lost_at_row", connection=s.conn_id, row=oldest, topic=row.topic,
+                    losses=losses, alone=alone, in_flight=len(s.inflight), careful=s.careful)
+        if alone >= CONDEMN_AFTER:
+            self._condemned = (oldest, f"the broker closed the connection each time this message was sent alone "
+                                       f"({alone} times, within {CONDEMN_WITHIN_S:g} s), while others went through: "
+                                       f"larger than it accepts (mosquitto's message_size_limit), or refused by it "
+                                       f"without a PUBACK")
 
     async def _wait(self, s: _Session, lost: asyncio.Future[Any], timeout: float) -> bool:
         """Wait for a wake-up (commit, PUBACK) or the connection's end; False on timeout."""
@@ -1033,7 +1099,7 @@ class Publisher:
         sent = 0
         throttled = False
         inflight = s.inflight
-        window = self.window
+        window = 1 if s.careful else self.window
         conn = s.conn
         live = s.live
         # live rows first: parked rows of machines whose backlog is done, then the live lane (once the backlog's
@@ -1101,9 +1167,14 @@ class Publisher:
         sent; QUARANTINE when the row(s) were taken off ``buf`` for the quarantine instead (``self._bad``: the caller
         awaits ``_quarantine_bad``); -1 when the connection is gone. Not a coroutine: no allocation per row."""
         row = buf[0]
+        if self._condemned is not None and row.id == self._condemned[0]:
+            buf.popleft()
+            self._bad.append((row, self._condemned[1]))
+            self._condemned = self._strike = None
+            return QUARANTINE
         limit = s.conn.max_packet_size
         # what goes on the wire: in batch mode the row alone is the message "[row]" on .../events/batch
-        batch = self.batch_max > 1
+        batch = self.batch_max > 1 and not s.careful
         topic = row.topic.rpartition("/events/")[0] + "/events/batch" if batch else row.topic
         size = len(row.payload) + 2 if batch else len(row.payload)
         how = " (as a batch of one)" if batch else ""
@@ -1119,7 +1190,7 @@ class Publisher:
                                        f"Size {limit} (MQTT 5 CONNACK)"))
                 return QUARANTINE
         if batch:
-            cap = self.max_message_bytes
+            cap = self.max_message_bytes if self._batch_cap is None else min(self.max_message_bytes, self._batch_cap)
             if limit is not None:
                 # the packet's length field grows with the payload (1 to 4 bytes): 3 more than for an empty one
                 cap = min(cap, limit - s.conn.packet_size(topic, 0) - 3)
@@ -1136,6 +1207,8 @@ class Publisher:
             return QUARANTINE
         if mid is None:
             return -1
+        if s.careful:
+            s.last_sent_at = asyncio.get_running_loop().time()
         crash_point("publisher.published")
         if rows:
             for _ in rows:

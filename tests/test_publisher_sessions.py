@@ -196,7 +196,8 @@ async def test_puback_of_a_new_connection_never_deletes_rows_of_the_old_one(tmp_
 
 async def test_flapping_link_quarantines_nothing(tmp_path, mqtt_broker):
     """Three times: rows go to a frozen broker (in flight, never acknowledged), the broker dies and comes back. The
-    same oldest row was in flight at every drop: that is no evidence against it."""
+    same oldest row was in flight at every drop: that is no evidence against it (after two such drops the publisher
+    sends one message at a time until that row is acknowledged: the drops come later than right after it)."""
     col = Collector(mqtt_broker.port)
     await wait_until(lambda: col.subscribed >= 1, 10)
     async with GatedStore(str(tmp_path / "s.db")) as store:
@@ -210,7 +211,7 @@ async def test_flapping_link_quarantines_nothing(tmp_path, mqtt_broker):
             freeze(mqtt_broker)
             before = pub.published
             store.release()
-            await wait_until(lambda: pub.published >= before + 20, 10)
+            await wait_until(lambda: pub.published >= before + (1 if pub._strike and pub._strike[1] >= 2 else 20), 10)
             store.gated = True
             await mqtt_broker.akill()
             await mqtt_broker.astart()
@@ -219,6 +220,7 @@ async def test_flapping_link_quarantines_nothing(tmp_path, mqtt_broker):
         store.release()
         await wait_until(lambda: store.pending == 0 and store.quarantined == 0 and col.seqs() == set(range(1, 61)), 15)
         assert await quarantine(store) == {} and pub.quarantined == 0
+        assert pub._strike is None and pub.session is not None and not pub.session.careful  # the full window again
         for m, seqs in col.first_arrivals().items():
             assert seqs == sorted(seqs), m
         await cancel(tasks)
@@ -364,6 +366,7 @@ class FakeBroker:
         self.attempts: dict[int, int] = {}
         self.accepted: list[int] = []
         self.refused: list[tuple[int, int]] = []
+        self.closed_at: list[int] = []  # seqs at which the connection was closed (policy None)
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -416,6 +419,10 @@ class FakeBroker:
                     seq = doc["seq"]
                     n = self.attempts[seq] = self.attempts.get(seq, 0) + 1
                     code = self.policy(seq, n)
+                    if code is None:  # no PUBACK: the broker closes the connection (mosquitto over its size limit)
+                        self.closed_at.append(seq)
+                        w.transport.abort()
+                        return
                     if self.delay(seq, n):
                         await asyncio.sleep(self.delay(seq, n))
                     (self.refused.append((seq, code)) if code >= 0x80 else self.accepted.append(seq))
@@ -425,6 +432,89 @@ class FakeBroker:
             pass
         finally:
             w.close()
+
+
+async def test_a_row_at_which_the_broker_always_closes_the_connection_is_quarantined_and_the_rest_goes(tmp_path):
+    """A broker that closes the connection at a message instead of answering it with a refusal (mosquitto over its
+    message_size_limit, whose 0x95 PUBACK is often lost in the reset): the row was resent at every connection, ahead
+    of every other row, for ever (red before: nothing after seq 3 was acknowledged). The publisher sends one message
+    at a time once the connection was lost twice at that row, and quarantines it once the connection is lost each
+    time right after it was sent alone; the other rows go, in order per machine."""
+    fb = FakeBroker(lambda seq, n: None if seq == 3 else 0)
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, "m1" if i % 2 else "m2") for i in range(1, 21)])
+        link = MqttLink(cfg(fb.port), client_id="gw")
+        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
+        with structlog.testing.capture_logs() as logs:
+            tasks = await run_all(link.run(), pub.run())
+            try:
+                await wait_until(lambda: store.pending == 0, 30)
+            finally:
+                await cancel(tasks)
+        q = await quarantine(store)
+        assert list(q) == [3] and "closed the connection each time this message was sent alone" in q[3]
+        assert set(fb.accepted) == set(range(1, 21)) - {3}
+        first = {}
+        for seq in fb.accepted:
+            first.setdefault(seq, len(first))
+        for m in (1, 0):  # each machine's rows first arrived in order
+            seqs = [s_ for s_ in sorted(first, key=first.get) if s_ % 2 == m]
+            assert seqs == sorted(seqs)
+        assert 4 <= len(fb.closed_at) <= 6 and link.connections <= 8
+        lost = [e for e in logs if e["event"] == "publisher.connection_lost_at_row"]
+        assert lost and all(e["log_level"] == "warning" for e in lost)
+    await fb.stop()
+
+
+async def test_batches_over_the_brokers_message_size_limit_go_as_single_messages(tmp_path):
+    """mosquitto with message_size_limit 1000 (not announced in its CONNACK) and batch mode: every batch of these
+    300-byte events is over the limit, and mosquitto closes the connection at it (or answers 0x95 and closes): the
+    outbox never drained (red before). After two losses at one row the publisher sends single messages, which the
+    broker takes: every event is delivered, none quarantined, in order; a single event over the limit is quarantined
+    (by mosquitto's 0x95 when it arrives before the reset, else by the losses), and only it."""
+    broker = MosquittoBroker(tmp_path / "b", extra_config="message_size_limit 1000\n").start()
+    col = Collector(broker.port)
+    try:
+        await wait_until(lambda: col.subscribed >= 1, 10)
+        async with Store(str(tmp_path / "s.db")) as store:
+            await commit(store, [row(i, size=300 if i != 13 else 3000) for i in range(1, 21)])
+            link = MqttLink(cfg(broker.port), client_id="gw")
+            pub = Publisher(store, link, window=10, batch_max=10, retry_backoff=(0.05, 0.2))
+            tasks = await run_all(link.run(), pub.run())
+            try:
+                await wait_until(lambda: store.pending == 0, 40)
+            finally:
+                await cancel(tasks)
+            assert list(await quarantine(store)) == [13]
+            await wait_until(lambda: col.seqs() == set(range(1, 21)) - {13}, 10)
+            assert col.first_arrivals()["m1"] == [i for i in range(1, 21) if i != 13]
+    finally:
+        col.stop()
+        broker.close()
+
+
+async def test_a_connection_that_dies_later_is_no_evidence_against_the_row_in_flight(tmp_path):
+    """The network, not the row: the broker stops answering while seq 3 is in flight (no PUBACK, no reset) and the
+    connection is lost only by the keepalive, each time. Seq 3 is never quarantined for it; once the broker answers
+    again it is delivered."""
+    answer = {"on": False}
+    fb = FakeBroker(lambda seq, n: 0, delay=lambda seq, n: 0.0 if answer["on"] or seq != 3 else 30.0)
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i) for i in range(1, 6)])
+        link = MqttLink(cfg(fb.port, keepalive_s=1), client_id="gw")
+        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
+        tasks = await run_all(link.run(), pub.run())
+        try:
+            await wait_until(lambda: link.connections >= 5, 30)
+            assert await quarantine(store) == {} and pub._condemned is None
+            answer["on"] = True
+            await wait_until(lambda: store.pending == 0, 30)
+        finally:
+            await cancel(tasks)
+        assert await quarantine(store) == {}
+    await fb.stop()
 
 
 async def test_transient_puback_refusal_is_retried_in_order_not_quarantined(tmp_path):
