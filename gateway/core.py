@@ -655,14 +655,18 @@ class Core:
                     # a re-read: the current value again (a delta register re-read at the cut is not new production)
                     samples.extend(dataclasses.replace(s, reread=True) for s in read)
                     break
-                except (TimeoutError, ConnectorError) as exc:
-                    # a connector still connecting (typically right after a restart) is waited for quietly
+                except Exception as exc:  # noqa: BLE001 - anything a read raises (a connector torn down, a bug)
+                    # holds the cut and is retried: a task ended by it would hold the machine's changeover for ever
+                    # (its commands queued behind a cut that never completes). A connector still connecting
+                    # (typically right after a restart) is waited for quietly
                     if not reported and (not isinstance(exc, ConnectorUnavailable)
                                          or time.monotonic() - started >= CUT_READ_TIMEOUT_S):
                         reported = True
                         self.stats.cut_read_failures += 1
                         log.warning("changeover.cut_read_failed", machine=machine, connector=cid,
-                                    error=str(exc) or type(exc).__name__, action="held until the first good read")
+                                    error=f"{type(exc).__name__}: {exc}" if not isinstance(
+                                        exc, (TimeoutError, ConnectorError)) else str(exc) or type(exc).__name__,
+                                    action="held until the first good read")
                 await asyncio.sleep(backoff.next())
             if reported:
                 log.info("changeover.cut_read_recovered", machine=machine, connector=cid,

@@ -112,3 +112,32 @@ async def test_a_changeover_waits_for_a_good_cut_read(tmp_path):
         assert model.truth_for("A", "10")["good"] == 30 and model.truth_for("B", "20")["good"] == 5
     finally:
         await server.stop()
+
+
+async def test_an_unexpected_error_of_the_cut_read_is_retried_not_a_changeover_stuck_for_ever(tmp_path):
+    """The connector's read raises something no one expected (here a RuntimeError, e.g. the OPC UA client being torn
+    down under it) once: the cut read's task ended with it, the machine stayed in a cut that never completed, and
+    every later order command queued behind it until a restart (red before). It is retried like a failed read."""
+    model = MachineModel("Press1", cycle_time=0.005, scrap_rate=0.0)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port))
+    try:
+        gw = make_gateway(tmp_path, server)
+        cell = gw.engines["press-1"].counters["good"]
+        conn = gw.connectors["opc"]
+        real_read = conn.read
+        calls = {"n": 0}
+
+        async def flaky_read(keys, timeout=2.0):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("client torn down")
+            return await real_read(keys, timeout)
+
+        async with connected(gw):
+            await pump(gw, lambda: cell.last == 0, "the baseline")
+            conn.read = flaky_read
+            gw.core._order_command(OrderCommand("press-1", OrderContext("A", "10"), "mqtt"))
+            await pump(gw, lambda: order(gw) == ("A", "10"), "order A after the retried cut read")
+            assert calls["n"] >= 2 and not gw.core.cuts and gw.core.stats.cut_read_failures == 1
+    finally:
+        await server.stop()
