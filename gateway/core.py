@@ -807,7 +807,7 @@ class Core:
         if full != self._full:
             self._full = full
             for e in self.engines.values():
-                e.hold_reports = full
+                e.hold_reports = full or self._commit_failing is not None
             if full:
                 self._full_since = time.monotonic()
                 log.error("store.full", pending_bytes=self.store.pending_bytes, max_bytes=self.store.max_bytes,
@@ -898,8 +898,12 @@ class Core:
             metrics.COMMIT_FAILURES.labels(kind).inc()
             if self._commit_failing is None:
                 self._commit_failing = str(exc)
+                # while nothing can be committed, reporting windows stay open (their quantities accumulate in the
+                # engines, as with a full store), so the rows held in memory do not grow with every report
+                for e in engines.values():
+                    e.hold_reports = True
                 log.error("store.commit_failed", error=str(exc), pending_rows=len(rows), kind=kind,
-                          action="events and state stay staged; retried every 0.5 s")
+                          action="events and state stay staged, reports held; retried every 0.5 s")
                 self.alarms.raise_("store_commit_failing", "critical",
                                    "commits to the store fail: events are held in memory, nothing is published",
                                    error=str(exc)[:300], kind=kind)
@@ -910,6 +914,10 @@ class Core:
         if self._commit_failing is not None:
             self._commit_failing = None
             self.alarms.clear("store_commit_failing", failures=self.stats.commit_failures)
+            for mid, e in engines.items():
+                e.hold_reports = self._full
+                if not self._full:
+                    self._schedule(mid)  # the windows held meanwhile report at their next slot
         snapped = self._snapped
         for m in committed:
             e = engines[m]

@@ -131,7 +131,10 @@ async def test_commit_failures_raise_an_alarm_and_recover_without_loss(tmp_path,
                 await wait_until(lambda: "store_commit_failing" in gw.status()["alarms"], 10)
                 assert gw.status()["healthy"] is False
                 failures = gw.stats.commit_failures
+                held = len(gw.core.uncommitted)
                 await wait_until(lambda: gw.stats.commit_failures >= failures + 2, 10)  # retried, with a pause
+                # reports every 0.2 s are held meanwhile (red before: a row each, growing without bound)
+                assert len(gw.core.uncommitted) <= held + 1, (held, len(gw.core.uncommitted))
                 assert metric_sum("edge_gateway_store_commit_failures_total") - failed0 == gw.stats.commit_failures
                 await gw.store.db.execute("PRAGMA query_only=0")
                 await wait_until(lambda: "store_commit_failing" not in gw.status()["alarms"], 10)
