@@ -186,7 +186,6 @@ class Reloader:
         from gateway.core import Routes, checkpoint_interval
         from gateway.orders import PlcTagOrders
         from gateway.runtime import machine_specs
-        from gateway.store import StoreError
         from mappings.machine import MachineEngine
 
         gw = self.gw
@@ -231,14 +230,16 @@ class Reloader:
         engines = {mid: build(mid, spec) for mid, spec in new_specs.items()}
         # then the awaits; a cancellation (shutdown) in here leaves the running wiring as it was
         # a faulted engine's state is not trusted: its last committed state stays
-        removed_states = {m: core.engines[m].snapshot() for m in p.machines_removed
-                          if m in core.engines and m not in core.faulted}
-        if removed_states:
-            try:
-                await gw.store.commit(removed_states, [], core.next_seq)
-            except StoreError as exc:
+        # the removed machines' states go with the events their held order switch just staged (settle_order_tags):
+        # one commit of the core's, rows and states together, never a state without its events
+        removing = [m for m in p.machines_removed if m in core.engines and m not in core.faulted]
+        if removing or core.uncommitted:
+            for m in removing:
+                core.dirty.add(m)
+            await core.commit(force=True)
+            if core.uncommitted or core.commit_failing:
                 raise ReloadRefused("busy", "the state of the removed machines could not be committed; reload again "
-                                    "when the store accepts commits", error=str(exc)) from None
+                                    "when the store accepts commits", error=core.commit_failing)
         stopping = [*p.connectors_removed, *p.connectors_restarted]
         old_tasks = {t.get_name(): t for t in getattr(gw, "_tasks", [])}
         waits = []
@@ -260,13 +261,12 @@ class Reloader:
             for mid in p.machines_changed:
                 if mid in new_specs and engines[mid] is not core.engines.get(mid):
                     engines[mid] = build(mid, new_specs[mid])
-            gone = {m: core.engines[m].snapshot() for m in p.machines_removed
-                    if m in core.engines and m not in core.faulted and core.engines[m].dirty}
-            if gone:
-                try:
-                    await gw.store.commit(gone, [], core.next_seq)
-                except StoreError as exc:
-                    log.error("config.reload_state_not_saved", machines=sorted(gone), error=str(exc),
+            gone = sorted(m for m in p.machines_removed
+                          if m in core.engines and m not in core.faulted and core.engines[m].dirty)
+            if gone or core.uncommitted:
+                await core.commit(force=True)  # their states with what they staged (the core's commit)
+                if core.uncommitted or core.commit_failing:
+                    log.error("config.reload_state_not_saved", machines=gone, error=core.commit_failing,
                               action="what their connector read during the reload is not in their stored state")
 
         # ---- from here on: no await until every table is consistent again
