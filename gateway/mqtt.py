@@ -166,15 +166,19 @@ class Connection:
     """One MQTT connection: one paho client, its CONNACK properties, and whether it is lost.
 
     ``id`` is unique per link (1, 2, ...). ``max_packet_size`` is the broker's Maximum Packet Size from the MQTT 5
-    CONNACK (None when not announced). ``lost`` is set once, when the connection is gone; it is never reused."""
+    CONNACK (None when not announced), ``receive_maximum`` its Receive Maximum (the most QoS 1 messages it takes
+    unacknowledged; None: not announced, 65,535). ``lost`` is set once, when the connection is gone; it is never
+    reused."""
 
-    __slots__ = ("id", "client", "protocol5", "max_packet_size", "lost", "sub_mids", "sub_retry", "fast", "resync")
+    __slots__ = ("id", "client", "protocol5", "max_packet_size", "receive_maximum", "lost", "sub_mids", "sub_retry",
+                 "fast", "resync")
 
     def __init__(self, conn_id: int, protocol5: bool) -> None:
         self.id = conn_id
         self.client: paho.Client | None = None
         self.protocol5 = protocol5
         self.max_packet_size: int | None = None
+        self.receive_maximum: int | None = None
         self.lost = asyncio.Event()
         self.sub_mids: dict[int, str] = {}
         self.sub_retry: dict[str, float] = {}  # refused subscription -> its current retry delay (s)
@@ -471,6 +475,7 @@ class MqttLink:
         self.auth_refused = None
         self.connections += 1
         conn.max_packet_size = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        conn.receive_maximum = getattr(props, "ReceiveMaximum", None) if props is not None else None
         for topic in self.subscriptions:
             self._subscribe(client, conn, topic)
         self._schedule_resync(client, conn)
@@ -485,7 +490,8 @@ class MqttLink:
             down_s = self.status.downtime_s
             log.info("mqtt.connected", host=self.host, port=self.port, client_id=self.client_id,
                      reason=str(reason), connection=conn.id, session_present=bool(getattr(flags, "session_present", False)),
-                     max_packet_size=conn.max_packet_size, **({"downtime_s": down_s} if down_s is not None else {}))
+                     max_packet_size=conn.max_packet_size, receive_maximum=conn.receive_maximum,
+                     **({"downtime_s": down_s} if down_s is not None else {}))
 
     def _subscribe(self, client: paho.Client, conn: Connection, topic: str) -> None:
         rc, mid = client.subscribe(topic, qos=1)
@@ -1100,6 +1106,11 @@ class Publisher:
         throttled = False
         inflight = s.inflight
         window = 1 if s.careful else self.window
+        rm = s.conn.receive_maximum
+        if rm is not None and rm <= window:
+            # the broker's Receive Maximum (MQTT 5): more unacknowledged messages is a protocol error (0x93) it
+            # may disconnect for; one is left for the link's own (the retained status at connect)
+            window = max(1, rm - 1)
         conn = s.conn
         live = s.live
         # live rows first: parked rows of machines whose backlog is done, then the live lane (once the backlog's

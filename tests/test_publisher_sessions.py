@@ -211,7 +211,8 @@ async def test_flapping_link_quarantines_nothing(tmp_path, mqtt_broker):
             freeze(mqtt_broker)
             before = pub.published
             store.release()
-            await wait_until(lambda: pub.published >= before + (1 if pub._strike and pub._strike[1] >= 2 else 20), 10)
+            # a window of 20 against mosquitto's Receive Maximum 20: 19 in flight (one left for the status message)
+            await wait_until(lambda: pub.published >= before + (1 if pub._strike and pub._strike[1] >= 2 else 19), 10)
             store.gated = True
             await mqtt_broker.akill()
             await mqtt_broker.astart()
@@ -367,6 +368,7 @@ class FakeBroker:
         self.accepted: list[int] = []
         self.refused: list[tuple[int, int]] = []
         self.closed_at: list[int] = []  # seqs at which the connection was closed (policy None)
+        self.receive_maximum: int | None = None  # announced in the CONNACK when set
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -395,7 +397,10 @@ class FakeBroker:
                 body = await r.readexactly(await self._read_varint(r))
                 kind = head >> 4
                 if kind == 1:  # CONNECT
-                    w.write(bytes([0x20, 3, 0, 0, 0]))
+                    if self.receive_maximum is None:
+                        w.write(bytes([0x20, 3, 0, 0, 0]))
+                    else:  # CONNACK with the Receive Maximum property (0x21)
+                        w.write(bytes([0x20, 6, 0, 0, 3, 0x21]) + self.receive_maximum.to_bytes(2, "big"))
                 elif kind == 8:  # SUBSCRIBE
                     w.write(bytes([0x90, 4]) + body[:2] + bytes([0, 1]))
                 elif kind == 12:  # PINGREQ
@@ -514,6 +519,36 @@ async def test_a_connection_that_dies_later_is_no_evidence_against_the_row_in_fl
         finally:
             await cancel(tasks)
         assert await quarantine(store) == {}
+    await fb.stop()
+
+
+async def test_the_brokers_receive_maximum_bounds_the_messages_in_flight(tmp_path):
+    """A broker that announces Receive Maximum 5 (mosquitto: max_inflight_messages; others disconnect with 0x93 when a
+    client exceeds it): never more than 4 of our messages unacknowledged (one left for the retained status at
+    connect), although the window is 50 (red before: up to 50)."""
+    fb = FakeBroker(lambda seq, n: 0, delay=lambda seq, n: 0.002)
+    fb.receive_maximum = 5
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, f"m{i % 3}") for i in range(1, 121)])
+        link = MqttLink(cfg(fb.port), client_id="gw")
+        pub = Publisher(store, link, window=50)
+        most = 0
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, pub.inflight)
+                await asyncio.sleep(0)
+
+        tasks = await run_all(link.run(), pub.run(), watch())
+        try:
+            await wait_until(lambda: store.pending == 0, 30)
+            assert link.connection is not None and link.connection.receive_maximum == 5
+        finally:
+            await cancel(tasks)
+        assert 1 <= most <= 4
+        assert set(fb.accepted) == set(range(1, 121))
     await fb.stop()
 
 
