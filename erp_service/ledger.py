@@ -26,6 +26,7 @@ in autocommit mode (or one with no transaction open): otherwise the block would 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -646,10 +647,24 @@ class Ledger:
     async def dead_letter(self, conn: psycopg.AsyncConnection[Any], topic: str, payload: bytes, error: str) -> None:
         """A message that failed again and again (not a database outage): recorded in erp_rejected and alarmed, so
         the caller can acknowledge it instead of looping on it forever."""
+        reason = _pg_text(f"internal error: {error}"[:1000])
+        # one row per event that can be read (its source, id and body: `gaps` / `release-gap` then know the seq was
+        # rejected, not merely missing), else one row for the message as received
+        rows: list[tuple[str | None, str | None, str | None]] = []
+        try:
+            doc = json.loads(payload, parse_int=_json_int)
+        except (ValueError, RecursionError):
+            doc = None
+        for el in doc if isinstance(doc, list) else [doc]:
+            if isinstance(el, dict) and isinstance(el.get("source"), str):
+                with contextlib.suppress(ValueError, TypeError, RecursionError):
+                    rows.append((_pg_text(el["source"]), _pg_text(_str(el, "id")), _pg_text(canonical(el))))
+        if not rows:
+            rows = [(None, None, _pg_text(payload.decode("utf-8", "replace")))]
         async with conn.transaction():
-            await conn.execute("INSERT INTO erp_rejected (source, id, topic, reason, body) VALUES (NULL, NULL, %s, %s, "
-                               "%s)", (_pg_text(topic), _pg_text(f"internal error: {error}"[:1000]),
-                                       _pg_text(payload.decode("utf-8", "replace"))))
+            for source, eid, body in rows:
+                await conn.execute("INSERT INTO erp_rejected (source, id, topic, reason, body) VALUES (%s, %s, %s, "
+                                   "%s, %s)", (source, eid, _pg_text(topic), reason, body))
         self.metrics.events.labels("rejected").inc()
         log.error("erp.dead_letter", topic=topic, error=error[:300])
 

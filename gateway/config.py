@@ -71,7 +71,9 @@ class MqttConfig(_Model):
     password_file: str | None = Field(None, description="File that holds the password (first line).")
     keepalive_s: int = Field(5, ge=1, le=600, description="MQTT keepalive: a dead broker is noticed within ~1.5x.")
     topic_root: str = Field("edge", pattern=_TOPIC_LEVEL, description="First topic level of everything published.")
-    max_inflight: int = Field(100, ge=1, le=1000, description="Sliding window of unacknowledged QoS 1 messages.")
+    max_inflight: int = Field(100, ge=1, le=1000, description=(
+        "Sliding window of unacknowledged QoS 1 messages; MQTT 5: at most the broker's Receive Maximum less one "
+        "(mosquitto announces its max_inflight_messages, 20 by default: raise it there for a larger window)."))
     protocol: Literal["5", "3.1.1"] = Field(
         "5", description="MQTT protocol version; 5 lets the broker refuse a message in its PUBACK (then quarantined)."
     )

@@ -376,6 +376,26 @@ async def test_a_service_of_an_older_version_cannot_store_an_event_under_a_relea
     assert await _rows(conn, "SELECT seq FROM erp_events ORDER BY seq") == [(1,), (3,), (4,), (5,)]
 
 
+async def test_a_dead_lettered_event_is_a_recorded_rejection_released_without_event_lost(conn):
+    """A message the service failed on again and again is dead-lettered. Its events were stored in one row without a
+    source, so `gaps` called their seqs "no rejection recorded" and `release-gap` wanted --event-lost although the
+    events had arrived (red before). Each readable event of it is now its own rejection (source, id, body)."""
+    led = Ledger(ServiceConfig())
+    f = EventFactory()
+    first = f.report("press-1", "1", "0010", y=5)
+    lost, also = f.report("press-1", "1", "0010", y=4), f.report("press-1", "1", "0010", y=3)
+    await led.process(conn, f.topic("press-1"), _b(first))
+    await led.dead_letter(conn, f.topic("press-1"), _b([lost, also]), "RuntimeError: a bug")
+    await led.process(conn, f.topic("press-1"), _b([f.report("press-1", "1", "0010", y=1, reason="completion"),
+                                                     f.completed("press-1", "1", "0010")]))
+    found = await led._rejections(conn, f.source, f.epoch)
+    assert sorted(found) == [2, 3] and found[2]["id"] == lost["id"] and "internal error" in found[2]["reason"]
+    await led.release_gap(conn, f.source, f.epoch, [2, 3], reason="booked by hand", released_by="integrator")
+    assert await _rows(conn, "SELECT kind FROM erp_outbox ORDER BY n") == [("partial",), ("partial",), ("final",)]
+    await led.dead_letter(conn, "t", b"\x00 not json", "ValueError")  # nothing readable: one row, as received
+    assert await _rows(conn, "SELECT count(*) FROM erp_rejected WHERE source IS NULL") == [(1,)]
+
+
 async def test_several_seqs_released_on_a_database_from_before_the_release_existed(dsn, config):
     """A database the previous version created and used (every table but erp_releases; its rejections stored then):
     the command creates the table and finds those rejections (read from the stored events). Two rejected seqs, a
