@@ -37,6 +37,24 @@ def base_doc(broker_port, store):
     return {"gateway": IDENT, "mqtt": {"port": broker_port, "keepalive_s": 2}, "store": {"path": store}}
 
 
+def opcua_tag_doc(broker_port, tmp_path, opc, *, complete: bool) -> dict:
+    """press-1 on the OPC UA simulator: good and scrap counters, its order from the PLC's order and operation tags
+    (and the completion flag with ``complete``), a report every 0.3 s."""
+    n = opc.node_ids
+    doc = base_doc(broker_port, str(tmp_path / "gw.db"))
+    doc["connectors"] = [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "security": "none"}]
+    machine = {"id": "press-1", "order_source": "tag",
+               "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
+                            "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
+               "order_tag": {"connector": "opc", "node_id": n["order"]},
+               "operation_tag": {"connector": "opc", "node_id": n["operation"]},
+               "reporting": {"interval_s": 0.3}}
+    if complete:
+        machine["complete_tag"] = {"connector": "opc", "node_id": n["complete"]}
+    doc["machines"] = [machine]
+    return doc
+
+
 async def changeover(model, order, op, gw, machine):
     model.pause()
     model.set_order(order, op)  # the PLC writes its order tags
@@ -46,17 +64,7 @@ async def changeover(model, order, op, gw, machine):
 async def test_order_from_opcua_tags(tmp_path, mqtt_broker, erp):
     model = MachineModel("Press1", cycle_time=0.01, seed=5, counter_bits=32)
     async with OpcUaMachineServer(model, host="127.0.0.1", port=free_port()) as opc:
-        n = opc.node_ids
-        doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
-        doc["connectors"] = [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "security": "none"}]
-        doc["machines"] = [{"id": "press-1", "order_source": "tag",
-                            "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
-                                         "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
-                            "order_tag": {"connector": "opc", "node_id": n["order"]},
-                            "operation_tag": {"connector": "opc", "node_id": n["operation"]},
-                            "complete_tag": {"connector": "opc", "node_id": n["complete"]},
-                            "reporting": {"interval_s": 0.3}}]
-        gw = RunningGateway(parse_config(doc))
+        gw = RunningGateway(parse_config(opcua_tag_doc(mqtt_broker.port, tmp_path, opc, complete=True)))
         await gw.start()
         try:
             await changeover(model, "800100", "0010", gw, "press-1")
@@ -86,16 +94,7 @@ async def test_an_unusable_order_text_on_the_plc_books_the_parts_unassigned(tmp_
     as usual (red before: the 20 parts went to 800100)."""
     model = MachineModel("Press1", cycle_time=0.01, seed=9, counter_bits=32)
     async with OpcUaMachineServer(model, host="127.0.0.1", port=free_port()) as opc:
-        n = opc.node_ids
-        doc = base_doc(mqtt_broker.port, str(tmp_path / "gw.db"))
-        doc["connectors"] = [{"type": "opcua", "id": "opc", "endpoint": opc.endpoint, "security": "none"}]
-        doc["machines"] = [{"id": "press-1", "order_source": "tag",
-                            "counters": {"good": {"connector": "opc", "node_id": n["good"], "max_rate": 500},
-                                         "scrap": {"connector": "opc", "node_id": n["scrap"], "max_rate": 500}},
-                            "order_tag": {"connector": "opc", "node_id": n["order"]},
-                            "operation_tag": {"connector": "opc", "node_id": n["operation"]},
-                            "reporting": {"interval_s": 0.3}}]
-        gw = RunningGateway(parse_config(doc))
+        gw = RunningGateway(parse_config(opcua_tag_doc(mqtt_broker.port, tmp_path, opc, complete=False)))
         await gw.start()
         try:
             await changeover(model, "800100", "0010", gw, "press-1")

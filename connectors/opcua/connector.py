@@ -644,18 +644,22 @@ class OpcUaConnector(Connector):
         keys = sorted(k for k in self._count_keys if k not in self._refused)  # a refused one is not read at all
         if not keys:
             return
-        now = time.monotonic()
         for k in keys:
-            machine, _, signal = k.partition("/")
-            self._overflow_alarms[k] = now
-            self.alarms.set(f"delta_gap:{k}", True, "warning",
-                            f"machine {machine} {signal}: the connection to the server was lost for {down_s:g} s; the "
-                            "values this delta / reset_on_read counter took meanwhile were queued for the old "
-                            "subscription and are not counted (check the machine's quantities for that span in the ERP)",
-                            connector=self.id, endpoint=self.endpoint, machine=machine, counter=signal,
-                            node_id=self._key_node.get(k), down_since=rfc3339(since), down_s=down_s)
+            self._count_alarm("delta_gap", k, f"the connection to the server was lost for {down_s:g} s; the values "
+                              "this delta / reset_on_read counter took meanwhile were queued for the old subscription "
+                              "and are not counted (check the machine's quantities for that span in the ERP)",
+                              down_since=rfc3339(since), down_s=down_s)
         log.warning("opcua.delta_gap", connector=self.id, endpoint=self.endpoint, down_s=down_s,
                     counters=keys, risk="values written while disconnected are not counted")
+
+    def _count_alarm(self, kind: str, key: str, text: str, **evidence: Any) -> None:
+        """The warning alarm ``kind:<machine>/<signal>`` about what a delta / reset-on-read counter may not have
+        counted, with the connector, machine, counter and node as evidence; cleared like ``queue_overflow``."""
+        machine, _, signal = key.partition("/")
+        self._overflow_alarms[key] = time.monotonic()
+        self.alarms.set(f"{kind}:{key}", True, "warning", f"machine {machine} {signal}: {text}", connector=self.id,
+                        endpoint=self.endpoint, machine=machine, counter=signal, node_id=self._key_node.get(key),
+                        **evidence)
 
     def _check_overflows(self, now: float | None = None) -> None:
         """Clear ``queue_overflow:<machine>/<signal>`` (and ``delta_gap`` / ``delta_unverified``) once the tag had no overflow for ``overflow_hold_s`` (monotonic)
@@ -791,17 +795,12 @@ class OpcUaConnector(Connector):
         sample = datavalue_to_sample(keys[0], dv, recv)
         if not sample.good or not sample.value:
             return True  # nothing a delta counter would count
-        now = time.monotonic()
         for k in keys:
-            machine, _, signal = k.partition("/")
-            self._overflow_alarms[k] = now
-            self.alarms.set(f"delta_unverified:{k}", True, "warning",
-                            f"machine {machine} {signal}: the server sent this delta / reset_on_read counter's current "
-                            f"value ({sample.value}) without a source timestamp when the gateway subscribed; it may "
-                            "have been counted already, or be a count made while the gateway was not subscribed: not "
-                            "counted (check the machine's quantities in the ERP)",
-                            connector=self.id, endpoint=self.endpoint, machine=machine, counter=signal,
-                            node_id=self._key_node.get(k), value=sample.value, server_time=sample.source_time)
+            self._count_alarm("delta_unverified", k, f"the server sent this delta / reset_on_read counter's current "
+                              f"value ({sample.value}) without a source timestamp when the gateway subscribed; it may "
+                              "have been counted already, or be a count made while the gateway was not subscribed: "
+                              "not counted (check the machine's quantities in the ERP)",
+                              value=sample.value, server_time=sample.source_time)
         log.warning("opcua.delta_unverified", connector=self.id, endpoint=self.endpoint, counters=list(keys),
                     value=sample.value, risk="the first value of a new subscription has no source timestamp: not "
                                              "counted, as it may have been counted already")
