@@ -239,10 +239,10 @@ async def test_poison_message_dead_lettered_after_retries_stream_goes_on(mqtt_br
         gw.publish(f.topic("press-1"), [after])
         await wait_until(lambda: after["id"] in endpoint.by_external, timeout=30)
         async with await psycopg.AsyncConnection.connect(dsn) as c:
-            cur = await c.execute("SELECT reason, body FROM erp_rejected")
-            [(reason, body)] = await cur.fetchall()
+            cur = await c.execute("SELECT source, id, reason, body FROM erp_rejected")
+            [(source, eid, reason, body)] = await cur.fetchall()
         assert reason.startswith("internal error: RaiseException: refused by test trigger")
-        assert json.loads(body) == [poison]
+        assert (source, eid, json.loads(body)) == (poison["source"], poison["id"], poison)  # each event: a rejection
         assert svc.metrics.processing_errors._value.get() == 3
         assert (await _ledger(dsn)) == {("press-1", "1", "0010"): (Decimal(7), Decimal(0))}
     finally:
