@@ -379,6 +379,7 @@ class Core:
         if self.encoder is None:  # stopped before the engines were restored: nothing can be applied
             return
         inbox, self.inbox = self.inbox, collections.deque()
+        self._not_applied(inbox, "the gateway stopped before it took the order")
         for item in inbox:
             try:
                 self._handle(item, commands=False)
@@ -943,6 +944,20 @@ class Core:
         return self._commit_failing
 
     def cancel_cuts(self) -> None:
-        for cut in self.cuts.values():
+        read = {i.machine for i in self.inbox if isinstance(i, CutDone)}  # drain() applies those commands
+        for machine, cut in self.cuts.items():
             if cut.task is not None:
                 cut.task.cancel()
+            if machine not in read:
+                self._not_applied(cut.commands, "the gateway stopped before the machine's changeover counter read")
+
+    @staticmethod
+    def _not_applied(commands: Any, why: str) -> None:
+        """Order commands dropped at a stop: a retained MQTT dispatch comes again at the next start, a local order
+        (``edge-gateway order set``, the HTTP API) does not. Each local one is logged, to be set again."""
+        for cmd in commands:
+            if isinstance(cmd, OrderCommand) and cmd.source == "local":
+                ctx = cmd.context
+                log.warning("order.not_applied", machine=cmd.machine, source=cmd.source,
+                            order=ctx.order if ctx else None, operation=ctx.operation if ctx else None, reason=why,
+                            action="set it again once the gateway runs")

@@ -662,3 +662,27 @@ def test_the_core_sleeps_until_its_next_timer_slot_on_uvloop(tmp_path, monkeypat
 
     uvloop.run(go())
     assert 0 not in popped[1:], f"rounds that found no timer due: {popped}"
+
+
+async def test_a_local_order_dropped_at_a_stop_is_logged_to_be_set_again(tmp_path):
+    """A local order (`edge-gateway order set`, the HTTP API: answered "accepted") waits for the machine's counter
+    read, which its unreachable PLC does not give, or is still in the inbox, when the gateway stops: it is dropped.
+    A retained MQTT dispatch comes again at the next start; a local order does not, so each is logged
+    (order.not_applied, warning) to be set again (red before: dropped without a word)."""
+    import structlog
+
+    from gateway.orders import OrderCommand
+    from mappings.machine import OrderContext
+
+    gw = make_gateway(tmp_path, order_source="local", complete=False, machines=("m1", "m2"))
+    feed(gw, [s("m1/good", 0, 1), s("m2/good", 0, 1)])
+    with structlog.testing.capture_logs() as logs:
+        gw.core._order_command(OrderCommand("m1", OrderContext("A", "10"), "local"))  # its cut read cannot answer
+        await asyncio.sleep(0.05)
+        assert "m1" in gw.core.cuts
+        gw.core.inbox.append(OrderCommand("m2", OrderContext("B", "20"), "local"))
+        gw.core.inbox.append(OrderCommand("m2", OrderContext("C", "30"), "mqtt"))  # retained: comes again
+        gw.core.cancel_cuts()
+        gw.core.drain()
+    lost = [(e["machine"], e["order"], e["log_level"]) for e in logs if e["event"] == "order.not_applied"]
+    assert lost == [("m1", "A", "warning"), ("m2", "B", "warning")]
