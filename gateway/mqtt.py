@@ -1017,7 +1017,9 @@ class Publisher:
         """The session's connection was lost: count it against the oldest row in flight (see CAREFUL_AFTER)."""
         if not s.inflight:
             return
-        oldest = min(r.id if type(r) is PendingRow else r[0].id for r in s.inflight.values())  # type: ignore[union-attr]
+        row = min((r if type(r) is PendingRow else r[0] for r in s.inflight.values()),  # type: ignore[misc]
+                  key=lambda r: r.id)
+        oldest = row.id
         row_id, losses, alone = self._strike if self._strike is not None else (0, 0, 0)
         if oldest != row_id:
             losses = alone = 0
@@ -1027,8 +1029,6 @@ class Publisher:
         if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within:
             alone += 1
         self._strike = (oldest, losses, alone)
-        row = next(r if type(r) is PendingRow else r[0] for r in s.inflight.values()  # type: ignore[union-attr]
-                   if (r.id if type(r) is PendingRow else r[0].id) == oldest)  # type: ignore[union-attr]
         log.warning("publisher.connection_lost_at_row", connection=s.conn_id, row=oldest, topic=row.topic,
                     losses=losses, alone=alone, in_flight=len(s.inflight), careful=s.careful)
         if alone >= CONDEMN_AFTER:
