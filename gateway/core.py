@@ -218,6 +218,8 @@ class Core:
         self.on_staged: Callable[[list[EventDraft]], None] | None = None  # sees the drafts staged (the status page)
         self.next_seq = 1
         self.uncommitted: list[OutboxRow] = []
+        self._drafts: dict[int, EventDraft] = {}  # seq -> draft of each uncommitted row (renumbered if a machine faults)
+        self._committing = False  # a commit's await is in flight (its rows and states are taken)
         self._last_checkpoint = 0.0
         self.checkpoint_s = checkpoint_interval(specs.values())
         self._snapped: dict[str, float] = {}  # machine -> monotonic time its state was last committed
@@ -580,7 +582,10 @@ class Core:
 
     def fault(self, machine: str, exc: BaseException, sample: Sample | None = None) -> None:
         """An engine raised (a bug, or input nothing validated): this machine stops counting, the others go on.
-        Its last committed state stays; the parts it makes meanwhile are still in its counters."""
+        Its last committed state stays: nothing of the engine after the fault is committed (it may hold a sample
+        half applied, or the emptied window of a report that could not be encoded), and the events it staged since
+        that commit go with it (the rows behind them take their sequence numbers). As after a crash, a restart
+        counts from that state: its counter keeps the parts."""
         if machine in self.faulted:
             return
         self.faulted[machine] = f"{type(exc).__name__}: {exc}"[:500]
@@ -593,10 +598,39 @@ class Core:
         for key in [k for k, (m, _) in routes.items() if m == machine]:
             del routes[key]
         self._runs.clear()  # its keys are not routed any more
-        # what it staged before the fault is committed with its state as it is: never rows without their state
+        self.dirty.discard(machine)
+        self.urgent.discard(machine)
+        dropped = 0 if self._committing else self._drop_staged(machine)
         log.error("machine.faulted", machine=machine, error=self.faulted[machine],
                   sample=None if sample is None else {"key": sample.key, "value": repr(sample.value)[:100]},
-                  exc_info=exc)
+                  staged_events_dropped=dropped, exc_info=exc,
+                  action="its last committed state stays; restart the gateway (or reload the machine) to count "
+                         "again from it")
+
+    def _drop_staged(self, machine: str) -> int:
+        """Drop ``machine``'s uncommitted rows; the others keep their order and are numbered again from the first
+        uncommitted sequence number (nothing of them left the process: no gap, no number used twice)."""
+        rows = self.uncommitted
+        if not any(r.machine == machine for r in rows):
+            return 0
+        assert self.encoder is not None
+        encode = self.encoder.encode
+        seq = rows[0].seq
+        kept: list[OutboxRow] = []
+        drafts: dict[int, EventDraft] = {}
+        for r in rows:
+            if r.machine == machine:
+                continue
+            d = self._drafts[r.seq]
+            if r.seq != seq:
+                topic, payload = encode(d, seq)
+                r = OutboxRow(seq, r.machine, r.type, topic, payload, r.time)
+            kept.append(r)
+            drafts[seq] = d
+            seq += 1
+        self.uncommitted, self._drafts = kept, drafts
+        self.next_seq = seq
+        return len(rows) - len(kept)
 
     # ------------------------------------------------------------------ order commands
     def refusal(self, cmd: OrderCommand) -> OrderRefused | None:
@@ -845,7 +879,10 @@ class Core:
         if self.on_staged is not None:
             self.on_staged(events)
         encode = self.encoder.encode
+        faulted = self.faulted
         for ev in events:
+            if faulted and ev.subject in faulted:
+                continue  # made before its machine's fault in the same call: it goes with the engine's state
             seq = self.next_seq
             try:
                 topic, payload = encode(ev, seq)
@@ -855,6 +892,7 @@ class Core:
                 continue
             self.next_seq = seq + 1
             self.uncommitted.append(OutboxRow(seq, ev.subject, ev.type, topic, payload, ev.time))
+            self._drafts[seq] = ev
             self.dirty.add(ev.subject)  # committed with its rows (whatever else made the engine urgent, too)
 
     async def commit(self, *, force: bool = False) -> None:
@@ -863,6 +901,9 @@ class Core:
             return
         self._update_full()
         dirty = self.dirty
+        faulted = self.faulted
+        if faulted:
+            dirty.difference_update(faulted)  # a faulted machine's state is not committed again
         rows = self.uncommitted
         half = self.checkpoint_s / 2
         checkpoint = force or now - self._last_checkpoint >= half
@@ -889,8 +930,17 @@ class Core:
             if checkpoint:
                 self._last_checkpoint = now
             return
-        states: dict[str, Any] = {m: engines[m].snapshot_json() for m in committed}
+        states: dict[str, Any] = {}
+        for m in committed:
+            try:
+                states[m] = engines[m].snapshot_json()
+            except Exception as exc:  # noqa: BLE001 - one machine's bug: it faults (its rows go with it), not the core
+                self.fault(m, exc)
+        if faulted:
+            committed = [m for m in committed if m in states]
+            rows = self.uncommitted
         started = time.monotonic()
+        self._committing = True
         try:
             committed_rows = await self.store.commit(states, rows, self.next_seq)
         except StoreError as exc:
@@ -912,6 +962,8 @@ class Core:
             # rows stay staged with their sequence numbers and the state with them; retried after a pause
             self._commit_backoff_until = time.monotonic() + 0.5
             return
+        finally:
+            self._committing = False
         if self._commit_failing is not None:
             self._commit_failing = None
             self.alarms.clear("store_commit_failing", failures=self.stats.commit_failures)
@@ -927,6 +979,7 @@ class Core:
             snapped[m] = now
         urgent.difference_update(committed)
         self.uncommitted = []
+        self._drafts = {}
         if checkpoint:
             self._last_checkpoint = now
         self.stats.commits += 1

@@ -203,7 +203,9 @@ class Reloader:
         held = touched & core.tags.pending
         if held:
             core.settle_order_tags(all_now=True, machines=held)
-        stored = await gw.store.load_states() if p.machines_added else {}
+        # a faulted machine's engine is not trusted: reconfigured, it starts again from its last committed state
+        refaulted = {m for m in p.machines_changed if m in core.faulted}
+        stored = await gw.store.load_states() if p.machines_added or refaulted else {}
         # everything that can fail is built before anything is stopped or changed: routes, connectors, engines
         # (the core is in here, so no sample reaches the engines meanwhile)
         routes = Routes()
@@ -215,7 +217,7 @@ class Reloader:
 
         def build(mid: str, spec: Any) -> MachineEngine:
             old = core.engines.get(mid)
-            if mid in p.machines_added:
+            if mid in p.machines_added or mid in refaulted:
                 eng = MachineEngine(spec, stored.get(mid))
             elif mid in p.machines_changed and (old is None or old_specs.get(mid) != spec):
                 eng = MachineEngine(spec, old.snapshot() if old is not None else None)
