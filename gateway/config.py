@@ -77,6 +77,11 @@ class MqttConfig(_Model):
     protocol: Literal["5", "3.1.1"] = Field(
         "5", description="MQTT protocol version; 5 lets the broker refuse a message in its PUBACK (then quarantined)."
     )
+    puback_timeout_s: float = Field(
+        30, ge=0, le=3600, description="A message in flight this long without its PUBACK, on a connection that "
+        "otherwise works (the keepalive notices a dead one), ends the connection: the message is sent again on the "
+        "next one (the event id keeps it once at the ERP). 0 = wait for ever."
+    )
     max_message_bytes: int = Field(
         256 * 1024, ge=1024, le=268_435_455, description="Larger events are quarantined instead of published."
     )

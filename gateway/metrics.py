@@ -24,6 +24,8 @@ INPUT_COALESCED = Counter("edge_gateway_input_coalesced_samples_total",
                           "Queued cumulative samples merged into a later one under overload (their delta is kept)")
 MACHINE_FAULTS = Counter("edge_gateway_machine_faults_total", "Machines stopped because their engine raised")
 COMMIT_FAILURES = Counter("edge_gateway_store_commit_failures_total", "Failed group commits (retried)", ["kind"])
+PUBACK_TIMEOUTS = Counter("edge_gateway_mqtt_puback_timeouts_total",
+                          "Connections ended because a message waited mqtt.puback_timeout_s for its PUBACK")
 ACKS_REJECTED = Counter("edge_gateway_erp_acks_rejected_total", "ERP acknowledgements refused (malformed, foreign)",
                         ["reason"])
 

@@ -80,7 +80,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway import paho_fast
+from gateway import metrics, paho_fast
 from gateway.component import Backoff, ComponentState, ComponentStatus
 from gateway.config import MqttConfig
 from gateway.faults import crash_point
@@ -581,6 +581,11 @@ class MqttLink:
             from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
             self._mark_lost(describe_disconnect(reason, from_broker, self.cfg.keepalive_s))
 
+    def drop(self, why: str) -> None:
+        """End the current connection from our side (a PUBACK overdue): the link reconnects as after a loss."""
+        if self._current is not None and not self._lost.is_set():
+            self._mark_lost(why)
+
     def _mark_lost(self, why: str) -> None:
         was = self.connected.is_set()
         conn = self._current
@@ -708,7 +713,7 @@ class _Session:
 
     __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "backlog_inflight", "parked",
                  "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto", "careful",
-                 "last_sent_at")
+                 "last_sent_at", "ack_seen", "ack_check_at")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -729,6 +734,9 @@ class _Session:
         self.checked_upto = 0
         self.careful = False  # one message at a time, unbatched (Publisher._note_loss)
         self.last_sent_at = 0.0  # loop time of the last publish, kept while careful
+        # the PUBACK timeout (Publisher._overdue): what was in flight at the last check, and when to check next
+        self.ack_seen: dict[int, PendingRow | tuple[PendingRow, ...]] = {}
+        self.ack_check_at = 0.0
 
     def reset(self, boundary: int, rate: float) -> None:
         if self.learn is not None:
@@ -837,7 +845,7 @@ class Publisher:
     def __init__(self, store: Store, link: MqttLink, *, window: int = 100, fetch_size: int = 1000,
                  ack_interval: float = 0.1, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024,
                  batch_max: int = 0, retry_backoff: tuple[float, float] = (0.5, 30.0), handover_max: int = 10_000,
-                 idle_poll_s: float = 1.0) -> None:
+                 idle_poll_s: float = 1.0, puback_timeout_s: float = 30.0) -> None:
         self.store = store
         self.link = link
         self.window = window
@@ -848,6 +856,8 @@ class Publisher:
         self.batch_max = batch_max
         self.handover_max = handover_max
         self.idle_poll_s = idle_poll_s
+        self.puback_timeout_s = puback_timeout_s
+        self.puback_timeouts = 0
         self._retry = Backoff(*retry_backoff)
         self._retry_armed = False
         self._wake = asyncio.Event()
@@ -985,9 +995,13 @@ class Publisher:
         self.session = s
         loop = asyncio.get_running_loop()
         lost = asyncio.ensure_future(conn.lost.wait())
+        timeout_s = self.puback_timeout_s
+        s.ack_check_at = loop.time() + timeout_s
         try:
             while conn.alive:
                 self._wake.clear()
+                if timeout_s and loop.time() >= s.ack_check_at and self._overdue(s, loop.time()):
+                    break
                 if s.rewind_at is not None:
                     now = loop.time()
                     if not s.inflight and now >= s.rewind_at:
@@ -1012,6 +1026,28 @@ class Publisher:
             if self.session is s:
                 self.session = None
             self.backlog_remaining = 0
+
+    def _overdue(self, s: _Session, now: float) -> bool:
+        """Every ``puback_timeout_s``: a message in flight at the last check and still now waited that long at least
+        (at most twice that) for its PUBACK. The connection is ended and the message is sent again on the next one;
+        MQTT resends an unacknowledged message only on a new connection."""
+        seen, inflight = s.ack_seen, s.inflight
+        s.ack_check_at = now + self.puback_timeout_s
+        overdue = [rows for mid, rows in seen.items() if inflight.get(mid) is rows] if seen else None
+        s.ack_seen = dict(inflight)
+        if not overdue:
+            return False
+        first = min((r if type(r) is PendingRow else r[0] for r in overdue),  # type: ignore[misc]
+                    key=lambda r: r.id)
+        self.puback_timeouts += 1
+        metrics.PUBACK_TIMEOUTS.inc()
+        log.warning("publisher.puback_timeout", connection=s.conn_id, overdue=len(overdue), in_flight=len(inflight),
+                    row=first.id, topic=first.topic, timeout_s=self.puback_timeout_s,
+                    action="connection ended; the messages are sent again on the next one")
+        drop = getattr(self.link, "drop", None)
+        if drop is not None:
+            drop(f"no PUBACK within {self.puback_timeout_s:g} s for {len(overdue)} message(s) in flight")
+        return True
 
     def _note_loss(self, s: _Session, now: float) -> None:
         """The session's connection was lost: count it against the oldest row in flight (see CAREFUL_AFTER)."""

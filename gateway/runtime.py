@@ -151,7 +151,7 @@ class Gateway:
         self.link.on_subscriptions_changed = self._subscriptions_changed
         self.publisher = Publisher(self.store, self.link, window=cfg.mqtt.max_inflight,
                                    backlog_rate=cfg.mqtt.backlog_rate, max_message_bytes=cfg.mqtt.max_message_bytes,
-                                   batch_max=cfg.mqtt.batch_max_events)
+                                   batch_max=cfg.mqtt.batch_max_events, puback_timeout_s=cfg.mqtt.puback_timeout_s)
         routes = Routes()
         tag_machines = {m.id: m.order_source == "tag" for m in cfg.machines
                         if m.order_tag is not None or m.complete_tag is not None}

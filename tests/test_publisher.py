@@ -108,3 +108,36 @@ async def test_broker_outage_loses_nothing(tmp_path, broker):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     col.stop()
+
+
+async def test_a_puback_that_never_comes_ends_the_connection_and_the_message_is_sent_again(tmp_path, broker):
+    """The broker takes a message and never acknowledges it, on a connection that otherwise works (PINGRESPs and the
+    other PUBACKs come): after mqtt.puback_timeout_s the connection is ended and the message sent again on the next
+    one (red before: it stayed in flight for ever, its row never deleted)."""
+    from tests.faults import MqttPacketDrop
+
+    lose = [1]  # the first PUBACK the broker sends
+    proxy = await MqttPacketDrop(broker.port, lambda to_client, kind, packet: to_client and kind == 4 and bool(lose)
+                                 and bool(lose.pop())).start()
+    col = Collector(broker.port)
+    await asyncio.to_thread(col.subscribed.wait, 10)
+    try:
+        async with Store(str(tmp_path / "s.db")) as store:
+            await fill(store, 1, 50)
+            link = MqttLink(MqttConfig(port=proxy.port, keepalive_s=1), client_id="gw")
+            pub = Publisher(store, link, window=10, puback_timeout_s=1.0)
+            tasks = [asyncio.create_task(link.run()), asyncio.create_task(pub.run())]
+            try:
+                await wait_until(lambda: store.pending == 0, 15)
+                assert proxy.dropped == [(True, 4, None)]
+                assert pub.puback_timeouts == 1 and link.connections == 2
+                assert await store.count_pending() == 0
+                await wait_until(lambda: set(col.msgs) == set(range(1, 51)))
+                assert len(col.msgs) == 51  # the one whose PUBACK was lost went twice (its id keeps it once)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        col.stop()
+        await proxy.close()
