@@ -282,6 +282,7 @@ class Result:
     type: str | None
     reason: str | None = None
     event: dict[str, Any] | None = None
+    refilled: bool = False            # accepted under a seq its rejected version had filled (counted then)
 
     def ack(self) -> dict[str, Any]:
         if self.outcome in ("accepted", "duplicate"):
@@ -431,7 +432,8 @@ class Ledger:
                 continue
             res = await self._event(conn, ev, fin, redelivered)
             if res.outcome == "accepted":
-                new.setdefault((ev["source"], ev["epoch"]), []).append(ev)
+                new.setdefault((ev["source"], ev["epoch"]), []).append({**ev, "(refilled)": True} if res.refilled
+                                                                       else ev)
             out.append(res)
         # the stream rows are locked last (fixed order), so concurrent workers wait for each other only this long
         for key in sorted(new):
@@ -447,13 +449,17 @@ class Ledger:
         cur = await conn.execute(
             "INSERT INTO erp_events (source, id, epoch, seq, type, subject, event_time, body, digest, applied) "
             "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM erp_releases "
-            "WHERE source = %s AND epoch = %s AND seq = %s) ON CONFLICT DO NOTHING RETURNING 1",
+            "WHERE source = %s AND epoch = %s AND seq = %s) ON CONFLICT DO NOTHING RETURNING EXISTS (SELECT 1 FROM "
+            "erp_filled WHERE source = %s AND epoch = %s AND seq = %s)",
             (src, eid, ev["epoch"], seq, ev["type"], ev["subject"], parse_time(ev["time"]), Jsonb(ev), dg,
-             ev["type"] != "operation.completed", src, ev["epoch"], seq))
-        if await cur.fetchone() is None:
+             ev["type"] != "operation.completed", src, ev["epoch"], seq, src, ev["epoch"], seq))
+        row = await cur.fetchone()
+        if row is None:
             return await self._repeat(conn, ev, dg, redelivered)
         await self._book(conn, ev, fin)
-        return Result("accepted", eid, src, ev["type"])
+        # its rejected version filled the seq already (a state or anomaly event sent again after a fix): the stream
+        # counted that seq then (``_advance`` skips it)
+        return Result("accepted", eid, src, ev["type"], refilled=bool(row[0]))
 
     async def _advance(self, conn: psycopg.AsyncConnection[Any], key: tuple[str, str], evs: list[dict[str, Any]],
                        fin: set[tuple[str, str, str]], *, count_reorders: bool = True) -> dict[str, dict[str, Any]]:
@@ -480,7 +486,8 @@ class Ledger:
             top = max(top, sq)
         if late:
             self.metrics.reorders.inc(late)
-        high, received, reorders = top, received + len(seqs), reorders + late
+        refilled = sum(1 for e in evs if "(refilled)" in e)
+        high, received, reorders = top, received + len(seqs) - refilled, reorders + late
         if low + 1 in seqs:
             while True:
                 cur = await conn.execute("SELECT seq FROM erp_events WHERE source = %s AND epoch = %s AND seq > %s "

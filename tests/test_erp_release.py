@@ -431,3 +431,27 @@ async def test_several_seqs_released_on_a_database_from_before_the_release_exist
         assert await _rows(conn, "SELECT order_id, yield FROM erp_ledger") == [("1", Decimal(7))]
         assert await _rows(conn, "SELECT count(*) FROM erp_consumption") == [(0,)]
         assert await _rows(conn, "SELECT low, high, received FROM erp_streams") == [(4, 4, 4)]
+
+
+async def test_an_event_arriving_under_a_seq_its_rejected_version_filled_is_counted_once(conn):
+    """A state event rejected (it books nothing: its seq is filled at once), then the same event valid under the same
+    seq (sent again after a fix): it is stored and the stream counts seq 2 once (red before: ``received`` counted it
+    twice, so ``gaps`` showed one missing seq too few)."""
+    led = Ledger(ServiceConfig())
+    f = EventFactory()
+    first = f.report("press-1", "1000123", "0010", y=5)
+    bad = f.state("press-1", "running")
+    bad["data"]["state"] = 7
+    third = f.report("press-1", "1000123", "0010", y=2)
+    for e in (first, bad, third):
+        await led.process(conn, f.topic("press-1"), _b(e))
+    assert await _rows(conn, "SELECT low, high, received FROM erp_streams") == [(3, 3, 3)]
+    fixed = json.loads(json.dumps(bad))
+    fixed["data"]["state"] = "running"
+    [r] = await led.process(conn, f.topic("press-1"), _b(fixed))
+    assert r.outcome == "accepted"
+    assert await _rows(conn, "SELECT low, high, received FROM erp_streams") == [(3, 3, 3)]
+    fifth = f.report("press-1", "1000123", "0010", y=1)
+    fifth["seq"] += 1  # seq 4 never arrives: one missing
+    await led.process(conn, f.topic("press-1"), _b(fifth))
+    assert [(g["low"], g["high"], g["missing"]) for g in await led.open_gaps(conn)] == [(3, 5, 1)]
