@@ -14,6 +14,13 @@ Rules (see ../shared/domain.md section 3 and docs/counting.md, which has the exa
   (delta = value) and reported with the rollover it might have been. Otherwise a decrease is a reset. A zero that is
   not a plausible rollover is held: if the next value is >= the previous one it was a glitch
   (delta = next - previous), otherwise the counter was reset (delta = next; ambiguous after a long gap).
+- A decrease to a value above ``max_rate`` x (elapsed + tolerance), which no reset followed by production in that
+  time can reach and which is not a plausible rollover (a stale or garbage read, a 32-bit counter read half updated,
+  a preset, a retained value restored after a PLC restart), is held like a zero: a next value at or above the
+  previous one makes it a glitch (delta = next - previous); the same value again, or a value between it and the
+  previous one, confirms that the counter was set there (``preset``: nothing of the decrease is counted, the baseline
+  moves, production after it is counted when plausible, reported as an anomaly); a lower one is the suspect instead.
+  The same holds for the value after a held zero (a reset to zero, then a retained value restored).
 - An increase larger than ``max_rate`` x (elapsed + tolerance) is an implausible jump: it is not counted, the
   baseline moves to the new value and the held quantity is reported as an anomaly.
 - A sample that is not good (OPC UA BAD/UNCERTAIN, failed Modbus read) never moves the baseline: deltas are taken
@@ -109,16 +116,19 @@ class CounterState:
     last: int | None = None  # normalized value of the last accepted good sample (delta modes: last counted value)
     last_time: float | None = None  # its source time (else receive time): ordering; with ``last``, a delta's identity
     last_wall: float | None = None  # its gateway wall-clock receive time: the gap after a restart
-    held_zero: bool = False  # a zero was seen that may be a glitch or a reset
+    held_zero: bool = False  # a suspect value is held: a zero (a glitch or a reset), or a decrease no reset explains
     last_mono: float | None = None  # its monotonic receive time; not persisted (meaningless in another process)
     marked_wall: float | None = None  # wall time an unchanged reading last asked for a snapshot; not persisted
     resolution: str | None = None  # float meter: the resolution ``last`` is counted in (None: integer counter)
     # delta modes: the identity (source time, value) of the NEWEST value counted, when a value with an older source
     # time was counted after it (a late publish after the cut read); None when it is (last_time, last)
     newest: tuple[float, int] | None = None
+    held: int = 0  # with held_zero: the suspect value (0: a zero)
 
     def to_dict(self) -> dict:
         d = {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall, "held_zero": self.held_zero}
+        if self.held_zero and self.held:
+            d["held"] = self.held
         if self.resolution is not None:
             d["resolution"] = self.resolution
         if self.newest is not None:
@@ -131,11 +141,12 @@ class CounterState:
         newest = d.get("newest")
         return cls(last=d.get("last"), last_time=d.get("last_time"),
                    last_wall=d.get("last_wall", d.get("last_time")), held_zero=bool(d.get("held_zero", False)),
-                   resolution=d.get("resolution"), newest=(newest[0], newest[1]) if newest else None)
+                   resolution=d.get("resolution"), newest=(newest[0], newest[1]) if newest else None,
+                   held=int(d.get("held", 0)) if d.get("held_zero") else 0)
 
 
 Outcome = Literal["none", "seen", "baseline", "increase", "rollover", "reset", "ambiguous", "glitch", "held_zero",
-                  "jump", "bad", "stale", "duplicate", "delta", "invalid"]
+                  "jump", "preset", "bad", "stale", "duplicate", "delta", "invalid"]
 QUIET = frozenset({"none", "bad", "stale", "duplicate", "invalid"})
 """Outcomes that change no persisted state. ``seen`` (an unchanged reading, once per IDLE_PERSIST_S) counts nothing
 but its times are worth persisting."""
@@ -151,7 +162,8 @@ class CounterResult:
     previous: int | None = None
     value: int | None = None
     held: int = 0  # quantity not counted (implausible jump)
-    possible: int = 0  # ambiguous decrease: the delta had it been a rollover (value + modulus - previous)
+    possible: int = 0  # ambiguous decrease: the delta had it been a rollover (value + modulus - previous); preset:
+    # the value the counter was set to
     elapsed: float | None = None  # seconds since the baseline (jump / ambiguous decrease); None: unknown
 
 
@@ -214,11 +226,28 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
     elapsed = _elapsed(state, s)
 
     if state.held_zero:
-        if u == 0:
-            return _NONE  # still zero: undecided; the time of a suspect zero is not a baseline time
-        state.held_zero = False
+        h = state.held
+        if u == h:
+            if h == 0:
+                return _NONE  # still zero: undecided; the time of a suspect zero is not a baseline time
+            # the same value again: the counter was set there (a preset, a restored retained value)
+            state.held_zero, state.held = False, 0
+            _accept(state, s, u)
+            return CounterResult("preset", previous=prev, value=u, possible=h, elapsed=elapsed)
+        state.held_zero, state.held = False, 0
         if u >= prev:
             return _increase(spec, state, s, prev, u, elapsed, "glitch")
+        allow = spec.allowance(elapsed)
+        if u > allow:
+            # below the previous value and above anything a reset and production since can reach
+            if h and u < h:  # lower again: this one is the suspect now
+                state.held_zero, state.held = True, u
+                return CounterResult("held_zero", previous=prev, value=u)
+            # set to about h (a preset, a retained value restored after a PLC restart): nothing of the decrease is
+            # counted; the production after it (u - h) is, when plausible
+            _accept(state, s, u)
+            made = u - h if h and u - h <= allow else 0
+            return CounterResult("preset", delta=made, previous=prev, value=u, possible=h or u, elapsed=elapsed)
         _accept(state, s, u)
         if modulus is not None and (elapsed is None or elapsed > spec.wrap_period()):
             return CounterResult("ambiguous", delta=u, previous=prev, value=u, possible=u + modulus - prev,
@@ -239,9 +268,12 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
         elif wrapped <= spec.allowance(elapsed):
             _accept(state, s, u)
             return CounterResult("rollover", delta=wrapped, previous=prev, value=u)
-    if u == 0:
-        state.held_zero = True  # the baseline (value and time) stays until the next good value decides
-        return CounterResult("held_zero", previous=prev, value=0)
+    if u == 0 or u > spec.allowance(elapsed):
+        # a zero, or a decrease no reset followed by production in the elapsed time explains (a stale or garbage
+        # read, a 32-bit counter read half updated, a preset): the baseline (value and time) stays until the next
+        # good value decides (``held_zero``)
+        state.held_zero, state.held = True, u
+        return CounterResult("held_zero", previous=prev, value=u)
     _accept(state, s, u)
     if ambiguous:
         return CounterResult("ambiguous", delta=u, previous=prev, value=u, possible=wrapped, elapsed=elapsed)
@@ -306,7 +338,7 @@ def _step_float(spec: CounterSpec, state: CounterState, s: Sample) -> CounterRes
     """A float meter's reading in resolution steps, then the integer rules (a float meter has no modulus)."""
     res = None if spec.resolution is None else str(spec.resolution)
     if state.resolution != res:  # counted in another unit (config changed): that baseline means nothing now
-        state.last, state.held_zero, state.resolution = None, False, res
+        state.last, state.held_zero, state.held, state.resolution = None, False, 0, res
     if res is None:
         return step(spec, state, s)
     value = spec.steps(s.value)

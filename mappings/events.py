@@ -496,7 +496,9 @@ class CounterAnomalyData(EventData):
     counter: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Counter name in the machine "
                                                                                 "config.")]
     kind: Annotated[Literal["implausible_jump", "ambiguous_decrease"], Field(
-        description="implausible_jump: an increase larger than max_rate x elapsed time; not counted, baseline moved. "
+        description="implausible_jump: an increase larger than max_rate x elapsed time, or a decrease to a value "
+                    "above it that the next reading confirmed (a preset, a restored or half-written counter: no "
+                    "reset); not counted, baseline moved. "
                     "ambiguous_decrease: a decrease after a gap longer than one wrap period (modulus / max_rate) or "
                     "an unknown gap; counted as a reset (counted), it may have been a rollover (possible_rollover).")]
     from_: Annotated[int | DecimalStr | None, Field(alias="from", description="Counter value before the change; for "

@@ -210,7 +210,7 @@ class _Cell(CounterState):
         else:
             super().__init__(last=state.last, last_time=state.last_time, last_wall=state.last_wall,
                              held_zero=state.held_zero, last_mono=state.last_mono, marked_wall=state.marked_wall,
-                             resolution=state.resolution, newest=state.newest)
+                             resolution=state.resolution, newest=state.newest, held=state.held)
         # routing, set by MachineEngine._bind: signal name, spec, binding, material number (None: a counter), and
         # whether the fast path takes its samples
         self.signal = ""
@@ -411,6 +411,8 @@ class MachineEngine:
             lts = memo_s
             lws = lts if lw == lt and type(lw) is type(lt) else _jnum(lw)
             res = "" if c.resolution is None else ',"resolution":' + _encode(c.resolution)
+            if c.held_zero and c.held:
+                res = f',"held":{_jnum(c.held)}{res}'
             if c.newest is not None:
                 res += f',"newest":[{_jnum(c.newest[0])},{_jnum(c.newest[1])}]'
             counters.append(f'{k}:{{"last":{_jnum(c.last)},"last_time":{lts},"last_wall":{lws},'
@@ -559,6 +561,20 @@ class MachineEngine:
                                      detail=f"increase of {jump} exceeds max_rate {rate}/s for "
                                             f"the elapsed time; not counted, baseline moved"))
             return out
+        if outcome == "preset":
+            self.anomalies += 1
+            res_step = binding.spec.resolution
+            f, to = res.previous, res.possible
+            if res_step is not None:  # a float meter counts resolution steps: its readings in the meter's unit
+                f = None if f is None else dec_str(f * res_step)  # type: ignore[assignment]
+                to = dec_str(to * res_step)  # type: ignore[assignment]
+            out.append(self._anomaly(signal, "implausible_jump", f, to, sample.time,  # type: ignore[arg-type]
+                                     held="0", counted=dec_str(res.delta * scale), possible_rollover=None,
+                                     elapsed_s=_secs(res.elapsed),
+                                     detail=f"decrease from {f} to {to} is no reset (more than max_rate "
+                                            f"{binding.spec.max_rate}/s can make in the elapsed time) and the next "
+                                            f"reading confirmed it: the counter was set there (a preset, a retained "
+                                            f"value restored); not counted, baseline moved"))
         if outcome == "ambiguous":
             self.anomalies += 1
             gap = "an unknown time" if res.elapsed is None else f"{res.elapsed:.1f} s"
@@ -584,7 +600,7 @@ class MachineEngine:
         if outcome != "increase":
             if outcome == "rollover":
                 ev.rollovers += 1
-            elif outcome == "reset" or outcome == "ambiguous":
+            elif outcome == "reset" or outcome == "ambiguous" or outcome == "preset":
                 ev.resets += 1
             elif outcome == "glitch":
                 ev.glitches += 1

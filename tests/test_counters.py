@@ -34,6 +34,24 @@ CASES = {
                               ["baseline", "held_zero", "glitch"]),
     "zero then smaller value is a reset": (U32, [(1000, True, 0), (0, True, 1), (10, True, 2)], 10,
                                            ["baseline", "held_zero", "reset"]),
+    # a decrease to more than max_rate x (elapsed + 2 s) is no reset: held, the next value decides (red before: each
+    # of these booked the whole value as a reset, thousands to millions of phantom units)
+    "a stale read below the counter is a glitch": (U32, [(5_000_000, True, 0), (4_999_990, True, 1),
+                                                        (5_000_003, True, 2)], 3, ["baseline", "held_zero", "glitch"]),
+    "a 32-bit counter read half updated at a carry (low word first)": (
+        U32, [(0x000FFFFF, True, 0), (0x000F0000, True, 1), (0x00100000, True, 2), (0x00100002, True, 3)], 3,
+        ["baseline", "held_zero", "glitch", "increase"]),
+    "a retained value restored below the last read after a PLC restart": (
+        U32, [(1000, True, 0), (0, True, 1), (995, True, 2), (1000, True, 3), (1003, True, 4)], 8,
+        ["baseline", "held_zero", "preset", "increase", "increase"]),
+    "a preset confirmed by the same value": (U32, [(1000, True, 0), (500, True, 1), (500, True, 2), (503, True, 3)],
+                                             3, ["baseline", "held_zero", "preset", "increase"]),
+    "a preset, then production": (U32, [(1000, True, 0), (500, True, 1), (505, True, 2)], 5,
+                                  ["baseline", "held_zero", "preset"]),
+    "a preset, then lower again": (U32, [(1000, True, 0), (500, True, 1), (400, True, 2), (400, True, 3)], 0,
+                                   ["baseline", "held_zero", "held_zero", "preset"]),
+    "a suspect decrease, then a reset to a plausible value": (U32, [(1000, True, 0), (500, True, 1), (7, True, 2)],
+                                                              7, ["baseline", "held_zero", "reset"]),
     "implausible jump is held": (U32, [(10, True, 0), (100_000, True, 1), (100_003, True, 2)], 3,
                                  ["baseline", "jump", "increase"]),
     "bad samples never move the baseline": (U32, [(10, True, 0), (0, False, 1), (99, False, 2), (14, True, 3)], 4,
@@ -159,10 +177,46 @@ def test_late_delivery_versus_clock_step():
     st = CounterState()
     assert step(U32, st, sample(100, True, 10.0, 5.0, src=False)).outcome == "baseline"
     assert step(U32, st, sample(90, True, 11.0, 4.0, src=False)).outcome == "stale"
-    assert step(U32, st, sample(90, True, 5.0, 6.0, src=False)).outcome == "reset"  # wall clock stepped back
+    assert step(U32, st, sample(20, True, 5.0, 6.0, src=False)).outcome == "reset"  # wall clock stepped back
+
+
+def test_a_held_decrease_survives_a_restart():
+    st = CounterState()
+    for x in [(1000, True, 0, 0), (500, True, 1, 1)]:
+        step(U32, st, sample(*x))
+    d = st.to_dict()
+    assert d["held_zero"] and d["held"] == 500
+    again = CounterState.from_dict(d)
+    r = step(U32, again, sample(1004, True, 2.0, 2.0))
+    assert (r.outcome, r.delta) == ("glitch", 4)
+    assert "held" not in again.to_dict()
 
 
 def test_state_roundtrip():
     _, _, st = run(U32, [(10, True, 0), (0, True, 1)])
     again = CounterState.from_dict(st.to_dict())
     assert again.to_dict() == st.to_dict() and again.held_zero and again.last_mono is None
+
+
+def test_a_preset_is_reported_and_the_production_after_it_counted():
+    """Engine level: the held decrease is in the snapshot (byte for byte its JSON), the preset an anomaly with
+    from / to / counted, the production after it in the report."""
+    import json
+
+    from mappings.machine import CounterBinding, MachineEngine, MachineSpec
+
+    spec = MachineSpec(id="m", counters={"good": CounterBinding(CounterSpec("good", max_rate=10))}, interval_s=1e9)
+    eng = MachineEngine(spec)
+    out = []
+    for v, t in ((1000, 1.0), (500, 2.0)):
+        out += eng.apply(Sample("m/good", v, True, recv_time=t, source_time=t, mono=t), "good")
+    text = eng.snapshot_json()
+    assert text == json.dumps(eng.snapshot(), separators=(",", ":")) and '"held_zero":true,"held":500' in text
+    assert MachineEngine(spec, json.loads(text)).snapshot_json() == text
+    out += eng.apply(Sample("m/good", 505, True, recv_time=3.0, source_time=3.0, mono=3.0), "good")
+    out += eng.flush("test", 4.0)
+    [anomaly] = [e.data for e in out if e.type == "counter.anomaly"]
+    assert (anomaly.kind, anomaly.from_, anomaly.to, anomaly.held, anomaly.counted) == \
+        ("implausible_jump", 1000, 500, "0", "5")
+    [report] = [json.loads(e.data.to_json()) for e in out if e.type == "operation.quantity_reported"]
+    assert report["quantities"]["yield"] == "5" and report["evidence"][0]["resets"] == 1
