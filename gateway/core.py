@@ -686,6 +686,11 @@ class Core:
                     read = await self._read(cid, keys, CUT_READ_TIMEOUT_S)
                     bad = next((s for s in read if not s.good), None)
                     if bad is not None:  # e.g. OPC UA BadCommunicationError: answered, but no value is no cut
+                        # the good values it read are readings before the cut: a reset-on-read register was
+                        # cleared by this read, its value is the only copy (a reread of the others changes nothing)
+                        good = [dataclasses.replace(s, reread=True) for s in read if s.good]
+                        if good:
+                            self.on_samples(good)
                         raise ReadFailed(f"{bad.key}: {bad.status}", connector=cid, tag=bad.key)
                     # a re-read: the current value again (a delta register re-read at the cut is not new production)
                     samples.extend(dataclasses.replace(s, reread=True) for s in read)

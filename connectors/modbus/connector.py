@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import struct
 import time
@@ -342,6 +343,8 @@ class ModbusConnector(Connector):
         self.blocks: list[Block] = plan_blocks(bindings, config.max_block_registers, config.max_gap_registers,
                                                config.max_block_bits)
         self._block_of: dict[str, Block] = {s.key: blk for blk in self.blocks for s in blk.slots}
+        # tags whose every value counts (reset-on-read, delta): a one-shot read hands on what it read of them
+        self._every_keys = frozenset(s.key for blk in self.blocks for s in blk.slots if s.every)
         self._last_regs: dict[str, list[int]] = {}  # block name -> registers of its last good read (poll)
         self._last_full: dict[str, float] = {}  # block name -> monotonic time it last reported every tag
         self._client: AsyncModbusTcpClient | None = None
@@ -584,6 +587,18 @@ class ModbusConnector(Connector):
                 out.append(Sample(slot.key, None, False, now, None, f"ReadFailed: decode error {exc}"))
         return out
 
+    def _hand_on(self, samples: list[Sample]) -> None:
+        """Hand the good readings of tags whose every value counts (reset-on-read, delta) that a one-shot read took
+        and does not return to the sink, as a poll's (marked ``reread``: a delta register, which the device does not
+        clear, is counted by the poll instead; a reset-on-read one counts)."""
+        every = self._every_keys
+        out = [dataclasses.replace(s, reread=True) for s in samples if s.good and s.key in every]
+        if out:
+            try:
+                self.sink(out)
+            except Exception:  # noqa: BLE001 - as a poll's: logged, the read goes on
+                log.exception("modbus.sink_failed", connector=self.id, samples=len(out))
+
     @staticmethod
     def _failed(block: Block, error: str, now: float) -> list[Sample]:
         status = f"ReadFailed: {error}"
@@ -664,21 +679,31 @@ class ModbusConnector(Connector):
             if blk not in blocks:
                 blocks.append(blk)
 
+        wanted = set(keys)
+
         async def read_all() -> dict[str, Sample]:
             by_key: dict[str, Sample] = {}
-            for blk in blocks:
-                try:
-                    regs = await self._read_block(client, blk)
-                except _LinkError as exc:
-                    self._drop(client, str(exc))
-                    raise ConnectorUnavailable(
-                        f"read of {blk.name} failed: {exc}", connector=self.id, endpoint=self.endpoint
-                    ) from exc
-                except _BlockError as exc:  # the device answered: not-good samples, like a BAD OPC UA value
-                    batch = self._failed(blk, str(exc), time.time())
-                else:
-                    batch = self._decode(blk, regs, time.time())
-                by_key.update((s.key, s) for s in batch)
+            try:
+                for blk in blocks:
+                    try:
+                        regs = await self._read_block(client, blk)
+                    except _LinkError as exc:
+                        self._drop(client, str(exc))
+                        raise ConnectorUnavailable(
+                            f"read of {blk.name} failed: {exc}", connector=self.id, endpoint=self.endpoint
+                        ) from exc
+                    except _BlockError as exc:  # the device answered: not-good samples, like a BAD OPC UA value
+                        batch = self._failed(blk, str(exc), time.time())
+                    else:
+                        batch = self._decode(blk, regs, time.time())
+                    by_key.update((s.key, s) for s in batch)
+            except BaseException:
+                # the attempt fails (a later block, the timeout): the reset-on-read registers it read were cleared
+                # by that read, their values are the only copy
+                self._hand_on([s for s in by_key.values()])
+                raise
+            # the block also held tags of other machines: those the device cleared count too
+            self._hand_on([s for k, s in by_key.items() if k not in wanted])
             return by_key
 
         started = time.monotonic()
