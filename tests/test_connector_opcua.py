@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import structlog
@@ -782,6 +782,54 @@ def test_the_runtime_tells_which_tags_need_a_queue(tmp_path) -> None:
     conn._resolved = {n: ua.NodeId.from_string(n) for n in conn._node_keys}
     asked = {n: conn._item_request(1, n).RequestedParameters.QueueSize for n in conn._node_keys}
     assert (asked["ns=2;s=Good"], asked["ns=2;s=Good3"], asked["ns=2;s=Good2"]) == (1000, 1000, 10)
+
+
+def test_a_bad_first_notification_does_not_use_up_the_delta_guard() -> None:
+    """The new subscription's first notification of a delta counter without SourceTimestamp is Bad
+    (BadWaitingForInitialData: a server that proxies a PLC) or null; the next one is the current value, counted before
+    the reconnect and restamped: it is not delivered either (red before: the Bad value used up the guard and the value
+    was counted again). A good zero decides: the value after it is a change."""
+    from mappings.counters import CounterSpec
+    from mappings.machine import CounterBinding, MachineEngine, MachineSpec
+
+    got: list = []
+    cfg = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://x:4840",
+                                               "security": "none"})
+    conn = OpcUaConnector(cfg, [TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=D"), True, CounterType())],
+                          got.extend)
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+    def dv(value, seconds, status=0):
+        return ua.DataValue(Value=ua.Variant(value, ua.VariantType.Int32) if value is not None else ua.Variant(),
+                            StatusCode=ua.StatusCode(status), ServerTimestamp=t0 + timedelta(seconds=seconds),
+                            SourceTimestamp=None)
+
+    def publish(*dvs):
+        r = ua.PublishResult()
+        r.NotificationMessage = ua.NotificationMessage(NotificationData=[ua.DataChangeNotification(
+            MonitoredItems=[ua.MonitoredItemNotification(ClientHandle=1, Value=d) for d in dvs])])
+        conn._on_publish(conn._generation, r)
+
+    def subscribe():  # what a new subscription sets up for its handles
+        conn._handles, conn._fresh = {1: ("m1/good",)}, {1}
+
+    subscribe()
+    publish(dv(0, 0))
+    publish(dv(3, 1))  # one part: delta 3
+    subscribe()  # reconnect
+    publish(dv(None, 120, ua.StatusCodes.BadWaitingForInitialData))
+    publish(dv(None, 121))  # Good, but null
+    publish(dv(3, 122))  # the current value again, restamped
+    subscribe()  # reconnect: a good zero first, then a real new delta
+    publish(dv(0, 200))
+    publish(dv(2, 201))
+    spec = MachineSpec("m1", {"good": CounterBinding(CounterSpec("good", mode="delta"))}, interval_s=3600)
+    eng = MachineEngine(spec)
+    for sample in got:
+        eng.apply(sample, "good")
+    [report] = eng.flush("test", 300)
+    assert report.data.quantities.yield_ == "5"
+    assert conn.alarms.ids() == ["delta_unverified:m1/good"]
 
 
 async def test_a_delta_value_without_source_timestamp_is_not_counted_again_after_a_reconnect() -> None:

@@ -768,9 +768,11 @@ class OpcUaConnector(Connector):
                     if sc is not None and sc.value & _OVERFLOW_BITS == _OVERFLOW_BITS:
                         self._note_overflow(keys)
                     if fresh and item.ClientHandle in fresh:
-                        fresh.discard(item.ClientHandle)
-                        if not self._first_value(keys, item.Value, recv):
-                            continue
+                        decided = self._first_value(keys, item.Value, recv)
+                        if decided is not None:  # a good value: the first one (a Bad or null one keeps it first)
+                            fresh.discard(item.ClientHandle)
+                            if not decided:
+                                continue
                     first = datavalue_to_sample(keys[0], item.Value, recv)
                     samples.append(first)
                     for k in keys[1:]:
@@ -782,19 +784,22 @@ class OpcUaConnector(Connector):
         if samples:
             self._deliver(samples)
 
-    def _first_value(self, keys: tuple[str, ...], dv: ua.DataValue, recv: float) -> bool:
+    def _first_value(self, keys: tuple[str, ...], dv: ua.DataValue, recv: float) -> bool | None:
         """The first notification of a delta / reset-on-read item on a new subscription: the node's current value,
         which the old subscription (or the gateway before a restart) may have delivered and counted already. With a
         SourceTimestamp the engine knows it again (its identity: source time and value). Without one it has none:
         many servers stamp the ServerTimestamp when they send, so a value counted before looks new. Such a value is
         not counted (False: not delivered); when it is not zero it may also have been a count the gateway never
         saw, so it raises the alarm ``delta_unverified:<machine>/<signal>`` (cleared like ``queue_overflow``), naming
-        the value, and is logged."""
+        the value, and is logged. None: not a value yet (Bad, e.g. BadWaitingForInitialData of a server that proxies a
+        PLC, or null): delivered (it counts nothing), and the next notification is still the first value."""
         if _posix(dv.SourceTimestamp) is not None:
             return True
         sample = datavalue_to_sample(keys[0], dv, recv)
-        if not sample.good or not sample.value:
-            return True  # nothing a delta counter would count
+        if not sample.good:
+            return None
+        if not sample.value:
+            return True  # nothing a delta counter would count; what comes next is a change
         for k in keys:
             self._count_alarm("delta_unverified", k, f"the server sent this delta / reset_on_read counter's current "
                               f"value ({sample.value}) without a source timestamp when the gateway subscribed; it may "
