@@ -217,9 +217,11 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
             state.marked_wall = wall
             return _SEEN
         return _NONE
-    if prev is None:
+    if prev is None or (modulus is not None and prev >= modulus):
+        # no baseline, or one outside the counter's range (its width narrowed: a node's DataType changed, a config
+        # edited across a restart): a rollover from it would be negative
         _accept(state, s, u)
-        state.held_zero = False
+        state.held_zero, state.held = False, 0
         return CounterResult("baseline", value=u)
     if _late(state, s):
         return _STALE

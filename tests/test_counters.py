@@ -192,6 +192,14 @@ def test_a_held_decrease_survives_a_restart():
     assert "held" not in again.to_dict()
 
 
+def test_a_baseline_outside_a_narrowed_counter_is_a_new_baseline():
+    """The counter's width narrowed under a stored baseline (an OPC UA node's DataType from DINT to INT after a PLC
+    program change): 70010 -> 5 on a 16-bit counter is no rollover of -4452 parts (red before: a negative yield)."""
+    st = CounterState(last=70010, last_time=0.0, last_wall=0.0, last_mono=0.0)
+    total, outcomes, _ = run(U16, [(5, True, 1.0, 1.0), (8, True, 2.0, 2.0)], st)
+    assert (total, outcomes) == (3, ["baseline", "increase"])
+
+
 def test_state_roundtrip():
     _, _, st = run(U32, [(10, True, 0), (0, True, 1)])
     again = CounterState.from_dict(st.to_dict())
