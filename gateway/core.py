@@ -63,6 +63,8 @@ rollover seen, a held zero) is committed at once (``urgent``), and every event i
 produced it."""
 CUT_READ_TIMEOUT_S = 3.0  # one attempt of a cut read
 CUT_RETRY_MAX_S = 1.0  # a cut read of a connector that is not connected is retried, with backoff up to this
+# a cut read answered with some counters Bad for this long: the good ones are the cut (changeover.cut_partial)
+CUT_PARTIAL_AFTER_S = 30.0
 MAX_QUEUED_SAMPLES = 200_000  # above this, queued cumulative samples are coalesced (the latest carries the delta)
 CORE_BATCH = 10_000  # inbox items handled per round before a commit
 WAKE_SLACK_S = 0.002
@@ -170,6 +172,7 @@ class Stats:
     acks_rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     samples_coalesced: int = 0
     machine_faults: int = 0
+    cut_partial: int = 0  # changeovers cut without the counters that stayed Bad (CUT_PARTIAL_AFTER_S)
 
 
 CutReader = Callable[[str, list[str], float], Awaitable[list[Sample]]]  # (connector id, keys, timeout) -> samples
@@ -686,9 +689,20 @@ class Core:
                     read = await self._read(cid, keys, CUT_READ_TIMEOUT_S)
                     bad = next((s for s in read if not s.good), None)
                     if bad is not None:  # e.g. OPC UA BadCommunicationError: answered, but no value is no cut
+                        good = [dataclasses.replace(s, reread=True) for s in read if s.good]
+                        held_s = time.monotonic() - started
+                        if held_s >= CUT_PARTIAL_AFTER_S:
+                            # answered, but some counters stay Bad (a node removed by a PLC program change): the
+                            # changeover is not held for ever (every part of every counter would go to the old
+                            # order). The good ones are the cut; the Bad ones count from their next good value on
+                            samples.extend(good)
+                            self.stats.cut_partial += 1
+                            log.warning("changeover.cut_partial", machine=machine, connector=cid, held_s=round(held_s, 1),
+                                        without=sorted({f"{s.key}: {s.status}" for s in read if not s.good}),
+                                        risk="what these counters counted while Bad goes to the new order")
+                            break
                         # the good values it read are readings before the cut: a reset-on-read register was
                         # cleared by this read, its value is the only copy (a reread of the others changes nothing)
-                        good = [dataclasses.replace(s, reread=True) for s in read if s.good]
                         if good:
                             self.on_samples(good)
                         raise ReadFailed(f"{bad.key}: {bad.status}", connector=cid, tag=bad.key)

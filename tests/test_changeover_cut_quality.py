@@ -141,3 +141,54 @@ async def test_an_unexpected_error_of_the_cut_read_is_retried_not_a_changeover_s
             assert calls["n"] >= 2 and not gw.core.cuts and gw.core.stats.cut_read_failures == 1
     finally:
         await server.stop()
+
+
+async def test_a_counter_that_stays_bad_does_not_hold_the_changeover_for_ever(tmp_path, monkeypatch):
+    """One counter node stays Bad (removed by a PLC program change): after CUT_PARTIAL_AFTER_S the changeover is cut
+    with the good counters and logged (changeover.cut_partial); the parts made after it go to the new order (red
+    before: the cut was retried for ever, every part of every counter booked to the old order)."""
+    import structlog
+
+    from gateway import core as core_module
+
+    monkeypatch.setattr(core_module, "CUT_PARTIAL_AFTER_S", 0.5)
+    model = MachineModel("Press1", cycle_time=0.005, scrap_rate=0.0)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port))
+    try:
+        cfg = parse_config({
+            "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
+            "connectors": [{"type": "opcua", "id": "opc", "endpoint": server.endpoint, "security": "none",
+                            "publishing_interval_ms": 50, "sampling_interval_ms": 0, "timeout_s": 1.0}],
+            "machines": [{"id": "press-1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
+                          "counters": {c: {"connector": "opc", "node_id": server.node_ids[c], "max_rate": 1000}
+                                       for c in ("good", "scrap")}}]}, "<test>")
+        gw = Gateway(cfg)
+        gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
+        cell = gw.engines["press-1"].counters["good"]
+
+        async def make(parts: int) -> None:
+            for _ in range(parts):
+                model.make_part()
+            await server.flush()
+
+        with structlog.testing.capture_logs() as logs:
+            async with connected(gw):
+                await pump(gw, lambda: cell.last == 0, "the baseline")
+                model.set_order("A", "10")
+                gw.core._order_command(OrderCommand("press-1", OrderContext("A", "10"), "mqtt"))
+                await pump(gw, lambda: order(gw) == ("A", "10"), "order A")
+                await server.set_bad("scrap")
+                await make(10)
+                await pump(gw, lambda: cell.last == 10, "10 parts")
+                model.set_order("B", "20")
+                gw.core._order_command(OrderCommand("press-1", OrderContext("B", "20"), "mqtt"))
+                await pump(gw, lambda: not gw.core.cuts and order(gw) == ("B", "20"), "the changeover, partial")
+                await make(5)
+                await pump(gw, lambda: cell.last == 15, "5 parts for B")
+                gw.core.stage(gw.engines["press-1"].flush("test", 0))
+        assert booked(gw) == {("A", "10"): 10, ("B", "20"): 5}
+        [partial] = [e for e in logs if e["event"] == "changeover.cut_partial"]
+        assert partial["machine"] == "press-1" and partial["without"][0].startswith("press-1/scrap: Bad")
+        assert gw.core.stats.cut_partial == 1
+    finally:
+        await server.stop()
