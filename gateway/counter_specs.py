@@ -14,7 +14,7 @@ import structlog
 from connectors.base import CounterType, TagType
 from gateway.config import CounterConfig, counter_modulus
 from gateway.core import counter_checkpoint
-from mappings.counters import CounterSpec
+from mappings.counters import REORDER_WINDOW_S, CounterSpec
 from mappings.machine import CounterBinding, MachineSpec
 
 log = structlog.get_logger(__name__)
@@ -31,16 +31,29 @@ def shared(x: Any) -> Any:
     return _SHARED.setdefault(x, x)
 
 
-def counter_binding(name: str, b: CounterConfig, addr: Any) -> CounterBinding:
+def reorder_windows(connectors: list[Any]) -> dict[str, float]:
+    """Per connector id: how much older than a counter's baseline a sample may arrive and still be a late delivery
+    (not a clock step). An OPC UA subscription holds values up to its publishing interval before it sends them (and
+    a publish may come later still, up to the request timeout), while the changeover's cut read returns the current
+    value at once: the values queued before it must not look like a decrease (nor be counted again)."""
+    out = {}
+    for c in connectors:
+        p = getattr(c, "publishing_interval_ms", None)
+        out[c.id] = REORDER_WINDOW_S if p is None else max(REORDER_WINDOW_S, 2 * p / 1000 + c.timeout_s)
+    return out
+
+
+def counter_binding(name: str, b: CounterConfig, addr: Any, reorder_window_s: float = REORDER_WINDOW_S
+                    ) -> CounterBinding:
     resolution = getattr(b, "resolution", None)
     if resolution is None:
         modulus, signed = counter_modulus(b, addr)
         return shared(CounterBinding(CounterSpec(name=name, mode=b.mode, modulus=modulus, signed=signed,
-                                                 max_rate=b.max_rate), b.scale))
+                                                 max_rate=b.max_rate, reorder_window_s=reorder_window_s), b.scale))
     noise = getattr(b, "noise", None)
     jitter = 1 if noise is None else int(noise / resolution)
     spec = CounterSpec(name=name, mode=b.mode, modulus=None, signed=True, max_rate=b.max_rate / float(resolution),
-                       resolution=resolution, jitter=jitter)
+                       resolution=resolution, jitter=jitter, reorder_window_s=reorder_window_s)
     return shared(CounterBinding(spec, b.scale * resolution))
 
 

@@ -33,7 +33,7 @@ from gateway.core import (  # noqa: F401 - re-exported (tests, bench)
     Stats,
     checkpoint_interval,
 )
-from gateway.counter_specs import apply_tag_types, counter_binding, counter_type
+from gateway.counter_specs import apply_tag_types, counter_binding, counter_type, reorder_windows
 from gateway.dispatch import DispatchRejected, parse_erp_ack
 from gateway.events import EventEncoder, Topics
 from gateway.exporter import GatewayMetrics
@@ -60,14 +60,16 @@ log = structlog.get_logger(__name__)
 
 def machine_specs(cfg: GatewayConfig) -> list[MachineSpec]:
     specs = []
+    windows = reorder_windows(cfg.connectors)
     for m in cfg.machines:
         counters = {}
         for name, b in m.counters.items():
-            counters[name] = counter_binding(name, b, cfg.tag_address(m.id, name))
+            counters[name] = counter_binding(name, b, cfg.tag_address(m.id, name), windows[b.connector])
         materials = {}
         for name, b in m.materials.items():
             materials[name] = MaterialMeter(  # float meters (resolution) too: see gateway/counter_specs.py
-                counter_binding(f"material:{name}", b, cfg.tag_address(m.id, f"material:{name}")), b.unit)
+                counter_binding(f"material:{name}", b, cfg.tag_address(m.id, f"material:{name}"),
+                                windows[b.connector]), b.unit)
         specs.append(MachineSpec(
             id=m.id, counters=counters, unit=m.unit, materials=materials,
             state_values=None if m.state is None else dict(m.state.values),

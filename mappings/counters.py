@@ -25,7 +25,8 @@ Rules (see ../shared/domain.md section 3 and docs/counting.md, which has the exa
   baseline moves to the new value and the held quantity is reported as an anomaly.
 - A sample that is not good (OPC UA BAD/UNCERTAIN, failed Modbus read) never moves the baseline: deltas are taken
   between good samples only, so a gap loses nothing.
-- Ordering: a cumulative sample whose source time is older than the baseline's by less than ``REORDER_WINDOW_S`` is a
+- Ordering: a cumulative sample whose source time is older than the baseline's by less than the spec's
+  ``reorder_window_s`` (``REORDER_WINDOW_S``, longer for a slow OPC UA subscription) is a
   late delivery (a notification overtaken by the changeover's cut read) and is ignored; older by more is a clock
   step and the sample is used. Without a source time, arrival order is the monotonic receive time.
 - ``reset_on_read`` / ``delta`` counters: every good value is itself a delta; none is dropped for its time. A value
@@ -82,6 +83,9 @@ class CounterSpec:
     max_rate: float = 50.0  # counts (float meters: resolution steps) per second
     resolution: Decimal | None = None  # float meter: the quantity step a reading is rounded to; None: integer counter
     jitter: int = 1  # float meter: a decrease of at most this many steps is noise, not a reset
+    # a sample older than the baseline by less than this is a late delivery (REORDER_WINDOW_S, or longer for an OPC
+    # UA subscription whose publishing interval holds values longer: gateway/runtime.machine_specs)
+    reorder_window_s: float = REORDER_WINDOW_S
 
     def steps(self, raw: object) -> int | None:
         """A float meter's reading as a whole number of resolution steps (None: not a finite number)."""
@@ -204,7 +208,7 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
             state.last_time = s.recv_time
         else:
             last = state.last_time
-            if last is not None and src <= last and last - src < REORDER_WINDOW_S:
+            if last is not None and src <= last and last - src < spec.reorder_window_s:
                 return _NONE
             state.last_time = src
         wall = state.last_wall = s.recv_time
@@ -223,7 +227,7 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
         _accept(state, s, u)
         state.held_zero, state.held = False, 0
         return CounterResult("baseline", value=u)
-    if _late(state, s):
+    if _late(spec, state, s):
         return _STALE
     elapsed = _elapsed(state, s)
 
@@ -313,8 +317,8 @@ def plain_increase(state: CounterState, s: Sample, modulus: int | None, max_rate
             return 0
     else:
         t = recv if src is None else src
-        if last is not None and t < last and last - t < REORDER_WINDOW_S:
-            return 0
+        if last is not None and t < last:
+            return 0  # older than the baseline: late or a clock step (step decides, with the spec's window)
     # _elapsed (unknown: the general path)
     if mono is not None and last_mono is not None:
         elapsed = mono - last_mono
@@ -363,7 +367,7 @@ def _accept(state: CounterState, s: Sample, u: int) -> None:
     state.last_mono = s.mono
 
 
-def _late(state: CounterState, s: Sample) -> bool:
+def _late(spec: CounterSpec, state: CounterState, s: Sample) -> bool:
     """A late delivery of an older reading (see REORDER_WINDOW_S), as opposed to a clock step."""
     src = s.source_time
     if src is None:
@@ -371,7 +375,7 @@ def _late(state: CounterState, s: Sample) -> bool:
             return s.mono < state.last_mono  # arrival order on the monotonic clock is exact
         src = s.recv_time
     last = state.last_time
-    return last is not None and src < last and last - src < REORDER_WINDOW_S
+    return last is not None and src < last and last - src < spec.reorder_window_s
 
 
 def _elapsed(state: CounterState, s: Sample) -> float | None:
@@ -413,9 +417,9 @@ def _step_delta(spec: CounterSpec, state: CounterState, s: Sample, value: int) -
             return _DUPLICATE  # the newest value counted, delivered again after older ones (the cut read's value)
         last_time = state.last_time
         if newest is not None:
-            if src >= newest[0] or newest[0] - src >= REORDER_WINDOW_S:
+            if src >= newest[0] or newest[0] - src >= spec.reorder_window_s:
                 state.newest = None  # newer than everything counted, or the source clock stepped back
-        elif last_time is not None and state.last and src < last_time and last_time - src < REORDER_WINDOW_S:
+        elif last_time is not None and state.last and src < last_time and last_time - src < spec.reorder_window_s:
             # a late delivery, older than the value counted before it (the publish of the values queued before the
             # cut read): counted, and the newest value is remembered, which that publish delivers again
             state.newest = (last_time, state.last)

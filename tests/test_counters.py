@@ -228,3 +228,34 @@ def test_a_preset_is_reported_and_the_production_after_it_counted():
         ("implausible_jump", 1000, 500, "0", "5")
     [report] = [json.loads(e.data.to_json()) for e in out if e.type == "operation.quantity_reported"]
     assert report["quantities"]["yield"] == "5" and report["evidence"][0]["resets"] == 1
+
+
+def test_a_late_publish_behind_a_cut_read_with_a_long_publishing_interval_is_late_not_a_decrease():
+    """An OPC UA subscription publishing every 20 s: the changeover's cut read returns the current value (52 at
+    t=100) while the values queued before it come later, up to ~20 s older. With the spec's window (2 x publishing
+    interval + timeout) they are late deliveries (red with the fixed 10 s: the oldest looked like a decrease, the next
+    confirmed a 'preset' and the queued values were counted again to the new order)."""
+    import dataclasses
+
+    from gateway.config import parse_config
+    from gateway.runtime import machine_specs
+
+    cfg = parse_config({"gateway": {"enterprise": "e", "site": "s", "area": "a", "line": "l", "id": "gw"},
+                        "mqtt": {"port": 1}, "store": {"path": "/tmp/x.db"},
+                        "connectors": [{"type": "opcua", "id": "opc", "endpoint": "opc.tcp://127.0.0.1:1",
+                                        "publishing_interval_ms": 20000, "timeout_s": 5}],
+                        "machines": [{"id": "m1", "counters": {"good": {"connector": "opc", "node_id": "ns=2;s=g"}}}]},
+                       "<test>")
+    spec = machine_specs(cfg)[0].counters["good"].spec
+    assert spec.reorder_window_s == 45.0
+    st = CounterState()
+    outcomes = [step(spec, st, Sample("m/good", v, True, recv_time=t, source_time=src, mono=t, reread=reread)).outcome
+                for v, src, t, reread in [(40, 80.0, 80.5, False), (52, 100.0, 100.2, True), (44, 83.0, 101.0, False),
+                                          (47, 88.0, 101.0, False), (52, 100.0, 101.0, False), (55, 105.0, 106.0, False)]]
+    assert outcomes == ["baseline", "increase", "stale", "stale", "none", "increase"] and st.last == 55
+    short = dataclasses.replace(spec, reorder_window_s=10.0)
+    st = CounterState()
+    total = sum(step(short, st, Sample("m/good", v, True, recv_time=t, source_time=src, mono=t, reread=rr)).delta
+                for v, src, t, rr in [(40, 80.0, 80.5, False), (52, 100.0, 100.2, True), (44, 83.0, 101.0, False),
+                                      (47, 88.0, 101.0, False), (52, 100.0, 101.0, False), (55, 105.0, 106.0, False)])
+    assert total > 15  # what the fixed 10 s window did: the queued parts counted again
