@@ -243,6 +243,10 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
         state.held_zero, state.held = False, 0
         if u >= prev:
             return _increase(spec, state, s, prev, u, elapsed, "glitch")
+        if modulus is not None and elapsed is not None and elapsed <= spec.wrap_period() \
+                and u + modulus - prev <= spec.allowance(elapsed):
+            _accept(state, s, u)  # it wrapped (through the zero held: 65530 -> 0 -> 5 is +11)
+            return CounterResult("rollover", delta=u + modulus - prev, previous=prev, value=u)
         allow = spec.allowance(elapsed)
         if u > allow:
             # below the previous value and above anything a reset and production since can reach
@@ -267,6 +271,11 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
     ambiguous = False
     if spec.resolution is not None and prev - u <= spec.jitter:
         return _NONE  # float noise below the baseline: ignored, the baseline keeps the higher value
+    if u == 0:
+        # a glitch, a reset or a rollover to exactly zero: held, the next good value decides (a zero glitch read
+        # just below a wrap is no rollover: 65510 -> 0 -> 65512 is +2)
+        state.held_zero, state.held = True, 0
+        return CounterResult("held_zero", previous=prev, value=0)
     if modulus is not None:
         wrapped = u + modulus - prev
         if elapsed is None or elapsed > spec.wrap_period():
@@ -274,10 +283,10 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
         elif wrapped <= spec.allowance(elapsed):
             _accept(state, s, u)
             return CounterResult("rollover", delta=wrapped, previous=prev, value=u)
-    if u == 0 or u > spec.allowance(elapsed):
-        # a zero, or a decrease no reset followed by production in the elapsed time explains (a stale or garbage
-        # read, a 32-bit counter read half updated, a preset): the baseline (value and time) stays until the next
-        # good value decides (``held_zero``)
+    if u > spec.allowance(elapsed):
+        # a decrease no reset followed by production in the elapsed time explains (a stale or garbage read, a 32-bit
+        # counter read half updated, a preset): the baseline (value and time) stays until the next good value
+        # decides (``held_zero``)
         state.held_zero, state.held = True, u
         return CounterResult("held_zero", previous=prev, value=u)
     _accept(state, s, u)

@@ -28,7 +28,10 @@ CASES = {
     "rollover at 2^32": (U32, [(2**32 - 2, True, 0), (1, True, 1)], 3, ["baseline", "rollover"]),
     "signed 16-bit wraps to negative": (S16, [(32766, True, 0), (-32767, True, 1)], 3, ["baseline", "increase"]),
     "rollover exactly to zero is not a glitch": (U16, [(65535, True, 0), (0, True, 1), (2, True, 2)], 3,
-                                                 ["baseline", "rollover", "increase"]),
+                                                 ["baseline", "held_zero", "rollover"]),
+    # red before: the zero was taken for a rollover (+26) and the value after it for a jump
+    "a zero glitch just below the wrap": (U16, [(65510, True, 0), (0, True, 1), (65512, True, 2)], 2,
+                                          ["baseline", "held_zero", "glitch"]),
     "reset (implausible rollover)": (U16, [(1000, True, 0), (10, True, 1)], 10, ["baseline", "reset"]),
     "transient zero glitch": (U32, [(1000, True, 0), (0, True, 1), (1002, True, 2)], 2,
                               ["baseline", "held_zero", "glitch"]),
