@@ -99,13 +99,15 @@ def _flag(value: object) -> bool:
 class TagOrderTracker:
     """Order/operation tags and the completion flag of one machine."""
 
-    __slots__ = ("changed", "complete_level", "held", "machine", "pending_since", "refused", "values")
+    __slots__ = ("changed", "complete_level", "complete_time", "held", "machine", "pending_since", "refused",
+                 "values")
 
     def __init__(self, machine: str) -> None:
         self.machine = machine
         self.values: dict[str, str] = {}
         self.pending_since: float | None = None  # sample time of an order-tag change not yet applied
         self.complete_level: bool | None = None
+        self.complete_time: float | None = None  # source time of the flag's last value (late deliveries are skipped)
         self.changed: set[str] = set()  # the tags of the pair that changed since pending_since
         self.held: list[Sample] = []  # the machine's samples after pending_since, while the pair is not known
         self.refused: dict[str, str] = {}  # signal -> the unusable text it shows (logged once, until a usable one)
@@ -187,9 +189,21 @@ class TagOrderTracker:
         nothing)."""
         if not s.good:
             return False
+        t = s.source_time
+        if t is not None:
+            last = self.complete_time
+            if last is not None and t <= last and last - t < FLAG_REORDER_S:
+                return False  # a late delivery of a value seen already (the cut read took the flag first)
+            self.complete_time = t
         up = _flag(s.value)
         prev, self.complete_level = self.complete_level, up
         return up and prev is False
+
+
+FLAG_REORDER_S = 130.0
+"""A completion flag value whose source time is not newer than the last one seen, by less than this, is a late
+delivery (an OPC UA publish of values queued before the changeover's cut read took the flag: up to twice the longest
+publishing interval plus a timeout); older by more is a clock step, and used."""
 
 
 class PlcTagOrders:

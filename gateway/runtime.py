@@ -249,6 +249,10 @@ class Gateway:
                     routes.coalescable.add(key)
                 if signal not in ("state", "complete", "order", "operation"):  # the cut reads the counters
                     routes.cut_keys[m.id][b.connector].append(key)
+                elif signal == "complete" and m.order_source != "tag":
+                    # and the completion flag: one that rose before the cut completes the old operation first,
+                    # whenever its notification would have come (a publish or a poll after the new order)
+                    routes.cut_keys[m.id][b.connector].append(key)
         return bindings
 
     def _make_connector(self, c: Any, bindings: list[TagBinding]) -> Connector:

@@ -192,3 +192,67 @@ async def test_a_counter_that_stays_bad_does_not_hold_the_changeover_for_ever(tm
         assert gw.core.stats.cut_partial == 1
     finally:
         await server.stop()
+
+
+async def test_a_completion_flag_raised_before_a_dispatch_completes_the_old_operation(tmp_path):
+    """ERP dispatches (order_source mqtt) plus the PLC's completion flag: the flag rises for A, then B is dispatched
+    at once. The cut read takes the flag with the counters (a Read answers at once; the subscription publishes every
+    1.5 s here), so A is completed with its parts before B starts; the flag's notification that comes later is a
+    late delivery (red before: it completed B with 0 parts, A was never final-confirmed and B's dispatch was refused
+    from then on)."""
+    model = MachineModel("Press1", cycle_time=0.005, scrap_rate=0.0)
+    server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port))
+    try:
+        cfg = parse_config({
+            "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
+            "connectors": [{"type": "opcua", "id": "opc", "endpoint": server.endpoint, "security": "none",
+                            "publishing_interval_ms": 1500, "sampling_interval_ms": 0, "timeout_s": 1.0}],
+            "machines": [{"id": "press-1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
+                          "counters": {"good": {"connector": "opc", "node_id": server.node_ids["good"],
+                                                "max_rate": 1000}},
+                          "complete_tag": {"connector": "opc", "node_id": server.node_ids["complete"]}}]}, "<test>")
+        gw = Gateway(cfg)
+        gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
+        cell = gw.engines["press-1"].counters["good"]
+        tracker = gw.core.tags.trackers["press-1"]
+        async with connected(gw):
+            await pump(gw, lambda: cell.last == 0 and tracker.complete_level is False, "the baselines")
+            model.set_order("A", "10")
+            gw.core._order_command(OrderCommand("press-1", OrderContext("A", "10"), "mqtt"))
+            await pump(gw, lambda: order(gw) == ("A", "10"), "order A")
+            for _ in range(12):
+                model.make_part()
+            model.complete_operation()
+            await server.flush()
+            gw.core._order_command(OrderCommand("press-1", OrderContext("B", "20"), "mqtt"))
+            await pump(gw, lambda: not gw.core.cuts and order(gw) == ("B", "20"), "B after the cut")
+            await asyncio.sleep(2.0)  # the next publish: the flag's (and the counter's) notifications, late
+            for _ in range(5):
+                gw.core.round()
+                await asyncio.sleep(0.05)
+            assert order(gw) == ("B", "20"), "the late flag notification must not complete B"
+        events = [json.loads(r.payload) for r in gw.core.uncommitted]
+        completed = [(e["data"]["order"], e["data"]["totals"]["yield"]) for e in events
+                     if e["type"] == "operation.completed"]
+        assert completed == [("A", "12")]
+        assert booked(gw) == {("A", "10"): 12}
+        assert gw.core.refusal(OrderCommand("press-1", OrderContext("B", "20"), "mqtt")) is None
+    finally:
+        await server.stop()
+
+
+def test_late_completion_flag_values_after_the_cut_read_do_not_complete_again():
+    """The cut read took the flag high (source time 10.0); the publish of the values queued before it delivers low
+    (9.0) and high (10.0) again: late deliveries, no second rising edge (red without the source-time check: the new
+    operation was completed). A value older by more than FLAG_REORDER_S is a clock step and used."""
+    from gateway.orders import FLAG_REORDER_S, TagOrderTracker
+    from mappings.samples import Sample
+
+    def flag(v: int, t: float) -> Sample:
+        return Sample("m1/complete", v, True, recv_time=t, source_time=t)
+
+    tr = TagOrderTracker("m1")
+    assert [tr.complete_flag(flag(v, t)) for v, t in [(0, 1.0), (1, 10.0), (0, 9.0), (1, 10.0)]] == \
+        [False, True, False, False]
+    assert [tr.complete_flag(flag(v, t)) for v, t in [(0, 10.0 - FLAG_REORDER_S - 1), (1, 10.0 - FLAG_REORDER_S)]] \
+        == [False, True]
