@@ -645,6 +645,11 @@ class Core:
     def _order_command(self, cmd: OrderCommand | CompleteCommand) -> None:
         """An order command from an order source: apply now, or after the machine's cut read."""
         machine = cmd.machine
+        if machine not in self.engines:
+            # queued for a machine a reload removed meanwhile (the order sources take the new table at its end)
+            log.warning("order.machine_removed", machine=machine, source=cmd.source,
+                        action="dropped: the machine is no longer configured")
+            return
         if machine in self.faulted:
             log.warning("order.ignored_machine_faulted", machine=machine, source=cmd.source)
             return
@@ -738,7 +743,7 @@ class Core:
 
     def apply_order(self, cmd: OrderCommand | CompleteCommand) -> list[EventDraft]:
         machine = cmd.machine
-        if machine in self.faulted:
+        if machine in self.faulted or machine not in self.engines:
             return []
         eng = self.engines[machine]
         if isinstance(cmd, CompleteCommand):

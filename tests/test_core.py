@@ -686,3 +686,17 @@ async def test_a_local_order_dropped_at_a_stop_is_logged_to_be_set_again(tmp_pat
         gw.core.drain()
     lost = [(e["machine"], e["order"], e["log_level"]) for e in logs if e["event"] == "order.not_applied"]
     assert lost == [("m1", "A", "warning"), ("m2", "B", "warning")]
+
+
+def test_an_order_command_for_a_machine_a_reload_removed_is_dropped_not_a_crash(tmp_path):
+    """A dispatch queued in the core's inbox while a reload removes its machine (the order sources take the new
+    table only at the reload's end): the next round drops it with a warning (red before: KeyError in the core's
+    round, which ended the core task and with it the gateway)."""
+    import structlog
+
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False)
+    gw.core.put(OrderCommand("m2", OrderContext("B", "20"), "mqtt"))
+    with structlog.testing.capture_logs() as logs:
+        gw.core.round()
+    assert [(e["event"], e["machine"]) for e in logs if e["event"] == "order.machine_removed"] == [("order.machine_removed", "m2")]
+    assert not gw.core.inbox
