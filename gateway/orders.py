@@ -41,7 +41,7 @@ from typing import Any
 
 import structlog
 
-from gateway.dispatch import DispatchRejected, parse_dispatch
+from gateway.dispatch import MAX_DISPATCH_BYTES, DispatchRejected, parse_dispatch
 from mappings.events import ORDER_TEXT_PATTERN, rfc3339
 from mappings.machine import OrderContext, OrderRefused
 from mappings.samples import Sample
@@ -347,7 +347,11 @@ class MqttDispatchSource:
 
 
 def _received(payload: bytes) -> Any:
-    """What was received, for the answer: the order and operation when the payload is a JSON object, else its size."""
+    """What was received, for the answer: the order and operation when the payload is a JSON object, else its size
+    (also of a payload over MAX_DISPATCH_BYTES: parsed to answer, 24 MB of ``[{},{},...]`` took ~600 MB and held the
+    event loop, and a retained one came back at every start)."""
+    if len(payload) > MAX_DISPATCH_BYTES:
+        return {"size": len(payload)}
     try:
         doc = json.loads(payload)
     except (ValueError, UnicodeDecodeError, RecursionError):

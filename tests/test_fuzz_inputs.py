@@ -320,3 +320,30 @@ def test_erp_ack_examples():
     with pytest.raises(DispatchRejected) as exc:
         parse_erp_ack(b"{", source=SOURCE, epoch=EPOCH)
     assert exc.value.reason == "invalid_json"
+
+
+def test_an_oversized_dispatch_is_answered_by_its_size_without_being_parsed(monkeypatch):
+    """A dispatch over MAX_DISPATCH_BYTES (here [{},{},...], 3 MB) is rejected too_large and answered with its size
+    only; it is never parsed in full (red before: the answer parsed it: ~25x its size in memory, the event loop held,
+    and a retained one came back at every start)."""
+    import json as _json
+
+    from gateway import orders as orders_module
+    from gateway.orders import MqttDispatchSource
+
+    class Topics:
+        def machine_of_dispatch(self, t):
+            return "press-1"
+
+    parsed: list[int] = []
+    real = _json.loads
+    monkeypatch.setattr(orders_module.json, "loads", lambda b, *a, **k: (parsed.append(len(b)), real(b, *a, **k))[1])
+    published: list[bytes] = []
+    counted: list[str] = []
+    src = MqttDispatchSource(Topics(), {"press-1": "mqtt"}, emit=lambda c: None,
+                             count=lambda e, w: counted.append(e.reason), publish=lambda t, b: published.append(b))
+    payload = b"[" + b"{}," * 1_000_000 + b"{}]"
+    src.on_message("edge/v1/acme/p1/a1/l1/press-1/dispatch", payload)
+    assert counted == ["too_large"]
+    assert real(published[0])["received"] == {"size": len(payload)}
+    assert not [n for n in parsed if n > 64 * 1024]
