@@ -16,7 +16,10 @@ POST /machines/{machine}/order    local order command: {"order", "operation", "s
                                   (machines with order_source: local; bearer token when http.token_env is set)
 
 Every POST must carry ``Content-Type: application/json`` (415 otherwise: no cross-site form post from a browser). A
-listener on an address other than loopback needs ``http.token_env`` (refused at config validation otherwise).
+listener on an address other than loopback needs ``http.token_env`` (refused at config validation otherwise). A
+listener on loopback answers only requests whose ``Host`` is a loopback name (421 otherwise): a hostile page whose
+name is made to resolve to 127.0.0.1 (DNS rebinding) is same-origin for the browser, so neither the JSON rule nor
+CORS would stop its POST.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import health, statuspage
 from gateway.component import HttpListenError  # raised here; defined there so the CLI catches it without aiohttp
-from gateway.config import HttpConfig
+from gateway.config import HttpConfig, is_loopback
 from gateway.dispatch import DispatchRejected, parse_local_order
 
 if TYPE_CHECKING:
@@ -54,6 +57,27 @@ async def require_json_body(request: web.Request, handler: Any) -> web.StreamRes
     return await handler(request)
 
 
+def _host_name(header: str) -> str:
+    """The name in a ``Host`` header: ``[::1]:8080`` -> ``::1``, ``localhost:80`` -> ``localhost``."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def loopback_host_only(enabled: bool) -> Any:
+    """Middleware: on a loopback listener, a request whose ``Host`` is not a loopback name is refused (421), so a page
+    that rebinds its own name to 127.0.0.1 gets nothing, neither the status nor an order change."""
+    @web.middleware
+    async def check_host(request: web.Request, handler: Any) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if enabled and host is not None and not is_loopback(_host_name(host)):
+            log.warning("http.host_refused", path=request.path, method=request.method, host=host[:200],
+                        peer=request.remote)
+            return _json({"error": "this API answers only requests to a loopback host name (DNS rebinding)"}, 421)
+        return await handler(request)
+    return check_host
+
+
 def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, default=str), status=status, content_type="application/json")
 
@@ -65,7 +89,8 @@ class HttpApi:
         self._token = os.environ.get(cfg.token_env) if cfg.token_env else None
         if cfg.token_env and not self._token:
             raise ValueError(f"http.token_env: environment variable {cfg.token_env} is not set")
-        app = web.Application(client_max_size=64 * 1024, middlewares=[require_json_body])
+        app = web.Application(client_max_size=64 * 1024,
+                              middlewares=[loopback_host_only(is_loopback(cfg.host)), require_json_body])
         app.router.add_get("/health", self.health)
         app.router.add_get("/livez", self.livez)
         app.router.add_get("/readyz", self.readyz)
@@ -119,7 +144,7 @@ class HttpApi:
     async def order(self, request: web.Request) -> web.Response:
         if self._token is not None:
             got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {self._token}".encode()):
+            if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"), f"Bearer {self._token}".encode()):
                 log.warning("http.unauthorized", path=request.path, peer=request.remote)
                 return _json({"error": "missing or wrong bearer token"}, 401)
         machine = request.match_info["machine"]

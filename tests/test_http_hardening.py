@@ -97,3 +97,64 @@ def test_the_http_port_already_in_use_is_one_line_and_exit_1(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == (f"{path}: http.port: cannot listen on 127.0.0.1:{port}: address already in use; another "
                          "process listens there (stop it, or choose another http.port)"), proc.stderr
+
+
+def _request(url: str, method: str, host: str, body: bytes | None = None, headers: dict[str, str] | None = None
+             ) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, method=method, headers={"Host": host, **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_a_page_rebinding_its_name_to_loopback_gets_nothing(tmp_path):
+    """DNS rebinding: a hostile page whose name now resolves to 127.0.0.1 is same-origin for the browser, so its JSON
+    POST needs no preflight. The loopback listener answers only loopback Host names (red before: 202 for the order
+    and 200 for /status with Host: attacker.example). A non-ASCII Authorization header is a 401, not a 500."""
+    port = free_port()
+    rgw = RunningGateway(parse_config(_doc(tmp_path, {"port": port})))
+    gw = await rgw.start()
+    base = f"http://127.0.0.1:{port}"
+    order = json.dumps({"order": "4711", "operation": "0010"}).encode()
+    json_type = {"Content-Type": "application/json"}
+    try:
+        for host in (f"attacker.example:{port}", "attacker.example", "127.0.0.1.attacker.example", "10.0.0.5"):
+            status, text = await asyncio.to_thread(_request, f"{base}/machines/press-1/order", "POST", host, order,
+                                                   json_type)
+            assert status == 421 and "DNS rebinding" in text, (host, status, text)
+            status, _ = await asyncio.to_thread(_request, f"{base}/status", "GET", host)
+            assert status == 421, host
+        assert gw.engines["press-1"].context is None and not gw.core.cuts
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+            status, _ = await asyncio.to_thread(_request, f"{base}/status", "GET", host)
+            assert status == 200, host
+        status, _ = await asyncio.to_thread(_request, f"{base}/machines/press-1/order", "POST", f"127.0.0.1:{port}",
+                                            order, json_type)
+        assert status == 202
+    finally:
+        await rgw.stop()
+
+
+async def test_a_non_ascii_authorization_header_is_refused_not_a_server_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GW_TEST_TOKEN", "s3cret")
+    port = free_port()
+    rgw = RunningGateway(parse_config(_doc(tmp_path, {"port": port, "token_env": "GW_TEST_TOKEN"})))
+    await rgw.start()
+    try:
+        raw = (f"POST /machines/press-1/order HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+               f"Authorization: Bearer \xe9t\xe9\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").encode("latin-1")
+
+        def send() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(raw)
+                out = b""
+                while chunk := sock.recv(65536):
+                    out += chunk
+                return out
+
+        answer = await asyncio.to_thread(send)
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    finally:
+        await rgw.stop()
