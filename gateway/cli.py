@@ -187,6 +187,8 @@ def _cmd_order(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         body = {"order": args.order, "operation": args.operation, "status": "completed" if args.complete else "active"}
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    if ":" in host:  # an IPv6 address in a URL
+        host = f"[{host}]"
     req = urllib.request.Request(f"http://{host}:{cfg.http.port}/machines/{args.machine}/order",
                                  data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -197,7 +199,9 @@ def _cmd_order(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        # straight to the gateway: never through a proxy from http_proxy (it would get the bearer token)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=10) as resp:
             print(resp.read().decode())
             return EXIT_OK
     except urllib.error.HTTPError as exc:

@@ -189,7 +189,10 @@ async def test_local_order_command_and_health(tmp_path, mqtt_broker, erp, monkey
             def order_cmd(*args):
                 return subprocess.run([sys.executable, "-m", "gateway.cli", "order", *args, "--config", str(cfg_path)],
                                       cwd=ROOT, capture_output=True, text=True, timeout=30,
-                                      env={**__import__("os").environ, "EG_TEST_TOKEN": "s3cret-token"})
+                                      env={**__import__("os").environ, "EG_TEST_TOKEN": "s3cret-token",
+                                           # a proxy in the environment is not used: it would get the token (red
+                                           # before: the command went to this dead proxy and failed)
+                                           "http_proxy": f"http://127.0.0.1:{free_port()}", "no_proxy": ""})
 
             r = await asyncio.to_thread(order_cmd, "set", "press-3", "L-1", "0010")
             assert r.returncode == 0, r.stderr
