@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from typing import Any, Awaitable, Callable
@@ -24,6 +25,14 @@ import structlog
 from erp_service.config import MqttSourceConfig, NatsSourceConfig
 from erp_service.ledger import Result
 from erp_service.metrics import Metrics
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """A URL (or a text holding URLs) without the user and password of each: ``nats://erp:pw@host`` -> ``nats://***@host``
+    (what a log line may show)."""
+    return _USERINFO.sub("***@", text)
 
 log = structlog.get_logger(__name__)
 
@@ -87,16 +96,17 @@ class NatsSource:
             text = str(exc)[:300]
             if last_error != [text]:
                 last_error[:] = [text]
-                log.warning("erp.nats_error", error=text, servers=self.cfg.servers)
+                log.warning("erp.nats_error", error=redact(text), servers=[redact(u) for u in self.cfg.servers])
 
         async def _disc() -> None:
             log.warning("erp.nats_disconnected")
 
         async def _reconn() -> None:
             last_error.clear()
-            log.info("erp.nats_reconnected", server=str(self.nc.connected_url.netloc if self.nc else ""))
+            url = self.nc.connected_url if self.nc else None
+            log.info("erp.nats_reconnected", server=f"{url.hostname}:{url.port}" if url is not None else "")
 
-        log.info("erp.nats_connecting", servers=self.cfg.servers)
+        log.info("erp.nats_connecting", servers=[redact(u) for u in self.cfg.servers])
         # nats-py retries an unreachable server for ever here, and swallows a cancellation that lands while it closes
         # a failed attempt (Client._close): a SIGTERM during start would then never end it. Cancelled, the attempt
         # is cancelled again until it ends (see cancel_until_done).
@@ -107,7 +117,7 @@ class NatsSource:
             self.nc = await asyncio.shield(connecting)
         except asyncio.CancelledError:
             if not await cancel_until_done(connecting):
-                log.warning("erp.nats_connect_abandoned", servers=self.cfg.servers)
+                log.warning("erp.nats_connect_abandoned", servers=[redact(u) for u in self.cfg.servers])
             elif not connecting.cancelled() and connecting.exception() is None:
                 await connecting.result().close()  # connected just as the stop came
             raise

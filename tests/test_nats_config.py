@@ -73,3 +73,31 @@ def test_start_up_refuses_it_too(tmp_path):
     assert f"{cfg}" in proc.stderr and "mqtt.batch_max_events: is 0" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()  # refused before opening the store
+
+
+async def test_nats_credentials_in_a_server_url_never_reach_the_log():
+    """The ERP service's NATS server URLs may carry a user and password: every log line shows them without (red
+    before: erp.nats_connecting and erp.nats_error printed nats://erp:S3cretPw@...)."""
+    import asyncio
+
+    import structlog
+
+    from erp_service.config import ServiceConfig
+    from erp_service.consumers import NatsSource, redact
+    from erp_service.metrics import Metrics
+    from simulators.ports import free_port
+
+    assert redact("nats://erp:S3cretPw@10.0.0.1:4222, tls://u@h") == "nats://***@10.0.0.1:4222, tls://***@h"
+    cfg = ServiceConfig.model_validate({"nats": {"servers": [f"nats://erp:S3cretPw@127.0.0.1:{free_port()}"]}})
+    src = NatsSource(cfg.nats, cfg.topic_root, Metrics(), "all")
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(src.connect())
+        for _ in range(100):
+            if any(e["event"] == "erp.nats_error" for e in logs):
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert any(e["event"] == "erp.nats_connecting" for e in logs)
+    assert any(e["event"] == "erp.nats_error" for e in logs)
+    assert "S3cretPw" not in repr(logs)
