@@ -246,7 +246,9 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
                                   "rows": rows}, indent=2, default=str))
             elif args.action == "export":
                 rows = await store.export_rows(table)
-                out = open(args.out, "w") if args.out else sys.stdout
+                # production data: readable by this user only (a file of that name is replaced)
+                out = os.fdopen(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") \
+                    if args.out else sys.stdout
                 try:
                     for r in rows:
                         out.write(json.dumps(r, default=str) + "\n")

@@ -281,7 +281,7 @@ class Store:
 
     def _take_lock(self) -> None:
         """One writer per store: an exclusive flock on ``<path>.lock`` (released by the OS if the process dies)."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -322,6 +322,9 @@ class Store:
             if not self.readonly:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
                 self._take_lock()
+                # the events and machine states are the plant's production data: readable by the gateway's user
+                # only (SQLite gives its -wal and -shm files the database file's mode)
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}", kind=error_kind(exc)) from exc
         try:
