@@ -169,10 +169,17 @@ async def test_untrusted_server_refused_then_trusted_by_the_cli(model: MachineMo
 
 async def test_pinned_thumbprint(model: MachineModel, tmp_path: Path) -> None:
     async with simulator(model, security_policies=["Basic256Sha256_Sign"]) as srv:
-        wrong = make_connector(srv, Recorder(), tmp_path / "a", server_certificate_thumbprint="AB" * 20)
+        # auto is encrypted only: a server offering only Sign is refused with a hint (red before: Sign picked silently)
+        auto = make_connector(srv, Recorder(), tmp_path / "c", server_certificate_thumbprint=srv.thumbprint)
+        async with running(auto):
+            await eventually(lambda: "security_mode: Sign" in (auto.status.last_error or ""), 15, "Sign refused")
+        assert "security_policy" not in auto.status.detail
+        wrong = make_connector(srv, Recorder(), tmp_path / "a", server_certificate_thumbprint="AB" * 20,
+                               security_mode="Sign")
         async with running(wrong):
             await eventually(lambda: "pinned" in (wrong.status.last_error or ""), 15, "pin mismatch refused")
-        pinned = make_connector(srv, Recorder(), tmp_path / "b", server_certificate_thumbprint=srv.thumbprint)
+        pinned = make_connector(srv, Recorder(), tmp_path / "b", server_certificate_thumbprint=srv.thumbprint,
+                                security_mode="Sign")
         async with running(pinned):
             await eventually(lambda: pinned.status.state == ComponentState.CONNECTED, 15, "pinned server accepted")
         assert pinned.status.detail["security_mode"] == "Sign"

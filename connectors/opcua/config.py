@@ -50,11 +50,12 @@ class OpcUaConnectorConfig(BaseModel):
     security: SecurityChoice = Field(
         "auto",
         description="Security policy. 'auto': the most secure endpoint the server offers among the allowed policies "
-        "(Aes256_Sha256_RsaPss > Aes128_Sha256_RsaOaep > Basic256Sha256; SignAndEncrypt before Sign); never falls "
+        "(Aes256_Sha256_RsaPss > Aes128_Sha256_RsaOaep > Basic256Sha256), encrypted; never falls "
         "back to no security. 'none': no signing, no encryption (must be chosen explicitly). Or one policy by name.",
     )
     security_mode: Literal["auto", "Sign", "SignAndEncrypt"] = Field(
-        "auto", description="Message security mode; 'auto' prefers SignAndEncrypt over Sign. Ignored with security: none."
+        "auto", description="Message security mode; 'auto': SignAndEncrypt only (a server offering only Sign is "
+        "refused, with a hint); 'Sign' (signed, not encrypted) must be set explicitly. Ignored with security: none."
     )
     allow_deprecated_policies: bool = Field(
         False, description="Accept the deprecated policies Basic256 and Basic128Rsa15 (SHA-1); a warning is logged."

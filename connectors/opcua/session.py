@@ -8,7 +8,8 @@ talk to a server with the same security and trust settings.
 1. GetEndpoints over a transient unsecured channel (allowed by the spec for discovery; nothing secret
    travels on it).
 2. :func:`select_endpoint`: with ``security: auto`` the most secure endpoint among the allowed policies
-   (see ``SECURE_POLICIES``; SignAndEncrypt before Sign); never the None policy unless ``security: none``.
+   (see ``SECURE_POLICIES``), SignAndEncrypt only unless ``security_mode: Sign`` is set; never the None policy unless
+   ``security: none``.
    Deprecated policies only with ``allow_deprecated_policies`` (and a warning).
 3. Our application instance certificate from the PKI folder (generated on first use).
 4. The server certificate of the chosen endpoint checked against the PKI (trusted/ or a pin); an
@@ -73,7 +74,9 @@ def select_endpoint(endpoints: list[ua.EndpointDescription], cfg: OpcUaConnector
         raise SecurityRefused(f"security: none, but the server offers no unsecured endpoint (it offers {offered(endpoints)})")
     allowed = [cfg.security] if cfg.security != "auto" else list(SECURE_POLICIES) + (
         list(DEPRECATED_POLICIES) if cfg.allow_deprecated_policies else [])
-    modes = {"auto": (ua.MessageSecurityMode.SignAndEncrypt, ua.MessageSecurityMode.Sign),
+    # auto: encrypted only. Sign (signed, readable by anyone on the path) must be asked for: the endpoint list comes
+    # over an unsecured channel, so someone in the middle could strip the SignAndEncrypt entries to force it
+    modes = {"auto": (ua.MessageSecurityMode.SignAndEncrypt,),
              "Sign": (ua.MessageSecurityMode.Sign,),
              "SignAndEncrypt": (ua.MessageSecurityMode.SignAndEncrypt,)}[cfg.security_mode]
     candidates = [e for e in endpoints if policy_name(e.SecurityPolicyUri) in allowed and e.SecurityMode in modes]
@@ -86,6 +89,10 @@ def select_endpoint(endpoints: list[ua.EndpointDescription], cfg: OpcUaConnector
                     "allow_deprecated_policies: true to accept them")
         elif all(e.SecurityPolicyUri == NONE_URI for e in endpoints):
             hint = "; the server offers no security at all: enable security on the server, or set security: none"
+        elif cfg.security_mode == "auto" and any(e.SecurityMode == ua.MessageSecurityMode.Sign
+                                                 and policy_name(e.SecurityPolicyUri) in allowed for e in endpoints):
+            hint = ("; it offers only Sign (signed, not encrypted) with these policies: enable SignAndEncrypt on the "
+                    "server, or set security_mode: Sign to accept that")
         want = f"{cfg.security if cfg.security != 'auto' else '/'.join(allowed)} with mode {cfg.security_mode}"
         raise SecurityRefused(f"no acceptable endpoint: wanted {want}, the server offers {offered(endpoints)}{hint}")
     # SignAndEncrypt before Sign, then our policy ranking (the server's SecurityLevel is vendor-defined)
