@@ -69,6 +69,9 @@ class MqttConfig(_Model):
     username: str | None = Field(None, description="User name; the password comes from password_env or password_file.")
     password_env: str | None = Field(None, description="Environment variable that holds the password.")
     password_file: str | None = Field(None, description="File that holds the password (first line).")
+    allow_plaintext_password: bool = Field(False, description=(
+        "Send the password to a broker beyond loopback without TLS (a trusted plant network only): refused at "
+        "validation otherwise."))
     keepalive_s: int = Field(5, ge=1, le=600, description="MQTT keepalive: a dead broker is noticed within ~1.5x.")
     topic_root: str = Field("edge", pattern=_TOPIC_LEVEL, description="First topic level of everything published.")
     max_inflight: int = Field(100, ge=1, le=1000, description=(
@@ -508,6 +511,7 @@ def _cross_check(data: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], str]
         if c.get("type") in REGISTRY:
             by_id.setdefault(c["id"], c["type"])
     problems.extend(_check_http_exposure(data.get("http")))
+    problems.extend(_check_mqtt_plaintext_password(data.get("mqtt")))
     mids = _Counter(m.get("id") for m in machines if isinstance(m, dict) and isinstance(m.get("id"), str))
     for i, m in enumerate(machines):
         if isinstance(m, dict) and isinstance(m.get("id"), str) and mids[m["id"]] > 1:
@@ -586,6 +590,26 @@ def _check_http_exposure(http: Any) -> list[tuple[tuple[Any, ...], str]]:
     return [(("http", "host"), (f"{host!r} is not a loopback address, and without a token anyone on that network could "
                                 "post order changes: set http.token_env (an environment variable holding a bearer "
                                 "token), or listen on host: 127.0.0.1"))]
+
+
+def _check_mqtt_plaintext_password(mqtt: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """A password for a broker beyond loopback goes over TLS, unless ``allow_plaintext_password`` says otherwise."""
+    if not isinstance(mqtt, dict) or not (mqtt.get("password_env") or mqtt.get("password_file")):
+        return []
+    tls = mqtt.get("tls")
+    if (isinstance(tls, dict) and tls.get("enabled") is True) or mqtt.get("allow_plaintext_password") is True:
+        return []
+    brokers = mqtt.get("brokers")
+    if isinstance(brokers, list) and brokers:
+        hosts = [b.rpartition(":")[0].strip("[]") if isinstance(b, str) else "" for b in brokers]
+    else:
+        hosts = [mqtt.get("host", MqttConfig.model_fields["host"].default)]
+    remote = [h for h in hosts if not (isinstance(h, str) and is_loopback(h))]
+    if not remote:
+        return []
+    return [(("mqtt", "tls", "enabled"), (f"the MQTT password would cross the network in clear to {remote[0]!r}: set "
+                                          "tls.enabled: true, or allow_plaintext_password: true if that network is "
+                                          "trusted"))]
 
 
 def _check_nats_topics(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:

@@ -158,3 +158,26 @@ async def test_a_non_ascii_authorization_header_is_refused_not_a_server_error(tm
         assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
     finally:
         await rgw.stop()
+
+
+def test_an_mqtt_password_for_a_remote_broker_needs_tls(tmp_path):
+    """A password sent to a broker beyond loopback without TLS is refused at validation, naming the field and the
+    fix (red before: accepted, and sent in clear); TLS, a loopback broker or allow_plaintext_password pass."""
+    path = tmp_path / "gw.yaml"
+    base = _doc(tmp_path, {"enabled": False})
+    for mqtt in ({"host": "broker.plant.local", "username": "gw", "password_env": "PW"},
+                 {"brokers": ["127.0.0.1:1883", "10.0.0.7:1883"], "username": "gw", "password_file": "pw"}):
+        path.write_text(yaml.safe_dump({**base, "mqtt": mqtt}))
+        proc = subprocess.run(EXE + ["validate", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 2, proc.stdout
+        assert f"{path}:" in proc.stderr and "mqtt.tls.enabled: the MQTT password would cross the network in clear" \
+            in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    for mqtt in ({"host": "broker.plant.local", "username": "gw", "password_env": "PW", "tls": {"enabled": True}},
+                 {"host": "127.0.0.1", "username": "gw", "password_env": "PW"},
+                 {"host": "broker.plant.local", "username": "gw", "password_env": "PW", "allow_plaintext_password": True},
+                 {"host": "broker.plant.local"}):
+        path.write_text(yaml.safe_dump({**base, "mqtt": mqtt}))
+        proc = subprocess.run(EXE + ["validate", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 0, (mqtt, proc.stderr)
