@@ -651,7 +651,9 @@ class Core:
                         action="dropped: the machine is no longer configured")
             return
         if machine in self.faulted:
-            log.warning("order.ignored_machine_faulted", machine=machine, source=cmd.source)
+            log.warning("order.ignored_machine_faulted", machine=machine, source=cmd.source,
+                        order=getattr(getattr(cmd, "context", None), "order", None),
+                        clear=isinstance(cmd, OrderCommand) and cmd.context is None)
             return
         cut = self.cuts.get(machine)
         if cut is not None:
@@ -1033,8 +1035,10 @@ class Core:
         """Order commands dropped at a stop: a retained MQTT dispatch comes again at the next start, a local order
         (``edge-gateway order set``, the HTTP API) does not. Each local one is logged, to be set again."""
         for cmd in commands:
-            if isinstance(cmd, OrderCommand) and cmd.source == "local":
+            # an ERP clear (an empty retained payload) deleted its retained dispatch: nothing comes again either
+            if isinstance(cmd, OrderCommand) and (cmd.source == "local" or (cmd.source == "mqtt" and cmd.context is None)):
                 ctx = cmd.context
                 log.warning("order.not_applied", machine=cmd.machine, source=cmd.source,
                             order=ctx.order if ctx else None, operation=ctx.operation if ctx else None, reason=why,
-                            action="set it again once the gateway runs")
+                            action="set it again once the gateway runs" if cmd.source == "local" else
+                            "the ERP's clear left nothing retained: publish it again once the gateway runs")

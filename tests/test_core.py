@@ -682,10 +682,12 @@ async def test_a_local_order_dropped_at_a_stop_is_logged_to_be_set_again(tmp_pat
         assert "m1" in gw.core.cuts
         gw.core.inbox.append(OrderCommand("m2", OrderContext("B", "20"), "local"))
         gw.core.inbox.append(OrderCommand("m2", OrderContext("C", "30"), "mqtt"))  # retained: comes again
+        # an ERP clear is an empty retained payload, which deletes the retained dispatch: it does not come again
+        gw.core.inbox.append(OrderCommand("m2", None, "mqtt"))
         gw.core.cancel_cuts()
         gw.core.drain()
-    lost = [(e["machine"], e["order"], e["log_level"]) for e in logs if e["event"] == "order.not_applied"]
-    assert lost == [("m1", "A", "warning"), ("m2", "B", "warning")]
+    lost = [(e["machine"], e["order"], e["source"], e["log_level"]) for e in logs if e["event"] == "order.not_applied"]
+    assert lost == [("m1", "A", "local", "warning"), ("m2", "B", "local", "warning"), ("m2", None, "mqtt", "warning")]
 
 
 def test_an_order_command_for_a_machine_a_reload_removed_is_dropped_not_a_crash(tmp_path):
