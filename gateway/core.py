@@ -758,6 +758,14 @@ class Core:
             out = eng.dispatch(cmd.context, time.time())
         except OrderRefused as exc:
             self._on_refused(cmd, exc)
+            if cmd.source == "tag" and eng.context is not None:
+                # the PLC's tags show an operation completed here (not reopened): what the machine makes now is not
+                # the previous operation's, nor may the next completion flag complete that one
+                ctx = cmd.context
+                log.warning("order_tag.completed_operation", machine=machine, order=ctx.order if ctx else None,
+                            operation=ctx.operation if ctx else None,
+                            action="counts reported unassigned until the tags show another order")
+                return self.apply_order(OrderCommand(machine, None, "tag", needs_cut=False))
             return []
         except Exception as exc:  # noqa: BLE001 - e.g. a value nothing validated: this machine faults, not all
             self.fault(machine, exc)

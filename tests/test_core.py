@@ -702,3 +702,20 @@ def test_an_order_command_for_a_machine_a_reload_removed_is_dropped_not_a_crash(
         gw.core.round()
     assert [(e["event"], e["machine"]) for e in logs if e["event"] == "order.machine_removed"] == [("order.machine_removed", "m2")]
     assert not gw.core.inbox
+
+
+def test_plc_tags_back_on_a_completed_operation_count_unassigned(tmp_path):
+    """A/10 completed by the flag, B/20 runs, then the PLC shows A/10 again (a rework run, an operator's slip): the
+    completed operation is not reopened, and what is made now goes unassigned, not to B/20; the next flag completes
+    nothing (red before: B/20 got those parts and the flag final-confirmed B/20 with them)."""
+    gw = make_gateway(tmp_path, order_source="tag", complete=True)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1), s("m1/complete", 0, 1)])
+    feed(gw, [s("m1/good", 5, 2)])
+    feed(gw, [s("m1/complete", 1, 3), s("m1/order", "B", 3), s("m1/operation", "20", 3)])
+    feed(gw, [s("m1/complete", 0, 4), s("m1/good", 8, 4)])
+    feed(gw, [s("m1/order", "A", 5), s("m1/operation", "10", 5)])
+    feed(gw, [s("m1/good", 20, 6)])
+    feed(gw, [s("m1/complete", 1, 8), s("m1/good", 21, 8)])
+    gw.core.stage(gw.engines["m1"].flush("test", 9))
+    assert booked(gw) == {("A", "10"): 5, ("completed", "A"): 5, ("B", "20"): 3, (None, None): 13}
+    assert gw.engines["m1"].context is None
