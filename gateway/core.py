@@ -672,6 +672,9 @@ class Core:
             log.debug("order.unchanged", machine=machine, source=cmd.source)
             return
         cur, new = eng.context, cmd.context
+        if new is not None and new.status == "completed" and (cur is None or cur.ref != new.ref):
+            self.stage(self.apply_order(cmd))  # an operation that ran earlier: no changeover, no cut read
+            return
         changes = (cur is None) != (new is None) or (
             cur is not None and new is not None and (cur.ref != new.ref or new.status != cur.status))
         if changes and cmd.needs_cut and self.routes.cut_keys.get(machine):

@@ -718,11 +718,15 @@ class MachineEngine:
         """True when ``dispatch(ctx)`` would change nothing: the order in force again (a retained dispatch seen again
         after a reconnect or a resync), or the completion of an operation not running here (already completed)."""
         cur = self.context
+        if ctx is not None and ctx.status == "completed" and (cur is None or cur.ref != ctx.ref):
+            return not self.ran_here(ctx)  # an operation that ran here earlier is completed with its totals
         if ctx is None or cur is None:
-            return ctx is cur or (ctx is not None and ctx.status == "completed")
-        if ctx.status == "completed":
-            return cur.ref != ctx.ref
+            return ctx is cur
         return cur == ctx
+
+    def ran_here(self, ctx: OrderContext) -> bool:
+        """The operation ran on this machine earlier (its totals are remembered) and is not completed yet."""
+        return ctx.ref not in self.completed and self._totals_key(ctx) in self.order_totals
 
     def dispatch(self, ctx: OrderContext | None, now: float) -> list[EventDraft]:
         """A new production-order context for this machine (None = no order). The caller must have applied a
@@ -738,7 +742,9 @@ class MachineEngine:
         if ctx is not None and ctx.status == "completed":
             if cur is not None and cur.ref == ctx.ref:
                 return self._complete(now)
-            return []  # already completed, or not running here: nothing was counted for it
+            if self.ran_here(ctx):
+                return self._complete_earlier(ctx, now)
+            return []  # already completed, or never ran here: nothing was counted for it
         if cur is not None and ctx is not None and cur.ref == ctx.ref:
             if cur != ctx:
                 self.context = ctx  # e.g. components updated: no changeover
@@ -774,6 +780,23 @@ class MachineEngine:
     @staticmethod
     def _totals_key(ctx: OrderContext | None) -> str:
         return "" if ctx is None else f"{ctx.order}\x1f{ctx.operation}"
+
+    def _complete_earlier(self, ctx: OrderContext, now: float) -> list[EventDraft]:
+        """The completion of an operation that ran here before the current one (the ERP completes A after it
+        dispatched B): final, with the totals remembered for it; the current operation goes on."""
+        key = self._totals_key(ctx)
+        saved = self.order_totals.pop(key)
+        self.completed.pop(ctx.ref, None)
+        self.completed[ctx.ref] = None
+        while len(self.completed) > self.MAX_REMEMBERED_COMPLETED:
+            self.completed.pop(next(iter(self.completed)))
+        self.dirty = True
+        return [EventDraft("operation.completed", self.spec.id, now, OperationCompletedData(
+            machine=self.spec.id, order=ctx.order, operation=ctx.operation, final=True,
+            totals=Totals(yield_=saved.get("yield", "0"), scrap=saved.get("scrap", "0"),
+                          rework=saved.get("rework", "0")),
+            unit=ctx.unit or self.spec.unit,
+        ))]
 
     def _complete(self, now: float) -> list[EventDraft]:
         cur = self.context

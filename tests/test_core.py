@@ -719,3 +719,25 @@ def test_plc_tags_back_on_a_completed_operation_count_unassigned(tmp_path):
     gw.core.stage(gw.engines["m1"].flush("test", 9))
     assert booked(gw) == {("A", "10"): 5, ("completed", "A"): 5, ("B", "20"): 3, (None, None): 13}
     assert gw.engines["m1"].context is None
+
+
+def test_completing_an_operation_that_ran_before_the_current_one(tmp_path):
+    """The ERP dispatches B, then completes A (which ran before it here): A is final-confirmed with its totals, B goes
+    on, and A is not reopened later (red before: dropped without a word; a later 'A active' reopened it)."""
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False)
+    core = gw.core
+    feed(gw, [s("m1/good", 0, 1)])
+    core.stage(core.apply_order(OrderCommand("m1", OrderContext("A", "10"), "mqtt")))
+    feed(gw, [s("m1/good", 7, 2)])
+    core.stage(core.apply_order(OrderCommand("m1", OrderContext("B", "20"), "mqtt")))
+    feed(gw, [s("m1/good", 9, 3)])
+    core._order_command(OrderCommand("m1", OrderContext("A", "10", status="completed"), "mqtt"))
+    assert not core.cuts  # no changeover, no cut read
+    assert gw.engines["m1"].context.ref == ("B", "20")
+    gw.core.stage(gw.engines["m1"].flush("test", 4))
+    assert booked(gw) == {("A", "10"): 7, ("completed", "A"): 7, ("B", "20"): 2}
+    assert core.refusal(OrderCommand("m1", OrderContext("A", "10"), "mqtt")) is not None
+    before = len(core.uncommitted)
+    core._order_command(OrderCommand("m1", OrderContext("A", "10", status="completed"), "mqtt"))  # again: nothing
+    core._order_command(OrderCommand("m1", OrderContext("X", "99", status="completed"), "mqtt"))  # never ran here
+    assert len(core.uncommitted) == before
