@@ -245,6 +245,10 @@ class Core:
         self.engines = {mid: MachineEngine(spec, snapshots.get(mid)) for mid, spec in self.specs.items()}
         for mid in self.engines:
             self._schedule(mid)
+        for mid, tracker in self.tags.trackers.items():  # the completion flag as last committed
+            eng = self.engines.get(mid)
+            if eng is not None:
+                tracker.complete_level = eng.complete_flag
         self.next_seq = next_seq
         self.encoder = encoder
 
@@ -557,6 +561,13 @@ class Core:
             self._release(machine, out, touched)
         if signal == "order" or signal == "operation" or signal == "complete":
             cmd = tags.control_sample(machine, signal, s)
+            if signal == "complete":
+                level = tags.trackers[machine].complete_level
+                eng = self.engines[machine]
+                if eng.complete_flag is not level:  # persisted with the machine (committed with a completion)
+                    eng.complete_flag = level
+                    eng.dirty = True
+                    self.dirty.add(machine)
             if cmd is not None:
                 out.extend(self.apply_order(cmd))
                 self._release(machine, out, touched)

@@ -226,6 +226,8 @@ class _Cell(CounterState):
         self.pending = False
 
 
+_COMPLETE_FLAG = {None: "", True: ',"complete_flag":true', False: ',"complete_flag":false'}
+
 _MASK64 = (1 << 64) - 1
 
 # one encoder: json.dumps(x, separators=...) builds a new one per call
@@ -299,6 +301,9 @@ class MachineEngine:
         self.machine_state: str | None = None
         self.completed: dict[tuple[str, str], None] = {}  # recently completed (order, operation), oldest first
         self.order_totals: dict[str, dict[str, str]] = {}  # totals of recently active order/operations
+        # the PLC's completion flag as last seen (None: no flag, or not seen yet): persisted, so a flag that rose
+        # while the gateway was stopped (or reloading) is a rising edge when it is seen again
+        self.complete_flag: bool | None = None
         self.anomalies = 0
         self._json_keys: dict[str, str] = {}  # counter name -> its JSON string (snapshot_json)
         self._json_ctx: tuple[OrderContext | None, str] = (None, "null")
@@ -449,7 +454,8 @@ class MachineEngine:
                 _STATE_JSON[state] = state_j
         return (f'{{"v":1,"counters":{{{",".join(counters)}}},"context":{self._json_ctx[1]},{window},'
                 f'"totals":{_jdecs(self.totals)},"yield_carry":"{dec_str(self.yield_carry)}",'
-                f'"machine_state":{state_j},"completed":{completed},"order_totals":{order_totals}}}')
+                f'"machine_state":{state_j},"completed":{completed},"order_totals":{order_totals}'
+                f'{_COMPLETE_FLAG[self.complete_flag]}}}')
 
     def snapshot(self) -> dict[str, Any]:
         w = self.window
@@ -469,6 +475,7 @@ class MachineEngine:
             "machine_state": self.machine_state,
             "completed": [list(ref) for ref in self.completed],
             "order_totals": self.order_totals,
+            **({} if self.complete_flag is None else {"complete_flag": self.complete_flag}),
         }
 
     def _restore(self, snap: dict[str, Any]) -> None:
@@ -495,6 +502,8 @@ class MachineEngine:
         # a state persisted before texts were cleaned (plc_text) would be the next event's `previous`
         self.machine_state = plc_text(state) if isinstance(state, str) else state
         self.order_totals = dict(snap.get("order_totals", {}))
+        flag = snap.get("complete_flag")
+        self.complete_flag = flag if isinstance(flag, bool) else None
         refs = snap.get("completed")
         if refs is None:  # older snapshots remembered the last completion only
             refs = [snap["last_completed"]] if snap.get("last_completed") else []
