@@ -27,12 +27,15 @@ class PostgresConfig(_Model):
         from psycopg.conninfo import conninfo_to_dict
 
         try:
-            conninfo_to_dict(v)
+            parts = conninfo_to_dict(v)
         except ProgrammingError as exc:
             # libpq quotes the offending part, which may be (part of) the password: hidden
             why = re.sub(r'"([^"]*)"', lambda m: m[0] if m[1] == "=" else '"…"', str(exc).strip())
             raise ValueError(f"not a libpq connection string or URL: {why} (e.g. 'postgresql://user@host:5432/db' "
                              f"or 'host=... dbname=...'; quoted parts hidden)") from None
+        if parts.get("password"):
+            raise ValueError("holds a password: give it in the environment (PGPASSWORD) or a password file (PGPASSFILE, "
+                             "~/.pgpass), never in the YAML")
         return v
 
 
@@ -133,8 +136,14 @@ class ConfigError(ValueError):
 def load_config(path: str | Path) -> ServiceConfig:
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        # the problem and its line, not the text around it (which may be a secret written where it does not belong)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', None) or type(exc).__name__}{where}") \
+            from None
     try:
         return ServiceConfig.model_validate(doc)
     except ValidationError as exc:

@@ -74,7 +74,7 @@ async def _shut(starting: asyncio.Task, gw: Client, svc: ErpService, gate: Gate)
     await gate.close()
 
 
-async def test_start_waits_for_an_unreachable_database_then_consumes(mqtt_broker):
+async def test_start_waits_for_an_unreachable_database_then_consumes(mqtt_broker, monkeypatch):
     """PostgreSQL is away when the service starts (systemd, a database that comes up later; here a proxy that drops
     every connection): the service stays up, logs erp.postgres_unreachable once (host, port, dbname, the error, the
     next retry; never the password), /ready is 503 with the reason, /health 200 and says what it waits for. Once the
@@ -87,8 +87,10 @@ async def test_start_waits_for_an_unreachable_database_then_consumes(mqtt_broker
         gate = await Gate(5432).start()
         cfg = _cfg(dsn, ep, source="mqtt", workers=1, mqtt=MqttSourceConfig(host=mqtt_broker.host,
                                                                              port=mqtt_broker.port))
-        # trust authentication on the test server: the password is sent nowhere, it must also be logged nowhere
-        cfg.postgres = PostgresConfig(dsn=f"postgresql://postgres:{SECRET}@127.0.0.1:{gate.port}/{name}",
+        # trust authentication on the test server: the password (from the environment, as the config wants it) is
+        # sent nowhere, it must also be logged nowhere
+        monkeypatch.setenv("PGPASSWORD", SECRET)
+        cfg.postgres = PostgresConfig(dsn=f"postgresql://postgres@127.0.0.1:{gate.port}/{name}",
                                       backoff_initial_s=0.05, backoff_max_s=0.2)
         gw = Client(mqtt_broker.host, mqtt_broker.port, "gw-01", protocol=mqtt.MQTTv5)
         svc = ErpService(cfg)
