@@ -48,7 +48,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from erp_service.config import ConfigError
         from erp_service.service import ErpService
 
-        svc = ErpService(cfg)
+        try:
+            svc = ErpService(cfg)
+        except ConfigError as exc:  # e.g. erp.password_env names a variable that is not set
+            log.error("erp.config_invalid", error=str(exc)[:500])
+            return EXIT_CONFIG
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Model(BaseModel):
@@ -82,8 +82,15 @@ class ErpEndpointConfig(_Model):
     batch: int = Field(50, ge=1, le=1000)
     poll_s: float = Field(0.2, gt=0, description="Idle poll interval of the poster.")
     posters: int = Field(1, ge=0, le=64, description="Concurrent poster tasks in this process (0 = do not post).")
-    username: str | None = None
-    password_env: str | None = None
+    username: str | None = Field(None, description="HTTP basic auth user of the ERP endpoint (with password_env).")
+    password_env: str | None = Field(None, description="Environment variable holding that user's password; the "
+                                     "service does not start without it.")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "ErpEndpointConfig":
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env go together: set both for basic auth, or neither")
+        return self
 
 
 class HttpConfig(_Model):

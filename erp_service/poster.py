@@ -33,7 +33,7 @@ import psycopg
 import structlog
 from psycopg.types.json import Jsonb
 
-from erp_service.config import ErpEndpointConfig
+from erp_service.config import ConfigError, ErpEndpointConfig
 from erp_service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -68,7 +68,11 @@ class Poster:
         self.healthy = True          # last ERP call succeeded (or none failed yet)
         self._auth = None
         if cfg.username:
-            self._auth = aiohttp.BasicAuth(cfg.username, os.environ.get(cfg.password_env or "", ""))
+            password = os.environ.get(cfg.password_env or "")
+            if not password:  # never an empty password in its place, silently
+                raise ConfigError(f"erp.password_env: the environment variable {cfg.password_env} (the password of "
+                                  f"erp.username) is not set")
+            self._auth = aiohttp.BasicAuth(cfg.username, password)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Post until ``stop`` is set; survives database and ERP outages (logs and retries)."""

@@ -204,3 +204,19 @@ async def test_a_password_in_the_postgres_dsn_is_refused_and_a_yaml_error_echoes
     rc, out = await _cli("validate", "--config", str(broken))
     assert rc == 2 and "not valid YAML" in out and "line 2" in out, out
     assert SECRET not in out and "Traceback" not in out
+
+
+async def test_erp_credentials_are_both_given_and_the_password_is_set(tmp_path):
+    """erp.username needs erp.password_env (and the reverse): refused by validate; a password variable that is not
+    set stops run with erp.config_invalid, exit 2 (red before: an empty password was sent in its place, silently)."""
+    cfg = tmp_path / "erp.yaml"
+    for erp in ({"username": "EDGE_ERP"}, {"password_env": "SAP_PW"}):
+        cfg.write_text(yaml.safe_dump({"erp": erp}))
+        rc, out = await _cli("validate", "--config", str(cfg))
+        assert rc == 2 and "username and password_env go together" in out, out
+    cfg.write_text(yaml.safe_dump({"source": "mqtt", "http": {"port": 0}, "logging": {"format": "json"},
+                                   "erp": {"username": "EDGE_ERP", "password_env": "NO_SUCH_SAP_PW_FOR_TEST"}}))
+    rc, out = await _cli("run", "--config", str(cfg))
+    errors = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"erp.config_invalid"' in line]
+    assert rc == 2 and errors and "NO_SUCH_SAP_PW_FOR_TEST" in errors[0]["error"], out
+    assert "Traceback" not in out
