@@ -536,7 +536,17 @@ class Core:
         routes = self.routes.signal
         touched: set[str] = set()
         rank = self.routes.rank
-        for s in sorted(samples, key=lambda s: (s.time, rank.get(s.key, 0))):
+        control = self.routes.control
+
+        def order(s: Sample) -> tuple[float, int]:
+            # a counter's value read again (a new subscription's first value, a cut read) says what it is now, not
+            # when it changed: counted before the order tags of the same batch (after an outage that spans an order
+            # change its parts go to the old order, as in a Modbus scan, never the whole gap to the new one)
+            if s.reread and s.key not in control:
+                return (-math.inf, 0)
+            return (s.time, rank.get(s.key, 0))
+
+        for s in sorted(samples, key=order):
             route = routes.get(s.key)
             if route is not None:
                 self._ordered(s, route[0], route[1], out, touched)

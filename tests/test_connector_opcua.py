@@ -832,6 +832,36 @@ def test_a_bad_first_notification_does_not_use_up_the_delta_guard() -> None:
     assert conn.alarms.ids() == ["delta_unverified:m1/good"]
 
 
+def test_a_new_subscriptions_first_good_values_are_marked_reread() -> None:
+    """The first good value of each item on a new subscription is the current value (after a reconnect it may span an
+    outage): marked ``reread``, so the core counts it before the order tags of the same publish; a Bad first
+    notification does not use the mark up; the values after it are changes (not marked)."""
+    got: list = []
+    cfg = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://x:4840",
+                                               "security": "none"})
+    conn = OpcUaConnector(cfg, [TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=G")),
+                                TagBinding("m1/order", OpcUaTagConfig(node_id="ns=2;s=O"))], got.extend)
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+    def dv(value, seconds, status=0):
+        return ua.DataValue(Value=ua.Variant(value) if value is not None else ua.Variant(),
+                            StatusCode=ua.StatusCode(status), SourceTimestamp=t0 + timedelta(seconds=seconds))
+
+    def publish(*items):
+        r = ua.PublishResult()
+        r.NotificationMessage = ua.NotificationMessage(NotificationData=[ua.DataChangeNotification(
+            MonitoredItems=[ua.MonitoredItemNotification(ClientHandle=h, Value=d) for h, d in items])])
+        conn._on_publish(conn._generation, r)
+
+    conn._handles, conn._fresh, conn._first = {1: ("m1/good",), 2: ("m1/order",)}, set(), {1, 2}
+    publish((1, dv(None, 1, ua.StatusCodes.BadWaitingForInitialData)), (2, dv("B", 50)))
+    publish((1, dv(300, 90)))
+    publish((1, dv(301, 91)), (2, dv("C", 92)))
+    assert [(x.key, x.value, x.reread) for x in got] == [
+        ("m1/good", None, False), ("m1/order", "B", True), ("m1/good", 300, True), ("m1/good", 301, False),
+        ("m1/order", "C", False)]
+
+
 async def test_a_delta_value_without_source_timestamp_is_not_counted_again_after_a_reconnect() -> None:
     """A server that sends no SourceTimestamp and stamps the ServerTimestamp when it sends (emulated: the delta node's
     stamp renewed while the gateway is away). After a reconnect the new subscription's first notification is the

@@ -741,3 +741,22 @@ def test_completing_an_operation_that_ran_before_the_current_one(tmp_path):
     core._order_command(OrderCommand("m1", OrderContext("A", "10", status="completed"), "mqtt"))  # again: nothing
     core._order_command(OrderCommand("m1", OrderContext("X", "99", status="completed"), "mqtt"))  # never ran here
     assert len(core.uncommitted) == before
+
+
+def test_after_an_outage_that_spans_a_plc_order_change_the_gap_goes_to_the_old_order(tmp_path):
+    """The OPC UA connection is down from t=10 to t=80; the PLC switched A/10 -> B/20 at t=50. The new subscription's
+    first values are the counter now (300, time 90) and the tags (B/20, time 50): the split of the 200 parts is
+    unknown. The connector marks a new subscription's first values ``reread`` (the current value, not a change seen
+    as it happened), and the core counts them before the order tags of the batch, as in a Modbus scan: to the old
+    order, like a changeover held by an unreadable PLC (red before: sorted by time, the whole gap went to B/20)."""
+    import dataclasses
+
+    gw = make_gateway(tmp_path, complete=False)
+    feed(gw, [s("m1/good", 0, 1), s("m1/order", "A", 1), s("m1/operation", "10", 1)])
+    feed(gw, [s("m1/good", 100, 10)])
+    first = [dataclasses.replace(x, reread=True)
+             for x in (s("m1/good", 300, 90), s("m1/order", "B", 50), s("m1/operation", "20", 50))]
+    feed(gw, first)
+    feed(gw, [s("m1/good", 310, 95)])
+    gw.core.stage(gw.engines["m1"].flush("test", 100))
+    assert booked(gw) == {("A", "10"): 300, ("B", "20"): 10}

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import math
 import shlex
@@ -223,6 +224,10 @@ class OpcUaConnector(Connector):
         # handles of delta / reset-on-read items whose first notification on this subscription is still to come (see
         # _first_value)
         self._fresh: set[int] = set()
+        # handles whose first good value of this subscription has not come yet: it is marked ``reread`` (the current
+        # value again, not a change seen as it happened: after a reconnect the core counts it before the order tags
+        # of the same publish, as in a Modbus scan)
+        self._first: set[int] = set()
         self._lost: asyncio.Event | None = None
         self._lost_reason: str | None = None
         self._last_publish = 0.0
@@ -406,6 +411,7 @@ class OpcUaConnector(Connector):
         # register the handles first: the first notification may overtake the CreateMonitoredItems response
         self._handles = handles
         self._fresh = {h for h, n in enumerate(node_ids, start=1) if n in self._every_value}
+        self._first = set(handles)
         results = await self._create_items(client, result.SubscriptionId, items)
         failed: list[Sample] = []
         now = time.time()
@@ -530,6 +536,7 @@ class OpcUaConnector(Connector):
         # register the handles first: the first notification may overtake the CreateMonitoredItems response
         self._handles.update((handle, tuple(self._node_keys[node_id])) for handle, node_id in numbered)
         self._fresh.update(handle for handle, node_id in numbered if node_id in self._every_value)
+        self._first.update(handle for handle, _ in numbered)
         results = await self._create_items(client, self._subscription_id, items)
         refused = dict(self._refused_nodes)
         for (handle, node_id), res in zip(numbered, results):
@@ -756,6 +763,7 @@ class OpcUaConnector(Connector):
         recv = time.time()
         handles = self._handles
         fresh = self._fresh
+        first_of = self._first
         samples: list[Sample] = []
         for notif in data:
             items = getattr(notif, "MonitoredItems", None)
@@ -774,9 +782,13 @@ class OpcUaConnector(Connector):
                             if not decided:
                                 continue
                     first = datavalue_to_sample(keys[0], item.Value, recv)
+                    if first_of and item.ClientHandle in first_of and first.good:
+                        first_of.discard(item.ClientHandle)
+                        first = dataclasses.replace(first, reread=True)
                     samples.append(first)
                     for k in keys[1:]:
-                        samples.append(Sample(k, first.value, first.good, recv, first.source_time, first.status, first.mono))
+                        samples.append(Sample(k, first.value, first.good, recv, first.source_time, first.status, first.mono,
+                                              first.reread))
             elif isinstance(notif, ua.StatusChangeNotification):
                 # asyncua sends BadShutdown when it sees the transport go; a server sends BadTimeout when
                 # the subscription expired. Either way this subscription delivers nothing more.
