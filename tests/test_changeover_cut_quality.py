@@ -22,14 +22,18 @@ from tests.e2e import IDENT
 from tests.faults import start_on_free_port
 
 
-def make_gateway(tmp_path: Any, server: OpcUaMachineServer) -> Gateway:
+def make_gateway(tmp_path: Any, server: OpcUaMachineServer, counters: tuple[str, ...] = ("good",), *,
+                 complete: bool = False, publishing_ms: int = 50) -> Gateway:
+    machine: dict[str, Any] = {"id": "press-1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
+                               "counters": {c: {"connector": "opc", "node_id": server.node_ids[c], "max_rate": 1000}
+                                            for c in counters}}
+    if complete:
+        machine["complete_tag"] = {"connector": "opc", "node_id": server.node_ids["complete"]}
     cfg = parse_config({
         "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
         "connectors": [{"type": "opcua", "id": "opc", "endpoint": server.endpoint, "security": "none",
-                        "publishing_interval_ms": 50, "sampling_interval_ms": 0, "timeout_s": 1.0}],
-        "machines": [{"id": "press-1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
-                      "counters": {"good": {"connector": "opc", "node_id": server.node_ids["good"],
-                                            "max_rate": 1000}}}],
+                        "publishing_interval_ms": publishing_ms, "sampling_interval_ms": 0, "timeout_s": 1.0}],
+        "machines": [machine],
     }, "<test>")
     gw = Gateway(cfg)
     gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
@@ -155,15 +159,7 @@ async def test_a_counter_that_stays_bad_does_not_hold_the_changeover_for_ever(tm
     model = MachineModel("Press1", cycle_time=0.005, scrap_rate=0.0)
     server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port))
     try:
-        cfg = parse_config({
-            "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
-            "connectors": [{"type": "opcua", "id": "opc", "endpoint": server.endpoint, "security": "none",
-                            "publishing_interval_ms": 50, "sampling_interval_ms": 0, "timeout_s": 1.0}],
-            "machines": [{"id": "press-1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
-                          "counters": {c: {"connector": "opc", "node_id": server.node_ids[c], "max_rate": 1000}
-                                       for c in ("good", "scrap")}}]}, "<test>")
-        gw = Gateway(cfg)
-        gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
+        gw = make_gateway(tmp_path, server, ("good", "scrap"))
         cell = gw.engines["press-1"].counters["good"]
 
         async def make(parts: int) -> None:
@@ -203,16 +199,7 @@ async def test_a_completion_flag_raised_before_a_dispatch_completes_the_old_oper
     model = MachineModel("Press1", cycle_time=0.005, scrap_rate=0.0)
     server = await start_on_free_port(lambda port: OpcUaMachineServer(model, port=port))
     try:
-        cfg = parse_config({
-            "gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
-            "connectors": [{"type": "opcua", "id": "opc", "endpoint": server.endpoint, "security": "none",
-                            "publishing_interval_ms": 1500, "sampling_interval_ms": 0, "timeout_s": 1.0}],
-            "machines": [{"id": "press-1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
-                          "counters": {"good": {"connector": "opc", "node_id": server.node_ids["good"],
-                                                "max_rate": 1000}},
-                          "complete_tag": {"connector": "opc", "node_id": server.node_ids["complete"]}}]}, "<test>")
-        gw = Gateway(cfg)
-        gw.core.restore({}, 1, EventEncoder(cfg.gateway, gw.topics, "e" * 32))
+        gw = make_gateway(tmp_path, server, complete=True, publishing_ms=1500)
         cell = gw.engines["press-1"].counters["good"]
         tracker = gw.core.tags.trackers["press-1"]
         async with connected(gw):
