@@ -289,12 +289,12 @@ class Reloader:
         for mid in list(tags.trackers):
             if mid in old_tags.trackers and mid not in p.machines_changed:
                 tags.trackers[mid] = old_tags.trackers[mid]
-            elif mid in engines:  # a new tracker knows the completion flag as the engine last saw it
-                tags.trackers[mid].complete_level = engines[mid].complete_flag
                 if mid in old_tags.pending and mid in tags.from_tags:
                     tags.pending.add(mid)
                     if mid in old_tags._settle_since:
                         tags._settle_since[mid] = old_tags._settle_since[mid]
+            elif mid in engines:  # a new tracker knows the completion flag as the engine last saw it
+                tags.trackers[mid].complete_level = engines[mid].complete_flag
         core.tags = tags
         core.routes = routes
         core.specs = gw.specs = new_specs

@@ -72,3 +72,51 @@ async def test_a_removed_machines_state_is_committed_with_the_events_of_its_held
         assert [(e["data"]["order"], e["data"]["quantities"]["yield"]) for e in reports][-1] == ("A", "25")
     finally:
         await gw.store.close()
+
+
+async def test_a_reload_of_another_machine_keeps_a_pending_plc_order_switch(tmp_path):
+    """m2's PLC order tags switched A/10 -> B/20 and the switch is pending (settling) when a reload changes only m1:
+    m2 keeps its tracker and its pending switch, so the parts made after it go to B/20 (red at c5af0d6: the pending
+    carry-over had slipped under another branch and m2's next parts went to A/10)."""
+    import asyncio
+
+    def cfg(m1_interval: float):
+        ms = [_machine("m1", "opc1"), _machine("m2", "opc2")]
+        ms[0]["reporting"] = {"interval_s": m1_interval}
+        return parse_config({"gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
+                             "connectors": [{"type": "opcua", "id": c, "endpoint": "opc.tcp://127.0.0.1:1"}
+                                            for c in ("opc1", "opc2")],
+                             "machines": ms}, "<test>")
+
+    old, new = cfg(3600), cfg(1800)
+    gw = Gateway(old)
+    await gw.store.open()
+    try:
+        core = gw.core
+        core.restore(await gw.store.load_states(), gw.store.next_seq, EventEncoder(old.gateway, gw.topics,
+                                                                                    gw.store.epoch))
+        gw.started.set()
+
+        def feed(batch: list[Sample]) -> None:
+            core.stage(core.apply_samples(batch))
+
+        feed([_s("m2/order", "A", 1.0), _s("m2/operation", "10", 1.0), _s("m2/good", 0, 1.0)])
+        feed([_s("m2/good", 25, 3.0)])
+        feed([_s("m2/order", "B", 4.0), _s("m2/operation", "20", 4.0)])  # settling
+        assert "m2" in core.tags.pending
+        await core.commit(force=True)
+        p = plan(gw.cfg, new)
+        assert p.machines_changed == ["m1"]
+        async with asyncio.TaskGroup() as tg:  # m1's connector restarts (it cannot connect: stopped)
+            gw._tg = tg
+            await Reloader(gw, "reload")._apply(new, p)
+            for t in gw._tasks:
+                t.cancel()
+        assert "m2" in core.tags.pending
+        feed([_s("m2/good", 40, 5.0)])  # 15 parts made under B/20
+        core.stage(core.engines["m2"].flush("periodic", 6.0))
+        got = [(d["order"], d["quantities"]["yield"]) for d in (json.loads(r.payload)["data"] for r in core.uncommitted
+               if r.type == "operation.quantity_reported")]
+        assert got == [("A", "25"), ("B", "15")], got
+    finally:
+        await gw.store.close()
