@@ -192,8 +192,8 @@ class TagOrderTracker:
         t = s.source_time
         if t is not None:
             last = self.complete_time
-            if last is not None and t <= last and last - t < FLAG_REORDER_S:
-                return False  # a late delivery of a value seen already (the cut read took the flag first)
+            if last is not None and t < last and last - t < FLAG_REORDER_S:
+                return False  # a late delivery, older than a value seen already (the cut read took the flag first)
             self.complete_time = t
         up = _flag(s.value)
         prev, self.complete_level = self.complete_level, up
@@ -201,7 +201,7 @@ class TagOrderTracker:
 
 
 FLAG_REORDER_S = 130.0
-"""A completion flag value whose source time is not newer than the last one seen, by less than this, is a late
+"""A completion flag value whose source time is older than the last one seen, by less than this, is a late
 delivery (an OPC UA publish of values queued before the changeover's cut read took the flag: up to twice the longest
 publishing interval plus a timeout); older by more is a clock step, and used."""
 

@@ -241,5 +241,8 @@ def test_late_completion_flag_values_after_the_cut_read_do_not_complete_again():
     tr = TagOrderTracker("m1")
     assert [tr.complete_flag(flag(v, t)) for v, t in [(0, 1.0), (1, 10.0), (0, 9.0), (1, 10.0)]] == \
         [False, True, False, False]
+    # a PLC stamping whole seconds: a pulse within one second, then the next completion (both are edges)
+    assert [tr.complete_flag(flag(v, t)) for v, t in [(0, 10.0), (1, 50.0), (0, 50.0), (1, 90.0)]] == \
+        [False, True, False, True]
     assert [tr.complete_flag(flag(v, t)) for v, t in [(0, 10.0 - FLAG_REORDER_S - 1), (1, 10.0 - FLAG_REORDER_S)]] \
         == [False, True]

@@ -823,12 +823,17 @@ def test_a_bad_first_notification_does_not_use_up_the_delta_guard() -> None:
     subscribe()  # reconnect: a good zero first, then a real new delta
     publish(dv(0, 200))
     publish(dv(2, 201))
+    subscribe()  # reconnect: the current value again (suppressed), then a new delta: a change, not marked reread
+    conn._first = {1}
+    publish(dv(2, 300))
+    publish(dv(4, 301))
+    assert (got[-1].value, got[-1].reread) == (4, False)
     spec = MachineSpec("m1", {"good": CounterBinding(CounterSpec("good", mode="delta"))}, interval_s=3600)
     eng = MachineEngine(spec)
     for sample in got:
         eng.apply(sample, "good")
-    [report] = eng.flush("test", 300)
-    assert report.data.quantities.yield_ == "5"
+    [report] = eng.flush("test", 400)
+    assert report.data.quantities.yield_ == "9"
     assert conn.alarms.ids() == ["delta_unverified:m1/good"]
 
 

@@ -780,6 +780,7 @@ class OpcUaConnector(Connector):
                         if decided is not None:  # a good value: the first one (a Bad or null one keeps it first)
                             fresh.discard(item.ClientHandle)
                             if not decided:
+                                first_of.discard(item.ClientHandle)  # the next value is a change: not marked
                                 continue
                     first = datavalue_to_sample(keys[0], item.Value, recv)
                     if first_of and item.ClientHandle in first_of and first.good:
