@@ -215,6 +215,7 @@ class Core:
         self._slots: dict[float, list[str]] = {}
         self.scheduled: dict[str, float] = {}
         self.faulted: dict[str, str] = {}  # machine -> error: its engine raised; its samples are ignored
+        self._frozen: set[str] = set()  # faulted machines whose state is not committed again (see fault)
         self.after_commit: list[Callable[[], Awaitable[None]]] = []  # awaited by the core after its commit
         # told of every successful commit: its rows (with their event times) and how long the store took (metrics)
         self.on_commit: Callable[[list[OutboxRow], float], None] | None = None
@@ -604,13 +605,17 @@ class Core:
                 if route is not None:
                     self._ordered(h, machine, route[1], out, touched)
 
-    def fault(self, machine: str, exc: BaseException, sample: Sample | None = None) -> None:
+    def fault(self, machine: str, exc: BaseException, sample: Sample | None = None, *, frozen: bool = False) -> None:
         """An engine raised (a bug, or input nothing validated): this machine stops counting, the others go on.
         Its last committed state stays: nothing of the engine after the fault is committed (it may hold a sample
         half applied, or the emptied window of a report that could not be encoded), and the events it staged since
         that commit go with it (the rows behind them take their sequence numbers). As after a crash, a restart
-        counts from that state: its counter keeps the parts."""
+        counts from that state: its counter keeps the parts. Not so a machine with reset-on-read or delta counters
+        (the device forgot what it handed on): its state at the fault is committed once more with what it staged,
+        as before this rule, unless its snapshot itself fails (``frozen``)."""
         if machine in self.faulted:
+            if frozen and machine not in self._frozen:
+                self._freeze(machine)
             return
         self.faulted[machine] = f"{type(exc).__name__}: {exc}"[:500]
         self.stats.machine_faults += 1
@@ -622,14 +627,27 @@ class Core:
         for key in [k for k, (m, _) in routes.items() if m == machine]:
             del routes[key]
         self._runs.clear()  # its keys are not routed any more
-        self.dirty.discard(machine)
-        self.urgent.discard(machine)
-        dropped = 0 if self._committing else self._drop_staged(machine)
+        dropped = self._freeze(machine) if frozen or self._recountable(machine) else 0
         log.error("machine.faulted", machine=machine, error=self.faulted[machine],
                   sample=None if sample is None else {"key": sample.key, "value": repr(sample.value)[:100]},
                   staged_events_dropped=dropped, exc_info=exc,
                   action="its last committed state stays; restart the gateway (or reload the machine) to count "
                          "again from it")
+
+    def _freeze(self, machine: str) -> int:
+        """The faulted machine's state is not committed again; its uncommitted rows go (the number dropped)."""
+        self._frozen.add(machine)
+        self.dirty.discard(machine)
+        self.urgent.discard(machine)
+        return 0 if self._committing else self._drop_staged(machine)
+
+    def _recountable(self, machine: str) -> bool:
+        """Every counter and meter of the machine is cumulative: its PLC keeps what the engine knew."""
+        spec = self.specs.get(machine)
+        if spec is None:
+            return True
+        return all(b.spec.mode == "cumulative" for b in spec.counters.values()) and \
+            all(m.binding.spec.mode == "cumulative" for m in spec.materials.values())
 
     def _drop_staged(self, machine: str) -> int:
         """Drop ``machine``'s uncommitted rows; the others keep their order and are numbered again from the first
@@ -959,7 +977,7 @@ class Core:
             return
         self._update_full()
         dirty = self.dirty
-        faulted = self.faulted
+        faulted = self._frozen
         if faulted:
             dirty.difference_update(faulted)  # a faulted machine's state is not committed again
         rows = self.uncommitted
@@ -993,7 +1011,7 @@ class Core:
             try:
                 states[m] = engines[m].snapshot_json()
             except Exception as exc:  # noqa: BLE001 - one machine's bug: it faults (its rows go with it), not the core
-                self.fault(m, exc)
+                self.fault(m, exc, frozen=True)
         if faulted:
             committed = [m for m in committed if m in states]
             rows = self.uncommitted

@@ -276,6 +276,7 @@ class Reloader:
             core.dirty.discard(mid)  # its state is committed
         for mid in touched:
             core.scheduled.pop(mid, None)  # its old timer heap entries are skipped
+            core._frozen.discard(mid)
             if core.faulted.pop(mid, None) is not None:
                 gw.alarms.clear(f"machine_faulted:{mid}",
                                 reason="machine reconfigured" if mid in new_specs else "machine removed")

@@ -198,3 +198,33 @@ async def test_a_faulted_machine_reconfigured_by_a_reload_counts_again_from_its_
         assert _booked(await _outbox(gw)) == {"m1": 15, "m2": 15}
     finally:
         await gw.store.close()
+
+
+async def test_a_faulted_machine_with_a_reset_on_read_counter_keeps_what_it_read(tmp_path):
+    """A reset-on-read register was cleared when it was read: the engine holds the only copy. Such a machine's state
+    at the fault is committed with what it staged, as before the rule above (red with the rule applied to every
+    machine: the 5 parts were neither in an event nor in the stored state)."""
+    cfg = parse_config({"gateway": IDENT, "mqtt": {"port": 1}, "store": {"path": str(tmp_path / "gw.db")},
+                        "connectors": [{"type": "opcua", "id": "opc", "endpoint": "opc.tcp://127.0.0.1:1"}],
+                        "machines": [{"id": "m1", "order_source": "mqtt", "reporting": {"interval_s": 3600},
+                                      "counters": {"good": {"connector": "opc", "node_id": "ns=2;s=g",
+                                                            "mode": "reset_on_read"}},
+                                      "state": {"connector": "opc", "node_id": "ns=2;s=st"}}]}, "<test>")
+    gw = await _start(cfg)
+    try:
+        eng = gw.engines["m1"]
+        real = eng.apply
+
+        def apply(sample, signal):  # a bug on the state sample (any engine exception)
+            if signal == "state":
+                raise RuntimeError("boom")
+            return real(sample, signal)
+
+        eng.apply = apply  # type: ignore[method-assign]
+        _feed(gw, _s("m1/good", 5, 1.0), _s("m1/state", "RUN", 1.0))
+        await gw.core.commit(force=True)
+        assert set(gw.core.faulted) == {"m1"}
+        stored = await gw.store.load_states()
+        assert stored["m1"]["window"]["q"]["good"] == "5"
+    finally:
+        await gw.store.close()
