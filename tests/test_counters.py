@@ -183,6 +183,20 @@ def test_late_delivery_versus_clock_step():
     assert step(U32, st, sample(20, True, 5.0, 6.0, src=False)).outcome == "reset"  # wall clock stepped back
 
 
+def test_a_rollover_to_exactly_zero_then_an_idle_machine_keeps_the_parts_before_the_wrap():
+    """16 bits, 10/s (wrap period 6553.6 s): 65530 -> 0 one second later (a plausible rollover: held, as any zero),
+    then the machine idles 2 hours and makes 5: the 6 parts up to the wrap count (red: 'ambiguous', +5 only, the time
+    at zero outlasting the wrap period)."""
+    st = CounterState()
+    for x in [(65530, True, 0, 0), (0, True, 1, 1)]:
+        step(U16, st, sample(*x))
+    restored = CounterState.from_dict(st.to_dict())  # a restart while held keeps it
+    assert restored.held_wrap and st.to_dict()["held_wrap"] is True
+    for s_ in (st, restored):
+        r = step(U16, s_, sample(5, True, 7201.0, 7201.0))
+        assert (r.outcome, r.delta) == ("rollover", 11)
+
+
 def test_a_held_decrease_survives_a_restart():
     st = CounterState()
     for x in [(1000, True, 0, 0), (500, True, 1, 1)]:
