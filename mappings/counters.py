@@ -248,6 +248,8 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
         state.held_zero, state.held, state.held_wrap = False, 0, False
         if u >= prev:
             return _increase(spec, state, s, prev, u, elapsed, "glitch")
+        if spec.resolution is not None and prev - u <= spec.jitter:
+            return _NONE  # back within float noise of the baseline: the held value was a glitch (baseline kept)
         # a rollover: plausible when the zero was read (then the time idle at zero since does not matter), or now
         if modulus is not None and (wrap_at_zero or (elapsed is not None and elapsed <= spec.wrap_period()
                                                      and u + modulus - prev <= spec.allowance(elapsed))):

@@ -73,6 +73,11 @@ def test_a_decrease_is_a_reset_a_float_meter_does_not_wrap() -> None:
     # a configured noise band: a decrease of up to 5 steps is noise
     assert run(meter(jitter=5), [10.0, 9.95, 10.01])[1:] == [("none", 0), ("increase", 1)]
     assert run(meter(jitter=5), [10.0, 9.94])[1:] == [("reset", 994)]
+    # a garbage read (held: no reset makes 500.00 within 1 s at 5 L/s), then back within noise of the baseline: a
+    # glitch, nothing counted twice, no preset (red before: a preset anomaly and 0.01 counted again)
+    slow = CounterSpec("material:RM-OIL", modulus=None, max_rate=500.0, resolution=RES)
+    out = run(slow, [1000.00, 500.00, 999.99, 1000.00, 1000.01])
+    assert out == [("baseline", 0), ("held_zero", 0), ("none", 0), ("none", 0), ("increase", 1)]
 
 
 def test_invalid_readings_and_a_changed_resolution() -> None:
