@@ -717,7 +717,7 @@ class _Session:
 
     __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "backlog_inflight", "parked",
                  "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto", "careful",
-                 "last_sent_at", "ack_seen", "ack_check_at")
+                 "last_sent_at", "ack_seen", "ack_check_at", "acks", "acks_newer")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -741,6 +741,8 @@ class _Session:
         # the PUBACK timeout (Publisher._overdue): what was in flight at the last check, and when to check next
         self.ack_seen: dict[int, PendingRow | tuple[PendingRow, ...]] = {}
         self.ack_check_at = 0.0
+        self.acks = 0  # PUBACKs since the last check
+        self.acks_newer = 0  # of those, of messages sent after it (not in ack_seen)
 
     def reset(self, boundary: int, rate: float) -> None:
         if self.learn is not None:
@@ -923,6 +925,16 @@ class Publisher:
         rows = s.inflight.pop(mid, None)
         if rows is None:
             return
+        s.acks += 1
+        if s.ack_seen.get(mid) is not rows:
+            s.acks_newer += 1
+        try:
+            self._acknowledged(s, rows, code)
+        except BaseException:
+            s.inflight[mid] = rows  # not handled: still in flight (the PUBACK timeout sends it again)
+            raise
+
+    def _acknowledged(self, s: _Session, rows: PendingRow | tuple[PendingRow, ...], code: int) -> None:
         crash_point("publisher.puback")
         if code < 0x80:
             acked = self._acked
@@ -1038,8 +1050,14 @@ class Publisher:
         seen, inflight = s.ack_seen, s.inflight
         s.ack_check_at = now + self.puback_timeout_s
         overdue = [rows for mid, rows in seen.items() if inflight.get(mid) is rows] if seen else None
+        acks, newer = s.acks, s.acks_newer
         s.ack_seen = dict(inflight)
+        s.acks = s.acks_newer = 0
         if not overdue:
+            return False
+        if acks and not newer:
+            # PUBACKs come, in order (MQTT), for messages sent before these: a slow link working through the window
+            # (large batches on a thin uplink), not a lost PUBACK
             return False
         first = min((r if type(r) is PendingRow else r[0] for r in overdue),  # type: ignore[misc]
                     key=lambda r: r.id)

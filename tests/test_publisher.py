@@ -1,6 +1,7 @@
 """Outbox → MQTT publisher against a real mosquitto: order, deletion after PUBACK, resumption after outages."""
 
 import asyncio
+import contextlib
 import json
 import threading
 
@@ -174,3 +175,47 @@ async def test_a_puback_handler_that_raises_does_not_hold_the_pubacks_read_with_
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_slow_link_working_through_the_window_is_not_a_puback_timeout(tmp_path, broker):
+    """PUBACKs come slowly but in order (a thin uplink working through a window of large messages): the oldest
+    message in flight waits longer than mqtt.puback_timeout_s, yet the broker is acknowledging: no timeout, no
+    reconnect (red before: every check ended the connection and the window was sent again and again)."""
+    from tests.faults import MqttPacketDrop
+
+    class SlowPubacks(MqttPacketDrop):
+        async def _pump(self, src, dst, to_client):
+            with contextlib.suppress(Exception):
+                while True:
+                    head = await src.readexactly(1)
+                    length, shift, raw = 0, 0, b""
+                    while True:
+                        b = await src.readexactly(1)
+                        raw += b
+                        length |= (b[0] & 0x7F) << shift
+                        shift += 7
+                        if not b[0] & 0x80:
+                            break
+                    packet = head + raw + await src.readexactly(length)
+                    if to_client and head[0] >> 4 == 4:
+                        await asyncio.sleep(0.15)  # one PUBACK every 0.15 s
+                    dst.write(packet)
+                    await dst.drain()
+            dst.close()
+
+    proxy = await SlowPubacks(broker.port, lambda *a: False).start()
+    try:
+        async with Store(str(tmp_path / "s.db")) as store:
+            await fill(store, 1, 30)
+            link = MqttLink(MqttConfig(port=proxy.port, keepalive_s=30), client_id="gw")
+            pub = Publisher(store, link, window=30, puback_timeout_s=1.0)
+            tasks = [asyncio.create_task(link.run()), asyncio.create_task(pub.run())]
+            try:
+                await wait_until(lambda: store.pending == 0, 20)  # 30 x 0.15 s = 4.5 s for the last PUBACK
+                assert pub.puback_timeouts == 0 and link.connections == 1
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await proxy.close()
