@@ -81,9 +81,10 @@ class MqttConfig(_Model):
         "5", description="MQTT protocol version; 5 lets the broker refuse a message in its PUBACK (then quarantined)."
     )
     puback_timeout_s: float = Field(
-        30, ge=0, le=3600, description="A message in flight this long without its PUBACK, on a connection that "
-        "otherwise works (the keepalive notices a dead one), ends the connection: the message is sent again on the "
-        "next one (the event id keeps it once at the ERP). 0 = wait for ever."
+        30, ge=0, le=3600, description="A message in flight this long without its PUBACK ends the connection (sent "
+        "again on the next one; its event id keeps it once at the ERP) when nothing was acknowledged meanwhile, or a "
+        "message sent after it was (MQTT acknowledges in order: its PUBACK was lost). A slow link working through "
+        "the window is no timeout. 0 = wait for ever."
     )
     max_message_bytes: int = Field(
         256 * 1024, ge=1024, le=268_435_455, description="Larger events are quarantined instead of published."
@@ -300,6 +301,9 @@ class HttpConfig(_Model):
         None, description="Environment variable with a bearer token required for POST requests (order commands). "
         "Required when host is not a loopback address.",
     )
+    allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "Host names (without port) a loopback listener answers besides loopback ones: the name a reverse proxy on "
+        "this host passes on. Other Host headers get 421 (DNS rebinding)."))
 
 
 def is_loopback(host: str) -> bool:
@@ -309,9 +313,11 @@ def is_loopback(host: str) -> bool:
     if host.lower() in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class LoggingConfig(_Model):

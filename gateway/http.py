@@ -64,13 +64,16 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def loopback_host_only(enabled: bool) -> Any:
-    """Middleware: on a loopback listener, a request whose ``Host`` is not a loopback name is refused (421), so a page
-    that rebinds its own name to 127.0.0.1 gets nothing, neither the status nor an order change."""
+def loopback_host_only(enabled: bool, allowed: list[str] | None = None) -> Any:
+    """Middleware: on a loopback listener, a request whose ``Host`` is not a loopback name (nor one of ``allowed``:
+    ``http.allowed_hosts``, e.g. the name a local reverse proxy passes on) is refused (421), so a page that rebinds
+    its own name to 127.0.0.1 gets nothing, neither the status nor an order change."""
+    extra = {h.lower() for h in allowed or ()}
+
     @web.middleware
     async def check_host(request: web.Request, handler: Any) -> web.StreamResponse:
         host = request.headers.get("Host")
-        if enabled and host is not None and not is_loopback(_host_name(host)):
+        if enabled and host is not None and not is_loopback(name := _host_name(host)) and name.lower() not in extra:
             log.warning("http.host_refused", path=request.path, method=request.method, host=host[:200],
                         peer=request.remote)
             return _json({"error": "this API answers only requests to a loopback host name (DNS rebinding)"}, 421)
@@ -90,7 +93,8 @@ class HttpApi:
         if cfg.token_env and not self._token:
             raise ValueError(f"http.token_env: environment variable {cfg.token_env} is not set")
         app = web.Application(client_max_size=64 * 1024,
-                              middlewares=[loopback_host_only(is_loopback(cfg.host)), require_json_body])
+                              middlewares=[loopback_host_only(is_loopback(cfg.host), cfg.allowed_hosts),
+                                           require_json_body])
         app.router.add_get("/health", self.health)
         app.router.add_get("/livez", self.livez)
         app.router.add_get("/readyz", self.readyz)

@@ -114,7 +114,7 @@ async def test_a_page_rebinding_its_name_to_loopback_gets_nothing(tmp_path):
     POST needs no preflight. The loopback listener answers only loopback Host names (red before: 202 for the order
     and 200 for /status with Host: attacker.example). A non-ASCII Authorization header is a 401, not a 500."""
     port = free_port()
-    rgw = RunningGateway(parse_config(_doc(tmp_path, {"port": port})))
+    rgw = RunningGateway(parse_config(_doc(tmp_path, {"port": port, "allowed_hosts": ["gw-01.plant.local"]})))
     gw = await rgw.start()
     base = f"http://127.0.0.1:{port}"
     order = json.dumps({"order": "4711", "operation": "0010"}).encode()
@@ -127,7 +127,8 @@ async def test_a_page_rebinding_its_name_to_loopback_gets_nothing(tmp_path):
             status, _ = await asyncio.to_thread(_request, f"{base}/status", "GET", host)
             assert status == 421, host
         assert gw.engines["press-1"].context is None and not gw.core.cuts
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", f"[::ffff:127.0.0.1]:{port}",
+                     f"GW-01.plant.local:{port}"):  # the last: http.allowed_hosts (a local reverse proxy's name)
             status, _ = await asyncio.to_thread(_request, f"{base}/status", "GET", host)
             assert status == 200, host
         status, _ = await asyncio.to_thread(_request, f"{base}/machines/press-1/order", "POST", f"127.0.0.1:{port}",
