@@ -602,8 +602,11 @@ def _check_mqtt_plaintext_password(mqtt: Any) -> list[tuple[tuple[Any, ...], str
     """A password for a broker beyond loopback goes over TLS, unless ``allow_plaintext_password`` says otherwise."""
     if not isinstance(mqtt, dict) or not (mqtt.get("password_env") or mqtt.get("password_file")):
         return []
+    def yes(v: Any) -> bool:  # as the model reads a boolean (a YAML 'true' quoted is one too)
+        return v is True or (isinstance(v, str) and v.strip().lower() in ("true", "yes", "on", "1")) or v == 1
+
     tls = mqtt.get("tls")
-    if (isinstance(tls, dict) and tls.get("enabled") is True) or mqtt.get("allow_plaintext_password") is True:
+    if (isinstance(tls, dict) and yes(tls.get("enabled"))) or yes(mqtt.get("allow_plaintext_password")):
         return []
     brokers = mqtt.get("brokers")
     if isinstance(brokers, list) and brokers:

@@ -175,6 +175,7 @@ def test_an_mqtt_password_for_a_remote_broker_needs_tls(tmp_path):
         assert f"{path}:" in proc.stderr and "mqtt.tls.enabled: the MQTT password would cross the network in clear" \
             in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     for mqtt in ({"host": "broker.plant.local", "username": "gw", "password_env": "PW", "tls": {"enabled": True}},
+                 {"host": "broker.plant.local", "username": "gw", "password_env": "PW", "tls": {"enabled": "true"}},
                  {"host": "127.0.0.1", "username": "gw", "password_env": "PW"},
                  {"host": "broker.plant.local", "username": "gw", "password_env": "PW", "allow_plaintext_password": True},
                  {"host": "broker.plant.local"}):
