@@ -1014,6 +1014,14 @@ class Publisher:
         timeout_s = self.puback_timeout_s
         s.ack_check_at = loop.time() + timeout_s
         try:
+            if s.careful:
+                # a connection the broker closes on its own soon after it was made (nats-server's MQTT while it takes
+                # a session over between nodes) must not count against the row sent alone on it: wait as long as
+                # such a loss would count (_note_loss), and send nothing on a connection that does not last that long
+                done, _ = await asyncio.wait({lost}, timeout=self._condemn_within())
+                if done or not conn.alive:
+                    return
+                s.ack_check_at = loop.time() + timeout_s
             while conn.alive:
                 self._wake.clear()
                 if timeout_s and loop.time() >= s.ack_check_at and self._overdue(s, loop.time()):
@@ -1071,6 +1079,10 @@ class Publisher:
             drop(f"no PUBACK within {self.puback_timeout_s:g} s for {len(overdue)} message(s) in flight")
         return True
 
+    def _condemn_within(self) -> float:
+        """Seconds after sending a row alone within which a lost connection counts against that row."""
+        return min(CONDEMN_WITHIN_S, 0.5 * getattr(getattr(self.link, "cfg", None), "keepalive_s", 60))
+
     def _note_loss(self, s: _Session, now: float) -> None:
         """The session's connection was lost: count it against the oldest row in flight (see CAREFUL_AFTER)."""
         if not s.inflight:
@@ -1083,7 +1095,7 @@ class Publisher:
             losses = alone = 0
         losses += 1
         # lost right after that row went out alone: the broker's doing, not a dead network (noticed by the keepalive)
-        within = min(CONDEMN_WITHIN_S, 0.5 * getattr(getattr(self.link, "cfg", None), "keepalive_s", 60))
+        within = self._condemn_within()
         if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within:
             alone += 1
         self._strike = (oldest, losses, alone)

@@ -369,6 +369,10 @@ class FakeBroker:
         self.refused: list[tuple[int, int]] = []
         self.closed_at: list[int] = []  # seqs at which the connection was closed (policy None)
         self.receive_maximum: int | None = None  # announced in the CONNACK when set
+        # session-takeover churn (seen with nats-server's MQTT after a client moved nodes): this many connections are
+        # closed ``churn_after_s`` after their CONNACK, whatever they send, and acknowledge nothing meanwhile
+        self.churns = 0
+        self.churn_after_s = 0.3
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -391,12 +395,17 @@ class FakeBroker:
             mult *= 128
 
     async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        churned = False
         try:
             while True:
                 head = (await r.readexactly(1))[0]
                 body = await r.readexactly(await self._read_varint(r))
                 kind = head >> 4
                 if kind == 1:  # CONNECT
+                    if self.churns > 0:
+                        self.churns -= 1
+                        churned = True
+                        asyncio.get_running_loop().call_later(self.churn_after_s, w.transport.abort)
                     if self.receive_maximum is None:
                         w.write(bytes([0x20, 3, 0, 0, 0]))
                     else:  # CONNACK with the Receive Maximum property (0x21)
@@ -422,6 +431,8 @@ class FakeBroker:
                         mult *= 128
                     doc = json.loads(rest[i + plen:])
                     seq = doc["seq"]
+                    if churned:
+                        continue  # taken in, never acknowledged: the connection goes anyway
                     n = self.attempts[seq] = self.attempts.get(seq, 0) + 1
                     code = self.policy(seq, n)
                     if code is None:  # no PUBACK: the broker closes the connection (mosquitto over its size limit)
@@ -469,6 +480,29 @@ async def test_a_row_at_which_the_broker_always_closes_the_connection_is_quarant
         assert 4 <= len(fb.closed_at) <= 6 and link.connections <= 8
         lost = [e for e in logs if e["event"] == "publisher.connection_lost_at_row"]
         assert lost and all(e["log_level"] == "warning" for e in lost)
+    await fb.stop()
+
+
+async def test_a_broker_closing_each_new_connection_on_its_own_quarantines_nothing(tmp_path):
+    """A broker that closes each new connection shortly after its CONNACK, whatever is sent, acknowledging nothing
+    (nats-server's MQTT while a session is taken over between nodes: seen in the fleet chaos test): the same row is in
+    flight at every loss, then sent alone; those losses are no evidence against it. A careful session waits a quiet
+    while before it sends the row alone (red before: rows were quarantined as 'closed the connection each time this
+    message was sent alone', the ERP got gaps)."""
+    fb = FakeBroker(lambda seq, n: 0)
+    fb.churns = 8
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, "m1" if i % 2 else "m2") for i in range(1, 11)])
+        link = MqttLink(cfg(fb.port), client_id="gw")
+        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
+        tasks = await run_all(link.run(), pub.run())
+        try:
+            await wait_until(lambda: store.pending == 0, 40)
+        finally:
+            await cancel(tasks)
+        assert await quarantine(store) == {} and pub.quarantined == 0
+        assert set(fb.accepted) == set(range(1, 11)) and fb.churns == 0
     await fb.stop()
 
 
