@@ -366,7 +366,8 @@ class QuantityReportedData(EventData):
                                                   "yet.")]
     reason: Annotated[Literal["periodic", "units", "changeover", "completion"], Field(
         description="Why the window closed: periodic (interval_s elapsed), units (max_units reached), changeover "
-                    "(another order was dispatched), completion (the operation was completed).")]
+                    "(another order was dispatched, or the running operation's unit or components changed), "
+                    "completion (the operation was completed).")]
     window: Annotated[Window, Field(description="Source-time span of the counted changes.")]
     quantities: Annotated[Quantities, Field(description="Deltas of this window.")]
     unit: Annotated[str, Field(min_length=1, pattern=TEXT_PATTERN, description="Unit of measure of all quantities.")]

@@ -757,10 +757,15 @@ class MachineEngine:
                 return self._complete_earlier(ctx, now)
             return []  # already completed, or never ran here: nothing was counted for it
         if cur is not None and ctx is not None and cur.ref == ctx.ref:
+            out = []
             if cur != ctx:
-                self.context = ctx  # e.g. components updated: no changeover
+                if (cur.unit, cur.components) != (ctx.unit, ctx.components):
+                    # what was counted so far is reported in the unit it was made in, backflushed with the components
+                    # it was made with: the window closes first (reason changeover)
+                    out = self.flush("changeover", now)
+                self.context = ctx  # e.g. a planned quantity updated: no report
                 self.dirty = True
-            return []
+            return out
         if cur is None and ctx is None:
             return []
         out = self.flush("changeover", now)

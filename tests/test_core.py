@@ -760,3 +760,21 @@ def test_after_an_outage_that_spans_a_plc_order_change_the_gap_goes_to_the_old_o
     feed(gw, [s("m1/good", 310, 95)])
     gw.core.stage(gw.engines["m1"].flush("test", 100))
     assert booked(gw) == {("A", "10"): 300, ("B", "20"): 10}
+
+
+def test_a_dispatch_changing_the_running_operations_unit_reports_what_was_counted_before_in_the_old_unit(tmp_path):
+    """The ERP dispatches the running operation again with another unit: what was counted so far is reported first,
+    in the unit it was made in (reason changeover); the parts after it in the new one (red before: the open window
+    was reported later in the new unit)."""
+    gw = make_gateway(tmp_path, order_source="mqtt", complete=False)
+    core = gw.core
+    feed(gw, [s("m1/good", 0, 1)])
+    core.stage(core.apply_order(OrderCommand("m1", OrderContext("A", "10", unit="PCE"), "mqtt")))
+    feed(gw, [s("m1/good", 7, 2)])
+    core.stage(core.apply_order(OrderCommand("m1", OrderContext("A", "10", unit="BOX"), "mqtt")))
+    feed(gw, [s("m1/good", 10, 3)])
+    core.stage(gw.engines["m1"].flush("test", 4))
+    reports = [(e["data"]["quantities"]["yield"], e["data"]["unit"], e["data"]["reason"]) for e in staged(gw)
+               if e["type"] == "operation.quantity_reported"]
+    assert reports == [("7", "PCE", "changeover"), ("3", "BOX", "test")]
+    assert [e["type"] for e in staged(gw)].count("operation.started") == 1  # the same operation: not started again
