@@ -55,6 +55,44 @@ class NatsSourceConfig(_Model):
     mqtt_endpoints: list[str] = Field(default_factory=list, description="host:port of MQTT endpoints of the "
                                       "cluster; used once at start to make the server create its MQTT streams when "
                                       "they do not exist yet.")
+    user: str | None = Field(None, description="NATS user (with password_env or password_file).")
+    password_env: str | None = Field(None, description="Environment variable holding the NATS user's password.")
+    password_file: str | None = Field(None, description="File holding the NATS user's password (first line).")
+    creds_file: str | None = Field(None, description="NATS credentials file (user JWT and NKey seed), instead of a "
+                                   "user and password.")
+
+    @field_validator("servers")
+    @classmethod
+    def _no_credentials_in_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+                raise ValueError("a server URL holds a user or password: set nats.user with nats.password_env (or "
+                                 "password_file), or nats.creds_file, never credentials in the YAML")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "NatsSourceConfig":
+        password = self.password_env is not None or self.password_file is not None
+        if (self.user is None) != (not password):
+            raise ValueError("nats.user and nats.password_env (or password_file) go together")
+        if self.creds_file is not None and self.user is not None:
+            raise ValueError("nats.creds_file or nats.user with a password: one of them")
+        return self
+
+    def auth(self) -> dict[str, str]:
+        """The keyword arguments of ``nats.connect`` for the configured credentials (ConfigError when the password
+        cannot be read)."""
+        if self.creds_file is not None:
+            return {"user_credentials": self.creds_file}
+        if self.user is None:
+            return {}
+        from connectors.secrets import read_secret
+
+        try:
+            password = read_secret(self.password_env, self.password_file, field="nats.password")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return {"user": self.user, "password": password or ""}
 
 
 class MqttSourceConfig(_Model):

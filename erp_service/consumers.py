@@ -110,9 +110,10 @@ class NatsSource:
         # nats-py retries an unreachable server for ever here, and swallows a cancellation that lands while it closes
         # a failed attempt (Client._close): a SIGTERM during start would then never end it. Cancelled, the attempt
         # is cancelled again until it ends (see cancel_until_done).
+        auth = self.cfg.auth()  # ConfigError: the password cannot be read (erp.config_invalid)
         connecting = asyncio.ensure_future(nats.connect(
             servers=self.cfg.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_err,
-            disconnected_cb=_disc, reconnected_cb=_reconn, name="edge-gateway-erp"))
+            disconnected_cb=_disc, reconnected_cb=_reconn, name="edge-gateway-erp", **auth))
         try:
             self.nc = await asyncio.shield(connecting)
         except asyncio.CancelledError:
