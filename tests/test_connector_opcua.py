@@ -867,6 +867,38 @@ def test_a_new_subscriptions_first_good_values_are_marked_reread() -> None:
         ("m1/order", "C", False)]
 
 
+def test_lost_notification_messages_raise_the_delta_gap_alarm() -> None:
+    """A gap in the subscription's notification SequenceNumbers (a message the server or the client library dropped)
+    loses what a delta counter took in it: alarm delta_gap and opcua.notifications_lost (red before: nothing told).
+    A keep-alive (no data, the next number) is no gap; nor is a new subscription's first message."""
+    got: list = []
+    cfg = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://x:4840",
+                                               "security": "none"})
+    conn = OpcUaConnector(cfg, [TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=D"), True, CounterType())],
+                          got.extend)
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+    def publish(seq, value=None):
+        r = ua.PublishResult()
+        data = [] if value is None else [ua.DataChangeNotification(MonitoredItems=[ua.MonitoredItemNotification(
+            ClientHandle=1, Value=ua.DataValue(Value=ua.Variant(value, ua.VariantType.Int32),
+                                               SourceTimestamp=t0 + timedelta(seconds=seq)))])]
+        r.NotificationMessage = ua.NotificationMessage(SequenceNumber=seq, NotificationData=data)
+        conn._on_publish(conn._generation, r)
+
+    conn._handles, conn._fresh, conn._first, conn._pub_seq = {1: ("m1/good",)}, set(), set(), None
+    with structlog.testing.capture_logs() as logs:
+        publish(5, 1)  # the first message this subscription: no gap whatever its number
+        publish(6, 2)
+        publish(7)  # keep-alive: the next number, not used
+        publish(7, 3)
+        assert not conn.alarms.ids()
+        publish(10, 4)  # 8 and 9 never came
+    assert conn.alarms.ids() == ["delta_gap:m1/good"]
+    assert [(e["lost_from"], e["lost_to"]) for e in logs if e["event"] == "opcua.notifications_lost"] == [(8, 9)]
+    assert [x.value for x in got] == [1, 2, 3, 4]
+
+
 async def test_a_delta_value_without_source_timestamp_is_not_counted_again_after_a_reconnect() -> None:
     """A server that sends no SourceTimestamp and stamps the ServerTimestamp when it sends (emulated: the delta node's
     stamp renewed while the gateway is away). After a reconnect the new subscription's first notification is the

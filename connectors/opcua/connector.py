@@ -228,6 +228,9 @@ class OpcUaConnector(Connector):
         # value again, not a change seen as it happened: after a reconnect the core counts it before the order tags
         # of the same publish, as in a Modbus scan)
         self._first: set[int] = set()
+        # SequenceNumber of the subscription's last data notification message: a gap is lost notifications (delta /
+        # reset-on-read counts gone: alarm delta_gap); None until the first one of a subscription
+        self._pub_seq: int | None = None
         self._lost: asyncio.Event | None = None
         self._lost_reason: str | None = None
         self._last_publish = 0.0
@@ -412,6 +415,7 @@ class OpcUaConnector(Connector):
         self._handles = handles
         self._fresh = {h for h, n in enumerate(node_ids, start=1) if n in self._every_value}
         self._first = set(handles)
+        self._pub_seq = None
         results = await self._create_items(client, result.SubscriptionId, items)
         failed: list[Sample] = []
         now = time.time()
@@ -659,6 +663,18 @@ class OpcUaConnector(Connector):
         log.warning("opcua.delta_gap", connector=self.id, endpoint=self.endpoint, down_s=down_s,
                     counters=keys, risk="values written while disconnected are not counted")
 
+    def _note_lost_publish(self, last: int, seq: int) -> None:
+        """Notification messages ``last + 1 .. seq - 1`` of the subscription never came (the server or asyncua
+        dropped them): what delta / reset-on-read counters took in them is not counted (cumulative counters lose
+        nothing: the next value carries the delta). Alarm ``delta_gap:<machine>/<signal>``, logged."""
+        keys = sorted(k for k in self._count_keys if k not in self._refused)
+        for k in keys:
+            self._count_alarm("delta_gap", k, f"notification messages {last + 1} to {seq - 1} of the subscription "
+                              "never came: the values this delta / reset_on_read counter took in them are not counted "
+                              "(check the machine's quantities in the ERP)", lost_from=last + 1, lost_to=seq - 1)
+        log.warning("opcua.notifications_lost", connector=self.id, endpoint=self.endpoint, lost_from=last + 1,
+                    lost_to=seq - 1, counters=keys)
+
     def _count_alarm(self, kind: str, key: str, text: str, **evidence: Any) -> None:
         """The warning alarm ``kind:<machine>/<signal>`` about what a delta / reset-on-read counter may not have
         counted, with the connector, machine, counter and node as evidence; cleared like ``queue_overflow``."""
@@ -757,9 +773,14 @@ class OpcUaConnector(Connector):
         if gen != self._generation:
             return
         self._last_publish = time.monotonic()
-        data = result.NotificationMessage.NotificationData
+        msg = result.NotificationMessage
+        data = msg.NotificationData
         if not data:
-            return  # keep-alive
+            return  # keep-alive (it carries the next sequence number, not a new one)
+        seq = msg.SequenceNumber
+        last, self._pub_seq = self._pub_seq, seq
+        if last is not None and seq > last + 1:  # (a wrap, or a repeat, is no gap)
+            self._note_lost_publish(last, seq)
         recv = time.time()
         handles = self._handles
         fresh = self._fresh
