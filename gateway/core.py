@@ -678,6 +678,10 @@ class Core:
     def refusal(self, cmd: OrderCommand) -> OrderRefused | None:
         """Would the machine refuse this command (e.g. an operation it already completed)? For the local command's
         synchronous answer; the core checks again when it applies the command."""
+        if cmd.machine in self.faulted:  # it would be dropped when applied: say so now (the local command's 409)
+            return OrderRefused("faulted", f"machine {cmd.machine} is faulted (its engine raised: "
+                                           f"{self.faulted[cmd.machine]}); it takes no order until the gateway is "
+                                           f"restarted or the machine is reloaded")
         eng = self.engines.get(cmd.machine)
         return eng.refusal(cmd.context) if eng is not None else None
 

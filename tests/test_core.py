@@ -778,3 +778,13 @@ def test_a_dispatch_changing_the_running_operations_unit_reports_what_was_counte
                if e["type"] == "operation.quantity_reported"]
     assert reports == [("7", "PCE", "changeover"), ("3", "BOX", "test")]
     assert [e["type"] for e in staged(gw)].count("operation.started") == 1  # the same operation: not started again
+
+
+def test_a_local_order_for_a_faulted_machine_is_refused_at_once(tmp_path):
+    """The local command (CLI, HTTP API) answers at once; a faulted machine takes no order until a restart or a reload,
+    so the answer is a refusal naming the fault (red before: 'accepted', then dropped when applied)."""
+    gw = make_gateway(tmp_path, order_source="local", complete=False)
+    gw.core.fault("m1", RuntimeError("engine bug"))
+    with pytest.raises(ValueError, match="faulted"):
+        gw.set_local_order("m1", OrderContext("A", "10"))
+    assert not gw.core.inbox
