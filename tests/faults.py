@@ -168,9 +168,10 @@ class MqttPacketDrop(BlackHole):
 
     PUBLISH, SUBACK = 3, 9
 
-    def __init__(self, upstream_port: int, drop: Any) -> None:
+    def __init__(self, upstream_port: int, drop: Any, delay: Any = None) -> None:
         super().__init__(upstream_port)
         self.drop = drop
+        self.delay = delay  # delay(to_client, packet_type, packet): seconds to hold a packet before forwarding it
         self.dropped: list[tuple[bool, int, str | None]] = []
 
     async def start(self) -> MqttPacketDrop:  # type: ignore[override]
@@ -204,6 +205,8 @@ class MqttPacketDrop(BlackHole):
                     self.dropped.append((to_client, kind, self.publish_topic(packet) if kind == self.PUBLISH
                                          else None))
                     continue
+                if self.delay is not None and (wait := self.delay(to_client, kind, packet)):
+                    await asyncio.sleep(wait)
                 dst.write(packet)
                 await dst.drain()
         dst.close()

@@ -784,6 +784,13 @@ def test_the_runtime_tells_which_tags_need_a_queue(tmp_path) -> None:
     assert (asked["ns=2;s=Good"], asked["ns=2;s=Good3"], asked["ns=2;s=Good2"]) == (1000, 1000, 10)
 
 
+def _offline_connector(tags: list[TagBinding], got: list) -> OpcUaConnector:
+    """A connector never connected: its publish callback (``_on_publish``) is driven with built DataValues."""
+    cfg = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://x:4840",
+                                               "security": "none"})
+    return OpcUaConnector(cfg, tags, got.extend)
+
+
 def test_a_bad_first_notification_does_not_use_up_the_delta_guard() -> None:
     """The new subscription's first notification of a delta counter without SourceTimestamp is Bad
     (BadWaitingForInitialData: a server that proxies a PLC) or null; the next one is the current value, counted before
@@ -793,10 +800,7 @@ def test_a_bad_first_notification_does_not_use_up_the_delta_guard() -> None:
     from mappings.machine import CounterBinding, MachineEngine, MachineSpec
 
     got: list = []
-    cfg = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://x:4840",
-                                               "security": "none"})
-    conn = OpcUaConnector(cfg, [TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=D"), True, CounterType())],
-                          got.extend)
+    conn = _offline_connector([TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=D"), True, CounterType())], got)
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
     def dv(value, seconds, status=0):
@@ -842,10 +846,8 @@ def test_a_new_subscriptions_first_good_values_are_marked_reread() -> None:
     outage): marked ``reread``, so the core counts it before the order tags of the same publish; a Bad first
     notification does not use the mark up; the values after it are changes (not marked)."""
     got: list = []
-    cfg = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://x:4840",
-                                               "security": "none"})
-    conn = OpcUaConnector(cfg, [TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=G")),
-                                TagBinding("m1/order", OpcUaTagConfig(node_id="ns=2;s=O"))], got.extend)
+    conn = _offline_connector([TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=G")),
+                               TagBinding("m1/order", OpcUaTagConfig(node_id="ns=2;s=O"))], got)
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
     def dv(value, seconds, status=0):
@@ -872,10 +874,7 @@ def test_lost_notification_messages_raise_the_delta_gap_alarm() -> None:
     loses what a delta counter took in it: alarm delta_gap and opcua.notifications_lost (red before: nothing told).
     A keep-alive (no data, the next number) is no gap; nor is a new subscription's first message."""
     got: list = []
-    cfg = OpcUaConnectorConfig.model_validate({"type": "opcua", "id": "c", "endpoint": "opc.tcp://x:4840",
-                                               "security": "none"})
-    conn = OpcUaConnector(cfg, [TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=D"), True, CounterType())],
-                          got.extend)
+    conn = _offline_connector([TagBinding("m1/good", OpcUaTagConfig(node_id="ns=2;s=D"), True, CounterType())], got)
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
     def publish(seq, value=None):

@@ -1,7 +1,6 @@
 """Outbox → MQTT publisher against a real mosquitto: order, deletion after PUBACK, resumption after outages."""
 
 import asyncio
-import contextlib
 import json
 import threading
 
@@ -183,27 +182,9 @@ async def test_a_slow_link_working_through_the_window_is_not_a_puback_timeout(tm
     reconnect (red before: every check ended the connection and the window was sent again and again)."""
     from tests.faults import MqttPacketDrop
 
-    class SlowPubacks(MqttPacketDrop):
-        async def _pump(self, src, dst, to_client):
-            with contextlib.suppress(Exception):
-                while True:
-                    head = await src.readexactly(1)
-                    length, shift, raw = 0, 0, b""
-                    while True:
-                        b = await src.readexactly(1)
-                        raw += b
-                        length |= (b[0] & 0x7F) << shift
-                        shift += 7
-                        if not b[0] & 0x80:
-                            break
-                    packet = head + raw + await src.readexactly(length)
-                    if to_client and head[0] >> 4 == 4:
-                        await asyncio.sleep(0.15)  # one PUBACK every 0.15 s
-                    dst.write(packet)
-                    await dst.drain()
-            dst.close()
-
-    proxy = await SlowPubacks(broker.port, lambda *a: False).start()
+    # one PUBACK every 0.15 s
+    proxy = await MqttPacketDrop(broker.port, lambda *a: False,
+                                 delay=lambda to_client, kind, packet: 0.15 if to_client and kind == 4 else 0).start()
     try:
         async with Store(str(tmp_path / "s.db")) as store:
             await fill(store, 1, 30)
