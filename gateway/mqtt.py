@@ -369,6 +369,8 @@ class MqttLink:
 
         def on_loop(fn: Callable[..., Any], *args: Any) -> None:
             # paho calls these from the executor thread during reconnect(); the selector is not thread-safe
+            if loop.is_closed():
+                return  # a client collected after its loop ended (its socket closed in __del__): nothing to update
             if threading.get_ident() == loop_thread:
                 fn(*args)
             else:
