@@ -279,13 +279,6 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
     ambiguous = False
     if spec.resolution is not None and prev - u <= spec.jitter:
         return _NONE  # float noise below the baseline: ignored, the baseline keeps the higher value
-    if u == 0:
-        # a glitch, a reset or a rollover to exactly zero: held, the next good value decides (a zero glitch read
-        # just below a wrap is no rollover: 65510 -> 0 -> 65512 is +2)
-        state.held_zero, state.held = True, 0
-        state.held_wrap = modulus is not None and elapsed is not None and elapsed <= spec.wrap_period() \
-            and modulus - prev <= spec.allowance(elapsed)
-        return CounterResult("held_zero", previous=prev, value=0)
     if modulus is not None:
         wrapped = u + modulus - prev
         if elapsed is None or elapsed > spec.wrap_period():
@@ -293,10 +286,13 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
         elif wrapped <= spec.allowance(elapsed):
             _accept(state, s, u)
             return CounterResult("rollover", delta=wrapped, previous=prev, value=u)
-    if u > spec.allowance(elapsed):
-        # a decrease no reset followed by production in the elapsed time explains (a stale or garbage read, a 32-bit
-        # counter read half updated, a preset): the baseline (value and time) stays until the next good value
-        # decides (``held_zero``)
+    if u == 0 or u > spec.allowance(elapsed):
+        # a zero that is no plausible rollover (a glitch or a reset), or a decrease no reset followed by production
+        # in the elapsed time explains (a stale or garbage read, a 32-bit counter read half updated, a preset): the
+        # baseline (value and time) stays until the next good value decides (``held_zero``). A plausible rollover to
+        # exactly zero is counted at once (above): held, its parts would wait for the counter to move again (to the
+        # next order after a changeover); a zero glitch read just below a wrap is then a phantom rollover of at most
+        # the allowance (documented)
         state.held_zero, state.held = True, u
         return CounterResult("held_zero", previous=prev, value=u)
     _accept(state, s, u)
