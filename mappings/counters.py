@@ -128,14 +128,11 @@ class CounterState:
     # time was counted after it (a late publish after the cut read); None when it is (last_time, last)
     newest: tuple[float, int] | None = None
     held: int = 0  # with held_zero: the suspect value (0: a zero)
-    held_wrap: bool = False  # with a held zero: a rollover to it was plausible when it was read
 
     def to_dict(self) -> dict:
         d = {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall, "held_zero": self.held_zero}
         if self.held_zero and self.held:
             d["held"] = self.held
-        if self.held_zero and self.held_wrap:
-            d["held_wrap"] = True
         if self.resolution is not None:
             d["resolution"] = self.resolution
         if self.newest is not None:
@@ -149,8 +146,7 @@ class CounterState:
         return cls(last=d.get("last"), last_time=d.get("last_time"),
                    last_wall=d.get("last_wall", d.get("last_time")), held_zero=bool(d.get("held_zero", False)),
                    resolution=d.get("resolution"), newest=(newest[0], newest[1]) if newest else None,
-                   held=int(d.get("held", 0)) if d.get("held_zero") else 0,
-                   held_wrap=bool(d.get("held_wrap")) and bool(d.get("held_zero")))
+                   held=int(d.get("held", 0)) if d.get("held_zero") else 0)
 
 
 Outcome = Literal["none", "seen", "baseline", "increase", "rollover", "reset", "ambiguous", "glitch", "held_zero",
@@ -244,16 +240,15 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
             state.held_zero, state.held = False, 0
             _accept(state, s, u)
             return CounterResult("preset", previous=prev, value=u, possible=h, elapsed=elapsed)
-        wrap_at_zero = state.held_wrap
-        state.held_zero, state.held, state.held_wrap = False, 0, False
+        state.held_zero, state.held = False, 0
         if u >= prev:
             return _increase(spec, state, s, prev, u, elapsed, "glitch")
         if spec.resolution is not None and prev - u <= spec.jitter:
             return _NONE  # back within float noise of the baseline: the held value was a glitch (baseline kept)
-        # a rollover: plausible when the zero was read (then the time idle at zero since does not matter), or now
-        if modulus is not None and (wrap_at_zero or (elapsed is not None and elapsed <= spec.wrap_period()
-                                                     and u + modulus - prev <= spec.allowance(elapsed))):
-            _accept(state, s, u)  # it wrapped (through the zero held: 65530 -> 0 -> 5 is +11)
+        # a rollover through the held value (a plausible one)
+        if modulus is not None and elapsed is not None and elapsed <= spec.wrap_period() \
+                and u + modulus - prev <= spec.allowance(elapsed):
+            _accept(state, s, u)  # it wrapped
             return CounterResult("rollover", delta=u + modulus - prev, previous=prev, value=u)
         allow = spec.allowance(elapsed)
         if u > allow:
@@ -359,7 +354,7 @@ def _step_float(spec: CounterSpec, state: CounterState, s: Sample) -> CounterRes
     """A float meter's reading in resolution steps, then the integer rules (a float meter has no modulus)."""
     res = None if spec.resolution is None else str(spec.resolution)
     if state.resolution != res:  # counted in another unit (config changed): that baseline means nothing now
-        state.last, state.held_zero, state.held, state.held_wrap, state.resolution = None, False, 0, False, res
+        state.last, state.held_zero, state.held, state.resolution = None, False, 0, res
     if res is None:
         return step(spec, state, s)
     value = spec.steps(s.value)

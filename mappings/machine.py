@@ -210,8 +210,7 @@ class _Cell(CounterState):
         else:
             super().__init__(last=state.last, last_time=state.last_time, last_wall=state.last_wall,
                              held_zero=state.held_zero, last_mono=state.last_mono, marked_wall=state.marked_wall,
-                             resolution=state.resolution, newest=state.newest, held=state.held,
-                             held_wrap=state.held_wrap)
+                             resolution=state.resolution, newest=state.newest, held=state.held)
         # routing, set by MachineEngine._bind: signal name, spec, binding, material number (None: a counter), and
         # whether the fast path takes its samples
         self.signal = ""
@@ -417,9 +416,8 @@ class MachineEngine:
             lts = memo_s
             lws = lts if lw == lt and type(lw) is type(lt) else _jnum(lw)
             res = "" if c.resolution is None else ',"resolution":' + _encode(c.resolution)
-            if c.held_zero and (c.held or c.held_wrap):
-                res = ((',"held":' + _jnum(c.held) if c.held else "") + (',"held_wrap":true' if c.held_wrap else "")
-                       + res)
+            if c.held_zero and c.held:
+                res = ',"held":' + _jnum(c.held) + res
             if c.newest is not None:
                 res += f',"newest":[{_jnum(c.newest[0])},{_jnum(c.newest[1])}]'
             counters.append(f'{k}:{{"last":{_jnum(c.last)},"last_time":{lts},"last_wall":{lws},'
