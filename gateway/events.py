@@ -14,7 +14,7 @@ import json
 import uuid
 
 from gateway.config import GatewayIdentity
-from mappings.events import EventData, rfc3339
+from mappings.events import EventData, rfc3339_event_time
 from mappings.machine import EventDraft
 
 CONTRACT_VERSION = "v1"
@@ -66,8 +66,9 @@ class EventEncoder:
     """Drafts to (topic, CloudEvents structured JSON bytes). One per gateway store (source + epoch).
 
     Per event: the id's SHA-1 continues from a hasher already fed with namespace, source and epoch; the envelope's
-    constant parts are rendered once per (machine, type); ``time`` is formatted by ``mappings.events.rfc3339``;
-    typed data renders itself (``EventData.to_json``), a plain dict goes through ``json.dumps``."""
+    constant parts are rendered once per (machine, type); ``time`` is formatted by ``mappings.events.rfc3339``
+    (remembered for recent times: ``rfc3339_event_time``); typed data renders itself (``EventData.to_json``), a
+    plain dict goes through ``json.dumps``."""
 
     def __init__(self, ident: GatewayIdentity, topics: Topics, epoch: str) -> None:
         self.source = event_source(ident)
@@ -99,7 +100,7 @@ class EventEncoder:
         head = self._heads.get((draft.subject, draft.type)) or self._head(draft.subject, draft.type)
         data = draft.data
         body = data.to_json() if isinstance(data, EventData) else json.dumps(data)
-        t = rfc3339(draft.time, always_fraction=False)
+        t = rfc3339_event_time(draft.time)
         payload = (f'{{"specversion": "1.0", "id": "{self.event_id(seq)}{head[1]}"{t}"{self._tail}{int(seq)}'
                    f'{self._epoch_part}{body}}}')
         return head[0], payload.encode()

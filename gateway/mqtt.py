@@ -897,6 +897,7 @@ class Publisher:
         """New rows were committed: ``rows`` as returned by ``Store.commit`` (taken from memory), or None (read
         them from the store)."""
         self._gen += 1
+        handed = False
         if rows:
             h = self._handed
             if len(h) + len(rows) > self.handover_max:
@@ -904,8 +905,11 @@ class Publisher:
                 self.handover_dropped += 1
             else:
                 h.extend(rows)
+                handed = True
         s = self.session
-        if s is not None:
+        if s is not None and not handed:
+            # rows handed over are read from memory (``_next_live``: rows that do not continue the lane's cursor
+            # send it back to the store); only rows it was not given make the live lane read the store again
             s.live.exhausted = False
         self._wake.set()
 

@@ -39,6 +39,7 @@ from mappings.events import (
     Totals,
     dec_str,
     plc_text,
+    rfc3339_memo,
     rfc3339_opt,
 )
 from mappings.samples import Sample
@@ -250,6 +251,8 @@ def _jnum(x: float | int | None) -> str:
 _KEYS: dict[str, str] = {}  # JSON of the fixed keys of quantity dicts ("good", "yield", ...)
 _EMPTY_WINDOW: dict[tuple[str, ...], str] = {}  # snapshot text of an empty window, by the keys of its quantities
 _STATE_JSON: dict[str | None, str] = {None: "null"}  # JSON of machine states seen (a few configured names)
+_TOTAL_KEYS = ("yield", "scrap", "rework")
+_ZERO_Q: dict[str, Decimal] = dict.fromkeys(QUANTITY_KINDS, ZERO)  # a window's quantities before anything counted
 
 
 def _jdecs(d: dict[str, Decimal]) -> str:
@@ -278,7 +281,7 @@ class MachineEngine:
     __slots__ = ("_json_ctx", "_json_keys", "_rearm", "_rng", "_signals", "_window_s", "anomalies", "completed",
                  "context", "counters", "dirty", "hold_reports", "machine_state", "order_totals", "spec", "totals",
                  "urgent", "_window", "yield_carry", "_pending", "_pend_start", "_pend_opened", "_pend_end",
-                 "__dict__")
+                 "_totals_json", "__dict__")
 
     def __init__(self, spec: MachineSpec, snapshot: dict[str, Any] | None = None) -> None:
         self.spec = spec
@@ -297,6 +300,9 @@ class MachineEngine:
         # length of the current window: the first after a start is spread over the whole interval (see MachineSpec)
         self._window_s = spec.interval_s if not self._rng else spec.interval_s * (1.0 - self._draw())
         self.totals: dict[str, Decimal] = {"yield": ZERO, "scrap": ZERO, "rework": ZERO}
+        # the totals' snapshot text as the last report rendered it: (the totals dict, its three values, the text);
+        # valid while that dict holds those very objects (Decimals are immutable)
+        self._totals_json: tuple[Any, ...] = (None, None, None, None, "")
         self.yield_carry = ZERO
         self.machine_state: str | None = None
         self.completed: dict[tuple[str, str], None] = {}  # recently completed (order, operation), oldest first
@@ -453,9 +459,17 @@ class MachineEngine:
             if len(_STATE_JSON) < 256:
                 _STATE_JSON[state] = state_j
         return (f'{{"v":1,"counters":{{{",".join(counters)}}},"context":{self._json_ctx[1]},{window},'
-                f'"totals":{_jdecs(self.totals)},"yield_carry":"{dec_str(self.yield_carry)}",'
+                f'"totals":{self._totals_text()},"yield_carry":"{dec_str(self.yield_carry)}",'
                 f'"machine_state":{state_j},"completed":{completed},"order_totals":{order_totals}'
                 f'{_COMPLETE_FLAG[self.complete_flag]}}}')
+
+    def _totals_text(self) -> str:
+        """``_jdecs(self.totals)``, from the last report's rendering when the totals are still the ones it saw."""
+        t = self.totals
+        d, y, sc, rw, text = self._totals_json
+        if t is d and t.get("yield") is y and t.get("scrap") is sc and t.get("rework") is rw:
+            return text
+        return _jdecs(t)
 
     def snapshot(self) -> dict[str, Any]:
         w = self.window
@@ -679,6 +693,12 @@ class MachineEngine:
                 self._rearm = False
             return []
         if now >= opened + self._window_s:  # the expression of next_deadline(): tick(next_deadline()) flushes
+            w = self._window
+            if self._pending and w.opened_at is None and w.start is None and not w.evidence and not w.materials \
+                    and not any(w.q.values()):
+                out = self._flush_pending("periodic")
+                if out is not None:
+                    return out
             w = self.window
             return self.flush("periodic", w.end if w.end is not None else now)
         return []
@@ -847,7 +867,10 @@ class MachineEngine:
         ctx = self.context
         unit = (ctx.unit if ctx and ctx.unit else None) or self.spec.unit
         t = w.end if w.end is not None else now
-        out = self._quantity_report(w, reason, ctx, unit, t) if not empty else []
+        out = self._quantity_report(
+            w.q, w.start, w.end, tuple([(n, e.first, e.last, e.rollovers, e.resets, e.glitches)
+                                        for n, e in w.evidence.items() if not n.startswith(MATERIAL_PREFIX)]),
+            reason, ctx, unit, t) if not empty else []
         if metered:
             out.append(EventDraft("material.consumed", self.spec.id, t, MaterialConsumedData(
                 machine=self.spec.id, order=ctx.order if ctx else None,
@@ -858,8 +881,42 @@ class MachineEngine:
             )))
         return out
 
-    def _quantity_report(self, w: "_Window", reason: str, ctx: OrderContext | None, unit: str, t: float) -> list[EventDraft]:
-        q = w.q
+    def _flush_pending(self, reason: str) -> list[EventDraft] | None:
+        """``flush(reason, now)`` of a window that holds nothing but the fast path's pending increases (nothing
+        folded in, counted by the slow path or metered yet: the common periodic report): the same report, engine
+        state and jitter draw, without building the window's evidence and quantity objects first (``_fold``) and a
+        new window after (the window stays empty). None, having changed nothing: a pending cell this does not take
+        (a material meter), use ``flush``. tests/test_counter_fast_path.py checks it against ``flush``."""
+        pending = self._pending
+        q = dict(_ZERO_Q)
+        evidence = []
+        for cell in pending:
+            if cell.material is not None:
+                return None
+            scale = cell.binding.scale  # type: ignore[union-attr]
+            acc = cell.acc
+            q[cell.signal] = ZERO + (acc if scale == 1 else acc * scale)
+            evidence.append((cell.signal, cell.first_prev, cell.last_u, 0, 0, 0))
+        for cell in pending:
+            cell.acc = 0
+            cell.pending = False
+        self._pending = []
+        self._rearm = False
+        if self._rng:
+            self._window_s = self.spec.interval_s * (1.0 - self.spec.interval_jitter * self._draw())
+        if not any(q.values()):
+            return []
+        self.dirty = True
+        ctx = self.context
+        unit = (ctx.unit if ctx and ctx.unit else None) or self.spec.unit
+        start, end = self._pend_start, self._pend_end
+        return self._quantity_report(q, start, end, tuple(evidence), reason, ctx, unit, end)  # type: ignore[arg-type]
+
+    def _quantity_report(self, q: dict[str, Decimal], start: float | None, end: float | None,
+                         evidence: tuple[tuple[Any, ...], ...], reason: str, ctx: OrderContext | None, unit: str,
+                         t: float) -> list[EventDraft]:
+        """The window's report (plus backflushed consumption): ``q`` its quantities, ``start`` / ``end`` its times,
+        ``evidence`` its counters' (name, from, to, rollovers, resets, glitches), material meters left out."""
         if "good" in self.spec.counters:
             yld = q["good"]
         else:
@@ -875,13 +932,14 @@ class MachineEngine:
         self.totals["scrap"] += scrap
         self.totals["rework"] += rework
         tot = self.totals
+        ty, ts, tr = tot["yield"], tot["scrap"], tot["rework"]
+        tys, tss, trs = dec_str(ty), dec_str(ts), dec_str(tr)
+        if tuple(tot) == _TOTAL_KEYS:  # the snapshot's text of these totals (_jdecs), ready for the commit that follows
+            self._totals_json = (tot, ty, ts, tr, f'{{"yield":"{tys}","scrap":"{tss}","rework":"{trs}"}}')
         # the typed parts are built only if a field is read (QuantityReport): the encoder renders the values
         data = QuantityReport((
             self.spec.id, ctx.order if ctx else None, ctx.operation if ctx else None, ctx is None, reason,
-            iso(w.start), iso(w.end), dec_str(yld), dec_str(scrap), dec_str(rework), unit,
-            dec_str(tot["yield"]), dec_str(tot["scrap"]), dec_str(tot["rework"]),
-            tuple([(n, e.first, e.last, e.rollovers, e.resets, e.glitches)
-                   for n, e in w.evidence.items() if not n.startswith(MATERIAL_PREFIX)]),
+            rfc3339_memo(start), rfc3339_memo(end), dec_str(yld), dec_str(scrap), dec_str(rework), unit, tys, tss, trs, evidence,
         ))
         out = [EventDraft("operation.quantity_reported", self.spec.id, t, data, parts=yld + scrap + rework)]
         if ctx and ctx.components and (yld or scrap):
