@@ -101,8 +101,10 @@ class GatedStore(Store):
         self.gated_when = None  # callable: gate from then on
         self.blocked = 0
         self.fetched: list[int] = []
+        self.fetches = 0  # calls, empty ones included
 
     async def fetch(self, after_id, limit, upto_id=None):
+        self.fetches += 1
         if self.gated_when is not None and self.gated_when():
             self.gated, self.gated_when = True, None
         if self.gated:
@@ -724,10 +726,13 @@ async def test_rows_handed_over_are_published_from_memory_with_bounded_queue(tmp
         pub = Publisher(store, link, window=20, handover_max=50, idle_poll_s=60)
         tasks = await run_all(link.run(), pub.run())
         await wait_until(lambda: pub.session is not None and pub.session.waiting, 10)
+        fetches = store.fetches
         small = await commit(store, [row(i, "m1") for i in range(1, 21)])
         pub.notify(small)
-        await wait_until(lambda: col.seqs() == set(range(1, 21)), 10)
+        await wait_until(lambda: col.seqs() == set(range(1, 21)) and pub.inflight == 0, 10)
         assert store.fetched == [], "rows handed over were read back from the store"
+        # nor was the store asked for more after them (one round trip to SQLite's thread per commit)
+        assert store.fetches == fetches
         # more than handover_max at once: the queue is dropped, the live lane reads from the store from its cursor
         big = await commit(store, [row(i, "m1") for i in range(21, 121)])
         pub.notify(big)
