@@ -22,7 +22,7 @@ import time
 
 HOT = [
     ("gateway.core", "Core", ["round", "run_timers", "stage", "apply_readings", "_schedule"]),
-    ("mappings.machine", "MachineEngine", ["tick", "flush", "_fold", "snapshot_json"]),
+    ("mappings.machine", "MachineEngine", ["tick", "flush", "_flush_pending", "_fold", "snapshot_json"]),
     ("gateway.events", "EventEncoder", ["encode"]),
     ("gateway.statuspage", "Activity", ["staged", "committed"]),
     ("gateway.mqtt", "Publisher", ["notify", "_on_puback"]),
