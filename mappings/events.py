@@ -408,6 +408,10 @@ class QuantityReportedData(EventData):
                                                                  "rollovers/resets/glitches.")]
 
 
+_EVIDENCE_HEAD: dict[str, str] = {}  # counter name -> the start of its evidence object, up to "from"
+_EVIDENCE_QUIET = ', "rollovers": 0, "resets": 0, "glitches": 0}'  # the end of a counter's that only counted
+
+
 class QuantityReport(QuantityReportedData):
     """A ``QuantityReportedData`` made from plain values, for the hot path (one per reporting window of every
     machine): ``to_json`` renders them in one step, byte for byte what the typed object renders, and the typed
@@ -445,9 +449,18 @@ class QuantityReport(QuantityReportedData):
         # written as they are (nothing to escape): the quantities (``dec_str``: ASCII digits, sign and point), the
         # timestamps (``rfc3339``) and the reason (one of four words), as the engine makes them
         r_ = int.__repr__
-        ev = ", ".join([f'{{"counter": {_json_str(c)}, "from": {"null" if f is None else r_(f)}, "to": {r_(t)}, '
-                        f'"rollovers": {r_(ro)}, "resets": {r_(re)}, "glitches": {r_(g)}}}'
-                        for c, f, t, ro, re, g in evidence])
+        heads = _EVIDENCE_HEAD
+        parts = []
+        for c, f, t, ro, re, g in evidence:
+            head = heads.get(c)
+            if head is None:
+                head = f'{{"counter": {_json_str(c)}, "from": '
+                if len(heads) < 1024:
+                    heads[c] = head
+            tail = _EVIDENCE_QUIET if not (ro or re or g) else \
+                f', "rollovers": {r_(ro)}, "resets": {r_(re)}, "glitches": {r_(g)}}}'
+            parts.append(f'{head}{"null" if f is None else r_(f)}, "to": {r_(t)}{tail}')
+        ev = ", ".join(parts)
         start = "null" if start is None else f'"{start}"'
         end = "null" if end is None else f'"{end}"'
         return (f'{{"machine": {_json_str(machine)}, "order": {_json_opt_str(order)}, '
