@@ -890,7 +890,8 @@ class Core:
                                 urgent.add(machine)
                         if drafts:
                             staged += drafts
-                        self._schedule(machine)
+                        if eng.next_deadline() is not None:  # else no window open (it just closed): no timer
+                            self._schedule(machine)
                 except BaseException:
                     # the machines of this slot not handled yet keep their timer
                     rest = [m for m in machines if scheduled.get(m) == d]

@@ -451,14 +451,14 @@ class QuantityReport(QuantityReportedData):
         r_ = int.__repr__
         heads = _EVIDENCE_HEAD
         parts = []
-        for c, f, t, ro, re, g in evidence:
+        for c, f, t, ro, rs, g in evidence:
             head = heads.get(c)
             if head is None:
                 head = f'{{"counter": {_json_str(c)}, "from": '
                 if len(heads) < 1024:
                     heads[c] = head
-            tail = _EVIDENCE_QUIET if not (ro or re or g) else \
-                f', "rollovers": {r_(ro)}, "resets": {r_(re)}, "glitches": {r_(g)}}}'
+            tail = _EVIDENCE_QUIET if not (ro or rs or g) else \
+                f', "rollovers": {r_(ro)}, "resets": {r_(rs)}, "glitches": {r_(g)}}}'
             parts.append(f'{head}{"null" if f is None else r_(f)}, "to": {r_(t)}{tail}')
         ev = ", ".join(parts)
         start = "null" if start is None else f'"{start}"'
