@@ -788,3 +788,24 @@ def test_a_local_order_for_a_faulted_machine_is_refused_at_once(tmp_path):
     with pytest.raises(ValueError, match="faulted"):
         gw.set_local_order("m1", OrderContext("A", "10"))
     assert not gw.core.inbox
+
+
+def test_a_restored_window_reports_after_a_restart_without_new_samples(tmp_path, monkeypatch):
+    """A window restored with counts in it (the machine stopped before the restart) is re-armed by its first timer
+    and then reported one interval later, with no sample to schedule it again: the timer that re-arms it must be
+    followed by the window's own."""
+    gw = make_gateway(tmp_path, order_source="local", complete=False, interval_s=60)
+    feed(gw, [s("m1/good", 100, 10)], [s("m1/good", 107, 11)])
+    snap = json.loads(gw.engines["m1"].snapshot_json())
+    assert snap["window"]["q"]["good"] == "7"
+
+    clock = [1000.0]
+    again = make_gateway(tmp_path / "again", order_source="local", complete=False, interval_s=60)
+    monkeypatch.setattr(again.core, "now", lambda: clock[0])
+    again.core.restore({"m1": snap}, 1, EventEncoder(again.cfg.gateway, again.topics, "e" * 32))
+    again.core.run_timers()  # re-arms the restored window: it opens now
+    assert staged(again) == []
+    clock[0] += 61
+    again.core.run_timers()
+    assert [(e["type"], e["data"]["quantities"]["yield"]) for e in staged(again)] == \
+        [("operation.quantity_reported", "7")]
