@@ -55,9 +55,9 @@ resent first at every connection, for ever. So connections lost with the same ro
 at a time, unbatched, until that row is acknowledged: a batch too large for the broker goes through as single
 events. If the connection is still lost right after that row went out alone (within CONDEMN_WITHIN_S, at most half
 the keepalive: a dead network is noticed later, by the keepalive), on a connection on which the broker acknowledged a
-control message before (a careful session first sends the link's status again, QoS 1 and not retained, like a row:
-proof that the broker takes such messages), CONDEMN_AFTER times over at least CONDEMN_MIN_S, the row is quarantined
-as the cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
+message before (the retained status the link publishes at connect: proof that it takes publishes), CONDEMN_AFTER
+times over at least CONDEMN_MIN_S (30 s: a broker that drops connections at any row for a while recovers sooner),
+the row is quarantined as the cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
 resends its rows; for a single event it quarantines it.
 """
 
@@ -173,7 +173,7 @@ class Connection:
     reused."""
 
     __slots__ = ("id", "client", "protocol5", "max_packet_size", "receive_maximum", "lost", "sub_mids", "sub_retry",
-                 "fast", "resync")
+                 "fast", "resync", "acks")
 
     def __init__(self, conn_id: int, protocol5: bool) -> None:
         self.id = conn_id
@@ -186,6 +186,9 @@ class Connection:
         self.sub_retry: dict[str, float] = {}  # refused subscription -> its current retry delay (s)
         self.fast = False  # the client is a gateway.paho_fast.FastClient: QoS 1 publishes use publish_fast
         self.resync: asyncio.TimerHandle | None = None  # the next re-subscription of the resync filters
+        # successful PUBACKs received on this connection, for any message (the link's retained status at connect
+        # too): the broker takes publishes on it (Publisher._note_loss)
+        self.acks = 0
 
     @property
     def alive(self) -> bool:
@@ -611,6 +614,8 @@ class MqttLink:
     def _puback(self, conn: Connection, mid: int, code: int) -> None:
         # a PUBACK on `conn`: paho's (status, any publish()) or FastClient's of a publish_fast message (the reason
         # code as paho decodes it; 0 on 3.1.1)
+        if code < 0x80:
+            conn.acks += 1
         conn_id = conn.id
         try:
             self.on_puback(conn_id, mid, code)
@@ -666,15 +671,16 @@ QUARANTINE = -2  # Publisher._send: the row was taken off its lane for the quara
 # with that row the oldest in flight. After CAREFUL_AFTER such losses at one row, the next sessions send one message
 # at a time, unbatched (a batch too large for the broker goes through as single rows); if the connection is then
 # lost within CONDEMN_WITHIN_S (at most half the keepalive) of sending that row alone, on a connection where the broker
-# had acknowledged the session's control message before (the link's status again, QoS 1 and not retained, like a row),
-# CONDEMN_AFTER times over at least CONDEMN_MIN_S, the row is quarantined as the cause. A dead network is no such
-# evidence: it is noticed later (the keepalive), at whichever row is in flight. A row quarantined wrongly is not lost:
-# `edge-gateway buffer retry` sends it again.
+# had acknowledged a message before (the link's status at connect), CONDEMN_AFTER times over at least CONDEMN_MIN_S,
+# the row is quarantined as the cause. A dead network is no such evidence: it is noticed later (the keepalive), at
+# whichever row is in flight. A row quarantined wrongly is not lost: `edge-gateway buffer retry` sends it again.
 CAREFUL_AFTER = 2
 CONDEMN_AFTER = 2
 CONDEMN_WITHIN_S = 2.0
-# ... and only once it has been failing so (alone) for this long: not on a coincidence of a few seconds
-CONDEMN_MIN_S = 10.0
+# ... and only once it has been failing so (alone) for this long: a broker that closes the connection at any row for a
+# while (nats-server's MQTT while its streams recover after a node was lost: it still acknowledges the link's retained
+# status, which goes to another stream) recovers within seconds, a message it never takes fails for ever
+CONDEMN_MIN_S = 30.0
 
 
 class _Lane:
@@ -727,8 +733,7 @@ class _Session:
 
     __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "backlog_inflight", "parked",
                  "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto", "careful",
-                 "last_sent_at", "ack_seen", "ack_check_at", "acks", "acks_newer", "control_mid", "control_ok",
-                 "control_ok_at_send")
+                 "last_sent_at", "ack_seen", "ack_check_at", "acks", "acks_newer", "acks_at_send")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -749,11 +754,7 @@ class _Session:
         self.checked_upto = 0
         self.careful = False  # one message at a time, unbatched (Publisher._note_loss)
         self.last_sent_at = 0.0  # loop time of the last publish, kept while careful
-        # a careful session's control message (Publisher._send_control): its message id while it waits for its
-        # PUBACK, whether the broker acknowledged it, and whether it had when the row was last sent alone
-        self.control_mid: int | None = None
-        self.control_ok = False
-        self.control_ok_at_send = False
+        self.acks_at_send = 0  # the connection's PUBACKs (Connection.acks) before that publish, kept while careful
         # the PUBACK timeout (Publisher._overdue): what was in flight at the last check, and when to check next
         self.ack_seen: dict[int, PendingRow | tuple[PendingRow, ...]] = {}
         self.ack_check_at = 0.0
@@ -945,11 +946,6 @@ class Publisher:
         s = self.session
         if s is None or connection_id != s.conn_id:
             return  # another connection's message id: nothing of ours
-        if mid == s.control_mid:
-            s.control_mid = None
-            s.control_ok = code < 0x80
-            self._wake.set()
-            return
         rows = s.inflight.pop(mid, None)
         if rows is None:
             return
@@ -1046,7 +1042,6 @@ class Publisher:
                 # a connection the broker closes on its own soon after it was made (nats-server's MQTT while it takes
                 # a session over between nodes) must not count against the row sent alone on it: wait as long as
                 # such a loss would count (_note_loss), and send nothing on a connection that does not last that long
-                self._send_control(s)
                 done, _ = await asyncio.wait({lost}, timeout=self._condemn_within())
                 if done or not conn.alive:
                     return
@@ -1108,21 +1103,6 @@ class Publisher:
             drop(f"no PUBACK within {self.puback_timeout_s:g} s for {len(overdue)} message(s) in flight")
         return True
 
-    def _send_control(self, s: _Session) -> None:
-        """A careful session's control: the link's status (its "online" payload) again, as a QoS 1 message that is
-        not retained, like a row. Its PUBACK before the suspect row goes out alone shows that the broker takes such
-        messages on this connection (``_note_loss``). Without a status (a link made without one) nothing is sent and
-        no loss counts against a row."""
-        online = getattr(self.link, "online", None)
-        if not online:
-            return
-        payload = online[1]() if callable(online[1]) else online[1]
-        try:
-            s.control_mid = self.link.publish(online[0], payload.encode() if isinstance(payload, str) else payload,
-                                              connection=s.conn)
-        except ValueError:  # a status topic paho refuses: the link's own publish at connect failed the same way
-            s.control_mid = None
-
     def _condemn_within(self) -> float:
         """Seconds after sending a row alone within which a lost connection counts against that row."""
         return min(CONDEMN_WITHIN_S, 0.5 * getattr(getattr(self.link, "cfg", None), "keepalive_s", 60))
@@ -1138,13 +1118,12 @@ class Publisher:
         if oldest != row_id:
             losses = alone = 0
         losses += 1
-        # lost right after that row went out alone, on a connection where the broker had acknowledged the session's
-        # control message (a QoS 1 message like a row: Publisher._send_control) before it: the broker takes
-        # publishes, but not this one. Not a dead network (noticed later, by the keepalive), nor a broker that drops
-        # the connection at any QoS 1 message for a while (nats-server's MQTT after a node was lost, seen in the
-        # fleet chaos test: it still acknowledged the retained status, kept in another stream)
+        # lost right after that row went out alone, on a connection the broker had acknowledged a message on before
+        # it (the link's retained status at connect): the broker takes publishes but not this one. Not a dead network
+        # (noticed later, by the keepalive), nor a broker that takes nothing at all for a while and drops connections
+        # (nats-server's MQTT while its JetStream streams recover after a node was lost, seen in the fleet chaos test)
         within = self._condemn_within()
-        if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within and s.control_ok_at_send:
+        if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within and s.acks_at_send > 0:
             if alone == 0:
                 first_alone = now
             alone += 1
@@ -1341,7 +1320,7 @@ class Publisher:
             return -1
         if s.careful:
             s.last_sent_at = asyncio.get_running_loop().time()
-            s.control_ok_at_send = s.control_ok
+            s.acks_at_send = s.conn.acks
         crash_point("publisher.published")
         if rows:
             for _ in rows:

@@ -379,8 +379,8 @@ class FakeBroker:
         # was lost): this many connections acknowledge nothing, not even the status, and are closed at the first row
         self.dead = 0
         self.statuses = 0  # status messages (no "seq") acknowledged
-        # this many connections acknowledge the retained status but are closed at the first QoS 1 message that is
-        # not retained (nats-server's MQTT after a node loss, seen in the fleet chaos test: for tens of seconds)
+        # this many connections acknowledge the status but are closed at the first row (nats-server's MQTT while the
+        # stream of QoS 1 messages has no leader, the retained messages' stream has one)
         self.closing = 0
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -447,10 +447,7 @@ class FakeBroker:
                     doc = json.loads(rest[i + plen:])
                     if churned:
                         continue  # taken in, never acknowledged: the connection goes anyway
-                    if "seq" not in doc:  # the link's status (retained at connect; the careful session's control)
-                        if closing and not head & 0x01:  # a QoS 1 message that is not retained, like a row
-                            w.transport.abort()
-                            return
+                    if "seq" not in doc:  # the link's status at connect: acknowledged (unless the broker is dead)
                         if not dead:
                             self.statuses += 1
                             w.write(bytes([0x40, 4]) + pid + bytes([0, 0]))
@@ -546,7 +543,7 @@ async def test_a_broker_taking_no_publish_for_a_while_quarantines_nothing(tmp_pa
     async with Store(str(tmp_path / "s.db")) as store:
         await commit(store, [row(i, "m1" if i % 2 else "m2") for i in range(1, 11)])
         link = MqttLink(cfg(fb.port), client_id="gw", online=("t/status", b'{"state": "online"}'))
-        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2), condemn_min_s=1.0)
+        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
         tasks = await run_all(link.run(), pub.run())
         try:
             await wait_until(lambda: store.pending == 0, 40)
@@ -559,19 +556,18 @@ async def test_a_broker_taking_no_publish_for_a_while_quarantines_nothing(tmp_pa
 
 
 async def test_a_broker_closing_at_every_row_for_a_while_quarantines_nothing(tmp_path):
-    """A broker that acknowledges the link's retained status at connect but closes the connection at every QoS 1
-    message that is not retained, for a while, then recovers (nats-server's MQTT after a node loss, seen in the fleet
-    chaos test for 31 s: one event of a gateway quarantined, the ERP short of it). A careful session's control
-    message (the status again, not retained) is refused like the row: no loss counts against the row, however long
-    it lasts (condemn_min_s shortened here; red without the control: the row quarantined). Once it recovers, every
-    row goes."""
+    """A broker that acknowledges the link's status at connect but closes the connection at every row for a while,
+    then recovers (nats-server's MQTT while the stream of QoS 1 messages has no leader after a node was lost, seen
+    in the fleet chaos test: one event of a gateway quarantined, the ERP short of it). Each loss comes right after
+    the row went out alone on a connection that took a message, but they span seconds, not CONDEMN_MIN_S (red
+    without the span: the row quarantined). Once it recovers, every row goes."""
     fb = FakeBroker(lambda seq, n: 0)
-    fb.closing = 12
+    fb.closing = 6
     await fb.start()
     async with Store(str(tmp_path / "s.db")) as store:
         await commit(store, [row(i, "m1" if i % 2 else "m2") for i in range(1, 11)])
         link = MqttLink(cfg(fb.port), client_id="gw", online=("t/status", b'{"state": "online"}'))
-        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2), condemn_min_s=1.0)
+        pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
         with structlog.testing.capture_logs() as logs:
             tasks = await run_all(link.run(), pub.run())
             try:
@@ -579,9 +575,9 @@ async def test_a_broker_closing_at_every_row_for_a_while_quarantines_nothing(tmp
             finally:
                 await cancel(tasks)
         assert await quarantine(store) == {} and pub.quarantined == 0
-        assert set(fb.accepted) == set(range(1, 11)) and fb.closing == 0
+        assert set(fb.accepted) == set(range(1, 11)) and fb.closing == 0 and len(fb.closed_at) == 6
         alone = [e["alone"] for e in logs if e["event"] == "publisher.connection_lost_at_row"]
-        assert alone and max(alone) == 0
+        assert max(alone) >= 2  # the losses did count against the row: only their short span spared it
     await fb.stop()
 
 
