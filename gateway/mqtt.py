@@ -56,8 +56,7 @@ at a time, unbatched, until that row is acknowledged: a batch too large for the 
 events. If the connection is still lost right after that row went out alone (within CONDEMN_WITHIN_S, at most half
 the keepalive: a dead network is noticed later, by the keepalive), on a connection on which the broker acknowledged a
 message before (the retained status the link publishes at connect: proof that it takes publishes), CONDEMN_AFTER
-times over at least CONDEMN_MIN_S (30 s: a broker that drops connections at any row for a while recovers sooner),
-the row is quarantined as the cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
+times, the row is quarantined as the cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
 resends its rows; for a single event it quarantines it.
 """
 
@@ -670,17 +669,12 @@ QUARANTINE = -2  # Publisher._send: the row was taken off its lane for the quara
 # message_size_limit: its 0x95 PUBACK is often lost in the reset; a batch over that limit too): the connection is lost
 # with that row the oldest in flight. After CAREFUL_AFTER such losses at one row, the next sessions send one message
 # at a time, unbatched (a batch too large for the broker goes through as single rows); if the connection is then
-# lost within CONDEMN_WITHIN_S (at most half the keepalive) of sending that row alone, on a connection where the broker
-# had acknowledged a message before (the link's status at connect), CONDEMN_AFTER times over at least CONDEMN_MIN_S,
-# the row is quarantined as the cause. A dead network is no such evidence: it is noticed later (the keepalive), at
-# whichever row is in flight. A row quarantined wrongly is not lost: `edge-gateway buffer retry` sends it again.
+# lost within CONDEMN_WITHIN_S (at most half the keepalive) of sending that row alone, CONDEMN_AFTER times, the row is
+# quarantined as the cause. A dead network is no such evidence: it is noticed later (the keepalive), at whichever row
+# is in flight. A row quarantined wrongly is not lost: `edge-gateway buffer retry` sends it again.
 CAREFUL_AFTER = 2
 CONDEMN_AFTER = 2
 CONDEMN_WITHIN_S = 2.0
-# ... and only once it has been failing so (alone) for this long: a broker that closes the connection at any row for a
-# while (nats-server's MQTT while its streams recover after a node was lost: it still acknowledges the link's retained
-# status, which goes to another stream) recovers within seconds, a message it never takes fails for ever
-CONDEMN_MIN_S = 30.0
 
 
 class _Lane:
@@ -868,8 +862,7 @@ class Publisher:
     def __init__(self, store: Store, link: MqttLink, *, window: int = 100, fetch_size: int = 1000,
                  ack_interval: float = 0.1, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024,
                  batch_max: int = 0, retry_backoff: tuple[float, float] = (0.5, 30.0), handover_max: int = 10_000,
-                 idle_poll_s: float = 1.0, puback_timeout_s: float = 30.0,
-                 condemn_min_s: float = CONDEMN_MIN_S) -> None:
+                 idle_poll_s: float = 1.0, puback_timeout_s: float = 30.0) -> None:
         self.store = store
         self.link = link
         self.window = window
@@ -881,7 +874,6 @@ class Publisher:
         self.handover_max = handover_max
         self.idle_poll_s = idle_poll_s
         self.puback_timeout_s = puback_timeout_s
-        self.condemn_min_s = condemn_min_s
         self.puback_timeouts = 0
         self._retry = Backoff(*retry_backoff)
         self._retry_armed = False
@@ -892,9 +884,8 @@ class Publisher:
         self._refused: list[tuple[PendingRow, str]] = []
         self._bad: list[tuple[PendingRow, str]] = []  # rows _send took off a lane for the quarantine
         # connections lost with the same row the oldest in flight: (row id, losses, losses within CONDEMN_WITHIN_S of
-        # sending it alone, loop time of the first of those); a row found to be the cause: (row id, reason),
-        # quarantined when it is next sent
-        self._strike: tuple[int, int, int, float] | None = None
+        # sending it alone); a row found to be the cause: (row id, reason), quarantined when it is next sent
+        self._strike: tuple[int, int, int] | None = None
         self._condemned: tuple[int, str] | None = None
         self._batch_cap: int | None = None  # bytes: learnt from a batch the broker refused as too large (0x95)
         self._gen = 0
@@ -1114,7 +1105,7 @@ class Publisher:
         row = min((r if type(r) is PendingRow else r[0] for r in s.inflight.values()),  # type: ignore[misc]
                   key=lambda r: r.id)
         oldest = row.id
-        row_id, losses, alone, first_alone = self._strike if self._strike is not None else (0, 0, 0, now)
+        row_id, losses, alone = self._strike if self._strike is not None else (0, 0, 0)
         if oldest != row_id:
             losses = alone = 0
         losses += 1
@@ -1124,16 +1115,13 @@ class Publisher:
         # (nats-server's MQTT while its JetStream streams recover after a node was lost, seen in the fleet chaos test)
         within = self._condemn_within()
         if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within and s.acks_at_send > 0:
-            if alone == 0:
-                first_alone = now
             alone += 1
-        self._strike = (oldest, losses, alone, first_alone)
+        self._strike = (oldest, losses, alone)
         log.warning("publisher.connection_lost_at_row", connection=s.conn_id, row=oldest, topic=row.topic,
                     losses=losses, alone=alone, in_flight=len(s.inflight), careful=s.careful)
-        if alone >= CONDEMN_AFTER and now - first_alone >= self.condemn_min_s:
+        if alone >= CONDEMN_AFTER:
             self._condemned = (oldest, f"the broker closed the connection each time this message was sent alone "
-                                       f"({alone} times in {now - first_alone:.0f} s, each within "
-                                       f"{CONDEMN_WITHIN_S:g} s), while others went through: "
+                                       f"({alone} times, within {CONDEMN_WITHIN_S:g} s), while others went through: "
                                        f"larger than it accepts (mosquitto's message_size_limit), or refused by it "
                                        f"without a PUBACK")
 
