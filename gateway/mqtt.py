@@ -54,9 +54,8 @@ resent first at every connection, for ever. So connections lost with the same ro
 (``publisher.connection_lost_at_row``, warning). After CAREFUL_AFTER such losses the next sessions send one message
 at a time, unbatched, until that row is acknowledged: a batch too large for the broker goes through as single
 events. If the connection is still lost right after that row went out alone (within CONDEMN_WITHIN_S, at most half
-the keepalive: a dead network is noticed later, by the keepalive), on a connection on which the broker acknowledged a
-message before (the retained status the link publishes at connect: proof that it takes publishes), CONDEMN_AFTER
-times, the row is quarantined as the cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
+the keepalive: a dead network is noticed later, by the keepalive), CONDEMN_AFTER times, the row is quarantined as the
+cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
 resends its rows; for a single event it quarantines it.
 """
 
@@ -172,7 +171,7 @@ class Connection:
     reused."""
 
     __slots__ = ("id", "client", "protocol5", "max_packet_size", "receive_maximum", "lost", "sub_mids", "sub_retry",
-                 "fast", "resync", "acks")
+                 "fast", "resync")
 
     def __init__(self, conn_id: int, protocol5: bool) -> None:
         self.id = conn_id
@@ -185,9 +184,6 @@ class Connection:
         self.sub_retry: dict[str, float] = {}  # refused subscription -> its current retry delay (s)
         self.fast = False  # the client is a gateway.paho_fast.FastClient: QoS 1 publishes use publish_fast
         self.resync: asyncio.TimerHandle | None = None  # the next re-subscription of the resync filters
-        # successful PUBACKs received on this connection, for any message (the link's retained status at connect
-        # too): the broker takes publishes on it (Publisher._note_loss)
-        self.acks = 0
 
     @property
     def alive(self) -> bool:
@@ -347,7 +343,7 @@ class MqttLink:
                     protocol=paho.MQTTv311, userdata=conn)
         if paho_fast.usable(c):
             conn.fast = True
-            c.on_fast_puback = functools.partial(self._puback, conn)  # type: ignore[attr-defined]
+            c.on_fast_puback = functools.partial(self._on_fast_puback, conn.id)  # type: ignore[attr-defined]
         elif not _FAST_OFF_LOGGED:
             _FAST_OFF_LOGGED.append(True)
             log.warning("mqtt.fast_path_off", paho_mqtt=paho_fast.PAHO_VERSION, checked=list(paho_fast.CHECKED_PAHO),
@@ -608,14 +604,10 @@ class MqttLink:
 
     def _on_publish(self, client: paho.Client, conn: Connection, mid: int, reason: Any, props: Any) -> None:
         # the PUBACK of a message of connection `conn` (paho passes a reason code on 3.1.1 too: 0)
-        self._puback(conn, mid, reason.value if reason is not None else 0)
+        self._on_fast_puback(conn.id, mid, reason.value if reason is not None else 0)
 
-    def _puback(self, conn: Connection, mid: int, code: int) -> None:
-        # a PUBACK on `conn`: paho's (status, any publish()) or FastClient's of a publish_fast message (the reason
-        # code as paho decodes it; 0 on 3.1.1)
-        if code < 0x80:
-            conn.acks += 1
-        conn_id = conn.id
+    def _on_fast_puback(self, conn_id: int, mid: int, code: int) -> None:
+        # FastClient's PUBACK of a publish_fast message (the reason code as paho decodes it; 0 on 3.1.1)
         try:
             self.on_puback(conn_id, mid, code)
         except Exception:  # noqa: BLE001 - a bug in the handler: the PUBACKs read with this one are still handled
@@ -727,7 +719,7 @@ class _Session:
 
     __slots__ = ("conn", "conn_id", "inflight", "boundary", "backlog", "live", "hold", "backlog_inflight", "parked",
                  "parked_n", "released", "bucket", "rewind_at", "waiting", "learn", "checked_upto", "careful",
-                 "last_sent_at", "ack_seen", "ack_check_at", "acks", "acks_newer", "acks_at_send")
+                 "last_sent_at", "ack_seen", "ack_check_at", "acks", "acks_newer")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -748,7 +740,6 @@ class _Session:
         self.checked_upto = 0
         self.careful = False  # one message at a time, unbatched (Publisher._note_loss)
         self.last_sent_at = 0.0  # loop time of the last publish, kept while careful
-        self.acks_at_send = 0  # the connection's PUBACKs (Connection.acks) before that publish, kept while careful
         # the PUBACK timeout (Publisher._overdue): what was in flight at the last check, and when to check next
         self.ack_seen: dict[int, PendingRow | tuple[PendingRow, ...]] = {}
         self.ack_check_at = 0.0
@@ -1109,12 +1100,9 @@ class Publisher:
         if oldest != row_id:
             losses = alone = 0
         losses += 1
-        # lost right after that row went out alone, on a connection the broker had acknowledged a message on before
-        # it (the link's retained status at connect): the broker takes publishes but not this one. Not a dead network
-        # (noticed later, by the keepalive), nor a broker that takes nothing at all for a while and drops connections
-        # (nats-server's MQTT while its JetStream streams recover after a node was lost, seen in the fleet chaos test)
+        # lost right after that row went out alone: the broker's doing, not a dead network (noticed by the keepalive)
         within = self._condemn_within()
-        if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within and s.acks_at_send > 0:
+        if s.careful and len(s.inflight) == 1 and now - s.last_sent_at <= within:
             alone += 1
         self._strike = (oldest, losses, alone)
         log.warning("publisher.connection_lost_at_row", connection=s.conn_id, row=oldest, topic=row.topic,
@@ -1308,7 +1296,6 @@ class Publisher:
             return -1
         if s.careful:
             s.last_sent_at = asyncio.get_running_loop().time()
-            s.acks_at_send = s.conn.acks
         crash_point("publisher.published")
         if rows:
             for _ in rows:
