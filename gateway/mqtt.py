@@ -51,9 +51,9 @@ A permanent refusal quarantines the row with the reason (``edge-gateway buffer``
 A broker may refuse by closing the connection instead. mosquitto does so at a PUBLISH over its ``message_size_limit``
 (not announced in the CONNACK), and its 0x95 PUBACK is often lost in the reset. The row at which it happens would be
 resent first at every connection, for ever. So connections lost with the same row oldest in flight are counted
-(``publisher.connection_lost_at_row``, warning). After CAREFUL_AFTER such losses the next sessions send one message
-at a time, unbatched, until that row is acknowledged: a batch too large for the broker goes through as single
-events. If the connection is still lost right after that row went out alone (within CONDEMN_WITHIN_S, at most half
+(``publisher.connection_lost_at_row``, warning). After CAREFUL_AFTER such losses the next sessions send one event
+at a time (in batch mode a batch of one, still on the batch topic) until that row is acknowledged: a batch too large
+for the broker goes through as single events. If the connection is still lost right after that row went out alone (within CONDEMN_WITHIN_S, at most half
 the keepalive: a dead network is noticed later, by the keepalive), CONDEMN_AFTER times, the row is quarantined as the
 cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
 resends its rows; for a single event it quarantines it.
@@ -659,8 +659,9 @@ class MqttLink:
 QUARANTINE = -2  # Publisher._send: the row was taken off its lane for the quarantine
 # A broker that closes the connection at a message instead of refusing it with a PUBACK code (mosquitto over its
 # message_size_limit: its 0x95 PUBACK is often lost in the reset; a batch over that limit too): the connection is lost
-# with that row the oldest in flight. After CAREFUL_AFTER such losses at one row, the next sessions send one message
-# at a time, unbatched (a batch too large for the broker goes through as single rows); if the connection is then
+# with that row the oldest in flight. After CAREFUL_AFTER such losses at one row, the next sessions send one event at
+# a time, in batch mode as a batch of one (a batch too large for the broker goes through as single rows, on the batch
+# topic: nats-server refuses the events' own, dotted topics); if the connection is then
 # lost within CONDEMN_WITHIN_S (at most half the keepalive) of sending that row alone, CONDEMN_AFTER times, the row is
 # quarantined as the cause. A dead network is no such evidence: it is noticed later (the keepalive), at whichever row
 # is in flight. A row quarantined wrongly is not lost: `edge-gateway buffer retry` sends it again.
@@ -738,7 +739,7 @@ class _Session:
         self.waiting = False  # idle, waiting for a commit or a PUBACK (tests observe it)
         self.learn: asyncio.Task[None] | None = None
         self.checked_upto = 0
-        self.careful = False  # one message at a time, unbatched (Publisher._note_loss)
+        self.careful = False  # one event at a time (in batch mode a batch of one: Publisher._send, _note_loss)
         self.last_sent_at = 0.0  # loop time of the last publish, kept while careful
         # the PUBACK timeout (Publisher._overdue): what was in flight at the last check, and when to check next
         self.ack_seen: dict[int, PendingRow | tuple[PendingRow, ...]] = {}
@@ -1260,8 +1261,11 @@ class Publisher:
             self._condemned = self._strike = None
             return QUARANTINE
         limit = s.conn.max_packet_size
-        # what goes on the wire: in batch mode the row alone is the message "[row]" on .../events/batch
-        batch = self.batch_max > 1 and not s.careful
+        # what goes on the wire: in batch mode the row alone is the message "[row]" on .../events/batch; a careful
+        # session sends one row at a time, still on the batch topic (a batch of one): the events' own topics may be
+        # refused by the broker (nats-server's MQTT closes the connection at a '.' in a topic, as in
+        # operation.quantity_reported: the reason batch mode is required with it)
+        batch = self.batch_max > 1
         topic = row.topic.rpartition("/events/")[0] + "/events/batch" if batch else row.topic
         size = len(row.payload) + 2 if batch else len(row.payload)
         how = " (as a batch of one)" if batch else ""
@@ -1276,7 +1280,9 @@ class Publisher:
                 self._bad.append((row, f"too large for the broker: a {packet}-byte packet{how} > its Maximum Packet "
                                        f"Size {limit} (MQTT 5 CONNACK)"))
                 return QUARANTINE
-        if batch:
+        if batch and s.careful:
+            rows, payload = (row,), b"[" + row.payload + b"]"
+        elif batch:
             cap = self.max_message_bytes if self._batch_cap is None else min(self.max_message_bytes, self._batch_cap)
             if limit is not None:
                 # the packet's length field grows with the payload (1 to 4 bytes): 3 more than for an empty one

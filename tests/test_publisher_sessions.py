@@ -375,6 +375,9 @@ class FakeBroker:
         # closed ``churn_after_s`` after their CONNACK, whatever they send, and acknowledge nothing meanwhile
         self.churns = 0
         self.churn_after_s = 0.3
+        # nats-server's MQTT: a topic with a '.' closes the connection ("characters ' ' and '.' not supported")
+        self.refuse_dots = False
+        self.topics: list[str] = []  # the topic of every PUBLISH taken
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -431,8 +434,14 @@ class FakeBroker:
                         if not b & 0x80:
                             break
                         mult *= 128
+                    topic = body[2:2 + tlen].decode()
+                    if self.refuse_dots and "." in topic:
+                        w.transport.abort()
+                        return
+                    self.topics.append(topic)
                     doc = json.loads(rest[i + plen:])
-                    seq = doc["seq"]
+                    seqs = [d["seq"] for d in doc] if isinstance(doc, list) else [doc["seq"]]  # a batch: its first
+                    seq = seqs[0]
                     if churned:
                         continue  # taken in, never acknowledged: the connection goes anyway
                     n = self.attempts[seq] = self.attempts.get(seq, 0) + 1
@@ -443,7 +452,7 @@ class FakeBroker:
                         return
                     if self.delay(seq, n):
                         await asyncio.sleep(self.delay(seq, n))
-                    (self.refused.append((seq, code)) if code >= 0x80 else self.accepted.append(seq))
+                    (self.refused.append((seq, code)) if code >= 0x80 else self.accepted.extend(seqs))
                     w.write(bytes([0x40, 4]) + pid + bytes([code, 0]))
                 await w.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -533,6 +542,35 @@ async def test_batches_over_the_brokers_message_size_limit_go_as_single_messages
     finally:
         col.stop()
         broker.close()
+
+
+async def test_a_careful_session_in_batch_mode_keeps_to_the_batch_topic(tmp_path):
+    """Batch mode, as nats-server's MQTT requires (it closes the connection at a '.' in a topic, and the events' own
+    topics have one: operation.quantity_reported). The connection is lost twice at seq 1 (a node of the cluster
+    going away), so the next sessions are careful: one event at a time. They sent it on its own, dotted topic, the
+    broker closed each such connection, and seq 1 was quarantined as 'closed the connection each time this message
+    was sent alone' (the fleet chaos test: the ERP short of it; red before). Now a batch of one on the batch topic:
+    every row delivered, nothing quarantined, no dotted topic sent."""
+    fb = FakeBroker(lambda seq, n: None if seq == 1 and n <= 2 else 0)
+    fb.refuse_dots = True
+    await fb.start()
+    async with Store(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, "m1" if i % 2 else "m2", topic=f"t/{'m1' if i % 2 else 'm2'}/events/a.b")
+                             for i in range(1, 11)])
+        link = MqttLink(cfg(fb.port), client_id="gw")
+        pub = Publisher(store, link, window=4, batch_max=4, retry_backoff=(0.05, 0.2))
+        with structlog.testing.capture_logs() as logs:
+            tasks = await run_all(link.run(), pub.run())
+            try:
+                await wait_until(lambda: store.pending == 0, 30)
+            finally:
+                await cancel(tasks)
+        assert await quarantine(store) == {} and pub.quarantined == 0
+        assert set(fb.accepted) == set(range(1, 11)) and fb.closed_at == [1, 1]
+        assert fb.topics and all(t.endswith("/events/batch") for t in fb.topics)
+        lost = [(e["row"], e["losses"]) for e in logs if e["event"] == "publisher.connection_lost_at_row"]
+        assert lost == [(1, 1), (1, 2)]  # then careful: seq 1 alone, as a batch of one, taken
+    await fb.stop()
 
 
 async def test_a_connection_that_dies_later_is_no_evidence_against_the_row_in_flight(tmp_path):
