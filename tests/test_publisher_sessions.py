@@ -461,6 +461,17 @@ class FakeBroker:
             w.close()
 
 
+async def drain_logged(link: MqttLink, pub: Publisher, store: Store, timeout: float = 30) -> list[dict]:
+    """Run the link and the publisher until the outbox is empty; the log entries meanwhile."""
+    with structlog.testing.capture_logs() as logs:
+        tasks = await run_all(link.run(), pub.run())
+        try:
+            await wait_until(lambda: store.pending == 0, timeout)
+        finally:
+            await cancel(tasks)
+    return logs
+
+
 async def test_a_row_at_which_the_broker_always_closes_the_connection_is_quarantined_and_the_rest_goes(tmp_path):
     """A broker that closes the connection at a message instead of answering it with a refusal (mosquitto over its
     message_size_limit, whose 0x95 PUBACK is often lost in the reset): the row was resent at every connection, ahead
@@ -473,12 +484,7 @@ async def test_a_row_at_which_the_broker_always_closes_the_connection_is_quarant
         await commit(store, [row(i, "m1" if i % 2 else "m2") for i in range(1, 21)])
         link = MqttLink(cfg(fb.port), client_id="gw")
         pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
-        with structlog.testing.capture_logs() as logs:
-            tasks = await run_all(link.run(), pub.run())
-            try:
-                await wait_until(lambda: store.pending == 0, 30)
-            finally:
-                await cancel(tasks)
+        logs = await drain_logged(link, pub, store)
         q = await quarantine(store)
         assert list(q) == [3] and "closed the connection each time this message was sent alone" in q[3]
         assert set(fb.accepted) == set(range(1, 21)) - {3}
@@ -559,12 +565,7 @@ async def test_a_careful_session_in_batch_mode_keeps_to_the_batch_topic(tmp_path
                              for i in range(1, 11)])
         link = MqttLink(cfg(fb.port), client_id="gw")
         pub = Publisher(store, link, window=4, batch_max=4, retry_backoff=(0.05, 0.2))
-        with structlog.testing.capture_logs() as logs:
-            tasks = await run_all(link.run(), pub.run())
-            try:
-                await wait_until(lambda: store.pending == 0, 30)
-            finally:
-                await cancel(tasks)
+        logs = await drain_logged(link, pub, store)
         assert await quarantine(store) == {} and pub.quarantined == 0
         assert set(fb.accepted) == set(range(1, 11)) and fb.closed_at == [1, 1]
         assert fb.topics and all(t.endswith("/events/batch") for t in fb.topics)
