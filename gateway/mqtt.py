@@ -48,15 +48,16 @@ backs off (``retry_backoff``: doubling, capped, reset by the next success) and t
 row still in the outbox, so the refused row is resent before anything of its machine that was not yet acknowledged.
 A permanent refusal quarantines the row with the reason (``edge-gateway buffer`` lists and retries it).
 
-A broker may refuse by closing the connection instead. mosquitto does so at a PUBLISH over its ``message_size_limit``
-(not announced in the CONNACK), and its 0x95 PUBACK is often lost in the reset. The row at which it happens would be
-resent first at every connection, for ever. So connections lost with the same row oldest in flight are counted
-(``publisher.connection_lost_at_row``, warning). After CAREFUL_AFTER such losses the next sessions send one event
-at a time (in batch mode a batch of one, still on the batch topic) until that row is acknowledged: a batch too large
-for the broker goes through as single events. If the connection is still lost right after that row went out alone (within CONDEMN_WITHIN_S, at most half
-the keepalive: a dead network is noticed later, by the keepalive), CONDEMN_AFTER times, the row is quarantined as the
-cause. A 0x95 for a batch of several events halves the batch size from then on (``publisher.batch_too_large``) and
-resends its rows; for a single event it quarantines it.
+A broker may refuse by closing the connection instead. mosquitto does so at a PUBLISH over its
+``message_size_limit`` (not announced in the CONNACK), and its 0x95 PUBACK is often lost in the reset. The row at
+which it happens would be resent first at every connection, for ever. So connections lost with the same row oldest
+in flight are counted (``publisher.connection_lost_at_row``, warning). After CAREFUL_AFTER such losses the next
+sessions send one event at a time (in batch mode a batch of one, still on the batch topic) until that row is
+acknowledged: a batch too large for the broker goes through as single events. If the connection is still lost right
+after that row went out alone (within CONDEMN_WITHIN_S, at most half the keepalive: a dead network is noticed later,
+by the keepalive), CONDEMN_AFTER times, the row is quarantined as the cause. A 0x95 for a batch of several events
+halves the batch size from then on (``publisher.batch_too_large``) and resends its rows; for a single event it
+quarantines it.
 """
 
 from __future__ import annotations
@@ -658,13 +659,13 @@ class MqttLink:
 
 QUARANTINE = -2  # Publisher._send: the row was taken off its lane for the quarantine
 # A broker that closes the connection at a message instead of refusing it with a PUBACK code (mosquitto over its
-# message_size_limit: its 0x95 PUBACK is often lost in the reset; a batch over that limit too): the connection is lost
-# with that row the oldest in flight. After CAREFUL_AFTER such losses at one row, the next sessions send one event at
-# a time, in batch mode as a batch of one (a batch too large for the broker goes through as single rows, on the batch
-# topic: nats-server refuses the events' own, dotted topics); if the connection is then
-# lost within CONDEMN_WITHIN_S (at most half the keepalive) of sending that row alone, CONDEMN_AFTER times, the row is
-# quarantined as the cause. A dead network is no such evidence: it is noticed later (the keepalive), at whichever row
-# is in flight. A row quarantined wrongly is not lost: `edge-gateway buffer retry` sends it again.
+# message_size_limit: its 0x95 PUBACK is often lost in the reset; a batch over that limit too): the connection is
+# lost with that row the oldest in flight. After CAREFUL_AFTER such losses at one row, the next sessions send one
+# event at a time, in batch mode as a batch of one (a batch too large for the broker goes through as single rows, on
+# the batch topic: nats-server refuses the events' own, dotted topics); if the connection is then lost within
+# CONDEMN_WITHIN_S (at most half the keepalive) of sending that row alone, CONDEMN_AFTER times, the row is
+# quarantined as the cause. A dead network is no such evidence: it is noticed later (the keepalive), at whichever
+# row is in flight. A row quarantined wrongly is not lost: `edge-gateway buffer retry` sends it again.
 CAREFUL_AFTER = 2
 CONDEMN_AFTER = 2
 CONDEMN_WITHIN_S = 2.0

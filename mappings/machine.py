@@ -934,12 +934,13 @@ class MachineEngine:
         tot = self.totals
         ty, ts, tr = tot["yield"], tot["scrap"], tot["rework"]
         tys, tss, trs = dec_str(ty), dec_str(ts), dec_str(tr)
-        if tuple(tot) == _TOTAL_KEYS:  # the snapshot's text of these totals (_jdecs), ready for the commit that follows
+        if tuple(tot) == _TOTAL_KEYS:  # the snapshot's text of these totals (_jdecs), for the commit that follows
             self._totals_json = (tot, ty, ts, tr, f'{{"yield":"{tys}","scrap":"{tss}","rework":"{trs}"}}')
         # the typed parts are built only if a field is read (QuantityReport): the encoder renders the values
         data = QuantityReport((
             self.spec.id, ctx.order if ctx else None, ctx.operation if ctx else None, ctx is None, reason,
-            rfc3339_memo(start), rfc3339_memo(end), dec_str(yld), dec_str(scrap), dec_str(rework), unit, tys, tss, trs, evidence,
+            rfc3339_memo(start), rfc3339_memo(end), dec_str(yld), dec_str(scrap), dec_str(rework), unit,
+            tys, tss, trs, evidence,
         ))
         out = [EventDraft("operation.quantity_reported", self.spec.id, t, data, parts=yld + scrap + rework)]
         if ctx and ctx.components and (yld or scrap):

@@ -513,11 +513,7 @@ async def test_a_broker_closing_each_new_connection_on_its_own_quarantines_nothi
         await commit(store, [row(i, "m1" if i % 2 else "m2") for i in range(1, 11)])
         link = MqttLink(cfg(fb.port), client_id="gw")
         pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
-        tasks = await run_all(link.run(), pub.run())
-        try:
-            await wait_until(lambda: store.pending == 0, 40)
-        finally:
-            await cancel(tasks)
+        await drain_logged(link, pub, store, 40)
         assert await quarantine(store) == {} and pub.quarantined == 0
         assert set(fb.accepted) == set(range(1, 11)) and fb.churns == 0
     await fb.stop()

@@ -31,6 +31,19 @@ def _s(key: str, value, t: float) -> Sample:
     return Sample(key, value, True, recv_time=t, source_time=t)
 
 
+async def _started(gw: Gateway):
+    """The gateway's core restored from its (open) store, as at start, and a feed of sample batches into it."""
+    core = gw.core
+    core.restore(await gw.store.load_states(), gw.store.next_seq, EventEncoder(gw.cfg.gateway, gw.topics,
+                                                                                gw.store.epoch))
+    gw.started.set()
+
+    def feed(batch: list[Sample]) -> None:
+        core.stage(core.apply_samples(batch))
+
+    return core, feed
+
+
 async def test_a_removed_machines_state_is_committed_with_the_events_of_its_held_order_switch(tmp_path):
     """m2's PLC order tags switch from A/10 to B/20 and the switch is still pending (settling) when a reload removes
     m2: the reload applies the switch (the changeover report of A's 25 parts and B's start are staged) and commits
@@ -40,13 +53,7 @@ async def test_a_removed_machines_state_is_committed_with_the_events_of_its_held
     gw = Gateway(old)
     await gw.store.open()
     try:
-        core = gw.core
-        core.restore(await gw.store.load_states(), gw.store.next_seq, EventEncoder(old.gateway, gw.topics,
-                                                                                    gw.store.epoch))
-        gw.started.set()
-
-        def feed(batch: list[Sample]) -> None:
-            core.stage(core.apply_samples(batch))
+        core, feed = await _started(gw)
 
         feed([_s("m2/order", "A", 1.0), _s("m2/operation", "10", 1.0), _s("m2/good", 0, 1.0)])
         feed([_s("m2/good", 5, 2.0)])
@@ -92,13 +99,7 @@ async def test_a_reload_of_another_machine_keeps_a_pending_plc_order_switch(tmp_
     gw = Gateway(old)
     await gw.store.open()
     try:
-        core = gw.core
-        core.restore(await gw.store.load_states(), gw.store.next_seq, EventEncoder(old.gateway, gw.topics,
-                                                                                    gw.store.epoch))
-        gw.started.set()
-
-        def feed(batch: list[Sample]) -> None:
-            core.stage(core.apply_samples(batch))
+        core, feed = await _started(gw)
 
         feed([_s("m2/order", "A", 1.0), _s("m2/operation", "10", 1.0), _s("m2/good", 0, 1.0)])
         feed([_s("m2/good", 25, 3.0)])
