@@ -51,6 +51,10 @@ Other invariants
   totals, order context), the next sequence number and the outbox rows derived from them. Because the machine's
   cumulative counter is the durable log, a crash before the commit loses nothing: after restart the engine resumes
   from the last committed baseline and derives the quantities again.
+- **Machine snapshots** are appended to ``state_log`` (the last row of a machine is its state; compacted inside
+  a commit, ``_compact_states``), so a commit's snapshots land on a few adjacent pages instead of one page per
+  machine. A store of schema 1 or 2 has them in ``machine_state``: moved to the log when it opens. A store of a
+  newer schema than this version's is refused (it would start every machine afresh).
 - **Group commit.** The runtime batches many samples/events per transaction; never one transaction per event. The
   cost of the durable default (one WAL fsync per commit) is measured by ``bench/commit_cost.py``.
 - **Delivery.** A row is deleted only after the broker's PUBACK (``ack()``). Acks are applied in small batches, so
@@ -94,12 +98,19 @@ from gateway.faults import crash_point
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 2  # 2: quarantine.outbox_id (added by ALTER TABLE to files of version 1)
+SCHEMA_VERSION = 3  # 2: quarantine.outbox_id (added by ALTER TABLE to files of version 1); 3: state_log
+# (machine_state's rows moved there when a file of version 1 or 2 opens; machine_state stays, empty)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS machine_state (
     machine TEXT PRIMARY KEY,
+    state   TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state_log (
+    id      INTEGER PRIMARY KEY,
+    machine TEXT NOT NULL,
     state   TEXT NOT NULL,
     updated REAL NOT NULL
 );
@@ -264,6 +275,14 @@ class Store:
         self.last_error: StoreError | None = None  # the error of the last write if it failed, else None
         self.consecutive_failures = 0  # writes failed in a row (0 after a successful one)
         self._tx = asyncio.Lock()  # one connection: transactions and reads must not interleave
+        # state_log (machine snapshots, appended): the latest row's id per machine, the row count, the next id and
+        # the first id of the current generation (_compact_states); set by open()
+        self._state_table = "state_log"
+        self._state_ids: dict[str, int] = {}
+        self._state_rows = 0
+        self._state_next = 1
+        self._state_gen = 1
+        self.state_log_slack = 1024  # rows added beyond one per machine before a compaction
         # test hook: awaited inside a write transaction, after its statements, right before COMMIT
         self.before_commit: Callable[[], Awaitable[None]] | None = None
 
@@ -353,10 +372,15 @@ class Store:
             if "epoch" not in meta and not self.readonly:
                 meta = {"epoch": uuid.uuid4().hex, "next_seq": "1", "schema": str(SCHEMA_VERSION)}
                 await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
-            elif not self.readonly and meta.get("schema") != str(SCHEMA_VERSION):
-                await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             if "epoch" not in meta:
                 raise StoreError(f"{self.path} is not an edge-gateway store (no epoch)", kind="corrupt")
+            if int(meta.get("schema") or 0) > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer edge-gateway (store schema {meta['schema']}; "
+                                 f"this version reads schema {SCHEMA_VERSION} and older): run that version, or "
+                                 "start this one on a new store file", kind="other")
+            await self._load_state_index(migrate=not self.readonly)
+            if not self.readonly and meta.get("schema") != str(SCHEMA_VERSION):
+                await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             self.epoch = meta["epoch"]
             self.next_seq = int(meta["next_seq"])
             cols = {r[1] for r in await db.execute_fetchall("PRAGMA table_info(quarantine)")}
@@ -375,6 +399,36 @@ class Store:
             **({} if durable else {"risk": "not durable against power loss: the last commits may roll back and an "
                                            "event already published can be re-derived with other content under the "
                                            "same id; store.synchronous: full avoids it"}))
+
+    async def _load_state_index(self, *, migrate: bool) -> None:
+        """Read ``state_log``'s ids (the latest row of each machine, the row count); ``migrate``: first move the rows
+        of ``machine_state`` (a file of schema 1 or 2) into the log, in one transaction."""
+        db = self.db
+        tables = {r[0] for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if migrate and (await db.execute_fetchall("SELECT EXISTS (SELECT 1 FROM machine_state)"))[0][0]:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute("INSERT INTO state_log(machine, state, updated) "
+                                 "SELECT machine, state, updated FROM machine_state ORDER BY rowid")
+                await db.execute("DELETE FROM machine_state")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            log.info("store.migrated", path=self.path, schema=SCHEMA_VERSION, moved="machine_state -> state_log")
+        self._state_table = "state_log" if "state_log" in tables else "machine_state"  # read-only: an older file
+        latest: dict[str, int] = {}
+        rows = 0
+        top = 0
+        if self._state_table == "state_log":
+            for row_id, machine in await db.execute_fetchall("SELECT id, machine FROM state_log ORDER BY id"):
+                latest[machine] = row_id
+                rows += 1
+                top = row_id
+        self._state_ids = latest
+        self._state_rows = rows
+        self._state_next = top + 1
+        self._state_gen = top + 1  # the rows below are the old generation (see _compact_states)
 
     async def _recount(self) -> None:
         db = self.db
@@ -475,7 +529,12 @@ class Store:
 
     # ------------------------------------------------------------------ state + outbox
     async def load_states(self) -> dict[str, dict[str, Any]]:
-        rows = await self._read("SELECT machine, state FROM machine_state")
+        """Each machine's last committed snapshot."""
+        if self._state_table == "machine_state":
+            rows = await self._read("SELECT machine, state FROM machine_state")
+        else:
+            rows = await self._read("SELECT machine, state FROM state_log "
+                                    "WHERE id IN (SELECT MAX(id) FROM state_log GROUP BY machine)")
         return {m: json.loads(s) for m, s in rows}
 
     async def commit(self, states: dict[str, dict[str, Any] | str], rows: list[OutboxRow],
@@ -486,12 +545,15 @@ class Store:
         now = time.time()
 
         async def tx(db: aiosqlite.Connection) -> Apply:
+            compacted = None
+            if states and self._state_next - self._state_gen >= len(self._state_ids) + self.state_log_slack:
+                compacted = await self._compact_states(db, states)
+            next_id = self._state_next if compacted is None else compacted[0]
             if states:
                 await db.executemany(
-                    "INSERT INTO machine_state(machine, state, updated) VALUES (?, ?, ?) "
-                    "ON CONFLICT(machine) DO UPDATE SET state=excluded.state, updated=excluded.updated",
-                    [(m, s if isinstance(s, str) else json.dumps(s, separators=(",", ":")), now)
-                     for m, s in states.items()],
+                    "INSERT INTO state_log(id, machine, state, updated) VALUES (?, ?, ?, ?)",
+                    [(next_id + i, m, s if isinstance(s, str) else json.dumps(s, separators=(",", ":")), now)
+                     for i, (m, s) in enumerate(states.items())],
                 )
             first = 0
             if rows:
@@ -508,6 +570,15 @@ class Store:
                 await db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(next_seq),))
 
             def apply() -> list[PendingRow]:
+                if compacted is not None:
+                    self._state_next, self._state_gen, self._state_rows, copies = compacted
+                    self._state_ids.update(copies)
+                if states:
+                    ids = self._state_ids
+                    for i, m in enumerate(states, next_id):
+                        ids[m] = i
+                    self._state_next = next_id + len(states)
+                    self._state_rows += len(states)
                 self.next_seq = next_seq
                 self.pending += len(rows)
                 self.pending_bytes += sum(len(r.payload) for r in rows)
@@ -516,6 +587,33 @@ class Store:
             return apply
 
         return await self._write(tx, "commit", committed_point="store.committed")
+
+    async def _compact_states(self, db: aiosqlite.Connection,
+                              states: dict[str, Any]) -> tuple[int, int, int, dict[str, int]]:
+        """Inside a commit's transaction: drop ``state_log``'s old generation (the rows below ``_state_gen``). The last
+        row of a machine that has written none since (idle), unless this commit writes it anew, is first copied to
+        the end of the log; every other row down there has a later one. Returns the log's next id, the new
+        generation's first id, its row count and the copies' ids by machine, for the commit's ``apply``.
+
+        Appending the states instead of updating one row per machine writes a commit's states to a few adjacent
+        pages, not one page each (a report's machine is anywhere in the table): bench/README.md, twelfth session.
+        A compaction runs once ``len(machines) + state_log_slack`` rows have been added since the last one and
+        copies at most one row per machine, so a state costs at most two row writes, and machines that report
+        between two compactions are never copied. The log holds at most 2 × (machines + slack + the largest
+        commit's states) + machines rows (tests/test_store_model.py checks it after every step)."""
+        gen = self._state_gen
+        old = [(m, i) for m, i in self._state_ids.items() if i < gen and m not in states]
+        nxt = self._state_next
+        copies = {m: nxt + k for k, (m, _) in enumerate(old)}
+        if old:
+            await db.executemany("INSERT INTO state_log(id, machine, state, updated) "
+                                 "SELECT ?, machine, state, updated FROM state_log WHERE id = ?",
+                                 [(copies[m], i) for m, i in old])
+        cur = await db.execute("DELETE FROM state_log WHERE id < ?", (gen,))
+        removed = cur.rowcount
+        await cur.close()
+        nxt += len(old)
+        return nxt, nxt, self._state_rows + len(old) - removed, copies
 
     async def max_id(self) -> int:
         (n,) = (await self._read("SELECT COALESCE(MAX(id), 0) FROM outbox"))[0]

@@ -172,16 +172,95 @@ async def test_schema_1_file_is_migrated_and_its_quarantine_retries_to_the_end(t
             INSERT INTO meta VALUES ('epoch', 'e1'), ('next_seq', '9'), ('schema', '1');
             INSERT INTO outbox VALUES (5, 8, 'm1', 't', 't/m1', x'7b7d', 0);
             INSERT INTO quarantine VALUES (1, 3, 'm1', 't', 't/m1', x'5b5d', 'old', 0);
+            INSERT INTO machine_state VALUES ('m1', '{"n":1}', 0), ('m2', '{"n":2}', 0);
         """)
     async with Store(str(path), readonly=True) as ro:  # read-only on a schema-1 file: listing works
         assert (await ro.list_rows("quarantine"))[0]["outbox_id"] is None
+        assert await ro.load_states() == {"m1": {"n": 1}, "m2": {"n": 2}}
     async with Store(str(path)) as store:
         assert (store.epoch, store.next_seq, store.pending, store.quarantined) == ("e1", 9, 1, 1)
         assert await store.retry_quarantined() == 1
         assert [(r.id, r.seq, r.payload) for r in await store.fetch(0, 10)] == [(5, 8, b"{}"), (6, 3, b"[]")]
+        assert await store.load_states() == {"m1": {"n": 1}, "m2": {"n": 2}}  # moved to state_log
+        await store.commit({"m2": {"n": 3}}, [], 9)
+    async with Store(str(path)) as again:
+        assert await again.load_states() == {"m1": {"n": 1}, "m2": {"n": 3}}
     with sqlite3.connect(path) as c:
         assert "outbox_id" in [r[1] for r in c.execute("PRAGMA table_info(quarantine)")]
-        assert c.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+        assert c.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+        assert c.execute("SELECT COUNT(*) FROM machine_state").fetchone() == (0,)
+
+
+async def test_a_store_of_a_newer_schema_is_refused_unchanged(tmp_path):
+    """A store written by a newer edge-gateway (an upgrade rolled back) is not opened: this version would not know
+    where the newer one keeps the machine states, and would start every machine afresh. Its schema mark stays."""
+    path = str(tmp_path / "s.db")
+    async with Store(path) as store:
+        await store.commit({"m1": {"n": 1}}, [], 1)
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    for readonly in (False, True):
+        with pytest.raises(StoreError) as err:
+            await Store(path, readonly=readonly).open()
+        assert "was written by a newer edge-gateway (store schema 99; this version reads schema 3" in str(err.value)
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("99",)
+
+
+# --- 5b. machine snapshots: appended, compacted, the last one per machine -----------------------------------------
+
+async def test_snapshots_are_appended_next_to_each_other_and_compacted_keeping_idle_machines(tmp_path):
+    """A commit's snapshots are appended to state_log as consecutive rows (a few adjacent pages, not one page per
+    machine); compaction drops superseded rows and copies forward the last row of a machine that wrote none since
+    the last compaction, so the log stays within two generations and every machine loads its last snapshot."""
+    path = str(tmp_path / "s.db")
+    async with Store(path) as store:
+        store.state_log_slack = 4
+        await store.commit({"idle": {"n": 0}, "quiet": {"n": 0}}, [], 1)
+        want = {"idle": {"n": 0}, "quiet": {"n": 0}}
+        seq = 1
+        for k in range(1, 61):
+            busy = {f"m{(k + j) % 5}": {"k": k, "j": j} for j in range(3)}
+            states = busy | ({"quiet": {"n": k}} if k % 25 == 0 else {})  # reports now and then
+            rows = rows_for("m1", range(seq, seq + 2))
+            seq += 2
+            await store.commit(states, rows, seq)
+            want |= states
+            ids = [store._state_ids[m] for m in states]
+            assert ids == list(range(ids[0], ids[0] + len(states))), "a commit's states are consecutive rows"
+            with sqlite3.connect(path) as c:
+                (n,) = c.execute("SELECT COUNT(*) FROM state_log").fetchone()
+            assert n <= 2 * (7 + 4 + 4) + 7, f"commit {k}: {n} rows in state_log"  # the bound in Store
+        assert want["idle"] == {"n": 0} and want["quiet"] == {"n": 50}
+        assert await store.load_states() == want
+    async with Store(path) as again:
+        assert await again.load_states() == want
+        await again.commit({"idle": {"n": 1}}, [], seq)
+        assert (await again.load_states())["idle"] == {"n": 1}
+
+
+async def test_a_compaction_in_a_commit_that_fails_leaves_the_log_as_it_was(tmp_path):
+    path = str(tmp_path / "s.db")
+    async with Store(path) as store:
+        store.state_log_slack = 100
+        await store.commit({"idle": {"n": 0}}, [], 1)
+        for k in range(3):
+            await store.commit({"m1": {"k": k}}, [], 1)
+        store.state_log_slack = 0  # the next commit compacts: copies idle's row, deletes all four below it
+        assert store._state_next - store._state_gen >= len(store._state_ids)
+
+        async def fail():
+            raise OSError(28, "No space left on device")
+
+        store.before_commit = fail
+        with pytest.raises(StoreError):
+            await store.commit({"m1": {"k": 99}}, rows_for("m1", range(1, 3)), 3)
+        store.before_commit = None
+        assert await store.load_states() == {"idle": {"n": 0}, "m1": {"k": 2}}
+        await store.commit({"m1": {"k": 3}}, [], 1)  # compacts now, from the same in-memory index
+        assert await store.load_states() == {"idle": {"n": 0}, "m1": {"k": 3}}
+    async with Store(path) as again:
+        assert await again.load_states() == {"idle": {"n": 0}, "m1": {"k": 3}}
 
 
 # --- 6. one gateway per store ------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Stateful property test: the SQLite store against an in-memory model. Any sequence of append (group commit),
 publish (fetch), ack (also repeated, of quarantined or purged rows), quarantine (from the outbox or from outside),
 retry, purge, a commit that dies half-way, close/reopen and a size cap neither loses nor reorders an event, and the
-store's counters equal what the database holds after every step."""
+store's counters equal what the database holds after every step. The machine snapshots committed with them
+(``state_log``, appended and compacted: the slack is drawn small so that compactions, with idle machines' rows
+copied forward, happen every few commits) always load as the last one committed per machine."""
 
 from __future__ import annotations
 
@@ -32,20 +34,37 @@ class StoreModel(RuleBasedStateMachine):
         self.dir = tempfile.TemporaryDirectory()
         self.path = str(Path(self.dir.name) / "s.db")
         self.max_bytes = 2000
+        self.slack = 0
         self.store = self.run(self._open())
         self.rows: list[Row] = []          # model of the outbox, in id (= publish) order
         self.quarantine: list[Row] = []    # in quarantine order
         self.gone_ids: list[int] = []      # ids acked or purged: acking them again must change nothing
         self.next_seq = 1
         self.max_id = 0                    # AUTOINCREMENT: the highest outbox id ever handed out
+        self.states: dict[str, dict] = {}  # the last snapshot committed per machine
+        self.commits = 0
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
 
     async def _open(self) -> Store:
         s = Store(self.path, max_bytes=self.max_bytes)
+        s.state_log_slack = self.slack
         await s.open()
         return s
+
+    @rule(slack=st.integers(min_value=0, max_value=3))
+    def set_state_log_slack(self, slack):
+        self.slack = self.store.state_log_slack = slack
+
+    @rule(machines=st.lists(st.sampled_from(["m1", "m2", "m3", "m4", "m5", "idle"]), min_size=1, max_size=3,
+                            unique=True))
+    def commit_states_only(self, machines):
+        """A commit of snapshots without events (a checkpoint)."""
+        self.commits += 1
+        states = {m: {"m": m, "commit": self.commits} for m in machines}
+        self.run(self.store.commit(states, [], self.next_seq))
+        self.states.update(states)
 
     def teardown(self) -> None:
         self.run(self.store.close())
@@ -60,7 +79,10 @@ class StoreModel(RuleBasedStateMachine):
             batch.append(Row(None, self.next_seq, machine, f"{self.next_seq}:".encode() + b"x" * n))
             self.next_seq += 1
         rows = [OutboxRow(r.seq, r.machine, "t", f"topic/{r.machine}", r.payload) for r in batch]
-        committed = self.run(self.store.commit({machine: {"seq": self.next_seq}}, rows, self.next_seq))
+        self.commits += 1
+        state = {"seq": self.next_seq, "commit": self.commits}
+        committed = self.run(self.store.commit({machine: state}, rows, self.next_seq))
+        self.states[machine] = state
         # commit() returns the committed rows with their ids: consecutive, above every id handed out before
         assert committed == [PendingRow(self.max_id + 1 + i, f"topic/{r.machine}", r.payload, r.machine, r.seq)
                              for i, r in enumerate(batch)]
@@ -184,9 +206,7 @@ class StoreModel(RuleBasedStateMachine):
         self.run(self.store.close())
         self.store = self.run(self._open())
         assert self.store.next_seq == self.next_seq
-        states = self.run(self.store.load_states())
-        if self.next_seq > 1 and states:
-            assert all(s["seq"] <= self.next_seq for s in states.values())
+        assert self.run(self.store.load_states()) == self.states
 
     @invariant()
     def matches_model(self):
@@ -216,6 +236,20 @@ class StoreModel(RuleBasedStateMachine):
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))
         assert (self.store.pending, self.store.pending_bytes, self.store.quarantined) == (n, size + qsize, qn)
         assert self.store.quarantined_bytes == qsize
+
+    @invariant()
+    def states_load_as_last_committed(self):
+        """load_states gives each machine's last snapshot; the store's index of the log is the database's; the log
+        holds at most two generations (each: one row per machine plus the slack, plus one commit's states)."""
+        if not hasattr(self, "store"):
+            return
+        assert self.run(self.store.load_states()) == self.states
+        db = self.store.db
+        latest = dict(self.run(db.execute_fetchall("SELECT machine, MAX(id) FROM state_log GROUP BY machine")))
+        assert self.store._state_ids == latest
+        ((n,),) = self.run(db.execute_fetchall("SELECT COUNT(*) FROM state_log"))
+        assert self.store._state_rows == n
+        assert n <= 2 * (len(self.states) + 3 + 3) + len(self.states)  # the bound in Store (slack <= 3, <= 3 states)
 
 
 TestStoreModel = StoreModel.TestCase
