@@ -29,6 +29,18 @@ HOT = [
     ("gateway.paho_fast", "FastClient", ["publish_fast"]),
     ("connectors.modbus.connector", "ModbusConnector", ["_run", "_changed"]),
     ("aiosqlite.core", "Connection", ["_execute"]),  # async: the call count is the round trips to SQLite's thread
+    ("gateway.mqtt", "Publisher", ["_send", "_acknowledged"]),
+    ("gateway.paho_fast", "FastClient", ["loop_read", "_handle_packets"]),
+    ("pymodbus.transport.transport", "ModbusProtocol", ["data_received"]),
+    ("pymodbus.transaction.transaction", "TransactionManager", ["pdu_send"]),
+]
+#: Coroutine functions timed step by step (each resumption's thread time, summed over the coroutine's life; the
+#: call count is the coroutines made): what they spend while they run, not while they wait.
+HOT_ASYNC = [
+    ("gateway.core", "Core", ["commit"]),
+    ("gateway.store", "Store", ["commit", "ack", "_write"]),
+    ("gateway.mqtt", "Publisher", ["_fill", "flush_acks", "_settle"]),
+    ("connectors.modbus.connector", "ModbusConnector", ["poll_once", "_read_block"]),
 ]
 
 OUT = os.environ.get("EDGE_GATEWAY_INSITU_OUT")
@@ -55,6 +67,44 @@ def _patch() -> None:
                     _calls[_key] += 1
 
             setattr(cls, name, wrapped)
+
+    class Timed:
+        """Awaitable proxy of a coroutine: adds the thread time of each of its steps to ``key``."""
+
+        __slots__ = ("coro", "key")
+
+        def __init__(self, coro, key):  # type: ignore[no-untyped-def]
+            self.coro, self.key = coro, key
+
+        def __await__(self):  # type: ignore[no-untyped-def]
+            it = self.coro.__await__()
+            value, exc = None, None
+            while True:
+                t = tt()
+                try:
+                    y = it.send(value) if exc is None else it.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    _cpu[self.key] += tt() - t
+                try:
+                    value, exc = (yield y), None
+                except BaseException as e:  # noqa: BLE001 - handed on to the coroutine
+                    value, exc = None, e
+
+    for mod, cls_name, names in HOT_ASYNC:
+        cls = getattr(importlib.import_module(mod), cls_name)
+        for name in names:
+            fn = getattr(cls, name, None)
+            if fn is None:
+                continue
+            key = f"{cls_name}.{name}"
+
+            async def awrapped(*a, _fn=fn, _key=key, **kw):  # type: ignore[no-untyped-def]
+                _calls[_key] += 1
+                return await Timed(_fn(*a, **kw), _key)
+
+            setattr(cls, name, awrapped)
 
     gc_start = [0.0]
 
