@@ -391,6 +391,8 @@ class Store:
                 await self._db.close()
                 self._db = None
             self._release_lock()
+            if isinstance(exc, StoreError):  # says what is wrong with the file already
+                raise
             raise StoreError(f"cannot open store {self.path}: {exc}", kind=error_kind(exc)) from exc
         durable = self.readonly or self.synchronous in ("FULL", "EXTRA")
         (log.info if durable else log.warning)(

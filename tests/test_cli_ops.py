@@ -167,3 +167,21 @@ def test_readme_leads_with_what_a_user_does():
     # the profiling notes live with the benchmarks; the performance table stays
     assert "| `throughput.one_event_per_message` |" in text
     assert "## The last measurement, in short" in (ROOT / "bench" / "README.md").read_text()
+
+
+def test_a_store_of_a_newer_schema_is_refused_in_one_line_and_left_as_it_is(tmp_path):
+    """An upgrade rolled back: the older version refuses the store (it would start every machine afresh), one line
+    naming the store and the way out, non-zero exit, no traceback; ``run`` likewise (before it connects anywhere)."""
+    cfg = _store_with_rows(tmp_path)
+    db = tmp_path / "gw.db"
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE meta SET value = '7' WHERE key = 'schema'")
+    for argv in (("buffer", "list"), ("run",)):
+        proc = run(*argv, "--config", str(cfg))
+        assert proc.returncode == 1, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert f"{db} was written by a newer edge-gateway (store schema 7; this version reads schema 3 and older): " \
+               "run that version, or start this one on a new store file" in proc.stderr, proc.stderr
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("7",)
+        assert c.execute("SELECT COUNT(*) FROM outbox").fetchone() == (4,)
