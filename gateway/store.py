@@ -139,7 +139,9 @@ CREATE TABLE IF NOT EXISTS quarantine (
 _CHUNK = 500  # ids per "IN (...)" statement (SQLite allows 32766 variables; keep statements small)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__ (0.7 against 0.16 µs per row, two rows per
+# event on the hot path). Treated as immutable all the same; nothing hashes them.
+@dataclass(slots=True)
 class OutboxRow:
     """An event to commit: made by the runtime, written by ``Store.commit``."""
 
@@ -151,7 +153,7 @@ class OutboxRow:
     time: float = 0.0  # the event's time (Unix seconds): not stored (it is in the payload); for the sync latency
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PendingRow:
     """A committed outbox row: returned by ``Store.commit`` and ``Store.fetch``."""
 
