@@ -57,9 +57,10 @@ class NatsSourceConfig(_Model):
                                       "they do not exist yet.")
     user: str | None = Field(None, description="NATS user (with password_env or password_file).")
     password_env: str | None = Field(None, description="Environment variable holding the NATS user's password.")
-    password_file: str | None = Field(None, description="File holding the NATS user's password (first line).")
+    password_file: str | None = Field(None, description="File holding the NATS user's password (first line); a "
+                                      "relative path is relative to this config file.")
     creds_file: str | None = Field(None, description="NATS credentials file (user JWT and NKey seed), instead of a "
-                                   "user and password.")
+                                   "user and password; a relative path is relative to this config file.")
 
     @field_validator("servers")
     @classmethod
@@ -190,7 +191,16 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', None) or type(exc).__name__}{where}") \
             from None
     try:
-        return ServiceConfig.model_validate(doc)
+        cfg = ServiceConfig.model_validate(doc)
     except ValidationError as exc:
         lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None
+    # relative secret files are relative to the config file (as the gateway's are): started from another working
+    # directory, or by systemd, the service reads the same files
+    base = Path(path).resolve().parent
+    nats = cfg.nats
+    for name in ("password_file", "creds_file"):
+        value = getattr(nats, name)
+        if value and not Path(value).is_absolute():
+            setattr(nats, name, str(base / value))
+    return cfg

@@ -134,3 +134,56 @@ async def test_nats_credentials_come_from_the_environment_and_never_reach_the_lo
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_relative_nats_secret_files_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """``nats.password_file`` / ``nats.creds_file`` given relative: relative to the ERP service's config file (as the
+    gateway's ``*_file`` keys are), not to the working directory it happens to be started from (systemd: /)."""
+    import asyncio
+    import subprocess
+
+    import pytest
+    import yaml
+
+    from erp_service.config import load_config
+    from erp_service.consumers import NatsSource
+    from erp_service.metrics import Metrics
+    from simulators.nats_cluster import find_nats_server
+    from simulators.ports import free_port
+
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "secrets").mkdir(parents=True)
+    (conf_dir / "secrets" / "nats.pw").write_text("S3cretPw\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "secrets").mkdir()
+    (elsewhere / "secrets" / "nats.pw").write_text("wrong-Pw-123\n")  # what the working directory would give
+    monkeypatch.chdir(elsewhere)
+    with_creds = conf_dir / "creds.yaml"
+    with_creds.write_text(yaml.safe_dump({"nats": {"creds_file": "secrets/erp.creds"}}))
+    assert load_config(with_creds).nats.auth() == {"user_credentials": str(conf_dir / "secrets" / "erp.creds")}
+    absolute = conf_dir / "abs.yaml"
+    absolute.write_text(yaml.safe_dump({"nats": {"creds_file": "/run/secrets/erp.creds"}}))
+    assert load_config(absolute).nats.creds_file == "/run/secrets/erp.creds"
+    try:
+        exe = find_nats_server()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    port = free_port()
+    nconf = tmp_path / "nats.conf"
+    nconf.write_text(f'listen: "127.0.0.1:{port}"\nauthorization {{ user: erp, password: "S3cretPw" }}\n')
+    server = subprocess.Popen([exe, "-c", str(nconf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cfg_file = conf_dir / "erp.yaml"
+        cfg_file.write_text(yaml.safe_dump({"nats": {"servers": [f"nats://127.0.0.1:{port}"], "user": "erp",
+                                                     "password_file": "secrets/nats.pw"}}))
+        cfg = load_config(cfg_file)
+        assert cfg.nats.password_file == str(conf_dir / "secrets" / "nats.pw")
+        src = NatsSource(cfg.nats, cfg.topic_root, Metrics(), "all")
+        src.ensure_consumer = lambda *a, **k: asyncio.sleep(0)  # type: ignore[method-assign]
+        await asyncio.wait_for(src.connect(), 15)  # the password from the config's folder: authorized
+        assert src.nc is not None and src.nc.is_connected
+        await src.nc.close()
+    finally:
+        server.terminate()
+        server.wait(10)
