@@ -5,9 +5,11 @@ is what the fleet test and `edge-gateway demo --fleet` run against a real NATS c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,27 @@ from gateway.config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "examples" / "nats-cluster.yaml"
+
+
+@contextlib.contextmanager
+def nats_with_user(tmp_path: Path) -> Iterator[int]:
+    """A bare nats-server (no JetStream) with the user erp / S3cretPw, on a free port (skips without nats-server)."""
+    from simulators.nats_cluster import find_nats_server
+    from simulators.ports import free_port
+
+    try:
+        exe = find_nats_server()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\nauthorization {{ user: erp, password: "S3cretPw" }}\n')
+    server = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def _doc() -> dict:
@@ -80,7 +103,6 @@ async def test_nats_credentials_come_from_the_environment_and_never_reach_the_lo
     password from nats.password_env. Against a nats-server with a user: the right password connects; a wrong one is
     retried with erp.nats_error, and no log line shows it (nor any server URL's credentials: ``redact``)."""
     import asyncio
-    import subprocess
 
     import pydantic
     import pytest
@@ -89,23 +111,13 @@ async def test_nats_credentials_come_from_the_environment_and_never_reach_the_lo
     from erp_service.config import ServiceConfig
     from erp_service.consumers import NatsSource, redact
     from erp_service.metrics import Metrics
-    from simulators.nats_cluster import find_nats_server
-    from simulators.ports import free_port
 
     assert redact("nats://erp:S3cretPw@10.0.0.1:4222, tls://u@h") == "nats://***@10.0.0.1:4222, tls://***@h"
     with pytest.raises(pydantic.ValidationError, match="never credentials in the YAML"):
         ServiceConfig.model_validate({"nats": {"servers": ["nats://erp:S3cretPw@127.0.0.1:4222"]}})
     with pytest.raises(pydantic.ValidationError, match="go together"):
         ServiceConfig.model_validate({"nats": {"user": "erp"}})
-    try:
-        exe = find_nats_server()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    port = free_port()
-    conf = tmp_path / "nats.conf"
-    conf.write_text(f'listen: "127.0.0.1:{port}"\nauthorization {{ user: erp, password: "S3cretPw" }}\n')
-    server = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with nats_with_user(tmp_path) as port:
         cfg = ServiceConfig.model_validate({"nats": {"servers": [f"nats://127.0.0.1:{port}"], "user": "erp",
                                                      "password_env": "ERP_TEST_NATS_PW"}})
         monkeypatch.setenv("ERP_TEST_NATS_PW", "S3cretPw")
@@ -131,25 +143,16 @@ async def test_nats_credentials_come_from_the_environment_and_never_reach_the_lo
         monkeypatch.delenv("ERP_TEST_NATS_PW")
         with pytest.raises(ValueError, match="ERP_TEST_NATS_PW"):
             await NatsSource(cfg.nats, cfg.topic_root, Metrics(), "all").connect()
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 async def test_relative_nats_secret_files_are_relative_to_the_config_file(tmp_path, monkeypatch):
     """``nats.password_file`` / ``nats.creds_file`` given relative: relative to the ERP service's config file (as the
     gateway's ``*_file`` keys are), not to the working directory it happens to be started from (systemd: /)."""
     import asyncio
-    import subprocess
-
-    import pytest
-    import yaml
 
     from erp_service.config import load_config
     from erp_service.consumers import NatsSource
     from erp_service.metrics import Metrics
-    from simulators.nats_cluster import find_nats_server
-    from simulators.ports import free_port
 
     conf_dir = tmp_path / "etc"
     (conf_dir / "secrets").mkdir(parents=True)
@@ -165,15 +168,7 @@ async def test_relative_nats_secret_files_are_relative_to_the_config_file(tmp_pa
     absolute = conf_dir / "abs.yaml"
     absolute.write_text(yaml.safe_dump({"nats": {"creds_file": "/run/secrets/erp.creds"}}))
     assert load_config(absolute).nats.creds_file == "/run/secrets/erp.creds"
-    try:
-        exe = find_nats_server()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    port = free_port()
-    nconf = tmp_path / "nats.conf"
-    nconf.write_text(f'listen: "127.0.0.1:{port}"\nauthorization {{ user: erp, password: "S3cretPw" }}\n')
-    server = subprocess.Popen([exe, "-c", str(nconf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with nats_with_user(tmp_path) as port:
         cfg_file = conf_dir / "erp.yaml"
         cfg_file.write_text(yaml.safe_dump({"nats": {"servers": [f"nats://127.0.0.1:{port}"], "user": "erp",
                                                      "password_file": "secrets/nats.pw"}}))
@@ -184,6 +179,3 @@ async def test_relative_nats_secret_files_are_relative_to_the_config_file(tmp_pa
         await asyncio.wait_for(src.connect(), 15)  # the password from the config's folder: authorized
         assert src.nc is not None and src.nc.is_connected
         await src.nc.close()
-    finally:
-        server.terminate()
-        server.wait(10)

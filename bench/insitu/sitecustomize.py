@@ -50,23 +50,17 @@ _calls: collections.Counter[str] = collections.Counter()
 
 def _patch() -> None:
     tt = time.thread_time
-    for mod, cls_name, names in HOT:
-        cls = getattr(importlib.import_module(mod), cls_name)
-        for name in names:
-            fn = getattr(cls, name, None)
-            if fn is None:
-                continue
-            key = f"{cls_name}.{name}"
 
-            def wrapped(*a, _fn=fn, _key=key, **kw):  # type: ignore[no-untyped-def]
-                t = tt()
-                try:
-                    return _fn(*a, **kw)
-                finally:
-                    _cpu[_key] += tt() - t
-                    _calls[_key] += 1
+    def timed(fn, key):  # type: ignore[no-untyped-def]
+        def wrapped(*a, **kw):  # type: ignore[no-untyped-def]
+            t = tt()
+            try:
+                return fn(*a, **kw)
+            finally:
+                _cpu[key] += tt() - t
+                _calls[key] += 1
 
-            setattr(cls, name, wrapped)
+        return wrapped
 
     class Timed:
         """Awaitable proxy of a coroutine: adds the thread time of each of its steps to ``key``."""
@@ -92,19 +86,20 @@ def _patch() -> None:
                 except BaseException as e:  # noqa: BLE001 - handed on to the coroutine
                     value, exc = None, e
 
-    for mod, cls_name, names in HOT_ASYNC:
-        cls = getattr(importlib.import_module(mod), cls_name)
-        for name in names:
-            fn = getattr(cls, name, None)
-            if fn is None:
-                continue
-            key = f"{cls_name}.{name}"
+    def timed_async(fn, key):  # type: ignore[no-untyped-def]
+        async def wrapped(*a, **kw):  # type: ignore[no-untyped-def]
+            _calls[key] += 1
+            return await Timed(fn(*a, **kw), key)
 
-            async def awrapped(*a, _fn=fn, _key=key, **kw):  # type: ignore[no-untyped-def]
-                _calls[_key] += 1
-                return await Timed(_fn(*a, **kw), _key)
+        return wrapped
 
-            setattr(cls, name, awrapped)
+    for table, wrap in ((HOT, timed), (HOT_ASYNC, timed_async)):
+        for mod, cls_name, names in table:
+            cls = getattr(importlib.import_module(mod), cls_name)
+            for name in names:
+                fn = getattr(cls, name, None)
+                if fn is not None:
+                    setattr(cls, name, wrap(fn, f"{cls_name}.{name}"))
 
     gc_start = [0.0]
 
