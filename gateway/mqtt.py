@@ -250,6 +250,9 @@ class MqttLink:
         self.resync = [t for t in resync or () if t in self.subscriptions]
         self.resync_s = resync_s
         self.suback_timeout_s = suback_timeout_s
+        # the TCP (and TLS) handshake runs in a thread (paho's connect blocks), bounded by this; a handshake that
+        # completes after it (a slow resolver, a broker's full accept queue) is dropped before its CONNECT (sock_open)
+        self.connect_timeout_s = 15.0
         self.resyncs = 0  # re-subscriptions of the resync filters (each brings their retained messages again)
         self.on_message = on_message
         self.on_puback: PubackHandler = lambda connection_id, mid, reason_code: None
@@ -378,6 +381,14 @@ class MqttLink:
                 loop.call_soon_threadsafe(fn, *args)
 
         def sock_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+            if conn.lost.is_set():
+                # the link gave this connection up while its handshake ran (connect_timeout_s) and may be connected
+                # again already, under the same client id: a CONNECT sent now would take that session over (the
+                # broker drops the live connection). paho sends it right after this callback: it fails instead
+                log.warning("mqtt.late_connect_dropped", host=self.host, port=self.port, connection=conn.id,
+                            timeout_s=self.connect_timeout_s)
+                sock.shutdown(socket.SHUT_RDWR)
+                return
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, AttributeError):
@@ -396,7 +407,8 @@ class MqttLink:
             on_loop(loop.remove_writer, sock)
 
         def reg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
-            on_loop(loop.add_writer, sock, client.loop_write)
+            if not conn.lost.is_set():
+                on_loop(loop.add_writer, sock, client.loop_write)
 
         def unreg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
             on_loop(loop.remove_writer, sock)
@@ -424,8 +436,8 @@ class MqttLink:
             client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s, clean_start=True)
         else:
             client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s)
-        # the TCP (and TLS) handshake blocks: run it off the loop, bounded by connect_timeout
-        async with asyncio.timeout(15):
+        # the TCP (and TLS) handshake blocks: run it off the loop, bounded by connect_timeout_s
+        async with asyncio.timeout(self.connect_timeout_s):
             await self._loop.run_in_executor(None, client.reconnect)
         misc = asyncio.create_task(self._misc_loop(client), name="mqtt.misc")
         try:

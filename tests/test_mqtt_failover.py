@@ -108,3 +108,54 @@ def test_a_socket_connected_to_itself_is_recognised():
     finally:
         c.close()
         server.close()
+
+
+async def test_a_handshake_that_completes_after_the_connect_timeout_sends_no_connect(tmp_path, mqtt_broker):
+    """The TCP handshake runs in a thread, bounded by connect_timeout_s. One that completes after it (a slow resolver,
+    a broker's full accept queue) while the link is connected again under the same client id must not send its
+    CONNECT: the broker would hand it the session and drop the live connection. The first handshake here is held
+    (a gate around paho's reconnect, the real one after it) until the link's second connection is up."""
+    from structlog.testing import capture_logs
+
+    gate, held_done = threading.Event(), threading.Event()
+    made: list[paho.Client] = []
+    make = MqttLink._make_client
+
+    def make_client(self, conn):  # type: ignore[no-untyped-def]
+        client = make(self, conn)
+        made.append(client)
+        if len(made) == 1:
+            real = client.reconnect
+
+            def held() -> object:
+                gate.wait(30)
+                try:
+                    return real()
+                finally:
+                    held_done.set()
+
+            client.reconnect = held  # type: ignore[method-assign]
+        return client
+
+    link = MqttLink(MqttConfig(port=mqtt_broker.port, keepalive_s=5), client_id="gw-late")
+    link.connect_timeout_s = 0.5
+    link._make_client = make_client.__get__(link)  # type: ignore[method-assign]
+    task = asyncio.create_task(link.run())
+    try:
+        with capture_logs() as logs:
+            await asyncio.wait_for(link.connected.wait(), 20)
+            live = link.connection
+            assert live is not None and live.id >= 2  # the first connect timed out
+            gate.set()  # the first handshake completes now, late
+            assert await asyncio.to_thread(held_done.wait, 20)
+            await wait_until(lambda: any(e["event"] == "mqtt.late_connect_dropped" for e in logs), 10)
+            # a round trip on the live connection: the broker has read what the late socket sent before it
+            info = link.connection.client.publish("t/probe", b"{}", qos=1)  # type: ignore[union-attr]
+            await wait_until(info.is_published, 10)
+        assert link.connection is live and live.alive
+        connects = mqtt_broker.log_text().count(" as gw-late ")
+        assert connects == 1, mqtt_broker.log_text()[-2000:]  # the live connection's CONNECT only
+    finally:
+        gate.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
