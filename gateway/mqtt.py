@@ -384,7 +384,7 @@ class MqttLink:
             if conn.lost.is_set():
                 # the link gave this connection up while its handshake ran (connect_timeout_s) and may be connected
                 # again already, under the same client id: a CONNECT sent now would take that session over (the
-                # broker drops the live connection). paho sends it right after this callback: it fails instead
+                # broker drops the live connection). paho writes it after this callback: on this socket it cannot
                 log.warning("mqtt.late_connect_dropped", host=self.host, port=self.port, connection=conn.id,
                             timeout_s=self.connect_timeout_s)
                 sock.shutdown(socket.SHUT_RDWR)
@@ -407,8 +407,7 @@ class MqttLink:
             on_loop(loop.remove_writer, sock)
 
         def reg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
-            if not conn.lost.is_set():
-                on_loop(loop.add_writer, sock, client.loop_write)
+            on_loop(loop.add_writer, sock, client.loop_write)
 
         def unreg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
             on_loop(loop.remove_writer, sock)
