@@ -365,6 +365,11 @@ class Store:
                 # unlinked in /var/tmp by every transaction (~2,000 writes/s at 667 events/s; a full or read-only
                 # /var/tmp, as in a container with a read-only root, would fail every commit)
                 await db.execute("PRAGMA temp_store=MEMORY")
+                # Debian's SQLite is built with SECURE_DELETE: every deleted row (each acknowledged event, each
+                # superseded state) zeroed, and every page a delete frees written again, full of zeros, to the WAL and
+                # by the checkpoint: ~a fifth of the store's page writes at the Node-RED peer's load. FAST zeroes a
+                # deleted row only in a page that is written anyway (bench/README.md, twelfth session)
+                await db.execute("PRAGMA secure_delete=FAST")
                 await db.executescript(_SCHEMA)
                 cols = {r[1] for r in await db.execute_fetchall("PRAGMA table_info(quarantine)")}
                 if "outbox_id" not in cols:  # a file of schema version 1

@@ -522,10 +522,13 @@ async def test_statement_journals_stay_in_memory(tmp_path):
     """A multi-row UPSERT or DELETE inside BEGIN needs a statement journal. SQLite's default puts it in a file it
     creates and unlinks in /var/tmp (or $SQLITE_TMPDIR) on every such transaction: two writes per page, and every
     commit fails where that directory is full or read-only (a container with a read-only root). The store keeps
-    them in memory."""
+    them in memory. (And it deletes with secure_delete=FAST, not a SECURE_DELETE build's default: see store.py.)"""
     async with Store(str(tmp_path / "s.db")) as store:
         ((mode,),) = await store.db.execute_fetchall("PRAGMA temp_store")
         assert mode == 2, "PRAGMA temp_store: 2 (MEMORY) expected"
+        # and deleted rows are not zeroed in pages written for that alone (a build with SECURE_DELETE does)
+        ((secure,),) = await store.db.execute_fetchall("PRAGMA secure_delete")
+        assert secure == 2, "PRAGMA secure_delete: 2 (FAST) expected"
         rows = await store.commit({f"m{i}": {"n": i} for i in range(50)}, rows_for("m1", range(1, 51)), 51)
         await store.commit({f"m{i}": {"n": -i} for i in range(50)}, [], 51)  # every state row updated in one statement
         assert await store.ack([(r.id, len(r.payload)) for r in rows]) == 50
