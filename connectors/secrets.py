@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def read_secret(env: str | None, file: str | None, *, field: str) -> str | None:
@@ -20,3 +21,12 @@ def read_secret(env: str | None, file: str | None, *, field: str) -> str | None:
         except OSError as exc:
             raise ValueError(f"{field}_file: cannot read {file} ({exc.strerror})") from None
     return None
+
+
+def absolute_file_keys(model: Any, root: str) -> None:
+    """Make every ``*_file`` key of the pydantic ``model`` that holds a relative path absolute against ``root`` (the
+    config file's directory): a process started from another working directory (systemd: /) reads the same files."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name.endswith("_file") and isinstance(value, str) and value and not os.path.isabs(value):
+            setattr(model, name, os.path.normpath(os.path.join(root, value)))

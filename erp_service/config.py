@@ -197,10 +197,7 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None
     # relative secret files are relative to the config file (as the gateway's are): started from another working
     # directory, or by systemd, the service reads the same files
-    base = Path(path).resolve().parent
-    nats = cfg.nats
-    for name in ("password_file", "creds_file"):
-        value = getattr(nats, name)
-        if value and not Path(value).is_absolute():
-            setattr(nats, name, str(base / value))
+    from connectors.secrets import absolute_file_keys
+
+    absolute_file_keys(cfg.nats, str(Path(path).resolve().parent))
     return cfg

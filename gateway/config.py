@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from connectors import REGISTRY
-from connectors.secrets import read_secret
+from connectors.secrets import absolute_file_keys, read_secret
 from mappings.events import CONTROL_CHARACTERS, MACHINE_ID_PATTERN, TEXT_PATTERN
 
 _TOPIC_LEVEL = MACHINE_ID_PATTERN  # one MQTT topic level (also the gateway and ISA-95 ids)
@@ -795,14 +795,8 @@ def resolve_paths(cfg: GatewayConfig, base: str | os.PathLike[str]) -> GatewayCo
     user certificates and keys). Started from another working directory the gateway must open the same store, not a
     fresh one with a new epoch next to an orphaned backlog, and read the same secrets."""
     root = os.fspath(base)
-
-    def absolute(path: str) -> str:
-        return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
-
-    cfg.store.path = absolute(cfg.store.path)
+    if not os.path.isabs(cfg.store.path):
+        cfg.store.path = os.path.normpath(os.path.join(root, cfg.store.path))
     for model in (cfg.mqtt, cfg.mqtt.tls, *cfg.connectors):
-        for name in type(model).model_fields:
-            value = getattr(model, name)
-            if name.endswith("_file") and isinstance(value, str) and value:
-                setattr(model, name, absolute(value))
+        absolute_file_keys(model, root)
     return cfg

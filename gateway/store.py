@@ -415,15 +415,12 @@ class Store:
         db = self.db
         tables = {r[0] for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if migrate and (await db.execute_fetchall("SELECT EXISTS (SELECT 1 FROM machine_state)"))[0][0]:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+            async def move(db: aiosqlite.Connection) -> None:
                 await db.execute("INSERT INTO state_log(machine, state, updated) "
                                  "SELECT machine, state, updated FROM machine_state ORDER BY rowid")
                 await db.execute("DELETE FROM machine_state")
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
+
+            await self._write(move, "moving machine_state to state_log")
             log.info("store.migrated", path=self.path, schema=SCHEMA_VERSION, moved="machine_state -> state_log")
         self._state_table = "state_log" if "state_log" in tables else "machine_state"  # read-only: an older file
         latest: dict[str, int] = {}
