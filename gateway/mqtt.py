@@ -895,12 +895,10 @@ class Publisher:
         self._gen = 0
         self.session: _Session | None = None
         self.published = 0
-        self.acked = 0
         self.quarantined = 0
         self.retried = 0  # transient refusals (rows kept and resent)
         self.handover_dropped = 0  # times the in-memory queue overflowed (the live lane read from the store)
         self.backlog_remaining = 0
-        self.last_ack_time: float | None = None
         self._ack_error_logged = False
         self._ack_failing_since = 0.0
         link.on_puback = self._on_puback
@@ -1384,37 +1382,58 @@ class Publisher:
         await self.flush_acks()
 
     async def _ack_loop(self) -> None:
-        # Acknowledged rows are deleted in one transaction per ack_interval (0.1 s): a delete only frees space (an
-        # acknowledged row left behind by a crash is sent again, same id and content: a duplicate the consumer
-        # drops). Every 10 ms was up to 100 transactions a second, each a few round trips to SQLite's thread:
-        # ~9 % of the gateway's CPU at 10,000 tags @ 1 s (bench/peer_nodered.py). At a backlog drain's rate (~50,000
-        # PUBACKs/s) they go once ACK_BATCH wait: a delete of 5,000 rows would hold the store (and the drain's next
-        # fetch) for tens of milliseconds. Shutdown flushes them.
+        # Acknowledged rows are handed to the store every ack_interval (0.1 s) and deleted by the next transaction
+        # that takes them: a delete only frees space (an acknowledged row left behind by a crash is sent again, same
+        # id and content: a duplicate the consumer drops). A transaction of their own every 10 ms was up to 100
+        # transactions a second, each a few round trips to SQLite's thread: ~9 % of the gateway's CPU at 10,000 tags
+        # @ 1 s (bench/peer_nodered.py); one every 0.1 s still ~3 % (bench/README.md, thirteenth session). At a
+        # backlog drain's rate (~50,000 PUBACKs/s) they go once ACK_BATCH wait: a delete of 5,000 rows would hold
+        # the store (and the drain's next fetch) for tens of milliseconds. Shutdown flushes them.
         wake = self._ack_wake
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.ack_interval):
                     await wake.wait()
             wake.clear()
-            if self._refused or self._acked:
+            # acknowledged rows are deleted by the core's next commit (one statement in a transaction it runs
+            # anyway); by a transaction of their own when ACK_BATCH of them wait (a backlog drain) or no commit took
+            # the ones handed over at an earlier tick (an idle gateway; not while a transaction runs: a commit may
+            # be deleting them right now)
+            store = self.store
+            if self._refused or len(self._acked) >= ACK_BATCH or (store.acks_waiting and not store.busy):
                 await self._settle()
+            else:
+                self._hand_acks()
+
+    @property
+    def acked(self) -> int:
+        """Acknowledged rows whose delete from the outbox committed."""
+        return self.store.acked_total
+
+    @property
+    def last_ack_time(self) -> float | None:
+        return self.store.acked_at
+
+    def _hand_acks(self) -> None:
+        if self._acked:
+            acked, self._acked = self._acked, []
+            self.store.ack_later([r.id for r in acked])
 
     async def flush_acks(self) -> None:
-        if not self._acked:
+        """Delete every acknowledged row now, in a transaction of its own."""
+        self._hand_acks()
+        if not self.store.acks_waiting:
             return
-        acked, self._acked = self._acked, []
         try:
-            await self.store.ack([(r.id, len(r.payload)) for r in acked])
+            await self.store.ack()
         except StoreError as exc:
-            # e.g. a full disk: keep them and retry; worst case they are re-published after a restart (same ids)
-            self._acked = acked + self._acked
+            # e.g. a full disk: they wait in the store and are retried; worst case they are re-published after a
+            # restart (same ids)
             if not self._ack_error_logged:
                 self._ack_error_logged = True
                 self._ack_failing_since = time.monotonic()
-                log.error("publisher.ack_failed", error=str(exc), pending_acks=len(self._acked))
+                log.error("publisher.ack_failed", error=str(exc), pending_acks=self.store.acks_waiting)
             return
         if self._ack_error_logged:
             self._ack_error_logged = False
             log.info("publisher.ack_recovered", downtime_s=round(time.monotonic() - self._ack_failing_since, 3))
-        self.acked += len(acked)
-        self.last_ack_time = time.time()

@@ -285,6 +285,11 @@ class Store:
         self._state_next = 1
         self._state_gen = 1
         self.state_log_slack = 1024  # rows added beyond one per machine before a compaction
+        # ids of acknowledged rows whose delete waits for the next commit (ack_later) or ack(): a delete of its own
+        # is a transaction of its own (BEGIN, DELETE, COMMIT, a WAL commit frame); inside a commit it is one statement
+        self._ack_ids: list[int] = []
+        self.acked_total = 0  # acknowledged rows whose delete committed (already gone or not)
+        self.acked_at: float | None = None  # when the last of them committed (Unix time)
         # test hook: awaited inside a write transaction, after its statements, right before COMMIT
         self.before_commit: Callable[[], Awaitable[None]] | None = None
 
@@ -546,11 +551,13 @@ class Store:
     async def commit(self, states: dict[str, dict[str, Any] | str], rows: list[OutboxRow],
                      next_seq: int) -> list[PendingRow]:
         """Write snapshots (a dict, or its JSON text: ``MachineEngine.snapshot_json``), outbox rows and the sequence
-        counter in one transaction; return the committed rows with their outbox ids (consecutive, in the order
-        given). On ``StoreError`` nothing was written."""
+        counter in one transaction, which also deletes the acknowledged rows handed to ``ack_later``; return the
+        committed rows with their outbox ids (consecutive, in the order given). On ``StoreError`` nothing was
+        written (nor deleted)."""
         now = time.time()
 
         async def tx(db: aiosqlite.Connection) -> Apply:
+            taken, gone, gone_bytes = await self._delete_acked(db)
             compacted = None
             if states and self._state_next - self._state_gen >= len(self._state_ids) + self.state_log_slack:
                 compacted = await self._compact_states(db, states)
@@ -576,6 +583,8 @@ class Store:
                 await db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(next_seq),))
 
             def apply() -> list[PendingRow]:
+                if taken:
+                    self._acks_deleted(taken, gone, gone_bytes, now)
                 if compacted is not None:
                     self._state_next, self._state_gen, self._state_rows, copies = compacted
                     self._state_ids.update(copies)
@@ -637,23 +646,56 @@ class Store:
                 (after_id, upto_id, limit))
         return [PendingRow(i, t, bytes(p), m, s) for i, t, p, m, s in rows]
 
-    async def ack(self, acked: Iterable[tuple[int, int] | int]) -> int:
+    def ack_later(self, ids: Iterable[int]) -> None:
+        """Acknowledged rows (ids) to delete with the next commit's transaction, or by the next ``ack()``. Until
+        then they stay in the outbox and in ``pending``: a crash before sends them again (same id, same content: a
+        duplicate the consumer drops). Nothing waits here; the publisher calls ``ack()`` when no commit came."""
+        self._ack_ids.extend(ids)
+
+    @property
+    def acks_waiting(self) -> int:
+        """Acknowledged rows handed to ``ack_later`` and not deleted yet (a transaction running now may be deleting
+        them: ``busy``)."""
+        return len(self._ack_ids)
+
+    @property
+    def busy(self) -> bool:
+        """A transaction or read runs now."""
+        return self._tx.locked()
+
+    async def _delete_acked(self, db: aiosqlite.Connection, extra: list[int] | None = None) -> tuple[int, int, int]:
+        """Inside a transaction: delete ``extra`` and the rows handed to ``ack_later`` so far. Returns how many of
+        ``_ack_ids`` it took (removed from the list by the transaction's ``apply``, only after COMMIT), the rows
+        deleted and their payload bytes (the counters move by what the DELETE removed, not by what was asked)."""
+        taken = len(self._ack_ids)
+        ids = self._ack_ids[:taken] + extra if extra else self._ack_ids[:taken]
+        sizes: list[Any] = []
+        for chunk in _chunks(ids):
+            sizes += await db.execute_fetchall(
+                f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING LENGTH(payload)", chunk)
+        return taken, len(sizes), sum(int(s) for (s,) in sizes)
+
+    def _acks_deleted(self, taken: int, n: int, size: int, now: float, given: int = 0) -> None:
+        """After the COMMIT of a transaction that ran ``_delete_acked``."""
+        del self._ack_ids[:taken]
+        self.pending -= n
+        self.pending_bytes -= size
+        self.acked_total += taken + given
+        self.acked_at = now
+
+    async def ack(self, acked: Iterable[tuple[int, int] | int] = ()) -> int:
         """Delete acknowledged rows, given as ids or ``(id, payload_size)`` pairs (the size is not trusted: the
-        counters move by what the DELETE removed). Returns the number of rows deleted."""
+        counters move by what the DELETE removed), with those handed to ``ack_later``. Returns the number of rows
+        deleted."""
         ids = [a[0] if isinstance(a, tuple) else int(a) for a in acked]
-        if not ids:
+        if not ids and not self._ack_ids:
             return 0
 
         async def tx(db: aiosqlite.Connection) -> Apply:
-            sizes: list[Any] = []
-            for chunk in _chunks(ids):
-                sizes += await db.execute_fetchall(
-                    f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING LENGTH(payload)", chunk)
-            n, size = len(sizes), sum(int(s) for (s,) in sizes)
+            taken, n, size = await self._delete_acked(db, ids)
 
             def apply() -> int:
-                self.pending -= n
-                self.pending_bytes -= size
+                self._acks_deleted(taken, n, size, time.time(), given=len(ids))
                 return n
 
             return apply

@@ -116,6 +116,37 @@ async def test_acks_of_gone_rows_do_not_move_the_counters(tmp_path):
         await assert_counters_true(store)
 
 
+async def test_acks_handed_over_are_deleted_by_the_next_commit_and_none_handed_during_it_is_lost(tmp_path):
+    """The publisher hands PUBACKs to ``ack_later``; the core's next commit deletes them in its own transaction.
+    PUBACKs handed while that commit runs wait for the next one; a commit that fails deletes none."""
+    async with Store(str(tmp_path / "s.db")) as store:
+        first = await store.commit({}, rows_for("m1", range(1, 7)), 7)
+        store.ack_later([first[0].id, first[1].id])
+        assert store.acks_waiting == 2 and store.pending == 6  # nothing deleted yet
+
+        async def puback_during_commit():
+            store.ack_later([first[2].id])
+        store.before_commit = puback_during_commit
+        more = await store.commit({"m1": {"n": 1}}, rows_for("m1", range(7, 9)), 9)
+        store.before_commit = None
+        await assert_counters_true(store)
+        assert [r.id for r in await store.fetch(0, 100)] == [r.id for r in first[2:] + more]
+        assert store.acks_waiting == 1 and store.acked_total == 2
+
+        async def fail():
+            raise OSError(28, "No space left on device")
+        store.before_commit = fail
+        with pytest.raises(StoreError):
+            await store.commit({}, rows_for("m1", range(9, 10)), 10)
+        store.before_commit = None
+        assert store.acks_waiting == 1
+        await assert_counters_true(store)
+        assert await store.ack([first[3].id]) == 2  # the one still waiting and the one given
+        assert store.acks_waiting == 0 and store.acked_total == 4
+        assert [r.id for r in await store.fetch(0, 100)] == [r.id for r in first[4:] + more]
+        await assert_counters_true(store)
+
+
 async def test_a_commit_cancelled_during_commit_keeps_the_counters_true(tmp_path):
     """The gateway stops (its task is cancelled) while COMMIT runs in SQLite's thread: COMMIT may still succeed.
     The store waits for its outcome, so the counters and next_seq follow what is on disk, then re-raises."""

@@ -1,5 +1,6 @@
 """Stateful property test: the SQLite store against an in-memory model. Any sequence of append (group commit),
-publish (fetch), ack (also repeated, of quarantined or purged rows), quarantine (from the outbox or from outside),
+publish (fetch), ack (also repeated, of quarantined or purged rows; also handed over for the next commit's
+transaction to delete), quarantine (from the outbox or from outside),
 retry, purge, a commit that dies half-way, close/reopen and a size cap neither loses nor reorders an event, and the
 store's counters equal what the database holds after every step. The machine snapshots committed with them
 (``state_log``, appended and compacted: the slack is drawn small so that compactions, with idle machines' rows
@@ -43,6 +44,7 @@ class StoreModel(RuleBasedStateMachine):
         self.max_id = 0                    # AUTOINCREMENT: the highest outbox id ever handed out
         self.states: dict[str, dict] = {}  # the last snapshot committed per machine
         self.commits = 0
+        self.acks_later: list[int] = []    # ids handed to ack_later: deleted by the next commit or ack()
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -52,6 +54,24 @@ class StoreModel(RuleBasedStateMachine):
         s.state_log_slack = self.slack
         await s.open()
         return s
+
+    def deleted(self, given=()) -> int:
+        """A commit or ack() succeeded: it deleted the rows handed to ack_later and ``given`` that were still in the
+        outbox. Returns how many."""
+        gone = set(self.acks_later) | set(given)
+        self.acks_later = []
+        n = sum(1 for r in self.rows if r.id in gone)
+        self.gone_ids += [r.id for r in self.rows if r.id in gone]
+        self.rows = [r for r in self.rows if r.id not in gone]
+        return n
+
+    @rule(k=st.integers(min_value=1, max_value=20), skip=st.integers(min_value=0, max_value=5))
+    def ack_later(self, k, skip):
+        """PUBACKs handed over for the next transaction: nothing is deleted yet."""
+        fetched = self.run(self.store.fetch(0, k + skip))[skip:]
+        self.store.ack_later([r.id for r in fetched])
+        self.acks_later += [r.id for r in fetched]
+        assert self.store.acks_waiting == len(self.acks_later)
 
     @rule(slack=st.integers(min_value=0, max_value=3))
     def set_state_log_slack(self, slack):
@@ -65,6 +85,7 @@ class StoreModel(RuleBasedStateMachine):
         states = {m: {"m": m, "commit": self.commits} for m in machines}
         self.run(self.store.commit(states, [], self.next_seq))
         self.states.update(states)
+        self.deleted()
 
     def teardown(self) -> None:
         self.run(self.store.close())
@@ -90,6 +111,7 @@ class StoreModel(RuleBasedStateMachine):
             r.id = c.id
         self.max_id += len(batch)
         self.rows.extend(batch)
+        self.deleted()
 
     @rule(sizes=st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=5))
     def commit_dies_half_way(self, sizes):
@@ -110,6 +132,7 @@ class StoreModel(RuleBasedStateMachine):
             self.store.before_commit = None
         assert self.store.full  # a failed write for lack of space raises the alarm until a write succeeds
         assert self.store.next_seq == self.next_seq
+        assert self.store.acks_waiting == len(self.acks_later)  # their delete rolled back with it: still to do
         assert self.store.last_error is not None and self.store.consecutive_failures >= 1
         states = self.run(self.store.load_states())
         assert "doomed" not in states.get("m1", {})
@@ -121,9 +144,8 @@ class StoreModel(RuleBasedStateMachine):
         fetched = self.run(self.store.fetch(0, k))
         assert [(r.id, r.seq, r.machine, r.payload) for r in fetched] == [
             (r.id, r.seq, r.machine, r.payload) for r in self.rows[:k]]
-        assert self.run(self.store.ack([(r.id, len(r.payload)) for r in fetched])) == len(fetched)
-        self.gone_ids += [r.id for r in fetched]
-        del self.rows[:len(fetched)]
+        n = self.run(self.store.ack([(r.id, len(r.payload)) for r in fetched]))
+        assert n == self.deleted([r.id for r in fetched]) >= len(fetched)
 
     @rule(data=st.data())
     def ack_out_of_order(self, data):
@@ -132,10 +154,8 @@ class StoreModel(RuleBasedStateMachine):
         if not fetched:
             return
         chosen = data.draw(st.sets(st.sampled_from(range(len(fetched)))))
-        self.run(self.store.ack([fetched[i].id for i in chosen]))
-        gone = {fetched[i].id for i in chosen}
-        self.gone_ids += list(gone)
-        self.rows = [r for r in self.rows if r.id not in gone]
+        n = self.run(self.store.ack([fetched[i].id for i in chosen]))
+        assert n == self.deleted([fetched[i].id for i in chosen])
 
     @precondition(lambda self: self.gone_ids or self.quarantine)
     @rule(data=st.data())
@@ -144,7 +164,7 @@ class StoreModel(RuleBasedStateMachine):
         size given with it changes nothing either."""
         candidates = self.gone_ids + [r.id for r in self.quarantine if r.id is not None] + [10**9]
         ids = data.draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=5))
-        assert self.run(self.store.ack([(i, 12345) for i in ids])) == 0
+        assert self.run(self.store.ack([(i, 12345) for i in ids])) == self.deleted()
 
     @rule(data=st.data())
     def quarantine_one(self, data):
@@ -191,7 +211,7 @@ class StoreModel(RuleBasedStateMachine):
             assert self.run(self.store.purge("outbox", ids)) == len(chosen)
             self.rows = [r for r in self.rows if r.id not in ids]
             self.gone_ids += ids
-            assert self.run(self.store.ack(ids)) == 0
+            assert self.run(self.store.ack(ids)) == self.deleted()
         elif table == "quarantine" and self.quarantine:
             listed = self.run(self.store.list_rows("quarantine", limit=10**6))
             i = data.draw(st.integers(min_value=0, max_value=len(self.quarantine) - 1))
@@ -199,10 +219,11 @@ class StoreModel(RuleBasedStateMachine):
             row = self.quarantine.pop(i)
             if row.id is not None:
                 self.gone_ids.append(row.id)
-                assert self.run(self.store.ack([row.id])) == 0
+                assert self.run(self.store.ack([row.id])) == self.deleted()
 
     @rule()
     def crash_and_reopen(self):
+        self.acks_later = []  # lost with the process: those rows are sent again (same id, same content)
         self.run(self.store.close())
         self.store = self.run(self._open())
         assert self.store.next_seq == self.next_seq
