@@ -69,17 +69,18 @@ def version() -> str:
         return "unknown"
 
 
-def oldest_pending_created(path: str) -> float | None:
-    """Commit time (wall clock) of the outbox row delivered next (lowest id), or None when the outbox is empty.
+def oldest_pending_created(path: str, acked: frozenset[int] = frozenset()) -> float | None:
+    """Commit time (wall clock) of the outbox row delivered next (lowest id not in ``acked``: the acknowledged rows
+    waiting for their delete), or None when there is none.
 
-    A read on a connection of its own (WAL: it never waits for the gateway's writer): the lowest id is the first
-    entry of the table's primary-key b-tree, so this costs the same with ten rows as with ten million."""
+    A read on a connection of its own (WAL: it never waits for the gateway's writer): the lowest ids are the first
+    entries of the table's primary-key b-tree, so this costs the same with ten rows as with ten million."""
     db = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=1)
     try:
-        row = db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
+        rows = db.execute("SELECT id, created FROM outbox ORDER BY id LIMIT ?", (len(acked) + 1,)).fetchall()
     finally:
         db.close()
-    return None if row is None else float(row[0])
+    return next((float(c) for i, c in rows if i not in acked), None)
 
 
 class GatewayMetrics:
@@ -228,8 +229,8 @@ class GatewayCollector(Collector):
             committed.add_metric([t], n)
         yield committed
         yield from m.commit_seconds.collect()
-        yield GaugeMetricFamily("edge_gateway_outbox_pending", "Events in the outbox (not yet deleted after the "
-                                "broker's acknowledgement: deleted in batches, every 0.1 s)", value=store.pending)
+        yield GaugeMetricFamily("edge_gateway_outbox_pending", "Events in the outbox not yet acknowledged by the "
+                                "broker", value=store.pending)
         yield GaugeMetricFamily("edge_gateway_outbox_bytes", "Payload bytes of the events in the outbox (not yet "
                                 "acknowledged by the broker)", value=store.pending_bytes - store.quarantined_bytes)
         yield GaugeMetricFamily("edge_gateway_store_payload_bytes", "Payload bytes held in the store (outbox + "
@@ -253,8 +254,7 @@ class GatewayCollector(Collector):
                                                            "reconnect)", link.connections)
         yield _counter("edge_gateway_mqtt_published_events_total", "Events handed to the MQTT client (resends after "
                                                                    "a reconnect included)", pub.published)
-        yield _counter("edge_gateway_events_acked_total", "Events acknowledged by the broker (PUBACK) and deleted "
-                                                          "from the outbox", pub.acked)
+        yield _counter("edge_gateway_events_acked_total", "Events acknowledged by the broker (PUBACK)", pub.acked)
         yield GaugeMetricFamily("edge_gateway_mqtt_inflight_messages", "QoS 1 messages sent and not yet "
                                                                        "acknowledged (a batch message is one)",
                                 value=pub.inflight)
@@ -290,6 +290,6 @@ def _oldest(gw: Gateway) -> float | None:
     if gw.store.pending <= 0 or gw.store._db is None:
         return None
     try:
-        return oldest_pending_created(gw.store.path)
+        return oldest_pending_created(gw.store.path, gw.store.acks_waiting_ids)
     except sqlite3.Error:
         return None

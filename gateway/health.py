@@ -128,9 +128,8 @@ class Health:
         store = gw.store
         oldest = None
         if store.pending:
-            try:  # the first outbox row (id order is commit order): one index lookup
-                rows = await store.list_rows("outbox", 1)
-                oldest = float(rows[0]["created"]) if rows else None
+            try:  # the first unacknowledged outbox row (id order is commit order): one index lookup
+                oldest = await store.oldest_unacked_created()
             except StoreError as exc:
                 log.warning("health.oldest_unsent_failed", error=str(exc))
         now = time.monotonic()

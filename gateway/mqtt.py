@@ -97,6 +97,9 @@ SUBSCRIBE_RETRY_MAX_S = 60.0
 SUBACK_TIMEOUT_S = 10.0  # a SUBSCRIBE with no SUBACK by then is taken as refused (alarm, asked again)
 
 ACK_BATCH = 1000  # acknowledged rows that are deleted at once, without waiting for the ack interval
+# acknowledged rows wait this long for a commit to delete them with its own (at 10,000 tags @ 1 s the core commits
+# about twice a second) before they get a transaction of their own
+ACK_HOLD_S = 1.0
 
 PUBACK_PERMANENT = frozenset({0x87, 0x90, 0x95, 0x99})
 
@@ -1386,7 +1389,7 @@ class Publisher:
         # that takes them: a delete only frees space (an acknowledged row left behind by a crash is sent again, same
         # id and content: a duplicate the consumer drops). A transaction of their own every 10 ms was up to 100
         # transactions a second, each a few round trips to SQLite's thread: ~9 % of the gateway's CPU at 10,000 tags
-        # @ 1 s (bench/peer_nodered.py); one every 0.1 s still ~3 % (bench/README.md, thirteenth session). At a
+        # @ 1 s (bench/peer_nodered.py); one every 0.1 s still a few % (bench/README.md, thirteenth session). At a
         # backlog drain's rate (~50,000 PUBACKs/s) they go once ACK_BATCH wait: a delete of 5,000 rows would hold
         # the store (and the drain's next fetch) for tens of milliseconds. Shutdown flushes them.
         wake = self._ack_wake
@@ -1397,18 +1400,20 @@ class Publisher:
             wake.clear()
             # acknowledged rows are deleted by the core's next commit (one statement in a transaction it runs
             # anyway); by a transaction of their own when ACK_BATCH of them wait (a backlog drain) or no commit took
-            # the ones handed over at an earlier tick (an idle gateway; not while a transaction runs: a commit may
+            # the oldest handed over within ACK_HOLD_S (an idle gateway; not while a transaction runs: a commit may
             # be deleting them right now)
             store = self.store
-            if self._refused or len(self._acked) >= ACK_BATCH or (store.acks_waiting and not store.busy):
+            if self._refused or len(self._acked) >= ACK_BATCH or (
+                    store.acks_waiting and not store.busy and time.monotonic() - store.acks_since >= ACK_HOLD_S):
                 await self._settle()
             else:
                 self._hand_acks()
 
     @property
     def acked(self) -> int:
-        """Acknowledged rows whose delete from the outbox committed."""
-        return self.store.acked_total
+        """Rows acknowledged by the broker and handed to the store for their delete (``store.pending`` counts the
+        others: the two add up to what was committed)."""
+        return self.store.acked_total + self.store.acks_waiting
 
     @property
     def last_ack_time(self) -> float | None:

@@ -267,14 +267,15 @@ def identity(cfg: GatewayConfig, started: float) -> dict[str, Any]:
 
 
 async def oldest_unsent_age_s(store: Store) -> float | None:
-    """Age of the oldest event in the outbox (None when it is empty or the store cannot be read): one indexed read."""
+    """Age of the oldest event in the outbox not acknowledged by the broker (None when there is none or the store
+    cannot be read): one indexed read."""
     if not store.pending:
         return None
     try:
-        rows = await store.list_rows("outbox", 1)
+        created = await store.oldest_unacked_created()
     except Exception:  # noqa: BLE001 - the page shows "unknown"; the store's own errors are reported elsewhere
         return None
-    return max(0.0, time.time() - float(rows[0]["created"])) if rows else None
+    return None if created is None else max(0.0, time.time() - created)
 
 
 # ------------------------------------------------------------------------------------------------ the page

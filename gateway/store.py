@@ -269,7 +269,7 @@ class Store:
         self._outbox_id_col = "outbox_id"  # "NULL" when a read-only open finds a schema-1 file
         self.epoch: str = ""
         self.next_seq: int = 1
-        self.pending: int = 0
+        self.outbox_rows: int = 0  # rows in the outbox table (``pending``: those not acknowledged)
         self.pending_bytes: int = 0
         self.quarantined_bytes: int = 0  # the part of pending_bytes in the quarantine
         self.quarantined: int = 0
@@ -290,6 +290,7 @@ class Store:
         self._ack_ids: list[int] = []
         self.acked_total = 0  # acknowledged rows whose delete committed (already gone or not)
         self.acked_at: float | None = None  # when the last of them committed (Unix time)
+        self.acks_since = 0.0  # time.monotonic() when the oldest of _ack_ids was handed over
         # test hook: awaited inside a write transaction, after its statements, right before COMMIT
         self.before_commit: Callable[[], Awaitable[None]] | None = None
 
@@ -408,7 +409,7 @@ class Store:
             raise StoreError(f"cannot open store {self.path}: {exc}", kind=error_kind(exc)) from exc
         durable = self.readonly or self.synchronous in ("FULL", "EXTRA")
         (log.info if durable else log.warning)(
-            "store.opened", path=self.path, epoch=self.epoch, next_seq=self.next_seq, pending=self.pending,
+            "store.opened", path=self.path, epoch=self.epoch, next_seq=self.next_seq, pending=self.outbox_rows,
             quarantined=self.quarantined, synchronous=self.synchronous.lower(), readonly=self.readonly,
             **({} if durable else {"risk": "not durable against power loss: the last commits may roll back and an "
                                            "event already published can be re-derived with other content under the "
@@ -443,7 +444,7 @@ class Store:
 
     async def _recount(self) -> None:
         db = self.db
-        (self.pending, size) = (await db.execute_fetchall(
+        (self.outbox_rows, size) = (await db.execute_fetchall(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"))[0]
         (self.quarantined, qsize) = (await db.execute_fetchall(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))[0]
@@ -465,6 +466,12 @@ class Store:
         if self._db is None:
             raise StoreError("store is not open")
         return self._db
+
+    @property
+    def pending(self) -> int:
+        """Outbox rows not acknowledged by the broker: ``outbox_rows`` without the acknowledged ones that wait for
+        their delete (``ack_later``; at most a second or so)."""
+        return max(0, self.outbox_rows - len(self._ack_ids))
 
     @property
     def full(self) -> bool:
@@ -555,6 +562,7 @@ class Store:
         committed rows with their outbox ids (consecutive, in the order given). On ``StoreError`` nothing was
         written (nor deleted)."""
         now = time.time()
+        deleted: list[int] = []
 
         async def tx(db: aiosqlite.Connection) -> Apply:
             taken, gone, gone_bytes = await self._delete_acked(db)
@@ -585,6 +593,7 @@ class Store:
             def apply() -> list[PendingRow]:
                 if taken:
                     self._acks_deleted(taken, gone, gone_bytes, now)
+                    deleted.append(taken)
                 if compacted is not None:
                     self._state_next, self._state_gen, self._state_rows, copies = compacted
                     self._state_ids.update(copies)
@@ -595,13 +604,16 @@ class Store:
                     self._state_next = next_id + len(states)
                     self._state_rows += len(states)
                 self.next_seq = next_seq
-                self.pending += len(rows)
+                self.outbox_rows += len(rows)
                 self.pending_bytes += sum(len(r.payload) for r in rows)
                 return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
 
             return apply
 
-        return await self._write(tx, "commit", committed_point="store.committed")
+        committed = await self._write(tx, "commit", committed_point="store.committed")
+        if deleted:
+            crash_point("store.deleted")  # with the acknowledged rows it deleted
+        return committed
 
     async def _compact_states(self, db: aiosqlite.Connection,
                               states: dict[str, Any]) -> tuple[int, int, int, dict[str, int]]:
@@ -630,6 +642,17 @@ class Store:
         nxt += len(old)
         return nxt, nxt, self._state_rows + len(old) - removed, copies
 
+    async def oldest_unacked_created(self) -> float | None:
+        """Commit time (wall clock) of the oldest outbox row not acknowledged by the broker (the acknowledged ones
+        waiting for their delete are skipped), or None: one read of the first rows by primary key."""
+        skip = frozenset(self._ack_ids)
+        rows = await self._read("SELECT id, created FROM outbox ORDER BY id LIMIT ?", (len(skip) + 1,))
+        return next((float(c) for i, c in rows if i not in skip), None)
+
+    @property
+    def acks_waiting_ids(self) -> frozenset[int]:
+        return frozenset(self._ack_ids)
+
     async def max_id(self) -> int:
         (n,) = (await self._read("SELECT COALESCE(MAX(id), 0) FROM outbox"))[0]
         return int(n)
@@ -650,6 +673,8 @@ class Store:
         """Acknowledged rows (ids) to delete with the next commit's transaction, or by the next ``ack()``. Until
         then they stay in the outbox and in ``pending``: a crash before sends them again (same id, same content: a
         duplicate the consumer drops). Nothing waits here; the publisher calls ``ack()`` when no commit came."""
+        if not self._ack_ids:
+            self.acks_since = time.monotonic()
         self._ack_ids.extend(ids)
 
     @property
@@ -678,7 +703,9 @@ class Store:
     def _acks_deleted(self, taken: int, n: int, size: int, now: float, given: int = 0) -> None:
         """After the COMMIT of a transaction that ran ``_delete_acked``."""
         del self._ack_ids[:taken]
-        self.pending -= n
+        if self._ack_ids:  # handed over while this transaction ran
+            self.acks_since = time.monotonic()
+        self.outbox_rows -= n
         self.pending_bytes -= size
         self.acked_total += taken + given
         self.acked_at = now
@@ -739,7 +766,7 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, machine, type_, topic, payload, reason, time.time(), row_id))
 
             def apply() -> bool:
-                self.pending -= len(gone)
+                self.outbox_rows -= len(gone)
                 self.quarantined += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
                 self.quarantined_bytes += sum(len(g[4]) for g in gone)
                 return bool(gone)
@@ -833,7 +860,7 @@ class Store:
 
             def apply() -> int:
                 self.quarantined -= len(gone)
-                self.pending += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
+                self.outbox_rows += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
                 self.quarantined_bytes -= sum(len(g[5]) for g in gone)
                 return len(gone)
 
@@ -858,7 +885,7 @@ class Store:
                     self.quarantined -= n
                     self.quarantined_bytes -= size
                 else:
-                    self.pending -= n
+                    self.outbox_rows -= n
                 self.pending_bytes -= size
                 return n
 

@@ -35,14 +35,14 @@ async def test_a_cancelled_evaluation_changes_no_machine_state(tmp_path):
 
         gate = asyncio.Event()
         entered = asyncio.Event()
-        real = gw.store.list_rows
+        real = gw.store.oldest_unacked_created
 
-        async def slow_list_rows(*a, **kw):  # the store's thread busy with a large commit
+        async def slow_oldest(*a, **kw):  # the store's thread busy with a large commit
             entered.set()
             await gate.wait()
             return await real(*a, **kw)
 
-        gw.store.list_rows = slow_list_rows
+        gw.store.oldest_unacked_created = slow_oldest
         task = asyncio.create_task(gw.health.evaluate())
         await asyncio.wait_for(entered.wait(), 5)
         task.cancel()  # the gateway stops now

@@ -222,6 +222,7 @@ async def quiesce_and_check(p, what: str) -> dict[str, Any]:
     await wait_until(lambda: gw.store.pending == 0, 30,
                      message=f"{what}: outbox not drained: {gw.store.pending} rows pending")
     settle_s = time.monotonic() - t0
+    await wait_until(lambda: gw.store.outbox_rows == 0, 5, message=f"{what}: acknowledged rows not deleted")
     assert await gw.store.count_pending() == 0
     committed = gw.core.next_seq - 1
 

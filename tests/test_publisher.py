@@ -64,6 +64,8 @@ async def test_publishes_in_order_and_deletes_after_puback(tmp_path, broker):
         await wait_until(lambda: len(col.msgs) >= 2000)
         await wait_until(lambda: store.pending == 0)
         assert col.msgs == list(range(1, 2001))
+        # acknowledged rows are deleted with the next commit, or on their own when none comes within ACK_HOLD_S
+        await wait_until(lambda: store.outbox_rows == 0, 5)
         assert await store.count_pending() == 0
         for t in tasks:
             t.cancel()
@@ -131,6 +133,7 @@ async def test_a_puback_that_never_comes_ends_the_connection_and_the_message_is_
                 await wait_until(lambda: store.pending == 0, 15)
                 assert proxy.dropped == [(True, 4, None)]
                 assert pub.puback_timeouts == 1 and link.connections == 2
+                await wait_until(lambda: store.outbox_rows == 0, 5)  # the acknowledged rows' delete
                 assert await store.count_pending() == 0
                 await wait_until(lambda: set(col.msgs) == set(range(1, 51)))
                 assert len(col.msgs) == 51  # the one whose PUBACK was lost went twice (its id keeps it once)

@@ -19,6 +19,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from gateway.config import StoreConfig, load_config
+from gateway.exporter import oldest_pending_created
 from gateway.store import OutboxRow, PendingRow, Store, StoreError, StoreLocked
 from simulators.machine import MachineModel
 from simulators.modbus_server import ModbusMachineServer
@@ -42,7 +43,7 @@ async def db_counts(store: Store) -> tuple[int, int, int]:
 
 
 async def assert_counters_true(store: Store) -> None:
-    assert (store.pending, store.pending_bytes, store.quarantined) == await db_counts(store)
+    assert (store.outbox_rows, store.pending_bytes, store.quarantined) == await db_counts(store)
 
 
 # --- 1. only committed rows are visible ---------------------------------------------------------------------------
@@ -120,9 +121,17 @@ async def test_acks_handed_over_are_deleted_by_the_next_commit_and_none_handed_d
     """The publisher hands PUBACKs to ``ack_later``; the core's next commit deletes them in its own transaction.
     PUBACKs handed while that commit runs wait for the next one; a commit that fails deletes none."""
     async with Store(str(tmp_path / "s.db")) as store:
-        first = await store.commit({}, rows_for("m1", range(1, 7)), 7)
+        first = await store.commit({}, rows_for("m1", range(1, 3)), 3)
+        first += await store.commit({}, rows_for("m1", range(3, 7)), 7)
+        created = {i: c for i, c in sqlite3.connect(store.path).execute("SELECT id, created FROM outbox")}
+        assert created[first[0].id] < created[first[2].id]
         store.ack_later([first[0].id, first[1].id])
-        assert store.acks_waiting == 2 and store.pending == 6  # nothing deleted yet
+        # the oldest event not acknowledged (health, status page, metrics) is the first of the second commit
+        assert await store.oldest_unacked_created() == created[first[2].id]
+        assert oldest_pending_created(store.path, store.acks_waiting_ids) == created[first[2].id]
+        assert oldest_pending_created(store.path) == created[first[0].id]
+        # nothing deleted yet; not pending any more (the broker has them)
+        assert store.acks_waiting == 2 and store.outbox_rows == 6 and store.pending == 4
 
         async def puback_during_commit():
             store.ack_later([first[2].id])

@@ -239,7 +239,8 @@ class StoreModel(RuleBasedStateMachine):
         q = self.run(self.store.export_rows("quarantine"))
         assert [(r["seq"], r["machine"], r["outbox_id"]) for r in q] == [(r.seq, r.machine, r.id)
                                                                         for r in self.quarantine]
-        assert self.store.pending == len(self.rows)
+        assert self.store.outbox_rows == len(self.rows)
+        assert self.store.pending == max(0, len(self.rows) - len(self.acks_later))
         total = sum(len(r.payload) for r in self.rows) + sum(len(r.payload) for r in self.quarantine)
         assert self.store.pending_bytes == total
         if not self.store.disk_full:
@@ -255,7 +256,7 @@ class StoreModel(RuleBasedStateMachine):
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"))
         ((qn, qsize),) = self.run(db.execute_fetchall(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM quarantine"))
-        assert (self.store.pending, self.store.pending_bytes, self.store.quarantined) == (n, size + qsize, qn)
+        assert (self.store.outbox_rows, self.store.pending_bytes, self.store.quarantined) == (n, size + qsize, qn)
         assert self.store.quarantined_bytes == qsize
 
     @invariant()
