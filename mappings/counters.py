@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from mappings.samples import Sample
 
@@ -130,9 +130,15 @@ class CounterState:
     held: int = 0  # with held_zero: the suspect value (0: a zero)
 
     def to_dict(self) -> dict:
-        d = {"last": self.last, "last_time": self.last_time, "last_wall": self.last_wall, "held_zero": self.held_zero}
-        if self.held_zero and self.held:
-            d["held"] = self.held
+        # defaults left out (from_dict restores them): a Modbus reading's wall time is its time, no value is held
+        d: dict[str, Any] = {"last": self.last, "last_time": self.last_time}
+        lw = self.last_wall
+        if lw != self.last_time or type(lw) is not type(self.last_time):
+            d["last_wall"] = lw
+        if self.held_zero:
+            d["held_zero"] = True
+            if self.held:
+                d["held"] = self.held
         if self.resolution is not None:
             d["resolution"] = self.resolution
         if self.newest is not None:

@@ -249,8 +249,7 @@ def _jnum(x: float | int | None) -> str:
 
 
 _KEYS: dict[str, str] = {}  # JSON of the fixed keys of quantity dicts ("good", "yield", ...)
-_EMPTY_WINDOW: dict[tuple[str, ...], str] = {}  # snapshot text of an empty window, by the keys of its quantities
-_STATE_JSON: dict[str | None, str] = {None: "null"}  # JSON of machine states seen (a few configured names)
+_STATE_JSON: dict[str, str] = {}  # ',"machine_state":' + JSON of machine states seen (a few configured names)
 _TOTAL_KEYS = ("yield", "scrap", "rework")
 _ZERO_Q: dict[str, Decimal] = dict.fromkeys(QUANTITY_KINDS, ZERO)  # a window's quantities before anything counted
 
@@ -312,7 +311,7 @@ class MachineEngine:
         self.complete_flag: bool | None = None
         self.anomalies = 0
         self._json_keys: dict[str, str] = {}  # counter name -> its JSON string (snapshot_json)
-        self._json_ctx: tuple[OrderContext | None, str] = (None, "null")
+        self._json_ctx: tuple[OrderContext | None, str] = (None, "")
         self.dirty = False
         # set while the store is full: periodic / unit windows stay open (quantities keep accumulating in the
         # persisted window) until space returns; changeover and completion still close them
@@ -419,26 +418,23 @@ class MachineEngine:
             # the counters of a machine are usually read together: one time, one repr (~0.4 µs each)
             if lt != memo_t or type(lt) is not type(memo_t):
                 memo_t, memo_s = lt, _jnum(lt)
-            lts = memo_s
-            lws = lts if lw == lt and type(lw) is type(lt) else _jnum(lw)
-            res = "" if c.resolution is None else ',"resolution":' + _encode(c.resolution)
-            if c.held_zero and c.held:
-                res = ',"held":' + _jnum(c.held) + res
+            # defaults are left out (CounterState.to_dict): a wall time equal to the time, no held value
+            rest = "" if lw == lt and type(lw) is type(lt) else ',"last_wall":' + _jnum(lw)
+            if c.held_zero:
+                rest += ',"held_zero":true,"held":' + _jnum(c.held) if c.held else ',"held_zero":true'
+            if c.resolution is not None:
+                rest += ',"resolution":' + _encode(c.resolution)
             if c.newest is not None:
-                res += f',"newest":[{_jnum(c.newest[0])},{_jnum(c.newest[1])}]'
-            counters.append(f'{k}:{{"last":{_jnum(c.last)},"last_time":{lts},"last_wall":{lws},'
-                            f'"held_zero":{"true" if c.held_zero else "false"}{res}}}')
+                rest += f',"newest":[{_jnum(c.newest[0])},{_jnum(c.newest[1])}]'
+            counters.append(f'{k}:{{"last":{_jnum(c.last)},"last_time":{memo_s}{rest}}}')
         ctx = self.context
         if ctx is not self._json_ctx[0]:  # OrderContext is immutable: encoded once per dispatch
-            self._json_ctx = (ctx, "null" if ctx is None else _encode(ctx.to_dict()))
+            self._json_ctx = (ctx, "" if ctx is None else ',"context":' + _encode(ctx.to_dict()))
         w = self.window
         start, end = w.start, w.end
         q = w.q
         if start is None and end is None and not w.evidence and not w.materials and not any(q.values()):
-            window = _EMPTY_WINDOW.get(tuple(q))  # a window just closed: the same text every time
-            if window is None:
-                window = _EMPTY_WINDOW[tuple(q)] = (f'"window":{{"start":null,"end":null,"q":{_jdecs(q)},'
-                                                    f'"evidence":{{}},"materials":{{}}}}')
+            window = ""  # a window just closed: left out (the default)
         else:
             starts = _jnum(start)
             if end == memo_t and type(end) is type(memo_t):  # the window ends with the last counted change
@@ -448,20 +444,27 @@ class MachineEngine:
             evidence = ",".join(
                 f'{_encode(n)}:{{"from":{_jnum(e.first)},"to":{_jnum(e.last)},"rollovers":{_jnum(e.rollovers)},'
                 f'"resets":{_jnum(e.resets)},"glitches":{_jnum(e.glitches)}}}' for n, e in w.evidence.items())
-            window = (f'"window":{{"start":{starts},"end":{ends},"q":{_jdecs(q)},"evidence":{{{evidence}}},'
+            window = (f',"window":{{"start":{starts},"end":{ends},"q":{_jdecs(q)},"evidence":{{{evidence}}},'
                       f'"materials":{_jdecs(w.materials)}}}')
-        completed = _encode([list(ref) for ref in self.completed]) if self.completed else "[]"
-        order_totals = _encode(self.order_totals) if self.order_totals else "{}"
         state = self.machine_state
-        state_j = _STATE_JSON.get(state)
-        if state_j is None:
-            state_j = _encode(state)
-            if len(_STATE_JSON) < 256:
-                _STATE_JSON[state] = state_j
-        return (f'{{"v":1,"counters":{{{",".join(counters)}}},"context":{self._json_ctx[1]},{window},'
-                f'"totals":{self._totals_text()},"yield_carry":"{dec_str(self.yield_carry)}",'
-                f'"machine_state":{state_j},"completed":{completed},"order_totals":{order_totals}'
-                f'{_COMPLETE_FLAG[self.complete_flag]}}}')
+        if state is None:
+            tail = ""
+        elif type(state) is str:
+            tail = _STATE_JSON.get(state)  # type: ignore[assignment]
+            if tail is None:
+                tail = ',"machine_state":' + _encode(state)
+                if len(_STATE_JSON) < 256:
+                    _STATE_JSON[state] = tail
+        else:  # a number (not cached: 1 and True are one key of a dict)
+            tail = ',"machine_state":' + _encode(state)
+        if self.yield_carry:
+            tail = f',"yield_carry":"{dec_str(self.yield_carry)}"' + tail
+        if self.completed:
+            tail += ',"completed":' + _encode([list(ref) for ref in self.completed])
+        if self.order_totals:
+            tail += ',"order_totals":' + _encode(self.order_totals)
+        return (f'{{"v":1,"counters":{{{",".join(counters)}}}{self._json_ctx[1]}{window},'
+                f'"totals":{self._totals_text()}{tail}{_COMPLETE_FLAG[self.complete_flag]}}}')
 
     def _totals_text(self) -> str:
         """``_jdecs(self.totals)``, from the last report's rendering when the totals are still the ones it saw."""
@@ -472,25 +475,33 @@ class MachineEngine:
         return _jdecs(t)
 
     def snapshot(self) -> dict[str, Any]:
+        """The engine's persisted state. What equals its default is left out (``_restore`` restores it): an empty
+        window, no order context, no yield carry, no machine state, no completions or order totals; a report's
+        snapshot of three counters is ~200 bytes instead of ~540 (one is committed with every report)."""
         w = self.window
-        return {
-            "v": 1,
-            "counters": {n: s.to_dict() for n, s in self.counters.items()},
-            "context": self.context.to_dict() if self.context else None,
-            "window": {  # opened_at is monotonic time: meaningless in another process, not persisted
+        snap: dict[str, Any] = {"v": 1, "counters": {n: s.to_dict() for n, s in self.counters.items()}}
+        if self.context is not None:
+            snap["context"] = self.context.to_dict()
+        if not (w.start is None and w.end is None and not w.evidence and not w.materials and not any(w.q.values())):
+            snap["window"] = {  # opened_at is monotonic time: meaningless in another process, not persisted
                 "start": w.start,
                 "end": w.end,
                 "q": {k: dec_str(v) for k, v in w.q.items()},
                 "evidence": {n: e.to_dict() for n, e in w.evidence.items()},
                 "materials": {m: dec_str(v) for m, v in w.materials.items()},
-            },
-            "totals": {k: dec_str(v) for k, v in self.totals.items()},
-            "yield_carry": dec_str(self.yield_carry),
-            "machine_state": self.machine_state,
-            "completed": [list(ref) for ref in self.completed],
-            "order_totals": self.order_totals,
-            **({} if self.complete_flag is None else {"complete_flag": self.complete_flag}),
-        }
+            }
+        snap["totals"] = {k: dec_str(v) for k, v in self.totals.items()}
+        if self.yield_carry:
+            snap["yield_carry"] = dec_str(self.yield_carry)
+        if self.machine_state is not None:
+            snap["machine_state"] = self.machine_state
+        if self.completed:
+            snap["completed"] = [list(ref) for ref in self.completed]
+        if self.order_totals:
+            snap["order_totals"] = self.order_totals
+        if self.complete_flag is not None:
+            snap["complete_flag"] = self.complete_flag
+        return snap
 
     def _restore(self, snap: dict[str, Any]) -> None:
         for name, d in snap.get("counters", {}).items():

@@ -36,7 +36,7 @@ async def _committed_good(store) -> str:
     finally:
         await s.close()
     state = json.loads(state) if isinstance(state, str) else state
-    return state["window"]["q"]["good"]
+    return state.get("window", {}).get("q", {}).get("good", "0")  # an empty window is left out
 
 
 async def test_samples_queued_when_the_gateway_stops_are_in_its_last_commit(tmp_path, monkeypatch):
@@ -54,7 +54,7 @@ async def test_samples_queued_when_the_gateway_stops_are_in_its_last_commit(tmp_
         gw = await rgw.start()
         try:
             m.set_counters(good=m.good_raw + 5)
-            await wait_until(lambda: gw.engines["m1"].snapshot()["window"]["q"].get("good") == "5", 10)
+            await wait_until(lambda: gw.engines["m1"].window.q["good"] == 5, 10)
             freeze.touch()
             await wait_until(lambda: time.monotonic() - gw.core.heartbeat > 0.5, 10, message="the core did not stop")
             m.set_counters(good=m.good_raw + 7)
@@ -78,7 +78,7 @@ async def test_a_poll_cut_short_by_the_stop_hands_on_the_blocks_it_has_read(tmp_
         gw = await rgw.start()
         try:
             m.set_counters(good=m.good_raw + 5)
-            await wait_until(lambda: gw.engines["m1"].snapshot()["window"]["q"].get("good") == "5", 10)
+            await wait_until(lambda: gw.engines["m1"].window.q["good"] == 5, 10)
             release = srv.hold(addresses=range(1, 2), function_code=4)  # the input register block stalls
             await wait_until(lambda: srv.held == 1, 10)
             m.set_counters(good=m.good_raw + 7)
