@@ -120,14 +120,15 @@ class CounterState:
     last: int | None = None  # normalized value of the last accepted good sample (delta modes: last counted value)
     last_time: float | None = None  # its source time (else receive time): ordering; with ``last``, a delta's identity
     last_wall: float | None = None  # its gateway wall-clock receive time: the gap after a restart
-    held_zero: bool = False  # a suspect value is held: a zero (a glitch or a reset), or a decrease no reset explains
+    held_zero: bool = False  # a suspect value is held: a zero (a glitch or a reset), a decrease no reset explains or
+    # an increase no production explains (a spike or a preset)
     last_mono: float | None = None  # its monotonic receive time; not persisted (meaningless in another process)
     marked_wall: float | None = None  # wall time an unchanged reading last asked for a snapshot; not persisted
     resolution: str | None = None  # float meter: the resolution ``last`` is counted in (None: integer counter)
     # delta modes: the identity (source time, value) of the NEWEST value counted, when a value with an older source
     # time was counted after it (a late publish after the cut read); None when it is (last_time, last)
     newest: tuple[float, int] | None = None
-    held: int = 0  # with held_zero: the suspect value (0: a zero)
+    held: int = 0  # with held_zero: the suspect value (0: a zero; above ``last``: an implausible increase)
 
     def to_dict(self) -> dict:
         # defaults left out (from_dict restores them): a Modbus reading's wall time is its time, no value is held
@@ -171,7 +172,7 @@ class CounterResult:
     delta: int = 0
     previous: int | None = None
     value: int | None = None
-    held: int = 0  # quantity not counted (implausible jump)
+    held: int = 0  # quantity not counted (a jump: the counter was set higher by this much)
     possible: int = 0  # ambiguous decrease: the delta had it been a rollover (value + modulus - previous); preset:
     # the value the counter was set to
     elapsed: float | None = None  # seconds since the baseline (jump / ambiguous decrease); None: unknown
@@ -237,6 +238,22 @@ def step(spec: CounterSpec, state: CounterState, s: Sample, _float: bool = False
         return _STALE
     elapsed = _elapsed(state, s)
 
+    if state.held_zero and state.held > prev:
+        # an increase no production in the elapsed time explains is held (``_increase``): a spike (a garbage or half
+        # updated read) or the counter set higher (a preset). This value decides
+        h = state.held
+        if u >= h:
+            # the same value again, or more: the counter was set there (and may have counted since); the set amount
+            # is not counted, what it made after it is, when plausible
+            state.held_zero, state.held = False, 0
+            _accept(state, s, u)
+            made = u - h if u - h <= spec.allowance(elapsed) else 0
+            return CounterResult("jump", delta=made, previous=prev, value=u, held=h - prev, possible=h,
+                                 elapsed=elapsed)
+        state.held_zero, state.held = False, 0
+        if u >= prev:  # back near the baseline: the held value was a spike (a lower one still implausible is held)
+            return _increase(spec, state, s, prev, u, elapsed, "glitch")
+        # below the baseline: the held value was a spike; the decrease is taken as any decrease (below)
     if state.held_zero:
         h = state.held
         if u == h:
@@ -410,9 +427,12 @@ def _elapsed(state: CounterState, s: Sample) -> float | None:
 def _increase(spec: CounterSpec, state: CounterState, s: Sample, prev: int, u: int, elapsed: float | None,
               outcome: Outcome) -> CounterResult:
     delta = u - prev
-    _accept(state, s, u)
     if delta > spec.allowance(elapsed):
-        return CounterResult("jump", previous=prev, value=u, held=delta, elapsed=elapsed)
+        # more than max_rate can make in the elapsed time: held like a decrease no reset explains, the baseline
+        # (value and time) stays; the next good value decides between a spike and a counter set higher (``step``)
+        state.held_zero, state.held = True, u
+        return CounterResult("held_zero", previous=prev, value=u)
+    _accept(state, s, u)
     return CounterResult(outcome, delta=delta, previous=prev, value=u)
 
 

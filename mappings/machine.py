@@ -580,21 +580,21 @@ class MachineEngine:
             self.urgent = True
         out: list[EventDraft] = []
         scale = binding.scale
-        if outcome == "jump":
+        if outcome == "jump":  # an implausible increase, confirmed by the reading after it: the counter was set
             self.anomalies += 1
             res_step = binding.spec.resolution
             if res_step is None:
-                prev_v, value_v, jump, rate = res.previous, res.value, str(res.held), binding.spec.max_rate
+                prev_v, value_v, jump, rate = res.previous, res.possible, str(res.held), binding.spec.max_rate
             else:  # a float meter counts resolution steps: report its readings and rate in the meter's unit
                 prev_v = None if res.previous is None else dec_str(res.previous * res_step)
-                value_v = None if res.value is None else dec_str(res.value * res_step)
+                value_v = dec_str(res.possible * res_step)
                 jump, rate = dec_str(res.held * res_step), f"{binding.spec.max_rate * float(res_step):g}"
             out.append(self._anomaly(signal, "implausible_jump", prev_v, value_v, sample.time,  # type: ignore[arg-type]
-                                     held=dec_str(res.held * scale), counted="0", possible_rollover=None,
-                                     elapsed_s=_secs(res.elapsed),
-                                     detail=f"increase of {jump} exceeds max_rate {rate}/s for "
-                                            f"the elapsed time; not counted, baseline moved"))
-            return out
+                                     held=dec_str(res.held * scale), counted=dec_str(res.delta * scale),
+                                     possible_rollover=None, elapsed_s=_secs(res.elapsed),
+                                     detail=f"increase of {jump} exceeds max_rate {rate}/s for the elapsed time and "
+                                            f"the next reading confirmed it (the counter was set there): not "
+                                            f"counted, baseline moved"))
         if outcome == "preset":
             self.anomalies += 1
             res_step = binding.spec.resolution
@@ -634,7 +634,7 @@ class MachineEngine:
         if outcome != "increase":
             if outcome == "rollover":
                 ev.rollovers += 1
-            elif outcome == "reset" or outcome == "ambiguous" or outcome == "preset":
+            elif outcome == "reset" or outcome == "ambiguous" or outcome == "preset" or outcome == "jump":
                 ev.resets += 1
             elif outcome == "glitch":
                 ev.glitches += 1

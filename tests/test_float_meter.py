@@ -208,10 +208,13 @@ def test_implausible_jump_of_a_float_meter_is_reported_in_the_meters_unit() -> N
     sig = "material:RM-OIL"
     ev = eng.apply(Sample(f"m1/{sig}", f32(1234.56), True, 100.0, mono=100.0), sig)
     ev += eng.apply(Sample(f"m1/{sig}", f32(1734.56), True, 101.0, mono=101.0), sig)  # 500 L in 1 s at 2 L/s
+    assert not [e for e in ev if e.type == "counter.anomaly"]  # held: the next reading decides
+    ev += eng.apply(Sample(f"m1/{sig}", f32(1734.6), True, 102.0, mono=102.0), sig)  # on from there: set higher
     [anomaly] = [e for e in ev if e.type == "counter.anomaly"]
     data = json.loads(anomaly.data.to_json())
     assert (data["kind"], data["from"], data["to"], data["held"], data["counted"]) == (
-        "implausible_jump", "1234.56", "1734.56", "500", "0")
-    assert data["detail"] == "increase of 500 exceeds max_rate 2/s for the elapsed time; not counted, baseline moved"
+        "implausible_jump", "1234.56", "1734.56", "500", "0.04")
+    assert data["detail"] == ("increase of 500 exceeds max_rate 2/s for the elapsed time and the next reading "
+                              "confirmed it (the counter was set there): not counted, baseline moved")
     full = schema.event_schemas()["counter.anomaly"]
     Draft202012Validator({**full["properties"]["data"], "$defs": full["$defs"]}).validate(data)

@@ -281,6 +281,8 @@ def test_plausibility_uses_monotonic_elapsed_time():
     implausible (held), not production."""
     eng = MachineEngine(spec(counters={"good": CounterBinding(CounterSpec("good", max_rate=10))}))
     ev = eng.apply(sm("good", 100, 0.0, 50.0), "good") + eng.apply(sm("good", 10_100, 3600.0, 51.0), "good")
+    assert anomalies(ev) == [] and yields(eng.flush("test", 52.0)) == 0  # held: the next reading decides
+    ev = eng.apply(sm("good", 10_102, 3601.0, 52.0), "good")  # it went on from there: the counter was set higher
     assert [a["kind"] for a in anomalies(ev)] == ["implausible_jump"]
 
 
@@ -446,6 +448,7 @@ def test_idle_counter_persists_its_reading_time_once_a_minute():
     # crash; back 10 s after the last reading: the counter jumped by 5,000 (a preset), implausible at 10/s
     again = MachineEngine(spec(counters=cb), snap)
     ev = again.apply(sm("good", 5010, 3 * 3600 + 10.0, 3.0), "good")
+    ev += again.apply(sm("good", 5010, 3 * 3600 + 11.0, 4.0), "good")  # the same again: set there
     assert [a["kind"] for a in anomalies(ev)] == ["implausible_jump"]
 
 
