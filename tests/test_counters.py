@@ -273,3 +273,17 @@ def test_a_late_publish_behind_a_cut_read_with_a_long_publishing_interval_is_lat
                 for v, src, t, rr in [(40, 80.0, 80.5, False), (52, 100.0, 100.2, True), (44, 83.0, 101.0, False),
                                       (47, 88.0, 101.0, False), (52, 100.0, 101.0, False), (55, 105.0, 106.0, False)])
     assert total > 15  # what the fixed 10 s window did: the queued parts counted again
+
+
+@pytest.mark.parametrize("after, outcome, counted", [(100_003, "jump", 3), (13, "glitch", 3)])
+def test_a_held_upward_value_survives_a_restart(after, outcome, counted):
+    """A spike or a preset upward is held across a restart (held_zero with a held value above ``last``): the reading
+    after the restart decides as it would have without it."""
+    _, outcomes, st = run(U32, [(10, True, 0.0), (100_000, True, 1.0)])
+    assert outcomes == ["baseline", "held_zero"]
+    d = st.to_dict()
+    assert d["held_zero"] is True and d["held"] == 100_000 and d["last"] == 10
+    again = CounterState.from_dict(d)
+    r = step(U32, again, sample(after, True, 2.0))  # wall clock only after a restart: 2 s since the baseline
+    assert (r.outcome, r.delta) == (outcome, counted)
+    assert again.last == after and not again.held_zero
