@@ -55,11 +55,14 @@ Timestamp = Annotated[str, Field(pattern=RFC3339_PATTERN, examples=["2026-11-22T
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
-def dec_str(d: Decimal) -> str:
-    """Decimal as a plain string: 12, 0.25, 100 (never 1E+2), no trailing fraction zeros, "0" for any zero.
+def dec_str(d: Decimal | int) -> str:
+    """Decimal as a plain string: 12, 0.25, 100 (never 1E+2), no trailing fraction zeros, "0" for any zero. An int
+    (an unscaled counter's quantity) as ``str`` writes it.
 
     Total for every finite Decimal, however large or small its exponent: it works on the digits and never uses a
     decimal context (quantize/normalize raise InvalidOperation or Overflow beyond the context's precision)."""
+    if type(d) is int:
+        return int.__repr__(d)
     s = str(d)
     if "E" not in s:  # plain already (the common case); "NaN"/"Infinity" are caught below
         if "." in s:

@@ -906,7 +906,7 @@ class MachineEngine:
                 return None
             scale = cell.binding.scale  # type: ignore[union-attr]
             acc = cell.acc
-            q[cell.signal] = ZERO + (acc if scale == 1 else acc * scale)
+            q[cell.signal] = acc if scale == 1 else acc * scale  # an int until rendered (dec_str), when unscaled
             evidence.append((cell.signal, cell.first_prev, cell.last_u, 0, 0, 0))
         for cell in pending:
             cell.acc = 0

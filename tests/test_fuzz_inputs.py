@@ -210,6 +210,9 @@ def test_dec_str_is_total_and_plain():
              "123456789012345678901234567890.5", "1E+1000000": "1" + "0" * 1_000_000}
     for raw, want in cases.items():
         assert dec_str(Decimal(raw)) == want, raw
+    # an unscaled counter's quantity stays an int until rendered: the same text as its Decimal
+    for n in (0, 7, -5, 10**30, -(10**30)):
+        assert dec_str(n) == dec_str(Decimal(n)) == str(n)
 
 
 # ------------------------------------------------------------------------------------------------ local order (HTTP)
