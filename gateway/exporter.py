@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway.component import ComponentState
+from gateway.store import OLDEST_ROWS_SQL, first_unacked_created
 
 if TYPE_CHECKING:
     from gateway.dispatch import ErpAck
@@ -73,14 +74,14 @@ def oldest_pending_created(path: str, acked: frozenset[int] = frozenset()) -> fl
     """Commit time (wall clock) of the outbox row delivered next (lowest id not in ``acked``: the acknowledged rows
     waiting for their delete), or None when there is none.
 
-    A read on a connection of its own (WAL: it never waits for the gateway's writer): the lowest ids are the first
-    entries of the table's primary-key b-tree, so this costs the same with ten rows as with ten million."""
+    A read on a connection of its own (WAL: it never waits for the gateway's writer); ``Store.oldest_unacked_created``
+    on the store's connection."""
     db = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=1)
     try:
-        rows = db.execute("SELECT id, created FROM outbox ORDER BY id LIMIT ?", (len(acked) + 1,)).fetchall()
+        rows = db.execute(OLDEST_ROWS_SQL, (len(acked) + 1,)).fetchall()
     finally:
         db.close()
-    return next((float(c) for i, c in rows if i not in acked), None)
+    return first_unacked_created(rows, acked)
 
 
 class GatewayMetrics:

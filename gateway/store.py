@@ -248,6 +248,15 @@ def _chunks(ids: list[int]) -> Iterable[list[int]]:
 
 Apply = Callable[[], Any]  # bookkeeping run after a successful COMMIT, under the transaction lock
 
+# the first outbox rows, for the oldest one not acknowledged (limit: the acknowledged rows waiting for their delete
+# + 1): the first entries of the primary-key b-tree, as cheap with ten rows as with ten million
+OLDEST_ROWS_SQL = "SELECT id, created FROM outbox ORDER BY id LIMIT ?"
+
+
+def first_unacked_created(rows: Iterable[tuple[int, Any]], acked: frozenset[int]) -> float | None:
+    """The ``created`` of the first of ``rows`` (OLDEST_ROWS_SQL's) not in ``acked``."""
+    return next((float(c) for i, c in rows if i not in acked), None)
+
 
 class Store:
     """SQLite-backed state + outbox + quarantine. Async context manager.
@@ -645,9 +654,8 @@ class Store:
     async def oldest_unacked_created(self) -> float | None:
         """Commit time (wall clock) of the oldest outbox row not acknowledged by the broker (the acknowledged ones
         waiting for their delete are skipped), or None: one read of the first rows by primary key."""
-        skip = frozenset(self._ack_ids)
-        rows = await self._read("SELECT id, created FROM outbox ORDER BY id LIMIT ?", (len(skip) + 1,))
-        return next((float(c) for i, c in rows if i not in skip), None)
+        skip = self.acks_waiting_ids
+        return first_unacked_created(await self._read(OLDEST_ROWS_SQL, (len(skip) + 1,)), skip)
 
     @property
     def acks_waiting_ids(self) -> frozenset[int]:
