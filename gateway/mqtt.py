@@ -726,7 +726,9 @@ class _Session:
     lanes, and which machines still have backlog. Discarded with the connection; a new connection gets a new one.
 
     Per-machine order with the live lane: ``hold[machine]`` is the highest id of that machine in the backlog range
-    (``id <= boundary``), learnt by a scan in the background (None until known: the live lane waits). A held
+    (``id <= boundary``), or an upper bound of it: known at once from the rows the store wrote
+    (``Store.backlog_bounds``), then narrowed by a scan in the background (None until known, after a start with rows
+    in the store: the live lane waits). A held
     machine's live rows are parked (in id order); it is released once every backlog row up to ``hold[machine]`` was
     taken off the backlog lane (``taken_upto()``) and none of its backlog rows is still in flight (``backlog_inflight``)
     — i.e. all were acknowledged or quarantined. Its parked rows then move to ``released``, sent before any other
@@ -834,8 +836,15 @@ class _Session:
             self.released.extend(parked)
 
     def learnt(self, last: dict[str, int]) -> None:
-        """The scan's result: the highest backlog id per machine."""
-        self.hold = dict(last)
+        """The highest backlog id per machine: an upper bound (``Store.backlog_bounds``) or the scan's. When
+        machines are held already, it only narrows: a machine released stays released, one held that ``last`` does
+        not name has no backlog left (released once none of its rows is in flight)."""
+        hold = self.hold
+        if hold is None:
+            self.hold = dict(last)
+        else:
+            for m, upto in hold.items():
+                hold[m] = min(upto, last.get(m, 0))
         self.checked_upto = -1
         self.sweep()
 
@@ -1140,21 +1149,27 @@ class Publisher:
 
     async def _start_lanes(self, s: _Session) -> None:
         await self._settle()
-        boundary = await self.store.max_id()
+        boundary, bound = await self.store.backlog_bounds()
         s.reset(boundary, self.backlog_rate)
         self.backlog_remaining = 1 if boundary else 0
         if boundary:
+            if bound is not None:
+                # an upper bound per machine, known at once (the rows this store wrote): the live lane starts now
+                # for every machine outside it, instead of after the scan (~1.5 s per million rows)
+                s.learnt(bound)
             s.learn = asyncio.create_task(self._learn_backlog(s, boundary), name="publisher.backlog_scan")
 
     async def _learn_backlog(self, s: _Session, boundary: int) -> None:
-        """Which machines have backlog (highest id each): until known, the live lane waits; the backlog lane does
-        not (a scan of a large outbox takes a while, the first publish after a reconnect must not)."""
+        """Which machines have backlog (highest id each), by a scan: until known (``Store.backlog_bounds`` knows it
+        at once unless the store was opened with rows), the live lane waits; the backlog lane does not (a scan of a
+        large outbox takes a while, the first publish after a reconnect must not). With the bound known, the scan
+        releases the machines it held whose rows were all deleted since."""
         try:
             last = await self.store.last_ids_by_machine(boundary)
         except Exception as exc:  # noqa: BLE001 - the live lane then waits for the whole backlog (sweep)
             log.error("publisher.backlog_scan_failed", error=str(exc))
             return
-        if s.boundary == boundary and s.hold is None:
+        if s.boundary == boundary:
             s.learnt(last)
             self._wake.set()
 

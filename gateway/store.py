@@ -297,6 +297,13 @@ class Store:
         # ids of acknowledged rows whose delete waits for the next commit (ack_later) or ack(): a delete of its own
         # is a transaction of its own (BEGIN, DELETE, COMMIT, a WAL commit frame); inside a commit it is one statement
         self._ack_ids: list[int] = []
+        # machine -> an outbox id at least as high as that machine's highest row in the outbox, for the publisher's
+        # backlog after a reconnect (backlog_bounds) without waiting for a scan of the table: every row this store
+        # inserted (commit, retry_quarantined) and, once a scan ran (last_ids_by_machine), the rows it found of
+        # those in the file at open. Deletes leave entries as they are (an upper bound). Known: it covers every row
+        # of the outbox (an empty outbox at open, or a scan since)
+        self._machine_last: dict[str, int] = {}
+        self._machine_last_known = False
         self.acked_total = 0  # acknowledged rows whose delete committed (already gone or not)
         self.acked_at: float | None = None  # when the last of them committed (Unix time)
         self.acks_since = 0.0  # time.monotonic() when the oldest of _ack_ids was handed over
@@ -408,6 +415,8 @@ class Store:
             cols = {r[1] for r in await db.execute_fetchall("PRAGMA table_info(quarantine)")}
             self._outbox_id_col = "outbox_id" if "outbox_id" in cols else "NULL"
             await self._recount()
+            self._machine_last = {}
+            self._machine_last_known = self.outbox_rows == 0
         except Exception as exc:
             if self._db is not None:
                 await self._db.close()
@@ -615,6 +624,9 @@ class Store:
                 self.next_seq = next_seq
                 self.outbox_rows += len(rows)
                 self.pending_bytes += sum(len(r.payload) for r in rows)
+                last = self._machine_last
+                for i, r in enumerate(rows, first):  # ascending ids: each machine's entry ends at its highest
+                    last[r.machine] = i
                 return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
 
             return apply
@@ -754,7 +766,29 @@ class Store:
             finally:
                 db.close()
 
-        return await asyncio.to_thread(scan)
+        found = await asyncio.to_thread(scan)
+        if not self._machine_last_known:
+            # the rows that were in the file at open and are still there have ids <= upto_id (the outbox's highest
+            # at some moment since open: rows are only added above it, or put back by retry_quarantined, which
+            # records them): with the rows inserted since, the entries now cover the whole outbox
+            last = self._machine_last
+            for m, i in found.items():
+                if i > last.get(m, 0):
+                    last[m] = i
+            self._machine_last_known = True
+        return found
+
+    async def backlog_bounds(self) -> tuple[int, dict[str, int] | None]:
+        """The outbox's highest id (0: empty) and, per machine that may have rows up to it, an id at least as high
+        as its highest row there (capped at that id), or None when not known yet (a store opened with rows and not
+        scanned since: ``last_ids_by_machine``). An upper bound: a machine whose rows were all deleted since may be
+        in it, never is one with rows left out. Read under the transaction lock: no commit half counted."""
+        async with self._tx:
+            ((lo, hi),) = await self.db.execute_fetchall(
+                "SELECT COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) FROM outbox")
+            if not self._machine_last_known:
+                return int(hi), None
+            return int(hi), {m: min(i, hi) for m, i in self._machine_last.items() if hi and i >= lo}
 
     async def count_pending(self) -> int:
         (n,) = (await self._read("SELECT COUNT(*) FROM outbox"))[0]
@@ -856,17 +890,25 @@ class Store:
             gone = sorted(await db.execute_fetchall(
                 f"DELETE FROM quarantine{where} RETURNING qid, seq, machine, type, topic, payload, outbox_id", params))
             now = time.time()
+            placed: list[tuple[str, int]] = []  # (machine, outbox id) of each row put back
             for _qid, seq, machine, type_, topic, payload, outbox_id in gone:
                 values = (seq if seq is not None else 0, machine, type_, topic, payload, now)
                 if outbox_id is not None and not await db.execute_fetchall(
                         "SELECT 1 FROM outbox WHERE id = ?", (outbox_id,)):
                     await db.execute("INSERT INTO outbox(id, seq, machine, type, topic, payload, created) "
                                      "VALUES (?, ?, ?, ?, ?, ?, ?)", (outbox_id, *values))
+                    placed.append((machine, int(outbox_id)))
                 else:
-                    await db.execute("INSERT INTO outbox(seq, machine, type, topic, payload, created) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)", values)
+                    cur = await db.execute("INSERT INTO outbox(seq, machine, type, topic, payload, created) "
+                                           "VALUES (?, ?, ?, ?, ?, ?)", values)
+                    placed.append((machine, int(cur.lastrowid)))  # type: ignore[arg-type]
+                    await cur.close()
 
             def apply() -> int:
+                last = self._machine_last
+                for m, i in placed:
+                    if i > last.get(m, 0):
+                        last[m] = i
                 self.quarantined -= len(gone)
                 self.outbox_rows += len(gone)  # bytes stay: pending_bytes counts outbox + quarantine
                 self.quarantined_bytes -= sum(len(g[5]) for g in gone)

@@ -753,6 +753,55 @@ async def test_live_lane_keeps_each_machines_order(tmp_path, mqtt_broker, handov
     col.stop()
 
 
+class ScanGatedStore(Store):
+    """A Store whose backlog scan (``last_ids_by_machine``) waits for ``scan_gate``: the scan of a large outbox."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.scan_gate = asyncio.Event()
+        self.scans_waiting = 0
+
+    async def last_ids_by_machine(self, upto_id):
+        self.scans_waiting += 1
+        try:
+            await self.scan_gate.wait()
+        finally:
+            self.scans_waiting -= 1
+        return await super().last_ids_by_machine(upto_id)
+
+
+async def test_live_rows_do_not_wait_for_the_backlog_scan(tmp_path, mqtt_broker):
+    """A session starting with a backlog knows at once which machines may have rows in it (the rows this store
+    wrote): a machine outside it publishes live rows while the scan of the outbox still runs (it took ~1.2 s per
+    million rows, and every live event waited for it: bench/backlog.py's live latency). A machine inside that bound
+    whose rows are all gone (here purged) is held until the scan says so, then released while the backlog still
+    drains. Per machine, first arrivals stay in seq order."""
+    col = Collector(mqtt_broker.port)
+    await wait_until(lambda: col.subscribed >= 1, 10)
+    async with ScanGatedStore(str(tmp_path / "s.db")) as store:
+        await commit(store, [row(i, "a") for i in range(1, 601)])
+        gone = await commit(store, [row(i, "b") for i in range(601, 611)])
+        assert await store.purge("outbox", [r.id for r in gone]) == 10  # b has no backlog, the bound still names it
+        link = MqttLink(cfg(mqtt_broker.port), client_id="gw")
+        pub = Publisher(store, link, window=20, backlog_rate=300)
+        tasks = await run_all(link.run(), pub.run())
+        await wait_until(lambda: store.scans_waiting == 1 and len(col.msgs) >= 20, 10)
+        live = await commit(store, [row(611, "a"), row(612, "b"), row(613, "c"), row(614, "c")])
+        pub.notify(live)
+        await wait_until(lambda: {613, 614} <= col.seqs(), 10)  # c: not in the bound, not held by the scan
+        assert 600 not in col.seqs(), "c's live rows waited for the backlog"
+        assert store.scans_waiting == 1
+        assert not {611, 612} & col.seqs(), "a live row of a machine that may have backlog went before the scan"
+        store.scan_gate.set()
+        await wait_until(lambda: 612 in col.seqs(), 10)  # b: released by the scan ...
+        assert 600 not in col.seqs(), "b waited for a's backlog"  # ... before a's backlog is through
+        await wait_until(lambda: store.pending == 0 and col.seqs() == set(range(1, 601)) | {611, 612, 613, 614}, 20)
+        first = col.first_arrivals()
+        assert first["a"] == list(range(1, 601)) + [611] and first["b"] == [612] and first["c"] == [613, 614]
+        await cancel(tasks)
+    col.stop()
+
+
 async def test_rows_handed_over_are_published_from_memory_with_bounded_queue(tmp_path, mqtt_broker):
     col = Collector(mqtt_broker.port)
     await wait_until(lambda: col.subscribed >= 1, 10)

@@ -45,6 +45,8 @@ class StoreModel(RuleBasedStateMachine):
         self.states: dict[str, dict] = {}  # the last snapshot committed per machine
         self.commits = 0
         self.acks_later: list[int] = []    # ids handed to ack_later: deleted by the next commit or ack()
+        self.opened_with_rows = False      # the last open found rows in the outbox
+        self.scanned = False               # last_ids_by_machine ran since
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -222,10 +224,23 @@ class StoreModel(RuleBasedStateMachine):
                 assert self.run(self.store.ack([row.id])) == self.deleted()
 
     @rule()
+    def scan_backlog(self):
+        """The publisher's scan after a reconnect: each machine's highest id up to the outbox's highest; from then
+        on backlog_bounds knows every row without one."""
+        boundary = max((r.id for r in self.rows), default=0)
+        found = self.run(self.store.last_ids_by_machine(boundary))
+        self.scanned = True
+        exact: dict[str, int] = {}
+        for r in self.rows:
+            exact[r.machine] = max(exact.get(r.machine, 0), r.id)
+        assert found == exact
+
+    @rule()
     def crash_and_reopen(self):
         self.acks_later = []  # lost with the process: those rows are sent again (same id, same content)
         self.run(self.store.close())
         self.store = self.run(self._open())
+        self.opened_with_rows, self.scanned = bool(self.rows), False
         assert self.store.next_seq == self.next_seq
         assert self.run(self.store.load_states()) == self.states
 
@@ -246,6 +261,22 @@ class StoreModel(RuleBasedStateMachine):
         if not self.store.disk_full:
             assert self.store.full == (total >= self.max_bytes)
         assert self.store.quarantined == len(self.quarantine)
+
+    @invariant()
+    def backlog_bounds_cover_every_row(self):
+        """The publisher's backlog per machine without a scan: unknown only for a store opened with rows and not
+        scanned since; when known, no machine's row is above its bound (a machine left out, or one bound too low,
+        would let its live rows overtake its backlog)."""
+        if not hasattr(self, "store"):
+            return
+        boundary, bound = self.run(self.store.backlog_bounds())
+        assert boundary == max((r.id for r in self.rows), default=0)
+        if bound is None:
+            assert self.opened_with_rows and not self.scanned
+            return
+        for r in self.rows:
+            assert bound.get(r.machine, 0) >= r.id, (r, bound)
+        assert all(v <= boundary for v in bound.values())
 
     @invariant()
     def counters_equal_the_database(self):
