@@ -279,6 +279,24 @@ async def test_snapshots_are_appended_next_to_each_other_and_compacted_keeping_i
         assert (await again.load_states())["idle"] == {"n": 1}
 
 
+async def test_a_gateway_restarted_often_does_not_grow_the_state_log(tmp_path):
+    """A compaction comes once a generation of rows was added since open: a gateway restarted after a few commits
+    each time (a crash loop, frequent deploys) never reached one and kept every superseded row. Opening the store
+    keeps only each machine's last row; what loads is unchanged."""
+    path = str(tmp_path / "s.db")
+    for k in range(6):
+        async with Store(path) as store:
+            for j in range(4):
+                await store.commit({"m1": {"k": k, "j": j}, f"other{k % 2}": {"k": k}}, [], 1)
+        with sqlite3.connect(path) as c:
+            assert c.execute("SELECT COUNT(*) FROM state_log").fetchone()[0] <= 3 + 4 * 2  # last rows + this run's
+    async with Store(path) as store:
+        assert await store.load_states() == {"m1": {"k": 5, "j": 3}, "other0": {"k": 4}, "other1": {"k": 5}}
+        assert store._state_rows == 3
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT COUNT(*) FROM state_log").fetchone()[0] == 3
+
+
 async def test_a_compaction_in_a_commit_that_fails_leaves_the_log_as_it_was(tmp_path):
     path = str(tmp_path / "s.db")
     async with Store(path) as store:
