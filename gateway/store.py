@@ -52,8 +52,8 @@ Other invariants
   cumulative counter is the durable log, a crash before the commit loses nothing: after restart the engine resumes
   from the last committed baseline and derives the quantities again.
 - **Machine snapshots** are appended to ``state_log`` (the last row of a machine is its state; compacted inside
-  a commit, ``_compact_states``), so a commit's snapshots land on a few adjacent pages instead of one page per
-  machine. A store of schema 1 or 2 has them in ``machine_state``: moved to the log when it opens. A store of a
+  a commit, ``_compact_states``, and at open, which keeps only each machine's last row), so a commit's snapshots
+  land on a few adjacent pages instead of one page per machine. A store of schema 1 or 2 has them in ``machine_state``: moved to the log when it opens. A store of a
   newer schema than this version's is refused (it would start every machine afresh).
 - **Group commit.** The runtime batches many samples/events per transaction; never one transaction per event. The
   cost of the durable default (one WAL fsync per commit) is measured by ``bench/commit_cost.py``.
