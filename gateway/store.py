@@ -53,8 +53,9 @@ Other invariants
   from the last committed baseline and derives the quantities again.
 - **Machine snapshots** are appended to ``state_log`` (the last row of a machine is its state; compacted inside
   a commit, ``_compact_states``, and at open, which keeps only each machine's last row), so a commit's snapshots
-  land on a few adjacent pages instead of one page per machine. A store of schema 1 or 2 has them in ``machine_state``: moved to the log when it opens. A store of a
-  newer schema than this version's is refused (it would start every machine afresh).
+  land on a few adjacent pages instead of one page per machine. A store of schema 1 or 2 has them in
+  ``machine_state``: moved to the log when it opens. A store of a newer schema than this version's is refused (it
+  would start every machine afresh).
 - **Group commit.** The runtime batches many samples/events per transaction; never one transaction per event. The
   cost of the durable default (one WAL fsync per commit) is measured by ``bench/commit_cost.py``.
 - **Delivery.** A row is deleted only after the broker's PUBACK (``ack()``). Acks are applied in small batches, so
@@ -250,6 +251,8 @@ Apply = Callable[[], Any]  # bookkeeping run after a successful COMMIT, under th
 
 # the first outbox rows, for the oldest one not acknowledged (limit: the acknowledged rows waiting for their delete
 # + 1): the first entries of the primary-key b-tree, as cheap with ten rows as with ten million
+LAST_STATE_IDS_SQL = "SELECT MAX(id) FROM state_log GROUP BY machine"  # each machine's state: its last row
+
 OLDEST_ROWS_SQL = "SELECT id, created FROM outbox ORDER BY id LIMIT ?"
 
 
@@ -460,7 +463,7 @@ class Store:
             # added since open reach a generation (_compact_states): dropped here, or a gateway restarted often with
             # few commits in between would keep every row (tests/test_store_model.py: the log's bound across opens)
             async def prune(db: aiosqlite.Connection) -> None:
-                await db.execute("DELETE FROM state_log WHERE id NOT IN (SELECT MAX(id) FROM state_log GROUP BY machine)")
+                await db.execute(f"DELETE FROM state_log WHERE id NOT IN ({LAST_STATE_IDS_SQL})")
 
             await self._write(prune, "pruning state_log")
             rows = len(latest)
@@ -579,7 +582,7 @@ class Store:
             rows = await self._read("SELECT machine, state FROM machine_state")
         else:
             rows = await self._read("SELECT machine, state FROM state_log "
-                                    "WHERE id IN (SELECT MAX(id) FROM state_log GROUP BY machine)")
+                                    f"WHERE id IN ({LAST_STATE_IDS_SQL})")
         return {m: json.loads(s) for m, s in rows}
 
     async def commit(self, states: dict[str, dict[str, Any] | str], rows: list[OutboxRow],
