@@ -1003,12 +1003,14 @@ def apply_run(routes: Sequence[RunRoute], values: Sequence[int | None], recv: fl
     None is no reading). A plain increase of a counter on the fast path (``MachineEngine.apply``'s first branch,
     with ``counters.plain_increase`` written out for a sample of that shape) is counted here; any other value is
     handed to ``slow(i)`` at its place in the run (the caller applies it as a ``Sample``), so each machine sees its
-    readings in the order given. Returns the engines that counted here, once per stretch of one engine's values,
-    in order: they are dirty, and may have opened a window (the caller's timer heap).
+    readings in the order given. Returns the engines this run made dirty (they were not) or whose window it opened,
+    once each, in order: the caller adds them to its dirty set and its timer heap. An engine already dirty with a
+    window open is not returned (the caller has it in both: ``MachineEngine.dirty`` set means the core's dirty set
+    holds the machine, and a window open since the last report was scheduled when it opened), so a poll's cost for
+    the machines between two reports stays in this loop.
 
     tests/test_counter_fast_path.py checks this against ``MachineEngine.apply`` sample by sample."""
     touched: list[MachineEngine] = []
-    last: MachineEngine | None = None
     i = -1
     for route, v in zip(routes, values):
         i += 1
@@ -1032,12 +1034,13 @@ def apply_run(routes: Sequence[RunRoute], values: Sequence[int | None], recv: fl
                         if not eng._pending:
                             eng._pend_start = recv
                             eng._pend_opened = mono
+                            if eng.dirty:
+                                touched.append(eng)  # a window opened (a newly dirty engine is appended below)
                         eng._pending.append(cell)
                     cell.acc += delta
                     eng._pend_end = recv
-                    eng.dirty = True
-                    if eng is not last:
-                        last = eng
+                    if not eng.dirty:
+                        eng.dirty = True
                         touched.append(eng)
                     continue
         slow(i)

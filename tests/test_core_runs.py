@@ -59,7 +59,8 @@ polls = st.lists(st.tuples(
     st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=12), st.integers(min_value=0, max_value=70_000)),
              min_size=len(KEYS), max_size=len(KEYS)),
     st.floats(min_value=0.05, max_value=20),  # time to the next poll
-    st.booleans()), min_size=1, max_size=25)  # a single sample (a tag through its decoder) after the run
+    st.booleans(),  # a single sample (a tag through its decoder) after the run
+    st.booleans()), min_size=1, max_size=25)  # a commit after the poll (else the machines stay dirty into the next)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -71,7 +72,7 @@ def test_readings_are_applied_as_their_samples(tmp_path, program):
     recv, mono = 1.7e9, 1000.0
     for gw in (by_runs, by_samples):
         gw.core.now = lambda: mono  # type: ignore[method-assign]  # the timers run on the program's clock
-    for steps, dt, single in program:
+    for steps, dt, single, commit in program:
         values: list[int | None] = []
         for k, step_ in zip(KEYS, steps):
             if step_ is None:
@@ -93,10 +94,14 @@ def test_readings_are_applied_as_their_samples(tmp_path, program):
             gw.core.run_timers()
         assert state(by_runs) == state(by_samples)
         for gw in (by_runs, by_samples):
-            gw.core.dirty.clear()
-            gw.core.urgent.clear()
-            for e in gw.core.engines.values():
-                e.dirty = e.urgent = False
+            for m, e in gw.core.engines.items():  # each engine's flag says whether the core holds it as dirty
+                assert e.dirty == (m in gw.core.dirty), m
+        if commit:
+            for gw in (by_runs, by_samples):
+                gw.core.dirty.clear()
+                gw.core.urgent.clear()
+                for e in gw.core.engines.values():
+                    e.dirty = e.urgent = False
         recv += dt
         mono += dt
     for gw in (by_runs, by_samples):

@@ -587,6 +587,8 @@ async def test_statement_journals_stay_in_memory(tmp_path):
         # and deleted rows are not zeroed in pages written for that alone (a build with SECURE_DELETE does)
         ((secure,),) = await store.db.execute_fetchall("PRAGMA secure_delete")
         assert secure == 2, "PRAGMA secure_delete: 2 (FAST) expected"
+        ((page,),) = await store.db.execute_fetchall("PRAGMA page_size")
+        assert page == 16384, "a new store's pages: 16 KB expected"
         rows = await store.commit({f"m{i}": {"n": i} for i in range(50)}, rows_for("m1", range(1, 51)), 51)
         await store.commit({f"m{i}": {"n": -i} for i in range(50)}, [], 51)  # every state row updated in one statement
         assert await store.ack([(r.id, len(r.payload)) for r in rows]) == 50
