@@ -7,6 +7,9 @@ What paho-mqtt 2.2 pays per QoS 1 message, and what :class:`FastClient` does ins
   three mutexes, a debug log call. :meth:`FastClient.publish_fast` checks the topic and payload exactly as
   ``publish()`` does, builds the same PUBLISH bytes, remembers the message id in a set and appends the bytes to the
   last queued packet that is not being written yet: a burst of publishes goes out in one ``send()``, not one each.
+  A topic is checked and encoded once (its bytes kept, for up to ``TOPICS_KEPT`` topics), and the message id is
+  paho's next one taken under paho's own lock without a call (``_mid_generate`` when it is still in flight):
+  2.4 → 1.5 µs a publish in-process.
 - reading: three ``recv()`` calls per packet (command byte, remaining length, body), and per MQTT 5 PUBACK a
   ``Properties`` and two ``ReasonCode`` objects, handed to ``on_publish``. :meth:`FastClient.loop_read` reads up to
   64 KB per ``recv()`` and splits it into packets. A PUBACK of a ``publish_fast`` message in its success form — the
@@ -69,6 +72,7 @@ ENABLED = check(PAHO_VERSION)  # checked once, on import
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 READ_SIZE = 65536  # bytes per recv()
 READS_PER_CALL = 16  # recv() calls per loop_read(); more data left in the kernel wakes the event loop again
+TOPICS_KEPT = 16384  # topics whose checked bytes publish_fast keeps (machines x event types; a bound)
 MERGE_MAX = 65536  # a queued PUBLISH is extended with the next ones up to this many bytes
 
 _PUBLISH_QOS1 = 0x32
@@ -81,7 +85,7 @@ _CLASS_ATTRS = ("_packet_handle", "_handle_pubackcomp", "_loop_rc_handle", "_mid
                 "_call_socket_register_write", "_packet_queue", "_sock_recv", "_easy_log")
 _INSTANCE_ATTRS = ("_sock", "_protocol", "_in_packet", "_out_packet", "_out_messages", "_msgtime_mutex",
                    "_last_bytes_received", "_registered_write", "_on_socket_register_write", "_thread", "_logger",
-                   "suppress_exceptions")
+                   "suppress_exceptions", "_mid_generate_mutex", "_last_mid")
 
 
 def _empty_in_packet() -> dict[str, Any]:
@@ -100,6 +104,7 @@ class FastClient(paho.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._fast_mids: set[int] = set()
+        self._topic_heads: dict[str, bytes] = {}  # topic -> its length and UTF-8 bytes, checked once
         self._rbuf = bytearray()
         self._rsock: Any = None
         self.on_fast_puback: Callable[[int, int], None] = lambda mid, reason_code: None
@@ -121,19 +126,31 @@ class FastClient(paho.Client):
         """QoS 1, not retained, no properties: the message id, or None when not connected. Raises ValueError as
         ``publish()`` does (a topic with ``+`` / ``#``, empty on MQTT 3.1.1, too long; a payload too large)."""
         v5 = self._protocol == paho.MQTTv5
-        if not v5 and not topic:
-            raise ValueError('Invalid topic.')
-        t = topic.encode("utf-8")
-        if b"+" in t or b"#" in t or len(t) > 65535:
-            self._raise_for_invalid_topic(t)  # paho's own message
+        head_t = self._topic_heads.get(topic)
+        if head_t is None:
+            if not v5 and not topic:
+                raise ValueError('Invalid topic.')
+            t = topic.encode("utf-8")
+            if b"+" in t or b"#" in t or len(t) > 65535:
+                self._raise_for_invalid_topic(t)  # paho's own message
+            head_t = _MID.pack(len(t)) + t  # a valid topic as the PUBLISH carries it
+            if len(self._topic_heads) < TOPICS_KEPT:
+                self._topic_heads[topic] = head_t
         if len(payload) > 268435455:
             raise ValueError('Payload too large.')
         if self._sock is None:
             return None
-        mid = self._mid_generate()
-        if mid in self._fast_mids or mid in self._out_messages:
-            return None  # paho: MQTT_ERR_QUEUE_SIZE (65,535 messages in flight)
-        remaining = 4 + len(t) + len(payload) + (1 if v5 else 0)
+        fast = self._fast_mids
+        with self._mid_generate_mutex:  # paho's _mid_generate, without the call
+            mid = self._last_mid + 1
+            if mid == 65536:
+                mid = 1
+            self._last_mid = mid
+        if mid in fast or mid in self._out_messages:
+            mid = self._mid_generate()  # skips the ids in flight
+            if mid in fast or mid in self._out_messages:
+                return None  # paho: MQTT_ERR_QUEUE_SIZE (65,535 messages in flight)
+        remaining = 2 + len(head_t) + len(payload) + (1 if v5 else 0)
         if remaining < 128:
             head = bytes((_PUBLISH_QOS1, remaining))
         else:
@@ -149,9 +166,9 @@ class FastClient(paho.Client):
             head = bytes(h)
         if self._debug():
             self._easy_log(MQTT_LOG_DEBUG, "Sending PUBLISH (d0, q1, r0, m%d), '%s', properties=None, ... (%d bytes)",
-                           mid, t, len(payload))
-        pkt = b"".join((head, _MID.pack(len(t)), t, _MID.pack(mid), b"\x00" if v5 else b"", payload))
-        self._fast_mids.add(mid)
+                           mid, head_t[2:], len(payload))
+        pkt = b"".join((head, head_t, _MID.pack(mid), b"\x00" if v5 else b"", payload))
+        fast.add(mid)
         if self._on_socket_register_write is None or self._thread is not None:
             # not driven by an event loop (paho's network thread, or loop() calls): paho queues and wakes it
             self._packet_queue(paho.PUBLISH, bytearray(pkt), mid, 1, None)

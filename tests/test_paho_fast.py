@@ -151,6 +151,21 @@ def test_the_fast_client_never_hands_out_a_message_id_still_in_flight() -> None:
         h.close()
 
 
+def test_publish_fast_takes_the_next_free_id_and_wraps_at_65535() -> None:
+    """publish_fast's own id: the counter's next one, 65,535 wrapping to 1, skipping ids still in flight (its own rows'
+    and paho's messages'); the counter paho's publish() then continues from."""
+    h = Harness(True, paho.MQTTv5)  # id 1 in flight
+    try:
+        h.c._last_mid = 65534
+        assert [h.c.publish_fast("t/a", b"{}") for _ in range(2)] == [65535, 2]  # wrapped, 1 skipped
+        info = h.c.publish("t/status", b"online", qos=1, retain=True)  # paho's own: id 3, in flight
+        h.c._last_mid = 2
+        assert h.c.publish_fast("t/a", b"{}") == 4  # 3 is paho's message, still in flight
+        assert info.mid == 3 and h.c._last_mid == 4 and h.c._fast_mids == {1, 65535, 2, 4}
+    finally:
+        h.close()
+
+
 @pytest.mark.parametrize("case", sorted(V5_CASES))
 def test_every_puback_is_decoded_as_paho_decodes_it_mqtt5(case: str) -> None:
     data = V5_CASES[case]
@@ -202,8 +217,8 @@ def test_publish_fast_sends_the_bytes_paho_sends() -> None:
         for fast in (False, True):
             h = Harness(fast, protocol)
             try:
-                for k in range(3):
-                    topic, payload = f"t/m{k}/events/x", json.dumps({"k": k, "pad": "x" * 200 * k}).encode()
+                for k in range(6):  # each topic twice: checked and encoded once, then from publish_fast's cache
+                    topic, payload = f"t/m{k % 3}/events/x", json.dumps({"k": k, "pad": "x" * 200 * k}).encode()
                     if fast:
                         h.c.publish_fast(topic, payload)
                     else:
@@ -216,7 +231,7 @@ def test_publish_fast_sends_the_bytes_paho_sends() -> None:
         assert out[1] == out[0] and len(out[0]) > 600
     h = Harness(True, paho.MQTTv5)
     try:
-        for bad in ("t/+/x", "t/#"):
+        for bad in ("t/+/x", "t/#", "t/+/x"):  # refused every time (a topic is kept only once it passed)
             with pytest.raises(ValueError, match="wildcards"):
                 h.c.publish_fast(bad, b"{}")
     finally:
