@@ -1003,8 +1003,9 @@ def apply_run(routes: Sequence[RunRoute], values: Sequence[int | None], recv: fl
     None is no reading). A plain increase of a counter on the fast path (``MachineEngine.apply``'s first branch,
     with ``counters.plain_increase`` written out for a sample of that shape) is counted here; any other value is
     handed to ``slow(i)`` at its place in the run (the caller applies it as a ``Sample``), so each machine sees its
-    readings in the order given. Returns the engines this run made dirty (they were not) or whose window it opened,
-    once each, in order: the caller adds them to its dirty set and its timer heap. An engine already dirty with a
+    readings in the order given. Returns, in order, each engine this run made dirty (it was not) and each engine
+    whose window it opened (again after a window the slow path closed in the same run): the caller adds them to its
+    dirty set and its timer heap. An engine already dirty with a
     window open is not returned (the caller has it in both: ``MachineEngine.dirty`` set means the core's dirty set
     holds the machine, and a window open since the last report was scheduled when it opened), so a poll's cost for
     the machines between two reports stays in this loop.
