@@ -52,7 +52,7 @@ Other invariants
   cumulative counter is the durable log, a crash before the commit loses nothing: after restart the engine resumes
   from the last committed baseline and derives the quantities again.
 - **Machine snapshots** are appended to ``state_log`` (the last row of a machine is its state; compacted inside
-  a commit, ``_compact_states``, and at open, which keeps only each machine's last row), so a commit's snapshots
+  a commit, ``Store._compaction``, and at open, which keeps only each machine's last row), so a commit's snapshots
   land on a few adjacent pages instead of one page per machine. A store of schema 1 or 2 has them in
   ``machine_state``: moved to the log when it opens. A store of a newer schema than this version's is refused (it
   would start every machine afresh).
@@ -245,6 +245,44 @@ def _command_line() -> str:
 def _chunks(ids: list[int]) -> Iterable[list[int]]:
     for i in range(0, len(ids), _CHUNK):
         yield ids[i:i + _CHUNK]
+
+
+def _in_thread(db: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    """``fn(conn, *args)`` on SQLite's thread with the sqlite3 connection ``conn`` of ``db``, in one round trip
+    (aiosqlite queues every call to that thread; its own methods are such calls, one per statement). aiosqlite has
+    no public call for this: ``Connection._execute`` and ``_conn`` are its own, present from 0.20 (pyproject.toml
+    bounds the version; tests/test_store_contract.py checks them)."""
+    return db._execute(lambda: fn(db._conn, *args))
+
+
+def _begin_then(conn: sqlite3.Connection, synchronous: str | None, body: Callable[[sqlite3.Connection], Any]) -> Any:
+    """On SQLite's thread: the pragma (None: unchanged), BEGIN IMMEDIATE, then the transaction's ``body``. On an
+    error the transaction is left open: ``Store._write`` rolls it back."""
+    if synchronous is not None:
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("BEGIN IMMEDIATE")
+    return body(conn)
+
+
+def _delete_rows(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
+    """Inside a transaction: delete the outbox rows ``ids``; returns the rows deleted and their payload bytes (the
+    counters move by what the DELETE removed, not by what was asked)."""
+    n = size = 0
+    for chunk in _chunks(ids):
+        for (length,) in conn.execute(
+                f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING LENGTH(payload)", chunk):
+            n += 1
+            size += int(length)
+    return n, size
+
+
+def _compact_states(conn: sqlite3.Connection, copies: dict[str, int], pairs: list[tuple[int, int]], gen: int) -> int:
+    """Inside a commit's transaction: ``Store._compaction``'s copies, then the rows below ``gen`` deleted; returns
+    the rows deleted."""
+    if pairs:
+        conn.executemany("INSERT INTO state_log(id, machine, state, updated) "
+                         "SELECT ?, machine, state, updated FROM state_log WHERE id = ?", pairs)
+    return conn.execute("DELETE FROM state_log WHERE id < ?", (gen,)).rowcount
 
 
 Apply = Callable[[], Any]  # bookkeeping run after a successful COMMIT, under the transaction lock
@@ -464,7 +502,7 @@ class Store:
                 top = row_id
         if migrate and rows > len(latest):
             # only each machine's last row counts. The others wait for a compaction, which comes once the rows
-            # added since open reach a generation (_compact_states): dropped here, or a gateway restarted often with
+            # added since open reach a generation (_compaction): dropped here, or a gateway restarted often with
             # few commits in between would keep every row (tests/test_store_model.py: the log's bound across opens)
             async def prune(db: aiosqlite.Connection) -> None:
                 await db.execute(f"DELETE FROM state_log WHERE id NOT IN ({LAST_STATE_IDS_SQL})")
@@ -474,7 +512,7 @@ class Store:
         self._state_ids = latest
         self._state_rows = rows
         self._state_next = top + 1
-        self._state_gen = top + 1  # the rows below are the old generation (see _compact_states)
+        self._state_gen = top + 1  # the rows below are the old generation (see _compaction)
 
     async def _recount(self) -> None:
         db = self.db
@@ -517,26 +555,39 @@ class Store:
         async with self._tx:
             return list(await db.execute_fetchall(sql, params))
 
-    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[Apply | None]], what: str, *,
-                     committed_point: str | None = None, durable: bool = True) -> Any:
+    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[Apply | None]] | None, what: str, *,
+                     committed_point: str | None = None, durable: bool = True,
+                     body: Callable[[], Callable[[sqlite3.Connection], Apply | None]] | None = None) -> Any:
         """Run ``fn(db)`` in one transaction; translate failures, remember a full disk.
 
         ``fn`` may return a function that updates the in-memory counters; it runs only after COMMIT succeeded (still
         under the lock) and its result is returned. A cancellation during COMMIT waits for COMMIT's outcome first,
         so the counters follow what is on disk either way. ``durable=False`` (acknowledged deletes) runs the
         transaction with ``synchronous=NORMAL`` whatever ``store.synchronous`` says: no fsync of its own; the next
-        durable commit syncs it with its own."""
+        durable commit syncs it with its own.
+
+        ``body`` instead of ``fn``: called under the lock on the event loop's thread, it reads what the transaction
+        needs from the store and returns its statements as one plain function of the sqlite3 connection, run on
+        SQLite's thread together with the pragma and BEGIN (``_in_thread``). The hot transactions (a commit, an ack)
+        so take two round trips to that thread (this call and COMMIT) instead of one per statement, each of which
+        waits for the event loop to come round again when it is busy (bench/README.md, sixteenth session). That
+        function must not touch what the event loop's tasks change; its ``apply`` runs on the loop's thread."""
         db = self.db
         async with self._tx:
             apply: Apply | None = None
             cancelled: BaseException | None = None
             try:
                 want = self.synchronous if durable else "NORMAL"
-                if want != self._sync_now:
-                    await db.execute(f"PRAGMA synchronous={want}")
+                if body is not None:
+                    apply = await _in_thread(db, _begin_then, None if want == self._sync_now else want, body())
                     self._sync_now = want
-                await db.execute("BEGIN IMMEDIATE")
-                apply = await fn(db)
+                else:
+                    assert fn is not None
+                    if want != self._sync_now:
+                        await db.execute(f"PRAGMA synchronous={want}")
+                        self._sync_now = want
+                    await db.execute("BEGIN IMMEDIATE")
+                    apply = await fn(db)
                 if self.before_commit is not None:
                     await self.before_commit()
                 commit = asyncio.ensure_future(db.execute("COMMIT"))
@@ -598,66 +649,77 @@ class Store:
         now = time.time()
         deleted: list[int] = []
 
-        async def tx(db: aiosqlite.Connection) -> Apply:
-            taken, gone, gone_bytes = await self._delete_acked(db)
-            compacted = None
+        def prepare() -> Callable[[sqlite3.Connection], Apply]:
+            # under the transaction lock, on the event loop's thread (the body runs on SQLite's): the acknowledged
+            # rows handed over so far, whether the state log is due for a compaction and which rows it copies
+            taken, ack_ids = self._acks_to_delete()
+            compaction = None
             if states and self._state_next - self._state_gen >= len(self._state_ids) + self.state_log_slack:
-                compacted = await self._compact_states(db, states)
-            next_id = self._state_next if compacted is None else compacted[0]
+                compaction = self._compaction(states)
+            next_id = self._state_next if compaction is None else compaction[0]
+            write_seq = next_seq != self.next_seq
+            # the statements' parameters too: the caller's dict and list are not read on another thread
+            state_params = [(next_id + i, m, s if isinstance(s, str) else json.dumps(s, separators=(",", ":")), now)
+                            for i, (m, s) in enumerate(states.items())]
+            row_params = [(r.seq, r.machine, r.type, r.topic, r.payload, now) for r in rows]
+
+            def tx(conn: sqlite3.Connection) -> Apply:
+                gone, gone_bytes = _delete_rows(conn, ack_ids)
+                removed = 0 if compaction is None else _compact_states(conn, *compaction[1:])
+                if state_params:
+                    conn.executemany("INSERT INTO state_log(id, machine, state, updated) VALUES (?, ?, ?, ?)",
+                                     state_params)
+                first = 0
+                if row_params:
+                    conn.executemany(
+                        "INSERT INTO outbox(seq, machine, type, topic, payload, created) VALUES (?, ?, ?, ?, ?, ?)",
+                        row_params)
+                    # AUTOINCREMENT gives each new row max(sqlite_sequence, max id) + 1 and records it in
+                    # sqlite_sequence: the rows of this (only) writer's transaction got the last len(rows) ids
+                    ((last,),) = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchall()
+                    first = int(last) - len(row_params) + 1
+                    crash_point("store.inserted")
+                if write_seq:
+                    conn.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(next_seq),))
+                return lambda: apply(taken, gone, gone_bytes, compaction, removed, next_id, first)
+
+            return tx
+
+        def apply(taken: int, gone: int, gone_bytes: int, compaction: Any, removed: int, next_id: int,
+                  first: int) -> list[PendingRow]:
+            if taken:
+                self._acks_deleted(taken, gone, gone_bytes, now)
+                deleted.append(taken)
+            if compaction is not None:
+                nxt, copies = compaction[0], compaction[1]
+                self._state_next = self._state_gen = nxt
+                self._state_rows += len(copies) - removed
+                self._state_ids.update(copies)
             if states:
-                await db.executemany(
-                    "INSERT INTO state_log(id, machine, state, updated) VALUES (?, ?, ?, ?)",
-                    [(next_id + i, m, s if isinstance(s, str) else json.dumps(s, separators=(",", ":")), now)
-                     for i, (m, s) in enumerate(states.items())],
-                )
-            first = 0
-            if rows:
-                await db.executemany(
-                    "INSERT INTO outbox(seq, machine, type, topic, payload, created) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(r.seq, r.machine, r.type, r.topic, r.payload, now) for r in rows],
-                )
-                # AUTOINCREMENT gives each new row max(sqlite_sequence, max id) + 1 and records it in
-                # sqlite_sequence: the rows of this (only) writer's transaction got the last len(rows) ids
-                ((last,),) = await db.execute_fetchall("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
-                first = int(last) - len(rows) + 1
-                crash_point("store.inserted")
-            if next_seq != self.next_seq:
-                await db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(next_seq),))
+                ids = self._state_ids
+                for i, m in enumerate(states, next_id):
+                    ids[m] = i
+                self._state_next = next_id + len(states)
+                self._state_rows += len(states)
+            self.next_seq = next_seq
+            self.outbox_rows += len(rows)
+            self.pending_bytes += sum(len(r.payload) for r in rows)
+            last = self._machine_last
+            for i, r in enumerate(rows, first):  # ascending ids: each machine's entry ends at its highest
+                last[r.machine] = i
+            return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
 
-            def apply() -> list[PendingRow]:
-                if taken:
-                    self._acks_deleted(taken, gone, gone_bytes, now)
-                    deleted.append(taken)
-                if compacted is not None:
-                    self._state_next, self._state_gen, self._state_rows, copies = compacted
-                    self._state_ids.update(copies)
-                if states:
-                    ids = self._state_ids
-                    for i, m in enumerate(states, next_id):
-                        ids[m] = i
-                    self._state_next = next_id + len(states)
-                    self._state_rows += len(states)
-                self.next_seq = next_seq
-                self.outbox_rows += len(rows)
-                self.pending_bytes += sum(len(r.payload) for r in rows)
-                last = self._machine_last
-                for i, r in enumerate(rows, first):  # ascending ids: each machine's entry ends at its highest
-                    last[r.machine] = i
-                return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
-
-            return apply
-
-        committed = await self._write(tx, "commit", committed_point="store.committed")
+        committed = await self._write(None, "commit", committed_point="store.committed", body=prepare)
         if deleted:
             crash_point("store.deleted")  # with the acknowledged rows it deleted
         return committed
 
-    async def _compact_states(self, db: aiosqlite.Connection,
-                              states: dict[str, Any]) -> tuple[int, int, int, dict[str, int]]:
-        """Inside a commit's transaction: drop ``state_log``'s old generation (the rows below ``_state_gen``). The last
-        row of a machine that has written none since (idle), unless this commit writes it anew, is first copied to
-        the end of the log; every other row down there has a later one. Returns the log's next id, the new
-        generation's first id, its row count and the copies' ids by machine, for the commit's ``apply``.
+    def _compaction(self, states: dict[str, Any]) -> tuple[int, dict[str, int], list[tuple[int, int]], int]:
+        """A compaction of ``state_log`` inside the next commit's transaction (``_compact_states``, which runs it):
+        the rows below the current generation (``_state_gen``) go. The last row of a machine that has written none
+        since (idle), unless this commit writes it anew, is first copied to the end of the log; every other row
+        down there has a later one. Returns the log's next id after the copies (the new generation's first), the
+        copies' ids by machine, the (new id, old id) pairs to copy and the generation's first id.
 
         Appending the states instead of updating one row per machine writes a commit's states to a few adjacent
         pages, not one page each (a report's machine is anywhere in the table): bench/README.md, twelfth session.
@@ -669,15 +731,7 @@ class Store:
         old = [(m, i) for m, i in self._state_ids.items() if i < gen and m not in states]
         nxt = self._state_next
         copies = {m: nxt + k for k, (m, _) in enumerate(old)}
-        if old:
-            await db.executemany("INSERT INTO state_log(id, machine, state, updated) "
-                                 "SELECT ?, machine, state, updated FROM state_log WHERE id = ?",
-                                 [(copies[m], i) for m, i in old])
-        cur = await db.execute("DELETE FROM state_log WHERE id < ?", (gen,))
-        removed = cur.rowcount
-        await cur.close()
-        nxt += len(old)
-        return nxt, nxt, self._state_rows + len(old) - removed, copies
+        return nxt + len(old), copies, [(copies[m], i) for m, i in old], gen
 
     async def oldest_unacked_created(self) -> float | None:
         """Commit time (wall clock) of the oldest outbox row not acknowledged by the broker (the acknowledged ones
@@ -724,20 +778,15 @@ class Store:
         """A transaction or read runs now."""
         return self._tx.locked()
 
-    async def _delete_acked(self, db: aiosqlite.Connection, extra: list[int] | None = None) -> tuple[int, int, int]:
-        """Inside a transaction: delete ``extra`` and the rows handed to ``ack_later`` so far. Returns how many of
-        ``_ack_ids`` it took (removed from the list by the transaction's ``apply``, only after COMMIT), the rows
-        deleted and their payload bytes (the counters move by what the DELETE removed, not by what was asked)."""
+    def _acks_to_delete(self) -> tuple[int, list[int]]:
+        """The acknowledged rows handed to ``ack_later`` so far, for a transaction to delete (``_delete_rows``): how
+        many of ``_ack_ids`` it takes (removed from the list by the transaction's ``apply``, only after COMMIT; more
+        may be handed over while it runs) and their ids, copied here on the event loop's thread."""
         taken = len(self._ack_ids)
-        ids = self._ack_ids[:taken] + extra if extra else self._ack_ids[:taken]
-        sizes: list[Any] = []
-        for chunk in _chunks(ids):
-            sizes += await db.execute_fetchall(
-                f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING LENGTH(payload)", chunk)
-        return taken, len(sizes), sum(int(s) for (s,) in sizes)
+        return taken, self._ack_ids[:taken]
 
     def _acks_deleted(self, taken: int, n: int, size: int, now: float, given: int = 0) -> None:
-        """After the COMMIT of a transaction that ran ``_delete_acked``."""
+        """After the COMMIT of a transaction that deleted ``_acks_to_delete``'s rows."""
         del self._ack_ids[:taken]
         if self._ack_ids:  # handed over while this transaction ran
             self.acks_since = time.monotonic()
@@ -754,17 +803,22 @@ class Store:
         if not ids and not self._ack_ids:
             return 0
 
-        async def tx(db: aiosqlite.Connection) -> Apply:
-            taken, n, size = await self._delete_acked(db, ids)
+        def prepare() -> Callable[[sqlite3.Connection], Apply]:
+            taken, waiting = self._acks_to_delete()  # under the transaction lock
 
-            def apply() -> int:
-                self._acks_deleted(taken, n, size, time.time(), given=len(ids))
-                return n
+            def tx(conn: sqlite3.Connection) -> Apply:
+                n, size = _delete_rows(conn, waiting + ids)
 
-            return apply
+                def apply() -> int:
+                    self._acks_deleted(taken, n, size, time.time(), given=len(ids))
+                    return n
+
+                return apply
+
+            return tx
 
         # not synced: a delete lost to a power loss only sends the event again, same id, same content (a duplicate)
-        n = await self._write(tx, "ack", durable=False)
+        n = await self._write(None, "ack", durable=False, body=prepare)
         crash_point("store.deleted")
         return int(n)
 

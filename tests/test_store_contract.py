@@ -594,3 +594,48 @@ async def test_statement_journals_stay_in_memory(tmp_path):
         assert await store.ack([(r.id, len(r.payload)) for r in rows]) == 50
         assert (await store.load_states())["m7"] == {"n": -7}
         await assert_counters_true(store)
+
+
+async def test_a_commit_and_an_ack_take_two_calls_to_sqlites_thread(tmp_path):
+    """A commit's statements (the acknowledged rows' delete, the snapshots, the rows, the sequence counter, a
+    compaction of the state log) and an ack's delete run on SQLite's thread in one call, COMMIT in a second: each
+    call waits for the event loop to come round when it is busy (an OPC UA publish response being decoded), so a
+    commit made of one call per statement took several times as long under load (bench/README.md, sixteenth
+    session). aiosqlite has no public call for it: the private ones the store uses must be there."""
+    import aiosqlite
+
+    assert callable(getattr(aiosqlite.Connection, "_execute", None))
+    assert isinstance(getattr(aiosqlite.Connection, "_conn", None), property)
+    async with Store(str(tmp_path / "s.db")) as store:
+        store.state_log_slack = 0
+        db = store.db
+        calls: list[str] = []
+        inner = db._execute
+
+        def counting(fn, *args, **kwargs):
+            calls.append(getattr(fn, "__name__", "?"))
+            return inner(fn, *args, **kwargs)
+
+        db._execute = counting  # type: ignore[method-assign]
+        first = await store.commit({f"m{i}": {"n": i} for i in range(4)}, rows_for("m1", range(1, 6)), 6)
+        assert len(calls) == 2, calls
+        store.ack_later([first[0].id, first[1].id])
+        calls.clear()
+        # the acks handed over, two machines' snapshots (a compaction is due: slack 0), rows, the sequence counter
+        more = await store.commit({"m1": {"n": 10}, "m2": {"n": 20}}, rows_for("m2", range(6, 8)), 8)
+        assert len(calls) == 2, calls
+        assert store.acks_waiting == 0 and store.acked_total == 2
+        calls.clear()
+        assert await store.ack([first[2].id]) == 1  # not synced: the pragma switch goes with the delete
+        assert len(calls) == 2, calls
+        calls.clear()
+        await store.commit({"m3": {"n": 30}}, [], 8)  # synced again: the pragma back, in the same call
+        assert len(calls) == 2, calls
+        db._execute = inner  # type: ignore[method-assign]
+        assert [r.id for r in await store.fetch(0, 100)] == [r.id for r in first[3:] + more]
+        assert await store.load_states() == {"m0": {"n": 0}, "m1": {"n": 10}, "m2": {"n": 20}, "m3": {"n": 30}}
+        await assert_counters_true(store)
+        with sqlite3.connect(store.path) as c:
+            assert c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone() == ("8",)
+            # the compactions kept each machine's last row only below the current generation
+            assert c.execute("SELECT COUNT(*) FROM state_log").fetchone()[0] <= 2 * (4 + 2 + 1) + 4
