@@ -50,6 +50,7 @@ from typing import Any
 from bench.common import (BenchBroker, BenchFailed, CpuMeter, IDENT, bench_cache, main, npm_install, percentile,
                           quiet_logs, scratch_dir)
 from gateway import loops
+from gateway.cli import GC_YOUNG_THRESHOLD
 from gateway.config import GatewayConfig, parse_config
 from gateway.runtime import Gateway
 from mappings.samples import Readings
@@ -189,7 +190,8 @@ def opcua_config(machines: int, endpoint: str, ns: int, broker_port: int, store:
 async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, interval_s: float,
                       others: dict[str, int]) -> dict[str, Any]:
     # the garbage collector as `edge-gateway run` sets it (gateway/cli.py): off while the gateway builds and starts,
-    # then what start-up built goes to the permanent generation, so no later collection walks it
+    # then steady_gc()
+    thresholds = gc.get_threshold()
     gc.disable()
     t_build = time.perf_counter()
     gw = Gateway(cfg)
@@ -268,8 +270,7 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
             await asyncio.sleep(0.05)
         first_samples_s = time.monotonic() - t0
         await gw.started.wait()
-        gc.freeze()
-        gc.enable()
+        steady_gc()
         await asyncio.sleep(warm_s)
         skipped0 = getattr(conn, "skipped_polls", 0)
         s0, e0, a0 = gw.stats.samples, gw.stats.events_committed, pub.acked
@@ -294,8 +295,29 @@ async def run_gateway(cfg: GatewayConfig, *, warm_s: float, window_s: float, int
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, 20)
-        gc.unfreeze()
-        gc.enable()
+        end_steady_gc(thresholds)
+
+
+def steady_gc() -> tuple[int, ...]:
+    """The garbage collector as `edge-gateway run` sets it once the gateway has started (gateway/cli.py), for ours
+    and the bare clients alike: what the process holds so far (the bench's own modules and data, the client or the
+    gateway set up) to the permanent generation, so no collection walks it again, and a young collection after
+    GC_YOUNG_THRESHOLD new containers. Returns the thresholds before, for ``end_steady_gc``."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
+    gc.enable()
+    return thresholds
+
+
+def end_steady_gc(thresholds: tuple[int, ...]) -> None:
+    """After a run: the collector as before, and what the run left collected now, not during the next phase's
+    window (left to it, the collections of the bare client measured next took 50-120 ms each, every few seconds:
+    bench/README.md, sixteenth session)."""
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+    gc.collect()
+    gc.enable()
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -306,6 +328,7 @@ async def raw_modbus(port: int, registers: int, poll_s: float, *, warm_s: float,
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
     if not await client.connect():
         raise BenchFailed("raw pymodbus client could not connect")
+    thresholds = steady_gc()
     blocks = [(s, min(120, registers - s)) for s in range(0, registers, 120)]
     packers = {c: struct.Struct(f">{c}H").pack for _, c in blocks}
     unpack_from = struct.Struct(">H").unpack_from
@@ -333,6 +356,7 @@ async def raw_modbus(port: int, registers: int, poll_s: float, *, warm_s: float,
                 "other_cores": {k: v / m.wall for k, v in m.other_cpu.items()}}
     finally:
         client.close()
+        end_steady_gc(thresholds)
 
 
 async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, sampling_ms: int, *, warm_s: float,
@@ -345,6 +369,7 @@ async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, samp
     lag: list[float] = []  # as the gateway's: receipt - SourceTimestamp of the first item of each publish response
     state_lag: list[float] = []  # receipt - SourceTimestamp of every state item (the gateway's state_lag)
     state_handles = {h for h, nid in enumerate(node_ids, start=1) if nid.endswith(".state")}
+    thresholds: tuple[int, ...] = ()
 
     def since(recv: float, ts: datetime) -> float:
         return recv - (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).timestamp()
@@ -376,6 +401,7 @@ async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, samp
             for h, nid in enumerate(node_ids, start=1)]
         await client.uaclient.create_monitored_items(ua.CreateMonitoredItemsParameters(
             SubscriptionId=sub.SubscriptionId, TimestampsToReturn=ua.TimestampsToReturn.Both, ItemsToCreate=items))
+        thresholds = steady_gc()
         await asyncio.sleep(warm_s)
         count = 0
         lag.clear()
@@ -387,6 +413,8 @@ async def raw_opcua(endpoint: str, node_ids: list[str], publishing_ms: int, samp
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.disconnect(), 10)
+        if thresholds:
+            end_steady_gc(thresholds)
 
 
 # ------------------------------------------------------------------------------------------------ main
