@@ -876,7 +876,7 @@ class Publisher:
     PARK_MAX = 10_000  # parked live rows per session; beyond, the live lane waits for the backlog
 
     def __init__(self, store: Store, link: MqttLink, *, window: int = 100, fetch_size: int = 1000,
-                 ack_interval: float = 0.1, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024,
+                 ack_interval: float = 0.5, backlog_rate: float = 0.0, max_message_bytes: int = 256 * 1024,
                  batch_max: int = 0, retry_backoff: tuple[float, float] = (0.5, 30.0), handover_max: int = 10_000,
                  idle_poll_s: float = 1.0, puback_timeout_s: float = 30.0) -> None:
         self.store = store
@@ -896,7 +896,6 @@ class Publisher:
         self._wake = asyncio.Event()
         self._ack_wake = asyncio.Event()  # set when ACK_BATCH acknowledged rows wait for their delete
         self._handed: collections.deque[PendingRow] = collections.deque()
-        self._acked: list[PendingRow] = []
         self._refused: list[tuple[PendingRow, str]] = []
         self._bad: list[tuple[PendingRow, str]] = []  # rows _send took off a lane for the quarantine
         # connections lost with the same row the oldest in flight: (row id, losses, losses within CONDEMN_WITHIN_S of
@@ -966,17 +965,18 @@ class Publisher:
     def _acknowledged(self, s: _Session, rows: PendingRow | tuple[PendingRow, ...], code: int) -> None:
         crash_point("publisher.puback")
         if code < 0x80:
-            acked = self._acked
-            if len(acked) >= ACK_BATCH:
-                self._ack_wake.set()
+            # handed to the store now, deleted by the core's next commit (or by _ack_loop's transaction)
+            store = self.store
             if type(rows) is PendingRow:
-                acked.append(rows)
+                store.ack_later((rows.id,))
                 if rows.id <= s.boundary and s.tracking:
                     s.backlog_settled(rows.machine, 1)
             else:  # a batch: rows of one machine from one lane
-                acked.extend(rows)
+                store.ack_later([r.id for r in rows])
                 if rows[0].id <= s.boundary and s.tracking:
                     s.backlog_settled(rows[0].machine, len(rows))
+            if store.acks_waiting >= ACK_BATCH:
+                self._ack_wake.set()
             if self._retry_armed and s.rewind_at is None:
                 self._retry_armed = False
                 self._retry.reset()
@@ -1000,6 +1000,7 @@ class Publisher:
         elif classify_puback(code) == "permanent":
             for r in rows:
                 self._refused.append((r, f"broker refused (MQTT 5 PUBACK {text})"))
+            self._ack_wake.set()  # quarantined by _ack_loop now
             if rows[0].id <= s.boundary and s.tracking:
                 s.backlog_settled(rows[0].machine, len(rows))
             return
@@ -1400,29 +1401,28 @@ class Publisher:
         await self.flush_acks()
 
     async def _ack_loop(self) -> None:
-        # Acknowledged rows are handed to the store every ack_interval (0.1 s) and deleted by the next transaction
-        # that takes them: a delete only frees space (an acknowledged row left behind by a crash is sent again, same
-        # id and content: a duplicate the consumer drops). A transaction of their own every 10 ms was up to 100
+        # Acknowledged rows are handed to the store at their PUBACK and deleted by the next transaction that takes
+        # them: a delete only frees space (an acknowledged row left behind by a crash is sent again, same id and
+        # content: a duplicate the consumer drops). A transaction of their own every 10 ms was up to 100
         # transactions a second, each a few round trips to SQLite's thread: ~9 % of the gateway's CPU at 10,000 tags
-        # @ 1 s (bench/peer_nodered.py); one every 0.1 s still a few % (bench/README.md, thirteenth session). At a
-        # backlog drain's rate (~50,000 PUBACKs/s) they go once ACK_BATCH wait: a delete of 5,000 rows would hold
-        # the store (and the drain's next fetch) for tens of milliseconds. Shutdown flushes them.
+        # @ 1 s (bench/peer_nodered.py); one every 0.1 s still a few % (bench/README.md, thirteenth session). So
+        # they are deleted by the core's next commit (one statement in a transaction it runs anyway); by a
+        # transaction of their own here when ACK_BATCH of them wait (a backlog drain's ~50,000 PUBACKs/s: a delete
+        # of 5,000 rows would hold the store, and the drain's next fetch, for tens of milliseconds) or no commit took
+        # the oldest within ACK_HOLD_S (an idle gateway; not while a transaction runs: a commit may be deleting them
+        # right now). Refused rows are quarantined here at once. This loop wakes for those (``_ack_wake``) and
+        # every ack_interval (0.5 s) to look at the oldest's age: at the Node-RED peer's load it woke 10 times a
+        # second to hand the PUBACKs over (bench/README.md, sixteenth session). Shutdown flushes them.
         wake = self._ack_wake
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.ack_interval):
                     await wake.wait()
             wake.clear()
-            # acknowledged rows are deleted by the core's next commit (one statement in a transaction it runs
-            # anyway); by a transaction of their own when ACK_BATCH of them wait (a backlog drain) or no commit took
-            # the oldest handed over within ACK_HOLD_S (an idle gateway; not while a transaction runs: a commit may
-            # be deleting them right now)
             store = self.store
-            if self._refused or len(self._acked) >= ACK_BATCH or (
+            if self._refused or store.acks_waiting >= ACK_BATCH or (
                     store.acks_waiting and not store.busy and time.monotonic() - store.acks_since >= ACK_HOLD_S):
                 await self._settle()
-            else:
-                self._hand_acks()
 
     @property
     def acked(self) -> int:
@@ -1434,14 +1434,8 @@ class Publisher:
     def last_ack_time(self) -> float | None:
         return self.store.acked_at
 
-    def _hand_acks(self) -> None:
-        if self._acked:
-            acked, self._acked = self._acked, []
-            self.store.ack_later([r.id for r in acked])
-
     async def flush_acks(self) -> None:
         """Delete every acknowledged row now, in a transaction of its own."""
-        self._hand_acks()
         if not self.store.acks_waiting:
             return
         try:

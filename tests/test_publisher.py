@@ -203,3 +203,33 @@ async def test_a_slow_link_working_through_the_window_is_not_a_puback_timeout(tm
                 await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         await proxy.close()
+
+
+async def test_pubacks_reach_the_store_at_once_and_the_ack_loop_stays_asleep(tmp_path, broker):
+    """A PUBACK's row is handed to the store for its delete when the PUBACK is read, so the ack loop wakes for a
+    batch, a refusal or its idle timer only (every 0.5 s), not ten times a second to hand PUBACKs over
+    (bench/README.md, sixteenth session). The rows are deleted on their own once no commit took them within
+    ACK_HOLD_S."""
+    async with Store(str(tmp_path / "s.db")) as store:
+        await fill(store, 1, 20)
+        link = MqttLink(MqttConfig(port=broker.port), client_id="gw")
+        pub = Publisher(store, link, window=50)
+        passes = 0
+
+        class CountingEvent(asyncio.Event):
+            async def wait(self) -> bool:
+                nonlocal passes
+                passes += 1
+                return await super().wait()
+
+        pub._ack_wake = CountingEvent()
+        tasks = [asyncio.create_task(link.run()), asyncio.create_task(pub.run())]
+        await wait_until(lambda: store.acks_waiting + store.acked_total == 20)
+        passes_before = passes
+        await asyncio.sleep(1.2)  # nothing happens: the loop's idle timer only
+        assert passes - passes_before <= 3, f"the ack loop woke {passes - passes_before} times in 1.2 s"
+        await wait_until(lambda: store.outbox_rows == 0, 5)  # deleted on their own (no commit came)
+        assert await store.count_pending() == 0 and store.acked_total == 20
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
