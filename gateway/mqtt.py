@@ -403,14 +403,42 @@ class MqttLink:
                 log.warning("mqtt.self_connected", host=self.host, port=self.port,
                             action="closed; the broker is not running there, retried")
                 sock.shutdown(socket.SHUT_RDWR)
-            on_loop(loop.add_reader, sock, client.loop_read)
+            on_loop(watch, client, sock, False)
+
+        def watch(client: paho.Client, sock: Any, write: bool) -> None:
+            """The loop's reader (``write``: its writer) for ``sock``. uvloop closes an fd's poll after an error on it
+            (a connection reset) and runs its reader once; when that read found nothing yet, the socket was watched
+            no more and registering it again raised RuntimeError into paho's caller (the publisher's task ended,
+            nothing was published until a restart: tests/test_publisher_sessions.py, the message size limit test,
+            on uvloop). Then the closed poll is dropped and the socket watched anew: its next read reports the reset
+            (or, when even that fails, it is shut down and read now)."""
+            try:
+                if write:
+                    loop.add_writer(sock, client.loop_write)
+                else:
+                    loop.add_reader(sock, client.loop_read)
+                return
+            except RuntimeError as exc:
+                log.warning("mqtt.socket_watched_again", host=self.host, port=self.port, connection=conn.id,
+                            error=str(exc))
+            for remove in (loop.remove_reader, loop.remove_writer):
+                with contextlib.suppress(Exception):
+                    remove(sock)
+            try:
+                loop.add_reader(sock, client.loop_read)
+                if write or client.want_write():
+                    loop.add_writer(sock, client.loop_write)
+            except (RuntimeError, OSError, ValueError):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                loop.call_soon(client.loop_read)  # paho sees the end: the connection is lost, reconnected
 
         def sock_close(client: paho.Client, userdata: Any, sock: Any) -> None:
             on_loop(loop.remove_reader, sock)
             on_loop(loop.remove_writer, sock)
 
         def reg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
-            on_loop(loop.add_writer, sock, client.loop_write)
+            on_loop(watch, client, sock, True)
 
         def unreg_write(client: paho.Client, userdata: Any, sock: Any) -> None:
             on_loop(loop.remove_writer, sock)
