@@ -484,12 +484,12 @@ class Store:
         db = self.db
         tables = {r[0] for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if migrate and (await db.execute_fetchall("SELECT EXISTS (SELECT 1 FROM machine_state)"))[0][0]:
-            async def move(db: aiosqlite.Connection) -> None:
-                await db.execute("INSERT INTO state_log(machine, state, updated) "
-                                 "SELECT machine, state, updated FROM machine_state ORDER BY rowid")
-                await db.execute("DELETE FROM machine_state")
+            def move(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT INTO state_log(machine, state, updated) "
+                             "SELECT machine, state, updated FROM machine_state ORDER BY rowid")
+                conn.execute("DELETE FROM machine_state")
 
-            await self._write(move, "moving machine_state to state_log")
+            await self._write(lambda: move, "moving machine_state to state_log")
             log.info("store.migrated", path=self.path, schema=SCHEMA_VERSION, moved="machine_state -> state_log")
         self._state_table = "state_log" if "state_log" in tables else "machine_state"  # read-only: an older file
         latest: dict[str, int] = {}
@@ -504,10 +504,10 @@ class Store:
             # only each machine's last row counts. The others wait for a compaction, which comes once the rows
             # added since open reach a generation (_compaction): dropped here, or a gateway restarted often with
             # few commits in between would keep every row (tests/test_store_model.py: the log's bound across opens)
-            async def prune(db: aiosqlite.Connection) -> None:
-                await db.execute(f"DELETE FROM state_log WHERE id NOT IN ({LAST_STATE_IDS_SQL})")
+            def prune(conn: sqlite3.Connection) -> None:
+                conn.execute(f"DELETE FROM state_log WHERE id NOT IN ({LAST_STATE_IDS_SQL})")
 
-            await self._write(prune, "pruning state_log")
+            await self._write(lambda: prune, "pruning state_log")
             rows = len(latest)
         self._state_ids = latest
         self._state_rows = rows
@@ -555,39 +555,28 @@ class Store:
         async with self._tx:
             return list(await db.execute_fetchall(sql, params))
 
-    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[Apply | None]] | None, what: str, *,
-                     committed_point: str | None = None, durable: bool = True,
-                     body: Callable[[], Callable[[sqlite3.Connection], Apply | None]] | None = None) -> Any:
-        """Run ``fn(db)`` in one transaction; translate failures, remember a full disk.
+    async def _write(self, prepare: Callable[[], Callable[[sqlite3.Connection], Apply | None]], what: str, *,
+                     committed_point: str | None = None, durable: bool = True) -> Any:
+        """Run one transaction; translate failures, remember a full disk.
 
-        ``fn`` may return a function that updates the in-memory counters; it runs only after COMMIT succeeded (still
-        under the lock) and its result is returned. A cancellation during COMMIT waits for COMMIT's outcome first,
-        so the counters follow what is on disk either way. ``durable=False`` (acknowledged deletes) runs the
-        transaction with ``synchronous=NORMAL`` whatever ``store.synchronous`` says: no fsync of its own; the next
-        durable commit syncs it with its own.
-
-        ``body`` instead of ``fn``: called under the lock on the event loop's thread, it reads what the transaction
-        needs from the store and returns its statements as one plain function of the sqlite3 connection, run on
-        SQLite's thread together with the pragma and BEGIN (``_in_thread``). The hot transactions (a commit, an ack)
-        so take two round trips to that thread (this call and COMMIT) instead of one per statement, each of which
-        waits for the event loop to come round again when it is busy (bench/README.md, sixteenth session). That
-        function must not touch what the event loop's tasks change; its ``apply`` runs on the loop's thread."""
+        ``prepare()`` is called under the lock on the event loop's thread: it reads what the transaction needs from
+        the store and returns its statements as one plain function of the sqlite3 connection, run on SQLite's
+        thread together with the pragma and BEGIN (``_in_thread``): a transaction takes two round trips to that
+        thread (this call and COMMIT) instead of one per statement, each of which waits for the event loop to come
+        round again when it is busy (bench/README.md, sixteenth session). That function must not touch what the
+        event loop's tasks change. It may return a function that updates the in-memory counters; that runs on the
+        loop's thread only after COMMIT succeeded (still under the lock) and its result is returned. A cancellation
+        during COMMIT waits for COMMIT's outcome first, so the counters follow what is on disk either way.
+        ``durable=False`` (acknowledged deletes) runs the transaction with ``synchronous=NORMAL`` whatever
+        ``store.synchronous`` says: no fsync of its own; the next durable commit syncs it with its own."""
         db = self.db
         async with self._tx:
             apply: Apply | None = None
             cancelled: BaseException | None = None
             try:
                 want = self.synchronous if durable else "NORMAL"
-                if body is not None:
-                    apply = await _in_thread(db, _begin_then, None if want == self._sync_now else want, body())
-                    self._sync_now = want
-                else:
-                    assert fn is not None
-                    if want != self._sync_now:
-                        await db.execute(f"PRAGMA synchronous={want}")
-                        self._sync_now = want
-                    await db.execute("BEGIN IMMEDIATE")
-                    apply = await fn(db)
+                apply = await _in_thread(db, _begin_then, None if want == self._sync_now else want, prepare())
+                self._sync_now = want
                 if self.before_commit is not None:
                     await self.before_commit()
                 commit = asyncio.ensure_future(db.execute("COMMIT"))
@@ -709,7 +698,7 @@ class Store:
                 last[r.machine] = i
             return [PendingRow(first + i, r.topic, r.payload, r.machine, r.seq) for i, r in enumerate(rows)]
 
-        committed = await self._write(None, "commit", committed_point="store.committed", body=prepare)
+        committed = await self._write(prepare, "commit", committed_point="store.committed")
         if deleted:
             crash_point("store.deleted")  # with the acknowledged rows it deleted
         return committed
@@ -818,7 +807,7 @@ class Store:
             return tx
 
         # not synced: a delete lost to a power loss only sends the event again, same id, same content (a duplicate)
-        n = await self._write(None, "ack", durable=False, body=prepare)
+        n = await self._write(prepare, "ack", durable=False)
         crash_point("store.deleted")
         return int(n)
 
@@ -869,11 +858,11 @@ class Store:
         """Move an outbox row to the quarantine (keeping its outbox id for a retry). Returns False when the row is
         gone (already acked, quarantined or purged)."""
 
-        async def tx(db: aiosqlite.Connection) -> Apply:
-            gone = await db.execute_fetchall(
-                "DELETE FROM outbox WHERE id = ? RETURNING seq, machine, type, topic, payload", (row_id,))
+        def tx(conn: sqlite3.Connection) -> Apply:
+            gone = conn.execute(
+                "DELETE FROM outbox WHERE id = ? RETURNING seq, machine, type, topic, payload", (row_id,)).fetchall()
             for seq, machine, type_, topic, payload in gone:
-                await db.execute(
+                conn.execute(
                     "INSERT INTO quarantine(seq, machine, type, topic, payload, reason, at, outbox_id) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, machine, type_, topic, payload, reason, time.time(), row_id))
 
@@ -885,7 +874,7 @@ class Store:
 
             return apply
 
-        return bool(await self._write(tx, "quarantine"))
+        return bool(await self._write(lambda: tx, "quarantine"))
 
     async def quarantine_external(self, *, seq: int | None, machine: str, type: str, topic: str, payload: bytes,
                                   reason: str) -> None:
@@ -894,8 +883,8 @@ class Store:
         there is not added again (a rejection written once more after a stop cut the first write's answer short, or
         an ack the ERP sent twice)."""
 
-        async def tx(db: aiosqlite.Connection) -> Apply:
-            cur = await db.execute(
+        def tx(conn: sqlite3.Connection) -> Apply:
+            cur = conn.execute(
                 "INSERT INTO quarantine(seq, machine, type, topic, payload, reason, at) SELECT ?, ?, ?, ?, ?, ?, ? "
                 "WHERE NOT EXISTS (SELECT 1 FROM quarantine WHERE machine = ? AND seq IS ? AND payload = ?)",
                 (seq, machine, type, topic, payload, reason, time.time(), machine, seq, payload))
@@ -909,7 +898,7 @@ class Store:
 
             return apply
 
-        await self._write(tx, "quarantine")
+        await self._write(lambda: tx, "quarantine")
 
     # ------------------------------------------------------------------ operator tools (edge-gateway buffer)
     async def list_rows(self, table: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -956,23 +945,23 @@ class Store:
         where = "" if ids is None else f" WHERE qid IN ({','.join('?' * len(ids))})"
         params = () if ids is None else tuple(ids)
 
-        async def tx(db: aiosqlite.Connection) -> Apply:
-            gone = sorted(await db.execute_fetchall(
-                f"DELETE FROM quarantine{where} RETURNING qid, seq, machine, type, topic, payload, outbox_id", params))
+        def tx(conn: sqlite3.Connection) -> Apply:
+            gone = sorted(conn.execute(
+                f"DELETE FROM quarantine{where} RETURNING qid, seq, machine, type, topic, payload, outbox_id",
+                params).fetchall())
             now = time.time()
             placed: list[tuple[str, int]] = []  # (machine, outbox id) of each row put back
             for _qid, seq, machine, type_, topic, payload, outbox_id in gone:
                 values = (seq if seq is not None else 0, machine, type_, topic, payload, now)
-                if outbox_id is not None and not await db.execute_fetchall(
-                        "SELECT 1 FROM outbox WHERE id = ?", (outbox_id,)):
-                    await db.execute("INSERT INTO outbox(id, seq, machine, type, topic, payload, created) "
-                                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (outbox_id, *values))
+                if outbox_id is not None and not conn.execute(
+                        "SELECT 1 FROM outbox WHERE id = ?", (outbox_id,)).fetchall():
+                    conn.execute("INSERT INTO outbox(id, seq, machine, type, topic, payload, created) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (outbox_id, *values))
                     placed.append((machine, int(outbox_id)))
                 else:
-                    cur = await db.execute("INSERT INTO outbox(seq, machine, type, topic, payload, created) "
-                                           "VALUES (?, ?, ?, ?, ?, ?)", values)
+                    cur = conn.execute("INSERT INTO outbox(seq, machine, type, topic, payload, created) "
+                                       "VALUES (?, ?, ?, ?, ?, ?)", values)
                     placed.append((machine, int(cur.lastrowid)))  # type: ignore[arg-type]
-                    await cur.close()
 
             def apply() -> int:
                 last = self._machine_last
@@ -986,7 +975,7 @@ class Store:
 
             return apply
 
-        return int(await self._write(tx, "retry"))
+        return int(await self._write(lambda: tx, "retry"))
 
     async def purge(self, table: str, ids: list[int] | None = None) -> int:
         """Delete outbox or quarantine rows for good (all, or the given ids). Returns the number deleted."""
@@ -996,8 +985,8 @@ class Store:
         where = "" if ids is None else f" WHERE {key} IN ({','.join('?' * len(ids))})"
         params = () if ids is None else tuple(ids)
 
-        async def tx(db: aiosqlite.Connection) -> Apply:
-            gone = await db.execute_fetchall(f"DELETE FROM {table}{where} RETURNING LENGTH(payload)", params)
+        def tx(conn: sqlite3.Connection) -> Apply:
+            gone = conn.execute(f"DELETE FROM {table}{where} RETURNING LENGTH(payload)", params).fetchall()
             n, size = len(gone), sum(int(s) for (s,) in gone)
 
             def apply() -> int:
@@ -1011,7 +1000,7 @@ class Store:
 
             return apply
 
-        return int(await self._write(tx, "purge"))
+        return int(await self._write(lambda: tx, "purge"))
 
     async def missing_ids(self, table: str, ids: list[int]) -> list[int]:
         """The ids of ``ids`` that are not rows of ``table`` ("outbox" ids, or "quarantine" ids), in the given
