@@ -255,13 +255,17 @@ def _in_thread(db: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> 
     return db._execute(lambda: fn(db._conn, *args))
 
 
-def _begin_then(conn: sqlite3.Connection, synchronous: str | None, body: Callable[[sqlite3.Connection], Any]) -> Any:
-    """On SQLite's thread: the pragma (None: unchanged), BEGIN IMMEDIATE, then the transaction's ``body``. On an
-    error the transaction is left open: ``Store._write`` rolls it back."""
+def _begin_then(conn: sqlite3.Connection, synchronous: str | None, body: Callable[[sqlite3.Connection], Any],
+                commit: bool) -> Any:
+    """On SQLite's thread: the pragma (None: unchanged), BEGIN IMMEDIATE, the transaction's ``body``, then COMMIT if
+    ``commit``. On an error the transaction is left open: ``Store._write`` rolls it back."""
     if synchronous is not None:
         conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("BEGIN IMMEDIATE")
-    return body(conn)
+    out = body(conn)
+    if commit:
+        conn.execute("COMMIT")
+    return out
 
 
 def _delete_rows(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
@@ -561,34 +565,45 @@ class Store:
 
         ``prepare()`` is called under the lock on the event loop's thread: it reads what the transaction needs from
         the store and returns its statements as one plain function of the sqlite3 connection, run on SQLite's
-        thread together with the pragma and BEGIN (``_in_thread``): a transaction takes two round trips to that
-        thread (this call and COMMIT) instead of one per statement, each of which waits for the event loop to come
-        round again when it is busy (bench/README.md, sixteenth session). That function must not touch what the
-        event loop's tasks change. It may return a function that updates the in-memory counters; that runs on the
-        loop's thread only after COMMIT succeeded (still under the lock) and its result is returned. A cancellation
-        during COMMIT waits for COMMIT's outcome first, so the counters follow what is on disk either way.
+        thread together with the pragma, BEGIN and COMMIT (``_begin_then``): a transaction is one round trip to that
+        thread instead of one per statement, each of which waits for the event loop to come round again when it is
+        busy (bench/README.md, sixteenth and seventeenth sessions). That function must not touch what the event
+        loop's tasks change. It may return a function that updates the in-memory counters; that runs on the loop's
+        thread only after COMMIT succeeded (still under the lock) and its result is returned. A cancellation while
+        the transaction runs on SQLite's thread waits for its outcome first (it may commit all the same), so the
+        counters follow what is on disk either way. With a ``before_commit`` hook (tests: a failure, a cancellation
+        or a PUBACK between the statements and COMMIT) COMMIT is a second call, after the hook.
         ``durable=False`` (acknowledged deletes) runs the transaction with ``synchronous=NORMAL`` whatever
         ``store.synchronous`` says: no fsync of its own; the next durable commit syncs it with its own."""
         db = self.db
         async with self._tx:
             apply: Apply | None = None
             cancelled: BaseException | None = None
-            try:
-                want = self.synchronous if durable else "NORMAL"
-                apply = await _in_thread(db, _begin_then, None if want == self._sync_now else want, prepare())
-                self._sync_now = want
-                if self.before_commit is not None:
-                    await self.before_commit()
-                commit = asyncio.ensure_future(db.execute("COMMIT"))
+
+            async def outcome(call: asyncio.Future[Any]) -> Any:
+                # the call runs on in SQLite's thread whatever happens here: on a cancellation learn how it ended
+                nonlocal cancelled
                 while True:
                     try:
-                        await asyncio.shield(commit)
-                        break
+                        return await asyncio.shield(call)
                     except asyncio.CancelledError as exc:
-                        if commit.done() and not commit.cancelled():
-                            commit.result()  # raises COMMIT's own error
-                            break
-                        cancelled = exc  # the COMMIT runs on in SQLite's thread: learn how it ended
+                        if call.done() and not call.cancelled():
+                            return call.result()  # raises the call's own error
+                        cancelled = exc
+
+            try:
+                want = self.synchronous if durable else "NORMAL"
+                hook = self.before_commit
+                call = asyncio.ensure_future(_in_thread(db, _begin_then, None if want == self._sync_now else want,
+                                                        prepare(), hook is None))
+                if hook is None:
+                    apply = await outcome(call)  # COMMIT in the same call: it may have committed when cancelled
+                    self._sync_now = want
+                else:
+                    apply = await call  # cancelled here: not committed (rolled back below)
+                    self._sync_now = want
+                    await hook()
+                    await outcome(asyncio.ensure_future(db.execute("COMMIT")))
             except BaseException as exc:
                 # also on cancellation (gateway stop): never leave the transaction open for the next writer
                 rollback = asyncio.ensure_future(db.execute("ROLLBACK"))

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,39 @@ async def test_acks_handed_over_are_deleted_by_the_next_commit_and_none_handed_d
         assert store.acks_waiting == 0 and store.acked_total == 4
         assert [r.id for r in await store.fetch(0, 100)] == [r.id for r in first[4:] + more]
         await assert_counters_true(store)
+
+
+async def test_a_commit_cancelled_while_it_runs_in_sqlites_thread_is_kept_with_its_counters(tmp_path, monkeypatch):
+    """Without a hook, BEGIN, the statements and COMMIT are one call on SQLite's thread: a cancellation (the gateway
+    stopping) that arrives while that call is queued or running cannot stop it, and it commits. The store waits for
+    it, applies the counters of what is on disk, then re-raises; a ROLLBACK sent instead would find no transaction
+    and leave next_seq and the counters behind the file (a later commit reusing sequence numbers)."""
+    from gateway import store as store_mod
+
+    started, release = threading.Event(), threading.Event()
+    real = store_mod._begin_then
+
+    def held(conn, synchronous, body, commit):
+        started.set()
+        assert release.wait(10), "the test did not release SQLite's thread"
+        return real(conn, synchronous, body, commit)
+
+    async with Store(str(tmp_path / "s.db")) as store:
+        monkeypatch.setattr(store_mod, "_begin_then", held)
+        task = asyncio.create_task(store.commit({"m1": {"n": 1}}, rows_for("m1", range(1, 4)), 4))
+        assert await asyncio.to_thread(started.wait, 10), "the commit never reached SQLite's thread"
+        task.cancel()
+        await asyncio.sleep(0)  # the cancellation is delivered while the call still waits in SQLite's thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(store_mod, "_begin_then", real)
+        assert [(r.seq, r.machine) for r in await store.fetch(0, 100)] == [(1, "m1"), (2, "m1"), (3, "m1")]
+        assert store.next_seq == 4
+        assert await store.load_states() == {"m1": {"n": 1}}
+        await assert_counters_true(store)
+        again = await store.commit({}, rows_for("m1", range(4, 5)), 5)
+        assert [r.seq for r in again] == [4] and again[0].id == 4
 
 
 async def test_a_commit_cancelled_during_commit_keeps_the_counters_true(tmp_path):
@@ -596,12 +630,12 @@ async def test_statement_journals_stay_in_memory(tmp_path):
         await assert_counters_true(store)
 
 
-async def test_a_commit_and_an_ack_take_two_calls_to_sqlites_thread(tmp_path):
+async def test_a_commit_and_an_ack_take_one_call_to_sqlites_thread(tmp_path):
     """A commit's statements (the acknowledged rows' delete, the snapshots, the rows, the sequence counter, a
-    compaction of the state log) and an ack's delete run on SQLite's thread in one call, COMMIT in a second: each
+    compaction of the state log) and an ack's delete run on SQLite's thread in one call with BEGIN and COMMIT: each
     call waits for the event loop to come round when it is busy (an OPC UA publish response being decoded), so a
-    commit made of one call per statement took several times as long under load (bench/README.md, sixteenth
-    session). aiosqlite has no public call for it: the private ones the store uses must be there."""
+    commit made of one call per statement took several times as long under load (bench/README.md, sixteenth and
+    seventeenth sessions). aiosqlite has no public call for it: the private ones the store uses must be there."""
     import aiosqlite
 
     assert callable(getattr(aiosqlite.Connection, "_execute", None))
@@ -618,19 +652,19 @@ async def test_a_commit_and_an_ack_take_two_calls_to_sqlites_thread(tmp_path):
 
         db._execute = counting  # type: ignore[method-assign]
         first = await store.commit({f"m{i}": {"n": i} for i in range(4)}, rows_for("m1", range(1, 6)), 6)
-        assert len(calls) == 2, calls
+        assert len(calls) == 1, calls
         store.ack_later([first[0].id, first[1].id])
         calls.clear()
         # the acks handed over, two machines' snapshots (a compaction is due: slack 0), rows, the sequence counter
         more = await store.commit({"m1": {"n": 10}, "m2": {"n": 20}}, rows_for("m2", range(6, 8)), 8)
-        assert len(calls) == 2, calls
+        assert len(calls) == 1, calls
         assert store.acks_waiting == 0 and store.acked_total == 2
         calls.clear()
         assert await store.ack([first[2].id]) == 1  # not synced: the pragma switch goes with the delete
-        assert len(calls) == 2, calls
+        assert len(calls) == 1, calls
         calls.clear()
         await store.commit({"m3": {"n": 30}}, [], 8)  # synced again: the pragma back, in the same call
-        assert len(calls) == 2, calls
+        assert len(calls) == 1, calls
         db._execute = inner  # type: ignore[method-assign]
         assert [r.id for r in await store.fetch(0, 100)] == [r.id for r in first[3:] + more]
         assert await store.load_states() == {"m0": {"n": 0}, "m1": {"n": 10}, "m2": {"n": 20}, "m3": {"n": 30}}
