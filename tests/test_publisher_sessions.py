@@ -841,3 +841,62 @@ async def test_rows_handed_over_are_published_from_memory_with_bounded_queue(tmp
         assert col.first_arrivals()["m1"] == list(range(1, 131))
         await cancel(tasks)
     col.stop()
+
+
+def test_a_socket_the_loop_will_not_watch_again_is_given_up_and_the_link_reconnects(tmp_path):
+    """The last resort of MqttLink's socket watch: the loop refuses the socket even after its old poll was dropped
+    (uvloop, after a connection reset, for a socket it already closed the poll of). The link must not leave that
+    connection half alive, with paho's writes queued and nothing read: the socket is shut down and read at once,
+    paho sees the connection lost, the link connects again and the publisher sends what is left. Here the loop's
+    add_reader / add_writer raise for the first connection's socket once the test says so (red before that branch:
+    the RuntimeError reached the publisher's task, which ended: the rows after the break were never sent). On
+    asyncio's loop whatever EDGE_GATEWAY_TEST_LOOP says: uvloop's methods cannot be replaced on its loop."""
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(_refused_watch(tmp_path))
+
+
+async def _refused_watch(tmp_path: Path) -> None:
+    broker = MosquittoBroker(tmp_path / "b").start()
+    col = Collector(broker.port)
+    loop = asyncio.get_running_loop()
+    refused: list[object] = []  # sockets whose watch the loop refuses
+    raised = []
+    real = {"add_reader": loop.add_reader, "add_writer": loop.add_writer}
+
+    def refusing(name):
+        def add(fd, *args):
+            if any(fd is sock for sock in refused):
+                raised.append(name)
+                raise RuntimeError("the loop closed this file descriptor's poll (as uvloop does after a reset)")
+            return real[name](fd, *args)
+        return add
+
+    loop.add_reader, loop.add_writer = refusing("add_reader"), refusing("add_writer")
+    try:
+        await wait_until(lambda: col.subscribed >= 1, 10)
+        async with Store(str(tmp_path / "s.db")) as store:
+            await commit(store, [row(i) for i in range(1, 6)])
+            # a keepalive far beyond the waits below: only the link's own reaction finds the connection lost
+            link = MqttLink(cfg(broker.port, keepalive_s=60), client_id="gw")
+            pub = Publisher(store, link, window=4, retry_backoff=(0.05, 0.2))
+            with structlog.testing.capture_logs() as logs:
+                tasks = await run_all(link.run(), pub.run())
+                try:
+                    await wait_until(lambda: store.pending == 0, 20)
+                    first = link.connection
+                    refused.append(first.client.socket())
+                    await commit(store, [row(i) for i in range(6, 21)])
+                    pub.notify()
+                    await wait_until(lambda: store.pending == 0, 10)
+                    assert link.connection is not first and link.connections >= 2
+                    assert not any(t.done() for t in tasks), "the link's or the publisher's task ended"
+                finally:
+                    await cancel(tasks)
+            assert raised[:2] == ["add_writer", "add_reader"], raised  # the write watch, then the fresh one
+            assert any(e["event"] == "mqtt.socket_watched_again" for e in logs)
+            await wait_until(lambda: col.seqs() == set(range(1, 21)), 10)
+            assert col.first_arrivals()["m1"] == list(range(1, 21))
+    finally:
+        loop.add_reader, loop.add_writer = real["add_reader"], real["add_writer"]
+        col.stop()
+        broker.close()
