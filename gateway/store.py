@@ -587,7 +587,12 @@ class Store:
                     try:
                         return await asyncio.shield(call)
                     except asyncio.CancelledError as exc:
-                        if call.done() and not call.cancelled():
+                        if call.done():
+                            if call.cancelled():
+                                # the call's own task was cancelled (the event loop shutting down cancels every
+                                # task): its outcome cannot be learnt here any more; waiting for it again would
+                                # spin for ever. The counters are read from the file at the next open.
+                                raise
                             return call.result()  # raises the call's own error
                         cancelled = exc
 

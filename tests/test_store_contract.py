@@ -190,6 +190,58 @@ async def test_a_commit_cancelled_while_it_runs_in_sqlites_thread_is_kept_with_i
         assert [r.seq for r in again] == [4] and again[0].id == 4
 
 
+_LOOP_SHUTDOWN_SCRIPT = """
+import asyncio, sys, threading
+from gateway import store as store_mod
+from gateway.store import OutboxRow, Store
+
+async def main(path):
+    started, release = threading.Event(), threading.Event()
+    real = store_mod._begin_then
+
+    def held(conn, synchronous, body, commit):
+        started.set()
+        release.wait(10)
+        return real(conn, synchronous, body, commit)
+
+    store = Store(path)
+    await store.open()
+    store_mod._begin_then = held
+    task = asyncio.create_task(store.commit({"m1": {"n": 1}}, [OutboxRow(1, "m1", "x", "t/m1/events/x", b"{}")], 2))
+    assert await asyncio.to_thread(started.wait, 10)
+    for t in asyncio.all_tasks():  # what asyncio.run does to the tasks still running when its coroutine ends
+        if t is not asyncio.current_task():
+            t.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    try:
+        await asyncio.wait_for(task, 10)
+    except asyncio.CancelledError:
+        print("commit cancelled", flush=True)
+    store_mod._begin_then = real
+    await store.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_commit_whose_own_call_is_cancelled_by_the_loops_shutdown_ends(tmp_path):
+    """When the event loop shuts down (``asyncio.run`` cancels every task left, e.g. after the stop's grace period)
+    the task running the transaction's call is cancelled too, and its outcome can no longer be learnt. The commit
+    must end with the cancellation, not wait for that call again: awaiting a cancelled call raised at once, for
+    ever, and the process hung without yielding to its loop (red before: this script never ended). What the
+    thread committed meanwhile is on disk and the next open reads it."""
+    path = tmp_path / "s.db"
+    r = subprocess.run([sys.executable, "-c", _LOOP_SHUTDOWN_SCRIPT, str(path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and "commit cancelled" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+    async with Store(str(path)) as store:
+        assert [(r.seq, r.machine) for r in await store.fetch(0, 10)] == [(1, "m1")]
+        assert store.next_seq == 2
+        assert await store.load_states() == {"m1": {"n": 1}}
+        await assert_counters_true(store)
+
+
 async def test_a_commit_cancelled_during_commit_keeps_the_counters_true(tmp_path):
     """The gateway stops (its task is cancelled) while COMMIT runs in SQLite's thread: COMMIT may still succeed.
     The store waits for its outcome, so the counters and next_seq follow what is on disk, then re-raises."""
@@ -545,7 +597,7 @@ def test_full_syncs_the_wal_before_every_commit_returns(tmp_path):
         out = tmp_path / f"strace-{sync}.txt"
         r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(out), sys.executable,
                             "-c", FSYNC_SCRIPT, str(tmp_path / f"{sync}.db"), sync], cwd=ROOT, capture_output=True,
-                           text=True, timeout=60)
+                           text=True, timeout=30)
         if r.returncode != 0 and "ptrace" in r.stderr:
             pytest.skip(f"strace cannot trace here: {r.stderr.strip()[:200]}")
         assert r.returncode == 0, r.stderr
