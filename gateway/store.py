@@ -601,12 +601,11 @@ class Store:
                 hook = self.before_commit
                 call = asyncio.ensure_future(_in_thread(db, _begin_then, None if want == self._sync_now else want,
                                                         prepare(), hook is None))
-                if hook is None:
-                    apply = await outcome(call)  # COMMIT in the same call: it may have committed when cancelled
-                    self._sync_now = want
-                else:
-                    apply = await call  # cancelled here: not committed (rolled back below)
-                    self._sync_now = want
+                # without a hook COMMIT is in the call, which may have committed when cancelled; with one a
+                # cancellation here leaves the transaction open (rolled back below)
+                apply = await (outcome(call) if hook is None else call)
+                self._sync_now = want
+                if hook is not None:
                     await hook()
                     await outcome(asyncio.ensure_future(db.execute("COMMIT")))
             except BaseException as exc:
